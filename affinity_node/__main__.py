@@ -1,0 +1,3 @@
+from affinity_node.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""`affinity-node` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+DSN_ENV = "AFFINITY_DATABASE_DSN"
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def _add_dsn(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get(DSN_ENV),
+        help=f"Postgres DSN (default: ${DSN_ENV})",
+    )
+
+
+def _need_dsn(args: argparse.Namespace) -> str:
+    if not args.dsn:
+        raise SystemExit(f"error: no database: pass --dsn or set {DSN_ENV}")
+    dsn: str = args.dsn
+    return dsn
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from affinity_node.store.migrate import migrate
+
+    applied = await migrate(_need_dsn(args))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    from affinity_node.store import keys
+
+    conn = await asyncpg.connect(_need_dsn(args))
+    try:
+        if args.keys_cmd == "create":
+            key, secret = await keys.create_key(conn, args.name)
+            if args.json:
+                print(json.dumps({"id": str(key.id), "name": key.name, "secret": secret}))
+            else:
+                print(f"id:     {key.id}\nname:   {key.name}\nsecret: {secret}")
+                print("(the secret is shown only once; only its SHA-256 is stored)")
+        elif args.keys_cmd == "list":
+            items = await keys.list_keys(conn)
+            if args.json:
+                print(json.dumps([_key_json(k) for k in items]))
+            else:
+                for k in items:
+                    state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                    print(f"{k.id}  {k.name:<24}  {state}")
+        elif args.keys_cmd == "revoke":
+            if not await keys.revoke_key(conn, uuid.UUID(args.id)):
+                print(f"no active key {args.id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+        return 0
+    finally:
+        await conn.close()
+
+
+def _key_json(k: Any) -> dict[str, Any]:
+    return {
+        "id": str(k.id),
+        "name": k.name,
+        "created_at": k.created_at.isoformat(),
+        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+    }
+
+
+async def _bindings(args: argparse.Namespace) -> int:
+    from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, create_pool
+
+    pool = await create_pool(PoolSettings(dsn=_need_dsn(args), pool_max=2))
+    try:
+        store = PostgresBindingStore(pool)
+        key_id = uuid.UUID(args.api_key_id) if getattr(args, "api_key_id", None) else None
+        if args.bindings_cmd == "list":
+            rows = await store.list_bindings(args.model, key_id)
+            if args.json:
+                print(json.dumps([
+                    {
+                        "api_key_id": str(r["api_key_id"]),
+                        "model": r["model"],
+                        "provider_url": r["provider_url"],
+                        "version": r["version"],
+                        "expires_at": r["expires_at"].isoformat(),
+                        "ttl_seconds": round(r["ttl"], 3),
+                    }
+                    for r in rows
+                ]))
+            else:
+                for r in rows:
+                    print(f"{r['api_key_id']}  {r['model']:<24}  {r['provider_url']:<32}  "
+                          f"v{r['version']}  ttl {r['ttl']:.0f}s")
+        else:
+            n = await store.purge(args.model, key_id)
+            print(f"purged {n} binding(s)")
+        return 0
+    finally:
+        await pool.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="affinity-node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")
+    _add_dsn(p)
+    p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("keys", help="manage API keys")
+    ks = p.add_subparsers(dest="keys_cmd", required=True)
+    c = ks.add_parser("create", help="create a key; prints its id and secret once")
+    c.add_argument("--name", required=True)
+    c.add_argument("--json", action="store_true")
+    _add_dsn(c)
+    c = ks.add_parser("list", help="list keys")
+    c.add_argument("--json", action="store_true")
+    _add_dsn(c)
+    c = ks.add_parser("revoke", help="revoke a key (every node refuses it at once)")
+    c.add_argument("id")
+    _add_dsn(c)
+    p.set_defaults(func=_keys)
+
+    p = sub.add_parser("bindings", help="inspect or purge (api key, model) bindings")
+    bs = p.add_subparsers(dest="bindings_cmd", required=True)
+    c = bs.add_parser("list")
+    c.add_argument("--model")
+    c.add_argument("--api-key-id")
+    c.add_argument("--json", action="store_true")
+    _add_dsn(c)
+    c = bs.add_parser("purge")
+    c.add_argument("--model")
+    c.add_argument("--api-key-id")
+    _add_dsn(c)
+    p.set_defaults(func=_bindings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    try:
+        return asyncio.run(func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

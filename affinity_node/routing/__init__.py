@@ -1,0 +1,1 @@
+"""Routing: the binding cache, the affinity engine and the store port it needs."""

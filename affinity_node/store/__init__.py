@@ -1,0 +1,1 @@
+"""Postgres adapters: SQL, migrations, the binding store and the change listener."""

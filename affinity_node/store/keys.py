@@ -1,0 +1,51 @@
+"""API keys: created with a secret shown once; only its SHA-256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from affinity_node.store.queries import QUERIES as Q
+
+SECRET_PREFIX = "sk-"
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+async def create_key(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> tuple[ApiKey, str]:
+    """Returns the key and its secret; the secret is not recoverable afterwards."""
+    secret = new_secret()
+    row = await conn.fetchrow(Q["key_create"], uuid.uuid4(), name, hash_secret(secret))
+    return ApiKey(row["id"], row["name"], row["created_at"]), secret
+
+
+async def list_keys(conn: asyncpg.Connection | asyncpg.Pool) -> list[ApiKey]:
+    rows = await conn.fetch(Q["key_list"])
+    return [ApiKey(r["id"], r["name"], r["created_at"], r["revoked_at"]) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID) -> bool:
+    return await conn.fetchval(Q["key_revoke"], key_id) is not None
+
+
+async def delete_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID) -> bool:
+    return await conn.fetchval(Q["key_delete"], key_id) is not None

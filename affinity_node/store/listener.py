@@ -1,0 +1,180 @@
+"""The LISTEN connection: dedicated (never pooled), probed when quiet, re-established forever.
+
+Sequence on every (re)connect: LISTEN on every channel, then `on_synced` (the owner reloads its
+snapshot), then watch. Notifications received before the snapshot finished are still applied
+by the owner in version order, so nothing between LISTEN and the snapshot is lost.
+
+asyncpg notices a terminated backend but not a frozen server or a cut network (no keepalive):
+when no notification arrived for `probe_interval`, a short query with a timeout proves the
+connection alive; a probe that fails terminates it and starts the reconnect path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
+
+from affinity_node.observability.logs import RateLimitedLog
+from affinity_node.routing.ports import StoreUnavailable
+from affinity_node.store.postgres import DB_ERRORS, QueryLogger
+from affinity_node.store.queries import QUERIES as Q
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    dsn: str
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    connect_timeout_s: float = 2.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 5.0
+    application_name: str = "affinity-node-listener"
+
+
+class ChangeListener:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        handlers: Mapping[str, Handler],
+        on_synced: Callable[[], Awaitable[None]],
+        on_state: Callable[[bool], None],
+        on_reconnect: Callable[[], None] | None = None,
+        on_query: QueryLogger | None = None,
+    ) -> None:
+        self._s = settings
+        self._handlers = dict(handlers)
+        self._on_synced = on_synced
+        self._on_state = on_state
+        self._on_reconnect = on_reconnect
+        self._on_query = on_query
+        self._task: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+        self._last_activity = time.monotonic()
+        self._conn: asyncpg.Connection | None = None
+        self._warn = RateLimitedLog(log)
+        self.clock_offset = 0.0
+        """Database clock minus local wall clock, from the latest probe (seconds)."""
+
+    @property
+    def up(self) -> bool:
+        return self._synced.is_set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="affinity-listener")
+
+    async def wait_synced(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._synced.wait()
+        return self._synced.is_set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop()
+
+    async def _run(self) -> None:
+        first = True
+        while True:
+            retrying = AsyncRetrying(
+                wait=wait_exponential(multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s)
+                + wait_random(0, self._s.backoff_initial_s),
+                retry=retry_if_exception_type((StoreUnavailable, *DB_ERRORS)),
+                before_sleep=lambda rs: self._warn.warning(
+                    "connect", "listener cannot reach Postgres (attempt %d): %r",
+                    rs.attempt_number, rs.outcome.exception() if rs.outcome else None,
+                ),
+            )
+            lost = asyncio.Event()
+            async for attempt in retrying:
+                with attempt:
+                    lost = await self._connect_and_sync()
+            if not first and self._on_reconnect is not None:
+                self._on_reconnect()
+            first = False
+            self._synced.set()
+            self._on_state(True)
+            log.info("listener connected and synced")
+            try:
+                await self._watch(lost)
+            finally:
+                self._synced.clear()
+                self._on_state(False)
+                await self._drop()
+            self._warn.warning("lost", "listener connection lost; reconnecting")
+
+    async def _connect_and_sync(self) -> asyncio.Event:
+        await self._drop()
+        lost = asyncio.Event()
+        conn = await asyncpg.connect(
+            self._s.dsn,
+            timeout=self._s.connect_timeout_s,
+            server_settings={"application_name": self._s.application_name},
+        )
+        self._conn = conn
+        if self._on_query is not None:
+            conn.add_query_logger(self._on_query)
+        conn.add_termination_listener(lambda _c: lost.set())
+        for channel, handler in self._handlers.items():
+            await conn.add_listener(channel, self._wrap(handler))
+        await self._probe(conn)
+        await self._on_synced()
+        self._last_activity = time.monotonic()
+        return lost
+
+    def _wrap(self, handler: Handler) -> Callable[[object, int, str, str], None]:
+        # A plain function: asyncpg runs these in server order (coroutines would interleave).
+        def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            self._last_activity = time.monotonic()
+            try:
+                handler(payload)
+            except Exception:  # a bad payload must never kill the listener
+                log.exception("notification handler failed")
+
+        return callback
+
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        before = time.time()
+        async with asyncio.timeout(self._s.probe_timeout_s):
+            db_now: float = await conn.fetchval(Q["db_clock"])
+        after = time.time()
+        self.clock_offset = db_now - (before + after) / 2
+
+    async def _watch(self, lost: asyncio.Event) -> None:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            quiet_for = time.monotonic() - self._last_activity
+            wait = self._s.probe_interval_s - quiet_for
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await lost.wait()
+                if lost.is_set():
+                    return
+                continue
+            try:
+                await self._probe(conn)
+            except (*DB_ERRORS, StoreUnavailable) as exc:
+                self._warn.warning("probe", "listener probe failed: %r", exc)
+                return
+            self._last_activity = time.monotonic()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()

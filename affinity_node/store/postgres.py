@@ -1,0 +1,171 @@
+"""The binding store on Postgres: an asyncpg pool running the statements of queries.sql."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from affinity_node.routing.ports import (
+    BindingRow,
+    CreateResult,
+    Pair,
+    StoredBinding,
+    StoreUnavailable,
+)
+from affinity_node.store.lockkeys import CLEANUP_LOCK, binding_lock_key
+from affinity_node.store.queries import QUERIES as Q
+
+log = logging.getLogger(__name__)
+
+QueryLogger = Callable[[Any], None]
+
+# Everything that means "the database cannot do this for us right now". Callers degrade.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Connection trouble or a statement timeout; not a single busy lock or a constraint."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    return isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.OperatorInterventionError
+        | asyncpg.QueryCanceledError,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    dsn: str
+    pool_max: int = 10
+    statement_timeout_ms: int = 2000
+    connect_timeout_s: float = 2.0
+    application_name: str = "affinity-node"
+
+
+async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = None) -> asyncpg.Pool:
+    """A lazy pool (no connection until first use), so a node starts while Postgres is down."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        if on_query is not None:
+            conn.add_query_logger(on_query)
+
+    timeout_s = settings.statement_timeout_ms / 1000
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        settings.dsn,
+        min_size=0,
+        max_size=settings.pool_max,
+        timeout=settings.connect_timeout_s,
+        command_timeout=timeout_s,
+        max_inactive_connection_lifetime=60.0,
+        init=init,
+        server_settings={
+            "application_name": settings.application_name,
+            "statement_timeout": str(settings.statement_timeout_ms),
+            "lock_timeout": str(settings.statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(settings.statement_timeout_ms * 5),
+        },
+    )
+    return pool
+
+
+class PostgresBindingStore:
+    """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 2.0) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout_s
+
+    @asynccontextmanager
+    async def _conn(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                yield conn
+        except DB_ERRORS as exc:
+            raise StoreUnavailable(operation, exc, down=is_outage(exc)) from exc
+
+    async def read(self, pair: Pair) -> StoredBinding | None:
+        async with self._conn("read") as conn:
+            row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
+        return None if row is None else StoredBinding(row[0], row[1], row[2])
+
+    async def create_if_absent(
+        self, pair: Pair, choose: Callable[[], str], ttl: float
+    ) -> CreateResult:
+        # READ COMMITTED is required: each statement after the lock sees the winner's commit.
+        # Under REPEATABLE READ the re-check would use the pre-lock snapshot and losers would fail.
+        async with self._conn("create") as conn, conn.transaction(isolation="read_committed"):
+            started = time.perf_counter()
+            await conn.execute(Q["binding_lock"], binding_lock_key(*pair))
+            waited = time.perf_counter() - started
+            row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
+            if row is not None:
+                return CreateResult(StoredBinding(row[0], row[1], row[2]), False, waited)
+            backend = choose()
+            row = await conn.fetchrow(Q["binding_create"], pair[0], pair[1], backend, ttl)
+            if row is None:  # a live row appeared without the lock (cannot happen via us)
+                row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
+                if row is None:
+                    raise StoreUnavailable("create", RuntimeError("binding vanished under lock"))
+                return CreateResult(StoredBinding(row[0], row[1], row[2]), False, waited)
+            return CreateResult(StoredBinding(row[0], row[1], row[2]), True, waited)
+
+    async def rebind(self, pair: Pair, old: str, new: str, ttl: float) -> StoredBinding | None:
+        async with self._conn("rebind") as conn:
+            row = await conn.fetchrow(Q["binding_rebind"], pair[0], pair[1], old, new, ttl)
+        return None if row is None else StoredBinding(row[0], row[1], row[2])
+
+    async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
+        if not items:
+            return []
+        ids = [p[0] for p, _ in items]
+        models = [p[1] for p, _ in items]
+        backends = [b for _, b in items]
+        async with self._conn("refresh") as conn:
+            rows = await conn.fetch(Q["binding_refresh"], ids, models, backends, ttl)
+        return [BindingRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def snapshot(self, limit: int) -> list[BindingRow]:
+        async with self._conn("snapshot") as conn:
+            rows = await conn.fetch(Q["binding_snapshot"], limit)
+        return [BindingRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def delete_expired(self, batch: int) -> int | None:
+        async with self._conn("cleanup") as conn, conn.transaction():
+            if not await conn.fetchval(Q["binding_cleanup_lock"], CLEANUP_LOCK):
+                return None
+            status = await conn.execute(Q["binding_cleanup_batch"], batch)
+        return int(status.split()[-1])
+
+    async def db_clock(self) -> float:
+        async with self._conn("clock") as conn:
+            value: float = await conn.fetchval(Q["db_clock"])
+        return value
+
+    async def list_bindings(
+        self, model: str | None = None, api_key_id: UUID | None = None
+    ) -> list[asyncpg.Record]:
+        async with self._conn("list") as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(Q["binding_list"], model, api_key_id)
+        return rows
+
+    async def purge(self, model: str | None = None, api_key_id: UUID | None = None) -> int:
+        async with self._conn("purge") as conn:
+            status = await conn.execute(Q["binding_purge"], model, api_key_id)
+        return int(status.split()[-1])

@@ -1,0 +1,97 @@
+-- Every statement the binding store and the key store run. The domain asks for them by name.
+-- Remaining lifetimes are computed here, by the database clock, and returned in seconds.
+
+-- name: binding_read
+-- Lock-free read of one live binding.
+SELECT provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl
+FROM api_key_model_affinity
+WHERE api_key_id = $1 AND model = $2 AND expires_at > now();
+
+-- name: binding_lock
+-- Transaction-scoped: released by commit or rollback, never leaked by a pooled connection.
+SELECT pg_advisory_xact_lock($1::bigint);
+
+-- name: binding_create
+-- Runs under binding_lock after a re-check found no live row; an expired row is replaced.
+INSERT INTO api_key_model_affinity AS a (api_key_id, model, provider_url, version, expires_at)
+VALUES ($1, $2, $3, 0, now() + make_interval(secs => $4::float8))
+ON CONFLICT (api_key_id, model) DO UPDATE
+    SET provider_url = EXCLUDED.provider_url,
+        expires_at = EXCLUDED.expires_at,
+        created_at = now()
+    WHERE a.expires_at <= now()
+RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
+
+-- name: binding_rebind
+-- Compare-and-set: moves the binding only if it still points where the caller saw it.
+UPDATE api_key_model_affinity
+SET provider_url = $4, expires_at = now() + make_interval(secs => $5::float8)
+WHERE api_key_id = $1 AND model = $2 AND provider_url = $3
+RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
+
+-- name: binding_refresh
+-- One statement per flush: extends every live binding that still points where the node saw it.
+UPDATE api_key_model_affinity AS a
+SET expires_at = now() + make_interval(secs => $4::float8)
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r (api_key_id, model, provider_url)
+WHERE a.api_key_id = r.api_key_id AND a.model = r.model
+  AND a.provider_url = r.provider_url AND a.expires_at > now()
+RETURNING a.api_key_id, a.model, a.provider_url, a.version,
+          extract(epoch FROM a.expires_at - now())::float8 AS ttl;
+
+-- name: binding_snapshot
+-- What a node loads after LISTEN: the freshest live bindings, up to its cache size.
+SELECT api_key_id, model, provider_url, version,
+       extract(epoch FROM expires_at - now())::float8 AS ttl
+FROM api_key_model_affinity
+WHERE expires_at > now()
+ORDER BY updated_at DESC
+LIMIT $1;
+
+-- name: binding_cleanup_lock
+-- One cleaner at a time across the fleet; the lock ends with the batch's transaction.
+SELECT pg_try_advisory_xact_lock($1::bigint);
+
+-- name: binding_cleanup_batch
+DELETE FROM api_key_model_affinity
+WHERE (api_key_id, model) IN (
+    SELECT api_key_id, model FROM api_key_model_affinity
+    WHERE expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: binding_list
+SELECT api_key_id, model, provider_url, version, created_at, updated_at, expires_at,
+       extract(epoch FROM expires_at - now())::float8 AS ttl
+FROM api_key_model_affinity
+WHERE ($1::text IS NULL OR model = $1) AND ($2::uuid IS NULL OR api_key_id = $2)
+ORDER BY model, api_key_id;
+
+-- name: binding_purge
+DELETE FROM api_key_model_affinity
+WHERE ($1::text IS NULL OR model = $1) AND ($2::uuid IS NULL OR api_key_id = $2);
+
+-- name: db_clock
+SELECT extract(epoch FROM clock_timestamp())::float8;
+
+-- name: ping
+SELECT 1;
+
+-- name: key_create
+INSERT INTO api_keys (id, name, key_hash) VALUES ($1, $2, $3)
+RETURNING id, name, created_at;
+
+-- name: key_list
+SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at, id;
+
+-- name: key_revoke
+UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
+RETURNING id;
+
+-- name: key_delete
+DELETE FROM api_keys WHERE id = $1 RETURNING id;
+
+-- name: key_lookup
+SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;

@@ -1,0 +1,84 @@
+"""Several engine "nodes" in one process, each with its own pool, listener and registry."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+
+from affinity_node.routing.engine import EngineSettings
+from affinity_node.store.keys import create_key
+from affinity_node.store.postgres import QueryLogger
+from affinity_node.store.queries import QUERIES
+from affinity_node.wiring import EngineConfig, RunningEngine, running_engine
+
+BACKENDS = ("http://10.9.0.1:8000", "http://10.9.0.2:8000", "http://10.9.0.3:8000")
+"""Backend identities only: these tests never send traffic to them."""
+
+
+class CountingChooser:
+    """A fallback strategy that records each call (round robin over the candidates)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, candidates: Sequence[str]) -> str:
+        self.calls += 1
+        return candidates[(self.calls - 1) % len(candidates)]
+
+
+def node_config(dsn: str, node_id: str, **engine: Any) -> EngineConfig:
+    return EngineConfig(
+        dsn=dsn,
+        node_id=node_id,
+        pool_max=5,
+        statement_timeout_ms=1000,
+        probe_interval_s=0.3,
+        startup_sync_timeout_s=5.0,
+        engine=replace(EngineSettings(), db_retry_after_s=0.2, **engine),
+    )
+
+
+@asynccontextmanager
+async def nodes(
+    dsn: str | Sequence[str], count: int = 1, on_query: QueryLogger | None = None, **engine: Any
+) -> AsyncIterator[list[RunningEngine]]:
+    dsns = [dsn] * count if isinstance(dsn, str) else list(dsn)
+    async with AsyncExitStack() as stack:
+        started = [
+            await stack.enter_async_context(
+                running_engine(
+                    node_config(d, f"n{i}", **engine), on_query=on_query, start_background=False
+                )
+            )
+            for i, d in enumerate(dsns)
+        ]
+        yield started
+
+
+async def new_key(dsn_or_conn: str | asyncpg.Connection, name: str = "k") -> uuid.UUID:
+    if isinstance(dsn_or_conn, str):
+        conn = await asyncpg.connect(dsn_or_conn)
+        try:
+            key, _ = await create_key(conn, name)
+        finally:
+            await conn.close()
+    else:
+        key, _ = await create_key(dsn_or_conn, name)
+    return key.id
+
+
+class QueryCounter:
+    """An asyncpg query logger that records statements while armed (probes excluded)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.queries: list[str] = []
+
+    def __call__(self, record: Any) -> None:
+        if self.armed and record.query != QUERIES["db_clock"]:
+            self.queries.append(record.query)

