@@ -8,14 +8,14 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
 
 DSN_ENV = "AFFINITY_DATABASE_DSN"
 
-Command = Callable[[argparse.Namespace], Awaitable[int]]
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def _add_dsn(p: argparse.ArgumentParser) -> None:

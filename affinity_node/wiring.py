@@ -15,7 +15,12 @@ from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
 from affinity_node.store.events import parse_binding_event
 from affinity_node.store.listener import ChangeListener, ListenerSettings
-from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, QueryLogger, create_pool
+from affinity_node.store.postgres import (
+    PoolSettings,
+    PostgresBindingStore,
+    QueryLogger,
+    create_pool,
+)
 
 log = logging.getLogger(__name__)
 

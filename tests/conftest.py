@@ -10,6 +10,14 @@ from affinity_node.store.migrate import migrate
 from tests.support.postgres import postgres_server, unique_name, with_database
 
 
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def pg_admin_dsn() -> Iterator[str]:
     with postgres_server() as (dsn, source):
@@ -23,58 +31,34 @@ def pg_template(pg_admin_dsn: str) -> Iterator[str]:
     name = unique_name("affinity_tpl")
 
     async def setup() -> None:
-        conn = await asyncpg.connect(pg_admin_dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        await _admin(pg_admin_dsn, f'CREATE DATABASE "{name}"')
         await migrate(with_database(pg_admin_dsn, name))
 
     asyncio.run(setup())
     yield name
+    asyncio.run(_admin(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-    async def teardown() -> None:
-        conn = await asyncpg.connect(pg_admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
-    asyncio.run(teardown())
+async def _scratch_database(admin_dsn: str, template: str | None) -> AsyncIterator[str]:
+    name = unique_name("affinity_test")
+    clause = f' TEMPLATE "{template}"' if template else ""
+    await _admin(admin_dsn, f'CREATE DATABASE "{name}"{clause}')
+    yield with_database(admin_dsn, name)
+    await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def dsn(pg_admin_dsn: str, pg_template: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test."""
-    name = unique_name("affinity_test")
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async for d in _scratch_database(pg_admin_dsn, pg_template):
+        yield d
 
 
 @pytest.fixture
 async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A fresh database with no schema (for migration tests)."""
-    name = unique_name("affinity_empty")
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async for d in _scratch_database(pg_admin_dsn, None):
+        yield d
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ class AffinityMetrics:
         )
         self.notify_lag = Histogram(
             "affinity_notify_lag_seconds",
-            "From the trigger on the database to the node's cache (database clock, offset-corrected).",
+            "From the trigger to the node's cache (database clock, offset-corrected).",
             buckets=NOTIFY_LAG_BUCKETS, registry=registry,
         )
         self.listener_up = Gauge(

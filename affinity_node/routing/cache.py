@@ -68,10 +68,9 @@ class BindingCache:
             return entry.version
         return self._tombstones.get(pair, -1)
 
-    def _put(self, pair: Pair, backend: str, version: int, ttl: float) -> None:
+    def _put(self, pair: Pair, backend: str, version: int, deadline: float) -> None:
         self._tombstones.pop(pair, None)
         entry = self._entries.get(pair)
-        deadline = self._clock() + ttl
         if entry is None:
             self._entries[pair] = Entry(backend, version, deadline)
             if len(self._entries) > self._max:
@@ -80,18 +79,24 @@ class BindingCache:
             entry.backend, entry.version, entry.deadline = backend, version, deadline
             self._entries.move_to_end(pair)
 
-    def fill(self, pair: Pair, backend: str, version: int, ttl: float, epoch: int) -> bool:
-        """Store what this node read or wrote; False when it is stale and was dropped."""
+    def fill(
+        self, pair: Pair, backend: str, version: int, ttl: float, epoch: int, asked_at: float
+    ) -> bool:
+        """Store what this node read or wrote; False when it is stale and was dropped.
+
+        `asked_at` is the local time the query was sent: counting the database's TTL from
+        then makes the local deadline fall no later than the real expiry.
+        """
         if epoch != self._epoch or version < self._newest_known(pair):
             return False
-        self._put(pair, backend, version, ttl)
+        self._put(pair, backend, version, asked_at + ttl)
         return True
 
     def apply_change(self, pair: Pair, backend: str, version: int, ttl: float) -> bool:
-        """A notification of an insert or a move."""
+        """A notification of an insert or a move; `ttl` already net of the delivery lag."""
         if version < self._newest_known(pair):
             return False
-        self._put(pair, backend, version, ttl)
+        self._put(pair, backend, version, self._clock() + ttl)
         if self._touched is not None:
             self._touched[pair] = version
         return True
@@ -108,11 +113,13 @@ class BindingCache:
             self._touched[pair] = version
         return True
 
-    def extend(self, pair: Pair, backend: str, version: int, ttl: float) -> None:
+    def extend(
+        self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float
+    ) -> None:
         """A refresh this node wrote: new deadline if the entry is still the same binding."""
         entry = self._entries.get(pair)
         if entry is not None and entry.backend == backend and entry.version == version:
-            entry.deadline = self._clock() + ttl
+            entry.deadline = asked_at + ttl
 
     def evict(self, pair: Pair, backend: str | None = None) -> None:
         entry = self._entries.get(pair)
@@ -124,17 +131,16 @@ class BindingCache:
         self._epoch += 1
         self._touched = {}
 
-    def finish_resync(self, rows: Iterable[BindingRow]) -> None:
+    def finish_resync(self, rows: Iterable[BindingRow], asked_at: float) -> None:
         """Replace the contents with the snapshot, keeping what notifications changed since."""
         touched = self._touched or {}
         self._touched = None
         fresh: OrderedDict[Pair, Entry] = OrderedDict()
-        now = self._clock()
         for row in reversed(list(rows)):  # the snapshot is newest first; LRU wants it last
             pair = (row.api_key_id, row.model)
             if pair in touched:
                 continue
-            fresh[pair] = Entry(row.backend, row.version, now + row.ttl)
+            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl)
         for pair in touched:
             entry = self._entries.get(pair)
             if entry is not None:

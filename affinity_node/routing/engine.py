@@ -165,10 +165,12 @@ class AffinityEngine:
         if self._store_paused():
             return self._degraded(pair, candidates, choose)
         epoch = self._cache.epoch
+        asked_at = time.monotonic()
         try:
             stored = await self._store.read(pair)
             outcome: MissOutcome = "found_in_db"
             if stored is None:
+                asked_at = time.monotonic()
                 created = await self._store.create_if_absent(
                     pair, lambda: choose(candidates), self._s.ttl_seconds
                 )
@@ -179,7 +181,7 @@ class AffinityEngine:
             self._store_failed(exc)
             return self._degraded(pair, candidates, choose)
         self._store_ok()
-        self._fill(pair, stored, epoch)
+        self._fill(pair, stored, epoch, asked_at)
         if stored.backend not in candidates:
             return await self._rebind(pair, stored.backend, candidates, choose, "unhealthy")
         self._m.cache_misses.labels(pair[1], outcome).inc()
@@ -194,18 +196,20 @@ class AffinityEngine:
         try:
             for _ in range(3):
                 new = choose(candidates)
+                asked_at = time.monotonic()
                 moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
                 if moved is not None:
                     self._store_ok()
-                    self._fill(pair, moved, epoch)
+                    self._fill(pair, moved, epoch, asked_at)
                     self._m.rebinds.labels(pair[1], reason).inc()
                     return Resolution(moved.backend, "rebind")
                 # Someone moved or deleted it first: take theirs if it can serve.
+                asked_at = time.monotonic()
                 current = await self._store.read(pair)
                 if current is None:
                     self._cache.evict(pair, old)
                     return await self._miss(pair, candidates, choose)
-                self._fill(pair, current, epoch)
+                self._fill(pair, current, epoch, asked_at)
                 if current.backend in candidates:
                     return Resolution(current.backend, "rebind")
                 old = current.backend
@@ -214,8 +218,8 @@ class AffinityEngine:
             return self._degraded(pair, candidates, choose)
         return self._degraded(pair, candidates, choose)
 
-    def _fill(self, pair: Pair, stored: StoredBinding, epoch: int) -> None:
-        self._cache.fill(pair, stored.backend, stored.version, stored.ttl, epoch)
+    def _fill(self, pair: Pair, stored: StoredBinding, epoch: int, asked_at: float) -> None:
+        self._cache.fill(pair, stored.backend, stored.version, stored.ttl, epoch, asked_at)
 
     def _degraded(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
         """Serve without the store; keep the pair on one backend of this node meanwhile."""
@@ -275,6 +279,7 @@ class AffinityEngine:
         if self._store_paused():
             return
         epoch = self._cache.epoch
+        asked_at = time.monotonic()
         try:
             moved = await self._store.rebind(pair, bound, served_by, self._s.ttl_seconds)
         except StoreUnavailable as exc:
@@ -282,7 +287,7 @@ class AffinityEngine:
             return
         self._store_ok()
         if moved is not None:
-            self._fill(pair, moved, epoch)
+            self._fill(pair, moved, epoch, asked_at)
             self._m.rebinds.labels(pair[1], "failover").inc()
 
     async def flush_refreshes(self) -> int:
@@ -291,6 +296,7 @@ class AffinityEngine:
             return 0
         batch, self._refresh_queue = self._refresh_queue, {}
         items = list(batch.items())
+        asked_at = time.monotonic()
         try:
             rows = await self._store.refresh(items, self._s.ttl_seconds)
         except StoreUnavailable as exc:
@@ -302,7 +308,7 @@ class AffinityEngine:
         for row in rows:
             pair = (row.api_key_id, row.model)
             extended.add(pair)
-            self._cache.extend(pair, row.backend, row.version, row.ttl)
+            self._cache.extend(pair, row.backend, row.version, row.ttl, asked_at)
         for pair, backend in items:
             if pair not in extended:  # moved or gone since: re-read on next use
                 self._cache.evict(pair, backend)
@@ -340,20 +346,21 @@ class AffinityEngine:
         if event is None:
             return
         self._m.notifications.labels(event.op).inc()
-        lag = time.time() + self._db_clock_offset() - event.sent_at
-        self._m.notify_lag.observe(max(lag, 0.0))
+        lag = max(time.time() + self._db_clock_offset() - event.sent_at, 0.0)
+        self._m.notify_lag.observe(lag)
         if event.op == "delete":
             self._cache.apply_delete(event.pair, event.version)
         else:
-            self._cache.apply_change(event.pair, event.backend, event.version, event.ttl)
+            self._cache.apply_change(event.pair, event.backend, event.version, event.ttl - lag)
 
     async def resync(self) -> None:
         """Reload the cache from a snapshot; called by the listener after each LISTEN."""
         self._cache.begin_resync()
+        asked_at = time.monotonic()
         try:
             rows = await self._store.snapshot(self._cache.max_entries)
         except BaseException:
             self._cache.abort_resync()
             raise
-        self._cache.finish_resync(rows)
+        self._cache.finish_resync(rows, asked_at)
         self._m.cache_resyncs.inc()

@@ -91,7 +91,9 @@ class ChangeListener:
         first = True
         while True:
             retrying = AsyncRetrying(
-                wait=wait_exponential(multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s)
+                wait=wait_exponential(
+                    multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s
+                )
                 + wait_random(0, self._s.backoff_initial_s),
                 retry=retry_if_exception_type((StoreUnavailable, *DB_ERRORS)),
                 before_sleep=lambda rs: self._warn.warning(
@@ -169,7 +171,7 @@ class ChangeListener:
                 continue
             try:
                 await self._probe(conn)
-            except (*DB_ERRORS, StoreUnavailable) as exc:
+            except DB_ERRORS as exc:
                 self._warn.warning("probe", "listener probe failed: %r", exc)
                 return
             self._last_activity = time.monotonic()

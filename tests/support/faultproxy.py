@@ -43,12 +43,15 @@ class FaultProxy:
             )
             self.port = self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        """Refuse new connections and reset the open ones."""
+    async def refuse_new(self) -> None:
+        """Refuse new connections; the open ones keep working."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
             self._server = None
+
+    async def stop(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        await self.refuse_new()
         self._reset_all()
 
     def freeze(self) -> None:

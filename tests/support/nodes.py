@@ -82,3 +82,8 @@ class QueryCounter:
     def __call__(self, record: Any) -> None:
         if self.armed and record.query != QUERIES["db_clock"]:
             self.queries.append(record.query)
+
+    def ours(self) -> list[str]:
+        """Only the product's own statements (not asyncpg's one-time type introspection)."""
+        known = set(QUERIES.values())
+        return [q for q in self.queries if q in known]

@@ -1,0 +1,83 @@
+"""The binding cache's ordering rules, with a fake clock (no database needed for these)."""
+
+from __future__ import annotations
+
+import uuid
+
+from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.ports import BindingRow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+K = uuid.uuid4()
+P = (K, "m")
+
+
+def test_older_versions_never_replace_newer():
+    cache = BindingCache(clock=Clock())
+    assert cache.apply_change(P, "b2", 5, 60)
+    assert not cache.apply_change(P, "b1", 4, 60)
+    assert not cache.fill(P, "b1", 3, 60, cache.epoch, 1000.0)
+    assert cache.get(P).backend == "b2"
+
+
+def test_delete_tombstone_stops_a_late_fill_of_the_deleted_row():
+    cache = BindingCache(clock=Clock())
+    cache.apply_change(P, "b1", 5, 60)
+    assert cache.apply_delete(P, 6)
+    assert cache.get(P) is None
+    assert not cache.fill(P, "b1", 5, 60, cache.epoch, 1000.0)
+    assert cache.get(P) is None
+    assert cache.apply_change(P, "b2", 7, 60)  # re-created later: newer version wins
+    assert cache.get(P).backend == "b2"
+
+
+def test_fill_from_before_a_resync_is_discarded():
+    cache = BindingCache(clock=Clock())
+    epoch = cache.epoch
+    cache.begin_resync()
+    cache.finish_resync([], 1000.0)
+    assert not cache.fill(P, "b1", 1, 60, epoch, 1000.0)
+    assert cache.fill(P, "b1", 1, 60, cache.epoch, 1000.0)
+
+
+def test_resync_keeps_changes_notified_during_the_snapshot_and_drops_vanished_rows():
+    clock = Clock()
+    cache = BindingCache(clock=clock)
+    gone, moved = (uuid.uuid4(), "m"), (uuid.uuid4(), "m")
+    cache.apply_change(gone, "b1", 1, 60)
+    cache.apply_change(moved, "b1", 2, 60)
+    cache.begin_resync()
+    cache.apply_change(moved, "b3", 9, 60)  # arrives while the snapshot is read
+    snapshot = [BindingRow(moved[0], "m", "b2", 8, 30.0), BindingRow(K, "m", "b1", 3, 30.0)]
+    cache.finish_resync(snapshot, clock.now)
+    assert cache.get(gone) is None
+    assert cache.get(moved).backend == "b3"
+    assert cache.get(P).backend == "b1" and cache.get(P).deadline == clock.now + 30.0
+    assert not cache.suspect
+
+
+def test_size_is_bounded_least_recently_used_first():
+    cache = BindingCache(max_entries=3, clock=Clock())
+    pairs = [(uuid.uuid4(), "m") for _ in range(4)]
+    for i, p in enumerate(pairs[:3]):
+        cache.apply_change(p, "b", i, 60)
+    cache.get(pairs[0])  # touch: now most recent
+    cache.apply_change(pairs[3], "b", 10, 60)
+    assert len(cache) == 3
+    assert cache.get(pairs[1]) is None
+    assert cache.get(pairs[0]) is not None
+
+
+def test_deadline_counts_from_when_the_query_was_sent():
+    clock = Clock()
+    cache = BindingCache(clock=clock)
+    cache.fill(P, "b", 1, 10.0, cache.epoch, asked_at=clock.now - 2)
+    assert cache.get(P).deadline == clock.now + 8.0
