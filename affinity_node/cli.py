@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -113,9 +114,71 @@ async def _bindings(args: argparse.Namespace) -> int:
         await pool.close()
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    from affinity_node.app import serve
+    from affinity_node.config import ConfigError, load_config
+    from affinity_node.observability.logs import configure_logging
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.logging.level, cfg.logging.json)
+    await serve(cfg)
+    return 0
+
+
+async def _fake_backend(args: argparse.Namespace) -> int:
+    from affinity_node.sim.fake_backend import FakeBackendConfig, serve
+
+    cfg = FakeBackendConfig(
+        backend_id=args.id,
+        models=args.model,
+        host=args.host,
+        port=args.port,
+        cache_blocks=args.cache_blocks,
+        ttft_base_s=args.ttft_base,
+        prefill_s_per_token=args.prefill_per_token,
+        tokens_per_s=args.tokens_per_s,
+        output_tokens=args.output_tokens,
+        max_running=args.max_running,
+        seed=args.seed,
+    )
+    running = await serve(cfg)
+    print(f"fake backend {args.id} serving {', '.join(args.model)} on {running.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="affinity-node", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run one proxy node")
+    p.add_argument("--config", required=True, help="YAML config (env AFFINITY_* overrides)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("fake-backend", help="a vLLM simulator with prefix caching")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--id", required=True, help="backend id (x-backend-id, system_fingerprint)")
+    p.add_argument("--model", action="append", required=True, help="model name (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--cache-blocks", type=int, default=2048,
+                   help="prefix cache size, 16-token blocks")
+    p.add_argument("--ttft-base", type=float, default=0.005, help="seconds before any prefill")
+    p.add_argument("--prefill-per-token", type=float, default=0.00002,
+                   help="seconds per uncached token")
+    p.add_argument("--tokens-per-s", type=float, default=2000.0, help="streamed output rate")
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_fake_backend)
 
     p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")
     _add_dsn(p)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -13,8 +14,10 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.ports import BindingStore
 from affinity_node.store.events import parse_binding_event
 from affinity_node.store.listener import ChangeListener, ListenerSettings
+from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (
     PoolSettings,
     PostgresBindingStore,
@@ -57,10 +60,18 @@ async def running_engine(
     extra_channels: Mapping[str, Callable[[str], None]] | None = None,
     on_query: QueryLogger | None = None,
     start_background: bool = True,
+    metrics: AffinityMetrics | None = None,
+    extra_resync: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_pool: Callable[[asyncpg.Pool], None] | None = None,
+    store_kind: Literal["postgres", "memory"] = "postgres",
 ) -> AsyncIterator[RunningEngine]:
-    """Start a node's engine: LISTEN, snapshot, then serve (degraded if Postgres is down)."""
+    """Start a node's engine: LISTEN, snapshot, then serve (degraded if Postgres is down).
+
+    With `store_kind="memory"` the bindings stay in this node (as routers without shared
+    state keep them); the pool and listener still serve the API keys.
+    """
     registry = registry or CollectorRegistry()
-    metrics = AffinityMetrics(registry)
+    metrics = metrics or AffinityMetrics(registry)
     pool = await create_pool(
         PoolSettings(
             dsn=config.dsn,
@@ -70,7 +81,10 @@ async def running_engine(
         ),
         on_query=on_query,
     )
-    store = PostgresBindingStore(pool, acquire_timeout_s=config.statement_timeout_ms / 1000)
+    if on_pool is not None:
+        on_pool(pool)
+    pg_store = PostgresBindingStore(pool, acquire_timeout_s=config.statement_timeout_ms / 1000)
+    store: BindingStore = pg_store if store_kind == "postgres" else MemoryBindingStore()
     cache = BindingCache(max_entries=config.cache_max_entries)
     listener: ChangeListener | None = None
 
@@ -78,10 +92,15 @@ async def running_engine(
         return listener.clock_offset if listener is not None else 0.0
 
     engine = AffinityEngine(store, cache, metrics, config.engine, db_clock_offset=offset)
-    channels: dict[str, Callable[[str], None]] = {
-        BINDINGS_CHANNEL: lambda payload: engine.apply_event(parse_binding_event(payload)),
-        **(extra_channels or {}),
-    }
+    channels: dict[str, Callable[[str], None]] = dict(extra_channels or {})
+    if store_kind == "postgres":
+        channels[BINDINGS_CHANNEL] = lambda p: engine.apply_event(parse_binding_event(p))
+
+    async def on_synced() -> None:
+        for hook in extra_resync:
+            await hook()
+        await engine.resync()
+
     listener = ChangeListener(
         ListenerSettings(
             dsn=config.dsn,
@@ -89,7 +108,7 @@ async def running_engine(
             application_name=f"affinity-node-listener:{config.node_id}",
         ),
         channels,
-        on_synced=engine.resync,
+        on_synced=on_synced,
         on_state=engine.listener_state,
         on_reconnect=metrics.listener_reconnects.inc,
         on_query=on_query,
@@ -100,7 +119,7 @@ async def running_engine(
             log.warning("serving before the first snapshot: Postgres did not answer in time")
         if start_background:
             engine.start_background()
-        yield RunningEngine(engine, store, listener, pool, metrics, registry)
+        yield RunningEngine(engine, pg_store, listener, pool, metrics, registry)
     finally:
         await engine.stop()
         await listener.stop()

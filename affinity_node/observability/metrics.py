@@ -78,3 +78,54 @@ class AffinityMetrics:
         self.db_up = Gauge(
             "affinity_db_up", "1 while the last database operation succeeded.", registry=registry,
         )
+
+
+# Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# What the node itself adds: tens of microseconds to a few milliseconds.
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+)
+
+
+class HttpMetrics:
+    """The proxy's request and upstream metrics (names fixed by the Contract)."""
+
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        self.requests = Counter(
+            "affinity_http_requests", "HTTP requests answered by this node, by route and status.",
+            ["route", "code"], registry=registry,
+        )
+        self.duration = Histogram(
+            "affinity_http_request_duration_seconds", "Time to answer, last byte included.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.overhead = Histogram(
+            "affinity_proxy_overhead_seconds",
+            "Time the node adds: everything but waiting for the upstream.",
+            buckets=OVERHEAD_BUCKETS, registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "affinity_upstream_requests", "Requests forwarded to backends, by upstream status.",
+            ["backend", "code"], registry=registry,
+        )
+        self.upstream_ttft = Histogram(
+            "affinity_upstream_ttft_seconds", "From forwarding to the first body byte received.",
+            ["backend"], buckets=TTFT_BUCKETS, registry=registry,
+        )
+        self.upstream_inflight = Gauge(
+            "affinity_upstream_inflight", "Requests in flight to each backend (streams included).",
+            ["backend"], registry=registry,
+        )
+        self.backend_healthy = Gauge(
+            "affinity_backend_healthy", "1 while the backend is in rotation.",
+            ["backend"], registry=registry,
+        )
+        self.build_info = Gauge(
+            "affinity_build_info", "Always 1; the version label says which build runs.",
+            ["version"], registry=registry,
+        )
+        self.build_info.labels(version).set(1)

@@ -49,3 +49,13 @@ async def revoke_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID)
 
 async def delete_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID) -> bool:
     return await conn.fetchval(Q["key_delete"], key_id) is not None
+
+
+async def lookup_hash(pool: asyncpg.Pool, digest: bytes) -> tuple[uuid.UUID, bool] | None:
+    row = await pool.fetchrow(Q["key_lookup"], digest)
+    return None if row is None else (row["id"], row["revoked"])
+
+
+async def active_hashes(pool: asyncpg.Pool) -> list[tuple[bytes, uuid.UUID]]:
+    rows = await pool.fetch(Q["key_active"])
+    return [(bytes(r["key_hash"]), r["id"]) for r in rows]

@@ -22,7 +22,6 @@ import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from affinity_node.observability.logs import RateLimitedLog
-from affinity_node.routing.ports import StoreUnavailable
 from affinity_node.store.postgres import DB_ERRORS, QueryLogger
 from affinity_node.store.queries import QUERIES as Q
 
@@ -95,7 +94,9 @@ class ChangeListener:
                     multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s
                 )
                 + wait_random(0, self._s.backoff_initial_s),
-                retry=retry_if_exception_type((StoreUnavailable, *DB_ERRORS)),
+                # Anything, not only database errors: a listener that dies leaves the node
+                # blind, so a bug in a sync hook is logged and retried like an outage.
+                retry=retry_if_exception_type(Exception),
                 before_sleep=lambda rs: self._warn.warning(
                     "connect", "listener cannot reach Postgres (attempt %d): %r",
                     rs.attempt_number, rs.outcome.exception() if rs.outcome else None,

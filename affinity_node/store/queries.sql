@@ -93,5 +93,9 @@ RETURNING id;
 -- name: key_delete
 DELETE FROM api_keys WHERE id = $1 RETURNING id;
 
+-- name: key_active
+-- What a node loads after LISTEN: every usable key, by hash.
+SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL;
+
 -- name: key_lookup
 SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;

@@ -93,11 +93,14 @@ CREATE TRIGGER affinity_binding_notify_v1
     AFTER INSERT OR UPDATE OR DELETE ON api_key_model_affinity
     FOR EACH ROW EXECUTE FUNCTION affinity_binding_notify_v1();
 
--- Revocations and deletions of keys reach every node's key cache at once.
+-- Revocations and deletions of keys reach every node's key cache at once; a new key clears the
+-- nodes' memory of unknown keys, so it works at once too.
 CREATE FUNCTION api_key_notify_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'DELETE' THEN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pg_notify('api_key_changes', json_build_object('op', 'create', 'id', NEW.id)::text);
+    ELSIF TG_OP = 'DELETE' THEN
         PERFORM pg_notify('api_key_changes', json_build_object(
             'op', 'delete', 'id', OLD.id)::text);
     ELSIF NEW.revoked_at IS DISTINCT FROM OLD.revoked_at THEN
@@ -110,5 +113,5 @@ END;
 $$;
 
 CREATE TRIGGER api_key_notify_v1
-    AFTER UPDATE OR DELETE ON api_keys
+    AFTER INSERT OR UPDATE OR DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION api_key_notify_v1();

@@ -1,0 +1,1 @@
+"""API key authentication: hash -> key id, cached per node, revoked by notification."""

@@ -1,0 +1,1 @@
+"""The aiohttp surface: OpenAI-compatible routes, probes, metrics."""

@@ -1,0 +1,118 @@
+"""Per request: which backend, and what affinity said about it.
+
+Combines the backend pool (health, load), the fallback strategy, and the affinity engine. The
+engine only ever sees vllm backends as candidates: external ones are never bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+from uuid import UUID
+
+from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.routing.engine import AffinityEngine, NoCandidates
+from affinity_node.routing.pool import Backend, BackendPool
+from affinity_node.routing.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+AffinityHeader = Literal["hit", "miss", "rebind", "spill", "degraded", "bypass"]
+
+_HEADER: dict[str, AffinityHeader] = {
+    "hit": "hit",
+    "created": "miss",
+    "found_in_db": "miss",
+    "found_after_lock": "miss",
+    "rebind": "rebind",
+    "degraded": "degraded",
+}
+
+
+@dataclass(slots=True)
+class Route:
+    backend: Backend
+    affinity: AffinityHeader
+    bound: Backend | None = None
+    """The pair's bound backend when affinity decided (None for bypass and degraded)."""
+
+
+class NoBackend(LookupError):
+    """No healthy backend serves the model."""
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityRules:
+    enabled: bool = True
+    load_factor: float = 1.25
+    spill_min_gap: int = 8
+
+
+class Router:
+    def __init__(
+        self,
+        pool: BackendPool,
+        strategy: Strategy,
+        engine: AffinityEngine | None,
+        rules: AffinityRules,
+        metrics: AffinityMetrics,
+    ) -> None:
+        self._pool = pool
+        self._strategy = strategy
+        self._engine = engine if rules.enabled else None
+        self._rules = rules
+        self._m = metrics
+        self._vllm: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+    def _choose_id(self, ids: Sequence[str]) -> str:
+        backends = [b for b in map(self._pool.get, ids) if b is not None]
+        return self._strategy.choose(backends).id
+
+    def _affinity_candidates(self, model: str) -> tuple[str, ...]:
+        """The model's healthy vllm backends, recomputed only when the pool's list changes."""
+        ids = self._pool.candidate_ids(model)
+        cached = self._vllm.get(model)
+        if cached is not None and cached[0] is ids:
+            return cached[1]
+        vllm: list[str] = []
+        for i in ids:
+            b = self._pool.get(i)
+            if b is not None and self._pool.affinity_applies(model, b):
+                vllm.append(i)
+        result = tuple(vllm)
+        self._vllm[model] = (ids, result)
+        return result
+
+    def fallback(self, model: str, exclude: Sequence[Backend] = ()) -> Backend | None:
+        candidates = [b for b in self._pool.candidates(model) if b not in exclude]
+        return self._strategy.choose(candidates) if candidates else None
+
+    async def route(self, api_key_id: UUID, model: str, affinity_path: bool) -> Route:
+        """`model` is canonical; `affinity_path` is False for routes affinity never applies to."""
+        engine = self._engine
+        if engine is not None and affinity_path:
+            ids = self._affinity_candidates(model)
+            if ids:
+                try:
+                    res = await engine.resolve(api_key_id, model, ids, self._choose_id)
+                except NoCandidates:
+                    res = None
+                if res is not None:
+                    backend = self._pool.get(res.backend)
+                    if backend is not None:
+                        if res.outcome == "degraded":
+                            return Route(backend, "degraded")
+                        if res.outcome == "hit" and self._pool.overloaded(
+                            backend, model, self._rules.load_factor, self._rules.spill_min_gap
+                        ):
+                            other = self.fallback(model, exclude=(backend,))
+                            if other is not None:
+                                self._m.spills.labels(model).inc()
+                                return Route(other, "spill", bound=backend)
+                        return Route(backend, _HEADER[res.outcome], bound=backend)
+        chosen = self.fallback(model)
+        if chosen is None:
+            raise NoBackend(model)
+        return Route(chosen, "bypass")
