@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import aiohttp
 import asyncpg
 import openai
+import pytest
 
+from affinity_node.http.ops import REGISTRY
+from affinity_node.store.keys import revoke_key
 from tests.support.cluster import ALIAS, MODEL, cluster
+from tests.support.faultproxy import FaultProxy
+from tests.support.waiting import wait_for
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Tell me about prefix caching."}]
@@ -57,3 +64,135 @@ async def test_one_pair_sticks_to_one_backend_across_nodes(dsn):
         other = await c.new_key("bob")
         seen = {(await chat(c.client(i % 3, other), stream=False))[0] for i in range(9)}
         assert len(seen) == 1
+
+
+def metric(node, name: str, **labels: str) -> float:
+    return node.app[REGISTRY].get_sample_value(name, labels or None) or 0.0
+
+
+async def bound_row(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await conn.fetch("SELECT provider_url FROM api_key_model_affinity")]
+    finally:
+        await conn.close()
+
+
+async def test_bound_backend_dies_next_request_fails_over_and_every_node_follows(dsn):
+    async with cluster(dsn, nodes=3, backends=3) as c:
+        secret = await c.new_key("alice")
+        clients = [c.client(i, secret) for i in range(3)]
+        first_id, _, _ = await chat(clients[0], stream=False)
+        for i in range(3):  # every node knows the binding
+            await wait_for(lambda i=i: len(c.nodes[i].state.engine.cache) == 1, what="cached")
+        dead = c.backends[int(first_id[1:])]
+        await dead.close()
+
+        backend, affinity, text = await chat(clients[0], stream=True)
+        assert backend != first_id and text
+        assert affinity == "rebind"
+        new_url = f"http://127.0.0.1:{c.backends[int(backend[1:])].port}"
+        await wait_for(lambda: bound_row(dsn), what="row readable")
+
+        async def moved() -> bool:
+            return await bound_row(dsn) == [new_url]
+
+        await wait_for(moved, timeout=5, what="binding row moves to the backend that served")
+        for i in range(3):
+            await wait_for(
+                lambda i=i: c.nodes[i].state.engine.cache.get(
+                    (c.key_ids["alice"], MODEL)).backend == new_url,
+                timeout=2, what="peers follow the move")
+        # Every node now serves the pair from the new backend, none of these requests fail.
+        results = await asyncio.gather(*(chat(clients[i % 3], stream=bool(i % 2))
+                                         for i in range(12)))
+        assert {r[0] for r in results} == {backend}
+        assert metric(c.nodes[0], "affinity_rebinds_total", model=MODEL, reason="failover") == 1
+
+
+async def test_revoked_key_is_refused_by_every_node_within_a_second(dsn):
+    async with cluster(dsn, nodes=3, backends=2) as c:
+        secret = await c.new_key("mallory")
+        clients = [c.client(i, secret) for i in range(3)]
+        for cl in clients:
+            await chat(cl, stream=False)
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await revoke_key(conn, c.key_ids["mallory"])
+        finally:
+            await conn.close()
+
+        for cl in clients:
+            async def refused(cl=cl) -> bool:
+                try:
+                    await cl.models.list()
+                except openai.AuthenticationError:
+                    return True
+                return False
+
+            await wait_for(refused, timeout=1.0, interval=0.02, what="401 after revocation")
+        with pytest.raises(openai.AuthenticationError) as err:
+            await chat(clients[1], stream=False)
+        assert err.value.status_code == 401
+        assert err.value.body["code"] == "invalid_api_key"
+
+
+async def test_postgres_stopped_requests_still_served_and_recover(dsn):
+    proxy = FaultProxy(dsn)
+    await proxy.start()
+    try:
+        async with cluster(dsn, nodes=2, backends=3, node_dsn=proxy.dsn) as c:
+            known = await c.new_key("known")
+            fresh = await c.new_key("fresh")
+            first, _, _ = await chat(c.client(0, known), stream=False)
+            await wait_for(lambda: len(c.nodes[1].state.engine.cache) == 1, what="cached")
+            # Both keys must be known to the nodes before the outage (keys live in Postgres).
+            for i in range(2):
+                for secret in (known, fresh):
+                    await c.client(i, secret).models.list()
+
+            await proxy.stop()
+            for i in range(2):
+                backend, affinity, _ = await chat(c.client(i, known), stream=bool(i))
+                assert (backend, affinity) == (first, "hit")
+                backend, affinity, _ = await chat(c.client(i, fresh), stream=False)
+                assert affinity == "degraded"
+            async with aiohttp.ClientSession() as http:
+                for node in c.nodes:
+                    async with http.get(f"{node.url}/readyz") as r:
+                        assert r.status == 200
+                        assert (await r.json())["database"] == "down"
+            for node in c.nodes:
+                await wait_for(lambda node=node: metric(node, "affinity_db_up") == 0,
+                               what="db_up 0")
+
+            await proxy.start()
+            for node in c.nodes:
+                await wait_for(lambda node=node: metric(node, "affinity_listener_up") == 1,
+                               timeout=15, what="listener back")
+            _, affinity, _ = await chat(c.client(1, fresh), stream=False)
+            assert affinity == "miss"
+            assert len(await bound_row(dsn)) == 2
+            assert metric(c.nodes[1], "affinity_db_up") == 1
+    finally:
+        await proxy.close()
+
+
+async def test_client_disconnect_mid_stream_cancels_the_upstream(dsn, caplog):
+    slow = {"tokens_per_s": 20.0, "output_tokens": 400}
+    async with cluster(dsn, nodes=1, backends=1, backend_cfg=slow) as c:
+        secret = await c.new_key("alice")
+        client = c.client(0, secret)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True)
+        async for _chunk in stream:
+            break
+        await stream.close()
+        backend = c.backends[0]
+        await wait_for(lambda: backend.stats.disconnects == 1, timeout=5,
+                       what="backend sees the disconnect")
+        await wait_for(lambda: c.nodes[0].state.pool.backends[0].inflight == 0,
+                       what="in-flight released")
+        ours = [r for r in caplog.records if r.name.startswith(("affinity_node", "aiohttp"))]
+        assert not [r for r in ours if r.levelno >= logging.WARNING or r.exc_info], [
+            r.getMessage() for r in ours]

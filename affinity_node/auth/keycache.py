@@ -8,6 +8,7 @@ become a flood of queries, and forgotten as soon as any key is created.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -41,6 +42,7 @@ class KeyCache:
         self._unknown: OrderedDict[bytes, float] = OrderedDict()
         self._max_unknown = max_unknown
         self._unknown_ttl = unknown_ttl_s
+        self._inflight: dict[bytes, asyncio.Future[tuple[UUID, bool] | None]] = {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -53,8 +55,13 @@ class KeyCache:
         until = self._unknown.get(digest)
         if until is not None and until > time.monotonic():
             raise InvalidKey
+        task = self._inflight.get(digest)
+        if task is None:  # one lookup per unknown secret, however many requests carry it
+            task = asyncio.ensure_future(self._lookup(digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(digest, None))
         try:
-            found = await self._lookup(digest)
+            found = await asyncio.shield(task)
         except Exception as exc:
             raise KeysUnavailable from exc
         if found is None or found[1]:

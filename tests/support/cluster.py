@@ -50,10 +50,13 @@ class Cluster:
         return secret
 
     def client(self, node: int, secret: str, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
+        """Closed when the cluster stops (before the event loop does)."""
+        client = openai.AsyncOpenAI(
             base_url=f"{self.nodes[node].url}/v1", api_key=secret, max_retries=0,
             timeout=kw.pop("timeout", 30.0), **kw,
         )
+        self.stack.push_async_callback(client.close)
+        return client
 
     def backend_by_url(self, url: str) -> RunningFakeBackend:
         for b in self.backends:
@@ -81,8 +84,9 @@ def node_config(dsn: str, backends: list[RunningFakeBackend], node_id: str,
 @asynccontextmanager
 async def cluster(
     dsn: str, nodes: int = 2, backends: int = 3, backend_cfg: dict[str, Any] | None = None,
-    **affinity: Any,
+    node_dsn: str | None = None, **affinity: Any,
 ) -> AsyncIterator[Cluster]:
+    """`node_dsn` lets the nodes reach Postgres another way (through a FaultProxy)."""
     async with AsyncExitStack() as stack:
         fakes = []
         for i in range(backends):
@@ -91,8 +95,8 @@ async def cluster(
             stack.push_async_callback(fake.close)
             fakes.append(fake)
         running = [
-            await stack.enter_async_context(run_node(node_config(dsn, fakes, f"node-{i}",
-                                                                 **affinity)))
+            await stack.enter_async_context(
+                run_node(node_config(node_dsn or dsn, fakes, f"node-{i}", **affinity)))
             for i in range(nodes)
         ]
         yield Cluster(dsn, running, fakes, stack)
