@@ -196,3 +196,71 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream(dsn, caplog):
         ours = [r for r in caplog.records if r.name.startswith(("affinity_node", "aiohttp"))]
         assert not [r for r in ours if r.levelno >= logging.WARNING or r.exc_info], [
             r.getMessage() for r in ours]
+
+
+async def admin_fail(url: str, body: dict) -> None:
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/admin/fail", json=body) as r:
+        assert r.status == 200
+
+
+async def test_5xx_before_the_first_byte_is_retried_once_elsewhere(dsn):
+    async with cluster(dsn, nodes=1, backends=3) as c:
+        secret = await c.new_key("alice")
+        client = c.client(0, secret)
+        first, _, _ = await chat(client, stream=False)
+        bound = c.backends[int(first[1:])]
+        await admin_fail(bound.url, {"status": 503})
+        rid = "req-retry-1"
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid})
+        assert raw.headers["x-request-id"] == rid
+        assert raw.headers["x-affinity"] == "rebind"
+        assert raw.headers["x-backend-id"] != first
+        bound_id = f"http://127.0.0.1:{bound.port}"
+        assert metric(c.nodes[0], "affinity_upstream_requests_total",
+                      backend=bound_id, code="503") == 1
+        # Every backend failing: one retry only, then a clean 502, no 500.
+        for b in c.backends:
+            await admin_fail(b.url, {"status": 500})
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert err.value.status_code == 502
+        assert err.value.body["code"] == "upstream_error"
+
+
+async def test_stream_broken_after_first_byte_ends_with_an_error_event(dsn):
+    async with cluster(dsn, nodes=1, backends=2) as c:
+        secret = await c.new_key("alice")
+        client = c.client(0, secret)
+        first, _, _ = await chat(client, stream=False)
+        await admin_fail(c.backends[int(first[1:])].url, {"drop_after_chunks": 2})
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                      stream=True)
+        got = []
+        with pytest.raises(openai.APIError, match="backend stream broke"):
+            async for chunk in stream:
+                got.append(chunk)
+        assert got, "the first chunks arrived before the break"
+
+
+async def test_readyz_turns_503_only_without_healthy_backends(dsn):
+    async with cluster(dsn, nodes=1, backends=2) as c:
+        node = c.nodes[0]
+        async with aiohttp.ClientSession() as http:
+            async def ready() -> int:
+                async with http.get(f"{node.url}/readyz") as r:
+                    return r.status
+
+            assert await ready() == 200
+            for b in c.backends:
+                await admin_fail(b.url, {"status": 503})  # /health fails too
+            await wait_for(lambda: _is(ready(), 503), timeout=5, what="no healthy backend")
+            async with http.get(f"{node.url}/healthz") as r:
+                assert r.status == 200  # liveness never depends on backends or Postgres
+            for b in c.backends:
+                await admin_fail(b.url, {})
+            await wait_for(lambda: _is(ready(), 200), timeout=5, what="backends re-admitted")
+
+
+async def _is(value, expected) -> bool:
+    return (await value) == expected
