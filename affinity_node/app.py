@@ -19,10 +19,11 @@ from prometheus_client import CollectorRegistry
 from affinity_node import __version__
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.config import NodeConfig
-from affinity_node.http.middleware import openai_errors
+from affinity_node.http.middleware import COMPLETION_ROUTES, KNOWN_ROUTES, openai_errors
 from affinity_node.http.ops import REGISTRY, healthz, metrics, models, readyz
 from affinity_node.http.proxy import handle_completion
 from affinity_node.http.state import NODE, NodeState
+from affinity_node.observability.collector import NodeCollector
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.engine import EngineSettings
 from affinity_node.routing.pool import Backend, BackendPool, BackendSpec, ModelSpec
@@ -54,6 +55,11 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
         http_metrics.backend_healthy.labels(backend.id).set(1 if backend.healthy else 0)
         http_metrics.upstream_inflight.labels(backend.id).set_function(_inflight_of(backend))
     pool.on_health_change = lambda bid, ok: http_metrics.backend_healthy.labels(bid).set(int(ok))
+    http_metrics.init_routes(sorted(KNOWN_ROUTES), sorted(COMPLETION_ROUTES))
+    registry.register(NodeCollector(
+        pool, lambda: node.engine.cache if node.engine is not None else None,
+        node.affinity_metrics, http_metrics, [m.name for m in cfg.models],
+    ))
     app[NODE] = node
     app[REGISTRY] = registry
     app.cleanup_ctx.append(_upstream_session)

@@ -12,6 +12,8 @@ from aiohttp import web
 from affinity_node.http.errors import ApiError, error_response
 from affinity_node.http.proxy import CLIENT_GONE, request_id
 from affinity_node.http.state import NODE
+from affinity_node.observability.logs import REQUEST_ID
+from affinity_node.observability.metrics import exemplar
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     route = _route_label(request)
     is_completion = route in COMPLETION_ROUTES
     started = time.perf_counter()
+    rid = request_id(request)
+    context = REQUEST_ID.set(rid)  # every log line while handling it names the request
     code = "500"
     if is_completion:
         node.active += 1
@@ -71,11 +75,12 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     finally:
         m = node.http_metrics
         m.requests.labels(route, code).inc()
-        m.duration.labels(route).observe(time.perf_counter() - started)
+        m.duration.labels(route).observe(time.perf_counter() - started, exemplar(rid))
         if is_completion:
             node.active -= 1
             if node.active == 0:
                 node.idle.set()
+        REQUEST_ID.reset(context)
 
 
 def _base_headers(request: web.Request) -> dict[str, str]:

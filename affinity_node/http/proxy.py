@@ -19,6 +19,7 @@ from aiohttp import web
 from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
 from affinity_node.http.errors import ApiError, short, sse_error_event, unauthorized
 from affinity_node.http.state import NODE, NodeState
+from affinity_node.observability.metrics import exemplar
 from affinity_node.routing.pool import Backend
 from affinity_node.routing.router import NoBackend, Route
 
@@ -33,11 +34,18 @@ CLIENT_GONE = "affinity_client_gone"
 """Request key set when the client disconnected mid-response (counted as 499)."""
 
 
+REQUEST_ID_KEY = web.RequestKey("affinity_request_id", str)
+
+
 def request_id(request: web.Request) -> str:
-    rid = request.headers.get("x-request-id", "")
-    if 0 < len(rid) <= 128 and rid.isprintable():
-        return rid
-    return uuid.uuid4().hex
+    """The client's x-request-id when sane, else a new one; the same for the whole request."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 128 and rid.isprintable()):
+            rid = uuid.uuid4().hex
+        request[REQUEST_ID_KEY] = rid
+    return rid
 
 
 async def authenticate(node: NodeState, request: web.Request) -> uuid.UUID:
@@ -136,6 +144,7 @@ class Forwarder:
         self.headers = headers
         self.started = started
         self.upstream_time = 0.0
+        self.exemplar = exemplar(headers["x-request-id"])
 
     async def run(
         self, route: Route, key_id: uuid.UUID, model: str, body: bytes, stream: bool
@@ -209,7 +218,7 @@ class Forwarder:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
                 now = time.perf_counter()
-                m.upstream_ttft.labels(backend.id).observe(now - sent)
+                m.upstream_ttft.labels(backend.id).observe(now - sent, self.exemplar)
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
                 return web.Response(status=upstream.status, body=data, headers=headers), (
@@ -232,7 +241,7 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
         got_first = time.perf_counter()
-        m.upstream_ttft.labels(backend.id).observe(got_first - sent)
+        m.upstream_ttft.labels(backend.id).observe(got_first - sent, self.exemplar)
         self.upstream_time += got_first - sent
         headers.update({
             "Content-Type": "text/event-stream",
@@ -272,4 +281,4 @@ class _Retryable(Exception):
         self.reason = reason
 
 
-__all__ = ["CLIENT_GONE", "handle_completion", "request_id"]
+__all__ = ["CLIENT_GONE", "REQUEST_ID_KEY", "handle_completion", "request_id"]

@@ -1,12 +1,42 @@
 """Prometheus metrics of one node, on a registry of its own (several nodes can share a process).
 
 Counters and histograms are per node; dashboards aggregate with `sum by`. Labels never carry
-API keys or key ids. Bucket edges include every SLO threshold.
+API keys or key ids: `model` holds canonical names (from the config or learned from backends),
+`backend` the normalised backend URL, `route` a known path or "other". Bucket edges include
+every SLO threshold.
+
+Label sets known up front (miss outcomes and rebind reasons per model, notification ops, the
+database operations, TTFT per backend) are created at zero, so that dashboards and alerts have
+series from the first scrape and `rate()` sees the first increment.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double the series count of every counter and histogram, and nothing here
+# reads them. (Process-wide: prometheus-client keeps this switch global.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MISS_OUTCOMES: Final = ("created", "found_in_db", "found_after_lock", "degraded")
+REBIND_REASONS: Final = ("unhealthy", "failover")
+NOTIFY_OPS: Final = ("insert", "update", "delete")
+DB_OPERATIONS: Final = ("read", "create", "rebind", "refresh", "cleanup")
+"""The store operations whose failures the engine counts (StoreUnavailable.operation)."""
+
+COMPLETION_CODES: Final = ("200", "400", "401", "404", "413", "499", "500", "502", "503")
+"""What the completion routes answer (the proxy's own errors and the usual upstream ones)."""
+
+EXEMPLAR_MAX_ID: Final = 100
+"""An exemplar's label set is at most 128 characters: longer request ids are cut."""
+
+
+def exemplar(request_id: str) -> dict[str, str]:
+    """The exemplar attached to latency observations: which request to look up in the logs."""
+    return {"request_id": request_id[:EXEMPLAR_MAX_ID]}
 
 # 100 us .. 5 s: lock waits are normally sub-millisecond; the SLO edges are 1, 10, 100 ms.
 LOCK_WAIT_BUCKETS = (
@@ -78,6 +108,24 @@ class AffinityMetrics:
         self.db_up = Gauge(
             "affinity_db_up", "1 while the last database operation succeeded.", registry=registry,
         )
+        for op in NOTIFY_OPS:
+            self.notifications.labels(op)
+        for operation in DB_OPERATIONS:
+            self.db_errors.labels(operation)
+        self._models: set[str] = set()
+
+    def init_models(self, models: Iterable[str]) -> None:
+        """Create the per-model series at zero (idempotent; cheap when nothing is new)."""
+        for model in models:
+            if model in self._models:
+                continue
+            self._models.add(model)
+            self.cache_hits.labels(model)
+            for outcome in MISS_OUTCOMES:
+                self.cache_misses.labels(model, outcome)
+            for reason in REBIND_REASONS:
+                self.rebinds.labels(model, reason)
+            self.spills.labels(model)
 
 
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.
@@ -129,3 +177,22 @@ class HttpMetrics:
             ["version"], registry=registry,
         )
         self.build_info.labels(version).set(1)
+        self._backends: set[str] = set()
+
+    def init_routes(self, routes: Iterable[str], completion_routes: Iterable[str] = ()) -> None:
+        """Duration series for every route; request counters at zero for the answers the
+        completion routes give, so that `rate()` sees even the first error of a kind."""
+        for route in routes:
+            self.duration.labels(route)
+        for route in completion_routes:
+            for code in COMPLETION_CODES:
+                self.requests.labels(route, code)
+
+    def init_backends(self, backends: Iterable[str]) -> None:
+        """TTFT and request series at zero for every backend, so per-backend panels list them
+        all and `rate()` counts their first requests."""
+        for backend in backends:
+            if backend not in self._backends:
+                self._backends.add(backend)
+                self.upstream_ttft.labels(backend)
+                self.upstream_requests.labels(backend, "200")
