@@ -120,6 +120,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         pool_max=cfg.database.pool_max,
         statement_timeout_ms=cfg.database.statement_timeout_ms,
         cache_max_entries=cfg.affinity.cache_max_entries,
+        startup_sync_timeout_s=cfg.database.startup_wait_seconds,
         engine=replace(
             EngineSettings(),
             ttl_seconds=cfg.affinity.ttl_seconds,

@@ -36,6 +36,8 @@ class DatabaseConfig:
     dsn: str = ""
     pool_max: int = 10
     statement_timeout_ms: int = 2000
+    startup_wait_seconds: float = 5.0
+    """How long a starting node waits for its first snapshot before serving (degraded)."""
 
 
 @dataclass

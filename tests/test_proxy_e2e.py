@@ -12,7 +12,9 @@ import pytest
 
 from affinity_node.http.ops import REGISTRY
 from affinity_node.store.keys import revoke_key
-from tests.support.cluster import ALIAS, MODEL, cluster
+from affinity_node.app import run_node
+from affinity_node.sim.fake_backend import FakeBackendConfig, serve
+from tests.support.cluster import ALIAS, MODEL, cluster, node_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.waiting import wait_for
 
@@ -264,3 +266,34 @@ async def test_readyz_turns_503_only_without_healthy_backends(dsn):
 
 async def _is(value, expected) -> bool:
     return (await value) == expected
+
+
+async def test_node_started_without_postgres_becomes_ready_when_keys_load(dsn):
+    proxy = FaultProxy(dsn)
+    await proxy.start()
+    await proxy.stop()  # the port is known; nothing answers on it yet
+    backend = await serve(FakeBackendConfig(backend_id="b0", models=[MODEL]))
+    cfg = node_config(proxy.dsn, [backend], "late")
+    cfg.database.startup_wait_seconds = 0.2
+    try:
+        async with run_node(cfg) as node, aiohttp.ClientSession() as http:
+            async def readyz() -> dict:
+                async with http.get(f"{node.url}/readyz") as r:
+                    return {"status_code": r.status, **(await r.json())}
+
+            state = await readyz()
+            assert state["status_code"] == 503
+            assert (state["status"], state["database"], state["listener"]) == (
+                "keys_not_loaded", "down", "down")
+            await proxy.start()
+            await wait_for(lambda: _is(_field(readyz(), "status_code"), 200), timeout=15,
+                           what="ready once Postgres answers")
+            state = await readyz()
+            assert (state["listener"], state["database"]) == ("up", "up")
+    finally:
+        await backend.close()
+        await proxy.close()
+
+
+async def _field(value, key: str):
+    return (await value)[key]

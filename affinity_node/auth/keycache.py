@@ -43,6 +43,8 @@ class KeyCache:
         self._max_unknown = max_unknown
         self._unknown_ttl = unknown_ttl_s
         self._inflight: dict[bytes, asyncio.Future[tuple[UUID, bool] | None]] = {}
+        self.loaded = False
+        """True once a snapshot of the active keys has been loaded."""
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -84,3 +86,4 @@ class KeyCache:
         rows = await self._snapshot()
         self._by_hash = {digest: key_id for digest, key_id in rows}
         self._unknown.clear()
+        self.loaded = True

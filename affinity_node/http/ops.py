@@ -28,13 +28,26 @@ async def readyz(request: web.Request) -> web.Response:
     """
     node = request.app[NODE]
     healthy = sum(1 for b in node.pool.backends if b.healthy)
-    db_up = node.affinity_metrics.registry.get_sample_value("affinity_db_up") == 1
-    ready = not node.draining and node.pool.has_healthy()
+    registry = node.affinity_metrics.registry
+    db_up = registry.get_sample_value("affinity_db_up") == 1
+    listener_up = registry.get_sample_value("affinity_listener_up") == 1
+    # Until the first key snapshot, every request would be answered 503 ("cannot verify the
+    # key"): not ready. Once loaded, a later database loss keeps the node ready.
+    keys_loaded = node.keys is not None and node.keys.loaded
+    if node.draining:
+        status = "draining"
+    elif not node.pool.has_healthy():
+        status = "no_healthy_backend"
+    elif not keys_loaded:
+        status = "keys_not_loaded"
+    else:
+        status = "ready"
+    ready = status == "ready"
     body = {
-        "status": "ready" if ready else ("draining" if node.draining else "no_healthy_backend"),
+        "status": status,
         "node_id": node.config.node_id,
         "database": "up" if db_up else "down",
-        "listener": "up" if node.listener_up else "down",
+        "listener": "up" if listener_up else "down",
         "healthy_backends": healthy,
         "backends": len(node.pool.backends),
     }

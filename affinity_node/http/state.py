@@ -26,7 +26,6 @@ class NodeState:
     engine: AffinityEngine | None = None
     keys: KeyCache | None = None
     session: aiohttp.ClientSession | None = None
-    listener_up: bool = False
     draining: bool = False
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)

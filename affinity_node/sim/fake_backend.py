@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from affinity_node.sim.prefix_cache import PrefixCache, stable_hash, tokenize
 
@@ -294,10 +294,11 @@ class FakeBackend:
         return web.Response(text="ok")
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # Always the text format, whatever Accept asks: prometheus-client's OpenMetrics writer
+        # turns "vllm:x" into "vllm_x" (client_python#1177), and the names must be vLLM's.
         # content_type= would reject the charset part, hence the raw header.
-        headers = {"Content-Type": content_type}
-        return web.Response(body=encoder(self.metrics.registry), headers=headers)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        return web.Response(body=generate_latest(self.metrics.registry), headers=headers)
 
     async def admin_fail(self, request: web.Request) -> web.Response:
         """Replaces the failure mode: {"status": 503}, {"drop_after_chunks": 2}, {} heals."""
