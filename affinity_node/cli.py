@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key-id")
     _add_dsn(c)
     p.set_defaults(func=_bindings)
+
+    from affinity_node.sim.bench_cli import add_bench_parser
+    from affinity_node.sim.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
