@@ -22,6 +22,9 @@ demo: $(STAMP)
 bench-engine: $(STAMP)
 	$(PY) -m affinity_node.bench.engine
 
+bench-overhead: $(STAMP)
+	$(PY) -m affinity_node.bench.overhead
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check affinity_node tests
 	$(VENV)/bin/mypy

@@ -262,7 +262,10 @@ def test_compose_topology_and_start_order(tmp_path: Path) -> None:
     bench = services["bench"]
     assert bench["profiles"] == ["bench"]
     script = bench["entrypoint"][2]
-    assert 'exec affinity-node bench --url http://haproxy:8080 --api-key "$$key" "$$@"' in script
+    assert (
+        'exec affinity-node bench --url http://haproxy:8080 --api-keys-file "$$keys" "$$@"'
+        in script
+    )
 
 
 def test_compose_dsn_reaches_the_compose_postgres() -> None:
