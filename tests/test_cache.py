@@ -81,3 +81,30 @@ def test_deadline_counts_from_when_the_query_was_sent():
     cache = BindingCache(clock=clock)
     cache.fill(P, "b", 1, 10.0, cache.epoch, asked_at=clock.now - 2)
     assert cache.get(P).deadline == clock.now + 8.0
+
+
+def test_bindings_per_backend_follow_every_change():
+    clock = Clock()
+    cache = BindingCache(max_entries=3, clock=clock)
+    pairs = [(uuid.uuid4(), "m") for _ in range(5)]
+
+    def recount() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _p, e in cache.items():
+            counts[e.backend] = counts.get(e.backend, 0) + 1
+        return counts
+
+    cache.apply_change(pairs[0], "a", 1, 60)
+    cache.apply_change(pairs[1], "a", 2, 60)
+    cache.fill(pairs[2], "b", 3, 60, cache.epoch, clock.now)
+    assert cache.bindings_per_backend() == recount() == {"a": 2, "b": 1}
+    cache.apply_change(pairs[1], "b", 4, 60)  # moved
+    cache.apply_change(pairs[3], "c", 5, 60)  # evicts the least recently used
+    assert cache.bindings_per_backend() == recount()
+    cache.apply_delete(pairs[3], 6)
+    cache.evict(pairs[2], "b")
+    assert cache.bindings_per_backend() == recount()
+    cache.begin_resync()
+    cache.finish_resync([BindingRow(pairs[4][0], "m", "d", 9, 30.0)], clock.now)
+    assert cache.bindings_per_backend() == recount() == {"d": 1}
+    assert cache.bindings_of("d") == 1 and cache.bindings_of("a") == 0

@@ -286,14 +286,27 @@ async def test_node_started_without_postgres_becomes_ready_when_keys_load(dsn):
             assert (state["status"], state["database"], state["listener"]) == (
                 "keys_not_loaded", "down", "down")
             await proxy.start()
-            await wait_for(lambda: _is(_field(readyz(), "status_code"), 200), timeout=15,
-                           what="ready once Postgres answers")
-            state = await readyz()
-            assert (state["listener"], state["database"]) == ("up", "up")
+
+            async def recovered() -> bool:
+                state = await readyz()
+                return (state["status_code"], state["listener"], state["database"]) == (
+                    200, "up", "up")
+
+            await wait_for(recovered, timeout=15, what="ready once Postgres answers")
     finally:
         await backend.close()
         await proxy.close()
 
 
-async def _field(value, key: str):
-    return (await value)[key]
+async def test_new_bindings_spread_evenly_over_backends(dsn):
+    async with cluster(dsn, nodes=2, backends=3) as c:
+        secrets = [await c.new_key(f"t{i}") for i in range(12)]
+        for i, secret in enumerate(secrets):
+            await chat(c.client(i % 2, secret), stream=False)
+            for node in c.nodes:  # both nodes know every binding before the next choice
+                await wait_for(lambda node=node, n=i + 1: len(node.state.engine.cache) == n,
+                               what="binding seen by both nodes")
+        counts: dict[str, int] = {}
+        for url in await bound_row(dsn):
+            counts[url] = counts.get(url, 0) + 1
+        assert sorted(counts.values()) == [4, 4, 4], counts

@@ -42,6 +42,7 @@ class BindingCache:
         self._clock = clock
         self._epoch = 0
         self._touched: dict[Pair, int] | None = None
+        self._per_backend: dict[str, int] = {}
         self.suspect = True
         """True until the first snapshot, and whenever the listener is down."""
 
@@ -55,6 +56,16 @@ class BindingCache:
     @property
     def max_entries(self) -> int:
         return self._max
+
+    def bindings_per_backend(self) -> dict[str, int]:
+        """Cached bindings per backend (a copy): kept as entries change, O(backends) to read."""
+        return {b: n for b, n in self._per_backend.items() if n}
+
+    def bindings_of(self, backend: str) -> int:
+        return self._per_backend.get(backend, 0)
+
+    def _count(self, backend: str, delta: int) -> None:
+        self._per_backend[backend] = self._per_backend.get(backend, 0) + delta
 
     def get(self, pair: Pair) -> Entry | None:
         entry = self._entries.get(pair)
@@ -73,9 +84,14 @@ class BindingCache:
         entry = self._entries.get(pair)
         if entry is None:
             self._entries[pair] = Entry(backend, version, deadline)
+            self._count(backend, 1)
             if len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+                _old, evicted = self._entries.popitem(last=False)
+                self._count(evicted.backend, -1)
         else:
+            if entry.backend != backend:
+                self._count(entry.backend, -1)
+                self._count(backend, 1)
             entry.backend, entry.version, entry.deadline = backend, version, deadline
             self._entries.move_to_end(pair)
 
@@ -104,7 +120,9 @@ class BindingCache:
     def apply_delete(self, pair: Pair, version: int) -> bool:
         if version < self._newest_known(pair):
             return False
-        self._entries.pop(pair, None)
+        gone = self._entries.pop(pair, None)
+        if gone is not None:
+            self._count(gone.backend, -1)
         self._tombstones[pair] = version
         self._tombstones.move_to_end(pair)
         if len(self._tombstones) > self._max_tombstones:
@@ -125,6 +143,7 @@ class BindingCache:
         entry = self._entries.get(pair)
         if entry is not None and (backend is None or entry.backend == backend):
             del self._entries[pair]
+            self._count(entry.backend, -1)
 
     def begin_resync(self) -> None:
         """Called before the snapshot read: older fills are void from here on."""
@@ -148,6 +167,9 @@ class BindingCache:
         while len(fresh) > self._max:
             fresh.popitem(last=False)
         self._entries = fresh
+        self._per_backend = {}
+        for entry in fresh.values():
+            self._count(entry.backend, 1)
         self._tombstones = OrderedDict(
             (p, v) for p, v in self._tombstones.items() if p in touched
         )
