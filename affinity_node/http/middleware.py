@@ -10,10 +10,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from affinity_node.http.errors import ApiError, error_response
-from affinity_node.http.proxy import CLIENT_GONE, request_id
+from affinity_node.http.proxy import CLIENT_GONE, REQUEST_ID_KEY, assign_request_id
 from affinity_node.http.state import NODE
 from affinity_node.observability.logs import REQUEST_ID
-from affinity_node.observability.metrics import exemplar
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     route = _route_label(request)
     is_completion = route in COMPLETION_ROUTES
     started = time.perf_counter()
-    rid = request_id(request)
+    rid = assign_request_id(request)
     context = REQUEST_ID.set(rid)  # every log line while handling it names the request
     code = "500"
     if is_completion:
@@ -74,8 +73,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         )
     finally:
         m = node.http_metrics
-        m.requests.labels(route, code).inc()
-        m.duration.labels(route).observe(time.perf_counter() - started, exemplar(rid))
+        m.count_request(route, code)
+        m.observe_duration(route, time.perf_counter() - started, m.duration_exemplar(route, rid))
         if is_completion:
             node.active -= 1
             if node.active == 0:
@@ -85,4 +84,4 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 def _base_headers(request: web.Request) -> dict[str, str]:
     node = request.app[NODE]
-    return {"x-request-id": request_id(request), "x-affinity-node": node.config.node_id}
+    return {"x-request-id": request[REQUEST_ID_KEY], "x-affinity-node": node.config.node_id}

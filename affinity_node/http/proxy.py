@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -19,7 +20,6 @@ from aiohttp import web
 from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
 from affinity_node.http.errors import ApiError, short, sse_error_event, unauthorized
 from affinity_node.http.state import NODE, NodeState
-from affinity_node.observability.metrics import exemplar
 from affinity_node.routing.pool import Backend
 from affinity_node.routing.router import NoBackend, Route
 
@@ -37,14 +37,13 @@ CLIENT_GONE = "affinity_client_gone"
 REQUEST_ID_KEY = web.RequestKey("affinity_request_id", str)
 
 
-def request_id(request: web.Request) -> str:
-    """The client's x-request-id when sane, else a new one; the same for the whole request."""
-    rid = request.get(REQUEST_ID_KEY)
-    if rid is None:
-        rid = request.headers.get("x-request-id", "")
-        if not (0 < len(rid) <= 128 and rid.isprintable()):
-            rid = uuid.uuid4().hex
-        request[REQUEST_ID_KEY] = rid
+def assign_request_id(request: web.Request) -> str:
+    """The client's x-request-id when sane, else a new one; set once, by the middleware, and
+    read as request[REQUEST_ID_KEY] afterwards."""
+    rid = request.headers.get("x-request-id", "")
+    if not (0 < len(rid) <= 128 and rid.isprintable()):
+        rid = os.urandom(16).hex()
+    request[REQUEST_ID_KEY] = rid
     return rid
 
 
@@ -108,7 +107,7 @@ def canonical_body(body: bytes, payload: dict[str, Any], canonical: str) -> byte
 async def handle_completion(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     started = time.perf_counter()
-    rid = request_id(request)
+    rid = request[REQUEST_ID_KEY]
     headers = {"x-request-id": rid, "x-affinity-node": node.config.node_id}
     if node.draining:
         raise ApiError(503, "This node is shutting down; retry on another.", "service_unavailable",
@@ -144,7 +143,7 @@ class Forwarder:
         self.headers = headers
         self.started = started
         self.upstream_time = 0.0
-        self.exemplar = exemplar(headers["x-request-id"])
+        self.exemplar = node.http_metrics.ttft_exemplar(headers["x-request-id"])
 
     async def run(
         self, route: Route, key_id: uuid.UUID, model: str, body: bytes, stream: bool
@@ -200,10 +199,10 @@ class Forwarder:
             try:
                 upstream = await session.post(url, data=body, headers=up_headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                m.upstream_requests.labels(backend.id, "error").inc()
+                m.count_upstream(backend.id, "error")
                 raise _Retryable(f"cannot reach backend ({type(exc).__name__})") from None
             async with upstream:
-                m.upstream_requests.labels(backend.id, str(upstream.status)).inc()
+                m.count_upstream(backend.id, str(upstream.status))
                 if upstream.status >= 500:
                     raise _Retryable(f"backend answered {upstream.status}")
                 headers = {**self.headers, "x-affinity": affinity}
@@ -218,7 +217,7 @@ class Forwarder:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
                 now = time.perf_counter()
-                m.upstream_ttft.labels(backend.id).observe(now - sent, self.exemplar)
+                m.observe_ttft(backend.id, now - sent, self.exemplar)
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
                 return web.Response(status=upstream.status, body=data, headers=headers), (
@@ -241,7 +240,7 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
         got_first = time.perf_counter()
-        m.upstream_ttft.labels(backend.id).observe(got_first - sent, self.exemplar)
+        m.observe_ttft(backend.id, got_first - sent, self.exemplar)
         self.upstream_time += got_first - sent
         headers.update({
             "Content-Type": "text/event-stream",
@@ -281,4 +280,4 @@ class _Retryable(Exception):
         self.reason = reason
 
 
-__all__ = ["CLIENT_GONE", "REQUEST_ID_KEY", "handle_completion", "request_id"]
+__all__ = ["CLIENT_GONE", "REQUEST_ID_KEY", "assign_request_id", "handle_completion"]

@@ -12,7 +12,8 @@ series from the first scrape and `rate()` sees the first increment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -29,6 +30,9 @@ DB_OPERATIONS: Final = ("read", "create", "rebind", "refresh", "cleanup")
 
 COMPLETION_CODES: Final = ("200", "400", "401", "404", "413", "499", "500", "502", "503")
 """What the completion routes answer (the proxy's own errors and the usual upstream ones)."""
+
+EXEMPLAR_EVERY: Final = 16
+"""Latency observations carry an exemplar once in this many requests."""
 
 EXEMPLAR_MAX_ID: Final = 100
 """An exemplar's label set is at most 128 characters: longer request ids are cut."""
@@ -178,6 +182,51 @@ class HttpMetrics:
         )
         self.build_info.labels(version).set(1)
         self._backends: set[str] = set()
+        # Labelled children looked up once, not per request (.labels() hashes and locks).
+        self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
+        self._duration_children: dict[str, Histogram] = {}
+        self._upstream_children: dict[tuple[str, str], Callable[[], None]] = {}
+        self._ttft_children: dict[str, Histogram] = {}
+        self._duration_samples: dict[str, itertools.count[int]] = {}
+        self._ttft_sample = itertools.count()
+
+    def duration_exemplar(self, route: str, request_id: str) -> dict[str, str] | None:
+        """An exemplar for 1 request in EXEMPLAR_EVERY per route (the first included): each
+        bucket keeps only its latest exemplar anyway, and building one per request costs ~5%
+        of the node's CPU. Per route, so scrapes of /metrics do not take the API's turns."""
+        sample = self._duration_samples.get(route)
+        if sample is None:
+            sample = self._duration_samples[route] = itertools.count()
+        return None if next(sample) % EXEMPLAR_EVERY else exemplar(request_id)
+
+    def ttft_exemplar(self, request_id: str) -> dict[str, str] | None:
+        return None if next(self._ttft_sample) % EXEMPLAR_EVERY else exemplar(request_id)
+
+    def count_request(self, route: str, code: str) -> None:
+        inc = self._request_children.get((route, code))
+        if inc is None:
+            inc = self._request_children[(route, code)] = self.requests.labels(route, code).inc
+        inc()
+
+    def observe_duration(self, route: str, seconds: float, ex: dict[str, str] | None) -> None:
+        child = self._duration_children.get(route)
+        if child is None:
+            child = self._duration_children[route] = self.duration.labels(route)
+        child.observe(seconds, ex)
+
+    def count_upstream(self, backend: str, code: str) -> None:
+        inc = self._upstream_children.get((backend, code))
+        if inc is None:
+            inc = self._upstream_children[(backend, code)] = (
+                self.upstream_requests.labels(backend, code).inc
+            )
+        inc()
+
+    def observe_ttft(self, backend: str, seconds: float, ex: dict[str, str] | None) -> None:
+        child = self._ttft_children.get(backend)
+        if child is None:
+            child = self._ttft_children[backend] = self.upstream_ttft.labels(backend)
+        child.observe(seconds, ex)
 
     def init_routes(self, routes: Iterable[str], completion_routes: Iterable[str] = ()) -> None:
         """Duration series for every route; request counters at zero for the answers the
