@@ -11,7 +11,9 @@ The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fi
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE. After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
-is the cache-hit path. Needs the Debian packages nginx (or nginx-light) and wrk.
+is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
+steady when something else briefly shares the core. Needs the Debian packages nginx (or
+nginx-light) and wrk.
 """
 
 from __future__ import annotations
@@ -243,6 +245,11 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    requests: int = 0
+    cpu_us_per_req: float | None = None
+    """The proxy process's CPU time per request: steadier than req/s when others share the core."""
+    cpu_share: float | None = None
+    """Proxy CPU time over wall time; well under 1 at full load means something took its core."""
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -266,7 +273,9 @@ def parse_wrk(out: str) -> Run:
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
         errors += sum(int(g) for g in sock.groups())
-    return Run(float(rps.group(1)), latency("50"), latency("99"), errors)
+    count = re.search(r"^\s+(\d+) requests in", out, re.M)
+    return Run(float(rps.group(1)), latency("50"), latency("99"), errors,
+               int(count.group(1)) if count else 0)
 
 
 def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
@@ -291,15 +300,21 @@ def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -
 def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Run:
     argv = ["taskset", "-c", str(cpu), sys.executable, "-m",
             "affinity_node.bench.overhead_client", url, "--rate", str(FIXED_RATE),
-            "--duration", str(seconds), "--secret", secret, "--body", body]
+            "--duration", str(seconds), "--body", body]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
-                          check=False)
+                          check=False, env={**os.environ, "BENCH_API_KEY": secret})
     if done.returncode != 0:
         raise BenchError(f"fixed-rate client failed ({done.returncode}): {done.stderr}")
     res: dict[str, Any] = json.loads(done.stdout)
     errors = res["sent"] - res["ok"]
     detail = {k: res[k] for k in ("offered_rps", "max_ms", "lag_p99_ms", "statuses")}
-    return Run(res["rps"], res["p50_ms"], res["p99_ms"], errors, detail)
+    return Run(res["rps"], res["p50_ms"], res["p99_ms"], errors, res["sent"], detail=detail)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system time of a process, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the node --------------------------------------------------------------------------------
@@ -385,7 +400,22 @@ Results = dict[str, dict[str, dict[str, Run]]]
 """mode -> target -> "full" | "fixed" -> Run."""
 
 
-def measure(base: str, secret: str, opts: Options, tmp: Path,
+def accounted(load: str, url: str, body: str, secret: str, opts: Options, tmp: Path,
+              proxy: Proc | None) -> Run:
+    """One measured run, with the proxy's CPU time over it when there is a proxy."""
+    cpu0, wall0 = (cpu_seconds(proxy.popen.pid) if proxy else 0.0), time.perf_counter()
+    if load == "full":
+        run = wrk(url, body, secret, opts.duration, opts.load_cpu, tmp)
+    else:
+        run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu)
+    if proxy is not None and run.requests:
+        used = cpu_seconds(proxy.popen.pid) - cpu0
+        run.cpu_us_per_req = used / run.requests * 1e6
+        run.cpu_share = used / (time.perf_counter() - wall0)
+    return run
+
+
+def measure(base: str, secret: str, opts: Options, tmp: Path, proxy: Proc | None,
             loads: Sequence[str] = ("full", "fixed")) -> dict[str, dict[str, Run]]:
     out: dict[str, dict[str, Run]] = {}
     for mode, (path, stream) in MODES.items():
@@ -394,14 +424,16 @@ def measure(base: str, secret: str, opts: Options, tmp: Path,
         runs: dict[str, Run] = {}
         if "full" in loads:
             wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, tmp)  # warm-up
-            runs["full"] = wrk(url, body, secret, opts.duration, opts.load_cpu, tmp)
+            runs["full"] = accounted("full", url, body, secret, opts, tmp, proxy)
         if "fixed" in loads:
-            runs["fixed"] = fixed_rate(url, body, secret, opts.duration, opts.load_cpu)
+            runs["fixed"] = accounted("fixed", url, body, secret, opts, tmp, proxy)
         out[mode] = runs
         for load, run in runs.items():
+            cpu = (f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
+                   if run.cpu_us_per_req is not None and run.cpu_share is not None else "")
             print(f"  {mode:<14} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-                  f"p99 {run.p99_ms:6.2f} ms" + (f"  ERRORS {run.errors}" if run.errors else ""),
-                  file=sys.stderr, flush=True)
+                  f"p99 {run.p99_ms:6.2f} ms{cpu}"
+                  + (f"  ERRORS {run.errors}" if run.errors else ""), file=sys.stderr, flush=True)
     return out
 
 
@@ -456,17 +488,17 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
                 results[mode][target] = by_load
 
         print(f"{LABELS['direct']}: {backend}", file=sys.stderr, flush=True)
-        record("direct", measure(backend, secret, opts, tmp))
+        record("direct", measure(backend, secret, opts, tmp, None))
 
         fwd, base = start_forwarder(procs, backend, opts.proxy_cpu)
         print(f"{LABELS['forwarder']}: {base}", file=sys.stderr, flush=True)
-        record("forwarder", measure(base, secret, opts, tmp))
+        record("forwarder", measure(base, secret, opts, tmp, fwd))
         procs.stop(fwd)
 
         node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu)
         print(f"{LABELS['node']}: {base}", file=sys.stderr, flush=True)
         report["warm_up_affinity"] = warm_up_node(base, secret)
-        record("node", measure(base, secret, opts, tmp))
+        record("node", measure(base, secret, opts, tmp, node))
         report["node_metrics"] = asdict(node_figures(base))
         procs.stop(node)
 
@@ -487,13 +519,13 @@ def uvloop_experiment(procs: Procs, tmp: Path, dsn: str, backend: str, secret: s
     out: dict[str, Any] = {}
     fwd, base = start_forwarder(procs, backend, opts.proxy_cpu, uvloop=False)
     print("(b') bare forwarder, asyncio loop", file=sys.stderr, flush=True)
-    out["forwarder_asyncio"] = measure(base, secret, opts, tmp, loads=("full",))
+    out["forwarder_asyncio"] = measure(base, secret, opts, tmp, fwd, loads=("full",))
     procs.stop(fwd)
     node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu,
                             module="affinity_node.bench.overhead_uvloop_node")
     print("(c') affinity node, uvloop", file=sys.stderr, flush=True)
     warm_up_node(base, secret)
-    out["node_uvloop"] = measure(base, secret, opts, tmp, loads=("full",))
+    out["node_uvloop"] = measure(base, secret, opts, tmp, node, loads=("full",))
     procs.stop(node)
     return out
 
@@ -511,9 +543,8 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         "(cli.main: asyncio.run, default loop)",
         "",
     ]
-    head = f"{'':<22}{'full load':^30}  {'fixed ' + str(int(FIXED_RATE)) + ' req/s':^30}"
-    sub = f"{'':<22}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}  {'req/s':>10}{'p50 ms':>10}" \
-          f"{'p99 ms':>10}"
+    head = f"{'':<22}{'full load':^36}  {'fixed ' + str(int(FIXED_RATE)) + ' req/s':^36}"
+    sub = f"{'':<22}" + f"{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>9}  " * 2
     problems = []
     for mode, by_target in results.items():
         lines += [f"{mode}", head, sub]
@@ -521,11 +552,15 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
             runs = by_target.get(target)
             if runs is None:
                 continue
-            full, fixed = runs["full"], runs["fixed"]
-            lines.append(f"  {LABELS[target]:<20}{full.rps:>10.0f}{full.p50_ms:>10.2f}"
-                         f"{full.p99_ms:>10.2f}  {fixed.rps:>10.0f}{fixed.p50_ms:>10.2f}"
-                         f"{fixed.p99_ms:>10.2f}")
+            lines.append(f"  {LABELS[target]:<20}" + "  ".join(
+                f"{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+                + (f"{r.cpu_us_per_req:>9.0f}" if r.cpu_us_per_req is not None else f"{'-':>9}")
+                for r in (runs["full"], runs["fixed"])
+            ))
             for load, run in runs.items():
+                if load == "full" and run.cpu_share is not None and run.cpu_share < 0.9:
+                    problems.append(f"{mode} {target} {load}: the proxy got {run.cpu_share:.0%} "
+                                    "of its core: something else ran there")
                 if run.errors:
                     problems.append(f"{mode} {target} {load}: {run.errors} failed requests "
                                     f"{run.detail.get('statuses', '')}")
@@ -537,7 +572,8 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
             d, f, n = (by_target[t] for t in TARGETS)
             lines.append(f"  node / forwarder throughput (full load): "
                          f"{n['full'].rps / f['full'].rps:.2f}   "
-                         f"(forwarder / direct {f['full'].rps / d['full'].rps:.2f})")
+                         f"(forwarder / direct {f['full'].rps / d['full'].rps:.2f})"
+                         + cpu_ratio(n['full'], f['full']))
             lines.append(f"  added p50 at {FIXED_RATE:.0f} req/s vs direct: node "
                          f"{n['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms, forwarder "
                          f"{f['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms; p99: node "
@@ -547,7 +583,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
     nm = report.get("node_metrics")
     if nm:
         by_code = nm["completions_by_code"]
-        codes = ", ".join(f"{c} {n:.0f}" for c, n in sorted(by_code.items()))
+        codes = ", ".join(f"{c} {n:.0f}" for c, n in sorted(by_code.items()) if n)
         lines.append(f"node /metrics: affinity_cache_hits_total {nm['cache_hits']:.0f}, "
                      f"affinity_cache_misses_total {nm['cache_misses']:.0f} "
                      f"(warm-up saw x-affinity {', '.join(report['warm_up_affinity'])}); "
@@ -557,7 +593,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         if by_code.get("499"):
             lines.append("(499: requests in flight when wrk closes its connections at the end "
                          "of a run)")
-        odd = {c: n for c, n in by_code.items() if c not in ("200", "499")}
+        odd = {c: n for c, n in by_code.items() if n and c not in ("200", "499")}
         if odd:
             problems.append(f"the node answered non-200 statuses: {odd}")
         if nm["cache_misses"] > 2 or nm["cache_hits"] < by_code.get("200", 0) - 2:
@@ -565,18 +601,29 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
     exp = report.get("uvloop_experiment")
     if exp:
         lines.append("")
-        lines.append("uvloop comparison, full load req/s (p50 ms):")
+        lines.append("uvloop comparison at full load, req/s (proxy cpu us/req):")
         for mode in MODES:
-            fa = exp["forwarder_asyncio"][mode]["full"]
-            nu = exp["node_uvloop"][mode]["full"]
-            fu = results[mode]["forwarder"]["full"]
-            na = results[mode]["node"]["full"]
-            lines.append(f"  {mode:<14} forwarder asyncio {fa.rps:7.0f} ({fa.p50_ms:.2f}) "
-                         f"-> uvloop {fu.rps:7.0f} ({fu.p50_ms:.2f}) x{fu.rps / fa.rps:.2f};  "
-                         f"node asyncio {na.rps:7.0f} ({na.p50_ms:.2f}) -> uvloop "
-                         f"{nu.rps:7.0f} ({nu.p50_ms:.2f}) x{nu.rps / na.rps:.2f}")
+            pairs = (("forwarder", exp["forwarder_asyncio"][mode]["full"],
+                      results[mode]["forwarder"]["full"]),
+                     ("node", results[mode]["node"]["full"], exp["node_uvloop"][mode]["full"]))
+            cells = [f"{name} asyncio {a.rps:5.0f} ({a.cpu_us_per_req or 0:.0f}) -> uvloop "
+                     f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
+                     for name, a, u in pairs]
+            lines.append(f"  {mode:<14} " + ";  ".join(cells))
+    for cpu, share in report.get("busy_before", {}).items():
+        if share > 0.05:
+            problems.append(f"cpu {cpu} was {share:.0%} busy with other processes before the "
+                            "benchmark started: figures are noisy")
     lines += [f"WARNING: {w}" for w in problems]
     return "\n".join(lines).rstrip()
+
+
+def cpu_ratio(node: Run, forwarder: Run) -> str:
+    if node.cpu_us_per_req is None or forwarder.cpu_us_per_req is None:
+        return ""
+    ratio = node.cpu_us_per_req / forwarder.cpu_us_per_req
+    extra = node.cpu_us_per_req - forwarder.cpu_us_per_req
+    return f"; cpu per request node / forwarder {ratio:.2f} ({extra:+.0f} us)"
 
 
 def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str, Any]:
@@ -593,6 +640,8 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
                 "node_added_p50_ms": n["fixed"].p50_ms - d["fixed"].p50_ms,
                 "forwarder_added_p50_ms": f["fixed"].p50_ms - d["fixed"].p50_ms,
                 "node_added_p99_ms": n["fixed"].p99_ms - d["fixed"].p99_ms,
+                "node_cpu_us_per_req": n["full"].cpu_us_per_req,
+                "forwarder_cpu_us_per_req": f["full"].cpu_us_per_req,
             }
     out: dict[str, Any] = {
         "options": asdict(opts), "connections": CONNECTIONS, "fixed_rate": FIXED_RATE,
@@ -600,6 +649,7 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
                            for t, by_load in by.items()} for mode, by in results.items()},
         "summary": summary,
         "node_metrics": report.get("node_metrics"),
+        "busy_before": report.get("busy_before"),
     }
     exp = report.get("uvloop_experiment")
     if exp:
@@ -616,6 +666,29 @@ def missing_tools() -> list[str]:
     return [pkg for binary, pkg in needed.items() if shutil.which(binary) is None]
 
 
+def busy(cpus: Sequence[int], seconds: float = 1.0) -> dict[int, float]:
+    """Share of each core used by others before we start: a busy machine makes noisy figures."""
+
+    def snapshot() -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(f) for f in fields[:8]]
+                out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait, total
+        return out
+
+    before = snapshot()
+    time.sleep(seconds)
+    after = snapshot()
+    shares = {}
+    for cpu in cpus:
+        idle = after[cpu][0] - before[cpu][0]
+        total = after[cpu][1] - before[cpu][1]
+        shares[cpu] = 1.0 - idle / total if total > 0 else 0.0
+    return shares
+
+
 @contextlib.contextmanager
 def pinned(cpu: int) -> Iterator[None]:
     """The driver (and the embedded Postgres it spawns) stay off the proxy's core."""
@@ -625,6 +698,10 @@ def pinned(cpu: int) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C does
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -660,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
     opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop)
     report: dict[str, Any] = {}
+    signal.signal(signal.SIGTERM, _terminate)
+    report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))
     try:
         with pinned(opts.load_cpu), tempfile.TemporaryDirectory(prefix="affinity-bench-") as t, \
                 postgres(args.dsn) as dsn:

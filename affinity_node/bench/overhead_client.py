@@ -1,7 +1,7 @@
 """Open-loop client: POSTs at a fixed rate and prints one JSON line of latency figures.
 
     python -m affinity_node.bench.overhead_client URL --rate 1000 --duration 10 \
-        --secret sk-... --body '{...}'
+        --body '{...}'          (the API key comes from $BENCH_API_KEY, not argv: ps shows argv)
 
 Debian ships wrk but not wrk2, and wrk is closed-loop: at full load its latencies measure the
 queue it builds itself. Sends here follow a clock, never the responses, so a slow target
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -72,7 +73,8 @@ async def run(
             _done, late = await asyncio.wait(pending, timeout=10)
             for task in late:
                 task.cancel()
-            statuses["unfinished"] += len(late)
+            if late:
+                statuses["unfinished"] += len(late)
     latencies.sort()
     lags.sort()
     elapsed = max(sent_by - t0, 1e-9)
@@ -94,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("url")
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--secret", default="")
     p.add_argument("--body", required=True)
     args = p.parse_args(argv)
     try:
@@ -104,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     headers = {"Content-Type": "application/json"}
-    if args.secret:
-        headers["Authorization"] = f"Bearer {args.secret}"
+    secret = os.environ.get("BENCH_API_KEY")
+    if secret:
+        headers["Authorization"] = f"Bearer {secret}"
     result = asyncio.run(run(args.url, args.body.encode(), headers, args.rate, args.duration))
     json.dump(result, sys.stdout)
     print()
