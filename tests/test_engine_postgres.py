@@ -346,3 +346,23 @@ async def test_deleting_a_key_removes_its_bindings_everywhere(dsn, db):
         for n in fleet:
             await wait_for(lambda n=n: len(n.engine.cache) == 1, timeout=2, what="evicted")
             assert n.engine.cache.get((kept, "m1")) is not None
+
+
+async def test_concurrent_refresh_flushes_on_many_nodes_never_deadlock(dsn, db):
+    keys = [await new_key(db, f"k{i}") for i in range(200)]
+    chooser = CountingChooser()
+    async with nodes(dsn, 3, ttl_seconds=1000) as fleet:
+        for k in keys:
+            await fleet[0].engine.resolve(k, MODEL, BACKENDS, chooser)
+        for n in fleet:
+            await wait_for(lambda n=n: len(n.engine.cache) == 200, what="all cached")
+        for _round in range(5):
+            for i, n in enumerate(fleet):
+                order = keys if i % 2 == 0 else list(reversed(keys))  # opposite lock orders
+                for k in order:
+                    n.engine.cache.get((k, MODEL)).deadline = time.monotonic() + 1
+                    n.engine.served(k, MODEL, n.engine.cache.get((k, MODEL)).backend)
+            await asyncio.gather(*(n.engine.flush_refreshes() for n in fleet))
+        errors = sum(metric(n, "affinity_db_errors_total", operation="refresh") for n in fleet)
+        assert errors == 0
+        assert sum(metric(n, "affinity_refresh_writes_total") for n in fleet) == 15

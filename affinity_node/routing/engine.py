@@ -304,14 +304,12 @@ class AffinityEngine:
             return 0
         self._store_ok()
         self._m.refresh_writes.inc()
-        extended = set()
+        # Pairs not returned moved or vanished (a notification says so) or another node was
+        # extending them at that instant: their local deadlines stand, and past them the
+        # entry is re-read.
         for row in rows:
-            pair = (row.api_key_id, row.model)
-            extended.add(pair)
-            self._cache.extend(pair, row.backend, row.version, row.ttl, asked_at)
-        for pair, backend in items:
-            if pair not in extended:  # moved or gone since: re-read on next use
-                self._cache.evict(pair, backend)
+            self._cache.extend((row.api_key_id, row.model), row.backend, row.version, row.ttl,
+                               asked_at)
         return len(rows)
 
     async def _refresh_loop(self) -> None:

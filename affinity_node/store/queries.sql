@@ -31,11 +31,22 @@ RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 
 
 -- name: binding_refresh
 -- One statement per flush: extends every live binding that still points where the node saw it.
+-- Nodes flush overlapping batches at the same moment: rows are locked in key order and a row
+-- another node is extending right now is skipped (it is being extended anyway), so two
+-- flushes never deadlock and never wait for each other.
+WITH wanted AS (
+    SELECT a.api_key_id, a.model
+    FROM api_key_model_affinity AS a
+    JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS r (api_key_id, model, provider_url)
+      ON a.api_key_id = r.api_key_id AND a.model = r.model AND a.provider_url = r.provider_url
+    WHERE a.expires_at > now()
+    ORDER BY a.api_key_id, a.model
+    FOR UPDATE OF a SKIP LOCKED
+)
 UPDATE api_key_model_affinity AS a
 SET expires_at = now() + make_interval(secs => $4::float8)
-FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r (api_key_id, model, provider_url)
-WHERE a.api_key_id = r.api_key_id AND a.model = r.model
-  AND a.provider_url = r.provider_url AND a.expires_at > now()
+FROM wanted AS w
+WHERE a.api_key_id = w.api_key_id AND a.model = w.model
 RETURNING a.api_key_id, a.model, a.provider_url, a.version,
           extract(epoch FROM a.expires_at - now())::float8 AS ttl;
 
