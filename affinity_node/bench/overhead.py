@@ -515,17 +515,17 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
 
 def uvloop_experiment(procs: Procs, tmp: Path, dsn: str, backend: str, secret: str,
                       opts: Options) -> dict[str, Any]:
-    """Full load only: the forwarder without uvloop and the node with it."""
+    """Full load only: the forwarder and the node each on the default asyncio loop."""
     out: dict[str, Any] = {}
     fwd, base = start_forwarder(procs, backend, opts.proxy_cpu, uvloop=False)
     print("(b') bare forwarder, asyncio loop", file=sys.stderr, flush=True)
     out["forwarder_asyncio"] = measure(base, secret, opts, tmp, fwd, loads=("full",))
     procs.stop(fwd)
     node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu,
-                            module="affinity_node.bench.overhead_uvloop_node")
-    print("(c') affinity node, uvloop", file=sys.stderr, flush=True)
+                            module="affinity_node.bench.overhead_asyncio_node")
+    print("(c') affinity node, asyncio loop", file=sys.stderr, flush=True)
     warm_up_node(base, secret)
-    out["node_uvloop"] = measure(base, secret, opts, tmp, node, loads=("full",))
+    out["node_asyncio"] = measure(base, secret, opts, tmp, node, loads=("full",))
     procs.stop(node)
     return out
 
@@ -539,8 +539,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         f"{opts.load_cpu}; {opts.duration:g} s per run",
         f"full load: wrk -t1 -c{CONNECTIONS} (closed loop); fixed: {FIXED_RATE:.0f} req/s "
         "open loop (latency from dispatch to last byte)",
-        "(b) runs uvloop when importable; (c) runs `affinity-node serve` as shipped "
-        "(cli.main: asyncio.run, default loop)",
+        "(b) and (c) run uvloop when importable ((c) is `affinity-node serve` as shipped)",
         "",
     ]
     head = f"{'':<22}{'full load':^36}  {'fixed ' + str(int(FIXED_RATE)) + ' req/s':^36}"
@@ -605,7 +604,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         for mode in MODES:
             pairs = (("forwarder", exp["forwarder_asyncio"][mode]["full"],
                       results[mode]["forwarder"]["full"]),
-                     ("node", results[mode]["node"]["full"], exp["node_uvloop"][mode]["full"]))
+                     ("node", exp["node_asyncio"][mode]["full"], results[mode]["node"]["full"]))
             cells = [f"{name} asyncio {a.rps:5.0f} ({a.cpu_us_per_req or 0:.0f}) -> uvloop "
                      f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
                      for name, a, u in pairs]
@@ -716,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load-cpu", type=int, default=1,
                    help="core for nginx, wrk and the client")
     p.add_argument("--compare-uvloop", action="store_true",
-                   help="also run the forwarder on asyncio and the node on uvloop (full load)")
+                   help="also run the forwarder and the node on the default asyncio loop "
+                        "(full load)")
     args = p.parse_args(argv)
 
     missing = missing_tools()
