@@ -310,3 +310,29 @@ async def test_new_bindings_spread_evenly_over_backends(dsn):
         for url in await bound_row(dsn):
             counts[url] = counts.get(url, 0) + 1
         assert sorted(counts.values()) == [4, 4, 4], counts
+
+
+async def test_overloaded_bound_backend_spills_without_moving_the_binding(dsn):
+    slow = {"tokens_per_s": 10.0, "output_tokens": 30}
+    async with cluster(dsn, nodes=1, backends=3, backend_cfg=slow, spill_min_gap=2) as c:
+        secret = await c.new_key("busy")
+        client = c.client(0, secret)
+        first, _, _ = await chat(client, stream=False)
+        streams = []
+        try:
+            for _ in range(6):  # each stays open: in flight on its backend until closed
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=MESSAGES, stream=True)
+                streams.append(raw)
+            served = [(r.headers["x-backend-id"], r.headers["x-affinity"]) for r in streams]
+        finally:
+            for raw in streams:
+                await raw.parse().close()
+        # 1.25 x the mean and at least 2 above it: the bound backend takes the first three,
+        # then requests spill to the others while it is busy.
+        assert [a for _, a in served[:3]] == ["hit"] * 3
+        assert {b for b, _ in served[:3]} == {first}
+        spilled = [b for b, a in served if a == "spill"]
+        assert spilled and first not in spilled
+        assert metric(c.nodes[0], "affinity_spills_total", model=MODEL) == len(spilled)
+        assert await bound_row(dsn) == [f"http://127.0.0.1:{c.backends[int(first[1:])].port}"]

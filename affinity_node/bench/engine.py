@@ -84,14 +84,14 @@ async def make_keys(dsn: str, n: int) -> list[uuid.UUID]:
         await conn.close()
 
 
-async def bench_hits(dsn: str) -> None:
-    keys = await make_keys(dsn, 1000)
+async def bench_hits(dsn: str, n_pairs: int, calls: int) -> None:
+    keys = await make_keys(dsn, n_pairs)
     chooser = Chooser()
     async with fleet(dsn, 1) as (node,):
         for k in keys:
             await node.engine.resolve(k, MODEL, BACKENDS, chooser)
         plain = {(k, MODEL): BACKENDS[0] for k in keys}
-        pairs = [(keys[i % len(keys)], MODEL) for i in range(200_000)]
+        pairs = [(keys[i % len(keys)], MODEL) for i in range(calls)]
         clock = time.perf_counter_ns
         resolve = node.engine.resolve
         hit_ns: list[int] = []
@@ -112,7 +112,7 @@ async def bench_hits(dsn: str) -> None:
             t0 = clock()
             timer[i] = clock() - t0
         hits = node.registry.get_sample_value("affinity_cache_hits_total", {"model": MODEL})
-        print("1. hit latency (in-process, per call, 200k calls over 1000 pairs)")
+        print(f"1. hit latency (in-process, per call, {calls} calls over {n_pairs} pairs)")
         print(f"   resolve() hit : p50 {pct(hit_ns, .5) / 1000:6.2f} us   "
               f"p99 {pct(hit_ns, .99) / 1000:6.2f} us")
         print(f"   dict.get()    : p50 {pct(dict_ns, .5) / 1000:6.2f} us   "
@@ -122,11 +122,10 @@ async def bench_hits(dsn: str) -> None:
               f"hits counted {hits:.0f}; chooser calls {chooser.calls} (warm-up only)")
 
 
-async def bench_cold_misses(dsn: str) -> None:
+async def bench_cold_misses(dsn: str, rounds: int) -> None:
     print("2. cold-miss latency, N concurrent callers for one new pair, spread over 3 nodes")
     async with fleet(dsn, 3) as nodes:
         for concurrency in (1, 10, 100):
-            rounds = 30
             keys = await make_keys(dsn, rounds)
             lat: list[float] = []
             for k in keys:
@@ -172,8 +171,10 @@ async def bench_notify(dsn: str) -> None:
               f"{total / max(count, 1) * 1000:.2f} ms")
 
 
-async def bench_statements(dsn: str, duration: float, rate: float, ttl: float) -> None:
-    keys = await make_keys(dsn, 1000)
+async def bench_statements(
+    dsn: str, n_pairs: int, duration: float, rate: float, ttl: float
+) -> None:
+    keys = await make_keys(dsn, n_pairs)
     counter = StatementCounter()
     chooser = Chooser()
     async with fleet(dsn, 3, counter, ttl_seconds=ttl, refresh_flush_interval_s=1.0) as nodes:
@@ -206,16 +207,16 @@ async def bench_statements(dsn: str, duration: float, rate: float, ttl: float) -
         refreshes = sum(n.registry.get_sample_value("affinity_refresh_writes_total") or 0
                         for n in nodes)
     per_1000 = steady / resolves * 1000
-    print(f"4. statements per 1000 resolves: 1000 pairs, 3 nodes, {resolves} resolves in "
+    print(f"4. statements per 1000 resolves: {n_pairs} pairs, 3 nodes, {resolves} resolves in "
           f"{duration:.0f} s, TTL {ttl:.0f} s, refresh flush 1 s")
-    print(f"   warm-up (1000 first misses): {warm_statements} statements")
+    print(f"   warm-up ({n_pairs} first misses): {warm_statements} statements")
     print(f"   steady state: {steady} statements (refresh batches {refreshes:.0f}, "
           f"listener probes and asyncpg internals included) = {per_1000:.2f} per 1000 resolves")
     print(f"   original design (1 read + 1 write per request): 2000 per 1000 resolves -> "
           f"{2000 / max(per_1000, 1e-9):.0f}x fewer; miss outcomes over the whole run {outcomes}")
 
 
-async def run(dsn: str, duration: float, rate: float, ttl: float) -> None:
+async def run(args: argparse.Namespace, dsn: str) -> None:
     admin = await asyncpg.connect(dsn)
     name = f"affinity_bench_{uuid.uuid4().hex[:8]}"
     try:
@@ -227,10 +228,10 @@ async def run(dsn: str, duration: float, rate: float, ttl: float) -> None:
     db = urlunsplit(urlsplit(dsn)._replace(path="/" + name))
     try:
         await migrate(db)
-        await bench_hits(db)
-        await bench_cold_misses(db)
+        await bench_hits(db, args.pairs, args.calls)
+        await bench_cold_misses(db, args.rounds)
         await bench_notify(db)
-        await bench_statements(db, duration, rate, ttl)
+        await bench_statements(db, args.pairs, args.duration, args.rate, args.ttl)
     finally:
         admin = await asyncpg.connect(dsn)
         try:
@@ -247,9 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=5000.0, help="steady resolves per second")
     p.add_argument("--ttl", type=float, default=10.0,
                    help="binding TTL for the steady workload (short, so refreshes happen)")
+    p.add_argument("--pairs", type=int, default=1000, help="(api key, model) pairs")
+    p.add_argument("--calls", type=int, default=200_000, help="timed hit resolves")
+    p.add_argument("--rounds", type=int, default=30, help="new pairs per cold-miss level")
     args = p.parse_args(argv)
     with postgres(args.dsn) as dsn:
-        asyncio.run(run(dsn, args.duration, args.rate, args.ttl))
+        asyncio.run(run(args, dsn))
     return 0
 
 
