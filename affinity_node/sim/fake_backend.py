@@ -9,7 +9,6 @@ faults can be injected at start or at runtime through `POST /admin/fail`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -565,25 +564,3 @@ async def serve(cfg: FakeBackendConfig) -> RunningFakeBackend:
     port = int(runner.addresses[0][1])
     return RunningFakeBackend(app, runner, cfg.host, port)
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m affinity_node.sim.fake_backend --id b1 --model m --port 8001`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--id", dest="backend_id", required=True)
-    parser.add_argument("--model", dest="models", action="append", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--cache-blocks", type=int, default=2048)
-    parser.add_argument("--ttft-base-s", type=float, default=0.005)
-    parser.add_argument("--prefill-s-per-token", type=float, default=0.00002)
-    parser.add_argument("--output-tokens", type=int, default=16)
-    parser.add_argument("--tokens-per-s", type=float, default=2000.0)
-    parser.add_argument("--max-running", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    cfg = FakeBackendConfig(**vars(args))
-    web.run_app(make_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True)
-
-
-if __name__ == "__main__":
-    main()
