@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/affinity-node demo $(DEMO_ARGS)
 
 bench-engine: $(STAMP)
-	$(PY) -m affinity_node.bench.engine
+	$(PY) -m affinity_node.devtools.bench_engine
 
 bench-overhead: $(STAMP)
-	$(PY) -m affinity_node.bench.overhead
+	$(PY) -m affinity_node.devtools.bench_overhead
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check affinity_node tests

@@ -1,4 +1,12 @@
-"""The composition root: builds one node from its config. Nothing else imports adapters."""
+"""The composition root: the one place that builds a node from its config.
+
+Each resource is an aiohttp cleanup context, started in dependency order and stopped in
+reverse: database pool -> key cache -> affinity engine (binding store, listener, engine) ->
+upstream client -> backend pool and health checker -> router. Each publishes what it built
+under one typed key (http/state.py), so handlers read ready, non-optional state. Only this
+module and the CLI import the adapters (store/); the CLI and the tests build their pieces with
+the same builders (`database_pool`, `affinity_engine`, `postgres_bindings`).
+"""
 
 from __future__ import annotations
 
@@ -8,63 +16,303 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from uuid import UUID
+from dataclasses import dataclass, field, replace
+from functools import partial
 
-import aiohttp
 import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from affinity_node import __version__
 from affinity_node.auth.keycache import KeyCache
-from affinity_node.config import NodeConfig
-from affinity_node.http.middleware import COMPLETION_ROUTES, KNOWN_ROUTES, openai_errors
-from affinity_node.http.ops import REGISTRY, healthz, metrics, models, readyz
-from affinity_node.http.proxy import handle_completion
-from affinity_node.http.state import NODE, NodeState
+from affinity_node.config import DatabaseConfig, NodeConfig
+from affinity_node.http.completions import handle_completion
+from affinity_node.http.middleware import (
+    COMPLETION_ROUTES,
+    KNOWN_ROUTES,
+    authenticate,
+    openai_errors,
+)
+from affinity_node.http.ops import healthz, metrics, models, readyz
+from affinity_node.http.state import (
+    AFFINITY_METRICS,
+    BACKENDS,
+    CONFIG,
+    HEALTH,
+    HTTP_METRICS,
+    KEYS,
+    REGISTRY,
+    ROUTER,
+    STATUS,
+    UPSTREAM,
+    NodeStatus,
+)
 from affinity_node.observability.collector import NodeCollector
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
-from affinity_node.routing.engine import EngineSettings
-from affinity_node.routing.pool import Backend, BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.ports import BindingStore
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store import keys as key_store
-from affinity_node.store.events import parse_key_event
-from affinity_node.wiring import KEYS_CHANNEL, EngineConfig, running_engine
+from affinity_node.store.events import (
+    BINDINGS_CHANNEL,
+    KEYS_CHANNEL,
+    parse_binding_event,
+    parse_key_event,
+)
+from affinity_node.store.listener import ChangeListener, Handler, ListenerSettings
+from affinity_node.store.memory import MemoryBindingStore
+from affinity_node.store.postgres import (
+    PoolSettings,
+    PostgresBindingStore,
+    QueryLogger,
+    create_pool,
+)
+from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
+from affinity_node.upstream.health import HealthChecker
+from affinity_node.vocabulary import StoreKind
 
 log = logging.getLogger(__name__)
+
+DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+ENGINE = web.AppKey("engine", AffinityEngine)
+
+
+# -- builders (shared with the CLI and the tests) ----------------------------------------------
+
+
+@asynccontextmanager
+async def database_pool(
+    db: DatabaseConfig, node_id: str, on_query: QueryLogger | None = None
+) -> AsyncIterator[asyncpg.Pool]:
+    """A lazy pool (no connection until first use), so a node starts while Postgres is down."""
+    pool = await create_pool(
+        PoolSettings(
+            dsn=db.dsn,
+            pool_max=db.pool_max,
+            statement_timeout_ms=db.statement_timeout_ms,
+            application_name=f"affinity-node:{node_id}",
+        ),
+        on_query=on_query,
+    )
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def postgres_bindings(pool: asyncpg.Pool, db: DatabaseConfig) -> PostgresBindingStore:
+    return PostgresBindingStore(pool, acquire_timeout_s=db.statement_timeout_ms / 1000)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the affinity engine's stack needs, derived from the config by `engine_spec`
+    (tests adjust timings with `dataclasses.replace`)."""
+
+    db: DatabaseConfig
+    node_id: str
+    store: StoreKind = "postgres"
+    cache_max_entries: int = 100_000
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    listener: ListenerSettings = field(default_factory=lambda: ListenerSettings(dsn=""))
+
+
+def engine_spec(cfg: NodeConfig) -> EngineSpec:
+    return EngineSpec(
+        db=cfg.database,
+        node_id=cfg.node_id,
+        store=cfg.affinity.store,
+        cache_max_entries=cfg.affinity.cache_max_entries,
+        engine=replace(
+            EngineSettings(),
+            ttl_seconds=cfg.affinity.ttl_seconds,
+            refresh_flush_interval_s=cfg.affinity.refresh_flush_interval_seconds,
+        ),
+        listener=ListenerSettings(dsn=cfg.database.dsn),
+    )
+
+
+@dataclass(frozen=True)
+class EngineStack:
+    engine: AffinityEngine
+    store: BindingStore
+    listener: ChangeListener
+
+
+@asynccontextmanager
+async def affinity_engine(
+    spec: EngineSpec,
+    pool: asyncpg.Pool,
+    metrics: AffinityMetrics,
+    keys: KeyCache | None = None,
+    *,
+    on_query: QueryLogger | None = None,
+    background: bool = True,
+) -> AsyncIterator[EngineStack]:
+    """The engine with its store and its listener: LISTEN, snapshot (keys first, then
+    bindings), then serve; degraded while Postgres does not answer.
+
+    With `spec.store == "memory"` no Postgres binding store is built: the bindings stay in this
+    node (as routers without shared state keep them); the listener still serves the keys.
+    """
+    store: BindingStore = (
+        postgres_bindings(pool, spec.db) if spec.store == "postgres" else MemoryBindingStore()
+    )
+    cache = BindingCache(max_entries=spec.cache_max_entries)
+    listener: ChangeListener | None = None
+
+    def db_clock_offset() -> float:
+        return listener.clock_offset if listener is not None else 0.0
+
+    engine = AffinityEngine(store, cache, metrics, spec.engine, db_clock_offset=db_clock_offset)
+    handlers: dict[str, Handler] = {}
+    if spec.store == "postgres":
+        handlers[BINDINGS_CHANNEL] = lambda p: engine.apply_event(parse_binding_event(p))
+    if keys is not None:
+        handlers[KEYS_CHANNEL] = partial(_key_event, keys)
+
+    async def on_synced() -> None:
+        if keys is not None:
+            await keys.resync()
+        await engine.resync()
+
+    listener = ChangeListener(
+        replace(spec.listener, dsn=spec.db.dsn,
+                application_name=f"affinity-node-listener:{spec.node_id}"),
+        handlers,
+        on_synced=on_synced,
+        on_state=engine.listener_state,
+        on_reconnect=metrics.listener_reconnects.inc,
+        on_query=on_query,
+    )
+    listener.start()
+    try:
+        if not await listener.wait_synced(spec.db.startup_wait_seconds):
+            log.warning("serving before the first snapshot: Postgres did not answer in time")
+        if background:
+            engine.start_background()
+        yield EngineStack(engine, store, listener)
+    finally:
+        await engine.stop()
+        await listener.stop()
+
+
+def _key_event(keys: KeyCache, payload: str) -> None:
+    event = parse_key_event(payload)
+    if event is not None:
+        keys.on_event(*event)
+
+
+# -- the node's resources, in dependency order -------------------------------------------------
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    async with database_pool(cfg.database, cfg.node_id) as pool:
+        app[DB_POOL] = pool
+        yield
+
+
+async def _keys(app: web.Application) -> AsyncIterator[None]:
+    pool = app[DB_POOL]
+    app[KEYS] = KeyCache(partial(key_store.lookup_hash, pool),
+                         partial(key_store.active_hashes, pool))
+    yield
+
+
+async def _engine(app: web.Application) -> AsyncIterator[None]:
+    async with affinity_engine(
+        engine_spec(app[CONFIG]), app[DB_POOL], app[AFFINITY_METRICS], app[KEYS]
+    ) as stack:
+        app[ENGINE] = stack.engine
+        yield
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    limits = app[CONFIG].limits
+    client = UpstreamClient(UpstreamTimeouts(
+        connect_s=limits.upstream_connect_timeout_seconds,
+        read_s=limits.upstream_read_timeout_seconds,
+    ))
+    app[UPSTREAM] = client
+    yield
+    await client.close()
+
+
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    m = app[HTTP_METRICS]
+    pool = BackendPool(
+        [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends],
+        [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
+    )
+    health = BackendHealth(
+        pool,
+        eject_after_failures=cfg.health.eject_after_failures,
+        readmit_after_successes=cfg.health.readmit_after_successes,
+        on_change=lambda bid, ok: m.backend_healthy.labels(bid).set(int(ok)),
+    )
+    for backend in pool.backends:
+        m.backend_healthy.labels(backend.id).set(1 if backend.healthy else 0)
+        m.upstream_inflight.labels(backend.id).set_function(_inflight_of(backend))
+    app[BACKENDS] = pool
+    app[HEALTH] = health
+    checker = HealthChecker(pool, health, app[UPSTREAM], cfg.health.interval_seconds)
+    await checker.discover()
+    task = asyncio.create_task(checker.run(), name="health-checks")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _inflight_of(backend: Backend) -> Callable[[], float]:
+    return lambda: float(backend.inflight)
+
+
+async def _router(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    pool = app[BACKENDS]
+    engine = app[ENGINE]
+    app[ROUTER] = Router(
+        pool,
+        make_strategy(cfg.routing.fallback),
+        engine,
+        AffinityRules(cfg.affinity.enabled, cfg.affinity.load_factor,
+                      cfg.affinity.spill_min_gap),
+        app[AFFINITY_METRICS],
+    )
+    collector = NodeCollector(pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS],
+                              [x.name for x in cfg.models])
+    app[REGISTRY].register(collector)
+    yield
+    app[REGISTRY].unregister(collector)
+
+
+async def _start_draining(app: web.Application) -> None:
+    """Shutdown began: /readyz says so while the resources stop."""
+    app[STATUS].draining = True
 
 
 def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web.Application:
     registry = registry or CollectorRegistry()
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes,
-        middlewares=[openai_errors],
+        middlewares=[openai_errors, authenticate],
         handler_args={"max_field_size": 16384, "max_headers": 64},
     )
-    pool = BackendPool(
-        [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends],
-        [ModelSpec(m.name, tuple(m.aliases), m.affinity) for m in cfg.models],
-        eject_after_failures=cfg.health.eject_after_failures,
-        readmit_after_successes=cfg.health.readmit_after_successes,
-    )
-    http_metrics = HttpMetrics(registry, __version__)
-    node = NodeState(cfg, pool, http_metrics, AffinityMetrics(registry))
-    for backend in pool.backends:
-        http_metrics.backend_healthy.labels(backend.id).set(1 if backend.healthy else 0)
-        http_metrics.upstream_inflight.labels(backend.id).set_function(_inflight_of(backend))
-    pool.on_health_change = lambda bid, ok: http_metrics.backend_healthy.labels(bid).set(int(ok))
-    http_metrics.init_routes(sorted(KNOWN_ROUTES), sorted(COMPLETION_ROUTES))
-    registry.register(NodeCollector(
-        pool, lambda: node.engine.cache if node.engine is not None else None,
-        node.affinity_metrics, http_metrics, [m.name for m in cfg.models],
-    ))
-    app[NODE] = node
+    app[CONFIG] = cfg
+    app[STATUS] = NodeStatus()
     app[REGISTRY] = registry
-    app.cleanup_ctx.append(_upstream_session)
-    app.cleanup_ctx.append(_engine)
-    app.cleanup_ctx.append(_health_checks)
+    http_metrics = app[HTTP_METRICS] = HttpMetrics(registry, __version__)
+    http_metrics.init_routes(sorted(KNOWN_ROUTES), sorted(COMPLETION_ROUTES))
+    app[AFFINITY_METRICS] = AffinityMetrics(registry)
+    app.cleanup_ctx.extend((_database, _keys, _engine, _upstream, _backends, _router))
+    app.on_shutdown.append(_start_draining)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)
     app.router.add_get("/v1/models", models)
@@ -74,99 +322,7 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
     return app
 
 
-def _inflight_of(backend: Backend) -> Callable[[], float]:
-    return lambda: float(backend.inflight)
-
-
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    node = app[NODE]
-    limits = node.config.limits
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
-    node.session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            connect=limits.upstream_connect_timeout_seconds,
-            sock_read=limits.upstream_read_timeout_seconds,
-        ),
-    )
-    yield
-    await node.session.close()
-
-
-async def _engine(app: web.Application) -> AsyncIterator[None]:
-    node = app[NODE]
-    cfg = node.config
-    pool_ref: list[asyncpg.Pool] = []
-
-    async def lookup(digest: bytes) -> tuple[UUID, bool] | None:
-        return await key_store.lookup_hash(pool_ref[0], digest)
-
-    async def snapshot() -> list[tuple[bytes, UUID]]:
-        return await key_store.active_hashes(pool_ref[0])
-
-    keys = KeyCache(lookup, snapshot)
-
-    def on_key_event(payload: str) -> None:
-        event = parse_key_event(payload)
-        if event is not None:
-            keys.on_event(*event)
-
-
-    engine_cfg = EngineConfig(
-        dsn=cfg.database.dsn,
-        node_id=cfg.node_id,
-        pool_max=cfg.database.pool_max,
-        statement_timeout_ms=cfg.database.statement_timeout_ms,
-        cache_max_entries=cfg.affinity.cache_max_entries,
-        startup_sync_timeout_s=cfg.database.startup_wait_seconds,
-        engine=replace(
-            EngineSettings(),
-            ttl_seconds=cfg.affinity.ttl_seconds,
-            refresh_flush_interval_s=cfg.affinity.refresh_flush_interval_seconds,
-        ),
-    )
-    async with running_engine(
-        engine_cfg,
-        registry=app[REGISTRY],
-        metrics=node.affinity_metrics,
-        extra_channels={KEYS_CHANNEL: on_key_event},
-        extra_resync=(keys.resync,),
-        on_pool=pool_ref.append,
-        store_kind=cfg.affinity.store,
-    ) as running:
-        node.engine = running.engine
-        node.keys = keys
-        node.router = Router(
-            node.pool,
-            make_strategy(cfg.routing.fallback),
-            running.engine,
-            AffinityRules(cfg.affinity.enabled, cfg.affinity.load_factor,
-                          cfg.affinity.spill_min_gap),
-            node.affinity_metrics,
-        )
-        yield
-        node.draining = True
-
-
-async def _health_checks(app: web.Application) -> AsyncIterator[None]:
-    node = app[NODE]
-    assert node.session is not None
-    await node.pool.discover(node.session)
-    task = asyncio.create_task(
-        node.pool.run_health_checks(
-            node.session,
-            node.config.health.interval_seconds,
-            node.config.health.eject_after_failures,
-            node.config.health.readmit_after_successes,
-        ),
-        name="health-checks",
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+# -- running it ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -176,23 +332,31 @@ class RunningNode:
     port: int
 
     @property
-    def state(self) -> NodeState:
-        return self.app[NODE]
-
-    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def engine(self) -> AffinityEngine:
+        return self.app[ENGINE]
+
+    @property
+    def backends(self) -> BackendPool:
+        return self.app[BACKENDS]
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.app[REGISTRY]
+
     async def drain(self, timeout: float) -> bool:
         """Stop taking work; wait for requests in progress. True when all finished."""
-        state = self.state
-        state.draining = True
-        if state.active == 0:
+        status = self.app[STATUS]
+        status.draining = True
+        if status.active == 0:
             return True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await state.idle.wait()
-        return state.active == 0
+                await status.idle.wait()
+        return status.active == 0
 
 
 @asynccontextmanager
@@ -221,5 +385,5 @@ async def serve(cfg: NodeConfig) -> None:
         log.info("draining (up to %.0fs)", cfg.limits.drain_timeout_seconds)
         finished = await node.drain(cfg.limits.drain_timeout_seconds)
         if not finished:
-            log.warning("drain timeout: %d request(s) still open", node.state.active)
+            log.warning("drain timeout: %d request(s) still open", node.app[STATUS].active)
     log.info("stopped")

@@ -83,11 +83,12 @@ def _key_json(k: Any) -> dict[str, Any]:
 
 
 async def _bindings(args: argparse.Namespace) -> int:
-    from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, create_pool
+    from affinity_node.app import database_pool, postgres_bindings
+    from affinity_node.config import DatabaseConfig
 
-    pool = await create_pool(PoolSettings(dsn=_need_dsn(args), pool_max=2))
-    try:
-        store = PostgresBindingStore(pool)
+    db = DatabaseConfig(dsn=_need_dsn(args), pool_max=2)
+    async with database_pool(db, "cli") as pool:
+        store = postgres_bindings(pool, db)
         key_id = uuid.UUID(args.api_key_id) if getattr(args, "api_key_id", None) else None
         if args.bindings_cmd == "list":
             rows = await store.list_bindings(args.model, key_id)
@@ -111,8 +112,6 @@ async def _bindings(args: argparse.Namespace) -> int:
             n = await store.purge(args.model, key_id)
             print(f"purged {n} binding(s)")
         return 0
-    finally:
-        await pool.close()
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -17,8 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-Fallback = Literal["least_outstanding", "round_robin", "random"]
-StoreKind = Literal["postgres", "memory"]
+from affinity_node.vocabulary import BackendKind, StoreKind, StrategyName
 
 
 class ConfigError(ValueError):
@@ -53,7 +52,7 @@ class AffinityConfig:
 
 @dataclass
 class RoutingConfig:
-    fallback: Fallback = "least_outstanding"
+    fallback: StrategyName = "least_outstanding"
 
 
 @dataclass
@@ -81,7 +80,7 @@ class LoggingConfig:
 class BackendConfig:
     url: str
     models: list[str] = field(default_factory=list)
-    kind: Literal["vllm", "external"] = "vllm"
+    kind: BackendKind = "vllm"
 
 
 @dataclass

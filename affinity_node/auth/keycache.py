@@ -9,11 +9,12 @@ become a flood of queries, and forgotten as soon as any key is created.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from uuid import UUID
+
+from affinity_node.auth.secrets import hash_secret
 
 Lookup = Callable[[bytes], Awaitable[tuple[UUID, bool] | None]]
 """hash -> (key id, revoked), or None when no such key."""
@@ -50,7 +51,7 @@ class KeyCache:
         return len(self._by_hash)
 
     async def authenticate(self, secret: str) -> UUID:
-        digest = hashlib.sha256(secret.encode()).digest()
+        digest = hash_secret(secret)
         key_id = self._by_hash.get(digest)
         if key_id is not None:
             return key_id

@@ -1,25 +1,36 @@
-"""Every response gets an OpenAI error body when it is an error, and is counted."""
+"""Every request: an id, an OpenAI error body when it fails, counted; an API key where needed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from affinity_node.http.errors import ApiError, error_response
-from affinity_node.http.proxy import CLIENT_GONE, REQUEST_ID_KEY, assign_request_id
-from affinity_node.http.state import NODE
-from affinity_node.observability.logs import REQUEST_ID
+from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
+from affinity_node.auth.secrets import bearer_secret
+from affinity_node.http.errors import ApiError, error_response, unauthorized
+from affinity_node.http.state import (
+    API_KEY_ID,
+    CLIENT_GONE,
+    CONFIG,
+    HTTP_METRICS,
+    KEYS,
+    REQUEST_ID,
+    STATUS,
+)
+from affinity_node.observability.logs import REQUEST_ID as LOG_REQUEST_ID
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-KNOWN_ROUTES = COMPLETION_ROUTES | {"/v1/models", "/healthz", "/readyz", "/metrics"}
+AUTHENTICATED_ROUTES = COMPLETION_ROUTES | {"/v1/models"}
+KNOWN_ROUTES = AUTHENTICATED_ROUTES | {"/healthz", "/readyz", "/metrics"}
 
 _HTTP_ERRORS = {
     404: ("Unknown URL: no such route.", "invalid_request_error", "unknown_url"),
@@ -33,25 +44,38 @@ def _route_label(request: web.Request) -> str:
     return request.path if request.path in KNOWN_ROUTES else "other"
 
 
+def _assign_request_id(request: web.Request) -> str:
+    rid = request.headers.get("x-request-id", "")
+    if not (0 < len(rid) <= 128 and rid.isprintable()):
+        rid = os.urandom(16).hex()
+    request[REQUEST_ID] = rid
+    return rid
+
+
+def base_headers(request: web.Request) -> dict[str, str]:
+    """Headers every answer carries, errors included."""
+    return {"x-request-id": request[REQUEST_ID], "x-affinity-node": request.app[CONFIG].node_id}
+
+
 @web.middleware
 async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    node = request.app[NODE]
+    app = request.app
     route = _route_label(request)
     is_completion = route in COMPLETION_ROUTES
     started = time.perf_counter()
-    rid = assign_request_id(request)
-    context = REQUEST_ID.set(rid)  # every log line while handling it names the request
+    rid = _assign_request_id(request)
+    context = LOG_REQUEST_ID.set(rid)  # every log line while handling it names the request
     code = "500"
+    status = app[STATUS]
     if is_completion:
-        node.active += 1
-        node.idle.clear()
+        status.begin()
     try:
         response = await handler(request)
         code = "499" if request.get(CLIENT_GONE) else str(response.status)
         return response
     except ApiError as err:
         code = str(err.status)
-        return error_response(err, _base_headers(request))
+        return error_response(err, base_headers(request))
     except web.HTTPException as exc:
         code = str(exc.status)
         if exc.status < 400:
@@ -60,7 +84,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
             exc.status, (exc.reason, "invalid_request_error", None)
         )
         return error_response(
-            ApiError(exc.status, message, type_, None, err_code), _base_headers(request)
+            ApiError(exc.status, message, type_, None, err_code), base_headers(request)
         )
     except asyncio.CancelledError:
         code = "499"  # the client went away; routine, no traceback
@@ -69,19 +93,31 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         log.exception("unexpected error on %s %s", request.method, route)
         return error_response(
             ApiError(500, "Internal error in the proxy.", "server_error", None, "internal_error"),
-            _base_headers(request),
+            base_headers(request),
         )
     finally:
-        m = node.http_metrics
+        m = app[HTTP_METRICS]
         m.count_request(route, code)
         m.observe_duration(route, time.perf_counter() - started, m.duration_exemplar(route, rid))
         if is_completion:
-            node.active -= 1
-            if node.active == 0:
-                node.idle.set()
-        REQUEST_ID.reset(context)
+            status.end()
+        LOG_REQUEST_ID.reset(context)
 
 
-def _base_headers(request: web.Request) -> dict[str, str]:
-    node = request.app[NODE]
-    return {"x-request-id": request[REQUEST_ID_KEY], "x-affinity-node": node.config.node_id}
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API routes need a valid key: its id is in request[API_KEY_ID] for the handler."""
+    if request.path in AUTHENTICATED_ROUTES:
+        try:
+            secret = bearer_secret(request.headers.get("Authorization"))
+        except ValueError as exc:
+            raise unauthorized(str(exc)) from None
+        try:
+            request[API_KEY_ID] = await request.app[KEYS].authenticate(secret)
+        except InvalidKey:
+            raise unauthorized("Invalid or revoked API key.") from None
+        except KeysUnavailable:
+            raise ApiError(503, "Cannot verify the API key right now; retry shortly.",
+                           "service_unavailable", None, "keys_unavailable",
+                           headers={"Retry-After": "1"}) from None
+    return await handler(request)

@@ -6,13 +6,9 @@ import json
 import time
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from affinity_node.http.proxy import authenticate
-from affinity_node.http.state import NODE
-
-REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+from affinity_node.http.state import BACKENDS, CONFIG, KEYS, REGISTRY, STATUS
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -26,32 +22,31 @@ async def readyz(request: web.Request) -> web.Response:
     A lost database keeps the node ready (affinity degrades, requests are still served), so an
     outage does not pull every node out of the load balancer at once.
     """
-    node = request.app[NODE]
-    healthy = sum(1 for b in node.pool.backends if b.healthy)
-    registry = node.affinity_metrics.registry
+    app = request.app
+    pool = app[BACKENDS]
+    registry = app[REGISTRY]
+    healthy = sum(1 for b in pool.backends if b.healthy)
     db_up = registry.get_sample_value("affinity_db_up") == 1
     listener_up = registry.get_sample_value("affinity_listener_up") == 1
     # Until the first key snapshot, every request would be answered 503 ("cannot verify the
     # key"): not ready. Once loaded, a later database loss keeps the node ready.
-    keys_loaded = node.keys is not None and node.keys.loaded
-    if node.draining:
+    if app[STATUS].draining:
         status = "draining"
-    elif not node.pool.has_healthy():
+    elif not pool.has_healthy():
         status = "no_healthy_backend"
-    elif not keys_loaded:
+    elif not app[KEYS].loaded:
         status = "keys_not_loaded"
     else:
         status = "ready"
-    ready = status == "ready"
     body = {
         "status": status,
-        "node_id": node.config.node_id,
+        "node_id": app[CONFIG].node_id,
         "database": "up" if db_up else "down",
         "listener": "up" if listener_up else "down",
         "healthy_backends": healthy,
-        "backends": len(node.pool.backends),
+        "backends": len(pool.backends),
     }
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -62,14 +57,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    await authenticate(node, request)
+    """GET /v1/models (the middleware checked the key)."""
+    app = request.app
     created = int(time.time())
-    aliases: dict[str, list[str]] = {m.name: list(m.aliases) for m in node.config.models}
+    aliases: dict[str, list[str]] = {m.name: list(m.aliases) for m in app[CONFIG].models}
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "affinity-node",
          "aliases": aliases.get(name, [])}
-        for name in node.pool.served_models()
+        for name in app[BACKENDS].served_models()
     ]
     return web.Response(
         body=json.dumps({"object": "list", "data": data}).encode(),

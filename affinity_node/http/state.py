@@ -1,35 +1,61 @@
-"""What the handlers share, behind typed application keys."""
+"""What the handlers read, behind typed application keys: set by the composition root
+(app.py) before the first request, never None while requests are served."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from uuid import UUID
 
-import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.config import NodeConfig
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
-from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.pool import BackendPool
+from affinity_node.routing.backends import BackendPool
+from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.router import Router
+from affinity_node.upstream.client import UpstreamClient
 
 
 @dataclass
-class NodeState:
-    config: NodeConfig
-    pool: BackendPool
-    http_metrics: HttpMetrics
-    affinity_metrics: AffinityMetrics
-    router: Router | None = None
-    engine: AffinityEngine | None = None
-    keys: KeyCache | None = None
-    session: aiohttp.ClientSession | None = None
+class NodeStatus:
+    """The node's own life: whether it takes new work, and how much is in progress."""
+
     draining: bool = False
     active: int = 0
+    """Completion requests in progress."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     """Set whenever no completion request is in progress (drain waits on it)."""
 
+    def begin(self) -> None:
+        self.active += 1
+        self.idle.clear()
 
-NODE: web.AppKey[NodeState] = web.AppKey("node", NodeState)
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+
+# Built with the application (no I/O):
+CONFIG = web.AppKey("config", NodeConfig)
+STATUS = web.AppKey("status", NodeStatus)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
+# Started by cleanup contexts, in this order:
+KEYS = web.AppKey("keys", KeyCache)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+BACKENDS = web.AppKey("backends", BackendPool)
+HEALTH = web.AppKey("health", BackendHealth)
+ROUTER = web.AppKey("router", Router)
+
+# Per request:
+REQUEST_ID = web.RequestKey("affinity_request_id", str)
+"""Set once, by the middleware: the client's x-request-id when sane, else a new one."""
+API_KEY_ID = web.RequestKey("affinity_api_key_id", UUID)
+"""Set by the authentication middleware on the routes that need a key."""
+CLIENT_GONE = web.RequestKey("affinity_client_gone", bool)
+"""Set when the client disconnected mid-response (counted as 499)."""

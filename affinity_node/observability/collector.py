@@ -10,7 +10,7 @@ so that dashboards and `rate()` have series from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -19,8 +19,8 @@ from prometheus_client.registry import Collector
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 
 if TYPE_CHECKING:
+    from affinity_node.routing.backends import BackendPool
     from affinity_node.routing.cache import BindingCache
-    from affinity_node.routing.pool import BackendPool
 
 OTHER_BACKEND = "other"
 """Label for cached bindings to a backend this node does not know (bounded labels)."""
@@ -35,13 +35,13 @@ class NodeCollector(Collector):
     def __init__(
         self,
         pool: BackendPool,
-        cache: Callable[[], BindingCache | None],
+        cache: BindingCache,
         affinity: AffinityMetrics,
         http: HttpMetrics,
         models: Iterable[str] = (),
     ) -> None:
-        """`cache` returns the engine's cache once the engine runs; `models` are the
-        configured canonical names (a model whose backends are all down is still listed)."""
+        """`models` are the configured canonical names (a model whose backends are all down is
+        still listed)."""
         self._pool = pool
         self._cache = cache
         self._affinity = affinity
@@ -58,11 +58,9 @@ class NodeCollector(Collector):
         self._init_series()
         pool = self._pool
         counts = dict.fromkeys((b.id for b in pool.backends), 0)
-        cache = self._cache()
-        if cache is not None:
-            for backend, n in cache.bindings_per_backend().items():
-                key = backend if backend in counts else OTHER_BACKEND
-                counts[key] = counts.get(key, 0) + n
+        for backend, n in self._cache.bindings_per_backend().items():
+            key = backend if backend in counts else OTHER_BACKEND
+            counts[key] = counts.get(key, 0) + n
         bindings = GaugeMetricFamily(*_BINDINGS, labels=["backend"])
         for backend, n in counts.items():
             bindings.add_metric([backend], n)

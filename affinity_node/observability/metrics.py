@@ -18,15 +18,11 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from affinity_node.vocabulary import DB_OPERATIONS, MISS_OUTCOMES, NOTIFY_OPS, REBIND_REASONS
+
 # `_created` series double the series count of every counter and histogram, and nothing here
 # reads them. (Process-wide: prometheus-client keeps this switch global.)
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-MISS_OUTCOMES: Final = ("created", "found_in_db", "found_after_lock", "degraded")
-REBIND_REASONS: Final = ("unhealthy", "failover")
-NOTIFY_OPS: Final = ("insert", "update", "delete")
-DB_OPERATIONS: Final = ("read", "create", "rebind", "refresh", "cleanup")
-"""The store operations whose failures the engine counts (StoreUnavailable.operation)."""
 
 COMPLETION_CODES: Final = ("200", "400", "401", "404", "413", "499", "500", "502", "503")
 """What the completion routes answer (the proxy's own errors and the usual upstream ones)."""

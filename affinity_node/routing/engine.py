@@ -27,12 +27,12 @@ from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.ports import (
     BindingEvent,
     BindingStore,
-    MissOutcome,
-    Outcome,
+    Clock,
     Pair,
     StoredBinding,
     StoreUnavailable,
 )
+from affinity_node.vocabulary import MissOutcome, Outcome, RebindReason
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,15 @@ class AffinityEngine:
         metrics: AffinityMetrics,
         settings: EngineSettings | None = None,
         db_clock_offset: Callable[[], float] = lambda: 0.0,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
     ) -> None:
+        """`clock` times local deadlines and pauses (the cache must use the same one);
+        `wall_clock` plus `db_clock_offset` dates notifications against the database clock."""
         self._store = store
         self._cache = cache
+        self._clock = clock
+        self._wall_clock = wall_clock
         self._m = metrics
         self._s = settings or EngineSettings()
         self._db_clock_offset = db_clock_offset
@@ -119,7 +125,7 @@ class AffinityEngine:
         """The backend for this pair among `candidates` (the model's healthy backends)."""
         pair = (api_key_id, model)
         entry = self._cache.get(pair)
-        if entry is not None and entry.deadline > time.monotonic() and entry.backend in candidates:
+        if entry is not None and entry.deadline > self._clock() and entry.backend in candidates:
             counter = self._hit_counters.get(model)
             if counter is None:
                 counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
@@ -156,7 +162,7 @@ class AffinityEngine:
         self, pair: Pair, candidates: tuple[str, ...], choose: Chooser
     ) -> Resolution:
         entry = self._cache.get(pair)
-        if entry is not None and entry.deadline > time.monotonic():
+        if entry is not None and entry.deadline > self._clock():
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it.
             return await self._rebind(pair, entry.backend, candidates, choose, "unhealthy")
         return await self._miss(pair, candidates, choose)
@@ -165,12 +171,12 @@ class AffinityEngine:
         if self._store_paused():
             return self._degraded(pair, candidates, choose)
         epoch = self._cache.epoch
-        asked_at = time.monotonic()
+        asked_at = self._clock()
         try:
             stored = await self._store.read(pair)
             outcome: MissOutcome = "found_in_db"
             if stored is None:
-                asked_at = time.monotonic()
+                asked_at = self._clock()
                 created = await self._store.create_if_absent(
                     pair, lambda: choose(candidates), self._s.ttl_seconds
                 )
@@ -188,7 +194,8 @@ class AffinityEngine:
         return Resolution(stored.backend, outcome)
 
     async def _rebind(
-        self, pair: Pair, old: str, candidates: tuple[str, ...], choose: Chooser, reason: str
+        self, pair: Pair, old: str, candidates: tuple[str, ...], choose: Chooser,
+        reason: RebindReason,
     ) -> Resolution:
         if self._store_paused():
             return self._degraded(pair, candidates, choose)
@@ -196,7 +203,7 @@ class AffinityEngine:
         try:
             for _ in range(3):
                 new = choose(candidates)
-                asked_at = time.monotonic()
+                asked_at = self._clock()
                 moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
                 if moved is not None:
                     self._store_ok()
@@ -204,7 +211,7 @@ class AffinityEngine:
                     self._m.rebinds.labels(pair[1], reason).inc()
                     return Resolution(moved.backend, "rebind")
                 # Someone moved or deleted it first: take theirs if it can serve.
-                asked_at = time.monotonic()
+                asked_at = self._clock()
                 current = await self._store.read(pair)
                 if current is None:
                     self._cache.evict(pair, old)
@@ -235,12 +242,12 @@ class AffinityEngine:
     # -- store health ------------------------------------------------------------------------
 
     def _store_paused(self) -> bool:
-        return time.monotonic() < self._db_retry_at
+        return self._clock() < self._db_retry_at
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         self._m.db_errors.labels(exc.operation).inc()
         if exc.down:
-            self._db_retry_at = time.monotonic() + self._s.db_retry_after_s
+            self._db_retry_at = self._clock() + self._s.db_retry_after_s
             self._m.db_up.set(0)
         self._warn.warning(exc.operation, "binding store: %s", exc)
 
@@ -265,7 +272,7 @@ class AffinityEngine:
         entry = self._cache.get(pair)
         if entry is None or entry.backend != backend:
             return
-        if entry.deadline - time.monotonic() < self._s.ttl_seconds / 2:
+        if entry.deadline - self._clock() < self._s.ttl_seconds / 2:
             self._refresh_queue[pair] = backend
 
     def failed_over(self, api_key_id: UUID, model: str, bound: str, served_by: str) -> None:
@@ -279,7 +286,7 @@ class AffinityEngine:
         if self._store_paused():
             return
         epoch = self._cache.epoch
-        asked_at = time.monotonic()
+        asked_at = self._clock()
         try:
             moved = await self._store.rebind(pair, bound, served_by, self._s.ttl_seconds)
         except StoreUnavailable as exc:
@@ -296,7 +303,7 @@ class AffinityEngine:
             return 0
         batch, self._refresh_queue = self._refresh_queue, {}
         items = list(batch.items())
-        asked_at = time.monotonic()
+        asked_at = self._clock()
         try:
             rows = await self._store.refresh(items, self._s.ttl_seconds)
         except StoreUnavailable as exc:
@@ -344,7 +351,7 @@ class AffinityEngine:
         if event is None:
             return
         self._m.notifications.labels(event.op).inc()
-        lag = max(time.time() + self._db_clock_offset() - event.sent_at, 0.0)
+        lag = max(self._wall_clock() + self._db_clock_offset() - event.sent_at, 0.0)
         self._m.notify_lag.observe(lag)
         if event.op == "delete":
             self._cache.apply_delete(event.pair, event.version)
@@ -354,7 +361,7 @@ class AffinityEngine:
     async def resync(self) -> None:
         """Reload the cache from a snapshot; called by the listener after each LISTEN."""
         self._cache.begin_resync()
-        asked_at = time.monotonic()
+        asked_at = self._clock()
         try:
             rows = await self._store.snapshot(self._cache.max_entries)
         except BaseException:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 from uuid import UUID
+
+from affinity_node.vocabulary import DbOperation, NotifyOp
 
 Pair = tuple[UUID, str]
 """(api key id, canonical model name): the unit of stickiness."""
 
-Outcome = Literal["hit", "created", "found_in_db", "found_after_lock", "rebind", "degraded"]
-MissOutcome = Literal["created", "found_in_db", "found_after_lock", "degraded"]
+Clock = Callable[[], float]
+"""Seconds from an arbitrary origin that never goes backwards (time.monotonic in production;
+tests inject one they advance by hand)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,7 @@ class StoreUnavailable(Exception):
     """The database did not answer in time or refused: callers degrade, never fail."""
 
     def __init__(
-        self, operation: str, cause: BaseException | None = None, *, down: bool = True
+        self, operation: DbOperation, cause: BaseException | None = None, *, down: bool = True
     ) -> None:
         super().__init__(f"binding store unavailable during {operation}: {cause!r}")
         self.operation = operation
@@ -77,7 +80,7 @@ class BindingStore(Protocol):
 class BindingEvent:
     """A committed change to one binding, as every node hears it."""
 
-    op: Literal["insert", "update", "delete"]
+    op: NotifyOp
     pair: Pair
     backend: str
     version: int

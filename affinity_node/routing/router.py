@@ -9,26 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 from uuid import UUID
 
 from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.engine import AffinityEngine, NoCandidates
-from affinity_node.routing.pool import Backend, BackendPool
 from affinity_node.routing.strategies import Strategy
+from affinity_node.vocabulary import HEADER_OF, AffinityHeader
 
 log = logging.getLogger(__name__)
-
-AffinityHeader = Literal["hit", "miss", "rebind", "spill", "degraded", "bypass"]
-
-_HEADER: dict[str, AffinityHeader] = {
-    "hit": "hit",
-    "created": "miss",
-    "found_in_db": "miss",
-    "found_after_lock": "miss",
-    "rebind": "rebind",
-    "degraded": "degraded",
-}
 
 
 @dataclass(slots=True)
@@ -101,6 +90,25 @@ class Router:
         candidates = [b for b in self._pool.candidates(model) if b not in exclude]
         return self._strategy.choose(candidates) if candidates else None
 
+    def succeeded(
+        self,
+        route: Route,
+        api_key_id: UUID,
+        model: str,
+        served_by: Backend,
+        failed: Sequence[Backend],
+    ) -> None:
+        """After a success: extend the binding when its backend served, or move the binding to
+        the backend that served when the bound one failed. A spill never touches it."""
+        engine = self._engine
+        bound = route.bound
+        if engine is None or bound is None or route.affinity == "spill":
+            return
+        if served_by is bound:
+            engine.served(api_key_id, model, served_by.id)
+        elif bound in failed:
+            engine.failed_over(api_key_id, model, bound.id, served_by.id)
+
     async def route(self, api_key_id: UUID, model: str, affinity_path: bool) -> Route:
         """`model` is canonical; `affinity_path` is False for routes affinity never applies to."""
         engine = self._engine
@@ -123,7 +131,7 @@ class Router:
                             if other is not None:
                                 self._m.spills.labels(model).inc()
                                 return Route(other, "spill", bound=backend)
-                        return Route(backend, _HEADER[res.outcome], bound=backend)
+                        return Route(backend, HEADER_OF[res.outcome], bound=backend)
         chosen = self.fallback(model)
         if chosen is None:
             raise NoBackend(model)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, get_args
+from typing import ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from affinity_node.routing.pool import Backend
-
-StrategyName = Literal["least_outstanding", "round_robin", "random"]
-STRATEGY_NAMES: tuple[StrategyName, ...] = get_args(StrategyName)
+from affinity_node.routing.backends import Backend
+from affinity_node.vocabulary import STRATEGY_NAMES, StrategyName
 
 
 class Strategy(Protocol):

@@ -23,14 +23,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from affinity_node.sim.report import (
-    ProgressLine,
-    build_report,
-    deltas,
-    render_table,
-    report_json,
-    scrape_all,
-)
+from affinity_node.sim.render import ProgressLine, render_table, report_json
+from affinity_node.sim.report import build_report, deltas
+from affinity_node.sim.support import scrape_all
 from affinity_node.sim.workload import Workload, WorkloadConfig
 
 DEFAULT_TENANTS = 32

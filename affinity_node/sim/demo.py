@@ -26,51 +26,30 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import sys
 import tempfile
-import time
 import uuid
-import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
 import asyncpg
-import yaml
 
-from affinity_node.sim.report import (
-    ProgressLine,
-    RunReport,
-    build_report,
-    deltas,
-    render_table,
-    report_json,
-    scrape_all,
-)
+from affinity_node.sim.fleet import MODEL, Fleet, Scenario, create_keys, delete_keys
+from affinity_node.sim.haproxy import find_haproxy
+from affinity_node.sim.render import ProgressLine, render_table, report_json
+from affinity_node.sim.report import RunReport, build_report, deltas
+from affinity_node.sim.support import Processes, SupportError, free_port, postgres
 from affinity_node.sim.workload import Workload, WorkloadConfig, estimate_working_set_blocks
 
-MODEL = "llama-3.1-8b"
 DSN_ENV = "AFFINITY_DATABASE_DSN"
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 FLEET_CAPACITY = 1.2
 """All backends' caches together hold this many times the workload's prefix blocks; each
 holds FLEET_CAPACITY / N of it (0.3 with 4 backends): a pinned tenant fits, every tenant
 on every backend does not."""
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    title: str
-    affinity: dict[str, Any]
-
 
 SCENARIOS = (
     Scenario("off", "affinity off", {"enabled": False}),
@@ -81,358 +60,6 @@ SCENARIOS = (
 
 class DemoError(RuntimeError):
     """The demo cannot go on; the message says why (with the failing process's log tail)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# -- processes -----------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    proc: asyncio.subprocess.Process
-    log_path: Path
-
-    @property
-    def running(self) -> bool:
-        return self.proc.returncode is None
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "    (no log)"
-        return "\n".join(f"    {line}" for line in text[-lines:]) or "    (empty log)"
-
-
-class Processes:
-    """Every child the demo starts; each leads its own process group, stopped as a group."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: list[Child] = []
-        self._env = {k: v for k, v in os.environ.items() if not k.startswith("AFFINITY_")}
-        # Config files say everything; an AFFINITY_* variable of the caller would override them.
-
-    async def start(self, name: str, argv: Sequence[str]) -> Child:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, env=self._env, start_new_session=True,
-            )
-        child = Child(name, proc, log_path)
-        self.children.append(child)
-        return child
-
-    @staticmethod
-    def _signal(child: Child, sig: signal.Signals) -> None:
-        if child.running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, sig)
-
-    async def stop(self, children: Sequence[Child], timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM to each group, wait, SIGKILL what is left. Cancellation still kills all."""
-        try:
-            for child in children:
-                self._signal(child, signal.SIGTERM)
-            for child in children:
-                try:
-                    await asyncio.wait_for(child.proc.wait(), timeout_s)
-                except TimeoutError:
-                    self._signal(child, signal.SIGKILL)
-                    await child.proc.wait()
-        except BaseException:
-            for child in children:
-                self._signal(child, signal.SIGKILL)
-            raise
-        finally:
-            for child in children:
-                if not child.running and child in self.children:
-                    self.children.remove(child)
-
-    async def close(self) -> None:
-        await self.stop(list(reversed(self.children)))
-
-
-async def _poll(
-    check: Callable[[], Awaitable[bool]], child: Child | None, what: str,
-    timeout_s: float = READY_TIMEOUT_S,
-) -> None:
-    """Polls `check` until true; fails at the deadline or as soon as `child` exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if child is not None and not child.running:
-            raise DemoError(f"{child.name} exited with {child.proc.returncode} before {what}:\n"
-                            f"{child.tail()}")
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            tail = f":\n{child.tail()}" if child is not None else ""
-            raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")
-        await asyncio.sleep(0.05)
-
-
-async def _status(session: aiohttp.ClientSession, url: str) -> int:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, TimeoutError):
-        return 0
-
-
-async def wait_http_ok(session: aiohttp.ClientSession, url: str, child: Child | None,
-                       what: str) -> None:
-    async def ok() -> bool:
-        return await _status(session, url) == 200
-
-    await _poll(ok, child, what)
-
-
-# -- haproxy ---------------------------------------------------------------------------------
-
-
-def haproxy_config(port: int, stats_port: int, node_ports: Sequence[int],
-                   balance: str = "leastconn") -> str:
-    servers = "\n".join(
-        f"    server node-{i} 127.0.0.1:{p} check" for i, p in enumerate(node_ports))
-    return f"""\
-# Generated by `affinity-node demo`.
-global
-    maxconn 4096
-    nbthread 1
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 300s
-    # Streams last as long as the model writes: a short server timeout would cut them.
-    timeout server 600s
-    timeout http-request 10s
-    timeout http-keep-alive 10s
-    timeout check 2s
-    # No idle server connections: a node restarted between runs leaves none half-dead.
-    option http-server-close
-    # A node that refuses the connection or closes it without a byte served nothing: retry
-    # elsewhere (the request is buffered for that).
-    option http-buffer-request
-    retries 2
-    option redispatch 1
-    retry-on conn-failure empty-response
-    # Send each SSE chunk at once: by default HAProxy may hold small writes back (MSG_MORE)
-    # while the response is incomplete, and a stream's first token would wait for later ones.
-    option http-no-delay
-
-frontend api
-    bind 127.0.0.1:{port}
-    default_backend nodes
-
-backend nodes
-    balance {balance}
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 1
-{servers}
-
-listen stats
-    bind 127.0.0.1:{stats_port}
-    stats enable
-    stats uri /stats
-"""
-
-
-def haproxy_status(csv_text: str, backend: str = "nodes") -> dict[str, str]:
-    """Server name -> status ("UP", "DOWN", "UP 1/2", ...) from HAProxy's `stats;csv`."""
-    lines = csv_text.splitlines()
-    if not lines or not lines[0].startswith("# "):
-        return {}
-    header = lines[0][2:].split(",")
-    try:
-        px, sv, st = header.index("pxname"), header.index("svname"), header.index("status")
-    except ValueError:
-        return {}
-    status = {}
-    for line in lines[1:]:
-        cols = line.split(",")
-        if len(cols) > st and cols[px] == backend and cols[sv] not in ("FRONTEND", "BACKEND"):
-            status[cols[sv]] = cols[st]
-    return status
-
-
-async def haproxy_servers_up(session: aiohttp.ClientSession, stats_url: str,
-                             names: Sequence[str]) -> bool:
-    """True when HAProxy's own health checks show every node server exactly UP (a server
-    in transition shows "UP 1/2" or "DOWN 1/2")."""
-    try:
-        async with session.get(stats_url + ";csv",
-                               timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            text = await resp.text()
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-    status = haproxy_status(text)
-    return all(status.get(n) == "UP" for n in names)
-
-
-def find_haproxy() -> str | None:
-    """On PATH, or in /usr/sbin where Debian puts it (often off a non-root user's PATH)."""
-    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
-
-
-# -- the fleet -------------------------------------------------------------------------------
-
-
-@dataclass
-class Fleet:
-    """Ports and processes of one demo; nodes are restarted per scenario."""
-
-    procs: Processes
-    session: aiohttp.ClientSession
-    tmp: Path
-    dsn: str
-    backend_ports: list[int]
-    node_ports: list[int]
-    lb_url: str | None = None
-    stats_url: str | None = None
-    nodes: list[Child] | None = None
-    node_log_level: str = "WARNING"
-
-    @property
-    def backend_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.backend_ports]
-
-    @property
-    def node_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.node_ports]
-
-    @property
-    def backend_ids(self) -> list[str]:
-        return [f"b{i}" for i in range(len(self.backend_ports))]
-
-    async def start_backends(self, cache_blocks: int, prefill_s: float, output_tokens: int,
-                             seed: int) -> None:
-        children = []
-        for i, port in enumerate(self.backend_ports):
-            children.append(await self.procs.start(f"backend-b{i}", [
-                sys.executable, "-m", "affinity_node", "fake-backend",
-                "--host", "127.0.0.1", "--port", str(port), "--id", f"b{i}", "--model", MODEL,
-                "--cache-blocks", str(cache_blocks), "--ttft-base", "0.01",
-                "--prefill-per-token", str(prefill_s), "--tokens-per-s", "2000",
-                "--output-tokens", str(output_tokens), "--max-running", "256",
-                "--seed", str(seed + i),
-            ]))
-        await asyncio.gather(*(
-            wait_http_ok(self.session, f"{url}/health", child, f"{child.name} to serve")
-            for url, child in zip(self.backend_urls, children, strict=True)))
-
-    async def start_haproxy(self, binary: str, balance: str) -> None:
-        port, stats_port = free_port(), free_port()
-        cfg = self.tmp / "haproxy.cfg"
-        cfg.write_text(haproxy_config(port, stats_port, self.node_ports, balance))
-        check = await asyncio.create_subprocess_exec(
-            binary, "-c", "-q", "-f", str(cfg), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
-        out, _ = await check.communicate()
-        if check.returncode != 0:
-            raise DemoError(f"haproxy rejected the generated config:\n{out.decode()}")
-        self.lb_url = f"http://127.0.0.1:{port}"
-        self.stats_url = f"http://127.0.0.1:{stats_port}/stats"
-        child = await self.procs.start("haproxy", [binary, "-db", "-f", str(cfg)])
-        await wait_http_ok(self.session, self.stats_url, child, "haproxy to listen")
-
-    def _node_config(self, i: int, scenario: Scenario) -> Path:
-        cfg = {
-            "node_id": f"demo-node-{i}",
-            "listen": {"host": "127.0.0.1", "port": self.node_ports[i]},
-            "database": {"dsn": self.dsn, "pool_max": 4, "statement_timeout_ms": 2000},
-            "affinity": {"ttl_seconds": 900, **scenario.affinity},
-            "routing": {"fallback": "least_outstanding"},
-            "health": {"interval_seconds": 1.0},
-            "limits": {"drain_timeout_seconds": 5},
-            "logging": {"level": self.node_log_level, "json": False},
-            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"}
-                         for u in self.backend_urls],
-            "models": [{"name": MODEL, "affinity": True}],
-        }
-        path = self.tmp / f"node-{i}-{scenario.key}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return path
-
-    async def start_nodes(self, scenario: Scenario) -> None:
-        children = []
-        for i in range(len(self.node_ports)):
-            path = self._node_config(i, scenario)
-            children.append(await self.procs.start(f"node-{i}-{scenario.key}", [
-                sys.executable, "-m", "affinity_node", "serve", "--config", str(path)]))
-        self.nodes = children
-        await asyncio.gather(*(
-            wait_http_ok(self.session, f"{url}/readyz", child, f"{child.name} to be ready")
-            for url, child in zip(self.node_urls, children, strict=True)))
-        if self.stats_url is not None:
-            names = [f"node-{i}" for i in range(len(self.node_ports))]
-            stats_url = self.stats_url
-
-            async def up() -> bool:
-                return await haproxy_servers_up(self.session, stats_url, names)
-
-            await _poll(up, None, "haproxy to see every node up")
-
-    async def stop_nodes(self) -> None:
-        if self.nodes:
-            await self.procs.stop(self.nodes)
-            self.nodes = None
-
-    async def clear_caches(self) -> None:
-        async def clear(url: str) -> None:
-            async with self.session.post(f"{url}/admin/cache/clear",
-                                         timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                resp.raise_for_status()
-
-        await asyncio.gather(*(clear(u) for u in self.backend_urls))
-
-    async def scrape(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        backends = dict(zip(self.backend_ids, (f"{u}/metrics" for u in self.backend_urls),
-                            strict=True))
-        nodes = {f"node-{i}": f"{u}/metrics" for i, u in enumerate(self.node_urls)}
-        b, n = await asyncio.gather(scrape_all(self.session, backends),
-                                    scrape_all(self.session, nodes))
-        return b, n
-
-
-# -- keys ----------------------------------------------------------------------------------
-
-
-async def create_keys(dsn: str, n: int, prefix: str) -> tuple[list[uuid.UUID], list[str]]:
-    from affinity_node.store.keys import create_key
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        ids, secrets = [], []
-        for i in range(n):
-            key, secret = await create_key(conn, f"{prefix}-tenant-{i:02d}")
-            ids.append(key.id)
-            secrets.append(secret)
-        return ids, secrets
-    finally:
-        await conn.close()
-
-
-async def delete_keys(dsn: str, ids: Sequence[uuid.UUID]) -> None:
-    """Removes the demo's keys (and, by cascade, their bindings) from a database it borrowed."""
-    from affinity_node.store.keys import delete_key
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        for key_id in ids:
-            await delete_key(conn, key_id)
-    finally:
-        await conn.close()
 
 
 # -- the demo --------------------------------------------------------------------------------
@@ -473,14 +100,11 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     async with AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="affinity-demo-")))
         log_dir = _log_dir(args.log_dir) if args.log_dir else tmp
-        from affinity_node.bench.postgres import postgres
         from affinity_node.store.migrate import migrate
 
         if args.dsn is None:
             _say("starting an embedded Postgres ...")
-        with warnings.catch_warnings():  # platformdirs' XDG_RUNTIME_DIR notice, as root
-            warnings.simplefilter("ignore")
-            dsn = stack.enter_context(postgres(args.dsn))
+        dsn = stack.enter_context(postgres(args.dsn))
         await migrate(dsn)
         run_id = uuid.uuid4().hex[:8]
         key_ids, secrets = await create_keys(dsn, args.keys, f"demo-{run_id}")
@@ -604,7 +228,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         if not received:
             raise
         return 128 + received[0]
-    except DemoError as exc:
+    except (DemoError, SupportError) as exc:
         _say(f"error: {exc}")
         return 1
     except (aiohttp.ClientError, OSError, asyncpg.PostgresError) as exc:

@@ -8,17 +8,19 @@ from typing import Any, cast
 from uuid import UUID
 
 from affinity_node.routing.ports import BindingEvent
+from affinity_node.vocabulary import KEY_EVENT_OPS, NOTIFY_OPS, KeyEventOp
 
 log = logging.getLogger(__name__)
 
-_OPS = frozenset({"insert", "update", "delete"})
+BINDINGS_CHANNEL = "affinity_changes"
+KEYS_CHANNEL = "api_key_changes"
 
 
 def parse_binding_event(payload: str) -> BindingEvent | None:
     try:
         data: Any = json.loads(payload)
         op = data["op"]
-        if op not in _OPS:
+        if op not in NOTIFY_OPS:
             raise ValueError(f"unknown op {op!r}")
         return BindingEvent(
             op=cast(Any, op),
@@ -33,10 +35,13 @@ def parse_binding_event(payload: str) -> BindingEvent | None:
         return None
 
 
-def parse_key_event(payload: str) -> tuple[str, UUID] | None:
+def parse_key_event(payload: str) -> tuple[KeyEventOp, UUID] | None:
     try:
         data: Any = json.loads(payload)
-        return str(data["op"]), UUID(data["id"])
+        op = data["op"]
+        if op not in KEY_EVENT_OPS:
+            raise ValueError(f"unknown op {op!r}")
+        return cast(KeyEventOp, op), UUID(data["id"])
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("dropping malformed key notification (%d bytes): %s", len(payload), exc)
         return None

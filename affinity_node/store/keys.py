@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
+from affinity_node.auth.secrets import hash_secret, new_secret
 from affinity_node.store.queries import QUERIES as Q
-
-SECRET_PREFIX = "sk-"
-
-
-def hash_secret(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True, slots=True)

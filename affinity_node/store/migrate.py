@@ -11,16 +11,9 @@ from pathlib import Path
 import asyncpg
 
 from affinity_node.store.lockkeys import MIGRATE_LOCK
+from affinity_node.store.queries import QUERIES as Q
 
 log = logging.getLogger(__name__)
-
-_LEDGER = """
-CREATE TABLE IF NOT EXISTS affinity_schema_migrations (
-    name        text PRIMARY KEY,
-    checksum    text NOT NULL,
-    applied_at  timestamptz NOT NULL DEFAULT now()
-)
-"""
 
 
 class MigrationError(RuntimeError):
@@ -62,10 +55,10 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[str]:
     wanted = load_migrations(directory)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1::bigint)", MIGRATE_LOCK)
+        await conn.execute(Q["migrate_lock"], MIGRATE_LOCK)
         try:
-            await conn.execute(_LEDGER)
-            rows = await conn.fetch("SELECT name, checksum FROM affinity_schema_migrations")
+            await conn.execute(Q["migrations_ledger"])
+            rows = await conn.fetch(Q["migrations_applied"])
             applied = {r["name"]: r["checksum"] for r in rows}
             done: list[str] = []
             for m in wanted:
@@ -78,15 +71,11 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[str]:
                     continue
                 async with conn.transaction():
                     await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO affinity_schema_migrations (name, checksum) VALUES ($1, $2)",
-                        m.name,
-                        m.checksum,
-                    )
+                    await conn.execute(Q["migration_record"], m.name, m.checksum)
                 log.info("applied migration %s", m.name)
                 done.append(m.name)
             return done
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1::bigint)", MIGRATE_LOCK)
+            await conn.execute(Q["migrate_unlock"], MIGRATE_LOCK)
     finally:
         await conn.close()

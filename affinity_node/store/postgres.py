@@ -21,6 +21,7 @@ from affinity_node.routing.ports import (
 )
 from affinity_node.store.lockkeys import CLEANUP_LOCK, binding_lock_key
 from affinity_node.store.queries import QUERIES as Q
+from affinity_node.vocabulary import DbOperation
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
-
-
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -99,7 +98,7 @@ class PostgresBindingStore:
         self._acquire_timeout = acquire_timeout_s
 
     @asynccontextmanager
-    async def _conn(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self, operation: DbOperation) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
@@ -158,11 +157,6 @@ class PostgresBindingStore:
                 return None
             status = await conn.execute(Q["binding_cleanup_batch"], batch)
         return int(status.split()[-1])
-
-    async def db_clock(self) -> float:
-        async with self._conn("clock") as conn:
-            value: float = await conn.fetchval(Q["db_clock"])
-        return value
 
     async def list_bindings(
         self, model: str | None = None, api_key_id: UUID | None = None

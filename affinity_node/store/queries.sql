@@ -87,9 +87,6 @@ WHERE ($1::text IS NULL OR model = $1) AND ($2::uuid IS NULL OR api_key_id = $2)
 -- name: db_clock
 SELECT extract(epoch FROM clock_timestamp())::float8;
 
--- name: ping
-SELECT 1;
-
 -- name: key_create
 INSERT INTO api_keys (id, name, key_hash) VALUES ($1, $2, $3)
 RETURNING id, name, created_at;
@@ -110,3 +107,24 @@ SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL;
 
 -- name: key_lookup
 SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;
+
+-- Migration bookkeeping (store/migrate.py). The lock is session-scoped: it spans every file.
+
+-- name: migrate_lock
+SELECT pg_advisory_lock($1::bigint);
+
+-- name: migrate_unlock
+SELECT pg_advisory_unlock($1::bigint);
+
+-- name: migrations_ledger
+CREATE TABLE IF NOT EXISTS affinity_schema_migrations (
+    name        text PRIMARY KEY,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT name, checksum FROM affinity_schema_migrations;
+
+-- name: migration_record
+INSERT INTO affinity_schema_migrations (name, checksum) VALUES ($1, $2);

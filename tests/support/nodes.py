@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
 
+from affinity_node.app import EngineSpec
+from affinity_node.config import DatabaseConfig
 from affinity_node.routing.engine import EngineSettings
+from affinity_node.sim.support import EngineNode, engine_nodes
 from affinity_node.store.keys import create_key
+from affinity_node.store.listener import ListenerSettings
 from affinity_node.store.postgres import QueryLogger
 from affinity_node.store.queries import QUERIES
-from affinity_node.wiring import EngineConfig, RunningEngine, running_engine
 
 BACKENDS = ("http://10.9.0.1:8000", "http://10.9.0.2:8000", "http://10.9.0.3:8000")
 """Backend identities only: these tests never send traffic to them."""
@@ -31,32 +34,23 @@ class CountingChooser:
         return candidates[(self.calls - 1) % len(candidates)]
 
 
-def node_config(dsn: str, node_id: str, **engine: Any) -> EngineConfig:
-    return EngineConfig(
-        dsn=dsn,
+def engine_spec(dsn: str, node_id: str, **engine: Any) -> EngineSpec:
+    return EngineSpec(
+        db=DatabaseConfig(dsn=dsn, pool_max=5, statement_timeout_ms=1000,
+                          startup_wait_seconds=5.0),
         node_id=node_id,
-        pool_max=5,
-        statement_timeout_ms=1000,
-        probe_interval_s=0.3,
-        startup_sync_timeout_s=5.0,
         engine=replace(EngineSettings(), db_retry_after_s=0.2, **engine),
+        listener=ListenerSettings(dsn=dsn, probe_interval_s=0.3),
     )
 
 
 @asynccontextmanager
 async def nodes(
     dsn: str | Sequence[str], count: int = 1, on_query: QueryLogger | None = None, **engine: Any
-) -> AsyncIterator[list[RunningEngine]]:
+) -> AsyncIterator[list[EngineNode]]:
     dsns = [dsn] * count if isinstance(dsn, str) else list(dsn)
-    async with AsyncExitStack() as stack:
-        started = [
-            await stack.enter_async_context(
-                running_engine(
-                    node_config(d, f"n{i}", **engine), on_query=on_query, start_background=False
-                )
-            )
-            for i, d in enumerate(dsns)
-        ]
+    specs = [engine_spec(d, f"n{i}", **engine) for i, d in enumerate(dsns)]
+    async with engine_nodes(specs, on_query) as started:
         yield started
 
 

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
-from affinity_node.bench.postgres import postgres
+from affinity_node.sim.support import postgres
 
 
 def unix_socket_of(dsn: str) -> str | None:

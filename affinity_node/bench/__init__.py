@@ -1,1 +1,0 @@
-"""Benchmarks: commands that print figures, never tests."""

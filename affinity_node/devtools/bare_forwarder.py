@@ -1,0 +1,67 @@
+"""The floor for any aiohttp proxy: read the body, POST it upstream, stream the answer back.
+
+    python -m affinity_node.devtools.bare_forwarder PORT UPSTREAM_URL [--no-uvloop]
+
+No auth, no routing, no metrics: whatever the affinity node costs beyond this is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+
+
+def build_app(upstream: str) -> web.Application:
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as s:
+            app[SESSION] = s
+            yield
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        url = upstream + request.path_qs
+        async with request.app[SESSION].request(
+            request.method, url, data=body, headers=headers
+        ) as up:
+            ctype = up.headers.get("Content-Type", "application/octet-stream")
+            if not ctype.startswith("text/event-stream"):
+                data = await up.read()
+                return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
+            resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application()
+    app.cleanup_ctx.append(session)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+def main(argv: list[str]) -> None:
+    port, upstream = int(argv[0]), argv[1].rstrip("/")
+    loop_name = "asyncio"
+    if "--no-uvloop" not in argv:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            loop_name = "uvloop"
+    print(f"bare forwarder on 127.0.0.1:{port} -> {upstream} ({loop_name})", file=sys.stderr)
+    web.run_app(build_app(upstream), host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,508 @@
+"""The Grafana dashboards, as code: plain JSON dicts, written to grafana/dashboards/.
+
+    python -m affinity_node.devtools.dashboards            # (re)write the JSON files
+    python -m affinity_node.devtools.dashboards --check    # exit 1 when they are stale
+
+The JSON in the repository is what users import and what Grafana provisioning loads; a test
+fails when it differs from what this module builds, and the live test evaluates every query
+below through a real Prometheus.
+
+Conventions: every panel reads the `${datasource}` template variable (never `${DS_...}`
+inputs, which provisioning does not resolve); `$node` filters the proxy nodes by instance and
+`$model` by canonical model; rates and quantiles aggregate across nodes with `sum by`, so the
+panels stay right with any number of nodes. Gauges that every node reports about the same
+thing (bindings per backend: every node caches the same table) take the `max` over nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+
+DATASOURCE: Json = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE_UID = "prometheus"
+"""The uid pinned in grafana/provisioning/datasources/prometheus.yml (the default choice)."""
+
+TAG = "affinity-node"
+NODE = 'instance=~"$node"'
+RATE = "$__rate_interval"
+SCHEMA_VERSION = 39
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD_DIR = REPO / "grafana" / "dashboards"
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def sel(*matchers: str) -> str:
+    """A label selector body: sel(NODE, 'code=~"5.."') -> instance=~"$node",code=~"5.." ."""
+    return ",".join(matchers)
+
+
+def rate(metric: str, *matchers: str) -> str:
+    return f"rate({metric}{{{sel(*matchers)}}}[{RATE}])"
+
+
+def quantile(q: float, histogram: str, by: str = "", *matchers: str) -> str:
+    """histogram_quantile over buckets summed across nodes (and `by` labels, if any)."""
+    labels = f"le, {by}" if by else "le"
+    return (
+        f"histogram_quantile({q}, sum by ({labels}) "
+        f"({rate(histogram + '_bucket', *matchers)}))"
+    )
+
+
+def target(expr: str, legend: str = "", *, exemplar: bool = False, instant: bool = False) -> Json:
+    out: Json = {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto"}
+    if instant:
+        out["instant"] = True
+        out["range"] = False
+    else:
+        out["range"] = True
+    if exemplar:
+        out["exemplar"] = True
+    return out
+
+
+def timeseries(
+    title: str,
+    targets: list[Json],
+    unit: str = "short",
+    description: str = "",
+    *,
+    width: int = 12,
+    height: int = 8,
+    min_zero: bool = True,
+    max_one: bool = False,
+    stack: bool = False,
+) -> Json:
+    defaults: Json = {
+        "unit": unit,
+        "custom": {
+            "drawStyle": "line",
+            "lineWidth": 1,
+            "fillOpacity": 10 if stack else 0,
+            "showPoints": "never",
+            "spanNulls": False,
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+        },
+    }
+    if min_zero:
+        defaults["min"] = 0
+    if max_one:
+        defaults["max"] = 1
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+        "targets": targets,
+        "_size": (width, height),
+    }
+
+
+def stat(
+    title: str,
+    expr: str,
+    unit: str = "short",
+    description: str = "",
+    *,
+    thresholds: list[tuple[float | None, str]] | None = None,
+    width: int = 6,
+    height: int = 4,
+) -> Json:
+    steps = [
+        {"color": color, "value": value}
+        for value, color in (thresholds or [(None, "green")])
+    ]
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "thresholds": {"mode": "absolute", "steps": steps},
+                "color": {"mode": "thresholds"},
+            },
+            "overrides": [],
+        },
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "textMode": "auto",
+        },
+        "targets": [target(expr)],
+        "_size": (width, height),
+    }
+
+
+def _layout(panels: list[Json]) -> list[Json]:
+    """Ids, refIds and grid positions, left to right in rows of 24 columns."""
+    x = y = row_height = 0
+    out = []
+    for pid, panel in enumerate(panels, start=1):
+        width, height = panel.pop("_size")
+        if x + width > 24:
+            x, y, row_height = 0, y + row_height, 0
+        panel["id"] = pid
+        panel["gridPos"] = {"h": height, "w": width, "x": x, "y": y}
+        for i, t in enumerate(panel["targets"]):
+            t["refId"] = chr(ord("A") + i)
+        x += width
+        row_height = max(row_height, height)
+        out.append(panel)
+    return out
+
+
+def _datasource_variable() -> Json:
+    return {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {"selected": False, "text": "Prometheus", "value": DATASOURCE_UID},
+        "hide": 0,
+        "includeAll": False,
+        "multi": False,
+        "options": [],
+        "refresh": 1,
+        "regex": "",
+    }
+
+
+def _query_variable(name: str, label: str, query: str) -> Json:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor"},
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "hide": 0,
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "options": [],
+        "refresh": 2,
+        "regex": "",
+        "sort": 1,
+    }
+
+
+NODE_VARIABLE_QUERY = "label_values(affinity_build_info, instance)"
+MODEL_VARIABLE_QUERY = "label_values(affinity_cache_hits_total, model)"
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[Json]) -> Json:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": [TAG],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "weekStart": "",
+        "annotations": {"list": [{
+            "builtIn": 1,
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True,
+            "hide": True,
+            "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts",
+            "type": "dashboard",
+        }]},
+        "links": [{
+            "type": "dashboards",
+            "tags": [TAG],
+            "title": "Affinity dashboards",
+            "asDropdown": False,
+            "includeVars": True,
+            "keepTime": True,
+            "icon": "external link",
+            "targetBlank": False,
+            "tooltip": "",
+            "url": "",
+        }],
+        "templating": {"list": [
+            _datasource_variable(),
+            _query_variable("node", "Node", NODE_VARIABLE_QUERY),
+            _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
+        ]},
+        "panels": _layout(panels),
+    }
+
+
+# -- the dashboards ----------------------------------------------------------------------------
+
+MODEL = 'model=~"$model"'
+HITS = rate("affinity_cache_hits_total", NODE, MODEL)
+MISSES = rate("affinity_cache_misses_total", NODE, MODEL)
+HIT_RATIO = f"sum({HITS}) / (sum({HITS}) + sum({MISSES}))"
+BINDINGS = f"max by (backend) (affinity_cache_bindings{{{NODE}}})"
+API = 'route=~"/v1/.*"'
+DEGRADED = 'outcome="degraded"'
+CODE_5XX = 'code=~"5.."'
+CODE_ERROR = 'code=~"[45].."'
+
+
+def overview() -> Json:
+    panels = [
+        stat("Cache hit ratio", HIT_RATIO, "percentunit",
+             "Resolves answered from the node's cache (no database), all nodes together.",
+             thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")]),
+        stat("Bindings cached", f"max(affinity_cache_entries{{{NODE}}})",
+             description="Bindings in the largest node cache (every node caches the table)."),
+        stat("Listeners up", f"sum(affinity_listener_up{{{NODE}}})",
+             description="Nodes whose LISTEN connection is healthy and synced."),
+        stat("Database up", f"sum(affinity_db_up{{{NODE}}})",
+             description="Nodes whose last database operation succeeded."),
+        timeseries("Cache hit ratio", [
+            target(HIT_RATIO, "all models"),
+            target(
+                f"sum by (model) ({HITS}) / "
+                f"(sum by (model) ({HITS}) + sum by (model) ({MISSES}))",
+                "{{model}}",
+            ),
+        ], "percentunit", "Hits / (hits + misses), summed over nodes.", max_one=True),
+        timeseries("Misses by outcome", [
+            target(f"sum by (outcome) ({MISSES})", "{{outcome}}"),
+        ], "ops", "created: new binding; found_in_db: another node made it; found_after_lock: "
+                  "lost the race for the advisory lock; degraded: database unavailable.",
+           stack=True),
+        timeseries("Lock wait p50 / p99", [
+            target(quantile(0.5, "affinity_lock_wait_seconds", "", NODE), "p50"),
+            target(quantile(0.99, "affinity_lock_wait_seconds", "", NODE), "p99"),
+        ], "s", "Time a cold miss waited for the pair's advisory lock (SLO edges 1, 10, "
+                "100 ms are bucket edges)."),
+        timeseries("Rebinds and spills by reason", [
+            target(f"sum by (reason) ({rate('affinity_rebinds_total', NODE, MODEL)})",
+                   "rebind: {{reason}}"),
+            target(f"sum({rate('affinity_spills_total', NODE, MODEL)})", "spill: overload"),
+        ], "ops", "Rebind: the binding moved (bound backend unhealthy, or failed and another "
+                  "served). Spill: one request sent past an overloaded bound backend."),
+        timeseries("Bindings per backend", [target(BINDINGS, "{{backend}}")], "short",
+                   "Bindings in the node caches per backend (max over nodes: each node caches "
+                   "the same shared table).", stack=True),
+        timeseries("Binding skew (max / mean per backend)", [
+            target(f"max({BINDINGS}) / avg({BINDINGS})", "skew"),
+        ], "none", "1 = evenly spread; 2 = the busiest backend holds twice the mean."),
+        timeseries("Notify lag p50 / p99", [
+            target(quantile(0.5, "affinity_notify_lag_seconds", "", NODE), "p50"),
+            target(quantile(0.99, "affinity_notify_lag_seconds", "", NODE), "p99"),
+        ], "s", "From the binding change's commit to the node's cache (database clock)."),
+        timeseries("Notifications by operation", [
+            target(f"sum by (op) ({rate('affinity_notifications_total', NODE)})", "{{op}}"),
+        ], "ops", "Binding changes received over LISTEN (refreshes do not notify)."),
+        timeseries("Listener up per node", [
+            target(f"max by (instance) (affinity_listener_up{{{NODE}}})", "{{instance}}"),
+        ], "short", "1 while the node's LISTEN connection is healthy and synced.",
+           max_one=True),
+        timeseries("Listener reconnects and cache resyncs per node", [
+            target(f"sum by (instance) (increase(affinity_listener_reconnects_total{{{NODE}}}"
+                   f"[{RATE}]))", "reconnects {{instance}}"),
+            target(f"sum by (instance) (increase(affinity_cache_resyncs_total{{{NODE}}}"
+                   f"[{RATE}]))", "resyncs {{instance}}"),
+        ], "short", "A reconnect is followed by a resync (snapshot reload)."),
+        timeseries("Degraded requests and database errors", [
+            target(f"sum({rate('affinity_cache_misses_total', NODE, MODEL, DEGRADED)})",
+                   "degraded requests"),
+            target(f"sum by (operation) ({rate('affinity_db_errors_total', NODE)})",
+                   "db errors: {{operation}}"),
+        ], "ops", "Requests served by the fallback strategy because the database was "
+                  "unavailable, and the failed operations behind them."),
+        timeseries("Database up per node", [
+            target(f"max by (instance) (affinity_db_up{{{NODE}}})", "{{instance}}"),
+        ], "short", "1 while the node's last database operation succeeded.", max_one=True),
+        timeseries("Cache entries per node", [
+            target(f"max by (instance) (affinity_cache_entries{{{NODE}}})", "{{instance}}"),
+        ], "short", "Bindings each node holds in memory."),
+        timeseries("Refresh writes", [
+            target(f"sum by (instance) ({rate('affinity_refresh_writes_total', NODE)})",
+                   "{{instance}}"),
+        ], "ops", "Batched TTL-extension statements (one per flush interval at most)."),
+    ]
+    return dashboard(
+        "affinity-overview", "Affinity overview",
+        "Cache hits and misses, lock waits, rebinds, bindings per backend, listener and "
+        "database health, across all proxy nodes.",
+        panels,
+    )
+
+
+REQUESTS = rate("affinity_http_requests_total", NODE, API)
+VLLM = 'model_name=~"$model"'
+
+
+def vllm(metric: str) -> str:
+    """A vLLM metric under either spelling: `vllm:x` (text format) or `vllm_x`.
+
+    prometheus-client's OpenMetrics output (which Prometheus negotiates first) writes the
+    samples of `vllm:x` as `vllm_x` (prometheus/client_python#1177), so which name Prometheus
+    stores depends on the client version of the backend: match both.
+    """
+    return f'__name__=~"vllm[:_]{metric}"'
+
+
+def traffic() -> Json:
+    panels = [
+        stat("API requests/s", f"sum({REQUESTS})", "reqps",
+             "Requests to /v1/* on all nodes."),
+        stat("Error ratio (5xx)",
+             f"(sum({rate('affinity_http_requests_total', NODE, API, CODE_5XX)}) "
+             f"or vector(0)) / sum({REQUESTS})", "percentunit",
+             "Share of API requests answered with a 5xx.",
+             thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")]),
+        stat("Added latency p99",
+             quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE), "s",
+             "Time the node adds to a request: everything but waiting for the upstream.",
+             thresholds=[(None, "green"), (0.005, "orange"), (0.025, "red")]),
+        stat("Backends healthy on every node",
+             f"sum(min by (backend) (affinity_backend_healthy{{{NODE}}}))",
+             description="Backends that every node has in rotation."),
+        timeseries("Requests by route and code", [
+            target(f"sum by (route, code) "
+                   f"({rate('affinity_http_requests_total', NODE)})", "{{route}} {{code}}"),
+        ], "reqps", "Every answer of every node, probes and scrapes included.", stack=True),
+        timeseries("Errors by route and code", [
+            target(f"sum by (route, code) "
+                   f"({rate('affinity_http_requests_total', NODE, CODE_ERROR)})",
+                   "{{route}} {{code}}"),
+        ], "reqps", "4xx are the clients' (bad key, bad body, unknown model); 5xx are ours "
+                    "or the backends' (502: upstream failed after one retry)."),
+        timeseries("Request duration p50 / p99 by route", [
+            target(quantile(0.5, "affinity_http_request_duration_seconds", "route", NODE, API),
+                   "p50 {{route}}", exemplar=True),
+            target(quantile(0.99, "affinity_http_request_duration_seconds", "route", NODE, API),
+                   "p99 {{route}}", exemplar=True),
+        ], "s", "To the last byte (streams included). Exemplars carry the request id."),
+        timeseries("Added latency (proxy overhead) p50 / p99", [
+            target(quantile(0.5, "affinity_proxy_overhead_seconds", "", NODE), "p50"),
+            target(quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE), "p99"),
+        ], "s", "Time the node adds: authentication, routing, affinity, copying bytes."),
+        timeseries("TTFT p50 / p99 per backend", [
+            target(quantile(0.5, "affinity_upstream_ttft_seconds", "backend", NODE),
+                   "p50 {{backend}}", exemplar=True),
+            target(quantile(0.99, "affinity_upstream_ttft_seconds", "backend", NODE),
+                   "p99 {{backend}}", exemplar=True),
+        ], "s", "From forwarding to the first body byte, as the nodes see it."),
+        timeseries("Upstream requests by backend and code", [
+            target(f"sum by (backend, code) "
+                   f"({rate('affinity_upstream_requests_total', NODE)})",
+                   "{{backend}} {{code}}"),
+        ], "reqps", "code=error: the backend could not be reached.", stack=True),
+        timeseries("In-flight per backend", [
+            target(f"sum by (backend) (affinity_upstream_inflight{{{NODE}}})", "{{backend}}"),
+        ], "short", "Requests forwarded and not finished, summed over nodes.", stack=True),
+        timeseries("Backend health", [
+            target(f"sum by (backend) (affinity_backend_healthy{{{NODE}}})", "{{backend}}"),
+        ], "short", "Nodes that have the backend in rotation."),
+        timeseries("Healthy backends per model", [
+            target(f"min by (model) (affinity_model_healthy_backends{{{NODE}, {MODEL}}})",
+                   "{{model}}"),
+        ], "short", "Backends in rotation for each model on the node that sees the fewest."),
+        timeseries("vLLM prefix-cache hit rate", [
+            target(f"sum by (instance) ({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
+                   f"sum by (instance) ({rate('', vllm('prefix_cache_queries_total'), VLLM)})",
+                   "{{instance}}"),
+            target(f"sum({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
+                   f"sum({rate('', vllm('prefix_cache_queries_total'), VLLM)})", "fleet"),
+        ], "percentunit", "Prompt tokens served from the backends' prefix cache "
+                          "(vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, "
+                          "scraped from the backends themselves).", max_one=True),
+        timeseries("vLLM queue depth", [
+            target(f"sum by (instance) ({{{vllm('num_requests_waiting')}, {VLLM}}})",
+                   "waiting {{instance}}"),
+            target(f"sum by (instance) ({{{vllm('num_requests_running')}, {VLLM}}})",
+                   "running {{instance}}"),
+        ], "short", "Requests queued (vllm:num_requests_waiting) and running on each backend "
+                    "(from the backends)."),
+    ]
+    return dashboard(
+        "affinity-traffic", "Traffic and backends",
+        "Requests and errors, added latency, TTFT, in-flight and health per backend, and the "
+        "backends' own prefix-cache hit rate and queue depth.",
+        panels,
+    )
+
+
+DASHBOARDS: dict[str, Callable[[], Json]] = {
+    "affinity-overview.json": overview,
+    "affinity-traffic.json": traffic,
+}
+
+
+def render(board: Json) -> str:
+    return json.dumps(board, indent=2) + "\n"
+
+
+def expressions(board: Json) -> Iterator[tuple[str, str, str]]:
+    """(panel title, refId, PromQL) for every query of every panel."""
+    for panel in board["panels"]:
+        for t in panel.get("targets", []):
+            yield panel["title"], t["refId"], t["expr"]
+
+
+def stale(directory: Path = DASHBOARD_DIR) -> list[str]:
+    """The files in `directory` that differ from what this module builds."""
+    out = []
+    for name, build in DASHBOARDS.items():
+        path = directory / name
+        if not path.exists() or path.read_text() != render(build()):
+            out.append(name)
+    return out
+
+
+def write(directory: Path = DASHBOARD_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, build in DASHBOARDS.items():
+        path = directory / name
+        path.write_text(render(build()))
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write or check grafana/dashboards/*.json.")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a file is stale")
+    parser.add_argument("--dir", type=Path, default=DASHBOARD_DIR)
+    args = parser.parse_args(argv)
+    if args.check:
+        names = stale(args.dir)
+        for name in names:
+            print(f"stale: {args.dir / name} (run python -m affinity_node.observability."
+                  "dashboards)", file=sys.stderr)
+        return 1 if names else 0
+    for path in write(args.dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

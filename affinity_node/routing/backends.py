@@ -1,0 +1,265 @@
+"""The backend registry: which backends exist, what models they serve, how busy they are.
+
+The request path asks two things per request, `candidates(model)` and (through a strategy)
+which candidate is least busy, so both are cheap: the healthy backends of each canonical model
+are cached as tuples and the cache is dropped only when health or a model list changes.
+
+Backend identity is the normalised URL (never an object address): it is what bindings store in
+Postgres and what every node must spell the same way. Health decisions are routing/health.py's;
+talking to backends is upstream/'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from affinity_node.vocabulary import BACKEND_KINDS, BackendKind
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalise_url(url: str) -> str:
+    """The backend's stable identity: lowercase scheme and host, explicit port, no trailing /.
+
+    Every node must derive the same string from the same backend, whatever spelling each
+    config uses, because bindings in Postgres refer to backends by it.
+    """
+    raw = url.strip()
+    parts = urlsplit(raw)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"backend url {raw!r}: scheme must be http or https")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"backend url {raw!r}: no host")
+    if parts.username is not None or parts.password is not None:
+        # The id lands in metrics labels, logs and binding rows: no credentials there.
+        raise ValueError(f"backend url {raw!r}: credentials in the url are not supported")
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend url {raw!r}: no query or fragment allowed")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"backend url {raw!r}: {exc}") from None
+    if port is None:
+        port = _DEFAULT_PORTS[scheme]
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """One `backends:` entry of the config; empty `models` means learn them from /v1/models."""
+
+    url: str
+    kind: BackendKind = "vllm"
+    models: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One `models:` entry of the config."""
+
+    name: str
+    aliases: Sequence[str] = ()
+    affinity: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """One upstream server. Compared and hashed by identity; `id` is its stable name."""
+
+    id: str
+    kind: BackendKind
+    models: frozenset[str] = frozenset()
+    """Canonical model names it serves."""
+    discovers: bool = False
+    """True when its models come from GET /v1/models rather than the config."""
+    healthy: bool = True
+    """Optimistic at start: a node serves at once; the first failed probe ejects (see health)."""
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    inflight: int = 0
+    """Requests forwarded and not yet finished (a stream counts until its last byte)."""
+    probed: bool = False
+    last_error: str | None = field(default=None)
+
+    @property
+    def url(self) -> str:
+        return self.id
+
+
+class BackendPool:
+    """Backends and model names for one node; no network code of its own."""
+
+    def __init__(
+        self,
+        backends: Iterable[BackendSpec],
+        models: Iterable[ModelSpec] = (),
+        *,
+        default_affinity: bool = True,
+    ) -> None:
+        self._default_affinity = default_affinity
+        self._canon: dict[str, str] = {}
+        self._affinity: dict[str, bool] = {}
+        for spec in models:
+            self._add_model(spec)
+
+        by_id: dict[str, Backend] = {}
+        for bspec in backends:
+            if bspec.kind not in BACKEND_KINDS:
+                raise ValueError(
+                    f"backend {bspec.url!r}: kind must be one of {', '.join(BACKEND_KINDS)}, "
+                    f"not {bspec.kind!r}"
+                )
+            bid = normalise_url(bspec.url)
+            if bid in by_id:
+                raise ValueError(f"backend {bid} is listed twice")
+            served = frozenset(self._learn(m) for m in bspec.models)
+            by_id[bid] = Backend(bid, bspec.kind, served, discovers=not served)
+        self._backends: tuple[Backend, ...] = tuple(by_id.values())
+        self._by_id = by_id
+        self._candidates: dict[str, tuple[Backend, ...]] = {}
+        self._candidate_ids: dict[str, tuple[str, ...]] = {}
+
+    # -- model names -------------------------------------------------------------------------
+
+    def _add_model(self, spec: ModelSpec) -> None:
+        for name in (spec.name, *spec.aliases):
+            if not name:
+                raise ValueError(f"model {spec.name!r}: empty name or alias")
+            owner = self._canon.get(name)
+            if owner is not None and owner != spec.name:
+                raise ValueError(
+                    f"model name or alias {name!r} belongs to both {owner!r} and {spec.name!r}"
+                )
+            self._canon[name] = spec.name
+        self._affinity[spec.name] = spec.affinity
+
+    def _learn(self, model: str) -> str:
+        """Canonical name for a served id; an id absent from the table is its own name."""
+        canonical = self._canon.get(model)
+        if canonical is None:
+            canonical = self._canon[model] = model
+        return canonical
+
+    def canonical(self, model_or_alias: str) -> str | None:
+        """The canonical name, or None when no config entry or backend knows it."""
+        return self._canon.get(model_or_alias)
+
+    def served_models(self) -> list[str]:
+        """Canonical names with at least one healthy backend, sorted (for GET /v1/models)."""
+        names: set[str] = set()
+        for backend in self._backends:
+            if backend.healthy:
+                names.update(backend.models)
+        return sorted(names)
+
+    def set_models(self, backend: Backend, served_ids: Iterable[str]) -> bool:
+        """What discovery learned a backend serves; True when that changed its models."""
+        models = frozenset(self._learn(i) for i in served_ids)
+        if models == backend.models:
+            return False
+        backend.models = models
+        self.invalidate()
+        return True
+
+    # -- lookups on the request path ---------------------------------------------------------
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return self._backends
+
+    def get(self, backend_id: str) -> Backend | None:
+        return self._by_id.get(backend_id)
+
+    def _healthy_for(self, model: str) -> tuple[Backend, ...]:
+        cached = self._candidates.get(model)
+        if cached is None:
+            canonical = self._canon.get(model)
+            if canonical is None:
+                return ()
+            cached = self._candidates.get(canonical)
+            if cached is None:
+                cached = tuple(b for b in self._backends if b.healthy and canonical in b.models)
+                self._candidates[canonical] = cached
+            if canonical != model:  # cache aliases too: one dict hit per request
+                self._candidates[model] = cached
+        return cached
+
+    def candidates(self, model: str) -> list[Backend]:
+        """Healthy backends serving `model` (canonical name or alias), in config order.
+
+        A fresh list over a cached tuple, so callers may reorder it freely.
+        """
+        return list(self._healthy_for(model))
+
+    def candidate_ids(self, model: str) -> tuple[str, ...]:
+        """The ids of `candidates(model)`, cached: no allocation on the hot path."""
+        ids = self._candidate_ids.get(model)
+        if ids is None:
+            ids = tuple(b.id for b in self._healthy_for(model))
+            if model in self._canon:  # never cache what clients invent: the dict would grow
+                self._candidate_ids[model] = ids
+        return ids
+
+    def affinity_applies(self, model: str, backend: Backend) -> bool:
+        """Affinity only pays where there is a prefix cache to reuse: vllm backends."""
+        if backend.kind != "vllm":
+            return False
+        canonical = self._canon.get(model)
+        if canonical is None:
+            return False
+        return self._affinity.get(canonical, self._default_affinity)
+
+    def has_healthy(self) -> bool:
+        """Readiness: some healthy backend serves some model (else the node cannot serve)."""
+        return any(b.healthy and b.models for b in self._backends)
+
+    def overloaded(
+        self, backend: Backend, model: str, load_factor: float, spill_min_gap: float
+    ) -> bool:
+        """Whether a bound request should spill elsewhere.
+
+        Both a relative and an absolute excess over the mean of the model's healthy backends
+        are required, so two requests against an idle fleet never look like overload.
+        """
+        peers = self._healthy_for(model)
+        if not peers:
+            return False
+        total = 0
+        for peer in peers:
+            total += peer.inflight
+        mean = total / len(peers)
+        n = backend.inflight
+        return n > load_factor * mean and n >= mean + spill_min_gap
+
+    def invalidate(self) -> None:
+        """Health or models changed: the cached candidate lists are rebuilt on next use."""
+        self._candidates.clear()
+        self._candidate_ids.clear()
+
+    # -- in-flight accounting ----------------------------------------------------------------
+
+    @staticmethod
+    def acquire(backend: Backend) -> None:
+        backend.inflight += 1
+
+    @staticmethod
+    def release(backend: Backend) -> None:
+        """Never goes below zero, so a double release cannot make a backend look idler."""
+        if backend.inflight > 0:
+            backend.inflight -= 1
+
+    @contextmanager
+    def track(self, backend: Backend) -> Iterator[Backend]:
+        """Counts a request in flight for the duration of the block (whatever ends it)."""
+        backend.inflight += 1
+        try:
+            yield backend
+        finally:
+            self.release(backend)

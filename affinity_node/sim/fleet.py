@@ -1,0 +1,185 @@
+"""The demo's fleet on one machine: fake backends, proxy nodes (restarted per scenario) and
+HAProxy in front when there is one; keys for its tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import yaml
+
+from affinity_node.sim.haproxy import haproxy_config, haproxy_servers_up
+from affinity_node.sim.support import (
+    Child,
+    Processes,
+    SupportError,
+    free_port,
+    poll,
+    scrape_all,
+    wait_http_ok,
+)
+
+MODEL = "llama-3.1-8b"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One column of the report: a name and the `affinity:` section its nodes run with."""
+
+    key: str
+    title: str
+    affinity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Fleet:
+    """Ports and processes of one demo; nodes are restarted per scenario."""
+
+    procs: Processes
+    session: aiohttp.ClientSession
+    tmp: Path
+    dsn: str
+    backend_ports: list[int]
+    node_ports: list[int]
+    lb_url: str | None = None
+    stats_url: str | None = None
+    nodes: list[Child] | None = None
+    node_log_level: str = "WARNING"
+
+    @property
+    def backend_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.backend_ports]
+
+    @property
+    def node_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.node_ports]
+
+    @property
+    def backend_ids(self) -> list[str]:
+        return [f"b{i}" for i in range(len(self.backend_ports))]
+
+    async def start_backends(self, cache_blocks: int, prefill_s: float, output_tokens: int,
+                             seed: int) -> None:
+        children = []
+        for i, port in enumerate(self.backend_ports):
+            children.append(await self.procs.start(f"backend-b{i}", [
+                sys.executable, "-m", "affinity_node", "fake-backend",
+                "--host", "127.0.0.1", "--port", str(port), "--id", f"b{i}", "--model", MODEL,
+                "--cache-blocks", str(cache_blocks), "--ttft-base", "0.01",
+                "--prefill-per-token", str(prefill_s), "--tokens-per-s", "2000",
+                "--output-tokens", str(output_tokens), "--max-running", "256",
+                "--seed", str(seed + i),
+            ]))
+        await asyncio.gather(*(
+            wait_http_ok(self.session, f"{url}/health", child, f"{child.name} to serve")
+            for url, child in zip(self.backend_urls, children, strict=True)))
+
+    async def start_haproxy(self, binary: str, balance: str) -> None:
+        port, stats_port = free_port(), free_port()
+        cfg = self.tmp / "haproxy.cfg"
+        cfg.write_text(haproxy_config(port, stats_port, self.node_ports, balance))
+        check = await asyncio.create_subprocess_exec(
+            binary, "-c", "-q", "-f", str(cfg), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+        out, _ = await check.communicate()
+        if check.returncode != 0:
+            raise SupportError(f"haproxy rejected the generated config:\n{out.decode()}")
+        self.lb_url = f"http://127.0.0.1:{port}"
+        self.stats_url = f"http://127.0.0.1:{stats_port}/stats"
+        child = await self.procs.start("haproxy", [binary, "-db", "-f", str(cfg)])
+        await wait_http_ok(self.session, self.stats_url, child, "haproxy to listen")
+
+    def _node_config(self, i: int, scenario: Scenario) -> Path:
+        cfg = {
+            "node_id": f"demo-node-{i}",
+            "listen": {"host": "127.0.0.1", "port": self.node_ports[i]},
+            "database": {"dsn": self.dsn, "pool_max": 4, "statement_timeout_ms": 2000},
+            "affinity": {"ttl_seconds": 900, **scenario.affinity},
+            "routing": {"fallback": "least_outstanding"},
+            "health": {"interval_seconds": 1.0},
+            "limits": {"drain_timeout_seconds": 5},
+            "logging": {"level": self.node_log_level, "json": False},
+            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"}
+                         for u in self.backend_urls],
+            "models": [{"name": MODEL, "affinity": True}],
+        }
+        path = self.tmp / f"node-{i}-{scenario.key}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    async def start_nodes(self, scenario: Scenario) -> None:
+        children = []
+        for i in range(len(self.node_ports)):
+            path = self._node_config(i, scenario)
+            children.append(await self.procs.start(f"node-{i}-{scenario.key}", [
+                sys.executable, "-m", "affinity_node", "serve", "--config", str(path)]))
+        self.nodes = children
+        await asyncio.gather(*(
+            wait_http_ok(self.session, f"{url}/readyz", child, f"{child.name} to be ready")
+            for url, child in zip(self.node_urls, children, strict=True)))
+        if self.stats_url is not None:
+            names = [f"node-{i}" for i in range(len(self.node_ports))]
+            stats_url = self.stats_url
+
+            async def up() -> bool:
+                return await haproxy_servers_up(self.session, stats_url, names)
+
+            await poll(up, None, "haproxy to see every node up")
+
+    async def stop_nodes(self) -> None:
+        if self.nodes:
+            await self.procs.stop(self.nodes)
+            self.nodes = None
+
+    async def clear_caches(self) -> None:
+        async def clear(url: str) -> None:
+            async with self.session.post(f"{url}/admin/cache/clear",
+                                         timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                resp.raise_for_status()
+
+        await asyncio.gather(*(clear(u) for u in self.backend_urls))
+
+    async def scrape(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        backends = dict(zip(self.backend_ids, (f"{u}/metrics" for u in self.backend_urls),
+                            strict=True))
+        nodes = {f"node-{i}": f"{u}/metrics" for i, u in enumerate(self.node_urls)}
+        b, n = await asyncio.gather(scrape_all(self.session, backends),
+                                    scrape_all(self.session, nodes))
+        return b, n
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+async def create_keys(dsn: str, n: int, prefix: str) -> tuple[list[uuid.UUID], list[str]]:
+    from affinity_node.store.keys import create_key
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids, secrets = [], []
+        for i in range(n):
+            key, secret = await create_key(conn, f"{prefix}-tenant-{i:02d}")
+            ids.append(key.id)
+            secrets.append(secret)
+        return ids, secrets
+    finally:
+        await conn.close()
+
+
+async def delete_keys(dsn: str, ids: Sequence[uuid.UUID]) -> None:
+    """Removes the demo's keys (and, by cascade, their bindings) from a database it borrowed."""
+    from affinity_node.store.keys import delete_key
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        for key_id in ids:
+            await delete_key(conn, key_id)
+    finally:
+        await conn.close()

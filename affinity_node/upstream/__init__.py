@@ -1,0 +1,1 @@
+"""The client side of the proxy: the only code that talks HTTP to backends."""

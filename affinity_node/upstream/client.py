@@ -1,0 +1,88 @@
+"""One HTTP client for every backend: forwarding, health probes and model discovery.
+
+Everything the node sends to a backend goes through `UpstreamClient`, so connection limits,
+timeouts and decompression are decided here once. Responses are never decompressed: the proxy
+passes bytes through as the backend sent them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+
+class UpstreamError(Exception):
+    """A backend could not be asked or answered something unusable; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    connect_s: float = 5.0
+    read_s: float = 600.0
+    """Longest silence between two body chunks of a forwarded request."""
+    health_s: float = 2.0
+    discovery_s: float = 5.0
+
+
+class UpstreamClient:
+    def __init__(self, timeouts: UpstreamTimeouts | None = None) -> None:
+        self.timeouts = t = timeouts or UpstreamTimeouts()
+        self._health_timeout = aiohttp.ClientTimeout(total=t.health_s)
+        self._discovery_timeout = aiohttp.ClientTimeout(total=t.discovery_s)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_read=t.read_s),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        """The upstream request; use as `async with` (or await it, then close the response)."""
+        return self._session.post(url, data=body, headers=headers)
+
+    async def health(self, base_url: str) -> str | None:
+        """None when GET /health answers 2xx in time, else why not."""
+        try:
+            async with self._session.get(
+                f"{base_url}/health", timeout=self._health_timeout, allow_redirects=False
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return None
+                return f"/health answered {resp.status}"
+        except TimeoutError:
+            return "/health timed out"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"/health failed: {exc.__class__.__name__}: {exc}"
+
+    async def models(self, base_url: str) -> list[str]:
+        """The model ids GET /v1/models lists; UpstreamError when it cannot tell."""
+        try:
+            async with self._session.get(
+                f"{base_url}/v1/models", timeout=self._discovery_timeout, allow_redirects=False
+            ) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(f"answered {resp.status}")
+                body = await resp.json(content_type=None)
+        except TimeoutError:
+            raise UpstreamError("timed out") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise UpstreamError(str(exc) or repr(exc)) from None
+        return model_ids(body)
+
+
+def model_ids(body: object) -> list[str]:
+    """The ids of an OpenAI-style model list; UpstreamError on any other shape."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise UpstreamError("no 'data' list in the model list")
+    ids: list[str] = []
+    for item in data:
+        model_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(model_id, str) and model_id:
+            ids.append(model_id)
+    return ids

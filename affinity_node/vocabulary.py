@@ -1,0 +1,53 @@
+"""The product's words, each spelled once. Everything else derives from these Literal types
+(`typing.get_args`), so a new outcome or strategy is added here and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+MissOutcome = Literal["created", "found_in_db", "found_after_lock", "degraded"]
+"""How a resolve that needed the database ended (label `outcome` of the miss counter)."""
+
+Outcome = Literal["hit", "rebind", MissOutcome]
+"""What the engine answered for one resolve."""
+
+AffinityHeader = Literal["hit", "miss", "rebind", "spill", "degraded", "bypass"]
+"""The `x-affinity` response header: what affinity did for this request."""
+
+RebindReason = Literal["unhealthy", "failover"]
+NotifyOp = Literal["insert", "update", "delete"]
+"""Operations the binding table's trigger announces."""
+
+KeyEventOp = Literal["create", "revoke", "restore", "delete"]
+"""Operations the api_keys trigger announces."""
+
+StrategyName = Literal["least_outstanding", "round_robin", "random"]
+"""`routing.fallback`: who picks a backend when affinity does not decide."""
+
+StoreKind = Literal["postgres", "memory"]
+"""`affinity.store`: bindings shared through Postgres, or kept by each node alone."""
+
+BackendKind = Literal["vllm", "external"]
+"""vllm: affinity may apply (it has a prefix cache to reuse); external: never."""
+
+DbOperation = Literal["read", "create", "rebind", "refresh", "cleanup", "snapshot", "list", "purge"]
+"""Store operations whose failures are counted (label `operation` of the db error counter)."""
+
+MISS_OUTCOMES: Final[tuple[MissOutcome, ...]] = get_args(MissOutcome)
+OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+AFFINITY_HEADERS: Final[tuple[AffinityHeader, ...]] = get_args(AffinityHeader)
+REBIND_REASONS: Final[tuple[RebindReason, ...]] = get_args(RebindReason)
+NOTIFY_OPS: Final[tuple[NotifyOp, ...]] = get_args(NotifyOp)
+KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
+STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
+STORE_KINDS: Final[tuple[StoreKind, ...]] = get_args(StoreKind)
+BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
+DB_OPERATIONS: Final[tuple[DbOperation, ...]] = get_args(DbOperation)
+
+HEADER_OF: Final[dict[Outcome, AffinityHeader]] = {
+    "hit": "hit",
+    "rebind": "rebind",
+    "degraded": "degraded",
+    **dict.fromkeys(("created", "found_in_db", "found_after_lock"), "miss"),  # type: ignore[dict-item]
+}
+"""The header a request gets for each engine outcome (a spill or bypass is the router's)."""

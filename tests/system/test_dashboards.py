@@ -1,0 +1,128 @@
+"""The Grafana dashboards: generated from code, committed up to date, importable as they are."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from affinity_node.devtools import dashboards as d
+
+REPO = Path(__file__).resolve().parents[2]
+GRAFANA = REPO / "grafana"
+BOARDS = {name: build() for name, build in d.DASHBOARDS.items()}
+
+
+def test_committed_json_is_what_the_generator_builds():
+    stale = d.stale(GRAFANA / "dashboards")
+    assert stale == [], (
+        f"stale dashboards {stale}: run `python -m affinity_node.devtools.dashboards`"
+    )
+
+
+def test_check_mode_reports_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    d.write(tmp_path)
+    assert d.main(["--check", "--dir", str(tmp_path)]) == 0
+    path = tmp_path / "affinity-overview.json"
+    path.write_text(path.read_text().replace("Cache hit ratio", "Cache hit rate"))
+    assert d.main(["--check", "--dir", str(tmp_path)]) == 1
+    assert "affinity-overview.json" in capsys.readouterr().err
+
+
+def test_the_two_dashboards():
+    titles = {b["title"] for b in BOARDS.values()}
+    assert titles == {"Affinity overview", "Traffic and backends"}
+    assert len({b["uid"] for b in BOARDS.values()}) == 2
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_datasource_is_a_template_variable_never_an_import_input(name: str):
+    board = BOARDS[name]
+    text = (GRAFANA / "dashboards" / name).read_text()
+    assert "${DS_" not in text and "__inputs" not in text
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["node"]["type"] == "query"
+    assert "instance" in variables["node"]["definition"]
+    for v in variables.values():
+        if v["type"] == "query":
+            assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            assert t["datasource"] == panel["datasource"]
+
+
+def test_provisioned_datasource_uid_is_pinned_and_is_the_variables_default():
+    ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (prom,) = ds["datasources"]
+    assert prom["type"] == "prometheus" and prom["uid"] == d.DATASOURCE_UID
+    for board in BOARDS.values():
+        var = board["templating"]["list"][0]
+        assert var["current"]["value"] == d.DATASOURCE_UID
+    provider = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "affinity.yml").read_text())
+    (p,) = provider["providers"]
+    assert p["type"] == "file" and p["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_layout_ids_and_ref_ids(name: str):
+    panels = BOARDS[name]["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"{p['title']} overlaps another panel"
+        cells |= mine
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(set(refs)) == len(refs)
+
+
+_AGGREGATED = re.compile(r"sum(?: by \([^()]*\) )?\($")
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_rates_and_quantiles_aggregate_across_nodes(name: str):
+    for title, ref, expr in d.expressions(BOARDS[name]):
+        for m in re.finditer(r"\b(rate|increase)\(", expr):
+            assert _AGGREGATED.search(expr[: m.start()]), f"{title}/{ref}: bare {m[0]} in {expr}"
+        for m in re.finditer(r"histogram_quantile\([0-9.]+, ", expr):
+            assert expr[m.end():].startswith("sum by (le"), f"{title}/{ref}: {expr}"
+        for metric in re.findall(r"\baffinity_[a-z_]+\{([^}]*)\}", expr):
+            assert 'instance=~"$node"' in metric, f"{title}/{ref}: no $node filter: {expr}"
+
+
+def test_panels_cover_the_issue():
+    titles = {p["title"] for b in BOARDS.values() for p in b["panels"]}
+    for wanted in (
+        "Cache hit ratio", "Misses by outcome", "Lock wait p50 / p99",
+        "Rebinds and spills by reason", "Bindings per backend",
+        "Binding skew (max / mean per backend)", "Notify lag p50 / p99",
+        "Listener up per node", "Listener reconnects and cache resyncs per node",
+        "Degraded requests and database errors", "Database up per node",
+        "Requests by route and code", "Errors by route and code",
+        "Added latency (proxy overhead) p50 / p99", "TTFT p50 / p99 per backend",
+        "In-flight per backend", "Backend health", "vLLM prefix-cache hit rate",
+        "vLLM queue depth",
+    ):
+        assert wanted in titles
+    exprs = " ".join(e for b in BOARDS.values() for _, _, e in d.expressions(b))
+    for metric in ("prefix_cache_hits_total", "prefix_cache_queries_total",
+                   "num_requests_waiting"):
+        # vllm:x or vllm_x: see dashboards.vllm()
+        assert f'__name__=~"vllm[:_]{metric}"' in exprs
+
+
+def test_json_is_plain_and_stable():
+    for name, board in BOARDS.items():
+        assert json.loads(d.render(board)) == board
+        assert d.render(board) == d.render(d.DASHBOARDS[name]())

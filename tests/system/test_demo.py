@@ -1,0 +1,281 @@
+"""`demo` and `bench`: the whole local fleet as users run it, and the load generator against an
+in-process cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+
+from affinity_node.sim.bench_cli import add_bench_parser, read_keys, workload_from_args
+from affinity_node.sim.demo import add_demo_parser, cache_blocks_for
+from affinity_node.sim.haproxy import find_haproxy, haproxy_config, haproxy_status
+from affinity_node.sim.workload import WorkloadConfig, estimate_working_set_blocks
+from tests.support.cluster import MODEL, cluster
+
+DEMO_TIMEOUT_S = 150.0
+
+
+def _require_haproxy() -> str:
+    binary = find_haproxy()
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("haproxy is required under CI=true (.ci/run installs it)")
+        pytest.skip("no haproxy binary")
+    return binary
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | asyncio.subprocess.Process) -> None:
+    """Last resort when a test fails: the demo and everything it started."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def test_generated_haproxy_config_is_valid(tmp_path):
+    binary = _require_haproxy()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(18080, 18081, [18090, 18091, 18092]))
+    done = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = cfg.read_text()
+    for line in ("balance leastconn", "option httpchk GET /readyz", "timeout server 600s",
+                 "option http-no-delay"):
+        assert line in text
+
+
+def test_haproxy_status_reads_the_stats_csv():
+    csv = ("# pxname,svname,qcur,status\n"
+           "api,FRONTEND,,OPEN\n"
+           "nodes,node-0,0,UP\n"
+           "nodes,node-1,0,UP 1/2\n"
+           "nodes,node-2,0,DOWN\n"
+           "nodes,BACKEND,0,UP\n")
+    assert haproxy_status(csv) == {"node-0": "UP", "node-1": "UP 1/2", "node-2": "DOWN"}
+    assert haproxy_status("<html>not csv</html>") == {}
+
+
+def test_caches_are_sized_like_a_fleet():
+    cfg = WorkloadConfig(base_urls=("http://x",), api_keys=("k",), tenants=40,
+                         conversations_per_tenant=2, max_turns=16, rate=50.0, duration_s=18.0)
+    blocks = estimate_working_set_blocks(cfg, expected_requests=900)
+    per_backend = cache_blocks_for(cfg, 4, 900)
+    assert per_backend < blocks / 2  # no backend holds every tenant's prefixes ...
+    assert 4 * per_backend >= blocks  # ... all of them together do
+
+
+def test_parsers_register_their_commands():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo_parser(sub)
+    add_bench_parser(sub)
+    demo = parser.parse_args(["demo", "--duration", "5", "--json", "--no-haproxy"])
+    assert demo.duration == 5 and demo.json and demo.no_haproxy and demo.backends == 4
+    assert asyncio.iscoroutinefunction(demo.func)
+    bench = parser.parse_args(["bench", "--url", "http://lb:8080", "--api-key", "sk-1",
+                               "--no-stream"])
+    assert bench.stream is False and bench.url == ["http://lb:8080"]
+    assert asyncio.iscoroutinefunction(bench.func)
+
+
+# -- bench against an in-process cluster -----------------------------------------------------
+
+
+def _bench_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
+    async with cluster(dsn, nodes=2, backends=3) as c:
+        secrets = [await c.new_key(f"tenant-{i}") for i in range(6)]
+        keys_file = tmp_path / "keys.txt"
+        keys_file.write_text("\n".join(secrets) + "\n")
+        report_path = tmp_path / "report.json"
+        argv = ["--url", c.nodes[0].url, "--url", c.nodes[1].url,
+                "--api-keys-file", str(keys_file), "--rate", "40", "--duration", "2",
+                "--model", MODEL, "--json", str(report_path)]
+        for i, b in enumerate(c.backends):
+            argv += ["--backend-metrics", f"b{i}={b.url}"]
+        for n in c.nodes:
+            argv += ["--node-metrics", n.url]
+        args = _bench_args(argv)
+        assert await args.func(args) == 0
+
+        out, err = capsys.readouterr()
+        for secret in secrets:
+            assert secret not in out and secret not in err
+        assert "prefix-cache hit rate" in out and "x-affinity: hit" in out
+        doc = json.loads(report_path.read_text())
+        run = doc["runs"][0]
+        assert doc["ok"] is True and run["errors"] == 0
+        n = run["requests"]
+        assert n >= 40
+        assert set(run["requests_per_backend"]) <= {"b0", "b1", "b2"}
+        assert sum(run["requests_per_backend"].values()) == n
+        headers = run["affinity_headers"]
+        assert headers.get("hit", 0) + headers.get("miss", 0) == n
+        assert headers.get("miss", 0) <= 6 * 2  # at most one miss per (key, node)
+        nodes = run["node_metrics"]
+        assert nodes["hits"] + sum(nodes["misses"].values()) == n
+        assert nodes["misses"]["created"] == 6  # one binding per key, whichever node missed
+        # Six tenants, each pinned: every backend answer after the first per tenant reuses
+        # the long system prompt and the history.
+        assert run["prefix_cache"]["source"] == "backend metrics"
+        assert run["prefix_cache"]["hit_rate"] > 0.6
+        assert run["ttft_s"]["p50"] is not None
+
+        # One key for everything: said out loud, and affinity sees one tenant.
+        args = _bench_args(["--url", c.nodes[0].url, "--api-key", secrets[0],
+                            "--concurrency", "2", "--duration", "1", "--max-requests", "10",
+                            "--model", MODEL, "--json", "-"])
+        assert await args.func(args) == 0
+        out, err = capsys.readouterr()
+        assert "one API key for all 32 tenants" in err
+        assert secrets[0] not in out + err
+        run = json.loads(out)["runs"][0]
+        assert run["requests"] == 10
+        assert run["affinity_headers"] == {"hit": 10} or run["affinity_headers"].get("miss") == 1
+        assert run["prefix_cache"]["source"] == "usage.cached_tokens"
+
+
+def test_bench_load_shapes_and_keys(monkeypatch):
+    monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
+    # deploy/docker-compose.yml's flags: Poisson at 20/s, at most 16 in flight.
+    args = _bench_args(["--url", "http://lb", "--api-key", "sk-1", "--keys", "20",
+                        "--rate", "20", "--duration", "60", "--concurrency", "16"])
+    cfg = workload_from_args(args, read_keys(args))
+    assert (cfg.rate, cfg.concurrency, cfg.max_inflight, cfg.tenants) == (20.0, None, 16, 20)
+    args = _bench_args(["--url", "http://lb", "--concurrency", "4"])
+    monkeypatch.setenv("AFFINITY_API_KEY", "sk-a, sk-b")
+    keys = read_keys(args)
+    assert keys == ["sk-a", "sk-b"]
+    cfg = workload_from_args(args, keys)
+    assert (cfg.rate, cfg.concurrency, cfg.tenants) == (None, 4, 2)
+    cfg = workload_from_args(_bench_args(["--url", "http://lb"]), keys)
+    assert (cfg.rate, cfg.concurrency) == (20.0, None)
+
+
+async def test_bench_refuses_bad_input(capsys, monkeypatch):
+    monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
+    args = _bench_args(["--url", "http://127.0.0.1:9"])
+    assert await args.func(args) == 2
+    assert "no API key" in capsys.readouterr().err
+    args = _bench_args(["--url", "http://127.0.0.1:9", "--api-key", "sk-x",
+                        "--node-metrics", "ftp://nope"])
+    assert await args.func(args) == 2
+
+
+# -- the demo as users run it ----------------------------------------------------------------
+
+
+def test_demo_end_to_end():
+    """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "affinity_node.sim.demo", "--duration", "10", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"demo did not finish in {DEMO_TIMEOUT_S}s:\n{err.decode()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    doc = json.loads(out)
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["affinity off", "node-local affinity", "shared affinity"]
+    assert doc["ok"] is True and all(r["errors"] == 0 for r in runs.values())
+    rate = {name: r["prefix_cache"]["hit_rate"] for name, r in runs.items()}
+    assert rate["shared affinity"] > rate["node-local affinity"] > rate["affinity off"], rate
+    assert runs["affinity off"]["affinity_headers"] == {"bypass": runs["affinity off"]["requests"]}
+    shared = runs["shared affinity"]
+    assert shared["node_metrics"]["misses"]["created"] <= 40
+    assert shared["busiest_over_mean"] < 2.0
+    assert "shared affinity" in stderr and "prefix-cache hit rate" in stderr  # the table
+    if find_haproxy() is None:
+        assert "spreads requests" in stderr
+
+
+async def test_demo_stops_everything_on_sigterm(dsn):
+    """SIGTERM mid-run: exit 143, every child process gone, temp files removed, the demo's
+    keys deleted from the database it borrowed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "affinity_node.sim.demo", "--duration", "30", "--dsn", dsn,
+        "--keys", "8", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+
+        async def until_load_runs() -> None:
+            while True:
+                line = (await proc.stderr.readline()).decode()  # type: ignore[union-attr]
+                if not line:
+                    raise AssertionError("demo exited early:\n" + "".join(seen))
+                seen.append(line)
+                if line.startswith("[1/3 affinity off]:"):  # the first progress line
+                    return
+
+        await asyncio.wait_for(until_load_runs(), 60)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "fake-backend" in names and "serve" in names
+        configs = [Path(arg) for c in children for arg in c.cmdline() if arg.endswith(".yaml")]
+        assert configs
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM api_keys") == 8
+        finally:
+            await conn.close()
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        assert code == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 30
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, alive
+        assert not any(p.exists() for p in configs)
+        assert not configs[0].parent.exists()
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM api_keys") == 0
+        finally:
+            await conn.close()
+        rest = (await proc.stderr.read()).decode()
+        assert "SIGTERM: stopping everything" in rest
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc)
+            await proc.wait()
+
+
+def test_demo_refuses_bad_options():
+    done = subprocess.run([sys.executable, "-m", "affinity_node.sim.demo", "--backends", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--backends" in done.stderr
