@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench-engine bench-overhead lint clean
+.PHONY: test test-fast lint format demo bench-engine bench-overhead dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -13,8 +13,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Everything: unit, integration and system tests (Postgres is embedded unless
+# AFFINITY_TEST_DSN names one).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The domain on the memory store: no Postgres, no sockets, a few seconds.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check affinity_node tests
+	$(VENV)/bin/ruff format --check affinity_node tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix affinity_node tests
+	$(VENV)/bin/ruff format affinity_node tests
 
 demo: $(STAMP)
 	$(VENV)/bin/affinity-node demo $(DEMO_ARGS)
@@ -25,9 +41,8 @@ bench-engine: $(STAMP)
 bench-overhead: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_overhead
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check affinity_node tests
-	$(VENV)/bin/mypy
+dashboards: $(STAMP)
+	$(PY) -m affinity_node.devtools.dashboards
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

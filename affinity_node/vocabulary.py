@@ -48,6 +48,8 @@ HEADER_OF: Final[dict[Outcome, AffinityHeader]] = {
     "hit": "hit",
     "rebind": "rebind",
     "degraded": "degraded",
-    **dict.fromkeys(("created", "found_in_db", "found_after_lock"), "miss"),  # type: ignore[dict-item]
+    "created": "miss",
+    "found_in_db": "miss",
+    "found_after_lock": "miss",
 }
 """The header a request gets for each engine outcome (a spill or bypass is the router's)."""

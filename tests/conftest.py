@@ -67,3 +67,21 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     yield conn
     await conn.close()
+
+
+LAYERS = ("unit", "integration", "system")
+DATABASE_FIXTURES = frozenset({"pg_admin_dsn", "pg_template", "dsn", "empty_dsn", "db"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test is marked by its folder; a unit test that asks for Postgres is an error."""
+    for item in items:
+        layer = item.path.parent.name
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(LAYERS)}}}")
+        item.add_marker(getattr(pytest.mark, layer))
+        if layer == "unit":
+            wanted = DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
+            if wanted:
+                raise pytest.UsageError(f"{item.nodeid}: unit tests run without Postgres "
+                                        f"(asks for {', '.join(sorted(wanted))})")

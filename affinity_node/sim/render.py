@@ -56,7 +56,7 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
             cells.append("-" if count is None else
                          f"{count}" + ("" if rate is None else f" ({_pct(rate)})"))
         row(f"  {b} requests (hit)", cells)
-    seen = [h for h in AFFINITY_HEADERS if any(h in r.affinity_headers for r in runs)]
+    seen: list[str] = [h for h in AFFINITY_HEADERS if any(h in r.affinity_headers for r in runs)]
     seen += sorted({h for r in runs for h in r.affinity_headers} - set(AFFINITY_HEADERS))
     for h in seen:
         row(f"x-affinity: {h}", (str(r.affinity_headers.get(h, 0)) for r in runs))

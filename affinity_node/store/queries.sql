@@ -23,10 +23,11 @@ ON CONFLICT (api_key_id, model) DO UPDATE
 RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
 
 -- name: binding_rebind
--- Compare-and-set: moves the binding only if it still points where the caller saw it.
+-- Compare-and-set: moves the binding only if it still points where the caller saw it and is
+-- still live (an expired row is re-created under the pair's lock, never revived by a move).
 UPDATE api_key_model_affinity
 SET provider_url = $4, expires_at = now() + make_interval(secs => $5::float8)
-WHERE api_key_id = $1 AND model = $2 AND provider_url = $3
+WHERE api_key_id = $1 AND model = $2 AND provider_url = $3 AND expires_at > now()
 RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
 
 -- name: binding_refresh

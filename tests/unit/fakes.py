@@ -1,0 +1,110 @@
+"""Test doubles for the unit tests: a clock moved by hand and stores that fail or stall on
+purpose. The stores are the real MemoryBindingStore with one behaviour added each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from uuid import UUID
+
+from prometheus_client import CollectorRegistry
+
+from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.ports import CreateResult, Pair, StoredBinding, StoreUnavailable
+from affinity_node.store.memory import MemoryBindingStore
+
+
+class Clock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FlakyStore(MemoryBindingStore):
+    """Raises StoreUnavailable from every operation while `down`; counts the calls it got."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.down = False
+        self.calls = 0
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("read", ConnectionRefusedError("test"))
+
+    async def read(self, pair: Pair) -> StoredBinding | None:
+        self._check()
+        return await super().read(pair)
+
+    async def create_if_absent(
+        self, pair: Pair, choose: Callable[[], str], ttl: float
+    ) -> CreateResult:
+        self._check()
+        return await super().create_if_absent(pair, choose, ttl)
+
+    async def rebind(self, pair: Pair, old: str, new: str, ttl: float) -> StoredBinding | None:
+        self._check()
+        return await super().rebind(pair, old, new, ttl)
+
+
+class GatedStore(FlakyStore):
+    """Holds every create until `gate` is set: concurrent callers pile up behind one trip."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def create_if_absent(
+        self, pair: Pair, choose: Callable[[], str], ttl: float
+    ) -> CreateResult:
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().create_if_absent(pair, choose, ttl)
+
+
+class Chooser:
+    """A fallback strategy over backend ids that records its calls (round robin)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, candidates: Sequence[str]) -> str:
+        self.calls += 1
+        return candidates[(self.calls - 1) % len(candidates)]
+
+
+def make_engine(
+    store: MemoryBindingStore, clock: Clock, **settings: float
+) -> tuple[AffinityEngine, CollectorRegistry]:
+    registry = CollectorRegistry()
+    engine = AffinityEngine(
+        store,
+        BindingCache(clock=clock),
+        AffinityMetrics(registry),
+        EngineSettings(**settings),  # type: ignore[arg-type]
+        clock=clock,
+        wall_clock=clock,
+    )
+    engine.cache.suspect = False
+    return engine, registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels or None) or 0.0
+
+
+KEY = UUID("00000000-0000-0000-0000-0000000000aa")
+MODEL = "llama"
+PAIR = (KEY, MODEL)
+B1, B2, B3 = "http://b1:8000", "http://b2:8000", "http://b3:8000"
