@@ -181,8 +181,11 @@ async def affinity_engine(
         await engine.resync()
 
     listener = ChangeListener(
-        replace(spec.listener, dsn=spec.db.dsn,
-                application_name=f"affinity-node-listener:{spec.node_id}"),
+        replace(
+            spec.listener,
+            dsn=spec.db.dsn,
+            application_name=f"affinity-node-listener:{spec.node_id}",
+        ),
         handlers,
         on_synced=on_synced,
         on_state=engine.listener_state,
@@ -219,8 +222,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _keys(app: web.Application) -> AsyncIterator[None]:
     pool = app[DB_POOL]
-    app[KEYS] = KeyCache(partial(key_store.lookup_hash, pool),
-                         partial(key_store.active_hashes, pool))
+    app[KEYS] = KeyCache(
+        partial(key_store.lookup_hash, pool), partial(key_store.active_hashes, pool)
+    )
     yield
 
 
@@ -234,10 +238,12 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     limits = app[CONFIG].limits
-    client = UpstreamClient(UpstreamTimeouts(
-        connect_s=limits.upstream_connect_timeout_seconds,
-        read_s=limits.upstream_read_timeout_seconds,
-    ))
+    client = UpstreamClient(
+        UpstreamTimeouts(
+            connect_s=limits.upstream_connect_timeout_seconds,
+            read_s=limits.upstream_read_timeout_seconds,
+        )
+    )
     app[UPSTREAM] = client
     yield
     await client.close()
@@ -282,12 +288,12 @@ async def _router(app: web.Application) -> AsyncIterator[None]:
         pool,
         make_strategy(cfg.routing.fallback),
         engine,
-        AffinityRules(cfg.affinity.enabled, cfg.affinity.load_factor,
-                      cfg.affinity.spill_min_gap),
+        AffinityRules(cfg.affinity.enabled, cfg.affinity.load_factor, cfg.affinity.spill_min_gap),
         app[AFFINITY_METRICS],
     )
-    collector = NodeCollector(pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS],
-                              [x.name for x in cfg.models])
+    collector = NodeCollector(
+        pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS], [x.name for x in cfg.models]
+    )
     app[REGISTRY].register(collector)
     yield
     app[REGISTRY].unregister(collector)

@@ -93,21 +93,27 @@ async def _bindings(args: argparse.Namespace) -> int:
         if args.bindings_cmd == "list":
             rows = await store.list_bindings(args.model, key_id)
             if args.json:
-                print(json.dumps([
-                    {
-                        "api_key_id": str(r["api_key_id"]),
-                        "model": r["model"],
-                        "provider_url": r["provider_url"],
-                        "version": r["version"],
-                        "expires_at": r["expires_at"].isoformat(),
-                        "ttl_seconds": round(r["ttl"], 3),
-                    }
-                    for r in rows
-                ]))
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "api_key_id": str(r["api_key_id"]),
+                                "model": r["model"],
+                                "provider_url": r["provider_url"],
+                                "version": r["version"],
+                                "expires_at": r["expires_at"].isoformat(),
+                                "ttl_seconds": round(r["ttl"], 3),
+                            }
+                            for r in rows
+                        ]
+                    )
+                )
             else:
                 for r in rows:
-                    print(f"{r['api_key_id']}  {r['model']:<24}  {r['provider_url']:<32}  "
-                          f"v{r['version']}  ttl {r['ttl']:.0f}s")
+                    print(
+                        f"{r['api_key_id']}  {r['model']:<24}  {r['provider_url']:<32}  "
+                        f"v{r['version']}  ttl {r['ttl']:.0f}s"
+                    )
         else:
             n = await store.purge(args.model, key_id)
             print(f"purged {n} binding(s)")
@@ -169,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, help="backend id (x-backend-id, system_fingerprint)")
     p.add_argument("--model", action="append", required=True, help="model name (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--cache-blocks", type=int, default=2048,
-                   help="prefix cache size, 16-token blocks")
+    p.add_argument(
+        "--cache-blocks", type=int, default=2048, help="prefix cache size, 16-token blocks"
+    )
     p.add_argument("--ttft-base", type=float, default=0.005, help="seconds before any prefill")
-    p.add_argument("--prefill-per-token", type=float, default=0.00002,
-                   help="seconds per uncached token")
+    p.add_argument(
+        "--prefill-per-token", type=float, default=0.00002, help="seconds per uncached token"
+    )
     p.add_argument("--tokens-per-s", type=float, default=2000.0, help="streamed output rate")
     p.add_argument("--output-tokens", type=int, default=16)
     p.add_argument("--max-running", type=int, default=64)

@@ -114,8 +114,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0",
-                                                         "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float):
@@ -147,9 +155,7 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(unknown))}")
-    kwargs = {
-        k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()
-    }
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:

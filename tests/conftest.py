@@ -83,5 +83,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if layer == "unit":
             wanted = DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
             if wanted:
-                raise pytest.UsageError(f"{item.nodeid}: unit tests run without Postgres "
-                                        f"(asks for {', '.join(sorted(wanted))})")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: unit tests run without Postgres "
+                    f"(asks for {', '.join(sorted(wanted))})"
+                )

@@ -61,8 +61,11 @@ async def fleet(
     dsn: str, n: int, counter: StatementCounter | None = None, **engine: Any
 ) -> AsyncIterator[list[EngineNode]]:
     specs = [
-        EngineSpec(db=DatabaseConfig(dsn=dsn, pool_max=10), node_id=f"bench-{i}",
-                   engine=replace(EngineSettings(), **engine))
+        EngineSpec(
+            db=DatabaseConfig(dsn=dsn, pool_max=10),
+            node_id=f"bench-{i}",
+            engine=replace(EngineSettings(), **engine),
+        )
         for i in range(n)
     ]
     async with engine_nodes(specs, on_query=counter, background=True) as out:
@@ -111,13 +114,19 @@ async def bench_hits(dsn: str, n_pairs: int, calls: int) -> None:
             timer[i] = clock() - t0
         hits = node.registry.get_sample_value("affinity_cache_hits_total", {"model": MODEL})
         print(f"1. hit latency (in-process, per call, {calls} calls over {n_pairs} pairs)")
-        print(f"   resolve() hit : p50 {pct(hit_ns, .5) / 1000:6.2f} us   "
-              f"p99 {pct(hit_ns, .99) / 1000:6.2f} us")
-        print(f"   dict.get()    : p50 {pct(dict_ns, .5) / 1000:6.2f} us   "
-              f"p99 {pct(dict_ns, .99) / 1000:6.2f} us   (baseline)")
-        print(f"   timer alone   : p50 {pct(timer, .5) / 1000:6.2f} us")
-        print(f"   ratio p50 {pct(hit_ns, .5) / max(pct(dict_ns, .5), 1):.1f}x dict; "
-              f"hits counted {hits:.0f}; chooser calls {chooser.calls} (warm-up only)")
+        print(
+            f"   resolve() hit : p50 {pct(hit_ns, 0.5) / 1000:6.2f} us   "
+            f"p99 {pct(hit_ns, 0.99) / 1000:6.2f} us"
+        )
+        print(
+            f"   dict.get()    : p50 {pct(dict_ns, 0.5) / 1000:6.2f} us   "
+            f"p99 {pct(dict_ns, 0.99) / 1000:6.2f} us   (baseline)"
+        )
+        print(f"   timer alone   : p50 {pct(timer, 0.5) / 1000:6.2f} us")
+        print(
+            f"   ratio p50 {pct(hit_ns, 0.5) / max(pct(dict_ns, 0.5), 1):.1f}x dict; "
+            f"hits counted {hits:.0f}; chooser calls {chooser.calls} (warm-up only)"
+        )
 
 
 async def bench_cold_misses(dsn: str, rounds: int) -> None:
@@ -136,8 +145,10 @@ async def bench_cold_misses(dsn: str, rounds: int) -> None:
 
                 lat.extend(await asyncio.gather(*(one(i) for i in range(concurrency))))
                 assert chooser.calls == 1, chooser.calls
-            print(f"   {concurrency:>3} concurrent: p50 {pct(lat, .5) * 1000:6.2f} ms   "
-                  f"p99 {pct(lat, .99) * 1000:6.2f} ms   ({rounds} pairs, chooser ran once each)")
+            print(
+                f"   {concurrency:>3} concurrent: p50 {pct(lat, 0.5) * 1000:6.2f} ms   "
+                f"p99 {pct(lat, 0.99) * 1000:6.2f} ms   ({rounds} pairs, chooser ran once each)"
+            )
 
 
 async def bench_notify(dsn: str) -> None:
@@ -164,9 +175,11 @@ async def bench_notify(dsn: str) -> None:
         count = h.get_sample_value("affinity_notify_lag_seconds_count") or 0
         total = h.get_sample_value("affinity_notify_lag_seconds_sum") or 0
         print("3. rebind on node A until node B's cache shows it (includes A's UPDATE round trip)")
-        print(f"   p50 {pct(lat, .5) * 1000:6.2f} ms   p99 {pct(lat, .99) * 1000:6.2f} ms   "
-              f"({len(lat)} rebinds); trigger-to-cache mean from the lag histogram "
-              f"{total / max(count, 1) * 1000:.2f} ms")
+        print(
+            f"   p50 {pct(lat, 0.5) * 1000:6.2f} ms   p99 {pct(lat, 0.99) * 1000:6.2f} ms   "
+            f"({len(lat)} rebinds); trigger-to-cache mean from the lag histogram "
+            f"{total / max(count, 1) * 1000:.2f} ms"
+        )
 
 
 async def bench_statements(
@@ -197,21 +210,32 @@ async def bench_statements(
                 resolves += 1
         steady = counter.count
         outcomes = {
-            o: sum(n.registry.get_sample_value(
-                "affinity_cache_misses_total", {"model": MODEL, "outcome": o}) or 0
-                for n in nodes)
+            o: sum(
+                n.registry.get_sample_value(
+                    "affinity_cache_misses_total", {"model": MODEL, "outcome": o}
+                )
+                or 0
+                for n in nodes
+            )
             for o in ("created", "found_in_db", "found_after_lock", "degraded")
         }
-        refreshes = sum(n.registry.get_sample_value("affinity_refresh_writes_total") or 0
-                        for n in nodes)
+        refreshes = sum(
+            n.registry.get_sample_value("affinity_refresh_writes_total") or 0 for n in nodes
+        )
     per_1000 = steady / resolves * 1000
-    print(f"4. statements per 1000 resolves: {n_pairs} pairs, 3 nodes, {resolves} resolves in "
-          f"{duration:.0f} s, TTL {ttl:.0f} s, refresh flush 1 s")
+    print(
+        f"4. statements per 1000 resolves: {n_pairs} pairs, 3 nodes, {resolves} resolves in "
+        f"{duration:.0f} s, TTL {ttl:.0f} s, refresh flush 1 s"
+    )
     print(f"   warm-up ({n_pairs} first misses): {warm_statements} statements")
-    print(f"   steady state: {steady} statements (refresh batches {refreshes:.0f}, "
-          f"listener probes and asyncpg internals included) = {per_1000:.2f} per 1000 resolves")
-    print(f"   original design (1 read + 1 write per request): 2000 per 1000 resolves -> "
-          f"{2000 / max(per_1000, 1e-9):.0f}x fewer; miss outcomes over the whole run {outcomes}")
+    print(
+        f"   steady state: {steady} statements (refresh batches {refreshes:.0f}, "
+        f"listener probes and asyncpg internals included) = {per_1000:.2f} per 1000 resolves"
+    )
+    print(
+        f"   original design (1 read + 1 write per request): 2000 per 1000 resolves -> "
+        f"{2000 / max(per_1000, 1e-9):.0f}x fewer; miss outcomes over the whole run {outcomes}"
+    )
 
 
 async def run(args: argparse.Namespace, dsn: str) -> None:
@@ -237,14 +261,20 @@ async def run(args: argparse.Namespace, dsn: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m affinity_node.devtools.bench_engine",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m affinity_node.devtools.bench_engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dsn", help="Postgres admin DSN (default: an embedded Postgres)")
     p.add_argument("--duration", type=float, default=20.0, help="steady workload seconds")
     p.add_argument("--rate", type=float, default=5000.0, help="steady resolves per second")
-    p.add_argument("--ttl", type=float, default=10.0,
-                   help="binding TTL for the steady workload (short, so refreshes happen)")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=10.0,
+        help="binding TTL for the steady workload (short, so refreshes happen)",
+    )
     p.add_argument("--pairs", type=int, default=1000, help="(api key, model) pairs")
     p.add_argument("--calls", type=int, default=200_000, help="timed hit resolves")
     p.add_argument("--rounds", type=int, default=30, help="new pairs per cold-miss level")

@@ -53,8 +53,11 @@ SSE_PATH = "/v1/completions"
 """nginx answers SSE here: the node forwards only the path and body, so the path selects."""
 MODES = {"non-streaming": (CHAT_PATH, False), "streaming": (SSE_PATH, True)}
 TARGETS = ("direct", "forwarder", "node")
-LABELS = {"direct": "(a) direct nginx", "forwarder": "(b) bare forwarder",
-          "node": "(c) affinity node"}
+LABELS = {
+    "direct": "(a) direct nginx",
+    "forwarder": "(b) bare forwarder",
+    "node": "(c) affinity node",
+}
 CONNECTIONS = 64
 FIXED_RATE = 1000.0
 READY_TIMEOUT_S = 30.0
@@ -65,19 +68,31 @@ STOP_TIMEOUT_S = 5.0
 
 
 def request_body(stream: bool) -> str:
-    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                       "stream": stream}, separators=(",", ":"))
+    return json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        separators=(",", ":"),
+    )
 
 
 def completion_json() -> str:
-    return json.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
-        "model": MODEL,
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant",
-                                 "content": "Hello! How can I help you today?"}}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                    "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                }
+            ],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+        },
+        separators=(",", ":"),
+    )
 
 
 def sse_body() -> str:
@@ -87,10 +102,20 @@ def sse_body() -> str:
     deltas.append({})
     events = []
     for i, delta in enumerate(deltas):
-        chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk",
-                 "created": 1700000000, "model": MODEL,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                              "finish_reason": "stop" if i == len(deltas) - 1 else None}]}
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": "stop" if i == len(deltas) - 1 else None,
+                }
+            ],
+        }
         events.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
     return "".join(events) + "data: [DONE]\n\n"
 
@@ -103,8 +128,12 @@ def nginx_string(text: str) -> str:
 
 
 def nginx_conf(tmp: Path, port: int) -> str:
-    models = json.dumps({"object": "list", "data": [
-        {"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "bench"}]})
+    models = json.dumps(
+        {
+            "object": "list",
+            "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "bench"}],
+        }
+    )
     temp_paths = "\n".join(
         f"    {kind}_temp_path {tmp}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -173,8 +202,12 @@ class Procs:
         # A session of its own: Ctrl-C reaches only this driver, which then stops the
         # children in order instead of racing them.
         popen = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *argv], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            ["taskset", "-c", str(cpu), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         proc = Proc(name, popen, log_path, log)
         self._running.append(proc)
@@ -214,13 +247,18 @@ def wait_ready(url: str, proc: Proc) -> None:
         except OSError as exc:
             last = str(exc)
         time.sleep(0.05)
-    raise BenchError(f"{proc.name} not ready at {url} after {READY_TIMEOUT_S:.0f}s ({last}):\n"
-                     f"{proc.tail()}")
+    raise BenchError(
+        f"{proc.name} not ready at {url} after {READY_TIMEOUT_S:.0f}s ({last}):\n{proc.tail()}"
+    )
 
 
 def post(url: str, body: str, secret: str) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body.encode(), method="POST", headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
+    req = urllib.request.Request(
+        url,
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, dict(resp.headers), resp.read()
@@ -266,8 +304,13 @@ def parse_wrk(out: str) -> Run:
     if sock:
         errors += sum(int(g) for g in sock.groups())
     count = re.search(r"^\s+(\d+) requests in", out, re.M)
-    return Run(float(rps.group(1)), latency("50"), latency("99"), errors,
-               int(count.group(1)) if count else 0)
+    return Run(
+        float(rps.group(1)),
+        latency("50"),
+        latency("99"),
+        errors,
+        int(count.group(1)) if count else 0,
+    )
 
 
 def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
@@ -280,21 +323,49 @@ def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {secret}"\n'
     )
-    argv = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{CONNECTIONS}",
-            f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
-                          check=False)
+    argv = [
+        "taskset",
+        "-c",
+        str(cpu),
+        "wrk",
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)
 
 
 def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Run:
-    argv = ["taskset", "-c", str(cpu), sys.executable, "-m",
-            "affinity_node.devtools.overhead_client", url, "--rate", str(FIXED_RATE),
-            "--duration", str(seconds), "--body", body]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
-                          check=False, env={**os.environ, "BENCH_API_KEY": secret})
+    argv = [
+        "taskset",
+        "-c",
+        str(cpu),
+        sys.executable,
+        "-m",
+        "affinity_node.devtools.overhead_client",
+        url,
+        "--rate",
+        str(FIXED_RATE),
+        "--duration",
+        str(seconds),
+        "--body",
+        body,
+    ]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=False,
+        env={**os.environ, "BENCH_API_KEY": secret},
+    )
     if done.returncode != 0:
         raise BenchError(f"fixed-rate client failed ({done.returncode}): {done.stderr}")
     res: dict[str, Any] = json.loads(done.stdout)
@@ -332,18 +403,21 @@ async def _drop_key(dsn: str, key_id: uuid.UUID) -> None:
 
 
 def node_yaml(dsn: str, port: int, backend: str) -> str:
-    return yaml.safe_dump({
-        "node_id": "bench-overhead",
-        "listen": {"host": "127.0.0.1", "port": port},
-        "database": {"dsn": dsn, "pool_max": 4, "statement_timeout_ms": 2000},
-        "affinity": {"enabled": True, "store": "postgres"},
-        "routing": {"fallback": "least_outstanding"},
-        "health": {"interval_seconds": 5, "eject_after_failures": 3},
-        "limits": {"drain_timeout_seconds": 2},
-        "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
-        "models": [{"name": MODEL, "aliases": [], "affinity": True}],
-        "logging": {"level": "INFO", "json": False},
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "node_id": "bench-overhead",
+            "listen": {"host": "127.0.0.1", "port": port},
+            "database": {"dsn": dsn, "pool_max": 4, "statement_timeout_ms": 2000},
+            "affinity": {"enabled": True, "store": "postgres"},
+            "routing": {"fallback": "least_outstanding"},
+            "health": {"interval_seconds": 5, "eject_after_failures": 3},
+            "limits": {"drain_timeout_seconds": 2},
+            "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
+            "models": [{"name": MODEL, "aliases": [], "affinity": True}],
+            "logging": {"level": "INFO", "json": False},
+        },
+        sort_keys=False,
+    )
 
 
 @dataclass
@@ -366,7 +440,8 @@ def node_figures(base: str) -> NodeFigures:
             elif s.name == "affinity_cache_misses_total":
                 misses += s.value
             elif s.name == "affinity_http_requests_total" and s.labels.get("route") in (
-                CHAT_PATH, SSE_PATH
+                CHAT_PATH,
+                SSE_PATH,
             ):
                 code = s.labels.get("code", "?")
                 codes[code] = codes.get(code, 0.0) + s.value
@@ -392,8 +467,9 @@ Results = dict[str, dict[str, dict[str, Run]]]
 """mode -> target -> "full" | "fixed" -> Run."""
 
 
-def accounted(load: str, url: str, body: str, secret: str, opts: Options, tmp: Path,
-              proxy: Proc | None) -> Run:
+def accounted(
+    load: str, url: str, body: str, secret: str, opts: Options, tmp: Path, proxy: Proc | None
+) -> Run:
     """One measured run, with the proxy's CPU time over it when there is a proxy."""
     cpu0, wall0 = (cpu_seconds(proxy.popen.pid) if proxy else 0.0), time.perf_counter()
     if load == "full":
@@ -407,8 +483,14 @@ def accounted(load: str, url: str, body: str, secret: str, opts: Options, tmp: P
     return run
 
 
-def measure(base: str, secret: str, opts: Options, tmp: Path, proxy: Proc | None,
-            loads: Sequence[str] = ("full", "fixed")) -> dict[str, dict[str, Run]]:
+def measure(
+    base: str,
+    secret: str,
+    opts: Options,
+    tmp: Path,
+    proxy: Proc | None,
+    loads: Sequence[str] = ("full", "fixed"),
+) -> dict[str, dict[str, Run]]:
     out: dict[str, dict[str, Run]] = {}
     for mode, (path, stream) in MODES.items():
         body = request_body(stream)
@@ -421,21 +503,29 @@ def measure(base: str, secret: str, opts: Options, tmp: Path, proxy: Proc | None
             runs["fixed"] = accounted("fixed", url, body, secret, opts, tmp, proxy)
         out[mode] = runs
         for load, run in runs.items():
-            cpu = (f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
-                   if run.cpu_us_per_req is not None and run.cpu_share is not None else "")
-            print(f"  {mode:<14} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-                  f"p99 {run.p99_ms:6.2f} ms{cpu}"
-                  + (f"  ERRORS {run.errors}" if run.errors else ""), file=sys.stderr, flush=True)
+            cpu = (
+                f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
+                if run.cpu_us_per_req is not None and run.cpu_share is not None
+                else ""
+            )
+            print(
+                f"  {mode:<14} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
+                f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
-def start_node(procs: Procs, tmp: Path, dsn: str, backend: str, cpu: int,
-               module: str = "affinity_node") -> tuple[Proc, str]:
+def start_node(
+    procs: Procs, tmp: Path, dsn: str, backend: str, cpu: int, module: str = "affinity_node"
+) -> tuple[Proc, str]:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
     config.write_text(node_yaml(dsn, port, backend))
-    proc = procs.start(f"node-{port}", [sys.executable, "-m", module, "serve", "--config",
-                                        str(config)], cpu)
+    proc = procs.start(
+        f"node-{port}", [sys.executable, "-m", module, "serve", "--config", str(config)], cpu
+    )
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/readyz", proc)
     return proc, base
@@ -452,8 +542,7 @@ def warm_up_node(base: str, secret: str) -> list[str]:
     return seen
 
 
-def start_forwarder(procs: Procs, backend: str, cpu: int, uvloop: bool = True) -> tuple[
-        Proc, str]:
+def start_forwarder(procs: Procs, backend: str, cpu: int, uvloop: bool = True) -> tuple[Proc, str]:
     port = free_port()
     argv = [sys.executable, "-m", "affinity_node.devtools.bare_forwarder", str(port), backend]
     proc = procs.start(f"forwarder-{port}", argv if uvloop else [*argv, "--no-uvloop"], cpu)
@@ -469,8 +558,19 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         key_id, secret = asyncio.run(_prepare_db(dsn))
         nginx_port = free_port()
         (tmp / "nginx.conf").write_text(nginx_conf(tmp, nginx_port))
-        nginx = procs.start("nginx", ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
-                                      "-e", str(tmp / "nginx-error.log")], opts.load_cpu)
+        nginx = procs.start(
+            "nginx",
+            [
+                "nginx",
+                "-p",
+                str(tmp),
+                "-c",
+                str(tmp / "nginx.conf"),
+                "-e",
+                str(tmp / "nginx-error.log"),
+            ],
+            opts.load_cpu,
+        )
         backend = f"http://127.0.0.1:{nginx_port}"
         wait_ready(backend + "/health", nginx)
         results: Results = {mode: {} for mode in MODES}
@@ -495,8 +595,7 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         procs.stop(node)
 
         if opts.compare_uvloop:
-            report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret,
-                                                            opts)
+            report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret, opts)
         return results
     finally:
         procs.close()
@@ -505,16 +604,23 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
                 asyncio.run(_drop_key(dsn, key_id))
 
 
-def uvloop_experiment(procs: Procs, tmp: Path, dsn: str, backend: str, secret: str,
-                      opts: Options) -> dict[str, Any]:
+def uvloop_experiment(
+    procs: Procs, tmp: Path, dsn: str, backend: str, secret: str, opts: Options
+) -> dict[str, Any]:
     """Full load only: the forwarder and the node each on the default asyncio loop."""
     out: dict[str, Any] = {}
     fwd, base = start_forwarder(procs, backend, opts.proxy_cpu, uvloop=False)
     print("(b') bare forwarder, asyncio loop", file=sys.stderr, flush=True)
     out["forwarder_asyncio"] = measure(base, secret, opts, tmp, fwd, loads=("full",))
     procs.stop(fwd)
-    node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu,
-                            module="affinity_node.devtools.overhead_asyncio_node")
+    node, base = start_node(
+        procs,
+        tmp,
+        dsn,
+        backend,
+        opts.proxy_cpu,
+        module="affinity_node.devtools.overhead_asyncio_node",
+    )
     print("(c') affinity node, asyncio loop", file=sys.stderr, flush=True)
     warm_up_node(base, secret)
     out["node_asyncio"] = measure(base, secret, opts, tmp, node, loads=("full",))
@@ -543,47 +649,65 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
             runs = by_target.get(target)
             if runs is None:
                 continue
-            lines.append(f"  {LABELS[target]:<20}" + "  ".join(
-                f"{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-                + (f"{r.cpu_us_per_req:>9.0f}" if r.cpu_us_per_req is not None else f"{'-':>9}")
-                for r in (runs["full"], runs["fixed"])
-            ))
+            lines.append(
+                f"  {LABELS[target]:<20}"
+                + "  ".join(
+                    f"{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+                    + (f"{r.cpu_us_per_req:>9.0f}" if r.cpu_us_per_req is not None else f"{'-':>9}")
+                    for r in (runs["full"], runs["fixed"])
+                )
+            )
             for load, run in runs.items():
                 if load == "full" and run.cpu_share is not None and run.cpu_share < 0.9:
-                    problems.append(f"{mode} {target} {load}: the proxy got {run.cpu_share:.0%} "
-                                    "of its core: something else ran there")
+                    problems.append(
+                        f"{mode} {target} {load}: the proxy got {run.cpu_share:.0%} "
+                        "of its core: something else ran there"
+                    )
                 if run.errors:
-                    problems.append(f"{mode} {target} {load}: {run.errors} failed requests "
-                                    f"{run.detail.get('statuses', '')}")
+                    problems.append(
+                        f"{mode} {target} {load}: {run.errors} failed requests "
+                        f"{run.detail.get('statuses', '')}"
+                    )
                 lag = run.detail.get("lag_p99_ms", 0.0)
                 if lag > 5:
-                    problems.append(f"{mode} {target} {load}: the client lagged "
-                                    f"(p99 {lag:.1f} ms): latencies are the client's too")
+                    problems.append(
+                        f"{mode} {target} {load}: the client lagged "
+                        f"(p99 {lag:.1f} ms): latencies are the client's too"
+                    )
         if all(t in by_target for t in TARGETS):
             d, f, n = (by_target[t] for t in TARGETS)
-            lines.append(f"  node / forwarder throughput (full load): "
-                         f"{n['full'].rps / f['full'].rps:.2f}   "
-                         f"(forwarder / direct {f['full'].rps / d['full'].rps:.2f})"
-                         + cpu_ratio(n['full'], f['full']))
-            lines.append(f"  added p50 at {FIXED_RATE:.0f} req/s vs direct: node "
-                         f"{n['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms, forwarder "
-                         f"{f['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms; p99: node "
-                         f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
-                         f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms")
+            lines.append(
+                f"  node / forwarder throughput (full load): "
+                f"{n['full'].rps / f['full'].rps:.2f}   "
+                f"(forwarder / direct {f['full'].rps / d['full'].rps:.2f})"
+                + cpu_ratio(n["full"], f["full"])
+            )
+            lines.append(
+                f"  added p50 at {FIXED_RATE:.0f} req/s vs direct: node "
+                f"{n['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms, forwarder "
+                f"{f['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms; p99: node "
+                f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
+                f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms"
+            )
         lines.append("")
     nm = report.get("node_metrics")
     if nm:
         by_code = nm["completions_by_code"]
         codes = ", ".join(f"{c} {n:.0f}" for c, n in sorted(by_code.items()) if n)
-        lines.append(f"node /metrics: affinity_cache_hits_total {nm['cache_hits']:.0f}, "
-                     f"affinity_cache_misses_total {nm['cache_misses']:.0f} "
-                     f"(warm-up saw x-affinity {', '.join(report['warm_up_affinity'])}); "
-                     f"completions by code: {codes}")
-        lines.append(f"node's own affinity_proxy_overhead_seconds mean: "
-                     f"{nm['overhead_mean_ms']:.3f} ms/request (all runs)")
+        lines.append(
+            f"node /metrics: affinity_cache_hits_total {nm['cache_hits']:.0f}, "
+            f"affinity_cache_misses_total {nm['cache_misses']:.0f} "
+            f"(warm-up saw x-affinity {', '.join(report['warm_up_affinity'])}); "
+            f"completions by code: {codes}"
+        )
+        lines.append(
+            f"node's own affinity_proxy_overhead_seconds mean: "
+            f"{nm['overhead_mean_ms']:.3f} ms/request (all runs)"
+        )
         if by_code.get("499"):
-            lines.append("(499: requests in flight when wrk closes its connections at the end "
-                         "of a run)")
+            lines.append(
+                "(499: requests in flight when wrk closes its connections at the end of a run)"
+            )
         odd = {c: n for c, n in by_code.items() if n and c not in ("200", "499")}
         if odd:
             problems.append(f"the node answered non-200 statuses: {odd}")
@@ -594,17 +718,26 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         lines.append("")
         lines.append("uvloop comparison at full load, req/s (proxy cpu us/req):")
         for mode in MODES:
-            pairs = (("forwarder", exp["forwarder_asyncio"][mode]["full"],
-                      results[mode]["forwarder"]["full"]),
-                     ("node", exp["node_asyncio"][mode]["full"], results[mode]["node"]["full"]))
-            cells = [f"{name} asyncio {a.rps:5.0f} ({a.cpu_us_per_req or 0:.0f}) -> uvloop "
-                     f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
-                     for name, a, u in pairs]
+            pairs = (
+                (
+                    "forwarder",
+                    exp["forwarder_asyncio"][mode]["full"],
+                    results[mode]["forwarder"]["full"],
+                ),
+                ("node", exp["node_asyncio"][mode]["full"], results[mode]["node"]["full"]),
+            )
+            cells = [
+                f"{name} asyncio {a.rps:5.0f} ({a.cpu_us_per_req or 0:.0f}) -> uvloop "
+                f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
+                for name, a, u in pairs
+            ]
             lines.append(f"  {mode:<14} " + ";  ".join(cells))
     for cpu, share in report.get("busy_before", {}).items():
         if share > 0.05:
-            problems.append(f"cpu {cpu} was {share:.0%} busy with other processes before the "
-                            "benchmark started: figures are noisy")
+            problems.append(
+                f"cpu {cpu} was {share:.0%} busy with other processes before the "
+                "benchmark started: figures are noisy"
+            )
     lines += [f"WARNING: {w}" for w in problems]
     return "\n".join(lines).rstrip()
 
@@ -635,9 +768,15 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
                 "forwarder_cpu_us_per_req": f["full"].cpu_us_per_req,
             }
     out: dict[str, Any] = {
-        "options": asdict(opts), "connections": CONNECTIONS, "fixed_rate": FIXED_RATE,
-        "results": {mode: {t: {load: asdict(run) for load, run in by_load.items()}
-                           for t, by_load in by.items()} for mode, by in results.items()},
+        "options": asdict(opts),
+        "connections": CONNECTIONS,
+        "fixed_rate": FIXED_RATE,
+        "results": {
+            mode: {
+                t: {load: asdict(run) for load, run in by_load.items()} for t, by_load in by.items()
+            }
+            for mode, by in results.items()
+        },
         "summary": summary,
         "node_metrics": report.get("node_metrics"),
         "busy_before": report.get("busy_before"),
@@ -704,23 +843,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--proxy-cpu", type=int, default=0, help="core for the proxy under test")
-    p.add_argument("--load-cpu", type=int, default=1,
-                   help="core for nginx, wrk and the client")
-    p.add_argument("--compare-uvloop", action="store_true",
-                   help="also run the forwarder and the node on the default asyncio loop "
-                        "(full load)")
+    p.add_argument("--load-cpu", type=int, default=1, help="core for nginx, wrk and the client")
+    p.add_argument(
+        "--compare-uvloop",
+        action="store_true",
+        help="also run the forwarder and the node on the default asyncio loop (full load)",
+    )
     args = p.parse_args(argv)
 
     missing = missing_tools()
     if missing:
-        print("error: missing binaries; install them with:\n"
-              f"  apt-get install -y {' '.join(m.split(' ')[0] for m in missing)}\n"
-              f"(packages: {', '.join(missing)})", file=sys.stderr)
+        print(
+            "error: missing binaries; install them with:\n"
+            f"  apt-get install -y {' '.join(m.split(' ')[0] for m in missing)}\n"
+            f"(packages: {', '.join(missing)})",
+            file=sys.stderr,
+        )
         return 2
     cpus = os.sched_getaffinity(0)
     if args.proxy_cpu == args.load_cpu or not {args.proxy_cpu, args.load_cpu} <= cpus:
-        print(f"error: need two distinct usable cores (have {sorted(cpus)}); "
-              "see --proxy-cpu/--load-cpu", file=sys.stderr)
+        print(
+            f"error: need two distinct usable cores (have {sorted(cpus)}); "
+            "see --proxy-cpu/--load-cpu",
+            file=sys.stderr,
+        )
         return 2
     if args.duration < 1:
         print("error: --duration must be at least 1 second", file=sys.stderr)
@@ -732,8 +878,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))
     try:
-        with pinned(opts.load_cpu), tempfile.TemporaryDirectory(prefix="affinity-bench-") as t, \
-                postgres(args.dsn) as dsn:
+        with (
+            pinned(opts.load_cpu),
+            tempfile.TemporaryDirectory(prefix="affinity-bench-") as t,
+            postgres(args.dsn) as dsn,
+        ):
             results = benchmark(dsn, opts, Path(t), report)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

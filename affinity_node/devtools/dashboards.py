@@ -53,10 +53,7 @@ def rate(metric: str, *matchers: str) -> str:
 def quantile(q: float, histogram: str, by: str = "", *matchers: str) -> str:
     """histogram_quantile over buckets summed across nodes (and `by` labels, if any)."""
     labels = f"le, {by}" if by else "le"
-    return (
-        f"histogram_quantile({q}, sum by ({labels}) "
-        f"({rate(histogram + '_bucket', *matchers)}))"
-    )
+    return f"histogram_quantile({q}, sum by ({labels}) ({rate(histogram + '_bucket', *matchers)}))"
 
 
 def target(expr: str, legend: str = "", *, exemplar: bool = False, instant: bool = False) -> Json:
@@ -123,10 +120,7 @@ def stat(
     width: int = 6,
     height: int = 4,
 ) -> Json:
-    steps = [
-        {"color": color, "value": value}
-        for value, color in (thresholds or [(None, "green")])
-    ]
+    steps = [{"color": color, "value": value} for value, color in (thresholds or [(None, "green")])]
     return {
         "type": "stat",
         "title": title,
@@ -228,32 +222,40 @@ def dashboard(uid: str, title: str, description: str, panels: list[Json]) -> Jso
         "fiscalYearStartMonth": 0,
         "liveNow": False,
         "weekStart": "",
-        "annotations": {"list": [{
-            "builtIn": 1,
-            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-            "enable": True,
-            "hide": True,
-            "iconColor": "rgba(0, 211, 255, 1)",
-            "name": "Annotations & Alerts",
-            "type": "dashboard",
-        }]},
-        "links": [{
-            "type": "dashboards",
-            "tags": [TAG],
-            "title": "Affinity dashboards",
-            "asDropdown": False,
-            "includeVars": True,
-            "keepTime": True,
-            "icon": "external link",
-            "targetBlank": False,
-            "tooltip": "",
-            "url": "",
-        }],
-        "templating": {"list": [
-            _datasource_variable(),
-            _query_variable("node", "Node", NODE_VARIABLE_QUERY),
-            _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
-        ]},
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "links": [
+            {
+                "type": "dashboards",
+                "tags": [TAG],
+                "title": "Affinity dashboards",
+                "asDropdown": False,
+                "includeVars": True,
+                "keepTime": True,
+                "icon": "external link",
+                "targetBlank": False,
+                "tooltip": "",
+                "url": "",
+            }
+        ],
+        "templating": {
+            "list": [
+                _datasource_variable(),
+                _query_variable("node", "Node", NODE_VARIABLE_QUERY),
+                _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
+            ]
+        },
         "panels": _layout(panels),
     }
 
@@ -273,82 +275,181 @@ CODE_ERROR = 'code=~"[45].."'
 
 def overview() -> Json:
     panels = [
-        stat("Cache hit ratio", HIT_RATIO, "percentunit",
-             "Resolves answered from the node's cache (no database), all nodes together.",
-             thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")]),
-        stat("Bindings cached", f"max(affinity_cache_entries{{{NODE}}})",
-             description="Bindings in the largest node cache (every node caches the table)."),
-        stat("Listeners up", f"sum(affinity_listener_up{{{NODE}}})",
-             description="Nodes whose LISTEN connection is healthy and synced."),
-        stat("Database up", f"sum(affinity_db_up{{{NODE}}})",
-             description="Nodes whose last database operation succeeded."),
-        timeseries("Cache hit ratio", [
-            target(HIT_RATIO, "all models"),
-            target(
-                f"sum by (model) ({HITS}) / "
-                f"(sum by (model) ({HITS}) + sum by (model) ({MISSES}))",
-                "{{model}}",
-            ),
-        ], "percentunit", "Hits / (hits + misses), summed over nodes.", max_one=True),
-        timeseries("Misses by outcome", [
-            target(f"sum by (outcome) ({MISSES})", "{{outcome}}"),
-        ], "ops", "created: new binding; found_in_db: another node made it; found_after_lock: "
-                  "lost the race for the advisory lock; degraded: database unavailable.",
-           stack=True),
-        timeseries("Lock wait p50 / p99", [
-            target(quantile(0.5, "affinity_lock_wait_seconds", "", NODE), "p50"),
-            target(quantile(0.99, "affinity_lock_wait_seconds", "", NODE), "p99"),
-        ], "s", "Time a cold miss waited for the pair's advisory lock (SLO edges 1, 10, "
-                "100 ms are bucket edges)."),
-        timeseries("Rebinds and spills by reason", [
-            target(f"sum by (reason) ({rate('affinity_rebinds_total', NODE, MODEL)})",
-                   "rebind: {{reason}}"),
-            target(f"sum({rate('affinity_spills_total', NODE, MODEL)})", "spill: overload"),
-        ], "ops", "Rebind: the binding moved (bound backend unhealthy, or failed and another "
-                  "served). Spill: one request sent past an overloaded bound backend."),
-        timeseries("Bindings per backend", [target(BINDINGS, "{{backend}}")], "short",
-                   "Bindings in the node caches per backend (max over nodes: each node caches "
-                   "the same shared table).", stack=True),
-        timeseries("Binding skew (max / mean per backend)", [
-            target(f"max({BINDINGS}) / avg({BINDINGS})", "skew"),
-        ], "none", "1 = evenly spread; 2 = the busiest backend holds twice the mean."),
-        timeseries("Notify lag p50 / p99", [
-            target(quantile(0.5, "affinity_notify_lag_seconds", "", NODE), "p50"),
-            target(quantile(0.99, "affinity_notify_lag_seconds", "", NODE), "p99"),
-        ], "s", "From the binding change's commit to the node's cache (database clock)."),
-        timeseries("Notifications by operation", [
-            target(f"sum by (op) ({rate('affinity_notifications_total', NODE)})", "{{op}}"),
-        ], "ops", "Binding changes received over LISTEN (refreshes do not notify)."),
-        timeseries("Listener up per node", [
-            target(f"max by (instance) (affinity_listener_up{{{NODE}}})", "{{instance}}"),
-        ], "short", "1 while the node's LISTEN connection is healthy and synced.",
-           max_one=True),
-        timeseries("Listener reconnects and cache resyncs per node", [
-            target(f"sum by (instance) (increase(affinity_listener_reconnects_total{{{NODE}}}"
-                   f"[{RATE}]))", "reconnects {{instance}}"),
-            target(f"sum by (instance) (increase(affinity_cache_resyncs_total{{{NODE}}}"
-                   f"[{RATE}]))", "resyncs {{instance}}"),
-        ], "short", "A reconnect is followed by a resync (snapshot reload)."),
-        timeseries("Degraded requests and database errors", [
-            target(f"sum({rate('affinity_cache_misses_total', NODE, MODEL, DEGRADED)})",
-                   "degraded requests"),
-            target(f"sum by (operation) ({rate('affinity_db_errors_total', NODE)})",
-                   "db errors: {{operation}}"),
-        ], "ops", "Requests served by the fallback strategy because the database was "
-                  "unavailable, and the failed operations behind them."),
-        timeseries("Database up per node", [
-            target(f"max by (instance) (affinity_db_up{{{NODE}}})", "{{instance}}"),
-        ], "short", "1 while the node's last database operation succeeded.", max_one=True),
-        timeseries("Cache entries per node", [
-            target(f"max by (instance) (affinity_cache_entries{{{NODE}}})", "{{instance}}"),
-        ], "short", "Bindings each node holds in memory."),
-        timeseries("Refresh writes", [
-            target(f"sum by (instance) ({rate('affinity_refresh_writes_total', NODE)})",
-                   "{{instance}}"),
-        ], "ops", "Batched TTL-extension statements (one per flush interval at most)."),
+        stat(
+            "Cache hit ratio",
+            HIT_RATIO,
+            "percentunit",
+            "Resolves answered from the node's cache (no database), all nodes together.",
+            thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")],
+        ),
+        stat(
+            "Bindings cached",
+            f"max(affinity_cache_entries{{{NODE}}})",
+            description="Bindings in the largest node cache (every node caches the table).",
+        ),
+        stat(
+            "Listeners up",
+            f"sum(affinity_listener_up{{{NODE}}})",
+            description="Nodes whose LISTEN connection is healthy and synced.",
+        ),
+        stat(
+            "Database up",
+            f"sum(affinity_db_up{{{NODE}}})",
+            description="Nodes whose last database operation succeeded.",
+        ),
+        timeseries(
+            "Cache hit ratio",
+            [
+                target(HIT_RATIO, "all models"),
+                target(
+                    f"sum by (model) ({HITS}) / "
+                    f"(sum by (model) ({HITS}) + sum by (model) ({MISSES}))",
+                    "{{model}}",
+                ),
+            ],
+            "percentunit",
+            "Hits / (hits + misses), summed over nodes.",
+            max_one=True,
+        ),
+        timeseries(
+            "Misses by outcome",
+            [
+                target(f"sum by (outcome) ({MISSES})", "{{outcome}}"),
+            ],
+            "ops",
+            "created: new binding; found_in_db: another node made it; found_after_lock: "
+            "lost the race for the advisory lock; degraded: database unavailable.",
+            stack=True,
+        ),
+        timeseries(
+            "Lock wait p50 / p99",
+            [
+                target(quantile(0.5, "affinity_lock_wait_seconds", "", NODE), "p50"),
+                target(quantile(0.99, "affinity_lock_wait_seconds", "", NODE), "p99"),
+            ],
+            "s",
+            "Time a cold miss waited for the pair's advisory lock (SLO edges 1, 10, "
+            "100 ms are bucket edges).",
+        ),
+        timeseries(
+            "Rebinds and spills by reason",
+            [
+                target(
+                    f"sum by (reason) ({rate('affinity_rebinds_total', NODE, MODEL)})",
+                    "rebind: {{reason}}",
+                ),
+                target(f"sum({rate('affinity_spills_total', NODE, MODEL)})", "spill: overload"),
+            ],
+            "ops",
+            "Rebind: the binding moved (bound backend unhealthy, or failed and another "
+            "served). Spill: one request sent past an overloaded bound backend.",
+        ),
+        timeseries(
+            "Bindings per backend",
+            [target(BINDINGS, "{{backend}}")],
+            "short",
+            "Bindings in the node caches per backend (max over nodes: each node caches "
+            "the same shared table).",
+            stack=True,
+        ),
+        timeseries(
+            "Binding skew (max / mean per backend)",
+            [
+                target(f"max({BINDINGS}) / avg({BINDINGS})", "skew"),
+            ],
+            "none",
+            "1 = evenly spread; 2 = the busiest backend holds twice the mean.",
+        ),
+        timeseries(
+            "Notify lag p50 / p99",
+            [
+                target(quantile(0.5, "affinity_notify_lag_seconds", "", NODE), "p50"),
+                target(quantile(0.99, "affinity_notify_lag_seconds", "", NODE), "p99"),
+            ],
+            "s",
+            "From the binding change's commit to the node's cache (database clock).",
+        ),
+        timeseries(
+            "Notifications by operation",
+            [
+                target(f"sum by (op) ({rate('affinity_notifications_total', NODE)})", "{{op}}"),
+            ],
+            "ops",
+            "Binding changes received over LISTEN (refreshes do not notify).",
+        ),
+        timeseries(
+            "Listener up per node",
+            [
+                target(f"max by (instance) (affinity_listener_up{{{NODE}}})", "{{instance}}"),
+            ],
+            "short",
+            "1 while the node's LISTEN connection is healthy and synced.",
+            max_one=True,
+        ),
+        timeseries(
+            "Listener reconnects and cache resyncs per node",
+            [
+                target(
+                    f"sum by (instance) (increase(affinity_listener_reconnects_total{{{NODE}}}"
+                    f"[{RATE}]))",
+                    "reconnects {{instance}}",
+                ),
+                target(
+                    f"sum by (instance) (increase(affinity_cache_resyncs_total{{{NODE}}}[{RATE}]))",
+                    "resyncs {{instance}}",
+                ),
+            ],
+            "short",
+            "A reconnect is followed by a resync (snapshot reload).",
+        ),
+        timeseries(
+            "Degraded requests and database errors",
+            [
+                target(
+                    f"sum({rate('affinity_cache_misses_total', NODE, MODEL, DEGRADED)})",
+                    "degraded requests",
+                ),
+                target(
+                    f"sum by (operation) ({rate('affinity_db_errors_total', NODE)})",
+                    "db errors: {{operation}}",
+                ),
+            ],
+            "ops",
+            "Requests served by the fallback strategy because the database was "
+            "unavailable, and the failed operations behind them.",
+        ),
+        timeseries(
+            "Database up per node",
+            [
+                target(f"max by (instance) (affinity_db_up{{{NODE}}})", "{{instance}}"),
+            ],
+            "short",
+            "1 while the node's last database operation succeeded.",
+            max_one=True,
+        ),
+        timeseries(
+            "Cache entries per node",
+            [
+                target(f"max by (instance) (affinity_cache_entries{{{NODE}}})", "{{instance}}"),
+            ],
+            "short",
+            "Bindings each node holds in memory.",
+        ),
+        timeseries(
+            "Refresh writes",
+            [
+                target(
+                    f"sum by (instance) ({rate('affinity_refresh_writes_total', NODE)})",
+                    "{{instance}}",
+                ),
+            ],
+            "ops",
+            "Batched TTL-extension statements (one per flush interval at most).",
+        ),
     ]
     return dashboard(
-        "affinity-overview", "Affinity overview",
+        "affinity-overview",
+        "Affinity overview",
         "Cache hits and misses, lock waits, rebinds, bindings per backend, listener and "
         "database health, across all proxy nodes.",
         panels,
@@ -371,80 +472,175 @@ def vllm(metric: str) -> str:
 
 def traffic() -> Json:
     panels = [
-        stat("API requests/s", f"sum({REQUESTS})", "reqps",
-             "Requests to /v1/* on all nodes."),
-        stat("Error ratio (5xx)",
-             f"(sum({rate('affinity_http_requests_total', NODE, API, CODE_5XX)}) "
-             f"or vector(0)) / sum({REQUESTS})", "percentunit",
-             "Share of API requests answered with a 5xx.",
-             thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")]),
-        stat("Added latency p99",
-             quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE), "s",
-             "Time the node adds to a request: everything but waiting for the upstream.",
-             thresholds=[(None, "green"), (0.005, "orange"), (0.025, "red")]),
-        stat("Backends healthy on every node",
-             f"sum(min by (backend) (affinity_backend_healthy{{{NODE}}}))",
-             description="Backends that every node has in rotation."),
-        timeseries("Requests by route and code", [
-            target(f"sum by (route, code) "
-                   f"({rate('affinity_http_requests_total', NODE)})", "{{route}} {{code}}"),
-        ], "reqps", "Every answer of every node, probes and scrapes included.", stack=True),
-        timeseries("Errors by route and code", [
-            target(f"sum by (route, code) "
-                   f"({rate('affinity_http_requests_total', NODE, CODE_ERROR)})",
-                   "{{route}} {{code}}"),
-        ], "reqps", "4xx are the clients' (bad key, bad body, unknown model); 5xx are ours "
-                    "or the backends' (502: upstream failed after one retry)."),
-        timeseries("Request duration p50 / p99 by route", [
-            target(quantile(0.5, "affinity_http_request_duration_seconds", "route", NODE, API),
-                   "p50 {{route}}", exemplar=True),
-            target(quantile(0.99, "affinity_http_request_duration_seconds", "route", NODE, API),
-                   "p99 {{route}}", exemplar=True),
-        ], "s", "To the last byte (streams included). Exemplars carry the request id."),
-        timeseries("Added latency (proxy overhead) p50 / p99", [
-            target(quantile(0.5, "affinity_proxy_overhead_seconds", "", NODE), "p50"),
-            target(quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE), "p99"),
-        ], "s", "Time the node adds: authentication, routing, affinity, copying bytes."),
-        timeseries("TTFT p50 / p99 per backend", [
-            target(quantile(0.5, "affinity_upstream_ttft_seconds", "backend", NODE),
-                   "p50 {{backend}}", exemplar=True),
-            target(quantile(0.99, "affinity_upstream_ttft_seconds", "backend", NODE),
-                   "p99 {{backend}}", exemplar=True),
-        ], "s", "From forwarding to the first body byte, as the nodes see it."),
-        timeseries("Upstream requests by backend and code", [
-            target(f"sum by (backend, code) "
-                   f"({rate('affinity_upstream_requests_total', NODE)})",
-                   "{{backend}} {{code}}"),
-        ], "reqps", "code=error: the backend could not be reached.", stack=True),
-        timeseries("In-flight per backend", [
-            target(f"sum by (backend) (affinity_upstream_inflight{{{NODE}}})", "{{backend}}"),
-        ], "short", "Requests forwarded and not finished, summed over nodes.", stack=True),
-        timeseries("Backend health", [
-            target(f"sum by (backend) (affinity_backend_healthy{{{NODE}}})", "{{backend}}"),
-        ], "short", "Nodes that have the backend in rotation."),
-        timeseries("Healthy backends per model", [
-            target(f"min by (model) (affinity_model_healthy_backends{{{NODE}, {MODEL}}})",
-                   "{{model}}"),
-        ], "short", "Backends in rotation for each model on the node that sees the fewest."),
-        timeseries("vLLM prefix-cache hit rate", [
-            target(f"sum by (instance) ({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
-                   f"sum by (instance) ({rate('', vllm('prefix_cache_queries_total'), VLLM)})",
-                   "{{instance}}"),
-            target(f"sum({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
-                   f"sum({rate('', vllm('prefix_cache_queries_total'), VLLM)})", "fleet"),
-        ], "percentunit", "Prompt tokens served from the backends' prefix cache "
-                          "(vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, "
-                          "scraped from the backends themselves).", max_one=True),
-        timeseries("vLLM queue depth", [
-            target(f"sum by (instance) ({{{vllm('num_requests_waiting')}, {VLLM}}})",
-                   "waiting {{instance}}"),
-            target(f"sum by (instance) ({{{vllm('num_requests_running')}, {VLLM}}})",
-                   "running {{instance}}"),
-        ], "short", "Requests queued (vllm:num_requests_waiting) and running on each backend "
-                    "(from the backends)."),
+        stat("API requests/s", f"sum({REQUESTS})", "reqps", "Requests to /v1/* on all nodes."),
+        stat(
+            "Error ratio (5xx)",
+            f"(sum({rate('affinity_http_requests_total', NODE, API, CODE_5XX)}) "
+            f"or vector(0)) / sum({REQUESTS})",
+            "percentunit",
+            "Share of API requests answered with a 5xx.",
+            thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")],
+        ),
+        stat(
+            "Added latency p99",
+            quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE),
+            "s",
+            "Time the node adds to a request: everything but waiting for the upstream.",
+            thresholds=[(None, "green"), (0.005, "orange"), (0.025, "red")],
+        ),
+        stat(
+            "Backends healthy on every node",
+            f"sum(min by (backend) (affinity_backend_healthy{{{NODE}}}))",
+            description="Backends that every node has in rotation.",
+        ),
+        timeseries(
+            "Requests by route and code",
+            [
+                target(
+                    f"sum by (route, code) ({rate('affinity_http_requests_total', NODE)})",
+                    "{{route}} {{code}}",
+                ),
+            ],
+            "reqps",
+            "Every answer of every node, probes and scrapes included.",
+            stack=True,
+        ),
+        timeseries(
+            "Errors by route and code",
+            [
+                target(
+                    f"sum by (route, code) "
+                    f"({rate('affinity_http_requests_total', NODE, CODE_ERROR)})",
+                    "{{route}} {{code}}",
+                ),
+            ],
+            "reqps",
+            "4xx are the clients' (bad key, bad body, unknown model); 5xx are ours "
+            "or the backends' (502: upstream failed after one retry).",
+        ),
+        timeseries(
+            "Request duration p50 / p99 by route",
+            [
+                target(
+                    quantile(0.5, "affinity_http_request_duration_seconds", "route", NODE, API),
+                    "p50 {{route}}",
+                    exemplar=True,
+                ),
+                target(
+                    quantile(0.99, "affinity_http_request_duration_seconds", "route", NODE, API),
+                    "p99 {{route}}",
+                    exemplar=True,
+                ),
+            ],
+            "s",
+            "To the last byte (streams included). Exemplars carry the request id.",
+        ),
+        timeseries(
+            "Added latency (proxy overhead) p50 / p99",
+            [
+                target(quantile(0.5, "affinity_proxy_overhead_seconds", "", NODE), "p50"),
+                target(quantile(0.99, "affinity_proxy_overhead_seconds", "", NODE), "p99"),
+            ],
+            "s",
+            "Time the node adds: authentication, routing, affinity, copying bytes.",
+        ),
+        timeseries(
+            "TTFT p50 / p99 per backend",
+            [
+                target(
+                    quantile(0.5, "affinity_upstream_ttft_seconds", "backend", NODE),
+                    "p50 {{backend}}",
+                    exemplar=True,
+                ),
+                target(
+                    quantile(0.99, "affinity_upstream_ttft_seconds", "backend", NODE),
+                    "p99 {{backend}}",
+                    exemplar=True,
+                ),
+            ],
+            "s",
+            "From forwarding to the first body byte, as the nodes see it.",
+        ),
+        timeseries(
+            "Upstream requests by backend and code",
+            [
+                target(
+                    f"sum by (backend, code) ({rate('affinity_upstream_requests_total', NODE)})",
+                    "{{backend}} {{code}}",
+                ),
+            ],
+            "reqps",
+            "code=error: the backend could not be reached.",
+            stack=True,
+        ),
+        timeseries(
+            "In-flight per backend",
+            [
+                target(f"sum by (backend) (affinity_upstream_inflight{{{NODE}}})", "{{backend}}"),
+            ],
+            "short",
+            "Requests forwarded and not finished, summed over nodes.",
+            stack=True,
+        ),
+        timeseries(
+            "Backend health",
+            [
+                target(f"sum by (backend) (affinity_backend_healthy{{{NODE}}})", "{{backend}}"),
+            ],
+            "short",
+            "Nodes that have the backend in rotation.",
+        ),
+        timeseries(
+            "Healthy backends per model",
+            [
+                target(
+                    f"min by (model) (affinity_model_healthy_backends{{{NODE}, {MODEL}}})",
+                    "{{model}}",
+                ),
+            ],
+            "short",
+            "Backends in rotation for each model on the node that sees the fewest.",
+        ),
+        timeseries(
+            "vLLM prefix-cache hit rate",
+            [
+                target(
+                    f"sum by (instance) ({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
+                    f"sum by (instance) ({rate('', vllm('prefix_cache_queries_total'), VLLM)})",
+                    "{{instance}}",
+                ),
+                target(
+                    f"sum({rate('', vllm('prefix_cache_hits_total'), VLLM)}) / "
+                    f"sum({rate('', vllm('prefix_cache_queries_total'), VLLM)})",
+                    "fleet",
+                ),
+            ],
+            "percentunit",
+            "Prompt tokens served from the backends' prefix cache "
+            "(vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, "
+            "scraped from the backends themselves).",
+            max_one=True,
+        ),
+        timeseries(
+            "vLLM queue depth",
+            [
+                target(
+                    f"sum by (instance) ({{{vllm('num_requests_waiting')}, {VLLM}}})",
+                    "waiting {{instance}}",
+                ),
+                target(
+                    f"sum by (instance) ({{{vllm('num_requests_running')}, {VLLM}}})",
+                    "running {{instance}}",
+                ),
+            ],
+            "short",
+            "Requests queued (vllm:num_requests_waiting) and running on each backend "
+            "(from the backends).",
+        ),
     ]
     return dashboard(
-        "affinity-traffic", "Traffic and backends",
+        "affinity-traffic",
+        "Traffic and backends",
         "Requests and errors, added latency, TTFT, in-flight and health per backend, and the "
         "backends' own prefix-cache hit rate and queue depth.",
         panels,
@@ -496,8 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         names = stale(args.dir)
         for name in names:
-            print(f"stale: {args.dir / name} (run python -m affinity_node.observability."
-                  "dashboards)", file=sys.stderr)
+            print(
+                f"stale: {args.dir / name} (run python -m affinity_node.observability.dashboards)",
+                file=sys.stderr,
+            )
         return 1 if names else 0
     for path in write(args.dir):
         print(path)

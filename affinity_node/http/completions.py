@@ -25,29 +25,47 @@ async def read_payload(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "Request body too large.", "invalid_request_error", None,
-                       "request_too_large") from None
+        raise ApiError(
+            413, "Request body too large.", "invalid_request_error", None, "request_too_large"
+        ) from None
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "The body is not valid JSON.", "invalid_request_error", None,
-                       "invalid_json") from None
+        raise ApiError(
+            400, "The body is not valid JSON.", "invalid_request_error", None, "invalid_json"
+        ) from None
     if not isinstance(payload, dict):
         raise ApiError(400, "The body must be a JSON object.", "invalid_request_error")
     model = payload.get("model")
     if model is None:
-        raise ApiError(400, "Missing required parameter: 'model'.", "invalid_request_error",
-                       "model", "missing_required_parameter")
+        raise ApiError(
+            400,
+            "Missing required parameter: 'model'.",
+            "invalid_request_error",
+            "model",
+            "missing_required_parameter",
+        )
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' must be a non-empty string.", "invalid_request_error",
-                       "model", "invalid_type")
+        raise ApiError(
+            400,
+            "'model' must be a non-empty string.",
+            "invalid_request_error",
+            "model",
+            "invalid_type",
+        )
     if len(model) > MAX_MODEL_LEN:
-        raise ApiError(400, f"'model' is longer than {MAX_MODEL_LEN} characters.",
-                       "invalid_request_error", "model", "invalid_value")
+        raise ApiError(
+            400,
+            f"'model' is longer than {MAX_MODEL_LEN} characters.",
+            "invalid_request_error",
+            "model",
+            "invalid_value",
+        )
     stream = payload.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean.", "invalid_request_error", "stream",
-                       "invalid_type")
+        raise ApiError(
+            400, "'stream' must be a boolean.", "invalid_request_error", "stream", "invalid_type"
+        )
     return body, payload
 
 
@@ -64,20 +82,36 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     headers = base_headers(request)
     if app[STATUS].draining:
-        raise ApiError(503, "This node is shutting down; retry on another.", "service_unavailable",
-                       None, "draining", headers={"Retry-After": "1", "Connection": "close"})
+        raise ApiError(
+            503,
+            "This node is shutting down; retry on another.",
+            "service_unavailable",
+            None,
+            "draining",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
     key_id = request[API_KEY_ID]
     body, payload = await read_payload(request)
     model = app[BACKENDS].canonical(payload["model"])
     if model is None:
-        raise ApiError(404, f"The model '{short(payload['model'])}' does not exist.",
-                       "invalid_request_error", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"The model '{short(payload['model'])}' does not exist.",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
     try:
         route = await app[ROUTER].route(key_id, model, affinity_path=True)
     except NoBackend:
-        raise ApiError(503, f"No healthy backend serves '{model}' right now.",
-                       "service_unavailable", "model", "no_healthy_backend",
-                       headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            503,
+            f"No healthy backend serves '{model}' right now.",
+            "service_unavailable",
+            "model",
+            "no_healthy_backend",
+            headers={"Retry-After": "1"},
+        ) from None
     upstream_body = canonical_body(body, payload, model)
     stream = bool(payload.get("stream"))
     return await Forwarder(request, headers, started).run(

@@ -53,5 +53,11 @@ def short(text: str, limit: int = 64) -> str:
 
 
 def unauthorized(message: str) -> ApiError:
-    return ApiError(401, message, "invalid_request_error", None, "invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(
+        401,
+        message,
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

@@ -16,8 +16,17 @@ from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.vocabulary import AffinityHeader
 
-_HOP_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding", "connection",
-                          "keep-alive", "date", "server"})
+_HOP_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "date",
+        "server",
+    }
+)
 
 
 class _Retryable(Exception):
@@ -54,8 +63,13 @@ class Forwarder:
                 tried.append(backend)
                 alt = self.router.fallback(model, exclude=tried)
                 if alt is None or len(tried) > 1:
-                    raise ApiError(502, f"Upstream failed: {exc.reason}.", "server_error", None,
-                                   "upstream_error") from None
+                    raise ApiError(
+                        502,
+                        f"Upstream failed: {exc.reason}.",
+                        "server_error",
+                        None,
+                        "upstream_error",
+                    ) from None
                 if route.bound is not None and backend is route.bound:
                     affinity = "rebind"
                 backend = alt
@@ -127,11 +141,13 @@ class Forwarder:
         got_first = time.perf_counter()
         m.observe_ttft(backend.id, got_first - sent, self.exemplar)
         self.upstream_time += got_first - sent
-        headers.update({
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        })
+        headers.update(
+            {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
         response = web.StreamResponse(status=200, headers=headers)
         ok = True
         try:
@@ -145,8 +161,9 @@ class Forwarder:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     ok = False
                     self.health.request_failed(backend, "stream broken")
-                    await response.write(sse_error_event(
-                        f"The backend stream broke ({type(exc).__name__})."))
+                    await response.write(
+                        sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
+                    )
                     break
                 finally:
                     self.upstream_time += time.perf_counter() - wait

@@ -117,7 +117,12 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         except InvalidKey:
             raise unauthorized("Invalid or revoked API key.") from None
         except KeysUnavailable:
-            raise ApiError(503, "Cannot verify the API key right now; retry shortly.",
-                           "service_unavailable", None, "keys_unavailable",
-                           headers={"Retry-After": "1"}) from None
+            raise ApiError(
+                503,
+                "Cannot verify the API key right now; retry shortly.",
+                "service_unavailable",
+                None,
+                "keys_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
     return await handler(request)

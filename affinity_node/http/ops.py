@@ -51,9 +51,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(
-        body=encoder(request.app[REGISTRY]), headers={"Content-Type": content_type}
-    )
+    return web.Response(body=encoder(request.app[REGISTRY]), headers={"Content-Type": content_type})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -62,8 +60,13 @@ async def models(request: web.Request) -> web.Response:
     created = int(time.time())
     aliases: dict[str, list[str]] = {m.name: list(m.aliases) for m in app[CONFIG].models}
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "affinity-node",
-         "aliases": aliases.get(name, [])}
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "affinity-node",
+            "aliases": aliases.get(name, []),
+        }
         for name in app[BACKENDS].served_models()
     ]
     return web.Response(

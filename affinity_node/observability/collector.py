@@ -25,10 +25,14 @@ if TYPE_CHECKING:
 OTHER_BACKEND = "other"
 """Label for cached bindings to a backend this node does not know (bounded labels)."""
 
-_BINDINGS = ("affinity_cache_bindings",
-             "Bindings in this node's cache, by backend (every node caches the same table).")
-_HEALTHY = ("affinity_model_healthy_backends",
-            "Backends in rotation on this node for each canonical model.")
+_BINDINGS = (
+    "affinity_cache_bindings",
+    "Bindings in this node's cache, by backend (every node caches the same table).",
+)
+_HEALTHY = (
+    "affinity_model_healthy_backends",
+    "Backends in rotation on this node for each canonical model.",
+)
 
 
 class NodeCollector(Collector):

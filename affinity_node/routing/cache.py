@@ -131,9 +131,7 @@ class BindingCache:
             self._touched[pair] = version
         return True
 
-    def extend(
-        self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float
-    ) -> None:
+    def extend(self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float) -> None:
         """A refresh this node wrote: new deadline if the entry is still the same binding."""
         entry = self._entries.get(pair)
         if entry is not None and entry.backend == backend and entry.version == version:
@@ -170,9 +168,7 @@ class BindingCache:
         self._per_backend = {}
         for entry in fresh.values():
             self._count(entry.backend, 1)
-        self._tombstones = OrderedDict(
-            (p, v) for p, v in self._tombstones.items() if p in touched
-        )
+        self._tombstones = OrderedDict((p, v) for p, v in self._tombstones.items() if p in touched)
         self.suspect = False
 
     def abort_resync(self) -> None:

@@ -194,7 +194,11 @@ class AffinityEngine:
         return Resolution(stored.backend, outcome)
 
     async def _rebind(
-        self, pair: Pair, old: str, candidates: tuple[str, ...], choose: Chooser,
+        self,
+        pair: Pair,
+        old: str,
+        candidates: tuple[str, ...],
+        choose: Chooser,
         reason: RebindReason,
     ) -> Resolution:
         if self._store_paused():
@@ -315,8 +319,9 @@ class AffinityEngine:
         # extending them at that instant: their local deadlines stand, and past them the
         # entry is re-read.
         for row in rows:
-            self._cache.extend((row.api_key_id, row.model), row.backend, row.version, row.ttl,
-                               asked_at)
+            self._cache.extend(
+                (row.api_key_id, row.model), row.backend, row.version, row.ttl, asked_at
+            )
         return len(rows)
 
     async def _refresh_loop(self) -> None:

@@ -34,9 +34,7 @@ class BackendHealth:
         if eject_after_failures < 1:
             raise ValueError(f"eject_after_failures must be >= 1, not {eject_after_failures}")
         if readmit_after_successes < 1:
-            raise ValueError(
-                f"readmit_after_successes must be >= 1, not {readmit_after_successes}"
-            )
+            raise ValueError(f"readmit_after_successes must be >= 1, not {readmit_after_successes}")
         self._pool = pool
         self._eject_after = eject_after_failures
         self._readmit_after = readmit_after_successes

@@ -49,13 +49,18 @@ def read_keys(args: argparse.Namespace) -> list[str]:
             text = Path(args.api_keys_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise BenchError(f"cannot read {args.api_keys_file}: {exc.strerror}") from None
-        keys += [line.strip() for line in text.splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
+        keys += [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     if not keys:
         keys = os.environ.get(API_KEY_ENV, "").replace(",", " ").split()
     if not keys:
-        raise BenchError("no API key: pass --api-key KEY (repeatable), --api-keys-file FILE "
-                         f"or set {API_KEY_ENV}")
+        raise BenchError(
+            "no API key: pass --api-key KEY (repeatable), --api-keys-file FILE "
+            f"or set {API_KEY_ENV}"
+        )
     return keys
 
 
@@ -115,24 +120,35 @@ async def run_bench(args: argparse.Namespace) -> int:
         return 2
     notes = []
     if len(keys) == 1:
-        notes.append(f"one API key for all {cfg.tenants} tenants: bindings are per key, so "
-                     "affinity sees a single tenant (pass one key per tenant to simulate "
-                     "several)")
+        notes.append(
+            f"one API key for all {cfg.tenants} tenants: bindings are per key, so "
+            "affinity sees a single tenant (pass one key per tenant to simulate "
+            "several)"
+        )
     elif len(keys) < cfg.tenants:
-        notes.append(f"{cfg.tenants} tenants share {len(keys)} API keys: affinity sees "
-                     f"{len(keys)} tenants")
-    load = (f"{cfg.concurrency} concurrent" if cfg.rate is None
-            else f"{cfg.rate:g} req/s Poisson" + (f" (at most {cfg.max_inflight} in flight)"
-                                                  if args.concurrency else ""))
-    where = (cfg.base_urls[0] if len(cfg.base_urls) == 1
-             else f"{len(cfg.base_urls)} URLs ({cfg.spread})")
-    notes.append(f"workload: {cfg.tenants} tenants x {cfg.conversations_per_tenant} "
-                 f"conversations, up to {cfg.max_turns} turns, {load}, {cfg.duration_s:g} s, "
-                 f"{'streaming' if cfg.stream else 'non-streaming'}, seed {cfg.seed}, "
-                 f"against {where}")
+        notes.append(
+            f"{cfg.tenants} tenants share {len(keys)} API keys: affinity sees {len(keys)} tenants"
+        )
+    load = (
+        f"{cfg.concurrency} concurrent"
+        if cfg.rate is None
+        else f"{cfg.rate:g} req/s Poisson"
+        + (f" (at most {cfg.max_inflight} in flight)" if args.concurrency else "")
+    )
+    where = (
+        cfg.base_urls[0] if len(cfg.base_urls) == 1 else f"{len(cfg.base_urls)} URLs ({cfg.spread})"
+    )
+    notes.append(
+        f"workload: {cfg.tenants} tenants x {cfg.conversations_per_tenant} "
+        f"conversations, up to {cfg.max_turns} turns, {load}, {cfg.duration_s:g} s, "
+        f"{'streaming' if cfg.stream else 'non-streaming'}, seed {cfg.seed}, "
+        f"against {where}"
+    )
     if not backends:
-        notes.append("no --backend-metrics: the prefix-cache hit rate (if shown) comes from "
-                     "the answers' usage.prompt_tokens_details.cached_tokens")
+        notes.append(
+            "no --backend-metrics: the prefix-cache hit rate (if shown) comes from "
+            "the answers' usage.prompt_tokens_details.cached_tokens"
+        )
     for note in notes:
         _say(note)
 
@@ -151,12 +167,15 @@ async def run_bench(args: argparse.Namespace) -> int:
             after_b = await scrape_all(session, backends)
             after_n = await scrape_all(session, nodes)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            _say(f"warning: metrics unreadable after the run ({type(exc).__name__}); "
-                 "showing client figures only")
+            _say(
+                f"warning: metrics unreadable after the run ({type(exc).__name__}); "
+                "showing client figures only"
+            )
             after_b, after_n, backends, nodes = {}, {}, {}, {}
 
     report = build_report(
-        "bench", result,
+        "bench",
+        result,
         deltas(before_b, after_b) if backends else None,
         deltas(before_n, after_n) if nodes else None,
         backends=list(backends) if backends else (),
@@ -182,43 +201,79 @@ async def run_bench(args: argparse.Namespace) -> int:
 def add_bench_parser(subparsers: Any) -> None:
     """Registers `bench` on an argparse subparsers object (`affinity-node bench ...`)."""
     p = subparsers.add_parser(
-        "bench", help="multi-tenant chat load against a deployment, with a report",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
+        "bench",
+        help="multi-tenant chat load against a deployment, with a report",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     configure_parser(p)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", action="append", required=True,
-                   help="base URL (a load balancer or a node); repeat to spread over several")
-    p.add_argument("--api-key", action="append",
-                   help=f"API key (repeatable); a file or ${API_KEY_ENV} keeps keys out of "
-                        "process lists")
+    p.add_argument(
+        "--url",
+        action="append",
+        required=True,
+        help="base URL (a load balancer or a node); repeat to spread over several",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        help=f"API key (repeatable); a file or ${API_KEY_ENV} keeps keys out of process lists",
+    )
     p.add_argument("--api-keys-file", help="file with one API key per line")
-    p.add_argument("--keys", type=int, default=0,
-                   help=f"tenants to simulate (default: one per key, or {DEFAULT_TENANTS} with "
-                        "a single key)")
+    p.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help=f"tenants to simulate (default: one per key, or {DEFAULT_TENANTS} with a single key)",
+    )
     p.add_argument("--conversations", type=int, default=2, help="conversations per tenant")
-    p.add_argument("--max-turns", type=int, default=16,
-                   help="turns before a conversation starts over")
-    p.add_argument("--rate", type=float, default=None,
-                   help=f"Poisson arrivals per second (default {DEFAULT_RATE:g})")
-    p.add_argument("--concurrency", type=int, default=0,
-                   help="alone: a fixed number of requests in flight (closed loop); with "
-                        "--rate: the most requests in flight (arrivals beyond are skipped)")
+    p.add_argument(
+        "--max-turns", type=int, default=16, help="turns before a conversation starts over"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help=f"Poisson arrivals per second (default {DEFAULT_RATE:g})",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="alone: a fixed number of requests in flight (closed loop); with "
+        "--rate: the most requests in flight (arrivals beyond are skipped)",
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--max-requests", type=int, default=100_000)
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                   help="streamed answers (default) or not")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="streamed answers (default) or not",
+    )
     p.add_argument("--model", action="append", help="model (repeatable; default llama-3.1-8b)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer length asked for")
-    p.add_argument("--spread", choices=["round_robin", "random"], default="round_robin",
-                   help="how requests are spread over several --url")
+    p.add_argument(
+        "--spread",
+        choices=["round_robin", "random"],
+        default="round_robin",
+        help="how requests are spread over several --url",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--backend-metrics", action="append", metavar="[NAME=]URL",
-                   help="a backend's /metrics (repeatable; NAME as its x-backend-id)")
-    p.add_argument("--node-metrics", action="append", metavar="[NAME=]URL",
-                   help="a node's /metrics (repeatable)")
+    p.add_argument(
+        "--backend-metrics",
+        action="append",
+        metavar="[NAME=]URL",
+        help="a backend's /metrics (repeatable; NAME as its x-backend-id)",
+    )
+    p.add_argument(
+        "--node-metrics",
+        action="append",
+        metavar="[NAME=]URL",
+        help="a node's /metrics (repeatable)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the JSON report here (- : stdout)")
     p.set_defaults(func=run_bench)
 

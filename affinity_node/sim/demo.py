@@ -65,20 +65,32 @@ class DemoError(RuntimeError):
 # -- the demo --------------------------------------------------------------------------------
 
 
-def workload_config(args: argparse.Namespace, base_urls: Sequence[str],
-                    secrets: Sequence[str]) -> WorkloadConfig:
+def workload_config(
+    args: argparse.Namespace, base_urls: Sequence[str], secrets: Sequence[str]
+) -> WorkloadConfig:
     rate = None if args.concurrency else args.rate
     return WorkloadConfig(
-        base_urls=tuple(base_urls), api_keys=tuple(secrets), models=(MODEL,),
-        tenants=args.keys, conversations_per_tenant=args.conversations,
-        max_turns=args.max_turns, max_tokens=args.output_tokens, rate=rate,
-        concurrency=args.concurrency or None, duration_s=args.duration, seed=args.seed,
+        base_urls=tuple(base_urls),
+        api_keys=tuple(secrets),
+        models=(MODEL,),
+        tenants=args.keys,
+        conversations_per_tenant=args.conversations,
+        max_turns=args.max_turns,
+        max_tokens=args.output_tokens,
+        rate=rate,
+        concurrency=args.concurrency or None,
+        duration_s=args.duration,
+        seed=args.seed,
         spread="round_robin",
     )
 
 
-def cache_blocks_for(cfg: WorkloadConfig, backends: int, expected_requests: int,
-                     fleet_capacity: float = FLEET_CAPACITY) -> int:
+def cache_blocks_for(
+    cfg: WorkloadConfig,
+    backends: int,
+    expected_requests: int,
+    fleet_capacity: float = FLEET_CAPACITY,
+) -> int:
     """Per-backend cache: `fleet_capacity` x the run's prefix blocks, split over the fleet."""
     blocks = estimate_working_set_blocks(cfg, expected_requests=expected_requests)
     return max(64, math.ceil(blocks * fleet_capacity / backends))
@@ -113,46 +125,67 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
         session = await stack.enter_async_context(aiohttp.ClientSession())
         procs = Processes(log_dir)
         stack.push_async_callback(procs.close)
-        fleet = Fleet(procs, session, tmp, dsn,
-                      backend_ports=[free_port() for _ in range(args.backends)],
-                      node_ports=[free_port() for _ in range(args.nodes)],
-                      node_log_level="INFO" if args.log_dir else "WARNING")
+        fleet = Fleet(
+            procs,
+            session,
+            tmp,
+            dsn,
+            backend_ports=[free_port() for _ in range(args.backends)],
+            node_ports=[free_port() for _ in range(args.nodes)],
+            node_log_level="INFO" if args.log_dir else "WARNING",
+        )
 
         probe = workload_config(args, ["http://unused"], secrets)
-        expected = (round(args.rate * args.duration) if probe.rate is not None
-                    else args.concurrency * 20 * math.ceil(args.duration))
+        expected = (
+            round(args.rate * args.duration)
+            if probe.rate is not None
+            else args.concurrency * 20 * math.ceil(args.duration)
+        )
         cache_blocks = cache_blocks_for(probe, args.backends, expected, args.fleet_cache)
-        _say(f"starting {args.backends} fake backends (prefix cache {cache_blocks} blocks "
-             f"each, prefill {args.prefill_per_token * 1000:.2f} ms per uncached token) ...")
-        await fleet.start_backends(cache_blocks, args.prefill_per_token, args.output_tokens,
-                                   args.seed)
+        _say(
+            f"starting {args.backends} fake backends (prefix cache {cache_blocks} blocks "
+            f"each, prefill {args.prefill_per_token * 1000:.2f} ms per uncached token) ..."
+        )
+        await fleet.start_backends(
+            cache_blocks, args.prefill_per_token, args.output_tokens, args.seed
+        )
         if haproxy is not None:
             await fleet.start_haproxy(haproxy, args.balance)
             assert fleet.lb_url is not None
             base_urls = [fleet.lb_url]
-            _say(f"haproxy ({haproxy}) balances {args.balance} over {args.nodes} nodes "
-                 f"at {fleet.lb_url}")
-            notes.append(f"traffic through haproxy (balance {args.balance}) over {args.nodes} "
-                         "nodes")
+            _say(
+                f"haproxy ({haproxy}) balances {args.balance} over {args.nodes} nodes "
+                f"at {fleet.lb_url}"
+            )
+            notes.append(
+                f"traffic through haproxy (balance {args.balance}) over {args.nodes} nodes"
+            )
         else:
             base_urls = fleet.node_urls
             why = "--no-haproxy given" if args.no_haproxy else "no haproxy binary found"
-            msg = (f"{why}: the load generator spreads requests round-robin over the "
-                   f"{args.nodes} nodes itself")
+            msg = (
+                f"{why}: the load generator spreads requests round-robin over the "
+                f"{args.nodes} nodes itself"
+            )
             _say(msg)
             notes.append(msg)
         cfg = workload_config(args, base_urls, secrets)
-        load = (f"{cfg.rate:g} req/s Poisson" if cfg.rate is not None
-                else f"{cfg.concurrency} concurrent")
+        load = (
+            f"{cfg.rate:g} req/s Poisson"
+            if cfg.rate is not None
+            else f"{cfg.concurrency} concurrent"
+        )
         notes.append(
             f"workload: {cfg.tenants} tenants (API keys) x {cfg.conversations_per_tenant} "
             f"conversations, system prompts {cfg.system_tokens[0]}-{cfg.system_tokens[1]} "
             f"tokens, up to {cfg.max_turns} turns, {load}, {cfg.duration_s:g} s per run, "
-            f"streaming, seed {cfg.seed}")
+            f"streaming, seed {cfg.seed}"
+        )
         notes.append(
             f"{args.backends} backends x {cache_blocks} cache blocks (16 tokens) = "
             f"{args.fleet_cache:g}x the workload's estimated prefix blocks; prefix-cache hit "
-            f"rate = hit tokens / queried tokens on the backends over each run")
+            f"rate = hit tokens / queried tokens on the backends over each run"
+        )
 
         reports: list[RunReport] = []
         for n, scenario in enumerate(SCENARIOS, 1):
@@ -166,27 +199,41 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             result = await workload.run(progress)
             progress.finish(workload.stats)
             after = await fleet.scrape()
-            reports.append(build_report(
-                scenario.title, result, deltas(before[0], after[0]), deltas(before[1], after[1]),
-                backends=fleet.backend_ids))
+            reports.append(
+                build_report(
+                    scenario.title,
+                    result,
+                    deltas(before[0], after[0]),
+                    deltas(before[1], after[1]),
+                    backends=fleet.backend_ids,
+                )
+            )
             await fleet.stop_nodes()
 
         table = render_table(reports, notes)
         if args.json:
             _say(table)
-            doc = report_json(reports, notes, scenarios=[s.key for s in SCENARIOS],
-                              haproxy=haproxy is not None, backends=args.backends,
-                              nodes=args.nodes, cache_blocks=cache_blocks,
-                              workload={
-                                  "tenants": cfg.tenants,
-                                  "conversations_per_tenant": cfg.conversations_per_tenant,
-                                  "max_turns": cfg.max_turns,
-                                  "system_tokens": list(cfg.system_tokens),
-                                  "rate": cfg.rate, "concurrency": cfg.concurrency,
-                                  "duration_s": cfg.duration_s, "seed": cfg.seed,
-                                  "fleet_cache": args.fleet_cache,
-                                  "prefill_s_per_token": args.prefill_per_token,
-                              })
+            doc = report_json(
+                reports,
+                notes,
+                scenarios=[s.key for s in SCENARIOS],
+                haproxy=haproxy is not None,
+                backends=args.backends,
+                nodes=args.nodes,
+                cache_blocks=cache_blocks,
+                workload={
+                    "tenants": cfg.tenants,
+                    "conversations_per_tenant": cfg.conversations_per_tenant,
+                    "max_turns": cfg.max_turns,
+                    "system_tokens": list(cfg.system_tokens),
+                    "rate": cfg.rate,
+                    "concurrency": cfg.concurrency,
+                    "duration_s": cfg.duration_s,
+                    "seed": cfg.seed,
+                    "fleet_cache": args.fleet_cache,
+                    "prefill_s_per_token": args.prefill_per_token,
+                },
+            )
             print(json.dumps(doc, indent=2), file=out, flush=True)
         else:
             print(table, file=out, flush=True)
@@ -242,44 +289,84 @@ async def run_demo(args: argparse.Namespace) -> int:
 def add_demo_parser(subparsers: Any) -> None:
     """Registers `demo` on an argparse subparsers object (`affinity-node demo ...`)."""
     p = subparsers.add_parser(
-        "demo", help="run a local fleet and compare affinity off / node-local / shared",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
+        "demo",
+        help="run a local fleet and compare affinity off / node-local / shared",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     configure_parser(p)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=int, default=4, help="fake vLLM backends (default 4)")
     p.add_argument("--nodes", type=int, default=3, help="proxy nodes (default 3)")
-    p.add_argument("--duration", type=float, default=18.0,
-                   help="seconds of load per run; three runs (default 18, about a minute)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=18.0,
+        help="seconds of load per run; three runs (default 18, about a minute)",
+    )
     p.add_argument("--keys", type=int, default=40, help="tenants, one API key each (default 40)")
-    p.add_argument("--conversations", type=int, default=2,
-                   help="conversations per tenant (default 2)")
-    p.add_argument("--max-turns", type=int, default=16,
-                   help="turns before a conversation starts over (default 16)")
-    p.add_argument("--rate", type=float, default=50.0,
-                   help="Poisson arrivals per second (default 50)")
-    p.add_argument("--concurrency", type=int, default=0,
-                   help="fixed number of requests in flight instead of --rate")
+    p.add_argument(
+        "--conversations", type=int, default=2, help="conversations per tenant (default 2)"
+    )
+    p.add_argument(
+        "--max-turns",
+        type=int,
+        default=16,
+        help="turns before a conversation starts over (default 16)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=50.0, help="Poisson arrivals per second (default 50)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="fixed number of requests in flight instead of --rate",
+    )
     p.add_argument("--output-tokens", type=int, default=32, help="tokens per answer")
-    p.add_argument("--prefill-per-token", type=float, default=0.0002,
-                   help="backend seconds per uncached prompt token (default 0.0002)")
-    p.add_argument("--fleet-cache", type=float, default=FLEET_CAPACITY,
-                   help="all backends' prefix caches together hold this multiple of the "
-                        f"workload's prefix blocks (default {FLEET_CAPACITY:g})")
+    p.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0002,
+        help="backend seconds per uncached prompt token (default 0.0002)",
+    )
+    p.add_argument(
+        "--fleet-cache",
+        type=float,
+        default=FLEET_CAPACITY,
+        help="all backends' prefix caches together hold this multiple of the "
+        f"workload's prefix blocks (default {FLEET_CAPACITY:g})",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dsn", default=os.environ.get(DSN_ENV) or None,
-                   help=f"use this Postgres (default: ${DSN_ENV}, else an embedded one); the "
-                        "demo's keys are deleted from it at the end")
-    p.add_argument("--json", action="store_true",
-                   help="print the JSON report on stdout (the table goes to stderr)")
-    p.add_argument("--log-dir", metavar="DIR",
-                   help="keep the child processes' logs here (default: a temporary directory "
-                        "removed at the end)")
-    p.add_argument("--balance", choices=["leastconn", "roundrobin"], default="leastconn",
-                   help="HAProxy's balance algorithm over the nodes (default leastconn)")
-    p.add_argument("--no-haproxy", action="store_true",
-                   help="no load balancer: the generator spreads requests over the nodes")
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get(DSN_ENV) or None,
+        help=f"use this Postgres (default: ${DSN_ENV}, else an embedded one); the "
+        "demo's keys are deleted from it at the end",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the JSON report on stdout (the table goes to stderr)",
+    )
+    p.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="keep the child processes' logs here (default: a temporary directory "
+        "removed at the end)",
+    )
+    p.add_argument(
+        "--balance",
+        choices=["leastconn", "roundrobin"],
+        default="leastconn",
+        help="HAProxy's balance algorithm over the nodes (default leastconn)",
+    )
+    p.add_argument(
+        "--no-haproxy",
+        action="store_true",
+        help="no load balancer: the generator spreads requests over the nodes",
+    )
     p.set_defaults(func=run_demo)
 
 

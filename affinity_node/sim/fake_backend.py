@@ -563,4 +563,3 @@ async def serve(cfg: FakeBackendConfig) -> RunningFakeBackend:
         raise
     port = int(runner.addresses[0][1])
     return RunningFakeBackend(app, runner, cfg.host, port)
-

@@ -65,29 +65,65 @@ class Fleet:
     def backend_ids(self) -> list[str]:
         return [f"b{i}" for i in range(len(self.backend_ports))]
 
-    async def start_backends(self, cache_blocks: int, prefill_s: float, output_tokens: int,
-                             seed: int) -> None:
+    async def start_backends(
+        self, cache_blocks: int, prefill_s: float, output_tokens: int, seed: int
+    ) -> None:
         children = []
         for i, port in enumerate(self.backend_ports):
-            children.append(await self.procs.start(f"backend-b{i}", [
-                sys.executable, "-m", "affinity_node", "fake-backend",
-                "--host", "127.0.0.1", "--port", str(port), "--id", f"b{i}", "--model", MODEL,
-                "--cache-blocks", str(cache_blocks), "--ttft-base", "0.01",
-                "--prefill-per-token", str(prefill_s), "--tokens-per-s", "2000",
-                "--output-tokens", str(output_tokens), "--max-running", "256",
-                "--seed", str(seed + i),
-            ]))
-        await asyncio.gather(*(
-            wait_http_ok(self.session, f"{url}/health", child, f"{child.name} to serve")
-            for url, child in zip(self.backend_urls, children, strict=True)))
+            children.append(
+                await self.procs.start(
+                    f"backend-b{i}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "affinity_node",
+                        "fake-backend",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--id",
+                        f"b{i}",
+                        "--model",
+                        MODEL,
+                        "--cache-blocks",
+                        str(cache_blocks),
+                        "--ttft-base",
+                        "0.01",
+                        "--prefill-per-token",
+                        str(prefill_s),
+                        "--tokens-per-s",
+                        "2000",
+                        "--output-tokens",
+                        str(output_tokens),
+                        "--max-running",
+                        "256",
+                        "--seed",
+                        str(seed + i),
+                    ],
+                )
+            )
+        await asyncio.gather(
+            *(
+                wait_http_ok(self.session, f"{url}/health", child, f"{child.name} to serve")
+                for url, child in zip(self.backend_urls, children, strict=True)
+            )
+        )
 
     async def start_haproxy(self, binary: str, balance: str) -> None:
         port, stats_port = free_port(), free_port()
         cfg = self.tmp / "haproxy.cfg"
         cfg.write_text(haproxy_config(port, stats_port, self.node_ports, balance))
         check = await asyncio.create_subprocess_exec(
-            binary, "-c", "-q", "-f", str(cfg), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+            binary,
+            "-c",
+            "-q",
+            "-f",
+            str(cfg),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
         out, _ = await check.communicate()
         if check.returncode != 0:
             raise SupportError(f"haproxy rejected the generated config:\n{out.decode()}")
@@ -106,8 +142,7 @@ class Fleet:
             "health": {"interval_seconds": 1.0},
             "limits": {"drain_timeout_seconds": 5},
             "logging": {"level": self.node_log_level, "json": False},
-            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"}
-                         for u in self.backend_urls],
+            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"} for u in self.backend_urls],
             "models": [{"name": MODEL, "affinity": True}],
         }
         path = self.tmp / f"node-{i}-{scenario.key}.yaml"
@@ -118,12 +153,19 @@ class Fleet:
         children = []
         for i in range(len(self.node_ports)):
             path = self._node_config(i, scenario)
-            children.append(await self.procs.start(f"node-{i}-{scenario.key}", [
-                sys.executable, "-m", "affinity_node", "serve", "--config", str(path)]))
+            children.append(
+                await self.procs.start(
+                    f"node-{i}-{scenario.key}",
+                    [sys.executable, "-m", "affinity_node", "serve", "--config", str(path)],
+                )
+            )
         self.nodes = children
-        await asyncio.gather(*(
-            wait_http_ok(self.session, f"{url}/readyz", child, f"{child.name} to be ready")
-            for url, child in zip(self.node_urls, children, strict=True)))
+        await asyncio.gather(
+            *(
+                wait_http_ok(self.session, f"{url}/readyz", child, f"{child.name} to be ready")
+                for url, child in zip(self.node_urls, children, strict=True)
+            )
+        )
         if self.stats_url is not None:
             names = [f"node-{i}" for i in range(len(self.node_ports))]
             stats_url = self.stats_url
@@ -140,18 +182,21 @@ class Fleet:
 
     async def clear_caches(self) -> None:
         async def clear(url: str) -> None:
-            async with self.session.post(f"{url}/admin/cache/clear",
-                                         timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            async with self.session.post(
+                f"{url}/admin/cache/clear", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
                 resp.raise_for_status()
 
         await asyncio.gather(*(clear(u) for u in self.backend_urls))
 
     async def scrape(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        backends = dict(zip(self.backend_ids, (f"{u}/metrics" for u in self.backend_urls),
-                            strict=True))
+        backends = dict(
+            zip(self.backend_ids, (f"{u}/metrics" for u in self.backend_urls), strict=True)
+        )
         nodes = {f"node-{i}": f"{u}/metrics" for i, u in enumerate(self.node_urls)}
-        b, n = await asyncio.gather(scrape_all(self.session, backends),
-                                    scrape_all(self.session, nodes))
+        b, n = await asyncio.gather(
+            scrape_all(self.session, backends), scrape_all(self.session, nodes)
+        )
         return b, n
 
 

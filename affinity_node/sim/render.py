@@ -41,20 +41,23 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
         label += " (" + ", ".join(sorted(sources)) + ")"
     row(label, (_pct(r.cache.hit_rate if r.cache else None) for r in runs))
     row("TTFT p50 / p99 (ms)", (f"{_ms(r.ttft_p50_s)} / {_ms(r.ttft_p99_s)}" for r in runs))
-    row("latency p50 / p99 (ms)",
-        (f"{_ms(r.latency_p50_s)} / {_ms(r.latency_p99_s)}" for r in runs))
-    row("req/backend min / max",
-        (f"{_n(r.backend_min)} / {_n(r.backend_max)}" for r in runs))
-    row("busiest / mean",
-        ("-" if r.busiest_over_mean is None else f"{r.busiest_over_mean:.2f}x" for r in runs))
+    row(
+        "latency p50 / p99 (ms)", (f"{_ms(r.latency_p50_s)} / {_ms(r.latency_p99_s)}" for r in runs)
+    )
+    row("req/backend min / max", (f"{_n(r.backend_min)} / {_n(r.backend_max)}" for r in runs))
+    row(
+        "busiest / mean",
+        ("-" if r.busiest_over_mean is None else f"{r.busiest_over_mean:.2f}x" for r in runs),
+    )
     backends = sorted({b for r in runs for b in r.per_backend})
     for b in backends:
         cells = []
         for r in runs:
             count = r.per_backend.get(b)
             rate = r.cache.backend_hit_rate(b) if r.cache is not None else None
-            cells.append("-" if count is None else
-                         f"{count}" + ("" if rate is None else f" ({_pct(rate)})"))
+            cells.append(
+                "-" if count is None else f"{count}" + ("" if rate is None else f" ({_pct(rate)})")
+            )
         row(f"  {b} requests (hit)", cells)
     seen: list[str] = [h for h in AFFINITY_HEADERS if any(h in r.affinity_headers for r in runs)]
     seen += sorted({h for r in runs for h in r.affinity_headers} - set(AFFINITY_HEADERS))
@@ -62,23 +65,37 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
         row(f"x-affinity: {h}", (str(r.affinity_headers.get(h, 0)) for r in runs))
     if any(r.nodes is not None for r in runs):
         row("node affinity hits", (_n(r.nodes.hits if r.nodes else None) for r in runs))
-        row("node misses (created/db/lock/degr.)", (
-            "-" if r.nodes is None else
-            "/".join(_n(r.nodes.misses.get(o, 0.0)) for o in MISS_OUTCOMES) for r in runs))
-        row("node rebinds / spills", (
-            "-" if r.nodes is None else f"{_n(r.nodes.rebinds)} / {_n(r.nodes.spills)}"
-            for r in runs))
+        row(
+            "node misses (created/db/lock/degr.)",
+            (
+                "-"
+                if r.nodes is None
+                else "/".join(_n(r.nodes.misses.get(o, 0.0)) for o in MISS_OUTCOMES)
+                for r in runs
+            ),
+        )
+        row(
+            "node rebinds / spills",
+            (
+                "-" if r.nodes is None else f"{_n(r.nodes.rebinds)} / {_n(r.nodes.spills)}"
+                for r in runs
+            ),
+        )
     if any(r.skipped_arrivals for r in runs):
         row("skipped arrivals", (str(r.skipped_arrivals) for r in runs))
 
     width0 = max(len(label) for label, _ in rows)
     widths = [max(len(r.name), *(len(cells[i]) for _, cells in rows)) for i, r in enumerate(runs)]
-    lines = ["  ".join([" " * width0, *(r.name.rjust(w) for r, w in zip(runs, widths,
-                                                                       strict=True))])]
+    lines = [
+        "  ".join([" " * width0, *(r.name.rjust(w) for r, w in zip(runs, widths, strict=True))])
+    ]
     lines.append("-" * len(lines[0]))
     for label, cells in rows:
-        lines.append("  ".join([label.ljust(width0),
-                                *(c.rjust(w) for c, w in zip(cells, widths, strict=True))]))
+        lines.append(
+            "  ".join(
+                [label.ljust(width0), *(c.rjust(w) for c, w in zip(cells, widths, strict=True))]
+            )
+        )
     errors = [(r.name, e) for r in runs for e in r.error_samples]
     if errors:
         lines.append("")
@@ -107,8 +124,13 @@ class ProgressLine:
     """A status line on stderr: rewritten in place once a second on a terminal, else a plain
     line every few seconds so logs stay readable."""
 
-    def __init__(self, label: str, duration_s: float, stream: IO[str] | None = None,
-                 plain_every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        label: str,
+        duration_s: float,
+        stream: IO[str] | None = None,
+        plain_every_s: float = 5.0,
+    ) -> None:
         self.label = label
         self.duration_s = duration_s
         self.stream = stream if stream is not None else sys.stderr
@@ -118,9 +140,11 @@ class ProgressLine:
         self._width = 0
 
     def text(self, stats: LiveStats) -> str:
-        return (f"{self.label}: {stats.elapsed_s:4.0f}/{self.duration_s:.0f} s  "
-                f"{stats.sent} sent  {stats.done} done  {stats.errors} errors  "
-                f"{stats.inflight} in flight")
+        return (
+            f"{self.label}: {stats.elapsed_s:4.0f}/{self.duration_s:.0f} s  "
+            f"{stats.sent} sent  {stats.done} done  {stats.errors} errors  "
+            f"{stats.inflight} in flight"
+        )
 
     def __call__(self, stats: LiveStats) -> None:
         line = self.text(stats)

@@ -161,8 +161,11 @@ class RunReport:
                 "queried_tokens": self.cache.queries,
                 "hit_tokens": self.cache.hits,
                 "per_backend": {
-                    b: {"queried_tokens": q, "hit_tokens": h,
-                        "hit_rate": self.cache.backend_hit_rate(b)}
+                    b: {
+                        "queried_tokens": q,
+                        "hit_tokens": h,
+                        "hit_rate": self.cache.backend_hit_rate(b),
+                    }
                     for b, (q, h) in sorted(self.cache.per_backend.items())
                 },
             }

@@ -118,8 +118,11 @@ class Processes:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, env={**self._env, **env},
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**self._env, **env},
                 start_new_session=True,
             )
         child = Child(name, proc, log_path)
@@ -157,15 +160,18 @@ class Processes:
 
 
 async def poll(
-    check: Callable[[], Awaitable[bool]], child: Child | None, what: str,
+    check: Callable[[], Awaitable[bool]],
+    child: Child | None,
+    what: str,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> None:
     """Polls `check` until true; fails at the deadline or as soon as `child` exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         if child is not None and not child.running:
-            raise SupportError(f"{child.name} exited with {child.proc.returncode} before "
-                               f"{what}:\n{child.tail()}")
+            raise SupportError(
+                f"{child.name} exited with {child.proc.returncode} before {what}:\n{child.tail()}"
+            )
         if await check():
             return
         if time.monotonic() > deadline:
@@ -184,8 +190,9 @@ async def http_status(session: aiohttp.ClientSession, url: str) -> int:
         return 0
 
 
-async def wait_http_ok(session: aiohttp.ClientSession, url: str, child: Child | None,
-                       what: str) -> None:
+async def wait_http_ok(
+    session: aiohttp.ClientSession, url: str, child: Child | None, what: str
+) -> None:
     async def ok() -> bool:
         return await http_status(session, url) == 200
 
@@ -215,9 +222,7 @@ async def scrape(session: aiohttp.ClientSession, url: str, timeout_s: float = 5.
         return parse_metrics(await resp.text())
 
 
-async def scrape_all(
-    session: aiohttp.ClientSession, urls: Mapping[str, str]
-) -> dict[str, Samples]:
+async def scrape_all(session: aiohttp.ClientSession, urls: Mapping[str, str]) -> dict[str, Samples]:
     """Scrapes every named endpoint at once (name -> /metrics URL)."""
     names = list(urls)
     results = await asyncio.gather(*(scrape(session, urls[n]) for n in names))
@@ -256,7 +261,10 @@ async def engine_nodes(
         for spec in specs:
             registry = CollectorRegistry()
             pool = await stack.enter_async_context(database_pool(spec.db, spec.node_id, on_query))
-            built = await stack.enter_async_context(affinity_engine(
-                spec, pool, AffinityMetrics(registry), on_query=on_query, background=background))
+            built = await stack.enter_async_context(
+                affinity_engine(
+                    spec, pool, AffinityMetrics(registry), on_query=on_query, background=background
+                )
+            )
             started.append(EngineNode(built.engine, built.listener, pool, registry))
         yield started

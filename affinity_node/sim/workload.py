@@ -199,8 +199,11 @@ def estimate_working_set_blocks(
     for tenant in range(cfg.tenants):
         system = len(tokenize(system_prompt(cfg.seed, tenant, rng.randint(*cfg.system_tokens))))
         total += system + ROLE_TOKENS
-    turns = (cfg.tenants * cfg.conversations_per_tenant * cfg.max_turns
-             if expected_requests is None else expected_requests)
+    turns = (
+        cfg.tenants * cfg.conversations_per_tenant * cfg.max_turns
+        if expected_requests is None
+        else expected_requests
+    )
     total += turns * per_turn
     return math.ceil(total / BLOCK_SIZE)
 
@@ -320,10 +323,15 @@ class Workload:
         text = user_message(cfg.seed, conv.tenant, conv.name, turn, cfg.user_tokens)
         messages = conv.ask(text)
         target = self.target()
-        record = RequestRecord(seq, conv.tenant, conv.name, turn, conv.model, target,
-                               time.monotonic() - self._t0)
-        body: dict[str, Any] = {"model": conv.model, "messages": messages,
-                                "max_tokens": cfg.max_tokens, "stream": cfg.stream}
+        record = RequestRecord(
+            seq, conv.tenant, conv.name, turn, conv.model, target, time.monotonic() - self._t0
+        )
+        body: dict[str, Any] = {
+            "model": conv.model,
+            "messages": messages,
+            "max_tokens": cfg.max_tokens,
+            "stream": cfg.stream,
+        }
         if cfg.stream:
             body["stream_options"] = {"include_usage": True}
         headers = {
@@ -420,11 +428,14 @@ class Workload:
         async with contextlib.AsyncExitStack() as stack:
             if session is None:
                 connector = aiohttp.TCPConnector(limit=cfg.max_inflight, force_close=False)
-                session = await stack.enter_async_context(aiohttp.ClientSession(
-                    connector=connector,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                                  sock_read=cfg.request_timeout_s),
-                ))
+                session = await stack.enter_async_context(
+                    aiohttp.ClientSession(
+                        connector=connector,
+                        timeout=aiohttp.ClientTimeout(
+                            total=None, sock_connect=10, sock_read=cfg.request_timeout_s
+                        ),
+                    )
+                )
             self._t0 = time.monotonic()
             ticker = None
             if progress is not None:

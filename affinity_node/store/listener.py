@@ -98,8 +98,10 @@ class ChangeListener:
                 # blind, so a bug in a sync hook is logged and retried like an outage.
                 retry=retry_if_exception_type(Exception),
                 before_sleep=lambda rs: self._warn.warning(
-                    "connect", "listener cannot reach Postgres (attempt %d): %r",
-                    rs.attempt_number, rs.outcome.exception() if rs.outcome else None,
+                    "connect",
+                    "listener cannot reach Postgres (attempt %d): %r",
+                    rs.attempt_number,
+                    rs.outcome.exception() if rs.outcome else None,
                 ),
             )
             lost = asyncio.Event()

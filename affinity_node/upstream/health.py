@@ -64,8 +64,9 @@ class HealthChecker:
             log.warning("backend %s: model discovery failed: %s", backend.id, exc)
             return False
         if self._pool.set_models(backend, ids):
-            log.info("backend %s serves %s", backend.id,
-                     ", ".join(sorted(backend.models)) or "nothing")
+            log.info(
+                "backend %s serves %s", backend.id, ", ".join(sorted(backend.models)) or "nothing"
+            )
         return True
 
     async def run(self) -> None:

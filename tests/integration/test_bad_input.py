@@ -29,14 +29,21 @@ def assert_error_body(body: dict, status: int) -> None:
     assert "Traceback" not in err["message"]
 
 
-async def raw(c: Cluster, method: str, path: str, secret: str | None, data: bytes | None,
-              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+async def raw(
+    c: Cluster,
+    method: str,
+    path: str,
+    secret: str | None,
+    data: bytes | None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict]:
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     if secret:
         hdrs["Authorization"] = f"Bearer {secret}"
-    async with aiohttp.ClientSession() as s, s.request(
-        method, c.nodes[0].url + path, data=data, headers=hdrs
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, c.nodes[0].url + path, data=data, headers=hdrs) as r,
+    ):
         text = await r.text()
         return r.status, json.loads(text) if text.startswith("{") else {"raw": text}
 
@@ -48,11 +55,19 @@ CASES = [
     ("missing model", b'{"messages": []}', 400, "missing_required_parameter"),
     ("model not a string", b'{"model": 7, "messages": []}', 400, "invalid_type"),
     ("model empty", b'{"model": "", "messages": []}', 400, "invalid_type"),
-    ("stream not bool", json.dumps({"model": MODEL, "stream": "yes"}).encode(), 400,
-     "invalid_type"),
+    (
+        "stream not bool",
+        json.dumps({"model": MODEL, "stream": "yes"}).encode(),
+        400,
+        "invalid_type",
+    ),
     ("unknown model", b'{"model": "gpt-nope", "messages": []}', 404, "model_not_found"),
-    ("odd characters", json.dumps({"model": "../\u0000\u202e;DROP TABLE"}).encode(), 404,
-     "model_not_found"),
+    (
+        "odd characters",
+        json.dumps({"model": "../\u0000\u202e;DROP TABLE"}).encode(),
+        404,
+        "model_not_found",
+    ),
     ("10 KB model", json.dumps({"model": "m" * 10_000}).encode(), 400, "invalid_value"),
 ]
 
@@ -66,17 +81,25 @@ async def test_bad_bodies(one_node, name, body, status, code):
     if code:
         assert payload["error"]["code"] == code
     # The node is unharmed: a good request right after succeeds.
-    ok, _ = await raw(c, "POST", "/v1/chat/completions", secret,
-                      json.dumps({"model": MODEL, "messages": [{"role": "user",
-                                                                "content": "hi"}]}).encode())
+    ok, _ = await raw(
+        c,
+        "POST",
+        "/v1/chat/completions",
+        secret,
+        json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    )
     assert ok == 200
 
 
 async def test_auth_errors_and_methods(one_node):
     c, secret = one_node
     body = json.dumps({"model": MODEL, "messages": []}).encode()
-    for hdr_secret, extra in ((None, {}), ("sk-unknown", {}), (None, {"Authorization": "Basic x"}),
-                              (None, {"Authorization": "Bearer "})):
+    for hdr_secret, extra in (
+        (None, {}),
+        ("sk-unknown", {}),
+        (None, {"Authorization": "Basic x"}),
+        (None, {"Authorization": "Bearer "}),
+    ):
         status, payload = await raw(c, "POST", "/v1/chat/completions", hdr_secret, body, extra)
         assert status == 401
         assert payload["error"]["code"] == "invalid_api_key"
@@ -90,8 +113,9 @@ async def test_auth_errors_and_methods(one_node):
 
 async def test_body_over_the_limit_is_413(one_node):
     c, secret = one_node
-    big = json.dumps({"model": MODEL, "messages": [{"role": "user",
-                                                     "content": "x" * (9 * 1024 * 1024)}]})
+    big = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    )
     status, payload = await raw(c, "POST", "/v1/chat/completions", secret, big.encode())
     assert status == 413
     assert payload["error"]["code"] == "request_too_large"
@@ -114,24 +138,26 @@ async def test_sdk_raises_the_matching_exceptions(one_node):
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="no-such-model", messages=msgs)
     with pytest.raises(openai.BadRequestError) as err:
-        await client.chat.completions.create(model=MODEL, messages=msgs,
-                                             extra_body={"stream": "sometimes"})
+        await client.chat.completions.create(
+            model=MODEL, messages=msgs, extra_body={"stream": "sometimes"}
+        )
     assert err.value.param == "stream"
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model="m" * 10_000, prompt="hi")
     with pytest.raises(openai.AuthenticationError):
         await c.client(0, "sk-wrong").chat.completions.create(model=MODEL, messages=msgs)
     with pytest.raises(openai.APIStatusError) as too_big:
-        await client.chat.completions.create(model=MODEL,
-                                             messages=[{"role": "user",
-                                                        "content": "x" * (9 * 1024 * 1024)}])
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x" * (9 * 1024 * 1024)}]
+        )
     assert too_big.value.status_code == 413
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 bodies = st.one_of(
@@ -142,17 +168,22 @@ bodies = st.one_of(
         optional={"stream": json_values, "messages": json_values, "prompt": json_values},
     ).map(lambda v: json.dumps(v).encode()),
 )
-header_values = st.text(
-    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40)
+header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-       headers=st.dictionaries(
-           st.sampled_from(["x-request-id", "authorization", "content-type", "accept",
-                            "x-custom"]), header_values, max_size=3),
-       use_key=st.booleans())
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=bodies,
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    headers=st.dictionaries(
+        st.sampled_from(["x-request-id", "authorization", "content-type", "accept", "x-custom"]),
+        header_values,
+        max_size=3,
+    ),
+    use_key=st.booleans(),
+)
 async def test_fuzz_never_500(one_node, body, path, headers, use_key):
     c, secret = one_node
     status, payload = await raw(c, "POST", path, secret if use_key else None, body, headers)

@@ -13,14 +13,21 @@ import asyncpg
 from tests.support.nodes import BACKENDS, CountingChooser, nodes
 
 
-async def cli(*args: str, dsn: str | None = None, env: dict[str, str] | None = None
-              ) -> tuple[int, str, str]:
+async def cli(
+    *args: str, dsn: str | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     full_env = {**os.environ, **(env or {})}
     if dsn is not None:
         full_env["AFFINITY_DATABASE_DSN"] = dsn
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "affinity_node", *args, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "affinity_node",
+        *args,
+        env=full_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -33,8 +40,9 @@ async def test_keys_create_list_revoke(dsn):
     assert created["secret"].startswith("sk-") and created["name"] == "team-a"
     conn = await asyncpg.connect(dsn)
     try:
-        stored = await conn.fetchval("SELECT key_hash FROM api_keys WHERE id = $1::uuid",
-                                     created["id"])
+        stored = await conn.fetchval(
+            "SELECT key_hash FROM api_keys WHERE id = $1::uuid", created["id"]
+        )
         assert created["secret"].encode() not in bytes(stored)  # only the hash is stored
     finally:
         await conn.close()
@@ -67,8 +75,7 @@ async def test_bindings_list_and_purge(dsn, db):
     assert len(rows) == 4 and {r["model"] for r in rows} == {"m1", "m2"}
     code, out, _ = await cli("bindings", "list", "--model", "m1", "--json", dsn=dsn)
     assert len(json.loads(out)) == 2
-    code, out, _ = await cli("bindings", "purge", "--api-key-id", ids[0], "--model", "m2",
-                             dsn=dsn)
+    code, out, _ = await cli("bindings", "purge", "--api-key-id", ids[0], "--model", "m2", dsn=dsn)
     assert code == 0 and "purged 1" in out
     code, out, _ = await cli("bindings", "purge", "--model", "m1", dsn=dsn)
     assert "purged 2" in out
@@ -90,11 +97,23 @@ async def test_env_overrides_config(tmp_path):
     from affinity_node.config import load_config
 
     path = tmp_path / "node.yaml"
-    path.write_text("node_id: from-file\nlisten: {port: 8080}\n"
-                    "database: {dsn: postgresql://file/db}\n"
-                    "backends: [{url: 'http://127.0.0.1:1', models: [m]}]\n")
-    cfg = load_config(path, env={"AFFINITY_LISTEN_PORT": "9001", "AFFINITY_NODE_ID": "env",
-                                 "AFFINITY_DATABASE_DSN": "postgresql://env/db",
-                                 "AFFINITY_AFFINITY_STORE": "memory"})
+    path.write_text(
+        "node_id: from-file\nlisten: {port: 8080}\n"
+        "database: {dsn: postgresql://file/db}\n"
+        "backends: [{url: 'http://127.0.0.1:1', models: [m]}]\n"
+    )
+    cfg = load_config(
+        path,
+        env={
+            "AFFINITY_LISTEN_PORT": "9001",
+            "AFFINITY_NODE_ID": "env",
+            "AFFINITY_DATABASE_DSN": "postgresql://env/db",
+            "AFFINITY_AFFINITY_STORE": "memory",
+        },
+    )
     assert (cfg.listen.port, cfg.node_id, cfg.database.dsn, cfg.affinity.store) == (
-        9001, "env", "postgresql://env/db", "memory")
+        9001,
+        "env",
+        "postgresql://env/db",
+        "memory",
+    )

@@ -25,9 +25,7 @@ async def test_concurrent_cold_misses_on_three_nodes_make_one_binding(dsn, db):
     chooser = CountingChooser()
     async with nodes(dsn, 3) as fleet:
         calls = [
-            node.engine.resolve(key, MODEL, BACKENDS, chooser)
-            for _ in range(100)
-            for node in fleet
+            node.engine.resolve(key, MODEL, BACKENDS, chooser) for _ in range(100) for node in fleet
         ]
         results = await asyncio.gather(*calls)
 
@@ -107,18 +105,26 @@ async def test_rebind_reaches_other_nodes_and_stale_notifications_are_ignored(ds
         assert metric(a, "affinity_rebinds_total", model=MODEL, reason="unhealthy") == 1
 
         # A late notification carrying the old binding (lower version) must not undo it.
-        stale = json.dumps({
-            "op": "update", "api_key_id": str(key), "model": MODEL,
-            "provider_url": first.backend, "version": old_version, "ttl": 100.0,
-            "sent_at": time.time(), "expires_at": None,
-        })
+        stale = json.dumps(
+            {
+                "op": "update",
+                "api_key_id": str(key),
+                "model": MODEL,
+                "provider_url": first.backend,
+                "version": old_version,
+                "ttl": 100.0,
+                "sent_at": time.time(),
+                "expires_at": None,
+            }
+        )
         await db.execute("SELECT pg_notify('affinity_changes', $1)", stale)
         # A marker sent afterwards proves the stale one was delivered and processed first.
         other = await new_key(db, "marker")
         await a.engine.resolve(other, MODEL, BACKENDS, chooser)
         for n in (b, c):
-            await wait_for(lambda n=n: n.engine.cache.get((other, MODEL)) is not None,
-                           what="marker seen")
+            await wait_for(
+                lambda n=n: n.engine.cache.get((other, MODEL)) is not None, what="marker seen"
+            )
             assert follows(n)
             assert metric(n, "affinity_notifications_total", op="update") >= 2
         # On every node, the next resolve is a hit on the new backend.
@@ -194,15 +200,17 @@ async def test_database_outage_degrades_and_recovers(dsn, db):
             calls_before = chooser.calls
             hits = [await node.engine.resolve(known, MODEL, BACKENDS, chooser) for _ in range(50)]
             assert {(r.backend, r.outcome) for r in hits} == {(bound.backend, "hit")}
-            degraded = [await node.engine.resolve(fresh, MODEL, BACKENDS, chooser)
-                        for _ in range(20)]
+            degraded = [
+                await node.engine.resolve(fresh, MODEL, BACKENDS, chooser) for _ in range(20)
+            ]
             assert {r.outcome for r in degraded} == {"degraded"}
             # Degraded requests of one pair stay on one backend of this node meanwhile.
             assert len({r.backend for r in degraded}) == 1
             assert chooser.calls > calls_before
             assert metric(node, "affinity_db_up") == 0
             degraded_count = metric(
-                node, "affinity_cache_misses_total", model=MODEL, outcome="degraded")
+                node, "affinity_cache_misses_total", model=MODEL, outcome="degraded"
+            )
             assert degraded_count == 20
             await wait_for(lambda: metric(node, "affinity_listener_up") == 0, what="listener down")
             # Refreshes and failovers during the outage fail quietly too.
@@ -210,8 +218,11 @@ async def test_database_outage_degrades_and_recovers(dsn, db):
             await node.engine.flush_refreshes()
 
             await proxy.start()
-            await wait_for(lambda: metric(node, "affinity_listener_up") == 1, timeout=15,
-                           what="listener back after outage")
+            await wait_for(
+                lambda: metric(node, "affinity_listener_up") == 1,
+                timeout=15,
+                what="listener back after outage",
+            )
             r = await node.engine.resolve(fresh, MODEL, BACKENDS, chooser)
             assert r.outcome == "created"
             assert metric(node, "affinity_db_up") == 1
@@ -227,15 +238,19 @@ async def test_frozen_database_is_detected_by_the_probe(dsn, db):
         async with nodes(proxy.dsn) as (node,):
             assert metric(node, "affinity_listener_up") == 1
             proxy.freeze()  # sockets stay open, nothing flows: asyncpg alone would never notice
-            await wait_for(lambda: metric(node, "affinity_listener_up") == 0, timeout=10,
-                           what="probe notices a hung listener connection")
+            await wait_for(
+                lambda: metric(node, "affinity_listener_up") == 0,
+                timeout=10,
+                what="probe notices a hung listener connection",
+            )
             key = await new_key(db)
             r = await node.engine.resolve(key, MODEL, BACKENDS, CountingChooser())
             assert r.outcome == "degraded"
             await proxy.stop()
             await proxy.start()
-            await wait_for(lambda: metric(node, "affinity_listener_up") == 1, timeout=15,
-                           what="listener back")
+            await wait_for(
+                lambda: metric(node, "affinity_listener_up") == 1, timeout=15, what="listener back"
+            )
     finally:
         await proxy.close()
 
@@ -268,7 +283,8 @@ async def test_refreshed_entry_is_reread_and_expired_entry_is_recreated(dsn, db)
         # Nobody refreshes now: once the row has expired in the database it is re-created.
         await wait_for(
             lambda: db.fetchval("SELECT expires_at < now() FROM api_key_model_affinity"),
-            timeout=5, what="row expires",
+            timeout=5,
+            what="row expires",
         )
         r = await b.engine.resolve(key, MODEL, BACKENDS, chooser)
         assert r.outcome == "created"
@@ -289,10 +305,13 @@ async def test_refresh_is_one_statement_for_many_pairs_and_skips_moved_bindings(
         moved_key = keys[0]
         await db.execute(
             "UPDATE api_key_model_affinity SET provider_url = 'http://elsewhere:1' "
-            "WHERE api_key_id = $1", moved_key)
+            "WHERE api_key_id = $1",
+            moved_key,
+        )
         await wait_for(
             lambda: node.engine.cache.get((moved_key, MODEL)).backend == "http://elsewhere:1",
-            what="move seen")
+            what="move seen",
+        )
         # Nodes only learn a shorter TTL on their next read; emulate by re-reading (expire).
         for k in keys:
             e = node.engine.cache.get((k, MODEL))
@@ -306,8 +325,8 @@ async def test_refresh_is_one_statement_for_many_pairs_and_skips_moved_bindings(
         assert extended == 20
         assert counter.ours() == [QUERIES["binding_refresh"]]
         live = await db.fetchval(
-            "SELECT count(*) FROM api_key_model_affinity "
-            "WHERE expires_at > now() + interval '900s'")
+            "SELECT count(*) FROM api_key_model_affinity WHERE expires_at > now() + interval '900s'"
+        )
         assert live == 20
 
 
@@ -319,7 +338,9 @@ async def test_cleanup_deletes_only_expired_rows_one_leader_at_a_time(dsn, db):
             await a.engine.resolve(k, MODEL, BACKENDS, chooser)
         await db.execute(
             "UPDATE api_key_model_affinity SET expires_at = now() - interval '1 second' "
-            "WHERE api_key_id = ANY($1::uuid[])", keys[:3])
+            "WHERE api_key_id = ANY($1::uuid[])",
+            keys[:3],
+        )
         async with db.transaction():  # another node is cleaning: we step aside
             await db.execute("SELECT pg_advisory_xact_lock($1)", CLEANUP_LOCK)
             assert await b.engine.cleanup_expired() == 0
@@ -341,8 +362,12 @@ async def test_deleting_a_key_removes_its_bindings_everywhere(dsn, db):
         for n in fleet:
             await wait_for(lambda n=n: len(n.engine.cache) == 4, what="all cached")
         await db.execute("DELETE FROM api_keys WHERE id = $1", doomed)
-        assert await db.fetchval(
-            "SELECT count(*) FROM api_key_model_affinity WHERE api_key_id = $1", doomed) == 0
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM api_key_model_affinity WHERE api_key_id = $1", doomed
+            )
+            == 0
+        )
         for n in fleet:
             await wait_for(lambda n=n: len(n.engine.cache) == 1, timeout=2, what="evicted")
             assert n.engine.cache.get((kept, "m1")) is not None

@@ -225,9 +225,7 @@ async def test_ejected_after_n_failed_checks_and_readmitted_after_m_successes(
     assert bb.healthy and b.health_calls == a.health_calls
 
 
-async def test_a_stopped_server_is_ejected(
-    servers: StartServer, client: UpstreamClient
-) -> None:
+async def test_a_stopped_server_is_ejected(servers: StartServer, client: UpstreamClient) -> None:
     a = await servers(["llama-3.1-8b"])
     b = await servers(["llama-3.1-8b"])
     changes: list[tuple[str, bool]] = []
@@ -295,7 +293,10 @@ async def test_readmitted_backend_rediscovers_its_models(
     server = await servers(["llama-3.1-8b"])
     pool, checker = make(
         client,
-        [BackendSpec(server.url)], [LLAMA, QWEN], eject_after_failures=1, readmit_after_successes=1
+        [BackendSpec(server.url)],
+        [LLAMA, QWEN],
+        eject_after_failures=1,
+        readmit_after_successes=1,
     )
     await checker.check_once()
     (backend,) = pool.backends
@@ -317,8 +318,9 @@ async def test_health_loop_runs_rounds_until_cancelled(
     servers: StartServer, client: UpstreamClient
 ) -> None:
     server = await servers(["llama-3.1-8b"])
-    pool, checker = make(client, [BackendSpec(server.url)], [LLAMA], interval_s=0.01,
-                         eject_after_failures=2)
+    pool, checker = make(
+        client, [BackendSpec(server.url)], [LLAMA], interval_s=0.01, eject_after_failures=2
+    )
     task = asyncio.create_task(checker.run())
     try:
         await wait_for(lambda: pool.backends[0].models == {"llama-3.1-8b"})
@@ -330,8 +332,6 @@ async def test_health_loop_runs_rounds_until_cancelled(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-
-
 
 
 async def test_probe_thresholds_apply_to_request_reports_too(

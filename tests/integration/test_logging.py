@@ -113,8 +113,9 @@ async def test_no_secret_or_key_id_in_logs_and_request_ids_on_request_lines(dsn)
 
             ok = client(good_secret)
             for stream in (False, True, False):
-                resp = await ok.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                        stream=stream)
+                resp = await ok.chat.completions.create(
+                    model=MODEL, messages=MESSAGES, stream=stream
+                )
                 if stream:
                     async for _ in resp:  # type: ignore[union-attr]
                         pass
@@ -122,10 +123,14 @@ async def test_no_secret_or_key_id_in_logs_and_request_ids_on_request_lines(dsn)
             for secret in (forged, revoked_secret, good_secret[:-2] + "zz"):
                 with pytest.raises(openai.AuthenticationError):
                     await client(secret).chat.completions.create(model=MODEL, messages=MESSAGES)
-            async with aiohttp.ClientSession() as http, http.post(
-                f"{node.url}/v1/chat/completions",
-                headers={"Authorization": f"Basic {good_secret}"}, json={"model": MODEL},
-            ) as r:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{node.url}/v1/chat/completions",
+                    headers={"Authorization": f"Basic {good_secret}"},
+                    json={"model": MODEL},
+                ) as r,
+            ):
                 assert r.status == 401
 
             # Every backend fails: the first request fails on two backends (502), the second
@@ -135,7 +140,8 @@ async def test_no_secret_or_key_id_in_logs_and_request_ids_on_request_lines(dsn)
             for rid in ("log-req-1", "log-req-2"):
                 with pytest.raises(openai.APIStatusError) as err:
                     await ok.chat.completions.create(
-                        model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid})
+                        model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid}
+                    )
                 assert err.value.status_code in (502, 503)
             for fake in fakes:
                 await admin_fail(fake.url, {})

@@ -20,25 +20,31 @@ ROOT = Path(__file__).resolve().parents[2]
 async def test_ten_processes_migrating_at_once_apply_each_file_once(empty_dsn):
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "affinity_node", "migrate", "--dsn", empty_dsn,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "affinity_node",
+            "migrate",
+            "--dsn",
+            empty_dsn,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         for _ in range(10)
     ]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)
     assert [p.returncode for p in procs] == [0] * 10, outputs
     files = load_migrations()
-    applied_counts = [
-        int(out.decode().split()[1]) for out, _ in outputs
-    ]
+    applied_counts = [int(out.decode().split()[1]) for out, _ in outputs]
     assert sorted(applied_counts) == [0] * 9 + [len(files)]
     conn = await asyncpg.connect(empty_dsn)
     try:
         rows = await conn.fetch("SELECT name, checksum FROM affinity_schema_migrations")
         assert sorted(r["name"] for r in rows) == [f.name for f in files]
         assert {r["checksum"] for r in rows} == {f.checksum for f in files}
-        tables = {r[0] for r in await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {
+            r[0]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
         assert {"api_keys", "api_key_model_affinity"} <= tables
     finally:
         await conn.close()
@@ -58,26 +64,40 @@ async def test_a_changed_applied_migration_is_refused(empty_dsn, tmp_path):
 async def test_schema_matches_the_contract(db):
     cols = await db.fetch(
         "SELECT column_name FROM information_schema.columns "
-        "WHERE table_name = 'api_key_model_affinity' ORDER BY ordinal_position")
+        "WHERE table_name = 'api_key_model_affinity' ORDER BY ordinal_position"
+    )
     assert [c[0] for c in cols] == [
-        "api_key_id", "model", "provider_url", "version", "created_at", "updated_at", "expires_at",
+        "api_key_id",
+        "model",
+        "provider_url",
+        "version",
+        "created_at",
+        "updated_at",
+        "expires_at",
     ]
     fk = await db.fetchval(
         "SELECT confdeltype FROM pg_constraint WHERE conrelid = 'api_key_model_affinity'::regclass "
-        "AND contype = 'f'")
+        "AND contype = 'f'"
+    )
     assert fk == b"c"  # ON DELETE CASCADE
     await db.execute("SET enable_seqscan = off")  # the table is empty: ask whether it *can*
     plan = await db.fetchval(
         "EXPLAIN (FORMAT JSON) SELECT * FROM api_key_model_affinity "
-        "WHERE expires_at <= now() ORDER BY expires_at LIMIT 10")
+        "WHERE expires_at <= now() ORDER BY expires_at LIMIT 10"
+    )
     assert "api_key_model_affinity_expires_at_idx" in plan
 
 
 def test_wheel_ships_the_sql(tmp_path):
     hatchling_build = pytest.importorskip("hatchling.build")
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache"
+        ),
+    )
     out = tmp_path / "dist"
     out.mkdir()
     cwd = os.getcwd()

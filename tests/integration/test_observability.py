@@ -44,10 +44,12 @@ def config() -> NodeConfig:
         node_id="n1",
         # Nothing listens there: the node starts degraded at once, which is all these need.
         database=DatabaseConfig(dsn="postgresql://127.0.0.1:9/db", startup_wait_seconds=0),
-        backends=[BackendConfig(url=B1, models=["llama"]), BackendConfig(url=B2, models=["llama"]),
-                  BackendConfig(url=B3, models=["embed"], kind="external")],
-        models=[ModelConfig(name="llama", aliases=["meta/llama"]),
-                ModelConfig(name="qwen")],
+        backends=[
+            BackendConfig(url=B1, models=["llama"]),
+            BackendConfig(url=B2, models=["llama"]),
+            BackendConfig(url=B3, models=["embed"], kind="external"),
+        ],
+        models=[ModelConfig(name="llama", aliases=["meta/llama"]), ModelConfig(name="qwen")],
     )
     validate(cfg)
     return cfg
@@ -69,7 +71,8 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str,
     text = generate_latest(registry).decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
     }
 
 
@@ -81,16 +84,26 @@ async def test_label_sets_known_up_front_exist_at_zero_before_any_traffic():
     async with started(build_app(config())) as app:
         found = samples(app[REGISTRY])
     for outcome in MISS_OUTCOMES:
-        assert found[("affinity_cache_misses_total",
-                      frozenset({("model", "llama"), ("outcome", outcome)}))] == 0
+        assert (
+            found[
+                (
+                    "affinity_cache_misses_total",
+                    frozenset({("model", "llama"), ("outcome", outcome)}),
+                )
+            ]
+            == 0
+        )
     assert has(found, "affinity_cache_hits_total", model="llama")
     for reason in REBIND_REASONS:
         assert has(found, "affinity_rebinds_total", model="llama", reason=reason)
     assert has(found, "affinity_spills_total", model="llama")
     # Only models affinity applies to: "embed" is served by an external backend only, and
     # "qwen" has no backend (yet).
-    assert not any(dict(labels).get("model") in ("embed", "qwen") for name, labels in found
-                   if name.startswith("affinity_cache_"))
+    assert not any(
+        dict(labels).get("model") in ("embed", "qwen")
+        for name, labels in found
+        if name.startswith("affinity_cache_")
+    )
     for op in NOTIFY_OPS:
         assert has(found, "affinity_notifications_total", op=op)
     for operation in DB_OPERATIONS:
@@ -114,26 +127,38 @@ async def test_collector_counts_bindings_per_backend_at_scrape_time():
         assert app[ENGINE].cache is not None
     registry = CollectorRegistry()
     cache = BindingCache()
-    collector = NodeCollector(pool, cache, AffinityMetrics(registry),
-                              HttpMetrics(registry, "t"), [m.name for m in cfg.models])
+    collector = NodeCollector(
+        pool,
+        cache,
+        AffinityMetrics(registry),
+        HttpMetrics(registry, "t"),
+        [m.name for m in cfg.models],
+    )
     registry.register(collector)
     found = samples(registry)
     assert found[("affinity_cache_bindings", frozenset({("backend", B1)}))] == 0
     for i, backend in enumerate([B1, B1, B2, "http://gone:8000"]):
         cache.fill((uuid.uuid4(), "llama"), backend, i + 1, 60.0, cache.epoch, 0.0)
     found = samples(registry)
-    bindings = {dict(labels)["backend"]: v for (name, labels), v in found.items()
-                if name == "affinity_cache_bindings"}
+    bindings = {
+        dict(labels)["backend"]: v
+        for (name, labels), v in found.items()
+        if name == "affinity_cache_bindings"
+    }
     assert bindings == {B1: 2, B2: 1, B3: 0, OTHER_BACKEND: 1}
-    healthy = {dict(labels)["model"]: v for (name, labels), v in found.items()
-               if name == "affinity_model_healthy_backends"}
+    healthy = {
+        dict(labels)["model"]: v
+        for (name, labels), v in found.items()
+        if name == "affinity_model_healthy_backends"
+    }
     assert healthy == {"llama": 2, "embed": 1, "qwen": 0}
 
 
 def test_collector_follows_health_and_learned_models():
     registry = CollectorRegistry()
-    pool = BackendPool([BackendSpec(B1, "vllm", ("llama",)), BackendSpec(B2, "vllm", ())],
-                       [ModelSpec("llama")])
+    pool = BackendPool(
+        [BackendSpec(B1, "vllm", ("llama",)), BackendSpec(B2, "vllm", ())], [ModelSpec("llama")]
+    )
     health = BackendHealth(pool, eject_after_failures=1)
     affinity = AffinityMetrics(registry)
     registry.register(NodeCollector(pool, BindingCache(), affinity, HttpMetrics(registry, "t")))

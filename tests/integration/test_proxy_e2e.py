@@ -18,20 +18,24 @@ from tests.support.cluster import ALIAS, MODEL, cluster, node_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.waiting import wait_for
 
-MESSAGES = [{"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Tell me about prefix caching."}]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me about prefix caching."},
+]
 
 
 async def chat(client: openai.AsyncOpenAI, stream: bool, model: str = MODEL):
     """Returns (backend id, x-affinity, text) for one request."""
     if not stream:
         raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=MESSAGES, max_tokens=8)
+            model=model, messages=MESSAGES, max_tokens=8
+        )
         body = raw.parse()
         text = body.choices[0].message.content
         return raw.headers["x-backend-id"], raw.headers["x-affinity"], text
     raw = await client.chat.completions.with_raw_response.create(
-        model=model, messages=MESSAGES, max_tokens=8, stream=True)
+        model=model, messages=MESSAGES, max_tokens=8, stream=True
+    )
     text = []
     fingerprints = set()
     async for chunk in raw.parse():
@@ -46,10 +50,12 @@ async def test_one_pair_sticks_to_one_backend_across_nodes(dsn):
     async with cluster(dsn, nodes=3, backends=4) as c:
         secret = await c.new_key("alice")
         clients = [c.client(i, secret) for i in range(3)]
-        results = await asyncio.gather(*(
-            chat(clients[i % 3], stream=bool(i % 2), model=ALIAS if i % 5 == 0 else MODEL)
-            for i in range(60)
-        ))
+        results = await asyncio.gather(
+            *(
+                chat(clients[i % 3], stream=bool(i % 2), model=ALIAS if i % 5 == 0 else MODEL)
+                for i in range(60)
+            )
+        )
         backends = {r[0] for r in results}
         assert len(backends) == 1, results
         affinity = [r[1] for r in results]
@@ -102,12 +108,16 @@ async def test_bound_backend_dies_next_request_fails_over_and_every_node_follows
         await wait_for(moved, timeout=5, what="binding row moves to the backend that served")
         for i in range(3):
             await wait_for(
-                lambda i=i: c.nodes[i].engine.cache.get(
-                    (c.key_ids["alice"], MODEL)).backend == new_url,
-                timeout=2, what="peers follow the move")
+                lambda i=i: (
+                    c.nodes[i].engine.cache.get((c.key_ids["alice"], MODEL)).backend == new_url
+                ),
+                timeout=2,
+                what="peers follow the move",
+            )
         # Every node now serves the pair from the new backend, none of these requests fail.
-        results = await asyncio.gather(*(chat(clients[i % 3], stream=bool(i % 2))
-                                         for i in range(12)))
+        results = await asyncio.gather(
+            *(chat(clients[i % 3], stream=bool(i % 2)) for i in range(12))
+        )
         assert {r[0] for r in results} == {backend}
         assert metric(c.nodes[0], "affinity_rebinds_total", model=MODEL, reason="failover") == 1
 
@@ -125,6 +135,7 @@ async def test_revoked_key_is_refused_by_every_node_within_a_second(dsn):
             await conn.close()
 
         for cl in clients:
+
             async def refused(cl=cl) -> bool:
                 try:
                     await cl.models.list()
@@ -165,13 +176,17 @@ async def test_postgres_stopped_requests_still_served_and_recover(dsn):
                         assert r.status == 200
                         assert (await r.json())["database"] == "down"
             for node in c.nodes:
-                await wait_for(lambda node=node: metric(node, "affinity_db_up") == 0,
-                               what="db_up 0")
+                await wait_for(
+                    lambda node=node: metric(node, "affinity_db_up") == 0, what="db_up 0"
+                )
 
             await proxy.start()
             for node in c.nodes:
-                await wait_for(lambda node=node: metric(node, "affinity_listener_up") == 1,
-                               timeout=15, what="listener back")
+                await wait_for(
+                    lambda node=node: metric(node, "affinity_listener_up") == 1,
+                    timeout=15,
+                    what="listener back",
+                )
             _, affinity, _ = await chat(c.client(1, fresh), stream=False)
             assert affinity == "miss"
             assert len(await bound_row(dsn)) == 2
@@ -185,19 +200,21 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream(dsn, caplog):
     async with cluster(dsn, nodes=1, backends=1, backend_cfg=slow) as c:
         secret = await c.new_key("alice")
         client = c.client(0, secret)
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, stream=True)
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
         async for _chunk in stream:
             break
         await stream.close()
         backend = c.backends[0]
-        await wait_for(lambda: backend.stats.disconnects == 1, timeout=5,
-                       what="backend sees the disconnect")
-        await wait_for(lambda: c.nodes[0].backends.backends[0].inflight == 0,
-                       what="in-flight released")
+        await wait_for(
+            lambda: backend.stats.disconnects == 1, timeout=5, what="backend sees the disconnect"
+        )
+        await wait_for(
+            lambda: c.nodes[0].backends.backends[0].inflight == 0, what="in-flight released"
+        )
         ours = [r for r in caplog.records if r.name.startswith(("affinity_node", "aiohttp"))]
         assert not [r for r in ours if r.levelno >= logging.WARNING or r.exc_info], [
-            r.getMessage() for r in ours]
+            r.getMessage() for r in ours
+        ]
 
 
 async def admin_fail(url: str, body: dict) -> None:
@@ -214,13 +231,16 @@ async def test_5xx_before_the_first_byte_is_retried_once_elsewhere(dsn):
         await admin_fail(bound.url, {"status": 503})
         rid = "req-retry-1"
         raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid})
+            model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid}
+        )
         assert raw.headers["x-request-id"] == rid
         assert raw.headers["x-affinity"] == "rebind"
         assert raw.headers["x-backend-id"] != first
         bound_id = f"http://127.0.0.1:{bound.port}"
-        assert metric(c.nodes[0], "affinity_upstream_requests_total",
-                      backend=bound_id, code="503") == 1
+        assert (
+            metric(c.nodes[0], "affinity_upstream_requests_total", backend=bound_id, code="503")
+            == 1
+        )
         # Every backend failing: one retry only, then a clean 502, no 500.
         for b in c.backends:
             await admin_fail(b.url, {"status": 500})
@@ -236,8 +256,7 @@ async def test_stream_broken_after_first_byte_ends_with_an_error_event(dsn):
         client = c.client(0, secret)
         first, _, _ = await chat(client, stream=False)
         await admin_fail(c.backends[int(first[1:])].url, {"drop_after_chunks": 2})
-        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                      stream=True)
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
         got = []
         with pytest.raises(openai.APIError, match="backend stream broke"):
             async for chunk in stream:
@@ -249,6 +268,7 @@ async def test_readyz_turns_503_only_without_healthy_backends(dsn):
     async with cluster(dsn, nodes=1, backends=2) as c:
         node = c.nodes[0]
         async with aiohttp.ClientSession() as http:
+
             async def ready() -> int:
                 async with http.get(f"{node.url}/readyz") as r:
                     return r.status
@@ -277,6 +297,7 @@ async def test_node_started_without_postgres_becomes_ready_when_keys_load(dsn):
     cfg.database.startup_wait_seconds = 0.2
     try:
         async with run_node(cfg) as node, aiohttp.ClientSession() as http:
+
             async def readyz() -> dict:
                 async with http.get(f"{node.url}/readyz") as r:
                     return {"status_code": r.status, **(await r.json())}
@@ -284,13 +305,19 @@ async def test_node_started_without_postgres_becomes_ready_when_keys_load(dsn):
             state = await readyz()
             assert state["status_code"] == 503
             assert (state["status"], state["database"], state["listener"]) == (
-                "keys_not_loaded", "down", "down")
+                "keys_not_loaded",
+                "down",
+                "down",
+            )
             await proxy.start()
 
             async def recovered() -> bool:
                 state = await readyz()
                 return (state["status_code"], state["listener"], state["database"]) == (
-                    200, "up", "up")
+                    200,
+                    "up",
+                    "up",
+                )
 
             await wait_for(recovered, timeout=15, what="ready once Postgres answers")
     finally:
@@ -304,8 +331,10 @@ async def test_new_bindings_spread_evenly_over_backends(dsn):
         for i, secret in enumerate(secrets):
             await chat(c.client(i % 2, secret), stream=False)
             for node in c.nodes:  # both nodes know every binding before the next choice
-                await wait_for(lambda node=node, n=i + 1: len(node.engine.cache) == n,
-                               what="binding seen by both nodes")
+                await wait_for(
+                    lambda node=node, n=i + 1: len(node.engine.cache) == n,
+                    what="binding seen by both nodes",
+                )
         counts: dict[str, int] = {}
         for url in await bound_row(dsn):
             counts[url] = counts.get(url, 0) + 1
@@ -322,7 +351,8 @@ async def test_overloaded_bound_backend_spills_without_moving_the_binding(dsn):
         try:
             for _ in range(6):  # each stays open: in flight on its backend until closed
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=MODEL, messages=MESSAGES, stream=True)
+                    model=MODEL, messages=MESSAGES, stream=True
+                )
                 streams.append(raw)
             served = [(r.headers["x-backend-id"], r.headers["x-affinity"]) for r in streams]
         finally:

@@ -21,8 +21,9 @@ from tests.support.waiting import wait_for
 
 
 async def test_sigterm_drains_an_open_stream(dsn, tmp_path):
-    backend = await serve(FakeBackendConfig(
-        backend_id="slow", models=[MODEL], tokens_per_s=25.0, output_tokens=50))
+    backend = await serve(
+        FakeBackendConfig(backend_id="slow", models=[MODEL], tokens_per_s=25.0, output_tokens=50)
+    )
     port = free_port()
     cfg = {
         "node_id": "proc-a",
@@ -40,13 +41,20 @@ async def test_sigterm_drains_an_open_stream(dsn, tmp_path):
     finally:
         await conn.close()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "affinity_node", "serve", "--config", str(tmp_path / "node.yaml"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "affinity_node",
+        "serve",
+        "--config",
+        str(tmp_path / "node.yaml"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
     try:
         async with aiohttp.ClientSession() as http:
+
             async def status(path: str) -> int:
                 try:
                     async with http.get(base + path) as r:
@@ -56,8 +64,8 @@ async def test_sigterm_drains_an_open_stream(dsn, tmp_path):
 
             await wait_for(lambda: _eq(status("/readyz"), 200), timeout=20, what="node ready")
             stream = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "a long answer"}],
-                stream=True)
+                model=MODEL, messages=[{"role": "user", "content": "a long answer"}], stream=True
+            )
             chunks = []
             async for chunk in stream:
                 chunks.append(chunk)
@@ -66,7 +74,8 @@ async def test_sigterm_drains_an_open_stream(dsn, tmp_path):
             await wait_for(lambda: _eq(status("/readyz"), 503), timeout=5, what="draining")
             try:
                 await client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "new"}])
+                    model=MODEL, messages=[{"role": "user", "content": "new"}]
+                )
                 raise AssertionError("a new request was accepted while draining")
             except openai.InternalServerError as exc:
                 assert exc.status_code == 503

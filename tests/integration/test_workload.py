@@ -67,9 +67,21 @@ async def backend() -> AsyncIterator[tuple[RunningFakeBackend, Recorder]]:
 
 def config(url: str, **kw: Any) -> WorkloadConfig:
     base: dict[str, Any] = dict(
-        base_urls=(url,), api_keys=(SECRET,), models=(MODEL,), tenants=3,
-        conversations_per_tenant=2, max_turns=4, system_tokens=(300, 400), user_tokens=(8, 12),
-        max_tokens=8, rate=None, concurrency=2, duration_s=10.0, max_requests=24, seed=7)
+        base_urls=(url,),
+        api_keys=(SECRET,),
+        models=(MODEL,),
+        tenants=3,
+        conversations_per_tenant=2,
+        max_turns=4,
+        system_tokens=(300, 400),
+        user_tokens=(8, 12),
+        max_tokens=8,
+        rate=None,
+        concurrency=2,
+        duration_s=10.0,
+        max_requests=24,
+        seed=7,
+    )
     base.update(kw)
     return WorkloadConfig(**base)
 
@@ -144,11 +156,18 @@ async def test_each_turn_resends_the_whole_history_with_the_real_replies(backend
 
 async def test_a_conversation_starts_over_after_max_turns(backend):
     running, recorder = backend
-    cfg = config(running.url, tenants=1, conversations_per_tenant=1, max_turns=3,
-                 concurrency=1, max_requests=7)
+    cfg = config(
+        running.url,
+        tenants=1,
+        conversations_per_tenant=1,
+        max_turns=3,
+        concurrency=1,
+        max_requests=7,
+    )
     result = await Workload(cfg).run()
     assert [r.conversation for r in result.records] == ["t0/c0/g0"] * 3 + ["t0/c0/g1"] * 3 + [
-        "t0/c0/g2"]
+        "t0/c0/g2"
+    ]
     sizes = [len(body["messages"]) for _, body in recorder.bodies]
     assert sizes == [2, 4, 6, 2, 4, 6, 2]
 
@@ -189,13 +208,15 @@ def test_poisson_arrivals_are_seeded_and_about_rate_times_duration():
 
 async def test_open_loop_sends_every_seeded_arrival(backend):
     running, _ = backend
-    cfg = config(running.url, rate=80.0, concurrency=None, duration_s=1.5, tenants=8,
-                 max_requests=1000)
+    cfg = config(
+        running.url, rate=80.0, concurrency=None, duration_s=1.5, tenants=8, max_requests=1000
+    )
     expected = len(arrival_times(80.0, 1.5, 1000, cfg.seed))
     assert abs(expected - 120) < 4 * math.sqrt(120)
     seen: list[LiveStats] = []
-    result = await Workload(cfg).run(progress=lambda s: seen.append(LiveStats(**vars(s))),
-                                     progress_interval_s=0.2)
+    result = await Workload(cfg).run(
+        progress=lambda s: seen.append(LiveStats(**vars(s))), progress_interval_s=0.2
+    )
     assert len(result.records) + result.skipped_arrivals == expected
     assert result.skipped_arrivals == 0
     assert result.errors == 0
@@ -207,8 +228,9 @@ async def test_unreachable_target_is_recorded_and_the_turn_is_retried_later():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workload = Workload(config(f"http://127.0.0.1:{port}", max_requests=4, concurrency=1,
-                               request_timeout_s=5.0))
+    workload = Workload(
+        config(f"http://127.0.0.1:{port}", max_requests=4, concurrency=1, request_timeout_s=5.0)
+    )
     result = await workload.run()
     assert len(result.records) == 4 and result.errors == 4
     assert all(r.status == 0 and r.error for r in result.records)
@@ -217,13 +239,21 @@ async def test_unreachable_target_is_recorded_and_the_turn_is_retried_later():
 
 
 def test_working_set_estimate_counts_system_prompts_once_and_every_turn():
-    cfg = config("http://127.0.0.1:1", tenants=4, conversations_per_tenant=2, max_turns=5,
-                 system_tokens=(320, 320), user_tokens=(30, 30), max_tokens=30)
+    cfg = config(
+        "http://127.0.0.1:1",
+        tenants=4,
+        conversations_per_tenant=2,
+        max_turns=5,
+        system_tokens=(320, 320),
+        user_tokens=(30, 30),
+        max_tokens=30,
+    )
     per_turn = (30 + 2) + (30 + 2)
     system = sum(len(tokenize(c.system)) + 2 for c in build_conversations(cfg)[::2])
     assert estimate_working_set_blocks(cfg) == math.ceil((system + 4 * 2 * 5 * per_turn) / 16)
     assert estimate_working_set_blocks(cfg, expected_requests=10) == math.ceil(
-        (system + 10 * per_turn) / 16)
+        (system + 10 * per_turn) / 16
+    )
 
 
 def test_config_rejects_nonsense():
@@ -233,4 +263,3 @@ def test_config_rejects_nonsense():
         config("http://x", rate=None, concurrency=None)
     with pytest.raises(ValueError):
         WorkloadConfig(base_urls=(), api_keys=("k",))
-

@@ -52,8 +52,11 @@ class Cluster:
     def client(self, node: int, secret: str, **kw: Any) -> openai.AsyncOpenAI:
         """Closed when the cluster stops (before the event loop does)."""
         client = openai.AsyncOpenAI(
-            base_url=f"{self.nodes[node].url}/v1", api_key=secret, max_retries=0,
-            timeout=kw.pop("timeout", 30.0), **kw,
+            base_url=f"{self.nodes[node].url}/v1",
+            api_key=secret,
+            max_retries=0,
+            timeout=kw.pop("timeout", 30.0),
+            **kw,
         )
         self.stack.push_async_callback(client.close)
         return client
@@ -65,15 +68,17 @@ class Cluster:
         raise KeyError(url)
 
 
-def node_config(dsn: str, backends: list[RunningFakeBackend], node_id: str,
-                **affinity: Any) -> NodeConfig:
+def node_config(
+    dsn: str, backends: list[RunningFakeBackend], node_id: str, **affinity: Any
+) -> NodeConfig:
     cfg = NodeConfig(
         node_id=node_id,
         listen=ListenConfig(host="127.0.0.1", port=0),
         database=DatabaseConfig(dsn=dsn, pool_max=5, statement_timeout_ms=1000),
         affinity=AffinityConfig(**affinity),
-        health=HealthConfig(interval_seconds=0.2, eject_after_failures=2,
-                            readmit_after_successes=2),
+        health=HealthConfig(
+            interval_seconds=0.2, eject_after_failures=2, readmit_after_successes=2
+        ),
         backends=[BackendConfig(url=b.url, models=[MODEL]) for b in backends],
         models=[ModelConfig(name=MODEL, aliases=[ALIAS])],
     )
@@ -83,20 +88,26 @@ def node_config(dsn: str, backends: list[RunningFakeBackend], node_id: str,
 
 @asynccontextmanager
 async def cluster(
-    dsn: str, nodes: int = 2, backends: int = 3, backend_cfg: dict[str, Any] | None = None,
-    node_dsn: str | None = None, **affinity: Any,
+    dsn: str,
+    nodes: int = 2,
+    backends: int = 3,
+    backend_cfg: dict[str, Any] | None = None,
+    node_dsn: str | None = None,
+    **affinity: Any,
 ) -> AsyncIterator[Cluster]:
     """`node_dsn` lets the nodes reach Postgres another way (through a FaultProxy)."""
     async with AsyncExitStack() as stack:
         fakes = []
         for i in range(backends):
-            fake = await serve(FakeBackendConfig(
-                backend_id=f"b{i}", models=[MODEL], **(backend_cfg or {})))
+            fake = await serve(
+                FakeBackendConfig(backend_id=f"b{i}", models=[MODEL], **(backend_cfg or {}))
+            )
             stack.push_async_callback(fake.close)
             fakes.append(fake)
         running = [
             await stack.enter_async_context(
-                run_node(node_config(node_dsn or dsn, fakes, f"node-{i}", **affinity)))
+                run_node(node_config(node_dsn or dsn, fakes, f"node-{i}", **affinity))
+            )
             for i in range(nodes)
         ]
         yield Cluster(dsn, running, fakes, stack)

@@ -8,20 +8,40 @@ import sys
 
 async def run(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 180)
     assert proc.returncode is not None
     return proc.returncode, out.decode()
 
 
 async def test_engine_benchmark_runs_end_to_end(pg_admin_dsn):
-    code, out = await run("affinity_node.devtools.bench_engine", "--dsn", pg_admin_dsn,
-                          "--pairs", "40", "--calls", "4000", "--rounds", "3", "--duration", "2",
-                          "--rate", "500")
+    code, out = await run(
+        "affinity_node.devtools.bench_engine",
+        "--dsn",
+        pg_admin_dsn,
+        "--pairs",
+        "40",
+        "--calls",
+        "4000",
+        "--rounds",
+        "3",
+        "--duration",
+        "2",
+        "--rate",
+        "500",
+    )
     assert code == 0, out
-    for section in ("1. hit latency", "2. cold-miss latency", "3. rebind on node A",
-                    "4. statements per 1000 resolves"):
+    for section in (
+        "1. hit latency",
+        "2. cold-miss latency",
+        "3. rebind on node A",
+        "4. statements per 1000 resolves",
+    ):
         assert section in out
     assert "chooser ran once each" in out
     assert "deadlock" not in out.lower()

@@ -66,7 +66,8 @@ def test_provisioned_datasource_uid_is_pinned_and_is_the_variables_default():
         var = board["templating"]["list"][0]
         assert var["current"]["value"] == d.DATASOURCE_UID
     provider = yaml.safe_load(
-        (GRAFANA / "provisioning" / "dashboards" / "affinity.yml").read_text())
+        (GRAFANA / "provisioning" / "dashboards" / "affinity.yml").read_text()
+    )
     (p,) = provider["providers"]
     assert p["type"] == "file" and p["options"]["path"] == "/var/lib/grafana/dashboards"
 
@@ -79,8 +80,9 @@ def test_layout_ids_and_ref_ids(name: str):
     for p in panels:
         g = p["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                for y in range(g["y"], g["y"] + g["h"])}
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not mine & cells, f"{p['title']} overlaps another panel"
         cells |= mine
         refs = [t["refId"] for t in p["targets"]]
@@ -96,7 +98,7 @@ def test_rates_and_quantiles_aggregate_across_nodes(name: str):
         for m in re.finditer(r"\b(rate|increase)\(", expr):
             assert _AGGREGATED.search(expr[: m.start()]), f"{title}/{ref}: bare {m[0]} in {expr}"
         for m in re.finditer(r"histogram_quantile\([0-9.]+, ", expr):
-            assert expr[m.end():].startswith("sum by (le"), f"{title}/{ref}: {expr}"
+            assert expr[m.end() :].startswith("sum by (le"), f"{title}/{ref}: {expr}"
         for metric in re.findall(r"\baffinity_[a-z_]+\{([^}]*)\}", expr):
             assert 'instance=~"$node"' in metric, f"{title}/{ref}: no $node filter: {expr}"
 
@@ -104,20 +106,29 @@ def test_rates_and_quantiles_aggregate_across_nodes(name: str):
 def test_panels_cover_the_issue():
     titles = {p["title"] for b in BOARDS.values() for p in b["panels"]}
     for wanted in (
-        "Cache hit ratio", "Misses by outcome", "Lock wait p50 / p99",
-        "Rebinds and spills by reason", "Bindings per backend",
-        "Binding skew (max / mean per backend)", "Notify lag p50 / p99",
-        "Listener up per node", "Listener reconnects and cache resyncs per node",
-        "Degraded requests and database errors", "Database up per node",
-        "Requests by route and code", "Errors by route and code",
-        "Added latency (proxy overhead) p50 / p99", "TTFT p50 / p99 per backend",
-        "In-flight per backend", "Backend health", "vLLM prefix-cache hit rate",
+        "Cache hit ratio",
+        "Misses by outcome",
+        "Lock wait p50 / p99",
+        "Rebinds and spills by reason",
+        "Bindings per backend",
+        "Binding skew (max / mean per backend)",
+        "Notify lag p50 / p99",
+        "Listener up per node",
+        "Listener reconnects and cache resyncs per node",
+        "Degraded requests and database errors",
+        "Database up per node",
+        "Requests by route and code",
+        "Errors by route and code",
+        "Added latency (proxy overhead) p50 / p99",
+        "TTFT p50 / p99 per backend",
+        "In-flight per backend",
+        "Backend health",
+        "vLLM prefix-cache hit rate",
         "vLLM queue depth",
     ):
         assert wanted in titles
     exprs = " ".join(e for b in BOARDS.values() for _, _, e in d.expressions(b))
-    for metric in ("prefix_cache_hits_total", "prefix_cache_queries_total",
-                   "num_requests_waiting"):
+    for metric in ("prefix_cache_hits_total", "prefix_cache_queries_total", "num_requests_waiting"):
         # vllm:x or vllm_x: see dashboards.vllm()
         assert f'__name__=~"vllm[:_]{metric}"' in exprs
 

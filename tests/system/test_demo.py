@@ -53,29 +53,43 @@ def test_generated_haproxy_config_is_valid(tmp_path):
     binary = _require_haproxy()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_config(18080, 18081, [18090, 18091, 18092]))
-    done = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [binary, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     text = cfg.read_text()
-    for line in ("balance leastconn", "option httpchk GET /readyz", "timeout server 600s",
-                 "option http-no-delay"):
+    for line in (
+        "balance leastconn",
+        "option httpchk GET /readyz",
+        "timeout server 600s",
+        "option http-no-delay",
+    ):
         assert line in text
 
 
 def test_haproxy_status_reads_the_stats_csv():
-    csv = ("# pxname,svname,qcur,status\n"
-           "api,FRONTEND,,OPEN\n"
-           "nodes,node-0,0,UP\n"
-           "nodes,node-1,0,UP 1/2\n"
-           "nodes,node-2,0,DOWN\n"
-           "nodes,BACKEND,0,UP\n")
+    csv = (
+        "# pxname,svname,qcur,status\n"
+        "api,FRONTEND,,OPEN\n"
+        "nodes,node-0,0,UP\n"
+        "nodes,node-1,0,UP 1/2\n"
+        "nodes,node-2,0,DOWN\n"
+        "nodes,BACKEND,0,UP\n"
+    )
     assert haproxy_status(csv) == {"node-0": "UP", "node-1": "UP 1/2", "node-2": "DOWN"}
     assert haproxy_status("<html>not csv</html>") == {}
 
 
 def test_caches_are_sized_like_a_fleet():
-    cfg = WorkloadConfig(base_urls=("http://x",), api_keys=("k",), tenants=40,
-                         conversations_per_tenant=2, max_turns=16, rate=50.0, duration_s=18.0)
+    cfg = WorkloadConfig(
+        base_urls=("http://x",),
+        api_keys=("k",),
+        tenants=40,
+        conversations_per_tenant=2,
+        max_turns=16,
+        rate=50.0,
+        duration_s=18.0,
+    )
     blocks = estimate_working_set_blocks(cfg, expected_requests=900)
     per_backend = cache_blocks_for(cfg, 4, 900)
     assert per_backend < blocks / 2  # no backend holds every tenant's prefixes ...
@@ -90,8 +104,9 @@ def test_parsers_register_their_commands():
     demo = parser.parse_args(["demo", "--duration", "5", "--json", "--no-haproxy"])
     assert demo.duration == 5 and demo.json and demo.no_haproxy and demo.backends == 4
     assert asyncio.iscoroutinefunction(demo.func)
-    bench = parser.parse_args(["bench", "--url", "http://lb:8080", "--api-key", "sk-1",
-                               "--no-stream"])
+    bench = parser.parse_args(
+        ["bench", "--url", "http://lb:8080", "--api-key", "sk-1", "--no-stream"]
+    )
     assert bench.stream is False and bench.url == ["http://lb:8080"]
     assert asyncio.iscoroutinefunction(bench.func)
 
@@ -111,9 +126,22 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
         keys_file = tmp_path / "keys.txt"
         keys_file.write_text("\n".join(secrets) + "\n")
         report_path = tmp_path / "report.json"
-        argv = ["--url", c.nodes[0].url, "--url", c.nodes[1].url,
-                "--api-keys-file", str(keys_file), "--rate", "40", "--duration", "2",
-                "--model", MODEL, "--json", str(report_path)]
+        argv = [
+            "--url",
+            c.nodes[0].url,
+            "--url",
+            c.nodes[1].url,
+            "--api-keys-file",
+            str(keys_file),
+            "--rate",
+            "40",
+            "--duration",
+            "2",
+            "--model",
+            MODEL,
+            "--json",
+            str(report_path),
+        ]
         for i, b in enumerate(c.backends):
             argv += ["--backend-metrics", f"b{i}={b.url}"]
         for n in c.nodes:
@@ -145,9 +173,24 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
         assert run["ttft_s"]["p50"] is not None
 
         # One key for everything: said out loud, and affinity sees one tenant.
-        args = _bench_args(["--url", c.nodes[0].url, "--api-key", secrets[0],
-                            "--concurrency", "2", "--duration", "1", "--max-requests", "10",
-                            "--model", MODEL, "--json", "-"])
+        args = _bench_args(
+            [
+                "--url",
+                c.nodes[0].url,
+                "--api-key",
+                secrets[0],
+                "--concurrency",
+                "2",
+                "--duration",
+                "1",
+                "--max-requests",
+                "10",
+                "--model",
+                MODEL,
+                "--json",
+                "-",
+            ]
+        )
         assert await args.func(args) == 0
         out, err = capsys.readouterr()
         assert "one API key for all 32 tenants" in err
@@ -161,8 +204,22 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
 def test_bench_load_shapes_and_keys(monkeypatch):
     monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
     # deploy/docker-compose.yml's flags: Poisson at 20/s, at most 16 in flight.
-    args = _bench_args(["--url", "http://lb", "--api-key", "sk-1", "--keys", "20",
-                        "--rate", "20", "--duration", "60", "--concurrency", "16"])
+    args = _bench_args(
+        [
+            "--url",
+            "http://lb",
+            "--api-key",
+            "sk-1",
+            "--keys",
+            "20",
+            "--rate",
+            "20",
+            "--duration",
+            "60",
+            "--concurrency",
+            "16",
+        ]
+    )
     cfg = workload_from_args(args, read_keys(args))
     assert (cfg.rate, cfg.concurrency, cfg.max_inflight, cfg.tenants) == (20.0, None, 16, 20)
     args = _bench_args(["--url", "http://lb", "--concurrency", "4"])
@@ -180,8 +237,9 @@ async def test_bench_refuses_bad_input(capsys, monkeypatch):
     args = _bench_args(["--url", "http://127.0.0.1:9"])
     assert await args.func(args) == 2
     assert "no API key" in capsys.readouterr().err
-    args = _bench_args(["--url", "http://127.0.0.1:9", "--api-key", "sk-x",
-                        "--node-metrics", "ftp://nope"])
+    args = _bench_args(
+        ["--url", "http://127.0.0.1:9", "--api-key", "sk-x", "--node-metrics", "ftp://nope"]
+    )
     assert await args.func(args) == 2
 
 
@@ -192,7 +250,9 @@ def test_demo_end_to_end():
     """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "affinity_node.sim.demo", "--duration", "10", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     try:
         out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
@@ -224,8 +284,17 @@ async def test_demo_stops_everything_on_sigterm(dsn):
     """SIGTERM mid-run: exit 143, every child process gone, temp files removed, the demo's
     keys deleted from the database it borrowed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "affinity_node.sim.demo", "--duration", "30", "--dsn", dsn,
-        "--keys", "8", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "affinity_node.sim.demo",
+        "--duration",
+        "30",
+        "--dsn",
+        dsn,
+        "--keys",
+        "8",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -276,6 +345,10 @@ async def test_demo_stops_everything_on_sigterm(dsn):
 
 
 def test_demo_refuses_bad_options():
-    done = subprocess.run([sys.executable, "-m", "affinity_node.sim.demo", "--backends", "0"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "affinity_node.sim.demo", "--backends", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--backends" in done.stderr

@@ -95,8 +95,11 @@ def k8s_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 def k8s(kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for _, d in k8s_docs()
-             if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    found = [
+        d
+        for _, d in k8s_docs()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
     doc: dict[str, Any] = found[0]
     return doc
@@ -159,8 +162,12 @@ def affinity_argv(svc: dict[str, Any]) -> list[str] | None:
 
 
 def cli_commands(parser: argparse.ArgumentParser) -> set[str]:
-    return {name for action in parser._actions
-            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
 
 
 def gen_dashboards() -> ModuleType:
@@ -201,8 +208,11 @@ def test_haproxy_config_has_the_deploy_idioms(tmp_path: Path) -> None:
     for option in ("check", "resolvers docker", "init-addr none"):
         assert option in template, f"server-template lacks {option!r}"
     defaults = s["defaults"]
-    timeouts = {line.split()[1]: haproxy_seconds(line.split()[2])
-                for line in defaults if line.startswith("timeout ")}
+    timeouts = {
+        line.split()[1]: haproxy_seconds(line.split()[2])
+        for line in defaults
+        if line.startswith("timeout ")
+    }
     # A stream may stay silent as long as the node lets its upstream stay silent.
     assert timeouts["server"] >= node.limits.upstream_read_timeout_seconds
     assert timeouts["client"] >= node.limits.upstream_read_timeout_seconds
@@ -219,8 +229,16 @@ def test_haproxy_config_has_the_deploy_idioms(tmp_path: Path) -> None:
 
 def test_compose_file_matches_the_compose_spec() -> None:
     need_module("check_jsonschema", "check-jsonschema")
-    result = run([sys.executable, "-m", "check_jsonschema",
-                  "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE),
+        ]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -387,8 +405,11 @@ def test_prometheus_scrapes_compose_services() -> None:
             continue
         assert host in services, f"{target}: no such compose service"
         assert host in ports and int(port) == ports[host], f"{target}: wrong port"
-    node_jobs = [job["job_name"] for job in cfg["scrape_configs"]
-                 if any("node" in sd["names"] for sd in job.get("dns_sd_configs", []))]
+    node_jobs = [
+        job["job_name"]
+        for job in cfg["scrape_configs"]
+        if any("node" in sd["names"] for sd in job.get("dns_sd_configs", []))
+    ]
     assert len(node_jobs) == 1, "the node replicas are not scraped (dns_sd_configs on node)"
     # The alerts select on this job; on Kubernetes the operator names the job after the
     # Service (no jobLabel set), so both deployments give the same label.
@@ -396,7 +417,8 @@ def test_prometheus_scrapes_compose_services() -> None:
     assert node_jobs[0] == k8s("Service", "affinity-node")["metadata"]["name"]
     for rule_file in cfg.get("rule_files", []):
         assert rule_file.startswith(("/etc/prometheus/rules/", "rules/")), (
-            f"{rule_file}: compose mounts the rules at /etc/prometheus/rules")
+            f"{rule_file}: compose mounts the rules at /etc/prometheus/rules"
+        )
 
 
 def test_grafana_provisioning_matches_the_compose_mounts() -> None:
@@ -404,12 +426,18 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
         pytest.skip(f"grafana/provisioning: {OTHERS}")
     mounts = dict(v.rsplit(":", 2)[:2] for v in service("grafana")["volumes"] if ":" in v)
     dashboards_at = mounts["../grafana/dashboards"]
-    providers = [p for f in sorted((GRAFANA / "provisioning").rglob("*.y*ml"))
-                 for p in (yaml.safe_load(f.read_text()) or {}).get("providers", [])]
+    providers = [
+        p
+        for f in sorted((GRAFANA / "provisioning").rglob("*.y*ml"))
+        for p in (yaml.safe_load(f.read_text()) or {}).get("providers", [])
+    ]
     assert providers, "no dashboard provider in grafana/provisioning"
     assert {p["options"]["path"] for p in providers} == {dashboards_at}
-    datasources = [d for f in sorted((GRAFANA / "provisioning").rglob("*.y*ml"))
-                   for d in (yaml.safe_load(f.read_text()) or {}).get("datasources", [])]
+    datasources = [
+        d
+        for f in sorted((GRAFANA / "provisioning").rglob("*.y*ml"))
+        for d in (yaml.safe_load(f.read_text()) or {}).get("datasources", [])
+    ]
     urls = {urlsplit(d["url"]).netloc for d in datasources if d.get("type") == "prometheus"}
     assert urls == {"prometheus:9090"}, urls
 
@@ -419,8 +447,11 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
 
 def test_dockerfile_shape() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines()
-                    if line.strip() and not line.lstrip().startswith("#")]
+    instructions = [
+        line
+        for line in re.sub(r"\\\n", " ", text).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     froms = [line.split()[1] for line in instructions if line.startswith("FROM ")]
     version = re.search(r"ARG PYTHON_VERSION=3\.(\d+)", text)
     assert version and int(version.group(1)) >= 11
@@ -436,8 +467,13 @@ def test_dockerfile_shape() -> None:
     assert "serve" in cmd and "/etc/affinity-node/node.yaml" in cmd
     # Whatever the Dockerfile copies must survive .dockerignore (context: repository root).
     ignore = (REPO / ".dockerignore").read_text().splitlines()
-    for copied in ("pyproject.toml", "README.md", "affinity_node/", "db/",
-                   "deploy/config/node.yaml"):
+    for copied in (
+        "pyproject.toml",
+        "README.md",
+        "affinity_node/",
+        "db/",
+        "deploy/config/node.yaml",
+    ):
         assert f"!{copied}" in ignore, copied
         assert (REPO / copied).exists(), copied
 
@@ -446,13 +482,28 @@ def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
     """What the image's `pip install .` relies on: `affinity-node migrate` reads the SQL from
     inside the installed package, and the console script exists."""
     need_module("hatchling", "hatchling")
-    result = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "--wheel-dir", str(tmp_path), str(REPO)], timeout=300)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(REPO),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = tmp_path.glob("affinity_node-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n.rsplit("/", 1)[1] for n in names
-                     if n.startswith("affinity_node/store/migrations/") and n.endswith(".sql"))
+    shipped = sorted(
+        n.rsplit("/", 1)[1]
+        for n in names
+        if n.startswith("affinity_node/store/migrations/") and n.endswith(".sql")
+    )
     assert shipped == sorted(p.name for p in (REPO / "db" / "migrations").glob("*.sql"))
     # Data files the package reads at run time (queries.sql) are in it too.
     for data in (REPO / "affinity_node").rglob("*.sql"):
@@ -513,14 +564,23 @@ def test_k8s_servicemonitor_shape() -> None:
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
-    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
-                             "relabelings", "metricRelabelings", "honorLabels"}
+    assert set(endpoint) <= {
+        "port",
+        "path",
+        "interval",
+        "scrapeTimeout",
+        "scheme",
+        "relabelings",
+        "metricRelabelings",
+        "honorLabels",
+    }
 
 
 def test_k8s_deployment_contract(tmp_path: Path) -> None:
     dep = k8s("Deployment", "affinity-node")
-    cfg = load_node_config(k8s("ConfigMap", "affinity-node-config")["data"]["node.yaml"],
-                           tmp_path, "k8s.yaml")
+    cfg = load_node_config(
+        k8s("ConfigMap", "affinity-node-config")["data"]["node.yaml"], tmp_path, "k8s.yaml"
+    )
     spec = dep["spec"]
     assert spec["replicas"] == 3
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -536,7 +596,8 @@ def test_k8s_deployment_contract(tmp_path: Path) -> None:
     assert prestop[0] == "sleep"
     # Kubernetes counts preStop inside the grace period: the drain must fit after it.
     assert pod["terminationGracePeriodSeconds"] >= (
-        int(prestop[1]) + cfg.limits.drain_timeout_seconds + 5)
+        int(prestop[1]) + cfg.limits.drain_timeout_seconds + 5
+    )
     args = node["args"]
     assert args[:2] == ["serve", "--config"]
     mount = next(m for m in node["volumeMounts"] if args[2].startswith(m["mountPath"] + "/"))
@@ -562,14 +623,18 @@ def test_k8s_objects_point_at_each_other() -> None:
     svc = k8s("Service", "affinity-node")
     assert svc["spec"]["selector"].items() <= labels.items()
     (svc_port,) = svc["spec"]["ports"]
-    assert svc_port["targetPort"] in {p["name"] for p in container(dep["spec"]["template"]["spec"],
-                                                                    "node")["ports"]}
+    assert svc_port["targetPort"] in {
+        p["name"] for p in container(dep["spec"]["template"]["spec"], "node")["ports"]
+    }
     pdb = k8s("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = k8s("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
     assert hpa["spec"]["minReplicas"] >= 2
     assert any(m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
     job = k8s("Job")
@@ -592,8 +657,9 @@ def test_k8s_dashboard_configmaps_embed_the_current_json() -> None:
     output = K8S / "grafana-dashboards.yaml"
     assert output.exists(), "run python deploy/k8s/gen_dashboards.py"
     if output.read_text() != gen.render(files):  # no 60 kB diff: the fix is one command
-        pytest.fail("deploy/k8s/grafana-dashboards.yaml is stale: "
-                    "run python deploy/k8s/gen_dashboards.py")
+        pytest.fail(
+            "deploy/k8s/grafana-dashboards.yaml is stale: run python deploy/k8s/gen_dashboards.py"
+        )
     docs = [d for d in yaml.safe_load_all(output.read_text()) if d]
     assert len(docs) == len(files)
     for doc, path in zip(docs, files, strict=True):
@@ -615,12 +681,21 @@ def test_dashboard_generator_output_is_valid_yaml(tmp_path: Path) -> None:
     assert gen.ensure_listed(kustomization, "grafana-dashboards.yaml")
     assert not gen.ensure_listed(kustomization, "grafana-dashboards.yaml")
     assert yaml.safe_load(kustomization.read_text())["resources"] == [
-        "a.yaml", "grafana-dashboards.yaml"]
+        "a.yaml",
+        "grafana-dashboards.yaml",
+    ]
 
 
 def test_readme_documents_the_commands_it_relies_on() -> None:
     text = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    for needle in ("docker compose up", "docker compose config", "keys create",
-                   "kubectl apply -k deploy/k8s", "PgBouncer", "target_session_attrs=read-write",
-                   "affinity-node bench", "--scale node="):
+    for needle in (
+        "docker compose up",
+        "docker compose config",
+        "keys create",
+        "kubectl apply -k deploy/k8s",
+        "PgBouncer",
+        "target_session_attrs=read-write",
+        "affinity-node bench",
+        "--scale node=",
+    ):
         assert needle in text, needle

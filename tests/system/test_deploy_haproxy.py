@@ -119,12 +119,22 @@ class Outcome:
     error: str | None = None
 
 
-async def spawn(name: str, port: int, argv: list[str], log: Path, stack: AsyncExitStack,
-                env: dict[str, str] | None = None) -> Proc:
+async def spawn(
+    name: str,
+    port: int,
+    argv: list[str],
+    log: Path,
+    stack: AsyncExitStack,
+    env: dict[str, str] | None = None,
+) -> Proc:
     log_file = log.open("wb")
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
-        stdin=asyncio.subprocess.DEVNULL)
+        *argv,
+        stdout=log_file,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
     proc = Proc(name, port, process, log, log_file)
     stack.push_async_callback(stop, proc)
     return proc
@@ -159,24 +169,31 @@ async def status_of(http: aiohttp.ClientSession, url: str) -> int:
 async def server_states(http: aiohttp.ClientSession, stats_port: int) -> dict[str, str]:
     """HAProxy's view of the `nodes` backend: server name -> status (UP, DOWN, ...)."""
     try:
-        async with http.get(f"http://127.0.0.1:{stats_port}/stats;csv",
-                            timeout=aiohttp.ClientTimeout(total=2)) as r:
+        async with http.get(
+            f"http://127.0.0.1:{stats_port}/stats;csv", timeout=aiohttp.ClientTimeout(total=2)
+        ) as r:
             text = await r.text()
     except (aiohttp.ClientError, TimeoutError):
         return {}
     rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
-    return {row["svname"]: row["status"] for row in rows
-            if row["pxname"] == "nodes" and row["svname"] not in ("FRONTEND", "BACKEND")}
+    return {
+        row["svname"]: row["status"]
+        for row in rows
+        if row["pxname"] == "nodes" and row["svname"] not in ("FRONTEND", "BACKEND")
+    }
 
 
 async def chat(client: openai.AsyncOpenAI, key: str, i: int, stream: bool) -> Outcome:
     """One request; any exception is a failed request (recorded, not raised)."""
     outcome = Outcome(key, time.monotonic(), 0.0)
-    messages = [{"role": "system", "content": f"You assist {key}. " * 20},
-                {"role": "user", "content": f"question {i}"}]
+    messages = [
+        {"role": "system", "content": f"You assist {key}. " * 20},
+        {"role": "user", "content": f"question {i}"},
+    ]
     try:
         raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=messages, stream=stream)  # type: ignore[arg-type]
+            model=MODEL, messages=messages, stream=stream
+        )  # type: ignore[arg-type]
         if stream:
             finish = None
             async for chunk in raw.parse():  # type: ignore[union-attr]
@@ -199,14 +216,18 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     haproxy = haproxy_binary()
     async with AsyncExitStack() as stack:
         # Backends named as the compose services: backend1..backend4.
-        wanted = [urlsplit(b["url"]).hostname for b in
-                  yaml.safe_load(NODE_YAML.read_text())["backends"]]
+        wanted = [
+            urlsplit(b["url"]).hostname for b in yaml.safe_load(NODE_YAML.read_text())["backends"]
+        ]
         fakes: dict[str, RunningFakeBackend] = {}
         for name in wanted:
             assert name is not None
             # ~80 ms per answer, so requests are in flight when a node dies.
-            fakes[name] = await serve(FakeBackendConfig(
-                backend_id=name, models=[MODEL], tokens_per_s=200.0, output_tokens=16))
+            fakes[name] = await serve(
+                FakeBackendConfig(
+                    backend_id=name, models=[MODEL], tokens_per_s=200.0, output_tokens=16
+                )
+            )
             stack.push_async_callback(fakes[name].close)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFINITY_")}
@@ -217,30 +238,44 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             nodes[name] = await spawn(
-                name, port, [sys.executable, "-m", "affinity_node", "serve", "--config",
-                             str(path)],
-                tmp_path / f"{name}.log", stack, env={**env, "AFFINITY_NODE_ID": name})
+                name,
+                port,
+                [sys.executable, "-m", "affinity_node", "serve", "--config", str(path)],
+                tmp_path / f"{name}.log",
+                stack,
+                env={**env, "AFFINITY_NODE_ID": name},
+            )
 
         front, stats = free_port(), free_port()
         cfg_path = tmp_path / "haproxy.cfg"
-        cfg_path.write_text(derive_haproxy_cfg(
-            HAPROXY_CFG.read_text(), front, stats, {n: p.port for n, p in nodes.items()}))
+        cfg_path.write_text(
+            derive_haproxy_cfg(
+                HAPROXY_CFG.read_text(), front, stats, {n: p.port for n, p in nodes.items()}
+            )
+        )
         http = await stack.enter_async_context(aiohttp.ClientSession())
 
         async def all_ready() -> bool:
-            codes = await asyncio.gather(*(
-                status_of(http, f"http://127.0.0.1:{p.port}/readyz") for p in nodes.values()))
+            codes = await asyncio.gather(
+                *(status_of(http, f"http://127.0.0.1:{p.port}/readyz") for p in nodes.values())
+            )
             assert all(p.process.returncode is None for p in nodes.values()), "a node exited"
             return all(code == 200 for code in codes)
 
         await wait_for(all_ready, timeout=60, interval=0.1, what="3 nodes ready")
         check = await asyncio.create_subprocess_exec(
-            haproxy, "-c", "-f", str(cfg_path), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            haproxy,
+            "-c",
+            "-f",
+            str(cfg_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await check.communicate()
         assert check.returncode == 0, out.decode()
-        proxy = await spawn("haproxy", front, [haproxy, "-db", "-f", str(cfg_path)],
-                            tmp_path / "haproxy.log", stack)
+        proxy = await spawn(
+            "haproxy", front, [haproxy, "-db", "-f", str(cfg_path)], tmp_path / "haproxy.log", stack
+        )
 
         async def all_up() -> bool:
             assert proxy.process.returncode is None, "haproxy exited"
@@ -257,8 +292,8 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         clients = {}
         for name, secret in secrets.items():
             clients[name] = openai.AsyncOpenAI(
-                base_url=f"http://127.0.0.1:{front}/v1", api_key=secret, max_retries=0,
-                timeout=30.0)
+                base_url=f"http://127.0.0.1:{front}/v1", api_key=secret, max_retries=0, timeout=30.0
+            )
             stack.push_async_callback(clients[name].close)
         yield {"nodes": nodes, "clients": clients, "http": http, "stats": stats}
 
@@ -310,8 +345,9 @@ async def test_haproxy_in_front_of_three_nodes_sticks_and_survives_a_killed_node
             await wait_for(lambda: len(outcomes) >= 40, timeout=60, what="40 requests done")
             victim.process.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
-            await wait_for(lambda: victim.process.returncode is not None, timeout=10,
-                           what="the victim died")
+            await wait_for(
+                lambda: victim.process.returncode is not None, timeout=10, what="the victim died"
+            )
 
             async def victim_down() -> bool:
                 states = await server_states(http, t["stats"])
@@ -326,9 +362,12 @@ async def test_haproxy_in_front_of_three_nodes_sticks_and_survives_a_killed_node
                 tasks.create_task(worker())
 
         failed = [o for o in outcomes if o.error]
-        print(f"kill phase: {len(outcomes)} requests, {len(failed)} failed, "
-              f"{sum(1 for o in outcomes if o.started >= killed_at)} started after the kill",
-              *(o.error for o in failed), sep="\n")
+        print(
+            f"kill phase: {len(outcomes)} requests, {len(failed)} failed, "
+            f"{sum(1 for o in outcomes if o.started >= killed_at)} started after the kill",
+            *(o.error for o in failed),
+            sep="\n",
+        )
         # Only requests in flight on the killed node may fail: started before the kill,
         # unfinished at it, and no more than could be in flight at once.
         assert len(failed) <= CONCURRENCY, [o.error for o in failed]

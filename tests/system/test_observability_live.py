@@ -38,19 +38,36 @@ from tests.support.waiting import wait_for
 from tests.system.test_promtool import RULES, promtool, require_binary
 
 CONTRACT_METRICS = (
-    "affinity_cache_hits_total", "affinity_cache_misses_total", "affinity_lock_wait_seconds",
-    "affinity_rebinds_total", "affinity_spills_total", "affinity_cache_entries",
-    "affinity_notifications_total", "affinity_notify_lag_seconds", "affinity_listener_up",
-    "affinity_listener_reconnects_total", "affinity_cache_resyncs_total",
-    "affinity_refresh_writes_total", "affinity_db_errors_total", "affinity_http_requests_total",
-    "affinity_http_request_duration_seconds", "affinity_proxy_overhead_seconds",
-    "affinity_upstream_requests_total", "affinity_upstream_ttft_seconds",
-    "affinity_upstream_inflight", "affinity_backend_healthy", "affinity_db_up",
+    "affinity_cache_hits_total",
+    "affinity_cache_misses_total",
+    "affinity_lock_wait_seconds",
+    "affinity_rebinds_total",
+    "affinity_spills_total",
+    "affinity_cache_entries",
+    "affinity_notifications_total",
+    "affinity_notify_lag_seconds",
+    "affinity_listener_up",
+    "affinity_listener_reconnects_total",
+    "affinity_cache_resyncs_total",
+    "affinity_refresh_writes_total",
+    "affinity_db_errors_total",
+    "affinity_http_requests_total",
+    "affinity_http_request_duration_seconds",
+    "affinity_proxy_overhead_seconds",
+    "affinity_upstream_requests_total",
+    "affinity_upstream_ttft_seconds",
+    "affinity_upstream_inflight",
+    "affinity_backend_healthy",
+    "affinity_db_up",
     "affinity_build_info",
 )
-HISTOGRAMS = {"affinity_lock_wait_seconds", "affinity_notify_lag_seconds",
-              "affinity_http_request_duration_seconds", "affinity_proxy_overhead_seconds",
-              "affinity_upstream_ttft_seconds"}
+HISTOGRAMS = {
+    "affinity_lock_wait_seconds",
+    "affinity_notify_lag_seconds",
+    "affinity_http_request_duration_seconds",
+    "affinity_proxy_overhead_seconds",
+    "affinity_upstream_ttft_seconds",
+}
 
 LEGITIMATELY_EMPTY: dict[str, str] = {
     # (panel title, refId) -> why it may return nothing. None today: counters and histograms
@@ -59,8 +76,10 @@ LEGITIMATELY_EMPTY: dict[str, str] = {
 
 SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the cache block you used." for i in range(12))
 """Long enough to fill several 16-token blocks: returning requests hit the prefix cache."""
-MESSAGES = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": "Explain prefix caching in one line."}]
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Explain prefix caching in one line."},
+]
 
 
 SCRAPE_INTERVAL_S = 1.0
@@ -112,13 +131,17 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def prometheus(tmp_path: Path, nodes: list[str], backends: list[str]) -> AsyncIterator[
-        Prometheus]:
+async def prometheus(
+    tmp_path: Path, nodes: list[str], backends: list[str]
+) -> AsyncIterator[Prometheus]:
     binary = require_binary("prometheus")
     port = free_port()
     config = {
-        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S:g}s", "evaluation_interval": "1s",
-                   "scrape_timeout": f"{SCRAPE_INTERVAL_S:g}s"},
+        "global": {
+            "scrape_interval": f"{SCRAPE_INTERVAL_S:g}s",
+            "evaluation_interval": "1s",
+            "scrape_timeout": f"{SCRAPE_INTERVAL_S:g}s",
+        },
         "rule_files": [str(p) for p in RULES],
         "scrape_configs": [
             {"job_name": "affinity-node", "static_configs": [{"targets": nodes}]},
@@ -130,10 +153,15 @@ async def prometheus(tmp_path: Path, nodes: list[str], backends: list[str]) -> A
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage",
+            binary,
+            f"--config.file={cfg_path}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
             "--log.level=info",
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -162,17 +190,23 @@ async def prometheus(tmp_path: Path, nodes: list[str], backends: list[str]) -> A
             await proc.wait()
 
 
-async def request(client: openai.AsyncOpenAI, kind: str, stream: bool,
-                  rid: str | None = None) -> tuple[str, str]:
+async def request(
+    client: openai.AsyncOpenAI, kind: str, stream: bool, rid: str | None = None
+) -> tuple[str, str]:
     """One request; returns (x-affinity, x-backend-id)."""
     extra = {"x-request-id": rid} if rid else None
     if kind == "chat":
         raw: Any = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=8, stream=stream, extra_headers=extra)
+            model=MODEL, messages=MESSAGES, max_tokens=8, stream=stream, extra_headers=extra
+        )
     else:
         raw = await client.completions.with_raw_response.create(
-            model=MODEL, prompt=SYSTEM + " The prefix cache keeps", max_tokens=8, stream=stream,
-            extra_headers=extra)
+            model=MODEL,
+            prompt=SYSTEM + " The prefix cache keeps",
+            max_tokens=8,
+            stream=stream,
+            extra_headers=extra,
+        )
     body = raw.parse()
     if stream:
         chunks = [chunk async for chunk in body]
@@ -201,7 +235,7 @@ def rule_expressions() -> list[tuple[str, str]]:
 
 
 def describe(result: list[dict[str, Any]]) -> str:
-    """"N series, e.g. {labels} = value", preferring a series with a non-zero value."""
+    """ "N series, e.g. {labels} = value", preferring a series with a non-zero value."""
     if not result:
         return "0 series"
 
@@ -218,8 +252,14 @@ def describe(result: list[dict[str, Any]]) -> str:
 
 async def drive_hits_and_misses(c: Cluster, secrets: list[str]) -> Counter[str]:
     """Every key on both nodes, chat and completions, streamed and not: only hit/miss."""
-    plan = [(0, "chat", False), (1, "chat", True), (0, "completion", True),
-            (1, "completion", False), (1, "chat", False), (0, "chat", True)]
+    plan = [
+        (0, "chat", False),
+        (1, "chat", True),
+        (0, "completion", True),
+        (1, "completion", False),
+        (1, "chat", False),
+        (0, "chat", True),
+    ]
     seen: Counter[str] = Counter()
 
     async def one_key(k: int, secret: str) -> None:
@@ -238,8 +278,12 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
         nodes = [hostport(n.url) for n in c.nodes]
         backends = [hostport(b.url) for b in c.backends]
         async with prometheus(tmp_path, nodes, backends) as prom:
-            await wait_for(lambda: prom.all_up(len(nodes) + len(backends)), timeout=30,
-                           interval=0.2, what="every target scraped and up")
+            await wait_for(
+                lambda: prom.all_up(len(nodes) + len(backends)),
+                timeout=30,
+                interval=0.2,
+                what="every target scraped and up",
+            )
 
             # -- phase 1: only hits and misses; counted exactly ----------------------------
             secrets = [await c.new_key(name) for name in ("alice", "bob", "carol", "dave")]
@@ -247,8 +291,12 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
             assert set(seen) <= {"hit", "miss", "degraded"}, seen
             assert seen["miss"] >= len(secrets) and seen["hit"] >= 1, seen
             done = time.time()
-            await wait_for(lambda: prom.settled(done), timeout=30, interval=0.2,
-                           what="scrapes of every target after the traffic")
+            await wait_for(
+                lambda: prom.settled(done),
+                timeout=30,
+                interval=0.2,
+                what="scrapes of every target after the traffic",
+            )
             hits = await prom.value("sum(affinity_cache_hits_total)")
             misses = await prom.value("sum(affinity_cache_misses_total)")
             assert (hits, misses) == (seen["hit"], seen["miss"] + seen["degraded"]), seen
@@ -260,7 +308,8 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
                     await request(bad, "chat", False)
             with pytest.raises(openai.NotFoundError):
                 await c.client(1, secrets[0]).chat.completions.create(
-                    model="no-such-model", messages=MESSAGES)
+                    model="no-such-model", messages=MESSAGES
+                )
             alice = c.client(0, secrets[0])
             _, bound = await request(alice, "chat", False)
             failing = c.backends[int(bound[1:])]
@@ -271,16 +320,26 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
                 await request(c.client(i % 2, secrets[0]), "chat", bool(i % 2))
             await admin_fail(failing.url, {})
             done = time.time()
-            await wait_for(lambda: prom.settled(done), timeout=30, interval=0.2,
-                           what="scrapes after the failure")
+            await wait_for(
+                lambda: prom.settled(done),
+                timeout=30,
+                interval=0.2,
+                what="scrapes after the failure",
+            )
             rebinds = await prom.value("sum(affinity_rebinds_total)")
             assert rebinds >= 1
             # What Prometheus holds is what the nodes count.
-            for name in ("affinity_cache_hits_total", "affinity_cache_misses_total",
-                         "affinity_rebinds_total"):
+            for name in (
+                "affinity_cache_hits_total",
+                "affinity_cache_misses_total",
+                "affinity_rebinds_total",
+            ):
                 local = sum(
-                    s.value for n in c.nodes for fam in n.app[REGISTRY].collect()
-                    for s in fam.samples if s.name == name
+                    s.value
+                    for n in c.nodes
+                    for fam in n.app[REGISTRY].collect()
+                    for s in fam.samples
+                    if s.name == name
                 )
                 assert await prom.value(f"sum({name})") == local, name
 
@@ -298,7 +357,8 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
                 groups = (await prom.api("rules"))["groups"]
                 rules = [r for g in groups for r in g["rules"]]
                 return len(rules) == len(rule_expressions()) and all(
-                    r["health"] == "ok" for r in rules)
+                    r["health"] == "ok" for r in rules
+                )
 
             await wait_for(rules_evaluated, timeout=30, interval=0.2, what="rules evaluated")
             report: list[str] = []
@@ -317,33 +377,42 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
                         empty.append(f"{file}: {title} [{ref}]: {expr}")
             print("\n".join(report))
             # Affinity at work: returning requests found their prompt in the backend's cache.
-            assert await prom.value(substitute(
-                'sum(rate({__name__=~"vllm[:_]prefix_cache_hits_total"}[$__rate_interval]))'
-            )) > 0
+            assert (
+                await prom.value(
+                    substitute(
+                        'sum(rate({__name__=~"vllm[:_]prefix_cache_hits_total"}[$__rate_interval]))'
+                    )
+                )
+                > 0
+            )
             assert empty == [], "panels without data:\n" + "\n".join(empty)
 
             # -- the template variables' queries list the nodes and the model --------------
-            instances = await prom.api("label/instance/values",
-                                       **{"match[]": "affinity_build_info"})
+            instances = await prom.api(
+                "label/instance/values", **{"match[]": "affinity_build_info"}
+            )
             assert sorted(instances) == sorted(nodes)
-            models = await prom.api("label/model/values",
-                                    **{"match[]": "affinity_cache_hits_total"})
+            models = await prom.api(
+                "label/model/values", **{"match[]": "affinity_cache_hits_total"}
+            )
             assert models == [MODEL]
 
             # -- exemplars: the request id of a latency observation ------------------------
             now = time.time()
-            for metric in ("affinity_http_request_duration_seconds_bucket",
-                           "affinity_upstream_ttft_seconds_bucket"):
-                data = await prom.api("query_exemplars", query=metric,
-                                      start=str(now - 600), end=str(now + 60))
+            for metric in (
+                "affinity_http_request_duration_seconds_bucket",
+                "affinity_upstream_ttft_seconds_bucket",
+            ):
+                data = await prom.api(
+                    "query_exemplars", query=metric, start=str(now - 600), end=str(now + 60)
+                )
                 ids = {e["labels"].get("request_id") for s in data for e in s["exemplars"]}
                 assert any(i and i.startswith("live-") for i in ids), (metric, ids)
 
 
 async def fetch_metrics(url: str, accept: str | None = None) -> tuple[str, str]:
     headers = {"Accept": accept} if accept else {}
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics",
-                                                         headers=headers) as r:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics", headers=headers) as r:
         assert r.status == 200
         return await r.text(), r.headers["Content-Type"]
 
@@ -383,17 +452,23 @@ async def test_live_metrics_pass_promtool_carry_exemplars_and_no_secrets(dsn):
                 if "backend" in labels:
                     assert labels["backend"] in backend_ids, sample
                 if "route" in labels:
-                    assert labels["route"] in {"/v1/chat/completions", "/v1/completions",
-                                               "/v1/models", "/healthz", "/readyz",
-                                               "/metrics", "other"}, sample
+                    assert labels["route"] in {
+                        "/v1/chat/completions",
+                        "/v1/completions",
+                        "/v1/models",
+                        "/healthz",
+                        "/readyz",
+                        "/metrics",
+                        "other",
+                    }, sample
 
         om, ctype = await fetch_metrics(url, "application/openmetrics-text; version=1.0.0")
         assert ctype.startswith("application/openmetrics-text")
         exemplars = {
-            name: re.findall(rf'^{name}_bucket\{{.*\}} \S+ # \{{request_id="([^"]+)"\}}', om,
-                             re.MULTILINE)
-            for name in ("affinity_http_request_duration_seconds",
-                         "affinity_upstream_ttft_seconds")
+            name: re.findall(
+                rf'^{name}_bucket\{{.*\}} \S+ # \{{request_id="([^"]+)"\}}', om, re.MULTILINE
+            )
+            for name in ("affinity_http_request_duration_seconds", "affinity_upstream_ttft_seconds")
         }
         for name, ids in exemplars.items():
             assert any(i.startswith("exemplar-") for i in ids), (name, ids)

@@ -28,8 +28,12 @@ def require_binary(name: str) -> str:
 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_binary("promtool"), *args], input=stdin, capture_output=True, text=True,
-        timeout=120, cwd=PROMETHEUS_DIR,
+        [require_binary("promtool"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROMETHEUS_DIR,
     )
 
 
@@ -73,9 +77,15 @@ def test_every_alert_has_a_unit_test_that_fires_it():
                 if case.get("exp_alerts"):
                     fired.add(case["alertname"])
     assert alerts - fired == set(), "alerts without a firing unit test"
-    assert {"AffinityNodeDown", "AffinityHighErrorRatio", "AffinityNoHealthyBackend",
-            "AffinityListenerDown", "AffinityDatabaseDown", "AffinityLockWaitHigh",
-            "AffinityHitRatioCollapse"} <= alerts
+    assert {
+        "AffinityNodeDown",
+        "AffinityHighErrorRatio",
+        "AffinityNoHealthyBackend",
+        "AffinityListenerDown",
+        "AffinityDatabaseDown",
+        "AffinityLockWaitHigh",
+        "AffinityHitRatioCollapse",
+    } <= alerts
     severities = {
         rule["alert"]: rule["labels"]["severity"]
         for path in RULES

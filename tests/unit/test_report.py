@@ -48,10 +48,14 @@ def node_metrics(hits: float, created: float, found: float, rebinds: float, spil
 
 
 def test_prefix_cache_hit_rate_is_computed_from_deltas_over_all_backends():
-    before = {"b0": parse_metrics(backend_metrics(1000, 900)),
-              "b1": parse_metrics(backend_metrics(500, 100))}
-    after = {"b0": parse_metrics(backend_metrics(3000, 2500)),   # +2000 queried, +1600 hit
-             "b1": parse_metrics(backend_metrics(1500, 300))}    # +1000 queried, +200 hit
+    before = {
+        "b0": parse_metrics(backend_metrics(1000, 900)),
+        "b1": parse_metrics(backend_metrics(500, 100)),
+    }
+    after = {
+        "b0": parse_metrics(backend_metrics(3000, 2500)),  # +2000 queried, +1600 hit
+        "b1": parse_metrics(backend_metrics(1500, 300)),
+    }  # +1000 queried, +200 hit
     figures = cache_figures(deltas(before, after))
     assert figures.queries == 3000 and figures.hits == 1800
     assert figures.hit_rate == pytest.approx(0.6)
@@ -70,14 +74,17 @@ def test_a_counter_that_went_backwards_was_reset():
 
 
 def test_node_figures_sum_every_node():
-    before = {"n0": parse_metrics(node_metrics(0, 0, 0, 0, 0)),
-              "n1": parse_metrics(node_metrics(50, 5, 0, 0, 0))}
-    after = {"n0": parse_metrics(node_metrics(70, 8, 2, 1, 3)),
-             "n1": parse_metrics(node_metrics(90, 6, 4, 0, 1))}
+    before = {
+        "n0": parse_metrics(node_metrics(0, 0, 0, 0, 0)),
+        "n1": parse_metrics(node_metrics(50, 5, 0, 0, 0)),
+    }
+    after = {
+        "n0": parse_metrics(node_metrics(70, 8, 2, 1, 3)),
+        "n1": parse_metrics(node_metrics(90, 6, 4, 0, 1)),
+    }
     figures = node_figures(deltas(before, after))
     assert figures.hits == 70 + 40
-    assert figures.misses == {"created": 9, "found_in_db": 6, "found_after_lock": 0,
-                              "degraded": 0}
+    assert figures.misses == {"created": 9, "found_in_db": 6, "found_after_lock": 0, "degraded": 0}
     assert figures.miss_total == 15
     assert (figures.rebinds, figures.spills) == (1, 4)
 
@@ -92,11 +99,27 @@ def test_percentiles_interpolate_between_ranks():
 
 
 def records(spec: list[tuple[str, str, float]], errors: int = 0) -> WorkloadResult:
-    out = [RequestRecord(i, 0, "t0/c0/g0", 1, MODEL, 0, 0.0, status=200, ttft_s=ttft,
-                         latency_s=ttft + 0.01, backend_id=b, affinity=a)
-           for i, (b, a, ttft) in enumerate(spec)]
-    out += [RequestRecord(len(out) + i, 0, "t0/c0/g0", 1, MODEL, 0, 0.0, error="HTTP 502: x")
-            for i in range(errors)]
+    out = [
+        RequestRecord(
+            i,
+            0,
+            "t0/c0/g0",
+            1,
+            MODEL,
+            0,
+            0.0,
+            status=200,
+            ttft_s=ttft,
+            latency_s=ttft + 0.01,
+            backend_id=b,
+            affinity=a,
+        )
+        for i, (b, a, ttft) in enumerate(spec)
+    ]
+    out += [
+        RequestRecord(len(out) + i, 0, "t0/c0/g0", 1, MODEL, 0, 0.0, error="HTTP 502: x")
+        for i in range(errors)
+    ]
     return WorkloadResult(out, 2.0, 0)
 
 
@@ -130,8 +153,11 @@ def test_table_and_json_show_runs_side_by_side():
     for name, hits in (("affinity off", 300), ("node-local", 600), ("shared", 900)):
         b_after = {"b0": parse_metrics(backend_metrics(1000, hits))}
         n_after = {"n0": parse_metrics(node_metrics(hits / 10, 3, 0, 0, 0))}
-        runs.append(build_report(name, records([("b0", "hit", 0.02)] * 4),
-                                 deltas(b_before, b_after), n_after))
+        runs.append(
+            build_report(
+                name, records([("b0", "hit", 0.02)] * 4), deltas(b_before, b_after), n_after
+            )
+        )
     table = render_table(runs, ["a note"])
     header, _rule, *rows = table.splitlines()
     assert header.split() == ["affinity", "off", "node-local", "shared"]

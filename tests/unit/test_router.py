@@ -42,10 +42,14 @@ def setup(store: MemoryBindingStore | None = None, rules: AffinityRules | None =
         [ModelSpec(MODEL), ModelSpec("embed")],
     )
     engine, registry = make_engine(store, clock)
-    router = Router(pool, make_strategy("round_robin"), engine,
-                    rules or AffinityRules(), AffinityMetrics(CollectorRegistry()))
-    return Parts(router, pool, BackendHealth(pool, eject_after_failures=1), registry, store,
-                 engine)
+    router = Router(
+        pool,
+        make_strategy("round_robin"),
+        engine,
+        rules or AffinityRules(),
+        AffinityMetrics(CollectorRegistry()),
+    )
+    return Parts(router, pool, BackendHealth(pool, eject_after_failures=1), registry, store, engine)
 
 
 async def test_a_pair_sticks_to_one_vllm_backend_and_never_to_an_external_one() -> None:
@@ -60,8 +64,7 @@ async def test_a_pair_sticks_to_one_vllm_backend_and_never_to_an_external_one() 
 
 async def test_new_bindings_go_to_the_backends_holding_the_fewest() -> None:
     router = setup().router
-    chosen = [(await router.route(uuid4(), MODEL, affinity_path=True)).backend.id
-              for _ in range(9)]
+    chosen = [(await router.route(uuid4(), MODEL, affinity_path=True)).backend.id for _ in range(9)]
     assert sorted(chosen.count(u) for u in URLS) == [3, 3, 3]
 
 
