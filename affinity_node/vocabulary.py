@@ -34,13 +34,11 @@ DbOperation = Literal["read", "create", "rebind", "refresh", "cleanup", "snapsho
 """Store operations whose failures are counted (label `operation` of the db error counter)."""
 
 MISS_OUTCOMES: Final[tuple[MissOutcome, ...]] = get_args(MissOutcome)
-OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 AFFINITY_HEADERS: Final[tuple[AffinityHeader, ...]] = get_args(AffinityHeader)
 REBIND_REASONS: Final[tuple[RebindReason, ...]] = get_args(RebindReason)
 NOTIFY_OPS: Final[tuple[NotifyOp, ...]] = get_args(NotifyOp)
 KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
 STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
-STORE_KINDS: Final[tuple[StoreKind, ...]] = get_args(StoreKind)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
 DB_OPERATIONS: Final[tuple[DbOperation, ...]] = get_args(DbOperation)
 

@@ -11,8 +11,7 @@ talking to backends is upstream/'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -254,12 +253,3 @@ class BackendPool:
         """Never goes below zero, so a double release cannot make a backend look idler."""
         if backend.inflight > 0:
             backend.inflight -= 1
-
-    @contextmanager
-    def track(self, backend: Backend) -> Iterator[Backend]:
-        """Counts a request in flight for the duration of the block (whatever ends it)."""
-        backend.inflight += 1
-        try:
-            yield backend
-        finally:
-            self.release(backend)

@@ -43,8 +43,6 @@ class BindingCache:
         self._epoch = 0
         self._touched: dict[Pair, int] | None = None
         self._per_backend: dict[str, int] = {}
-        self.suspect = True
-        """True until the first snapshot, and whenever the listener is down."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -169,7 +167,6 @@ class BindingCache:
         for entry in fresh.values():
             self._count(entry.backend, 1)
         self._tombstones = OrderedDict((p, v) for p, v in self._tombstones.items() if p in touched)
-        self.suspect = False
 
     def abort_resync(self) -> None:
         self._touched = None

@@ -264,7 +264,6 @@ class AffinityEngine:
     def listener_state(self, up: bool) -> None:
         """The listener connected (and synced) or lost its connection."""
         self._m.listener_up.set(1 if up else 0)
-        self._cache.suspect = not up
         if up:
             self._store_ok()
 

@@ -529,12 +529,3 @@ def _error_message(raw: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         pass
     return raw[:200].decode(errors="replace")
-
-
-async def run_workload(
-    cfg: WorkloadConfig,
-    progress: ProgressCallback | None = None,
-    progress_interval_s: float = 1.0,
-) -> WorkloadResult:
-    """Runs `cfg` to its end (duration or request count) and returns every request's record."""
-    return await Workload(cfg).run(progress, progress_interval_s)

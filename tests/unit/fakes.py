@@ -96,7 +96,6 @@ def make_engine(
         clock=clock,
         wall_clock=clock,
     )
-    engine.cache.suspect = False
     return engine, registry
 
 

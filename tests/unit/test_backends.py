@@ -109,19 +109,13 @@ def test_affinity_applies_only_to_vllm_backends_of_affinity_models() -> None:
     assert not pool.affinity_applies("unknown", v)
 
 
-def test_inflight_counts_until_the_block_ends_even_on_error() -> None:
+def test_inflight_never_goes_below_zero() -> None:
     pool, _health, (a,) = static_pool(0)
     pool.acquire(a)
-    assert a.inflight == 1
-    with pool.track(a):
-        assert a.inflight == 2
-    assert a.inflight == 1
-    with pytest.raises(RuntimeError), pool.track(a):
-        assert a.inflight == 2
-        raise RuntimeError("client went away")
-    assert a.inflight == 1
-    pool.release(a)
-    pool.release(a)
+    pool.acquire(a)
+    assert a.inflight == 2
+    for _ in range(3):
+        pool.release(a)
     assert a.inflight == 0
 
 

@@ -61,7 +61,6 @@ def test_resync_keeps_changes_notified_during_the_snapshot_and_drops_vanished_ro
     assert cache.get(gone) is None
     assert cache.get(moved).backend == "b3"
     assert cache.get(P).backend == "b1" and cache.get(P).deadline == clock.now + 30.0
-    assert not cache.suspect
 
 
 def test_size_is_bounded_least_recently_used_first():
