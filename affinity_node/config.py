@@ -13,7 +13,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -28,6 +29,8 @@ class ConfigError(ValueError):
 class ListenConfig:
     host: str = "0.0.0.0"
     port: int = 8080
+    ops_port: int | None = None
+    """When set, /metrics, /healthz and /readyz are served on this port instead."""
 
 
 @dataclass
@@ -35,6 +38,8 @@ class DatabaseConfig:
     dsn: str = ""
     pool_max: int = 10
     statement_timeout_ms: int = 2000
+    lock_timeout_ms: int = 1000
+    """Longest wait for a pair's advisory lock: a busy lock is not an outage."""
     startup_wait_seconds: float = 5.0
     """How long a starting node waits for its first snapshot before serving (degraded)."""
 
@@ -67,6 +72,9 @@ class LimitsConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
+    """Longest silence between two chunks of a streamed answer."""
+    generation_timeout_seconds: float = 300.0
+    """Longest non-streamed generation (vLLM sends nothing until it is done)."""
     drain_timeout_seconds: float = 30.0
 
 
@@ -74,6 +82,8 @@ class LimitsConfig:
 class LoggingConfig:
     level: str = "INFO"
     json: bool = False
+    access: bool = False
+    """One JSON access-log line per request."""
 
 
 @dataclass
@@ -106,6 +116,9 @@ class NodeConfig:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
+    if origin in (Union, UnionType):  # `X | None`: null (or an empty env var) means unset
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return None if value is None or value == "" else _coerce(value, inner, where)
     if origin is Literal:
         allowed = get_args(hint)
         if value not in allowed:
