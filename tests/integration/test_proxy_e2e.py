@@ -13,9 +13,9 @@ import pytest
 from affinity_node.app import run_node
 from affinity_node.http.state import REGISTRY
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
+from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.store.keys import revoke_key
 from tests.support.cluster import ALIAS, MODEL, cluster, node_config
-from tests.support.faultproxy import FaultProxy
 from tests.support.waiting import wait_for
 
 MESSAGES = [
