@@ -88,7 +88,7 @@ async def _bindings(args: argparse.Namespace) -> int:
 
     db = DatabaseConfig(dsn=_need_dsn(args), pool_max=2)
     async with database_pool(db, "cli") as pool:
-        store = postgres_bindings(pool, db)
+        store = postgres_bindings(pool)
         key_id = uuid.UUID(args.api_key_id) if getattr(args, "api_key_id", None) else None
         if args.bindings_cmd == "list":
             rows = await store.list_bindings(args.model, key_id)

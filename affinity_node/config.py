@@ -75,6 +75,10 @@ class LimitsConfig:
     """Longest silence between two chunks of a streamed answer."""
     generation_timeout_seconds: float = 300.0
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
+    client_write_timeout_seconds: float = 30.0
+    """A client that reads nothing of a stream for this long is dropped (its slot frees)."""
+    client_idle_timeout_seconds: float = 15.0
+    """An idle client connection, or one that sent only part of its headers, closes."""
     drain_timeout_seconds: float = 30.0
 
 
@@ -212,6 +216,11 @@ def validate(cfg: NodeConfig) -> None:
         raise ConfigError("affinity.ttl_seconds must be positive")
     if cfg.affinity.load_factor < 1:
         raise ConfigError("affinity.load_factor must be at least 1")
+    if cfg.database.lock_timeout_ms >= cfg.database.statement_timeout_ms:
+        raise ConfigError(
+            "database.lock_timeout_ms must be below database.statement_timeout_ms "
+            "(a busy lock must end as a lock timeout, not be taken for a database outage)"
+        )
     if cfg.limits.max_body_bytes < 1024:
         raise ConfigError("limits.max_body_bytes must be at least 1024")
     if not cfg.backends:

@@ -46,8 +46,9 @@ async def run_misses(
         while time.monotonic() < deadline:
             i += 1
             start = time.monotonic()
-            res = await node.engine.resolve(key, f"m-{w}-{i}-{uuid.uuid4().hex[:6]}", BACKENDS,
-                                            lambda c: c[0])
+            res = await node.engine.resolve(
+                key, f"m-{w}-{i}-{uuid.uuid4().hex[:6]}", BACKENDS, lambda c: c[0]
+            )
             out.append((start, time.monotonic() - start, res.outcome))
             await asyncio.sleep(interval)  # paced: each worker offers `1 / interval` misses/s
 
@@ -58,9 +59,11 @@ async def run_misses(
 def line(label: str, records: list[tuple[float, float, str]]) -> str:
     ms = [s * 1000 for _, s, _ in records]
     degraded = sum(1 for *_, o in records if o == "degraded")
-    return (f"  {label:<34} {len(ms):>6} misses  p50 {pct(ms, 0.5):8.2f} ms  "
-            f"p99 {pct(ms, 0.99):8.2f} ms  max {max(ms, default=float('nan')):8.1f} ms  "
-            f"degraded {degraded}")
+    return (
+        f"  {label:<34} {len(ms):>6} misses  p50 {pct(ms, 0.5):8.2f} ms  "
+        f"p99 {pct(ms, 0.99):8.2f} ms  max {max(ms, default=float('nan')):8.1f} ms  "
+        f"degraded {degraded}"
+    )
 
 
 async def run(args: argparse.Namespace, admin_dsn: str) -> None:
@@ -75,9 +78,12 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
         await conn.close()
         proxy = FaultProxy(dsn)
         await proxy.start()
-        spec = EngineSpec(db=DatabaseConfig(dsn=proxy.dsn, pool_max=10,
-                                            statement_timeout_ms=2000, startup_wait_seconds=5),
-                          node_id="bench-faults")
+        spec = EngineSpec(
+            db=DatabaseConfig(
+                dsn=proxy.dsn, pool_max=10, statement_timeout_ms=2000, startup_wait_seconds=5
+            ),
+            node_id="bench-faults",
+        )
         async with engine_nodes([spec]) as (node,):
             healthy = await run_misses(node, key.id, args.workers, args.duration)
             proxy.freeze()
@@ -87,8 +93,10 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
             after = [r for r in frozen if first_failure is not None and r[0] >= first_failure]
             await proxy.start()
         await proxy.close()
-        print(f"miss latency, {args.workers} workers offering {args.workers * 50} misses/s, "
-              f"{args.duration:g} s each (statement timeout 2 s)")
+        print(
+            f"miss latency, {args.workers} workers offering {args.workers * 50} misses/s, "
+            f"{args.duration:g} s each (statement timeout 2 s)"
+        )
         print(line("database healthy (baseline)", healthy))
         print(line("frozen: every miss", frozen))
         print(line("frozen: after the first failure", after))
@@ -100,9 +108,11 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m affinity_node.devtools.bench_faults",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m affinity_node.devtools.bench_faults",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dsn", help="Postgres admin DSN (default: an embedded Postgres)")
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--workers", type=int, default=20)

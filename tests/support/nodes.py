@@ -36,7 +36,13 @@ class CountingChooser:
 
 def engine_spec(dsn: str, node_id: str, **engine: Any) -> EngineSpec:
     return EngineSpec(
-        db=DatabaseConfig(dsn=dsn, pool_max=5, statement_timeout_ms=1000, startup_wait_seconds=5.0),
+        db=DatabaseConfig(
+            dsn=dsn,
+            pool_max=5,
+            statement_timeout_ms=1000,
+            lock_timeout_ms=500,
+            startup_wait_seconds=5.0,
+        ),
         node_id=node_id,
         engine=replace(EngineSettings(), db_retry_after_s=0.2, **engine),
         listener=ListenerSettings(dsn=dsn, probe_interval_s=0.3),
