@@ -121,7 +121,10 @@ class PostgresBindingStore:
         except DB_ERRORS as exc:
             raise StoreUnavailable(operation, exc, down=is_outage(exc)) from exc
         finally:
-            await self._pool.release(conn)
+            try:
+                await self._pool.release(conn)
+            except DB_ERRORS as exc:  # a frozen server cannot even take the cancellation
+                raise StoreUnavailable(operation, exc, down=True) from exc
 
     async def read(self, pair: Pair) -> StoredBinding | None:
         async with self._conn("read") as conn:
