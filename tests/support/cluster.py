@@ -43,17 +43,9 @@ class Cluster:
     key_ids: dict[str, uuid.UUID] = field(default_factory=dict)
 
     async def new_key(self, name: str) -> str:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            key, secret = await create_key(conn, name)
-        finally:
-            await conn.close()
+        key_id, secret = await key_everywhere(self.dsn, self.nodes, name)
         self.secrets[name] = secret
-        self.key_ids[name] = key.id
-        # A new key works on a node once its notification arrived (milliseconds): until then
-        # an in-sync node refuses unknown tokens from memory.
-        for node in self.nodes:
-            await wait_for(partial(knows, node, secret), timeout=5.0, what="the key everywhere")
+        self.key_ids[name] = key_id
         return secret
 
     def client(self, node: int, secret: str, **kw: Any) -> openai.AsyncOpenAI:
@@ -73,6 +65,19 @@ class Cluster:
             if url.rstrip("/").endswith(f":{b.port}"):
                 return b
         raise KeyError(url)
+
+
+async def key_everywhere(dsn: str, nodes: list[RunningNode], name: str) -> tuple[uuid.UUID, str]:
+    """A new key, once every node knows it: a key works on a node when its notification has
+    arrived (milliseconds); until then an in-sync node refuses unknown tokens from memory."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        key, secret = await create_key(conn, name)
+    finally:
+        await conn.close()
+    for node in nodes:
+        await wait_for(partial(knows, node, secret), timeout=5.0, what="the key everywhere")
+    return key.id, secret
 
 
 async def knows(node: RunningNode, secret: str) -> bool:
