@@ -34,11 +34,12 @@ from affinity_node.http.middleware import (
     authenticate,
     openai_errors,
 )
-from affinity_node.http.ops import healthz, metrics, models, readyz
+from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
 from affinity_node.http.state import (
     AFFINITY_METRICS,
     BACKENDS,
     CONFIG,
+    ENGINE,
     HEALTH,
     HTTP_METRICS,
     KEYS,
@@ -80,7 +81,6 @@ from affinity_node.vocabulary import StoreKind
 log = logging.getLogger(__name__)
 
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
-ENGINE = web.AppKey("engine", AffinityEngine)
 
 
 # -- builders (shared with the CLI and the tests) ----------------------------------------------
@@ -362,6 +362,8 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if cfg.listen.debug_endpoints:
+        app.router.add_get("/debug/bindings", debug_bindings)
     return app
 
 

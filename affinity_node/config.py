@@ -31,6 +31,8 @@ class ListenConfig:
     port: int = 8080
     ops_port: int | None = None
     """When set, /metrics, /healthz and /readyz are served on this port instead."""
+    debug_endpoints: bool = False
+    """GET /debug/bindings: this node's cached bindings, pairs hashed (for the chaos soak)."""
 
 
 @dataclass

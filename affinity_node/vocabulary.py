@@ -38,7 +38,7 @@ DbOperation = Literal[
 RejectReason = Literal["malformed", "backend", "ttl", "version"]
 """Why a binding notification was not trusted (it is then treated as an invalidation)."""
 
-KeyLookupReason = Literal["unknown", "created", "poll"]
+KeyLookupReason = Literal["unknown", "created", "verify", "poll"]
 """Why the key cache asked the database (see the key cache)."""
 
 KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]

@@ -12,6 +12,10 @@ again after it (the snapshot may predate them); a lookup or load that was in fli
 key was revoked is discarded (each revocation is stamped with an event sequence number, and a
 result older than the key's latest revocation is not cached). While the listener is down,
 the active set is re-read every poll, so revocations still take effect.
+
+Notifications are untrusted input (any role that can connect can send one): a revocation
+removes the key at once (failing closed) and is then checked against the table; a forged one
+is undone a round trip later. A creation only ever loads what the table holds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Protocol
 from uuid import UUID
 
@@ -79,6 +84,7 @@ class KeyCache:
         unknown_ttl_s: float = 60.0,
         max_revoked: int = 100_000,
         blind_grace_s: float = 3.0,
+        verify_timeout_s: float = 0.5,
     ) -> None:
         self._store = store
         self._m = metrics
@@ -98,6 +104,7 @@ class KeyCache:
         self._listener_up = False
         self._blind_since = time.monotonic()
         self._blind_grace = blind_grace_s
+        self._verify_timeout = verify_timeout_s
         self.loaded = False
         """True once a snapshot of the active keys has been loaded."""
 
@@ -170,6 +177,7 @@ class KeyCache:
 
     def _apply(self, op: KeyEventOp, key_id: UUID) -> None:
         if op in ("revoke", "delete"):
+            # Results of reads that began before this event are void from now on.
             self._revoked_at[key_id] = self._seq
             self._revoked_at.move_to_end(key_id)
             if len(self._revoked_at) > self._max_revoked:
@@ -177,11 +185,27 @@ class KeyCache:
             digest = self._hash_of.pop(key_id, None)
             if digest is not None:
                 self._by_hash.pop(digest, None)
+                self._spawn(self._verify_removal(key_id, digest, self._seq))
         else:  # create, restore: that one key becomes usable
             self._unknown.clear()
-            task = asyncio.get_running_loop().create_task(self._load(key_id))
-            self._loads.add(task)
-            task.add_done_callback(self._loads.discard)
+            self._spawn(self._load(key_id))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def _verify_removal(self, key_id: UUID, digest: bytes, seq: int) -> None:
+        """Put the key back if the table says it is active: the notification was forged."""
+        self._count("verify")
+        try:
+            async with asyncio.timeout(self._verify_timeout):
+                found = await self._store.load(key_id)
+        except Exception:
+            return  # cannot tell: it stays out (failing closed) until the next snapshot
+        active = found is not None and not found[1] and found[0] == digest
+        if active and self._revoked_at.get(key_id) == seq:  # and no revocation since
+            self._add(digest, key_id)
 
     async def _load(self, key_id: UUID) -> None:
         started = self._seq

@@ -141,6 +141,7 @@ class AffinityMetrics:
             "affinity_key_lookups",
             "Database statements the API key cache ran, by why "
             "(unknown: a token while out of sync; created: a new key's notification; "
+            "verify: a revocation checked against the table; "
             "poll: revocations polled while the listener is down).",
             ["reason"],
             registry=registry,

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from affinity_node.app import ENGINE, build_app
+from affinity_node.app import build_app
 from affinity_node.config import (
     BackendConfig,
     DatabaseConfig,
@@ -19,7 +19,7 @@ from affinity_node.config import (
     NodeConfig,
     validate,
 )
-from affinity_node.http.state import BACKENDS, REGISTRY
+from affinity_node.http.state import BACKENDS, ENGINE, REGISTRY
 from affinity_node.observability.collector import OTHER_BACKEND, NodeCollector
 from affinity_node.observability.metrics import (
     COMPLETION_CODES,

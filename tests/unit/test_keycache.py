@@ -129,3 +129,18 @@ async def test_a_failing_lookup_is_unavailable_not_invalid() -> None:
     await wait_for(
         lambda: sample(registry, "affinity_keys_refused_total", reason="unavailable") == 1
     )
+
+
+async def test_a_forged_revocation_is_undone_and_a_real_one_stays() -> None:
+    cache, store, registry, key_id = setup()
+    await synced(cache)
+    cache.on_event("revoke", key_id)  # nobody revoked it in the table
+    # The key is out at once (failing closed); a request for it waits for the table's word,
+    # which puts it back.
+    assert await cache.authenticate(SECRET) == key_id
+    assert sample(registry, "affinity_key_lookups_total", reason="verify") == 1
+    store.rows[key_id] = (store.rows[key_id][0], True)  # now really revoked
+    cache.on_event("revoke", key_id)
+    with pytest.raises(InvalidKey):
+        await cache.authenticate(SECRET)
+    assert sample(registry, "affinity_key_lookups_total", reason="verify") == 2
