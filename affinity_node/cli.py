@@ -220,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bindings)
 
     from affinity_node.sim.bench_cli import add_bench_parser
+    from affinity_node.sim.chaos import add_chaos_parser
     from affinity_node.sim.demo import add_demo_parser
 
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_chaos_parser(sub)
     return parser
 
 
