@@ -55,6 +55,22 @@ class AffinityConfig:
     spill_min_gap: int = 8
     refresh_flush_interval_seconds: float = 1.0
     cache_max_entries: int = 100_000
+    max_fanout: int = 4
+    """Largest backend set one pair may grow into (1: one backend per pair, no fan-out)."""
+    fanout_queue_bound: int = 4
+    """A member with this many requests waiting (vLLM's own queue) is hot."""
+    fanout_hot_factor: float = 1.5
+    """... so is one whose load is this many times the fleet's mean (and 4 above it)."""
+    fanout_grow_after_seconds: float = 2.0
+    """Every member hot this long: one more member."""
+    fanout_shrink_after_seconds: float = 120.0
+    """Every member cool this long: the newest member goes."""
+
+
+@dataclass
+class LoadConfig:
+    poll_interval_seconds: float = 1.0
+    """How often each backend's /metrics is read for its running and waiting requests."""
 
 
 @dataclass
@@ -112,6 +128,7 @@ class NodeConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
