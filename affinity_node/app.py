@@ -55,7 +55,9 @@ from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.load import LoadRules, LoadView
 from affinity_node.routing.ports import BindingStore
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
@@ -76,6 +78,7 @@ from affinity_node.store.postgres import (
 )
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.health import HealthChecker
+from affinity_node.upstream.load import LoadPoller
 from affinity_node.vocabulary import StoreKind
 
 log = logging.getLogger(__name__)
@@ -318,22 +321,47 @@ def _inflight_of(backend: Backend) -> Callable[[], float]:
 
 
 async def _router(app: web.Application) -> AsyncIterator[None]:
+    """The router, with the load signal and the fan-out controller it consults."""
     cfg = app[CONFIG]
+    aff = cfg.affinity
     pool = app[BACKENDS]
     engine = app[ENGINE]
+    load = LoadView(
+        pool,
+        LoadRules(queue_bound=aff.fanout_queue_bound, hot_factor=aff.fanout_hot_factor),
+    )
+    fanout = FanoutController(
+        engine,
+        load,
+        pool,
+        FanoutRules(
+            max_fanout=aff.max_fanout,
+            grow_after_s=aff.fanout_grow_after_seconds,
+            shrink_after_s=aff.fanout_shrink_after_seconds,
+        ),
+    )
     app[ROUTER] = Router(
         pool,
         make_strategy(cfg.routing.fallback),
         engine,
-        AffinityRules(cfg.affinity.enabled, cfg.affinity.load_factor, cfg.affinity.spill_min_gap),
+        AffinityRules(aff.enabled, aff.load_factor, aff.spill_min_gap),
         app[AFFINITY_METRICS],
+        fanout,
     )
+    poller = LoadPoller(
+        pool, load, app[UPSTREAM], cfg.load.poll_interval_seconds, on_round=fanout.sweep
+    )
+    task = asyncio.create_task(poller.run(), name="load-poll")
     collector = NodeCollector(
         pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS], [x.name for x in cfg.models]
     )
     app[REGISTRY].register(collector)
     yield
     app[REGISTRY].unregister(collector)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await fanout.stop()
 
 
 async def _start_draining(app: web.Application) -> None:

@@ -31,7 +31,16 @@ BackendKind = Literal["vllm", "external"]
 """vllm: affinity may apply (it has a prefix cache to reuse); external: never."""
 
 DbOperation = Literal[
-    "read", "create", "rebind", "refresh", "cleanup", "snapshot", "ping", "list", "purge"
+    "read",
+    "create",
+    "rebind",
+    "members",
+    "refresh",
+    "cleanup",
+    "snapshot",
+    "ping",
+    "list",
+    "purge",
 ]
 """Store operations whose failures are counted (label `operation` of the db error counter)."""
 
@@ -44,6 +53,10 @@ KeyLookupReason = Literal["unknown", "created", "verify", "poll"]
 KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]
 """Why a bearer token was refused."""
 
+FanoutDirection = Literal["grow", "shrink"]
+FanoutReason = Literal["hot", "cool", "unhealthy"]
+"""Why a set grew (every member hot) or shrank (every member cool, or a member unhealthy)."""
+
 SpillReason = Literal["load", "failover"]
 """Why a request went past its bound backend while the binding stayed: the bound backend was
 over the load bound, or failed and was not (yet) unhealthy, so another one served."""
@@ -54,6 +67,8 @@ REBIND_REASONS: Final[tuple[RebindReason, ...]] = get_args(RebindReason)
 NOTIFY_OPS: Final[tuple[NotifyOp, ...]] = get_args(NotifyOp)
 REJECT_REASONS: Final[tuple[RejectReason, ...]] = get_args(RejectReason)
 SPILL_REASONS: Final[tuple[SpillReason, ...]] = get_args(SpillReason)
+FANOUT_DIRECTIONS: Final[tuple[FanoutDirection, ...]] = get_args(FanoutDirection)
+FANOUT_REASONS: Final[tuple[FanoutReason, ...]] = get_args(FanoutReason)
 KEY_LOOKUP_REASONS: Final[tuple[KeyLookupReason, ...]] = get_args(KeyLookupReason)
 KEY_REFUSALS: Final[tuple[KeyRefusal, ...]] = get_args(KeyRefusal)
 KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
 from affinity_node.http.state import API_KEY_ID, BACKENDS, ROUTER, STATUS
+from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend
 
 MAX_MODEL_LEN = 256
@@ -123,8 +125,11 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             "model",
             "model_not_found",
         )
+    conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
-        route = await app[ROUTER].route(key_id, model, affinity_path=True)
+        route = await app[ROUTER].route(
+            key_id, model, affinity_path=True, conversation=conversation
+        )
     except NoBackend:
         raise ApiError(
             503,

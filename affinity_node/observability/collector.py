@@ -33,6 +33,16 @@ _HEALTHY = (
     "affinity_model_healthy_backends",
     "Backends in rotation on this node for each canonical model.",
 )
+_LOAD = (
+    "affinity_backend_load",
+    "Each vLLM backend's own load as last polled (every node's traffic): running and waiting "
+    "requests, KV cache usage (0..1).",
+)
+_FANOUT_PAIRS = (
+    "affinity_fanout_pairs",
+    "Cached pairs by the size of their backend set (1: one backend).",
+)
+MAX_SET_SIZE = 16
 
 
 class NodeCollector(Collector):
@@ -57,6 +67,8 @@ class NodeCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(*_BINDINGS, labels=["backend"])
         yield GaugeMetricFamily(*_HEALTHY, labels=["model"])
+        yield GaugeMetricFamily(*_LOAD, labels=["backend", "kind"])
+        yield GaugeMetricFamily(*_FANOUT_PAIRS, labels=["size"])
 
     def collect(self) -> Iterator[Metric]:
         self._init_series()
@@ -74,6 +86,20 @@ class NodeCollector(Collector):
         for model in sorted(self._all_models()):
             healthy.add_metric([model], len(pool.candidates(model)))
         yield healthy
+
+        load = GaugeMetricFamily(*_LOAD, labels=["backend", "kind"])
+        for polled in pool.backends:
+            for kind, value in (("running", polled.running), ("waiting", polled.waiting),
+                                ("kv_usage", polled.kv_usage)):  # fmt: skip
+                if value is not None:
+                    load.add_metric([polled.id, kind], value)
+        yield load
+
+        sizes = self._cache.set_sizes()
+        pairs = GaugeMetricFamily(*_FANOUT_PAIRS, labels=["size"])
+        for size in range(1, max(4, *sizes) + 1):  # sizes 1-4 always, so panels have series
+            pairs.add_metric([str(size)], sizes.get(size, 0))
+        yield pairs
 
     def _all_models(self) -> set[str]:
         models = set(self._models)

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
+    FANOUT_DIRECTIONS,
+    FANOUT_REASONS,
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
     MISS_OUTCOMES,
@@ -131,6 +133,12 @@ class AffinityMetrics:
             ["op"],
             registry=registry,
         )
+        self.fanout_changes = Counter(
+            "affinity_fanout_changes",
+            "Binding sets grown or shrunk (load-aware fan-out), by direction and reason.",
+            ["model", "direction", "reason"],
+            registry=registry,
+        )
         self.notifications_rejected = Counter(
             "affinity_notifications_rejected",
             "Binding notifications not believed (treated as invalidations), by reason.",
@@ -215,6 +223,9 @@ class AffinityMetrics:
                 self.rebinds.labels(model, reason)
             for spill in SPILL_REASONS:
                 self.spills.labels(model, spill)
+            for direction in FANOUT_DIRECTIONS:
+                for why in FANOUT_REASONS:
+                    self.fanout_changes.labels(model, direction, why)
 
 
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.

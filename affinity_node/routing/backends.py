@@ -86,6 +86,12 @@ class Backend:
     """Requests forwarded and not yet finished (a stream counts until its last byte)."""
     probed: bool = False
     last_error: str | None = field(default=None)
+    running: float | None = None
+    """From the backend's own /metrics at the last poll (all nodes' requests); None: unknown."""
+    waiting: float | None = None
+    kv_usage: float | None = None
+    inflight_at_poll: int = 0
+    """This node's in-flight count when it polled: what it added since is the difference."""
 
     @property
     def url(self) -> str:

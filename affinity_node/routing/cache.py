@@ -24,18 +24,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from affinity_node.routing.ports import BindingRow, Pair
+from affinity_node.routing.ports import NO_MEMBERS, BindingRow, Members, Pair
 
 
 class Entry:
-    __slots__ = ("backend", "checked", "deadline", "version")
+    __slots__ = ("backend", "checked", "deadline", "fanout", "version")
 
-    def __init__(self, backend: str, version: int, deadline: float, checked: float) -> None:
+    def __init__(
+        self, backend: str, version: int, deadline: float, checked: float, fanout: Members
+    ) -> None:
         self.backend = backend
+        """The set's first member (the binding's provider_url)."""
         self.version = version
         self.deadline = deadline
         self.checked = checked
         """When the database (a read, a write or a notification) last confirmed it."""
+        self.fanout = fanout
+        """The set's other members, oldest first (usually none)."""
 
 
 class BindingCache:
@@ -56,6 +61,8 @@ class BindingCache:
         self._touched: dict[Pair, int] | None = None
         self._per_backend: dict[str, int] = {}
         self._expiry: dict[int, list[Pair]] = {}
+        self._sets: dict[Pair, Entry] = {}
+        """The entries with more than one member (fan-out), for the controller and gauges."""
         """Whole seconds -> pairs whose deadline falls before it (some since extended)."""
         self.max_version = 0
         """The newest version seen in any row or notification."""
@@ -99,27 +106,47 @@ class BindingCache:
         else:
             bucket.append(pair)
 
-    def _put(self, pair: Pair, backend: str, version: int, deadline: float, checked: float) -> None:
+    def _put(
+        self,
+        pair: Pair,
+        backend: str,
+        version: int,
+        deadline: float,
+        checked: float,
+        fanout: Members,
+    ) -> None:
         self._tombstones.pop(pair, None)
         self._seen(version)
         self._expire_at(pair, deadline)
         entry = self._entries.get(pair)
         if entry is None:
-            self._entries[pair] = Entry(backend, version, deadline, checked)
+            entry = self._entries[pair] = Entry(backend, version, deadline, checked, fanout)
             self._count(backend, 1)
             if len(self._entries) > self._max:
-                _old, evicted = self._entries.popitem(last=False)
+                old, evicted = self._entries.popitem(last=False)
                 self._count(evicted.backend, -1)
+                self._sets.pop(old, None)
         else:
             if entry.backend != backend:
                 self._count(entry.backend, -1)
                 self._count(backend, 1)
             entry.backend, entry.version = backend, version
-            entry.deadline, entry.checked = deadline, checked
+            entry.deadline, entry.checked, entry.fanout = deadline, checked, fanout
             self._entries.move_to_end(pair)
+        if fanout:
+            self._sets[pair] = entry
+        else:
+            self._sets.pop(pair, None)
 
     def fill(
-        self, pair: Pair, backend: str, version: int, ttl: float, stamp: int, asked_at: float
+        self,
+        pair: Pair,
+        backend: str,
+        version: int,
+        ttl: float,
+        stamp: int,
+        asked_at: float,
+        fanout: Members = NO_MEMBERS,
     ) -> bool:
         """Store what this node read or wrote; False when it is stale and was dropped.
 
@@ -135,7 +162,7 @@ class BindingCache:
         entry = self._entries.get(pair)
         if entry is not None and version < entry.version and entry.deadline > self._clock():
             return False
-        self._put(pair, backend, version, asked_at + ttl, asked_at)
+        self._put(pair, backend, version, asked_at + ttl, asked_at, fanout)
         return True
 
     def _newest_known(self, pair: Pair) -> int:
@@ -145,13 +172,15 @@ class BindingCache:
         tomb = self._tombstones.get(pair)
         return tomb[0] if tomb is not None else -1
 
-    def apply_change(self, pair: Pair, backend: str, version: int, ttl: float) -> bool:
-        """A notification of an insert or a move; `ttl` already net of the delivery lag."""
+    def apply_change(
+        self, pair: Pair, backend: str, version: int, ttl: float, fanout: Members = NO_MEMBERS
+    ) -> bool:
+        """A notification of an insert, a move or a set change; `ttl` net of the lag."""
         if version < self._newest_known(pair):
             return False
         self._stamp += 1
         now = self._clock()
-        self._put(pair, backend, version, now + ttl, now)
+        self._put(pair, backend, version, now + ttl, now, fanout)
         if self._touched is not None:
             self._touched[pair] = version
         return True
@@ -179,6 +208,7 @@ class BindingCache:
         gone = self._entries.pop(pair, None)
         if gone is not None:
             self._count(gone.backend, -1)
+            self._sets.pop(pair, None)
 
     def extend(self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float) -> None:
         """A refresh this node wrote: new deadline if the entry is still the same binding."""
@@ -224,7 +254,7 @@ class BindingCache:
             self._seen(row.version)
             if pair in touched:
                 continue
-            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl, asked_at)
+            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl, asked_at, row.fanout)
         for pair in touched:
             entry = self._entries.get(pair)
             if entry is not None:
@@ -234,9 +264,12 @@ class BindingCache:
         self._entries = fresh
         self._per_backend = {}
         self._expiry = {}
+        self._sets = {}
         for pair, entry in fresh.items():
             self._count(entry.backend, 1)
             self._expire_at(pair, entry.deadline)
+            if entry.fanout:
+                self._sets[pair] = entry
         self._tombstones = OrderedDict((p, t) for p, t in self._tombstones.items() if p in touched)
         self._seen(version_now)
 
@@ -245,3 +278,15 @@ class BindingCache:
 
     def items(self) -> list[tuple[Pair, Entry]]:
         return list(self._entries.items())
+
+    def sets(self) -> list[tuple[Pair, Entry]]:
+        """The pairs served by more than one backend (a handful, even in a big table)."""
+        return list(self._sets.items())
+
+    def set_sizes(self) -> dict[int, int]:
+        """How many cached pairs have a set of each size (1: a plain binding)."""
+        sizes = {1: len(self._entries) - len(self._sets)}
+        for entry in self._sets.values():
+            size = 1 + len(entry.fanout)
+            sizes[size] = sizes.get(size, 0) + 1
+        return sizes

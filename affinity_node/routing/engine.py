@@ -28,17 +28,25 @@ from uuid import UUID
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.breaker import StoreBreaker
-from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.cache import BindingCache, Entry
 from affinity_node.routing.ports import (
+    NO_MEMBERS,
     BindingEvent,
     BindingStore,
     Clock,
+    Members,
     Pair,
     StoredBinding,
     StoreUnavailable,
 )
 from affinity_node.routing.trust import NotificationCheck
-from affinity_node.vocabulary import MissOutcome, Outcome, RebindReason
+from affinity_node.vocabulary import (
+    FanoutDirection,
+    FanoutReason,
+    MissOutcome,
+    Outcome,
+    RebindReason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,12 @@ class EngineSettings:
 @dataclass(frozen=True, slots=True)
 class Resolution:
     backend: str
+    """The set's first member (or the backend to use when affinity cannot say)."""
     outcome: Outcome
+    fanout: Members = NO_MEMBERS
+    """The set's other members; a request may go to any healthy one."""
+    version: int = 0
+    """The binding's version (what a set change must find to succeed)."""
 
 
 class NoCandidates(LookupError):
@@ -158,7 +171,7 @@ class AffinityEngine:
             and entry.checked > self._stale_before
             and entry.backend in candidates
         ):
-            return self._hit(model, entry.backend)
+            return self._hit(model, entry)
         if not candidates:
             raise NoCandidates(model)
         task = self._inflight.get(pair)
@@ -172,12 +185,12 @@ class AffinityEngine:
             result = self._as_follower(pair, result, candidates, choose)
         return result
 
-    def _hit(self, model: str, backend: str) -> Resolution:
+    def _hit(self, model: str, entry: Entry) -> Resolution:
         counter = self._hit_counters.get(model)
         if counter is None:
             counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
         counter()
-        return Resolution(backend, "hit")
+        return Resolution(entry.backend, "hit", entry.fanout, entry.version)
 
     def _as_follower(
         self, pair: Pair, result: Resolution, candidates: Sequence[str], choose: Chooser
@@ -188,11 +201,11 @@ class AffinityEngine:
             return Resolution(choose(candidates), "degraded")
         if result.outcome == "created":
             self._m.cache_misses.labels(model, "found_after_lock").inc()
-            return Resolution(result.backend, "found_after_lock")
+            return Resolution(result.backend, "found_after_lock", result.fanout, result.version)
         if result.outcome in ("found_in_db", "found_after_lock", "degraded"):
             self._m.cache_misses.labels(model, result.outcome).inc()
         elif result.outcome == "hit":
-            self._hit(model, result.backend)
+            self._m.cache_hits.labels(model).inc()
         return result
 
     async def _resolve_slow(
@@ -203,10 +216,13 @@ class AffinityEngine:
             if entry.backend in candidates:
                 if entry.checked > self._stale_before:
                     # A notification landed since the caller looked: it is a hit now.
-                    return self._hit(pair[1], entry.backend)
+                    return self._hit(pair[1], entry)
                 return await self._miss(pair, candidates, choose)  # suspect: read it again
-            # Cached but the bound backend is not a candidate (unhealthy or removed): move it.
-            return await self._rebind(pair, entry.backend, candidates, choose, "unhealthy")
+            # Cached but the bound backend is not a candidate (unhealthy or removed): move it,
+            # to a member of its set when one can serve (that cache is warm already).
+            return await self._rebind(
+                pair, entry.backend, candidates, choose, "unhealthy", entry.fanout
+            )
         return await self._miss(pair, candidates, choose)
 
     async def _miss(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
@@ -233,9 +249,11 @@ class AffinityEngine:
         self._store_ok()
         self._fill(pair, stored, stamp, asked_at)
         if stored.backend not in candidates:
-            return await self._rebind(pair, stored.backend, candidates, choose, "unhealthy")
+            return await self._rebind(
+                pair, stored.backend, candidates, choose, "unhealthy", stored.fanout
+            )
         self._m.cache_misses.labels(pair[1], outcome).inc()
-        return Resolution(stored.backend, outcome)
+        return Resolution(stored.backend, outcome, stored.fanout, stored.version)
 
     async def _rebind(
         self,
@@ -244,20 +262,21 @@ class AffinityEngine:
         candidates: tuple[str, ...],
         choose: Chooser,
         reason: RebindReason,
+        fanout: Members = NO_MEMBERS,
     ) -> Resolution:
         if not self._breaker.allows():
             return self._degraded(pair, candidates, choose)
         stamp = self._cache.stamp()
         try:
             for _ in range(3):
-                new = choose(candidates)
+                new = next((m for m in fanout if m in candidates), None) or choose(candidates)
                 asked_at = self._clock()
                 moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
                 if moved is not None:
                     self._store_ok()
                     self._fill(pair, moved, stamp, asked_at)
                     self._m.rebinds.labels(pair[1], reason).inc()
-                    return Resolution(moved.backend, "rebind")
+                    return Resolution(moved.backend, "rebind", moved.fanout, moved.version)
                 # Someone moved or deleted it first: take theirs if it can serve.
                 asked_at = self._clock()
                 current = await self._store.read(pair)
@@ -266,15 +285,43 @@ class AffinityEngine:
                     return await self._miss(pair, candidates, choose)
                 self._fill(pair, current, stamp, asked_at)
                 if current.backend in candidates:
-                    return Resolution(current.backend, "rebind")
-                old = current.backend
+                    return Resolution(current.backend, "rebind", current.fanout, current.version)
+                old, fanout = current.backend, current.fanout
         except StoreUnavailable as exc:
             self._store_failed(exc)
             return self._degraded(pair, candidates, choose)
         return self._degraded(pair, candidates, choose)
 
     def _fill(self, pair: Pair, stored: StoredBinding, stamp: int, asked_at: float) -> None:
-        self._cache.fill(pair, stored.backend, stored.version, stored.ttl, stamp, asked_at)
+        self._cache.fill(
+            pair, stored.backend, stored.version, stored.ttl, stamp, asked_at, stored.fanout
+        )
+
+    async def set_members(
+        self,
+        pair: Pair,
+        version: int,
+        fanout: Members,
+        direction: FanoutDirection,
+        reason: FanoutReason,
+    ) -> bool:
+        """Grow or shrink a pair's set (compare-and-set on `version`); False when the store is
+        out of reach or another node changed the set first."""
+        if not self._breaker.allows():
+            return False
+        stamp = self._cache.stamp()
+        asked_at = self._clock()
+        try:
+            changed = await self._store.set_members(pair, version, fanout)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            return False
+        self._store_ok()
+        if changed is None:
+            return False
+        self._fill(pair, changed, stamp, asked_at)
+        self._m.fanout_changes.labels(pair[1], direction, reason).inc()
+        return True
 
     def _degraded(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
         """Serve without the store; keep the pair on one backend of this node meanwhile."""
@@ -347,13 +394,14 @@ class AffinityEngine:
     # -- after the response ------------------------------------------------------------------
 
     def served(self, api_key_id: UUID, model: str, backend: str) -> None:
-        """A request bound to `backend` succeeded there: extend the binding if half-spent."""
+        """A request bound to `backend` (any member of the pair's set) succeeded there:
+        extend the binding if half-spent."""
         pair = (api_key_id, model)
         entry = self._cache.get(pair)
-        if entry is None or entry.backend != backend:
+        if entry is None or (entry.backend != backend and backend not in entry.fanout):
             return
         if entry.deadline - self._clock() < self._s.ttl_seconds / 2:
-            self._refresh_queue[pair] = backend
+            self._refresh_queue[pair] = entry.backend
 
     def failed_over(self, api_key_id: UUID, model: str, bound: str, served_by: str) -> None:
         """The bound backend failed and `served_by` succeeded: move the binding (CAS)."""
@@ -450,7 +498,9 @@ class AffinityEngine:
         if event.op == "delete":
             self._cache.apply_delete(event.pair, event.version)
         else:
-            self._cache.apply_change(event.pair, event.backend, event.version, event.ttl - lag)
+            self._cache.apply_change(
+                event.pair, event.backend, event.version, event.ttl - lag, event.fanout
+            )
 
     async def resync(self) -> None:
         """Reload the cache from a snapshot; called by the listener after each LISTEN."""

@@ -12,6 +12,11 @@ from affinity_node.vocabulary import DbOperation, NotifyOp
 Pair = tuple[UUID, str]
 """(api key id, canonical model name): the unit of stickiness."""
 
+Members = tuple[str, ...]
+"""A binding set's members after its first backend, oldest first (empty: one backend)."""
+
+NO_MEMBERS: Members = ()
+
 Clock = Callable[[], float]
 """Seconds from an arbitrary origin that never goes backwards (time.monotonic in production;
 tests inject one they advance by hand)."""
@@ -24,6 +29,8 @@ class StoredBinding:
     backend: str
     version: int
     ttl: float
+    fanout: Members = NO_MEMBERS
+    """The set's other members (load-aware fan-out), oldest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,7 @@ class BindingRow:
     backend: str
     version: int
     ttl: float
+    fanout: Members = NO_MEMBERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,11 @@ class BindingStore(Protocol):
     async def rebind(self, pair: Pair, old: str, new: str, ttl: float) -> StoredBinding | None:
         """Compare-and-set move from `old` to `new`; None when the row no longer points at old."""
 
+    async def set_members(self, pair: Pair, version: int, fanout: Members) -> StoredBinding | None:
+        """Grow or shrink a set: under the pair's lock, replace its other members if the row
+        is still at `version`; None when someone changed it first (concurrent decisions on
+        many nodes change a set once)."""
+
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
         """Extend live bindings that still point at the given backend; returns those extended."""
 
@@ -101,3 +114,4 @@ class BindingEvent:
     ttl: float
     sent_at: float
     """Database clock (epoch seconds) when the trigger fired."""
+    fanout: Members = NO_MEMBERS

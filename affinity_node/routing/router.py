@@ -1,19 +1,23 @@
 """Per request: which backend, and what affinity said about it.
 
-Combines the backend pool (health, load), the fallback strategy, and the affinity engine. The
-engine only ever sees vllm backends as candidates: external ones are never bound.
+Combines the backend pool (health, load), the fallback strategy, the affinity engine and the
+fan-out controller. The engine only ever sees vllm backends as candidates: external ones are
+never bound. A pair bound to a set of backends is served by the member its conversation hashes
+to (routing/members.py); a request goes past its set (a spill) only when the set cannot grow.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import Backend, BackendPool
-from affinity_node.routing.engine import AffinityEngine, NoCandidates
+from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolution
+from affinity_node.routing.fanout import FanoutController
+from affinity_node.routing.members import rendezvous
 from affinity_node.routing.strategies import Strategy
 from affinity_node.vocabulary import HEADER_OF, AffinityHeader
 
@@ -25,7 +29,10 @@ class Route:
     backend: Backend
     affinity: AffinityHeader
     bound: Backend | None = None
-    """The pair's bound backend when affinity decided (None for bypass and degraded)."""
+    """The set member that should serve the pair's request when affinity decided (None for
+    bypass and degraded)."""
+    first: bool = True
+    """Whether `bound` is the set's first member (the one a failover may move)."""
 
 
 class NoBackend(LookupError):
@@ -47,12 +54,15 @@ class Router:
         engine: AffinityEngine | None,
         rules: AffinityRules,
         metrics: AffinityMetrics,
+        fanout: FanoutController | None = None,
     ) -> None:
         self._pool = pool
         self._strategy = strategy
         self._engine = engine if rules.enabled else None
         self._rules = rules
         self._m = metrics
+        self._fanout = fanout if fanout is not None and fanout.enabled else None
+        self._max_fanout = 1 if fanout is None or self._fanout is None else fanout.rules.max_fanout
         self._vllm: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def _choose_id(self, ids: Sequence[str]) -> str:
@@ -126,13 +136,35 @@ class Router:
         if served_by is bound:
             engine.served(api_key_id, model, served_by.id)
         elif bound in failed:
-            if bound.healthy or not self._pool.affinity_applies(model, served_by):
+            if (
+                bound.healthy
+                or not route.first
+                or not self._pool.affinity_applies(model, served_by)
+            ):
                 self._m.spills.labels(model, "failover").inc()
             else:
                 engine.failed_over(api_key_id, model, bound.id, served_by.id)
 
-    async def route(self, api_key_id: UUID, model: str, affinity_path: bool) -> Route:
-        """`model` is canonical; `affinity_path` is False for routes affinity never applies to."""
+    def _member(
+        self, res: Resolution, ids: Sequence[str], conversation: Callable[[], bytes] | None
+    ) -> str:
+        """The set member for this request: its conversation's, among the healthy members."""
+        if not res.fanout:
+            return res.backend
+        members = [m for m in (res.backend, *res.fanout) if m in ids]
+        if len(members) == 1 or conversation is None:
+            return members[0]
+        return rendezvous(conversation(), members)
+
+    async def route(
+        self,
+        api_key_id: UUID,
+        model: str,
+        affinity_path: bool,
+        conversation: Callable[[], bytes] | None = None,
+    ) -> Route:
+        """`model` is canonical; `affinity_path` is False for routes affinity never applies to;
+        `conversation` gives the request's conversation key (asked only for a set)."""
         engine = self._engine
         if engine is not None and affinity_path:
             ids = self._affinity_candidates(model)
@@ -142,18 +174,27 @@ class Router:
                 except NoCandidates:
                     res = None
                 if res is not None:
-                    backend = self._pool.get(res.backend)
+                    member = self._member(res, ids, conversation)
+                    backend = self._pool.get(member)
                     if backend is not None:
                         if res.outcome == "degraded":
                             return Route(backend, "degraded")
-                        if res.outcome == "hit" and self._pool.overloaded(
-                            backend, model, self._rules.load_factor, self._rules.spill_min_gap
-                        ):
-                            other = self.fallback(model, exclude=(backend,))
-                            if other is not None:
-                                self._m.spills.labels(model, "load").inc()
-                                return Route(other, "spill", bound=backend)
-                        return Route(backend, HEADER_OF[res.outcome], bound=backend)
+                        first = member == res.backend
+                        if res.outcome == "hit":
+                            if self._fanout is not None:
+                                self._fanout.observe((api_key_id, model), res)
+                            # Past the set only when it cannot grow any more.
+                            if len(res.fanout) + 1 >= self._max_fanout and self._pool.overloaded(
+                                backend, model, self._rules.load_factor, self._rules.spill_min_gap
+                            ):
+                                members = (res.backend, *res.fanout)
+                                other = self.fallback(
+                                    model, exclude=[b for b in map(self._pool.get, members) if b]
+                                )
+                                if other is not None:
+                                    self._m.spills.labels(model, "load").inc()
+                                    return Route(other, "spill", bound=backend, first=first)
+                        return Route(backend, HEADER_OF[res.outcome], bound=backend, first=first)
         chosen = self.fallback(model)
         if chosen is None:
             raise NoBackend(model)

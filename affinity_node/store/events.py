@@ -20,6 +20,7 @@ _warn = RateLimitedLog(log)
 MAX_PAYLOAD = 8000
 MAX_MODEL = 256
 MAX_BACKEND = 2048
+MAX_MEMBERS = 15
 
 BINDINGS_CHANNEL = "affinity_changes"
 KEYS_CHANNEL = "api_key_changes"
@@ -39,6 +40,12 @@ def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what} must be a number")
     return float(value)
+
+
+def _members(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_MEMBERS:
+        raise ValueError(f"fanout_urls must be a list of at most {MAX_MEMBERS}")
+    return tuple(_text(v, MAX_BACKEND, "fanout_urls item") for v in value)
 
 
 def _load(payload: str) -> dict[str, Any]:
@@ -69,6 +76,7 @@ def parse_binding_event(payload: str) -> BindingEvent | None:
             version=version,
             ttl=_number(data["ttl"], "ttl"),
             sent_at=_number(data["sent_at"], "sent_at"),
+            fanout=_members(data.get("fanout_urls", [])),
         )
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         _warn.warning(

@@ -1,7 +1,9 @@
 """Bindings kept by one node only: how routers without shared state behave.
 
-Used by `affinity.store: memory` (the demo's comparison) and as a fast stand-in for the
-store port. Expiry uses this process's monotonic clock; there is no other node to agree with.
+Used by `affinity.store: memory` (the demo's comparison) and by the unit tests, which run the
+engine on it; tests/integration/test_store_contract.py holds it to the same contract as the
+Postgres store. Expiry uses this process's monotonic clock; there is no other node to agree
+with.
 """
 
 from __future__ import annotations
@@ -9,13 +11,29 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from affinity_node.routing.ports import BindingRow, CreateResult, Pair, StoredBinding
+from affinity_node.routing.ports import (
+    NO_MEMBERS,
+    BindingRow,
+    CreateResult,
+    Members,
+    Pair,
+    StoredBinding,
+)
+
+
+@dataclass(slots=True)
+class _Row:
+    backend: str
+    version: int
+    expires: float
+    fanout: Members = NO_MEMBERS
 
 
 class MemoryBindingStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rows: dict[Pair, tuple[str, int, float]] = {}
+        self._rows: dict[Pair, _Row] = {}
         self._versions = itertools.count(1)
         self._last_version = 0
         self._clock = clock
@@ -28,8 +46,8 @@ class MemoryBindingStore:
         row = self._rows.get(pair)
         if row is None:
             return None
-        ttl = row[2] - self._clock()
-        return StoredBinding(row[0], row[1], ttl) if ttl > 0 else None
+        ttl = row.expires - self._clock()
+        return StoredBinding(row.backend, row.version, ttl, row.fanout) if ttl > 0 else None
 
     async def read(self, pair: Pair) -> StoredBinding | None:
         return self._live(pair)
@@ -40,7 +58,7 @@ class MemoryBindingStore:
         found = self._live(pair)
         if found is not None:
             return CreateResult(found, False, 0.0)
-        self._rows[pair] = (choose(), self._next_version(), self._clock() + ttl)
+        self._rows[pair] = _Row(choose(), self._next_version(), self._clock() + ttl)
         stored = self._live(pair)
         assert stored is not None
         return CreateResult(stored, True, 0.0)
@@ -49,7 +67,16 @@ class MemoryBindingStore:
         found = self._live(pair)
         if found is None or found.backend != old:
             return None
-        self._rows[pair] = (new, self._next_version(), self._clock() + ttl)
+        fanout = tuple(m for m in found.fanout if m != new)
+        self._rows[pair] = _Row(new, self._next_version(), self._clock() + ttl, fanout)
+        return self._live(pair)
+
+    async def set_members(self, pair: Pair, version: int, fanout: Members) -> StoredBinding | None:
+        row = self._rows.get(pair)
+        if row is None or row.version != version or self._live(pair) is None:
+            return None
+        row.fanout = tuple(fanout)
+        row.version = self._next_version()
         return self._live(pair)
 
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
@@ -57,8 +84,8 @@ class MemoryBindingStore:
         for pair, backend in items:
             found = self._live(pair)
             if found is not None and found.backend == backend:
-                self._rows[pair] = (backend, found.version, self._clock() + ttl)
-                out.append(BindingRow(pair[0], pair[1], backend, found.version, ttl))
+                self._rows[pair].expires = self._clock() + ttl
+                out.append(BindingRow(pair[0], pair[1], backend, found.version, ttl, found.fanout))
         return out
 
     async def snapshot(self, limit: int) -> list[BindingRow]:
@@ -66,7 +93,11 @@ class MemoryBindingStore:
         for pair in list(self._rows):
             found = self._live(pair)
             if found is not None:
-                rows.append(BindingRow(pair[0], pair[1], found.backend, found.version, found.ttl))
+                rows.append(
+                    BindingRow(
+                        pair[0], pair[1], found.backend, found.version, found.ttl, found.fanout
+                    )
+                )
         return rows[:limit]
 
     async def ping(self) -> None:
@@ -77,7 +108,7 @@ class MemoryBindingStore:
 
     async def delete_expired(self, batch: int) -> int | None:
         now = self._clock()
-        expired = [p for p, row in self._rows.items() if row[2] <= now][:batch]
+        expired = [p for p, row in self._rows.items() if row.expires <= now][:batch]
         for pair in expired:
             del self._rows[pair]
         return len(expired)

@@ -15,6 +15,7 @@ import asyncpg
 from affinity_node.routing.ports import (
     BindingRow,
     CreateResult,
+    Members,
     Pair,
     StoredBinding,
     StoreUnavailable,
@@ -99,6 +100,11 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
     return pool
 
 
+def _binding(row: asyncpg.Record) -> StoredBinding:
+    """(provider_url, version, ttl, fanout_urls), as every binding statement returns them."""
+    return StoredBinding(row[0], row[1], row[2], tuple(row[3]))
+
+
 class PostgresBindingStore:
     """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
 
@@ -129,7 +135,7 @@ class PostgresBindingStore:
     async def read(self, pair: Pair) -> StoredBinding | None:
         async with self._conn("read") as conn:
             row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
-        return None if row is None else StoredBinding(row[0], row[1], row[2])
+        return None if row is None else _binding(row)
 
     async def create_if_absent(
         self, pair: Pair, choose: Callable[[], str], ttl: float
@@ -146,20 +152,31 @@ class PostgresBindingStore:
             waited = time.perf_counter() - started
             row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
             if row is not None:
-                return CreateResult(StoredBinding(row[0], row[1], row[2]), False, waited)
+                return CreateResult(_binding(row), False, waited)
             backend = choose()
             row = await conn.fetchrow(Q["binding_create"], pair[0], pair[1], backend, ttl)
             if row is None:  # a live row appeared without the lock (cannot happen via us)
                 row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
                 if row is None:
                     raise StoreUnavailable("create", RuntimeError("binding vanished under lock"))
-                return CreateResult(StoredBinding(row[0], row[1], row[2]), False, waited)
-            return CreateResult(StoredBinding(row[0], row[1], row[2]), True, waited)
+                return CreateResult(_binding(row), False, waited)
+            return CreateResult(_binding(row), True, waited)
 
     async def rebind(self, pair: Pair, old: str, new: str, ttl: float) -> StoredBinding | None:
         async with self._conn("rebind") as conn:
             row = await conn.fetchrow(Q["binding_rebind"], pair[0], pair[1], old, new, ttl)
-        return None if row is None else StoredBinding(row[0], row[1], row[2])
+        return None if row is None else _binding(row)
+
+    async def set_members(self, pair: Pair, version: int, fanout: Members) -> StoredBinding | None:
+        async with self._conn("members") as conn, conn.transaction(isolation="read_committed"):
+            try:
+                await conn.execute(Q["binding_lock"], binding_lock_key(*pair))
+            except asyncpg.LockNotAvailableError as exc:
+                raise StoreUnavailable("members", exc, down=False) from exc
+            row = await conn.fetchrow(
+                Q["binding_set_members"], pair[0], pair[1], version, list(fanout)
+            )
+        return None if row is None else _binding(row)
 
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
         if not items:
@@ -169,12 +186,12 @@ class PostgresBindingStore:
         backends = [b for _, b in items]
         async with self._conn("refresh") as conn:
             rows = await conn.fetch(Q["binding_refresh"], ids, models, backends, ttl)
-        return [BindingRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
 
     async def snapshot(self, limit: int) -> list[BindingRow]:
         async with self._conn("snapshot") as conn:
             rows = await conn.fetch(Q["binding_snapshot"], limit)
-        return [BindingRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
 
     async def delete_expired(self, batch: int) -> int | None:
         async with self._conn("cleanup") as conn, conn.transaction():

@@ -3,7 +3,7 @@
 
 -- name: binding_read
 -- Lock-free read of one live binding.
-SELECT provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl
+SELECT provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls
 FROM api_key_model_affinity
 WHERE api_key_id = $1 AND model = $2 AND expires_at > now();
 
@@ -17,18 +17,29 @@ INSERT INTO api_key_model_affinity AS a (api_key_id, model, provider_url, versio
 VALUES ($1, $2, $3, 0, now() + make_interval(secs => $4::float8))
 ON CONFLICT (api_key_id, model) DO UPDATE
     SET provider_url = EXCLUDED.provider_url,
+        fanout_urls = '{}',
         expires_at = EXCLUDED.expires_at,
         created_at = now()
     WHERE a.expires_at <= now()
-RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
+RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls;
 
 -- name: binding_rebind
 -- Compare-and-set: moves the binding only if it still points where the caller saw it and is
 -- still live (an expired row is re-created under the pair's lock, never revived by a move).
+-- A new first member that was already in the set leaves the rest of the set.
 UPDATE api_key_model_affinity
-SET provider_url = $4, expires_at = now() + make_interval(secs => $5::float8)
+SET provider_url = $4, fanout_urls = array_remove(fanout_urls, $4),
+    expires_at = now() + make_interval(secs => $5::float8)
 WHERE api_key_id = $1 AND model = $2 AND provider_url = $3 AND expires_at > now()
-RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl;
+RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls;
+
+-- name: binding_set_members
+-- Grow or shrink a set: runs under the pair's advisory lock, and changes the row only if it is
+-- still the version the caller decided on, so concurrent decisions change it once.
+UPDATE api_key_model_affinity
+SET fanout_urls = $4::text[]
+WHERE api_key_id = $1 AND model = $2 AND version = $3 AND expires_at > now()
+RETURNING provider_url, version, extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls;
 
 -- name: binding_refresh
 -- One statement per flush: extends every live binding that still points where the node saw it.
@@ -49,12 +60,12 @@ SET expires_at = now() + make_interval(secs => $4::float8)
 FROM wanted AS w
 WHERE a.api_key_id = w.api_key_id AND a.model = w.model
 RETURNING a.api_key_id, a.model, a.provider_url, a.version,
-          extract(epoch FROM a.expires_at - now())::float8 AS ttl;
+          extract(epoch FROM a.expires_at - now())::float8 AS ttl, a.fanout_urls;
 
 -- name: binding_snapshot
 -- What a node loads after LISTEN: the freshest live bindings, up to its cache size.
 SELECT api_key_id, model, provider_url, version,
-       extract(epoch FROM expires_at - now())::float8 AS ttl
+       extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls
 FROM api_key_model_affinity
 WHERE expires_at > now()
 ORDER BY updated_at DESC
@@ -80,7 +91,7 @@ WHERE (api_key_id, model) IN (
 
 -- name: binding_list
 SELECT api_key_id, model, provider_url, version, created_at, updated_at, expires_at,
-       extract(epoch FROM expires_at - now())::float8 AS ttl
+       extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls
 FROM api_key_model_affinity
 WHERE ($1::text IS NULL OR model = $1) AND ($2::uuid IS NULL OR api_key_id = $2)
 ORDER BY model, api_key_id;

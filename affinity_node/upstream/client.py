@@ -69,6 +69,20 @@ class UpstreamClient:
         except (aiohttp.ClientError, OSError) as exc:
             return f"/health failed: {exc.__class__.__name__}: {exc}"
 
+    async def metrics_text(self, base_url: str, timeout_s: float) -> str | None:
+        """GET /metrics as text, or None when it does not answer 200 in time."""
+        try:
+            async with self._session.get(
+                f"{base_url}/metrics",
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                return await resp.text()
+        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
+            return None
+
     async def models(self, base_url: str) -> list[str]:
         """The model ids GET /v1/models lists; UpstreamError when it cannot tell."""
         try:

@@ -375,7 +375,10 @@ async def test_new_bindings_spread_evenly_over_backends(dsn):
 
 async def test_overloaded_bound_backend_spills_without_moving_the_binding(dsn):
     slow = {"tokens_per_s": 10.0, "output_tokens": 30}
-    async with cluster(dsn, nodes=1, backends=3, backend_cfg=slow, spill_min_gap=2) as c:
+    # One backend per pair (no fan-out): the set is at its largest, so spilling is what's left.
+    async with cluster(
+        dsn, nodes=1, backends=3, backend_cfg=slow, spill_min_gap=2, max_fanout=1
+    ) as c:
         secret = await c.new_key("busy")
         client = c.client(0, secret)
         first, _, _ = await chat(client, stream=False)

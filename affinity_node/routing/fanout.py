@@ -1,0 +1,146 @@
+"""When a pair's backend set grows and shrinks (load-aware fan-out).
+
+Grow: every member of the set has been hot (routing/load.py) for `grow_after_s` and the set is
+below `max_fanout`: the least-loaded eligible backend joins. Shrink: every member has been cool
+for `shrink_after_s` (minutes, not seconds: hysteresis), and the newest member leaves; a member
+that is no longer a healthy candidate leaves at once. Each change is a compare-and-set on the
+binding's version under the pair's lock (the engine's `set_members`), so when every node
+reaches the same decision at once, which they do since they read the same load signal, the set
+changes by exactly one member.
+
+Growth is noticed on the request path (a hot pair has requests) with one set lookup per
+request; shrinking is checked after each load poll over the few pairs that have a set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from affinity_node.routing.backends import BackendPool
+from affinity_node.routing.engine import AffinityEngine, Resolution
+from affinity_node.routing.load import LoadView
+from affinity_node.routing.ports import Clock, Members, Pair
+from affinity_node.vocabulary import FanoutDirection, FanoutReason
+
+MAX_TRACKED = 100_000
+"""Pairs whose hot or cool streak is remembered; beyond, the oldest are forgotten."""
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutRules:
+    max_fanout: int = 4
+    grow_after_s: float = 2.0
+    shrink_after_s: float = 120.0
+
+
+class FanoutController:
+    def __init__(
+        self,
+        engine: AffinityEngine,
+        load: LoadView,
+        pool: BackendPool,
+        rules: FanoutRules,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._load = load
+        self._pool = pool
+        self.rules = rules
+        self._clock = clock
+        self._hot_since: dict[Pair, float] = {}
+        self._cool_since: dict[Pair, float] = {}
+        self._changing: set[Pair] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rules.max_fanout > 1
+
+    def observe(self, pair: Pair, res: Resolution) -> None:
+        """A request for `pair` was answered from its binding: grow the set when it is due."""
+        hot = self._load.hot(pair[1])
+        if res.backend not in hot:
+            if pair in self._hot_since:
+                del self._hot_since[pair]
+            return
+        if len(res.fanout) + 1 >= self.rules.max_fanout or not all(m in hot for m in res.fanout):
+            self._hot_since.pop(pair, None)
+            return
+        now = self._clock()
+        since = self._hot_since.get(pair)
+        if since is None:
+            self._remember(self._hot_since, pair, now)
+            return
+        if now - since < self.rules.grow_after_s or pair in self._changing:
+            return
+        members = {res.backend, *res.fanout}
+        new = self._load.least_loaded(pair[1], exclude=members)
+        if new is None or new.id in hot:
+            return  # nowhere cooler to grow to
+        self._hot_since.pop(pair, None)
+        self._change(pair, res.version, (*res.fanout, new.id), "grow", "hot")
+
+    def sweep(self) -> None:
+        """After a load poll: shrink the sets that have been cool long enough, and drop
+        members that are no longer healthy candidates."""
+        now = self._clock()
+        for pair, entry in self._engine.cache.sets():
+            if pair in self._changing or entry.deadline <= now:
+                continue
+            model = pair[1]
+            healthy = self._pool.candidate_ids(model)
+            gone = [m for m in entry.fanout if m not in healthy]
+            if gone:
+                kept = tuple(m for m in entry.fanout if m in healthy)
+                self._change(pair, entry.version, kept, "shrink", "unhealthy")
+                continue
+            cool = self._load.cool(model)
+            if entry.backend in cool and all(m in cool for m in entry.fanout):
+                since = self._cool_since.get(pair)
+                if since is None:
+                    self._remember(self._cool_since, pair, now)
+                elif now - since >= self.rules.shrink_after_s:
+                    del self._cool_since[pair]
+                    self._change(pair, entry.version, entry.fanout[:-1], "shrink", "cool")
+            else:
+                self._cool_since.pop(pair, None)
+
+    @staticmethod
+    def _remember(streaks: dict[Pair, float], pair: Pair, now: float) -> None:
+        streaks[pair] = now
+        if len(streaks) > MAX_TRACKED:
+            del streaks[next(iter(streaks))]
+
+    def _change(
+        self,
+        pair: Pair,
+        version: int,
+        fanout: Members,
+        direction: FanoutDirection,
+        reason: FanoutReason,
+    ) -> None:
+        self._changing.add(pair)
+        task = asyncio.get_running_loop().create_task(
+            self._run_change(pair, version, fanout, direction, reason)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_change(
+        self,
+        pair: Pair,
+        version: int,
+        fanout: Members,
+        direction: FanoutDirection,
+        reason: FanoutReason,
+    ) -> None:
+        try:
+            await self._engine.set_members(pair, version, fanout, direction, reason)
+        finally:
+            self._changing.discard(pair)
+
+    async def stop(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,71 @@
+"""Which member of a pair's backend set serves a request: the same one for a conversation on
+every node, and few conversations move when the set grows.
+
+Rendezvous (highest random weight) hashing of a conversation key over the members: each member
+scores hash(key, member) and the highest wins. Adding a member moves only the conversations it
+now wins, about 1/k of them; removing one moves only its own.
+
+The conversation key is what the client says identifies the conversation (OpenAI's
+`prompt_cache_key`, else an `x-session-id` header), else its opening: the system prompt and the
+first user message for chat, the first characters of a completion prompt. Every turn of a chat
+starts with the same opening, so a conversation keeps its member without any state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+OPENING_CHARS = 400
+"""How much of a completion prompt (or of each opening chat message) names a conversation."""
+
+
+def rendezvous(key: bytes, members: Sequence[str]) -> str:
+    """The member with the highest score for `key`; `members` must not be empty."""
+    best = members[0]
+    best_score = -1
+    for member in members:
+        score = int.from_bytes(
+            hashlib.blake2b(member.encode(), key=key[:64], digest_size=8).digest(), "big"
+        )
+        if score > best_score:
+            best, best_score = member, score
+    return best
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content[:OPENING_CHARS]
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        return "".join(p for p in parts if isinstance(p, str))[:OPENING_CHARS]
+    return ""
+
+
+def conversation_key(payload: Mapping[str, Any], session: str | None) -> bytes:
+    """What identifies the conversation a request belongs to (see the module's docstring)."""
+    explicit = payload.get("prompt_cache_key")
+    if isinstance(explicit, str) and explicit:
+        return b"k:" + hashlib.blake2b(explicit.encode(), digest_size=16).digest()
+    if session:
+        return b"s:" + hashlib.blake2b(session.encode(), digest_size=16).digest()
+    opening: list[str] = []
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role")
+            if role in ("system", "developer"):
+                opening.append(_text(message.get("content")))
+            elif role == "user":
+                opening.append(_text(message.get("content")))
+                break
+    else:
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            opening.append(prompt[:OPENING_CHARS])
+    return b"o:" + hashlib.blake2b("\x00".join(opening).encode(), digest_size=16).digest()
