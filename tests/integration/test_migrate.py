@@ -117,14 +117,19 @@ async def test_a_notification_payload_stays_far_below_8000_bytes(db):
     """The largest row the constraints allow still notifies (Postgres refuses >= 8000)."""
     key = await db.fetchval(
         "INSERT INTO api_keys (id, name, key_hash) VALUES (gen_random_uuid(), 'k', $1) "
-        "RETURNING id", b"x" * 32)
+        "RETURNING id",
+        b"x" * 32,
+    )
     await db.execute("LISTEN affinity_changes")
     longest = "http://" + "h" * 2030 + ":8000"
     members = ["http://" + "m" * 180 + f"{i:02d}:8000" for i in range(15)]
     await db.execute(
         "INSERT INTO api_key_model_affinity (api_key_id, model, provider_url, version, "
         "expires_at, fanout_urls) VALUES ($1, $2, $3, 0, now() + interval '1 hour', $4)",
-        key, "m" * 256, longest, members,
+        key,
+        "m" * 256,
+        longest,
+        members,
     )
     with pytest.raises(asyncpg.CheckViolationError):  # 16 members: past the bound
         await db.execute(
