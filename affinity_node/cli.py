@@ -100,6 +100,7 @@ async def _bindings(args: argparse.Namespace) -> int:
                                 "api_key_id": str(r["api_key_id"]),
                                 "model": r["model"],
                                 "provider_url": r["provider_url"],
+                                "fanout_urls": list(r["fanout_urls"]),
                                 "version": r["version"],
                                 "expires_at": r["expires_at"].isoformat(),
                                 "ttl_seconds": round(r["ttl"], 3),
@@ -110,8 +111,9 @@ async def _bindings(args: argparse.Namespace) -> int:
                 )
             else:
                 for r in rows:
+                    more = f" +{len(r['fanout_urls'])}" if r["fanout_urls"] else ""
                     print(
-                        f"{r['api_key_id']}  {r['model']:<24}  {r['provider_url']:<32}  "
+                        f"{r['api_key_id']}  {r['model']:<24}  {r['provider_url'] + more:<36}  "
                         f"v{r['version']}  ttl {r['ttl']:.0f}s"
                     )
         else:
