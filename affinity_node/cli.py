@@ -142,7 +142,7 @@ async def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(cfg.logging.level, cfg.logging.json)
+    configure_logging(cfg.logging.level, cfg.logging.json, access=cfg.logging.access)
     for note in advice(cfg):
         logging.getLogger("affinity_node.config").warning("%s", note)
     await serve(cfg)

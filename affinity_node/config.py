@@ -107,7 +107,7 @@ class LoggingConfig:
     """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     json: bool = False
     access: bool = False
-    """One JSON access-log line per request."""
+    """One JSON access-log line per API request (probes and scrapes are not logged)."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from aiohttp import web
 from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
-from affinity_node.http.state import API_KEY_ID, BACKENDS, ROUTER, STATUS
+from affinity_node.http.state import API_KEY_ID, BACKENDS, MODEL, ROUTER, STATUS
 from affinity_node.routing.router import NoBackend
 
 MAX_MODEL_LEN = 256
@@ -101,6 +101,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             "model",
             "model_not_found",
         )
+    request[MODEL] = model
     try:
         route = await app[ROUTER].route(key_id, model, affinity_path=True)
     except NoBackend:

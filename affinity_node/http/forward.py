@@ -11,7 +11,16 @@ import aiohttp
 from aiohttp import web
 
 from affinity_node.http.errors import ApiError, sse_error_event
-from affinity_node.http.state import BACKENDS, CLIENT_GONE, HEALTH, HTTP_METRICS, ROUTER, UPSTREAM
+from affinity_node.http.state import (
+    BACKENDS,
+    CLIENT_GONE,
+    HEALTH,
+    HTTP_METRICS,
+    ROUTER,
+    UPSTREAM,
+    UPSTREAM_BACKEND,
+    UPSTREAM_TTFT,
+)
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.vocabulary import AffinityHeader
@@ -93,6 +102,7 @@ class Forwarder:
             "x-request-id": self.headers["x-request-id"],
         }
         sent = time.perf_counter()
+        self.request[UPSTREAM_BACKEND] = backend.id
         self.pool.acquire(backend)
         try:
             try:
@@ -117,6 +127,7 @@ class Forwarder:
                     raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
                 now = time.perf_counter()
                 m.observe_ttft(backend.id, now - sent, self.exemplar)
+                self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
                 return web.Response(status=upstream.status, body=data, headers=headers), (
@@ -140,6 +151,7 @@ class Forwarder:
             raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
         got_first = time.perf_counter()
         m.observe_ttft(backend.id, got_first - sent, self.exemplar)
+        self.request[UPSTREAM_TTFT] = got_first - sent
         self.upstream_time += got_first - sent
         headers.update(
             {
