@@ -92,13 +92,20 @@ class HealthConfig:
 
 @dataclass
 class LimitsConfig:
+    """Timeouts, with the relation the deploy files keep (deploy/README.md, "Timeouts and
+    drain"): upstream_read_timeout <= generation_timeout <= drain_timeout; the platform's
+    grace period >= preStop + drain_timeout + 10 s; the load balancer's server timeout >=
+    generation_timeout."""
+
     max_body_bytes: int = _range(8 * 1024 * 1024, 1024, 1024**3)
     upstream_connect_timeout_seconds: float = _range(5.0, 0, 600, above=True)
-    upstream_read_timeout_seconds: float = _range(600.0, 0, DAY, above=True)
+    upstream_read_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest silence between two chunks of a streamed answer (the first one included)."""
     generation_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
-    drain_timeout_seconds: float = _range(30.0, 0, DAY)
+    drain_timeout_seconds: float = _range(330.0, 0, DAY)
+    """After SIGTERM: how long open requests may run on. Not shorter than
+    generation_timeout_seconds, so a rollout lets a generation that just started finish."""
 
 
 @dataclass

@@ -10,9 +10,12 @@ import pytest
 import yaml
 
 from affinity_node.config import (
+    BackendConfig,
     ConfigError,
     NodeConfig,
+    advice,
     load_config,
+    validate,
 )
 
 DSN = {"AFFINITY_DATABASE_DSN": "postgresql://u@db/affinity"}
@@ -129,3 +132,20 @@ def test_invalid_yaml_is_one_line_with_the_position(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"config {path} is not valid YAML: ") and "line 3" in message
+
+
+def test_defaults_keep_the_timeout_relation() -> None:
+    """read <= generation <= drain: the defaults let a generation finish during a drain."""
+    cfg = NodeConfig(backends=[BackendConfig("http://h:8000")])
+    cfg.database.dsn = DSN["AFFINITY_DATABASE_DSN"]
+    validate(cfg)
+    limits = cfg.limits
+    assert limits.upstream_read_timeout_seconds <= limits.generation_timeout_seconds
+    assert limits.generation_timeout_seconds >= 300  # a 5-minute generation is allowed...
+    assert limits.drain_timeout_seconds >= limits.generation_timeout_seconds  # ...and drained
+    assert advice(cfg) == []
+    cfg.limits.drain_timeout_seconds = 30
+    cfg.limits.upstream_read_timeout_seconds = 600
+    notes = advice(cfg)
+    assert len(notes) == 2 and all("\n" not in n for n in notes)
+    assert "limits.drain_timeout_seconds (30) is shorter than" in notes[0]
