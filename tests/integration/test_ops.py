@@ -173,7 +173,9 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
             await client.models.list(extra_headers={"x-request-id": "acc-3"})
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(
-                    model="no-such-model", messages=MESSAGES, extra_headers={"x-request-id": "acc-4"}
+                    model="no-such-model",
+                    messages=MESSAGES,
+                    extra_headers={"x-request-id": "acc-4"},
                 )
             with pytest.raises(openai.AuthenticationError):
                 await n.client("sk-" + "x" * 40).chat.completions.create(
@@ -189,7 +191,11 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
         assert RFC3339_MS.fullmatch(line["ts"]) and line["node"] == "ops-node"
         assert line["duration_ms"] > 0
     first, second = access["acc-1"], access["acc-2"]
-    assert (first["method"], first["route"], first["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert (first["method"], first["route"], first["status"]) == (
+        "POST",
+        "/v1/chat/completions",
+        200,
+    )
     assert first["model"] == MODEL  # canonical, though the client named the alias
     assert first["backend"] == n.backends[int(served_by[1:])].url
     assert (first["affinity"], second["affinity"]) == ("miss", "hit")

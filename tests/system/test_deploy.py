@@ -314,7 +314,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
 
 def test_compose_topology_and_start_order(tmp_path: Path) -> None:
     services = compose()["services"]
-    node_cfg = load_node_config(NODE_YAML.read_text(), tmp_path, "node.yaml")
+    load_node_config(NODE_YAML.read_text(), tmp_path, "node.yaml")  # loads: keys known
 
     pg = services["postgres"]
     major = int(re.search(r"postgres:(\d+)", pg["image"]).group(1))  # type: ignore[union-attr]

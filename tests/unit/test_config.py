@@ -92,9 +92,7 @@ def test_each_range_is_enforced_with_a_one_line_error(
 def test_log_level_any_case_and_a_bad_one(tmp_path: Path) -> None:
     assert load(tmp_path, {**MINIMAL, "logging": {"level": "debug"}}).logging.level == "DEBUG"
     message = error_of(tmp_path, {**MINIMAL, "logging": {"level": "LOUD"}})
-    assert message == (
-        "logging.level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
-    )
+    assert message == ("logging.level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
 
 
 @pytest.mark.parametrize(
