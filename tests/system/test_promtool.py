@@ -101,7 +101,7 @@ def test_compose_config_discovers_every_node_replica_and_the_backends():
     jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
     node = jobs["affinity-node"]  # the alerts select job="affinity-node"
     assert node["dns_sd_configs"] == [
-        {"names": ["node"], "type": "A", "port": 8080, "refresh_interval": "15s"}
+        {"names": ["node"], "type": "A", "port": 8081, "refresh_interval": "15s"}
     ]
     targets = [t for sc in jobs["vllm"]["static_configs"] for t in sc["targets"]]
     assert targets == [f"backend{i}:8000" for i in range(1, 5)]
