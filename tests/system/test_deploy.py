@@ -10,12 +10,14 @@ CI=true, where it is a failure.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from affinity_node.cli import build_parser
 from affinity_node.config import ConfigError, NodeConfig, load_config
@@ -532,20 +537,37 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
 # -- the image -------------------------------------------------------------------------------
 
 
-def test_dockerfile_shape() -> None:
+def dockerfile_instructions() -> list[str]:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    instructions = [
+    return [
         line
         for line in re.sub(r"\\\n", " ", text).splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
+
+
+def test_dockerfile_shape() -> None:
+    instructions = dockerfile_instructions()
+    # The base is pinned by digest, and one ARG names it for every stage.
+    (arg,) = [line for line in instructions if line.startswith("ARG PYTHON_IMAGE=")]
+    image = arg.split("=", 1)[1]
+    m = re.fullmatch(r"python:3\.(\d+)(?:\.\d+)?-slim-bookworm@sha256:[0-9a-f]{64}", image)
+    assert m, f"the base image is not pinned by digest: {image}"
+    assert int(m.group(1)) == sys.version_info.minor == 11, "the image runs the tested Python"
     froms = [line.split()[1] for line in instructions if line.startswith("FROM ")]
-    version = re.search(r"ARG PYTHON_VERSION=3\.(\d+)", text)
-    assert version and int(version.group(1)) >= 11
-    assert froms and all(f.startswith("python:${PYTHON_VERSION}-slim") for f in froms), froms
+    assert froms and all(f == "${PYTHON_IMAGE}" for f in froms), froms
     user = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert user and user[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
-    assert any(re.search(r"pip (install|wheel)\b.* \.(\s|$)", line) for line in instructions)
+    # Dependencies from the lock, with hashes and wheels only; the project as a wheel.
+    assert any(
+        "pip install --require-hashes --only-binary=:all: -r requirements.lock" in line
+        for line in instructions
+    )
+    assert "COPY deploy/requirements.lock ./" in instructions
+    assert any(re.search(r"pip wheel --no-deps .* \.(\s|$)", line) for line in instructions)
+    assert any(
+        "pip install --no-deps /wheels/" in line and "pip check" in line for line in instructions
+    )
     (health,) = [line for line in instructions if line.startswith("HEALTHCHECK ")]
     assert "/healthz" in health and "urllib.request" in health and "curl" not in health
     # The image's default config (deploy/config/node.yaml) serves /healthz on its ops port.
@@ -562,9 +584,68 @@ def test_dockerfile_shape() -> None:
         "affinity_node/",
         "db/",
         "deploy/config/node.yaml",
+        "deploy/requirements.lock",
     ):
         assert f"!{copied}" in ignore, copied
         assert (REPO / copied).exists(), copied
+
+
+def locked() -> dict[str, tuple[str, str | None, int]]:
+    """deploy/requirements.lock: canonical name -> (version, marker, number of hashes)."""
+    text = (DEPLOY / "requirements.lock").read_text(encoding="utf-8")
+    out: dict[str, tuple[str, str | None, int]] = {}
+    for block in re.split(r"\n(?=\S)", re.sub(r"^#.*\n", "", text, flags=re.M)):
+        first = block.split("\\", 1)[0].strip()
+        if not first:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)\s*(?:;\s*(.+))?", first)
+        assert m, f"not an exact pin: {first!r}"
+        out[canonicalize_name(m.group(1))] = (m.group(2), m.group(3), block.count("--hash=sha256:"))
+    return out
+
+
+def test_the_lock_file_is_in_sync_with_pyproject() -> None:
+    """Every runtime dependency of pyproject.toml is pinned in deploy/requirements.lock within
+    its range, with hashes; the lock holds nothing the runtime does not need (no dev extra),
+    and the dependencies of what it pins are pinned too (read from the installed metadata).
+    Regenerate with the command in the lock's header (pip-tools) after changing the
+    dependencies."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    lock = locked()
+    assert lock, "empty lock"
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} is not in deploy/requirements.lock"
+        version, marker, _ = lock[name]
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+        assert (str(req.marker) if req.marker else None) == (
+            str(Marker(marker)) if marker else None
+        ), (req, marker)
+    assert all(hashes > 0 for _, _, hashes in lock.values()), "a pin without a hash"
+    text = (DEPLOY / "requirements.lock").read_text(encoding="utf-8")
+    direct = {
+        canonicalize_name(m.group(1))
+        for m in re.finditer(
+            r"^(\S+)==.*\n(?:\s+--hash.*\n)*\s+# via affinity-node \(pyproject", text, re.M
+        )
+    }
+    assert direct == {canonicalize_name(r.name) for r in wanted}, "stale lock: rerun pip-compile"
+    dev = [Requirement(r) for r in project["optional-dependencies"]["dev"]]
+    assert not {canonicalize_name(r.name) for r in dev} & set(lock) - {"typing-extensions"}
+    # The lock is closed under dependencies (Docker's --require-hashes would refuse a gap).
+    env = {"extra": "", "python_version": "3.11", "sys_platform": "linux"}
+    for name in lock:
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here: the Docker build checks it
+        for raw in requires:
+            dep = Requirement(raw)
+            if dep.marker is None or dep.marker.evaluate(env):
+                assert canonicalize_name(dep.name) in lock, f"{name} needs {dep.name}"
+    # Built for the Python of the image.
+    assert "with Python 3.11" in text
 
 
 def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
@@ -602,6 +683,17 @@ def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "affinity-node = affinity_node.cli:main" in text
+    # What the wheel asks for at install is what the image's lock pins.
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [
+        Requirement(line.split(":", 1)[1].strip())
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    runtime = {
+        canonicalize_name(r.name) for r in requires if not r.marker or "extra" not in str(r.marker)
+    }
+    assert runtime and runtime <= set(locked())
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
