@@ -975,5 +975,14 @@ def test_readme_documents_the_commands_it_relies_on() -> None:
         "target_session_attrs=read-write",
         "affinity-node bench",
         "--scale node=",
+        # install, upgrade (drain) and rollback, with the roles and the timeout relation
+        "### Install",
+        "### Upgrade (a rollout drains)",
+        "### Rollback",
+        "kubectl -n affinity rollout undo deployment/affinity-node",
+        "deploy/postgres/roles.sql",
+        "affinity-node-migrate-db",
+        "## Timeouts and drain",
+        "edit-last-applied",
     ):
         assert needle in text, needle

@@ -19,8 +19,9 @@ PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
 RUNBOOK = REPO / "deploy" / "RUNBOOK.md"
-RUNBOOK_BASE = "https://git.example.com/affinity-node/blob/main/deploy/RUNBOOK.md#"
-"""Every runbook_url starts with this (one sed sets your repository's address: deploy/README.md)."""
+RUNBOOK_URL = re.compile(r"https://\S+/deploy/RUNBOOK\.md#([a-z0-9-]+)")
+"""Every runbook_url: one base (your repository's address: deploy/README.md, "Operations"),
+then the alert's section of deploy/RUNBOOK.md."""
 RUNBOOK_PARTS = ("**Symptom.**", "**Likely causes.**", "**What to check.**", "**What to do.**")
 
 
@@ -190,14 +191,18 @@ def test_every_alert_links_a_runbook_section_that_says_what_to_do():
         (github_anchor(m.group(1)), m.group(2))
         for m in re.finditer(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     )
+    bases = set()
     for rule in alert_rules():
         url = rule["annotations"]["runbook_url"]
-        assert url.startswith(RUNBOOK_BASE), url
-        anchor = url.removeprefix(RUNBOOK_BASE)
+        m = RUNBOOK_URL.fullmatch(url)
+        assert m, url
+        bases.add(url[: m.start(1)])
+        anchor = m.group(1)
         assert anchor == github_anchor(rule["alert"]), url
         assert anchor in sections, f"{rule['alert']}: no section in deploy/RUNBOOK.md"
         for part in RUNBOOK_PARTS:
             assert part in sections[anchor], f"{rule['alert']}: its runbook lacks {part}"
+    assert len(bases) == 1, bases
 
 
 def gen_prometheusrule() -> ModuleType:
