@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner.run(func(args))
     except KeyboardInterrupt:
         return 130
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # InterfaceError includes a DSN asyncpg cannot use (ClientConfigurationError).
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -69,15 +69,27 @@ def test_ids_and_numbers_that_once_needed_a_type() -> None:
     assert parser.parse_args(["migrate", "--dsn", ""]).dsn == ""  # unset: the command says so
 
 
-def test_a_bad_argument_is_one_line_on_stderr_without_a_traceback() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "affinity_node", "keys", "revoke", "not-a-uuid"],
+def affinity_node(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "affinity_node", *argv],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env={"PATH": "/usr/bin:/bin"},
     )
+
+
+def test_a_dsn_asyncpg_cannot_use_is_one_line_without_a_traceback() -> None:
+    """Refused while parsing the DSN, before any connection is tried."""
+    result = affinity_node("keys", "list", "--dsn", "postgresql://u@127.0.0.1:1/db?sslmode=bogus")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: `sslmode` parameter must be one of")
+
+
+def test_a_bad_argument_is_one_line_on_stderr_without_a_traceback() -> None:
+    result = affinity_node("keys", "revoke", "not-a-uuid")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
