@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo bench-engine bench-overhead dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -35,11 +35,18 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/affinity-node demo $(DEMO_ARGS)
 
+# The fault-schedule soak; CHAOS_ARGS="--duration 600" for a longer run.
+chaos: $(STAMP)
+	$(VENV)/bin/affinity-node chaos $(CHAOS_ARGS)
+
 bench-engine: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_engine
 
 bench-overhead: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_overhead
+
+bench-faults: $(STAMP)
+	$(PY) -m affinity_node.devtools.bench_faults
 
 dashboards: $(STAMP)
 	$(PY) -m affinity_node.devtools.dashboards

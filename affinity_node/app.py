@@ -1,11 +1,12 @@
 """The composition root: the one place that builds a node from its config.
 
 Each resource is an aiohttp cleanup context, started in dependency order and stopped in
-reverse: database pool -> key cache -> affinity engine (binding store, listener, engine) ->
-upstream client -> backend pool and health checker -> router. Each publishes what it built
-under one typed key (http/state.py), so handlers read ready, non-optional state. Only this
-module and the CLI import the adapters (store/); the CLI and the tests build their pieces with
-the same builders (`database_pool`, `affinity_engine`, `postgres_bindings`).
+reverse: database pool -> key cache -> upstream client -> backend pool and health checker ->
+affinity engine (binding store, listener, engine; it checks notifications against the backend
+pool) -> router. Each publishes what it built under one typed key (http/state.py), so handlers
+read ready, non-optional state. Only this module and the CLI import the adapters (store/); the
+CLI and the tests build their pieces with the same builders (`database_pool`,
+`affinity_engine`, `postgres_bindings`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from affinity_node.http.middleware import (
     authenticate,
     openai_errors,
 )
-from affinity_node.http.ops import healthz, metrics, models, readyz
+from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
 from affinity_node.http.state import (
     ACCESS_LOG,
     AFFINITY_METRICS,
     BACKENDS,
     CONFIG,
+    ENGINE,
     HEALTH,
     HTTP_METRICS,
     KEYS,
@@ -50,7 +52,7 @@ from affinity_node.http.state import (
     NodeStatus,
 )
 from affinity_node.observability.collector import NodeCollector
-from affinity_node.observability.logs import AccessLog
+from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
@@ -59,13 +61,13 @@ from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.ports import BindingStore
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
-from affinity_node.store import keys as key_store
 from affinity_node.store.events import (
     BINDINGS_CHANNEL,
     KEYS_CHANNEL,
     parse_binding_event,
     parse_key_event,
 )
+from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.listener import ChangeListener, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (
@@ -81,7 +83,6 @@ from affinity_node.vocabulary import StoreKind
 log = logging.getLogger(__name__)
 
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
-ENGINE = web.AppKey("engine", AffinityEngine)
 
 SHUTDOWN_GRACE_SECONDS = 2.0
 """After the drain (`serve`), what aiohttp still grants open handlers before cancelling them:
@@ -102,6 +103,7 @@ async def database_pool(
             dsn=db.dsn,
             pool_max=db.pool_max,
             statement_timeout_ms=db.statement_timeout_ms,
+            lock_timeout_ms=db.lock_timeout_ms,
             application_name=f"affinity-node:{node_id}",
         ),
         on_query=on_query,
@@ -112,8 +114,8 @@ async def database_pool(
         await pool.close()
 
 
-def postgres_bindings(pool: asyncpg.Pool, db: DatabaseConfig) -> PostgresBindingStore:
-    return PostgresBindingStore(pool, acquire_timeout_s=db.statement_timeout_ms / 1000)
+def postgres_bindings(pool: asyncpg.Pool) -> PostgresBindingStore:
+    return PostgresBindingStore(pool)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ async def affinity_engine(
     metrics: AffinityMetrics,
     keys: KeyCache | None = None,
     *,
+    is_known_backend: Callable[[str], bool] = lambda _backend: True,
     on_query: QueryLogger | None = None,
     background: bool = True,
 ) -> AsyncIterator[EngineStack]:
@@ -168,7 +171,7 @@ async def affinity_engine(
     node (as routers without shared state keep them); the listener still serves the keys.
     """
     store: BindingStore = (
-        postgres_bindings(pool, spec.db) if spec.store == "postgres" else MemoryBindingStore()
+        postgres_bindings(pool) if spec.store == "postgres" else MemoryBindingStore()
     )
     cache = BindingCache(max_entries=spec.cache_max_entries)
     listener: ChangeListener | None = None
@@ -176,7 +179,14 @@ async def affinity_engine(
     def db_clock_offset() -> float:
         return listener.clock_offset if listener is not None else 0.0
 
-    engine = AffinityEngine(store, cache, metrics, spec.engine, db_clock_offset=db_clock_offset)
+    engine = AffinityEngine(
+        store,
+        cache,
+        metrics,
+        spec.engine,
+        db_clock_offset=db_clock_offset,
+        is_known_backend=is_known_backend,
+    )
     handlers: dict[str, Handler] = {}
     if spec.store == "postgres":
         handlers[BINDINGS_CHANNEL] = lambda p: engine.apply_event(parse_binding_event(p))
@@ -188,6 +198,11 @@ async def affinity_engine(
             await keys.resync()
         await engine.resync()
 
+    def on_state(up: bool) -> None:
+        if keys is not None:
+            keys.listener_state(up)
+        engine.listener_state(up)
+
     listener = ChangeListener(
         replace(
             spec.listener,
@@ -196,7 +211,7 @@ async def affinity_engine(
         ),
         handlers,
         on_synced=on_synced,
-        on_state=engine.listener_state,
+        on_state=on_state,
         on_reconnect=metrics.listener_reconnects.inc,
         on_query=on_query,
     )
@@ -229,16 +244,36 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keys(app: web.Application) -> AsyncIterator[None]:
-    pool = app[DB_POOL]
-    app[KEYS] = KeyCache(
-        partial(key_store.lookup_hash, pool), partial(key_store.active_hashes, pool)
+    db = app[CONFIG].database
+    keys = app[KEYS] = KeyCache(
+        PostgresKeyStore(app[DB_POOL], timeout_s=db.statement_timeout_ms / 1000),
+        app[AFFINITY_METRICS],
     )
+    task = asyncio.create_task(_poll_keys_while_blind(keys), name="keys-blind-poll")
     yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _poll_keys_while_blind(keys: KeyCache, interval_s: float = 1.0) -> None:
+    warn = RateLimitedLog(log)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await keys.poll_while_blind()
+        except Exception as exc:  # the database is probably down too: try again next time
+            warn.warning("keys-poll", "cannot poll API keys: %r", exc)
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
+    pool = app[BACKENDS]
     async with affinity_engine(
-        engine_spec(app[CONFIG]), app[DB_POOL], app[AFFINITY_METRICS], app[KEYS]
+        engine_spec(app[CONFIG]),
+        app[DB_POOL],
+        app[AFFINITY_METRICS],
+        app[KEYS],
+        is_known_backend=lambda backend: pool.get(backend) is not None,
     ) as stack:
         app[ENGINE] = stack.engine
         yield
@@ -250,6 +285,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         UpstreamTimeouts(
             connect_s=limits.upstream_connect_timeout_seconds,
             read_s=limits.upstream_read_timeout_seconds,
+            generation_s=limits.generation_timeout_seconds,
         )
     )
     app[UPSTREAM] = client
@@ -312,10 +348,12 @@ async def _start_draining(app: web.Application) -> None:
     app[STATUS].draining = True
 
 
-def _add_ops_routes(app: web.Application) -> None:
+def _add_ops_routes(app: web.Application, cfg: NodeConfig) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if cfg.listen.debug_endpoints:
+        app.router.add_get("/debug/bindings", debug_bindings)
 
 
 def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web.Application:
@@ -336,25 +374,26 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
     app[AFFINITY_METRICS] = AffinityMetrics(registry)
     if cfg.logging.access:
         app[ACCESS_LOG] = AccessLog(cfg.node_id)
-    app.cleanup_ctx.extend((_database, _keys, _engine, _upstream, _backends, _router))
+    app.cleanup_ctx.extend((_database, _keys, _upstream, _backends, _engine, _router))
     app.on_shutdown.append(_start_draining)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)
     app.router.add_get("/v1/models", models)
     if cfg.listen.ops_port is None:
-        _add_ops_routes(app)
+        _add_ops_routes(app, cfg)
     return app
 
 
 def build_ops_app(node: web.Application) -> web.Application:
-    """/healthz, /readyz and /metrics of `node`, for the operations port: the API port then
-    answers them 404, so a load balancer in front of it never exposes them."""
+    """/healthz, /readyz, /metrics (and /debug/bindings when enabled) of `node`, for the
+    operations port: the API port then answers them 404, so a load balancer in front of it
+    never exposes them."""
     ops = web.Application(middlewares=[openai_errors])
     ops[NODE] = node
     ops[CONFIG] = node[CONFIG]
     ops[STATUS] = node[STATUS]
     ops[HTTP_METRICS] = node[HTTP_METRICS]
-    _add_ops_routes(ops)
+    _add_ops_routes(ops, node[CONFIG])
     return ops
 
 
@@ -390,6 +429,10 @@ class RunningNode:
     def registry(self) -> CollectorRegistry:
         return self.app[REGISTRY]
 
+    @property
+    def keys(self) -> KeyCache:
+        return self.app[KEYS]
+
     async def drain(self, timeout: float) -> bool:
         """Stop taking work; wait for requests in progress. True when all finished."""
         status = self.app[STATUS]
@@ -408,7 +451,12 @@ async def run_node(cfg: NodeConfig) -> AsyncIterator[RunningNode]:
     which stops last (probes answer until the very end)."""
     app = build_app(cfg)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        # Bounds an idle keep-alive connection and one that sends its headers too slowly.
+        keepalive_timeout=cfg.limits.client_idle_timeout_seconds,
+        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
     )
     await runner.setup()
     ops_runner: web.AppRunner | None = None

@@ -16,7 +16,9 @@ from typing import Any
 import asyncpg
 
 from affinity_node.argtypes import (
-    dsn,
+    dsn as dsn_arg,
+)
+from affinity_node.argtypes import (
     key_id,
     non_empty,
     non_negative_float,
@@ -34,7 +36,7 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 def _add_dsn(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dsn",
-        type=dsn,
+        type=dsn_arg,
         default=os.environ.get(DSN_ENV),
         help=f"Postgres DSN (default: ${DSN_ENV})",
     )
@@ -100,7 +102,7 @@ async def _bindings(args: argparse.Namespace) -> int:
 
     db = DatabaseConfig(dsn=_need_dsn(args), pool_max=2)
     async with database_pool(db, "cli") as pool:
-        store = postgres_bindings(pool, db)
+        store = postgres_bindings(pool)
         api_key_id: uuid.UUID | None = args.api_key_id
         if args.bindings_cmd == "list":
             rows = await store.list_bindings(args.model, api_key_id)
@@ -245,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bindings)
 
     from affinity_node.sim.bench_cli import add_bench_parser
+    from affinity_node.sim.chaos import add_chaos_parser
     from affinity_node.sim.demo import add_demo_parser
 
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_chaos_parser(sub)
     return parser
 
 

@@ -54,6 +54,9 @@ class ListenConfig:
     ops_port: int | None = _range(None, 0, 65535)
     """When set, /metrics, /healthz and /readyz are served on this port instead of `port`,
     which then serves the API only."""
+    debug_endpoints: bool = False
+    """GET /debug/bindings: this node's cached bindings, pairs hashed (for the chaos soak);
+    on the ops port when `ops_port` is set."""
 
 
 @dataclass
@@ -103,6 +106,10 @@ class LimitsConfig:
     """Longest silence between two chunks of a streamed answer (the first one included)."""
     generation_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
+    client_write_timeout_seconds: float = _range(30.0, 0, 3600, above=True)
+    """A client that reads nothing of a stream for this long is dropped (its slot frees)."""
+    client_idle_timeout_seconds: float = _range(15.0, 0, 3600, above=True)
+    """An idle client connection, or one that sent only part of its headers, closes."""
     drain_timeout_seconds: float = _range(330.0, 0, DAY)
     """After SIGTERM: how long open requests may run on. Not shorter than
     generation_timeout_seconds, so a rollout lets a generation that just started finish."""
@@ -293,6 +300,11 @@ def validate(cfg: NodeConfig) -> None:
     ops = cfg.listen.ops_port
     if ops is not None and ops != 0 and ops == cfg.listen.port:
         raise ConfigError(f"listen.ops_port: must differ from listen.port ({ops})")
+    if cfg.database.lock_timeout_ms >= cfg.database.statement_timeout_ms:
+        raise ConfigError(
+            "database.lock_timeout_ms must be below database.statement_timeout_ms "
+            "(a busy lock must end as a lock timeout, not be taken for a database outage)"
+        )
     level = cfg.logging.level.upper()
     if level not in LOG_LEVELS:
         raise ConfigError(

@@ -30,13 +30,32 @@ StoreKind = Literal["postgres", "memory"]
 BackendKind = Literal["vllm", "external"]
 """vllm: affinity may apply (it has a prefix cache to reuse); external: never."""
 
-DbOperation = Literal["read", "create", "rebind", "refresh", "cleanup", "snapshot", "list", "purge"]
+DbOperation = Literal[
+    "read", "create", "rebind", "refresh", "cleanup", "snapshot", "ping", "list", "purge"
+]
 """Store operations whose failures are counted (label `operation` of the db error counter)."""
+
+RejectReason = Literal["malformed", "backend", "ttl", "version"]
+"""Why a binding notification was not trusted (it is then treated as an invalidation)."""
+
+KeyLookupReason = Literal["unknown", "created", "verify", "poll"]
+"""Why the key cache asked the database (see the key cache)."""
+
+KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]
+"""Why a bearer token was refused."""
+
+SpillReason = Literal["load", "failover"]
+"""Why a request went past its bound backend while the binding stayed: the bound backend was
+over the load bound, or failed and was not (yet) unhealthy, so another one served."""
 
 MISS_OUTCOMES: Final[tuple[MissOutcome, ...]] = get_args(MissOutcome)
 AFFINITY_HEADERS: Final[tuple[AffinityHeader, ...]] = get_args(AffinityHeader)
 REBIND_REASONS: Final[tuple[RebindReason, ...]] = get_args(RebindReason)
 NOTIFY_OPS: Final[tuple[NotifyOp, ...]] = get_args(NotifyOp)
+REJECT_REASONS: Final[tuple[RejectReason, ...]] = get_args(RejectReason)
+SPILL_REASONS: Final[tuple[SpillReason, ...]] = get_args(SpillReason)
+KEY_LOOKUP_REASONS: Final[tuple[KeyLookupReason, ...]] = get_args(KeyLookupReason)
+KEY_REFUSALS: Final[tuple[KeyRefusal, ...]] = get_args(KeyRefusal)
 KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
 STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)

@@ -21,6 +21,19 @@ from affinity_node.routing.router import NoBackend
 MAX_MODEL_LEN = 256
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a key twice are refused: parsers disagree on which one wins, so the
+    proxy and the backend could read different models from one body."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
 async def read_payload(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     try:
         body = await request.read()
@@ -29,8 +42,17 @@ async def read_payload(request: web.Request) -> tuple[bytes, dict[str, Any]]:
             413, "Request body too large.", "invalid_request_error", None, "request_too_large"
         ) from None
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        payload = json.loads(body, object_pairs_hook=_object)
+    except _DuplicateKey:
+        raise ApiError(
+            400,
+            "A JSON object in the body repeats a key.",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        ) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack (100,000 `[`).
         raise ApiError(
             400, "The body is not valid JSON.", "invalid_request_error", None, "invalid_json"
         ) from None

@@ -1,9 +1,20 @@
-"""One request's trip upstream and back: at most one retry before the first byte reaches the
-client; after it, a broken stream ends with an SSE error event. SSE is relayed chunk by chunk,
-and a client that goes away closes the upstream response, so the backend stops generating."""
+"""One request's trip upstream and back.
+
+- Before the first byte reaches the client, a backend that cannot be reached, answers 5xx or
+  drops the connection is reported to the health state machine and the request is retried once
+  elsewhere. A backend that accepted the request but stays silent past the read timeout (the
+  generation timeout for non-streamed answers) is not retried: that would start the same
+  generation twice. The client gets 504 and the backend is not blamed (health checks decide).
+- SSE is relayed chunk by chunk; a stream that breaks after its first byte ends with an SSE
+  error event. A client that goes away, or stops reading for longer than the write timeout,
+  closes the upstream response, so the backend stops generating and its in-flight slot frees.
+- Hop-by-hop headers (RFC 9110 section 7.6.1, and any header the Connection header names) never
+  cross the proxy; the backend compresses only when the client asked for it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -14,6 +25,7 @@ from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.state import (
     BACKENDS,
     CLIENT_GONE,
+    CONFIG,
     HEALTH,
     HTTP_METRICS,
     ROUTER,
@@ -25,23 +37,36 @@ from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.vocabulary import AffinityHeader
 
-_HOP_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "date",
-        "server",
-    }
-)
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})  # fmt: skip
+_SET_HERE = frozenset({"content-type", "content-length", "date", "server"})
+"""Response headers this proxy writes itself."""
+
+
+def passed_headers(upstream: aiohttp.ClientResponse, base: dict[str, str]) -> dict[str, str]:
+    """The backend's response headers a client may see, on top of `base` (which wins)."""
+    headers = dict(base)
+    named = upstream.headers.get("Connection")
+    dropped = HOP_BY_HOP
+    if named:
+        dropped = HOP_BY_HOP | {t.strip().lower() for t in named.split(",")}
+    for name, value in upstream.headers.items():
+        low = name.lower()
+        if low not in dropped and low not in _SET_HERE and low not in base:
+            headers[name] = value
+    return headers
 
 
 class _Retryable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _Silent(Exception):
+    """The backend accepted the request and then said nothing for too long."""
 
 
 class Forwarder:
@@ -56,6 +81,7 @@ class Forwarder:
         self.router = app[ROUTER]
         self.client = app[UPSTREAM]
         self.metrics = app[HTTP_METRICS]
+        self.limits = app[CONFIG].limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
 
     async def run(
@@ -70,7 +96,7 @@ class Forwarder:
             except _Retryable as exc:
                 self.health.request_failed(backend, exc.reason)
                 tried.append(backend)
-                alt = self.router.fallback(model, exclude=tried)
+                alt = self.router.retry_target(route, model, tried)
                 if alt is None or len(tried) > 1:
                     raise ApiError(
                         502,
@@ -79,10 +105,22 @@ class Forwarder:
                         None,
                         "upstream_error",
                     ) from None
-                if route.bound is not None and backend is route.bound:
-                    affinity = "rebind"
+                affinity = self.router.retry_header(route, backend)
                 backend = alt
                 continue
+            except _Silent:
+                timeout = (
+                    self.limits.upstream_read_timeout_seconds
+                    if stream
+                    else (self.limits.generation_timeout_seconds)
+                )
+                raise ApiError(
+                    504,
+                    f"The backend did not answer within {timeout:g} s.",
+                    "server_error",
+                    None,
+                    "upstream_timeout",
+                ) from None
             break
         if ok:
             self.health.request_succeeded(backend)
@@ -100,13 +138,17 @@ class Forwarder:
         up_headers = {
             "Content-Type": "application/json",
             "x-request-id": self.headers["x-request-id"],
+            "Accept-Encoding": self.request.headers.get("Accept-Encoding", "identity"),
         }
         sent = time.perf_counter()
         self.request[UPSTREAM_BACKEND] = backend.id
         self.pool.acquire(backend)
         try:
             try:
-                upstream = await self.client.post(url, body, up_headers)
+                upstream = await self.client.post(url, body, up_headers, stream)
+            except aiohttp.SocketTimeoutError:
+                m.count_upstream(backend.id, "timeout")
+                raise _Silent from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 m.count_upstream(backend.id, "error")
                 raise _Retryable(f"cannot reach backend ({type(exc).__name__})") from None
@@ -114,15 +156,14 @@ class Forwarder:
                 m.count_upstream(backend.id, str(upstream.status))
                 if upstream.status >= 500:
                     raise _Retryable(f"backend answered {upstream.status}")
-                headers = {**self.headers, "x-affinity": affinity}
-                for name, value in upstream.headers.items():
-                    if name.lower() not in _HOP_HEADERS and name.lower() not in headers:
-                        headers[name] = value
+                headers = passed_headers(upstream, {**self.headers, "x-affinity": affinity})
                 ctype = upstream.headers.get("Content-Type", "application/json")
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
                     return await self._stream(backend, upstream, headers, sent)
                 try:
                     data = await upstream.read()
+                except aiohttp.SocketTimeoutError:
+                    raise _Silent from None
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
                 now = time.perf_counter()
@@ -147,6 +188,8 @@ class Forwarder:
         content = upstream.content
         try:
             first = await content.readany()
+        except aiohttp.SocketTimeoutError:
+            raise _Silent from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
         got_first = time.perf_counter()
@@ -162,27 +205,39 @@ class Forwarder:
         )
         response = web.StreamResponse(status=200, headers=headers)
         ok = True
+        loop = asyncio.get_running_loop()
+        write_timeout = self.limits.client_write_timeout_seconds
         try:
             await response.prepare(self.request)
-            chunk = first
-            while chunk:
-                await response.write(chunk)
-                wait = time.perf_counter()
-                try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    ok = False
-                    self.health.request_failed(backend, "stream broken")
-                    await response.write(
-                        sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
-                    )
-                    break
-                finally:
-                    self.upstream_time += time.perf_counter() - wait
-            await response.write_eof()
-        except ConnectionError:
-            # The client went away mid-stream (routine). Leaving the `async with` closes the
-            # upstream connection, so the backend stops generating too.
+            async with asyncio.timeout(None) as stalled:
+                chunk = first
+                while chunk:
+                    # A client that stops reading fills its socket buffer; past the write
+                    # timeout it is treated as gone, so the backend's slot frees.
+                    stalled.reschedule(loop.time() + write_timeout)
+                    await response.write(chunk)
+                    stalled.reschedule(None)
+                    wait = time.perf_counter()
+                    try:
+                        chunk = await content.readany()
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        ok = False
+                        self.health.request_failed(backend, "stream broken")
+                        stalled.reschedule(loop.time() + write_timeout)
+                        await response.write(
+                            sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
+                        )
+                        break
+                    finally:
+                        self.upstream_time += time.perf_counter() - wait
+                stalled.reschedule(loop.time() + write_timeout)
+                await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            # The client went away or stalled mid-stream. Leaving the `async with upstream`
+            # closes the upstream connection, so the backend stops generating too.
             self.request[CLIENT_GONE] = True
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
             return response, False
         return response, ok

@@ -7,13 +7,15 @@ application holding a reference to the node's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from uuid import UUID
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from affinity_node.http.state import BACKENDS, CONFIG, KEYS, NODE, REGISTRY, STATUS
+from affinity_node.http.state import BACKENDS, CONFIG, ENGINE, KEYS, NODE, REGISTRY, STATUS
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -83,3 +85,21 @@ async def models(request: web.Request) -> web.Response:
         body=json.dumps({"object": "list", "data": data}).encode(),
         content_type="application/json",
     )
+
+
+def pair_fingerprint(api_key_id: UUID, model: str) -> str:
+    """A pair as debug output names it: comparable across nodes, no key id in the clear."""
+    return hashlib.sha256(api_key_id.bytes + model.encode()).hexdigest()[:16]
+
+
+async def debug_bindings(request: web.Request) -> web.Response:
+    """The live bindings this node would use now (for comparing nodes with the table)."""
+    node = request.app[NODE]
+    engine = node[ENGINE]
+    now = time.monotonic()
+    bindings = {
+        pair_fingerprint(*pair): entry.backend
+        for pair, entry in engine.cache.items()
+        if entry.deadline > now
+    }
+    return web.json_response({"node_id": node[CONFIG].node_id, "bindings": bindings})

@@ -15,6 +15,7 @@ from affinity_node.config import NodeConfig
 from affinity_node.observability.logs import AccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
+from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.router import Router
 from affinity_node.upstream.client import UpstreamClient
@@ -55,6 +56,7 @@ KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 BACKENDS = web.AppKey("backends", BackendPool)
 HEALTH = web.AppKey("health", BackendHealth)
+ENGINE = web.AppKey("engine", AffinityEngine)
 ROUTER = web.AppKey("router", Router)
 
 # Per request:

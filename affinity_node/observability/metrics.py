@@ -18,7 +18,16 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from affinity_node.vocabulary import DB_OPERATIONS, MISS_OUTCOMES, NOTIFY_OPS, REBIND_REASONS
+from affinity_node.vocabulary import (
+    DB_OPERATIONS,
+    KEY_LOOKUP_REASONS,
+    KEY_REFUSALS,
+    MISS_OUTCOMES,
+    NOTIFY_OPS,
+    REBIND_REASONS,
+    REJECT_REASONS,
+    SPILL_REASONS,
+)
 
 # `_created` series double the series count of every counter and histogram, and nothing here
 # reads them. (Process-wide: prometheus-client keeps this switch global.)
@@ -106,8 +115,9 @@ class AffinityMetrics:
         )
         self.spills = Counter(
             "affinity_spills",
-            "Requests sent past an overloaded bound backend (binding kept).",
-            ["model"],
+            "Requests served past their bound backend while the binding stayed, by reason "
+            "(load: over the load bound; failover: it failed but is not unhealthy).",
+            ["model", "reason"],
             registry=registry,
         )
         self.cache_entries = Gauge(
@@ -119,6 +129,28 @@ class AffinityMetrics:
             "affinity_notifications",
             "Binding change notifications received, by operation.",
             ["op"],
+            registry=registry,
+        )
+        self.notifications_rejected = Counter(
+            "affinity_notifications_rejected",
+            "Binding notifications not believed (treated as invalidations), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.key_lookups = Counter(
+            "affinity_key_lookups",
+            "Database statements the API key cache ran, by why "
+            "(unknown: a token while out of sync; created: a new key's notification; "
+            "verify: a revocation checked against the table; "
+            "poll: revocations polled while the listener is down).",
+            ["reason"],
+            registry=registry,
+        )
+        self.keys_refused = Counter(
+            "affinity_keys_refused",
+            "Bearer tokens refused, by why (unknown or revoked; rate_limited or unavailable: "
+            "not known and not checkable right now, answered 503).",
+            ["reason"],
             registry=registry,
         )
         self.notify_lag = Histogram(
@@ -162,6 +194,12 @@ class AffinityMetrics:
             self.notifications.labels(op)
         for operation in DB_OPERATIONS:
             self.db_errors.labels(operation)
+        for reason in REJECT_REASONS:
+            self.notifications_rejected.labels(reason)
+        for why in KEY_LOOKUP_REASONS:
+            self.key_lookups.labels(why)
+        for refusal in KEY_REFUSALS:
+            self.keys_refused.labels(refusal)
         self._models: set[str] = set()
 
     def init_models(self, models: Iterable[str]) -> None:
@@ -175,7 +213,8 @@ class AffinityMetrics:
                 self.cache_misses.labels(model, outcome)
             for reason in REBIND_REASONS:
                 self.rebinds.labels(model, reason)
-            self.spills.labels(model)
+            for spill in SPILL_REASONS:
+                self.spills.labels(model, spill)
 
 
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.

@@ -1,13 +1,21 @@
 """The node's in-memory view of the binding table: what makes a hit cost no database trip.
 
 Writes come from three places that can race: notifications (in commit order), fills (a read
-this node made, possibly slow), and snapshots (after a reconnect). One rule orders them all:
-the binding's `version` comes from one database sequence, so an older version never replaces a
-newer one, and a delete leaves a tombstone carrying its own (newer) version. A fill that began
-before the latest resync is discarded: the notifications it might have missed are gone.
+this node made, possibly slow), and snapshots (after a reconnect). Two rules order them:
+
+- between notifications, the version decides: it comes from one database sequence, so an older
+  version never replaces a newer one, and a delete leaves a tombstone carrying its own (newer)
+  version;
+- a fill is dropped when something newer happened to its pair after the read began: a newer
+  version is cached, the pair was deleted or invalidated since (tombstones remember when, as a
+  local stamp, not only which version), or a resync began since (the notifications it might
+  have missed are gone).
 
 Deadlines are local monotonic times derived from the database's remaining TTL, so node clocks
-never decide expiry; past its deadline an entry is re-read before it counts as a miss.
+never decide expiry; `sweep` removes entries past their deadline, so they stop counting for
+placement and gauges. Each entry also remembers when the database last confirmed it
+(`checked`): the engine re-reads entries it has not heard about for too long while its
+listener is down.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from affinity_node.routing.ports import BindingRow, Pair
 
 
 class Entry:
-    __slots__ = ("backend", "deadline", "version")
+    __slots__ = ("backend", "checked", "deadline", "version")
 
-    def __init__(self, backend: str, version: int, deadline: float) -> None:
+    def __init__(self, backend: str, version: int, deadline: float, checked: float) -> None:
         self.backend = backend
         self.version = version
         self.deadline = deadline
+        self.checked = checked
+        """When the database (a read, a write or a notification) last confirmed it."""
 
 
 class BindingCache:
@@ -36,24 +46,30 @@ class BindingCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._entries: OrderedDict[Pair, Entry] = OrderedDict()
-        self._tombstones: OrderedDict[Pair, int] = OrderedDict()
+        self._tombstones: OrderedDict[Pair, tuple[int, int]] = OrderedDict()
+        """pair -> (version of the delete, stamp when it was applied)."""
         self._max = max_entries
         self._max_tombstones = max_tombstones
         self._clock = clock
-        self._epoch = 0
+        self._stamp = 0
+        self._resync_stamp = 0
         self._touched: dict[Pair, int] | None = None
         self._per_backend: dict[str, int] = {}
+        self._expiry: dict[int, list[Pair]] = {}
+        """Whole seconds -> pairs whose deadline falls before it (some since extended)."""
+        self.max_version = 0
+        """The newest version seen in any row or notification."""
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
     def max_entries(self) -> int:
         return self._max
+
+    def stamp(self) -> int:
+        """A mark taken before a read: `fill` drops the result if its pair changed since."""
+        return self._stamp
 
     def bindings_per_backend(self) -> dict[str, int]:
         """Cached bindings per backend (a copy): kept as entries change, O(backends) to read."""
@@ -71,17 +87,25 @@ class BindingCache:
             self._entries.move_to_end(pair)
         return entry
 
-    def _newest_known(self, pair: Pair) -> int:
-        entry = self._entries.get(pair)
-        if entry is not None:
-            return entry.version
-        return self._tombstones.get(pair, -1)
+    def _seen(self, version: int) -> None:
+        if version > self.max_version:
+            self.max_version = version
 
-    def _put(self, pair: Pair, backend: str, version: int, deadline: float) -> None:
+    def _expire_at(self, pair: Pair, deadline: float) -> None:
+        slot = int(deadline) + 1
+        bucket = self._expiry.get(slot)
+        if bucket is None:
+            self._expiry[slot] = [pair]
+        else:
+            bucket.append(pair)
+
+    def _put(self, pair: Pair, backend: str, version: int, deadline: float, checked: float) -> None:
         self._tombstones.pop(pair, None)
+        self._seen(version)
+        self._expire_at(pair, deadline)
         entry = self._entries.get(pair)
         if entry is None:
-            self._entries[pair] = Entry(backend, version, deadline)
+            self._entries[pair] = Entry(backend, version, deadline, checked)
             self._count(backend, 1)
             if len(self._entries) > self._max:
                 _old, evicted = self._entries.popitem(last=False)
@@ -90,27 +114,44 @@ class BindingCache:
             if entry.backend != backend:
                 self._count(entry.backend, -1)
                 self._count(backend, 1)
-            entry.backend, entry.version, entry.deadline = backend, version, deadline
+            entry.backend, entry.version = backend, version
+            entry.deadline, entry.checked = deadline, checked
             self._entries.move_to_end(pair)
 
     def fill(
-        self, pair: Pair, backend: str, version: int, ttl: float, epoch: int, asked_at: float
+        self, pair: Pair, backend: str, version: int, ttl: float, stamp: int, asked_at: float
     ) -> bool:
         """Store what this node read or wrote; False when it is stale and was dropped.
 
-        `asked_at` is the local time the query was sent: counting the database's TTL from
-        then makes the local deadline fall no later than the real expiry.
+        `stamp` is `stamp()` taken before the query; `asked_at` the local time it was sent:
+        counting the database's TTL from then makes the local deadline fall no later than the
+        real expiry.
         """
-        if epoch != self._epoch or version < self._newest_known(pair):
+        if stamp < self._resync_stamp:
             return False
-        self._put(pair, backend, version, asked_at + ttl)
+        tomb = self._tombstones.get(pair)
+        if tomb is not None and tomb[1] > stamp:
+            return False
+        entry = self._entries.get(pair)
+        if entry is not None and version < entry.version and entry.deadline > self._clock():
+            return False
+        self._put(pair, backend, version, asked_at + ttl, asked_at)
         return True
+
+    def _newest_known(self, pair: Pair) -> int:
+        entry = self._entries.get(pair)
+        if entry is not None:
+            return entry.version
+        tomb = self._tombstones.get(pair)
+        return tomb[0] if tomb is not None else -1
 
     def apply_change(self, pair: Pair, backend: str, version: int, ttl: float) -> bool:
         """A notification of an insert or a move; `ttl` already net of the delivery lag."""
         if version < self._newest_known(pair):
             return False
-        self._put(pair, backend, version, self._clock() + ttl)
+        self._stamp += 1
+        now = self._clock()
+        self._put(pair, backend, version, now + ttl, now)
         if self._touched is not None:
             self._touched[pair] = version
         return True
@@ -118,10 +159,10 @@ class BindingCache:
     def apply_delete(self, pair: Pair, version: int) -> bool:
         if version < self._newest_known(pair):
             return False
-        gone = self._entries.pop(pair, None)
-        if gone is not None:
-            self._count(gone.backend, -1)
-        self._tombstones[pair] = version
+        self._stamp += 1
+        self._seen(version)
+        self._drop(pair)
+        self._tombstones[pair] = (version, self._stamp)
         self._tombstones.move_to_end(pair)
         if len(self._tombstones) > self._max_tombstones:
             self._tombstones.popitem(last=False)
@@ -129,33 +170,61 @@ class BindingCache:
             self._touched[pair] = version
         return True
 
+    def invalidate(self, pair: Pair) -> None:
+        """Forget a pair without claiming anything about it (an untrusted notification): the
+        next request reads the row. Reads in flight stay valid (they come from the database)."""
+        self._drop(pair)
+
+    def _drop(self, pair: Pair) -> None:
+        gone = self._entries.pop(pair, None)
+        if gone is not None:
+            self._count(gone.backend, -1)
+
     def extend(self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float) -> None:
         """A refresh this node wrote: new deadline if the entry is still the same binding."""
         entry = self._entries.get(pair)
         if entry is not None and entry.backend == backend and entry.version == version:
             entry.deadline = asked_at + ttl
+            entry.checked = asked_at
+            self._expire_at(pair, entry.deadline)
 
     def evict(self, pair: Pair, backend: str | None = None) -> None:
         entry = self._entries.get(pair)
         if entry is not None and (backend is None or entry.backend == backend):
-            del self._entries[pair]
-            self._count(entry.backend, -1)
+            self._drop(pair)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove entries past their deadline; returns how many. Cheap when nothing is due."""
+        now = self._clock() if now is None else now
+        due = [slot for slot in self._expiry if slot <= now]
+        removed = 0
+        for slot in sorted(due):
+            for pair in self._expiry.pop(slot):
+                entry = self._entries.get(pair)
+                if entry is not None and entry.deadline <= now:
+                    self._drop(pair)
+                    removed += 1
+        return removed
 
     def begin_resync(self) -> None:
         """Called before the snapshot read: older fills are void from here on."""
-        self._epoch += 1
+        self._stamp += 1
+        self._resync_stamp = self._stamp
         self._touched = {}
 
-    def finish_resync(self, rows: Iterable[BindingRow], asked_at: float) -> None:
+    def finish_resync(
+        self, rows: Iterable[BindingRow], asked_at: float, version_now: int = 0
+    ) -> None:
         """Replace the contents with the snapshot, keeping what notifications changed since."""
         touched = self._touched or {}
         self._touched = None
         fresh: OrderedDict[Pair, Entry] = OrderedDict()
         for row in reversed(list(rows)):  # the snapshot is newest first; LRU wants it last
             pair = (row.api_key_id, row.model)
+            self._seen(row.version)
             if pair in touched:
                 continue
-            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl)
+            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl, asked_at)
         for pair in touched:
             entry = self._entries.get(pair)
             if entry is not None:
@@ -164,9 +233,12 @@ class BindingCache:
             fresh.popitem(last=False)
         self._entries = fresh
         self._per_backend = {}
-        for entry in fresh.values():
+        self._expiry = {}
+        for pair, entry in fresh.items():
             self._count(entry.backend, 1)
-        self._tombstones = OrderedDict((p, v) for p, v in self._tombstones.items() if p in touched)
+            self._expire_at(pair, entry.deadline)
+        self._tombstones = OrderedDict((p, t) for p, t in self._tombstones.items() if p in touched)
+        self._seen(version_now)
 
     def abort_resync(self) -> None:
         self._touched = None

@@ -6,8 +6,11 @@ trip there (single flight), so a burst of N requests for a new pair costs one tr
 per node, and across nodes the store's advisory lock makes one of them the creator.
 
 Affinity is a hint: when the store fails, the request is still served by the fallback
-chooser (outcome `degraded`), and after a connection-level failure the store is not asked
-again for `db_retry_after_s`, so an outage costs no per-request timeouts.
+chooser (outcome `degraded`), and after a failure that looks like an outage a breaker keeps
+every other request from asking (routing/breaker.py), so an outage costs no per-request
+timeouts. Notifications are checked before they are believed (routing/trust.py). Staleness is
+bounded: expired entries are swept, and while the listener is down, entries the database has
+not confirmed for `blind_max_age_s` are re-read before they are used.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -23,6 +27,7 @@ from uuid import UUID
 
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.routing.breaker import StoreBreaker
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.ports import (
     BindingEvent,
@@ -32,6 +37,7 @@ from affinity_node.routing.ports import (
     StoredBinding,
     StoreUnavailable,
 )
+from affinity_node.routing.trust import NotificationCheck
 from affinity_node.vocabulary import MissOutcome, Outcome, RebindReason
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,14 @@ class EngineSettings:
     cleanup_interval_s: float = 60.0
     cleanup_batch: int = 1000
     db_retry_after_s: float = 1.0
+    """The breaker's first pause after an outage-like failure (doubles up to 10 s)."""
     max_degraded_pins: int = 10_000
+    sweep_interval_s: float = 0.5
+    """How often expired entries leave the cache (and the blind clock is checked)."""
+    blind_grace_s: float = 3.0
+    """A listener down longer than this makes cached entries suspect ..."""
+    blind_max_age_s: float = 5.0
+    """... and an entry not confirmed by the database for this long is re-read before use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +83,29 @@ class AffinityEngine:
         db_clock_offset: Callable[[], float] = lambda: 0.0,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
+        is_known_backend: Callable[[str], bool] = lambda _backend: True,
     ) -> None:
         """`clock` times local deadlines and pauses (the cache must use the same one);
-        `wall_clock` plus `db_clock_offset` dates notifications against the database clock."""
+        `wall_clock` plus `db_clock_offset` dates notifications against the database clock;
+        `is_known_backend` says which backends a notification may name."""
         self._store = store
         self._cache = cache
         self._clock = clock
         self._wall_clock = wall_clock
         self._m = metrics
-        self._s = settings or EngineSettings()
+        self._s = settings = settings or EngineSettings()
         self._db_clock_offset = db_clock_offset
         self._inflight: dict[Pair, asyncio.Task[Resolution]] = {}
         self._refresh_queue: dict[Pair, str] = {}
         self._degraded_pins: OrderedDict[Pair, str] = OrderedDict()
-        self._db_retry_at = 0.0
+        self._breaker = StoreBreaker(
+            self._trial, self._breaker_changed, clock, pause_s=settings.db_retry_after_s
+        )
+        self._check = NotificationCheck(settings.ttl_seconds, is_known_backend, clock)
+        self._listener_up = False
+        self._blind_since: float | None = clock()
+        self._stale_before = -math.inf
+        """Entries the database confirmed before this are re-read before use (while blind)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._hit_counters: dict[str, Callable[[], None]] = {}
@@ -102,8 +124,12 @@ class AffinityEngine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start_background(self) -> None:
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="affinity-refresh"))
-        self._tasks.append(asyncio.create_task(self._cleanup_loop(), name="affinity-cleanup"))
+        for loop, name in (
+            (self._refresh_loop, "affinity-refresh"),
+            (self._cleanup_loop, "affinity-cleanup"),
+            (self._sweep_loop, "affinity-sweep"),
+        ):
+            self._tasks.append(asyncio.create_task(loop(), name=name))
 
     async def stop(self) -> None:
         """Stops the loops and writes the refreshes still queued."""
@@ -115,6 +141,7 @@ class AffinityEngine:
         self._tasks.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._breaker.stop()
         await self.flush_refreshes()
 
     # -- the request path --------------------------------------------------------------------
@@ -125,12 +152,13 @@ class AffinityEngine:
         """The backend for this pair among `candidates` (the model's healthy backends)."""
         pair = (api_key_id, model)
         entry = self._cache.get(pair)
-        if entry is not None and entry.deadline > self._clock() and entry.backend in candidates:
-            counter = self._hit_counters.get(model)
-            if counter is None:
-                counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
-            counter()
-            return Resolution(entry.backend, "hit")
+        if (
+            entry is not None
+            and entry.deadline > self._clock()
+            and entry.checked > self._stale_before
+            and entry.backend in candidates
+        ):
+            return self._hit(model, entry.backend)
         if not candidates:
             raise NoCandidates(model)
         task = self._inflight.get(pair)
@@ -144,6 +172,13 @@ class AffinityEngine:
             result = self._as_follower(pair, result, candidates, choose)
         return result
 
+    def _hit(self, model: str, backend: str) -> Resolution:
+        counter = self._hit_counters.get(model)
+        if counter is None:
+            counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
+        counter()
+        return Resolution(backend, "hit")
+
     def _as_follower(
         self, pair: Pair, result: Resolution, candidates: Sequence[str], choose: Chooser
     ) -> Resolution:
@@ -156,6 +191,8 @@ class AffinityEngine:
             return Resolution(result.backend, "found_after_lock")
         if result.outcome in ("found_in_db", "found_after_lock", "degraded"):
             self._m.cache_misses.labels(model, result.outcome).inc()
+        elif result.outcome == "hit":
+            self._hit(model, result.backend)
         return result
 
     async def _resolve_slow(
@@ -163,14 +200,19 @@ class AffinityEngine:
     ) -> Resolution:
         entry = self._cache.get(pair)
         if entry is not None and entry.deadline > self._clock():
+            if entry.backend in candidates:
+                if entry.checked > self._stale_before:
+                    # A notification landed since the caller looked: it is a hit now.
+                    return self._hit(pair[1], entry.backend)
+                return await self._miss(pair, candidates, choose)  # suspect: read it again
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it.
             return await self._rebind(pair, entry.backend, candidates, choose, "unhealthy")
         return await self._miss(pair, candidates, choose)
 
     async def _miss(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
-        if self._store_paused():
+        if not self._breaker.allows():
             return self._degraded(pair, candidates, choose)
-        epoch = self._cache.epoch
+        stamp = self._cache.stamp()
         asked_at = self._clock()
         try:
             stored = await self._store.read(pair)
@@ -184,10 +226,12 @@ class AffinityEngine:
                 stored = created.binding
                 outcome = "created" if created.created else "found_after_lock"
         except StoreUnavailable as exc:
+            if exc.lock_wait is not None:
+                self._m.lock_wait.observe(exc.lock_wait)
             self._store_failed(exc)
             return self._degraded(pair, candidates, choose)
         self._store_ok()
-        self._fill(pair, stored, epoch, asked_at)
+        self._fill(pair, stored, stamp, asked_at)
         if stored.backend not in candidates:
             return await self._rebind(pair, stored.backend, candidates, choose, "unhealthy")
         self._m.cache_misses.labels(pair[1], outcome).inc()
@@ -201,9 +245,9 @@ class AffinityEngine:
         choose: Chooser,
         reason: RebindReason,
     ) -> Resolution:
-        if self._store_paused():
+        if not self._breaker.allows():
             return self._degraded(pair, candidates, choose)
-        epoch = self._cache.epoch
+        stamp = self._cache.stamp()
         try:
             for _ in range(3):
                 new = choose(candidates)
@@ -211,7 +255,7 @@ class AffinityEngine:
                 moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
                 if moved is not None:
                     self._store_ok()
-                    self._fill(pair, moved, epoch, asked_at)
+                    self._fill(pair, moved, stamp, asked_at)
                     self._m.rebinds.labels(pair[1], reason).inc()
                     return Resolution(moved.backend, "rebind")
                 # Someone moved or deleted it first: take theirs if it can serve.
@@ -220,7 +264,7 @@ class AffinityEngine:
                 if current is None:
                     self._cache.evict(pair, old)
                     return await self._miss(pair, candidates, choose)
-                self._fill(pair, current, epoch, asked_at)
+                self._fill(pair, current, stamp, asked_at)
                 if current.backend in candidates:
                     return Resolution(current.backend, "rebind")
                 old = current.backend
@@ -229,8 +273,8 @@ class AffinityEngine:
             return self._degraded(pair, candidates, choose)
         return self._degraded(pair, candidates, choose)
 
-    def _fill(self, pair: Pair, stored: StoredBinding, epoch: int, asked_at: float) -> None:
-        self._cache.fill(pair, stored.backend, stored.version, stored.ttl, epoch, asked_at)
+    def _fill(self, pair: Pair, stored: StoredBinding, stamp: int, asked_at: float) -> None:
+        self._cache.fill(pair, stored.backend, stored.version, stored.ttl, stamp, asked_at)
 
     def _degraded(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
         """Serve without the store; keep the pair on one backend of this node meanwhile."""
@@ -245,27 +289,60 @@ class AffinityEngine:
 
     # -- store health ------------------------------------------------------------------------
 
-    def _store_paused(self) -> bool:
-        return self._clock() < self._db_retry_at
+    @property
+    def store_available(self) -> bool:
+        """False while the breaker is open: the store is not asked."""
+        return self._breaker.closed
+
+    async def _trial(self) -> None:
+        await self._store.ping()
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         self._m.db_errors.labels(exc.operation).inc()
         if exc.down:
-            self._db_retry_at = self._clock() + self._s.db_retry_after_s
-            self._m.db_up.set(0)
+            self._breaker.failed()
         self._warn.warning(exc.operation, "binding store: %s", exc)
 
     def _store_ok(self) -> None:
-        if self._db_retry_at:
-            self._db_retry_at = 0.0
+        self._breaker.succeeded()
+
+    def _breaker_changed(self, closed: bool) -> None:
+        if closed:
             self._degraded_pins.clear()
-        self._m.db_up.set(1)
+        self._publish_db_up()
+
+    def _publish_db_up(self) -> None:
+        """The database is up for this node when its listener is connected and its store
+        answers: a lost listener shows at once, even while every request is a hit."""
+        self._m.db_up.set(1 if self._listener_up and self._breaker.closed else 0)
 
     def listener_state(self, up: bool) -> None:
         """The listener connected (and synced) or lost its connection."""
         self._m.listener_up.set(1 if up else 0)
+        self._listener_up = up
         if up:
-            self._store_ok()
+            self._blind_since = None
+            self._stale_before = -math.inf
+            self._breaker.succeeded()
+        else:
+            if self._blind_since is None:
+                self._blind_since = self._clock()
+            self._breaker.trip()  # whatever the store does next is proven by a trial first
+        self._publish_db_up()
+
+    def _update_blindness(self, now: float) -> None:
+        since = self._blind_since
+        if since is not None and now - since > self._s.blind_grace_s:
+            self._stale_before = now - self._s.blind_max_age_s
+        else:
+            self._stale_before = -math.inf
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._s.sweep_interval_s)
+            now = self._clock()
+            self._cache.sweep(now)
+            self._update_blindness(now)
 
     # -- after the response ------------------------------------------------------------------
 
@@ -286,9 +363,9 @@ class AffinityEngine:
         task.add_done_callback(self._background.discard)
 
     async def _failover(self, pair: Pair, bound: str, served_by: str) -> None:
-        if self._store_paused():
+        if not self._breaker.allows():
             return
-        epoch = self._cache.epoch
+        stamp = self._cache.stamp()
         asked_at = self._clock()
         try:
             moved = await self._store.rebind(pair, bound, served_by, self._s.ttl_seconds)
@@ -297,12 +374,12 @@ class AffinityEngine:
             return
         self._store_ok()
         if moved is not None:
-            self._fill(pair, moved, epoch, asked_at)
+            self._fill(pair, moved, stamp, asked_at)
             self._m.rebinds.labels(pair[1], "failover").inc()
 
     async def flush_refreshes(self) -> int:
         """One statement for everything queued since the last flush."""
-        if not self._refresh_queue or self._store_paused():
+        if not self._refresh_queue or not self._breaker.allows():
             return 0
         batch, self._refresh_queue = self._refresh_queue, {}
         items = list(batch.items())
@@ -331,7 +408,7 @@ class AffinityEngine:
     async def cleanup_expired(self) -> int:
         """Delete expired rows in batches, if this node holds the cleaner lock."""
         total = 0
-        while True:
+        while self._breaker.allows():
             try:
                 deleted = await self._store.delete_expired(self._s.cleanup_batch)
             except StoreUnavailable as exc:
@@ -342,6 +419,7 @@ class AffinityEngine:
             total += deleted
             if deleted < self._s.cleanup_batch:
                 return total
+        return total
 
     async def _cleanup_loop(self) -> None:
         while True:
@@ -351,10 +429,22 @@ class AffinityEngine:
     # -- coherence ---------------------------------------------------------------------------
 
     def apply_event(self, event: BindingEvent | None) -> None:
-        """A notification from the binding table, in commit order."""
+        """A notification from the binding table, in commit order; None when unparseable."""
         if event is None:
+            self._m.notifications_rejected.labels("malformed").inc()
             return
         self._m.notifications.labels(event.op).inc()
+        reason = self._check.reason(event, self._cache.max_version)
+        if reason is not None:
+            self._m.notifications_rejected.labels(reason).inc()
+            self._warn.warning(
+                "untrusted",
+                "ignoring an implausible binding notification (%s); "
+                "the pair will be read from the database",
+                reason,
+            )
+            self._cache.invalidate(event.pair)
+            return
         lag = max(self._wall_clock() + self._db_clock_offset() - event.sent_at, 0.0)
         self._m.notify_lag.observe(lag)
         if event.op == "delete":
@@ -367,9 +457,10 @@ class AffinityEngine:
         self._cache.begin_resync()
         asked_at = self._clock()
         try:
+            version_now = await self._store.version_now()
             rows = await self._store.snapshot(self._cache.max_entries)
         except BaseException:
             self._cache.abort_resync()
             raise
-        self._cache.finish_resync(rows, asked_at)
+        self._cache.finish_resync(rows, asked_at, version_now)
         self._m.cache_resyncs.inc()

@@ -46,12 +46,20 @@ class StoreUnavailable(Exception):
     """The database did not answer in time or refused: callers degrade, never fail."""
 
     def __init__(
-        self, operation: DbOperation, cause: BaseException | None = None, *, down: bool = True
+        self,
+        operation: DbOperation,
+        cause: BaseException | None = None,
+        *,
+        down: bool = True,
+        lock_wait: float | None = None,
     ) -> None:
         super().__init__(f"binding store unavailable during {operation}: {cause!r}")
         self.operation = operation
         self.down = down
-        """True when the database itself looks unreachable or overloaded (not one busy lock)."""
+        """True when the database itself looks unreachable or overloaded (not one busy lock,
+        not a saturated pool)."""
+        self.lock_wait = lock_wait
+        """Set when the pair's lock stayed busy past the lock timeout: how long it waited."""
 
 
 class BindingStore(Protocol):
@@ -74,6 +82,12 @@ class BindingStore(Protocol):
 
     async def delete_expired(self, batch: int) -> int | None:
         """Delete up to `batch` expired rows; None when another node holds the cleaner lock."""
+
+    async def ping(self) -> None:
+        """A round trip that proves the store answers (the breaker's trial)."""
+
+    async def version_now(self) -> int:
+        """The newest version the store has handed out (a bound for plausible versions)."""
 
 
 @dataclass(frozen=True, slots=True)

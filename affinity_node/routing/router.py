@@ -90,6 +90,24 @@ class Router:
         candidates = [b for b in self._pool.candidates(model) if b not in exclude]
         return self._strategy.choose(candidates) if candidates else None
 
+    def retry_target(self, route: Route, model: str, tried: Sequence[Backend]) -> Backend | None:
+        """Where to retry after `tried` failed: for a bound pair, a backend it could be bound
+        to (vllm) when there is one, so that a failover can move the binding there."""
+        if route.bound is not None:
+            ids = self._affinity_candidates(model)
+            eligible = [b for b in map(self._pool.get, ids) if b is not None and b not in tried]
+            if eligible:
+                return self._strategy.choose(eligible)
+        return self.fallback(model, exclude=tried)
+
+    def retry_header(self, route: Route, failed: Backend) -> AffinityHeader:
+        """The header of a request retried elsewhere after `failed` failed: its binding moves
+        only when the bound backend is unhealthy by now (one error is not enough, as the
+        health thresholds say); otherwise the retry is a spill and the binding stays."""
+        if route.bound is None or failed is not route.bound or route.affinity == "spill":
+            return route.affinity
+        return "spill" if failed.healthy else "rebind"
+
     def succeeded(
         self,
         route: Route,
@@ -98,8 +116,9 @@ class Router:
         served_by: Backend,
         failed: Sequence[Backend],
     ) -> None:
-        """After a success: extend the binding when its backend served, or move the binding to
-        the backend that served when the bound one failed. A spill never touches it."""
+        """After a success: extend the binding when its backend served, or move it to the
+        backend that served when the bound one failed and is unhealthy now. A spill never
+        touches it; nothing is ever bound to a backend affinity does not apply to."""
         engine = self._engine
         bound = route.bound
         if engine is None or bound is None or route.affinity == "spill":
@@ -107,7 +126,10 @@ class Router:
         if served_by is bound:
             engine.served(api_key_id, model, served_by.id)
         elif bound in failed:
-            engine.failed_over(api_key_id, model, bound.id, served_by.id)
+            if bound.healthy or not self._pool.affinity_applies(model, served_by):
+                self._m.spills.labels(model, "failover").inc()
+            else:
+                engine.failed_over(api_key_id, model, bound.id, served_by.id)
 
     async def route(self, api_key_id: UUID, model: str, affinity_path: bool) -> Route:
         """`model` is canonical; `affinity_path` is False for routes affinity never applies to."""
@@ -129,7 +151,7 @@ class Router:
                         ):
                             other = self.fallback(model, exclude=(backend,))
                             if other is not None:
-                                self._m.spills.labels(model).inc()
+                                self._m.spills.labels(model, "load").inc()
                                 return Route(other, "spill", bound=backend)
                         return Route(backend, HEADER_OF[res.outcome], bound=backend)
         chosen = self.fallback(model)

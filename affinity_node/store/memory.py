@@ -17,7 +17,12 @@ class MemoryBindingStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._rows: dict[Pair, tuple[str, int, float]] = {}
         self._versions = itertools.count(1)
+        self._last_version = 0
         self._clock = clock
+
+    def _next_version(self) -> int:
+        self._last_version = next(self._versions)
+        return self._last_version
 
     def _live(self, pair: Pair) -> StoredBinding | None:
         row = self._rows.get(pair)
@@ -35,7 +40,7 @@ class MemoryBindingStore:
         found = self._live(pair)
         if found is not None:
             return CreateResult(found, False, 0.0)
-        self._rows[pair] = (choose(), next(self._versions), self._clock() + ttl)
+        self._rows[pair] = (choose(), self._next_version(), self._clock() + ttl)
         stored = self._live(pair)
         assert stored is not None
         return CreateResult(stored, True, 0.0)
@@ -44,7 +49,7 @@ class MemoryBindingStore:
         found = self._live(pair)
         if found is None or found.backend != old:
             return None
-        self._rows[pair] = (new, next(self._versions), self._clock() + ttl)
+        self._rows[pair] = (new, self._next_version(), self._clock() + ttl)
         return self._live(pair)
 
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
@@ -63,6 +68,12 @@ class MemoryBindingStore:
             if found is not None:
                 rows.append(BindingRow(pair[0], pair[1], found.backend, found.version, found.ttl))
         return rows[:limit]
+
+    async def ping(self) -> None:
+        return None
+
+    async def version_now(self) -> int:
+        return self._last_version
 
     async def delete_expired(self, batch: int) -> int | None:
         now = self._clock()

@@ -37,7 +37,8 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Connection trouble or a statement timeout; not a single busy lock or a constraint."""
+    """Connection trouble, a client timer or a statement timeout; not a busy lock (the lock
+    timeout is shorter than the statement timeout, so a lock wait ends as LockNotAvailable)."""
     if not isinstance(exc, asyncpg.PostgresError):
         return True
     return isinstance(
@@ -54,8 +55,17 @@ class PoolSettings:
     dsn: str
     pool_max: int = 10
     statement_timeout_ms: int = 2000
+    lock_timeout_ms: int = 1000
     connect_timeout_s: float = 2.0
     application_name: str = "affinity-node"
+
+    @property
+    def client_timeout_s(self) -> float:
+        """The client's own timer, above the server's timeouts: the server cancels first and
+        says why (statement or lock), and the connection stays usable. The client timer only
+        fires when the server cannot answer at all (a frozen host)."""
+        server_ms = max(self.statement_timeout_ms, self.lock_timeout_ms)
+        return (server_ms + max(500, server_ms // 4)) / 1000
 
 
 async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = None) -> asyncpg.Pool:
@@ -70,20 +80,19 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
         only transaction-scoped locks), and asyncpg still rolls back an open transaction.
         The default reset would cost one more round trip on every release."""
 
-    timeout_s = settings.statement_timeout_ms / 1000
     pool: asyncpg.Pool = await asyncpg.create_pool(
         settings.dsn,
         min_size=0,
         max_size=settings.pool_max,
         timeout=settings.connect_timeout_s,
-        command_timeout=timeout_s,
+        command_timeout=settings.client_timeout_s,
         max_inactive_connection_lifetime=60.0,
         init=init,
         reset=keep_session,
         server_settings={
             "application_name": settings.application_name,
             "statement_timeout": str(settings.statement_timeout_ms),
-            "lock_timeout": str(settings.statement_timeout_ms),
+            "lock_timeout": str(settings.lock_timeout_ms),
             "idle_in_transaction_session_timeout": str(settings.statement_timeout_ms * 5),
         },
     )
@@ -93,17 +102,29 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
 class PostgresBindingStore:
     """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 2.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 0.5) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout_s
 
     @asynccontextmanager
     async def _conn(self, operation: DbOperation) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. Waiting for a free one is bounded and is not an outage (the
+        pool is busy); failing to connect is."""
         try:
-            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                yield conn
+            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError as exc:
+            raise StoreUnavailable(operation, exc, down=False) from exc
         except DB_ERRORS as exc:
             raise StoreUnavailable(operation, exc, down=is_outage(exc)) from exc
+        try:
+            yield conn
+        except DB_ERRORS as exc:
+            raise StoreUnavailable(operation, exc, down=is_outage(exc)) from exc
+        finally:
+            try:
+                await self._pool.release(conn)
+            except DB_ERRORS as exc:  # a frozen server cannot even take the cancellation
+                raise StoreUnavailable(operation, exc, down=True) from exc
 
     async def read(self, pair: Pair) -> StoredBinding | None:
         async with self._conn("read") as conn:
@@ -117,7 +138,11 @@ class PostgresBindingStore:
         # Under REPEATABLE READ the re-check would use the pre-lock snapshot and losers would fail.
         async with self._conn("create") as conn, conn.transaction(isolation="read_committed"):
             started = time.perf_counter()
-            await conn.execute(Q["binding_lock"], binding_lock_key(*pair))
+            try:
+                await conn.execute(Q["binding_lock"], binding_lock_key(*pair))
+            except asyncpg.LockNotAvailableError as exc:  # another caller holds it too long
+                waited = time.perf_counter() - started
+                raise StoreUnavailable("create", exc, down=False, lock_wait=waited) from exc
             waited = time.perf_counter() - started
             row = await conn.fetchrow(Q["binding_read"], pair[0], pair[1])
             if row is not None:
@@ -157,6 +182,15 @@ class PostgresBindingStore:
                 return None
             status = await conn.execute(Q["binding_cleanup_batch"], batch)
         return int(status.split()[-1])
+
+    async def ping(self) -> None:
+        async with self._conn("ping") as conn:
+            await conn.fetchval(Q["ping"])
+
+    async def version_now(self) -> int:
+        async with self._conn("snapshot") as conn:
+            value: int = await conn.fetchval(Q["binding_version_now"])
+        return value
 
     async def list_bindings(
         self, model: str | None = None, api_key_id: UUID | None = None

@@ -60,6 +60,10 @@ WHERE expires_at > now()
 ORDER BY updated_at DESC
 LIMIT $1;
 
+-- name: binding_version_now
+-- The newest version handed out: notifications claiming far more are not believed.
+SELECT last_value FROM affinity_binding_version_seq;
+
 -- name: binding_cleanup_lock
 -- One cleaner at a time across the fleet; the lock ends with the batch's transaction.
 SELECT pg_try_advisory_xact_lock($1::bigint);
@@ -85,6 +89,9 @@ ORDER BY model, api_key_id;
 DELETE FROM api_key_model_affinity
 WHERE ($1::text IS NULL OR model = $1) AND ($2::uuid IS NULL OR api_key_id = $2);
 
+-- name: ping
+SELECT 1;
+
 -- name: db_clock
 SELECT extract(epoch FROM clock_timestamp())::float8;
 
@@ -108,6 +115,10 @@ SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL;
 
 -- name: key_lookup
 SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;
+
+-- name: key_by_id
+-- A key announced by a create or restore notification.
+SELECT key_hash, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE id = $1;
 
 -- Migration bookkeeping (store/migrate.py). The lock is session-scoped: it spans every file.
 

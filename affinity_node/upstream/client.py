@@ -21,7 +21,9 @@ class UpstreamError(Exception):
 class UpstreamTimeouts:
     connect_s: float = 5.0
     read_s: float = 600.0
-    """Longest silence between two body chunks of a forwarded request."""
+    """Streams: longest silence before the first chunk and between two chunks."""
+    generation_s: float = 300.0
+    """Non-streamed answers: vLLM sends nothing, not even headers, until it is done."""
     health_s: float = 2.0
     discovery_s: float = 5.0
 
@@ -31,6 +33,12 @@ class UpstreamClient:
         self.timeouts = t = timeouts or UpstreamTimeouts()
         self._health_timeout = aiohttp.ClientTimeout(total=t.health_s)
         self._discovery_timeout = aiohttp.ClientTimeout(total=t.discovery_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=t.connect_s, sock_read=t.read_s
+        )
+        self._generation_timeout = aiohttp.ClientTimeout(
+            total=None, connect=t.connect_s, sock_read=t.generation_s
+        )
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -41,9 +49,11 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._session.close()
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
-        """The upstream request; use as `async with` (or await it, then close the response)."""
-        return self._session.post(url, data=body, headers=headers)
+    def post(self, url: str, body: bytes, headers: dict[str, str], stream: bool) -> Any:
+        """The upstream request; use as `async with` (or await it, then close the response).
+        A read timeout raises aiohttp.SocketTimeoutError; a failure to connect, anything else."""
+        timeout = self._stream_timeout if stream else self._generation_timeout
+        return self._session.post(url, data=body, headers=headers, timeout=timeout)
 
     async def health(self, base_url: str) -> str | None:
         """None when GET /health answers 2xx in time, else why not."""

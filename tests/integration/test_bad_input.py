@@ -69,6 +69,23 @@ CASES = [
         "model_not_found",
     ),
     ("10 KB model", json.dumps({"model": "m" * 10_000}).encode(), 400, "invalid_value"),
+    ("100,000 nested arrays", b'{"model": "x", "a": ' + b"[" * 100_000, 400, "invalid_json"),
+    ("100,000 nested closed", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("a 5,000-digit number", b'{"model": "x", "n": 1' + b"0" * 5000 + b"}", 400, "invalid_json"),
+    ("invalid UTF-8", b'{"model": "\xff\xfe", "x": "' + b"\xff\xfe" + b'"}', 400, None),
+    ("raw invalid UTF-8", b'{"model": "' + bytes([0xFF, 0xFE, 0xC3]) + b'"}', 400, "invalid_json"),
+    (
+        "duplicate keys",
+        b'{"model": "' + MODEL.encode() + b'", "model": "other", "messages": []}',
+        400,
+        "invalid_json",
+    ),
+    (
+        "nested duplicate keys",
+        b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "role": "x"}]}',
+        400,
+        "invalid_json",
+    ),
 ]
 
 

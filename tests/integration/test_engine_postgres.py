@@ -6,9 +6,9 @@ import asyncio
 import json
 import time
 
+from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.store.lockkeys import CLEANUP_LOCK, binding_lock_key
 from affinity_node.store.queries import QUERIES
-from tests.support.faultproxy import FaultProxy
 from tests.support.nodes import BACKENDS, CountingChooser, QueryCounter, new_key, nodes
 from tests.support.waiting import wait_for
 

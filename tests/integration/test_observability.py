@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from affinity_node.app import ENGINE, build_app
+from affinity_node.app import build_app
 from affinity_node.config import (
     BackendConfig,
     DatabaseConfig,
@@ -19,15 +19,11 @@ from affinity_node.config import (
     NodeConfig,
     validate,
 )
-from affinity_node.http.state import BACKENDS, REGISTRY
+from affinity_node.http.state import BACKENDS, ENGINE, REGISTRY
 from affinity_node.observability.collector import OTHER_BACKEND, NodeCollector
 from affinity_node.observability.metrics import (
     COMPLETION_CODES,
-    DB_OPERATIONS,
     EXEMPLAR_MAX_ID,
-    MISS_OUTCOMES,
-    NOTIFY_OPS,
-    REBIND_REASONS,
     AffinityMetrics,
     HttpMetrics,
     exemplar,
@@ -35,6 +31,14 @@ from affinity_node.observability.metrics import (
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.health import BackendHealth
+from affinity_node.vocabulary import (
+    DB_OPERATIONS,
+    MISS_OUTCOMES,
+    NOTIFY_OPS,
+    REBIND_REASONS,
+    REJECT_REASONS,
+    SPILL_REASONS,
+)
 
 B1, B2, B3 = "http://10.1.0.1:8000", "http://10.1.0.2:8000", "http://10.1.0.3:8000"
 
@@ -96,7 +100,10 @@ async def test_label_sets_known_up_front_exist_at_zero_before_any_traffic():
     assert has(found, "affinity_cache_hits_total", model="llama")
     for reason in REBIND_REASONS:
         assert has(found, "affinity_rebinds_total", model="llama", reason=reason)
-    assert has(found, "affinity_spills_total", model="llama")
+    for spill in SPILL_REASONS:
+        assert has(found, "affinity_spills_total", model="llama", reason=spill)
+    for reason in REJECT_REASONS:
+        assert has(found, "affinity_notifications_rejected_total", reason=reason)
     # Only models affinity applies to: "embed" is served by an external backend only, and
     # "qwen" has no backend (yet).
     assert not any(
@@ -138,7 +145,7 @@ async def test_collector_counts_bindings_per_backend_at_scrape_time():
     found = samples(registry)
     assert found[("affinity_cache_bindings", frozenset({("backend", B1)}))] == 0
     for i, backend in enumerate([B1, B1, B2, "http://gone:8000"]):
-        cache.fill((uuid.uuid4(), "llama"), backend, i + 1, 60.0, cache.epoch, 0.0)
+        cache.fill((uuid.uuid4(), "llama"), backend, i + 1, 60.0, cache.stamp(), 0.0)
     found = samples(registry)
     bindings = {
         dict(labels)["backend"]: v

@@ -13,9 +13,9 @@ import pytest
 from affinity_node.app import run_node
 from affinity_node.http.state import REGISTRY
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
+from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.store.keys import revoke_key
 from tests.support.cluster import ALIAS, MODEL, cluster, node_config
-from tests.support.faultproxy import FaultProxy
 from tests.support.waiting import wait_for
 
 MESSAGES = [
@@ -86,7 +86,7 @@ async def bound_row(dsn: str) -> list[str]:
         await conn.close()
 
 
-async def test_bound_backend_dies_next_request_fails_over_and_every_node_follows(dsn):
+async def test_bound_backend_dies_requests_are_served_and_the_binding_moves_everywhere(dsn):
     async with cluster(dsn, nodes=3, backends=3) as c:
         secret = await c.new_key("alice")
         clients = [c.client(i, secret) for i in range(3)]
@@ -96,9 +96,19 @@ async def test_bound_backend_dies_next_request_fails_over_and_every_node_follows
         dead = c.backends[int(first_id[1:])]
         await dead.close()
 
-        backend, affinity, text = await chat(clients[0], stream=True)
-        assert backend != first_id and text
-        assert affinity == "rebind"
+        # Served elsewhere at once; the binding moves once the node holds the backend
+        # unhealthy (a request that fails there, or its health checks, eject it).
+        seen: list[tuple[str, str]] = []
+
+        async def rebound() -> bool:
+            backend, affinity, text = await chat(clients[0], stream=True)
+            assert backend != first_id and text
+            seen.append((backend, affinity))
+            return affinity == "rebind"
+
+        await wait_for(rebound, timeout=5, interval=0.05, what="a request that rebinds")
+        assert {a for _, a in seen[:-1]} <= {"spill"}, seen
+        backend = seen[-1][0]
         new_url = f"http://127.0.0.1:{c.backends[int(backend[1:])].port}"
         await wait_for(lambda: bound_row(dsn), what="row readable")
 
@@ -119,7 +129,11 @@ async def test_bound_backend_dies_next_request_fails_over_and_every_node_follows
             *(chat(clients[i % 3], stream=bool(i % 2)) for i in range(12))
         )
         assert {r[0] for r in results} == {backend}
-        assert metric(c.nodes[0], "affinity_rebinds_total", model=MODEL, reason="failover") == 1
+        rebinds = sum(
+            metric(c.nodes[0], "affinity_rebinds_total", model=MODEL, reason=r)
+            for r in ("failover", "unhealthy")
+        )
+        assert rebinds == 1
 
 
 async def test_revoked_key_is_refused_by_every_node_within_a_second(dsn):
@@ -222,24 +236,42 @@ async def admin_fail(url: str, body: dict) -> None:
         assert r.status == 200
 
 
+def no_health_rounds(cfg) -> None:
+    """Health checks only at start: request failures alone decide health in these tests."""
+    cfg.health.interval_seconds = 3600.0
+
+
 async def test_5xx_before_the_first_byte_is_retried_once_elsewhere(dsn):
-    async with cluster(dsn, nodes=1, backends=3) as c:
+    async with cluster(dsn, nodes=1, backends=3, configure=no_health_rounds) as c:
         secret = await c.new_key("alice")
         client = c.client(0, secret)
         first, _, _ = await chat(client, stream=False)
         bound = c.backends[int(first[1:])]
+        bound_id = f"http://127.0.0.1:{bound.port}"
         await admin_fail(bound.url, {"status": 503})
         rid = "req-retry-1"
         raw = await client.chat.completions.with_raw_response.create(
             model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": rid}
         )
         assert raw.headers["x-request-id"] == rid
-        assert raw.headers["x-affinity"] == "rebind"
+        # One failure does not make the backend unhealthy (eject after 2): served elsewhere,
+        # the binding stays.
+        assert raw.headers["x-affinity"] == "spill"
         assert raw.headers["x-backend-id"] != first
-        bound_id = f"http://127.0.0.1:{bound.port}"
+        assert await bound_row(dsn) == [bound_id]
+        assert metric(c.nodes[0], "affinity_spills_total", model=MODEL, reason="failover") == 1
+        # The second failure ejects it: this retry moves the binding to the backend that served.
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        assert raw.headers["x-affinity"] == "rebind"
+        served = f"http://127.0.0.1:{c.backends[int(raw.headers['x-backend-id'][1:])].port}"
+
+        async def moved() -> bool:
+            return await bound_row(dsn) == [served]
+
+        await wait_for(moved, timeout=5, what="the binding to move to the backend that served")
         assert (
             metric(c.nodes[0], "affinity_upstream_requests_total", backend=bound_id, code="503")
-            == 1
+            == 2
         )
         # Every backend failing: one retry only, then a clean 502, no 500.
         for b in c.backends:
@@ -340,5 +372,7 @@ async def test_overloaded_bound_backend_spills_without_moving_the_binding(dsn):
         assert {b for b, _ in served[:3]} == {first}
         spilled = [b for b, a in served if a == "spill"]
         assert spilled and first not in spilled
-        assert metric(c.nodes[0], "affinity_spills_total", model=MODEL) == len(spilled)
+        assert metric(c.nodes[0], "affinity_spills_total", model=MODEL, reason="load") == len(
+            spilled
+        )
         assert await bound_row(dsn) == [f"http://127.0.0.1:{c.backends[int(first[1:])].port}"]

@@ -11,7 +11,6 @@ import asyncpg
 import pytest
 
 from affinity_node.app import postgres_bindings
-from affinity_node.config import DatabaseConfig
 from affinity_node.store.keys import create_key, revoke_key
 from affinity_node.store.migrate import migrate
 from tests.support.cluster import MODEL, cluster
@@ -79,14 +78,20 @@ async def test_the_serving_role_runs_a_node_and_cannot_change_the_schema(empty_d
             http.post(f"{bound.url}/admin/fail", json={"status": 503}) as r,
         ):
             assert r.status == 200
+        bound_id = f"http://127.0.0.1:{bound.port}"
+
+        def ejected() -> bool:
+            backend = c.nodes[0].backends.get(bound_id)
+            return backend is not None and not backend.healthy
+
+        await wait_for(ejected, timeout=10, what="the bound backend ejected")
         moved = await c.client(0, secret).chat.completions.with_raw_response.create(
             model=MODEL, messages=MESSAGES
         )
         assert moved.headers["x-affinity"] == "rebind"  # the compare-and-set UPDATE
 
-    db = DatabaseConfig(dsn=node_dsn, pool_max=2)
     pool = await asyncpg.create_pool(node_dsn, min_size=0, max_size=2)
     try:
-        assert await postgres_bindings(pool, db).purge(None, None) == 1  # DELETE
+        assert await postgres_bindings(pool).purge(None, None) == 1  # DELETE
     finally:
         await pool.close()

@@ -25,7 +25,7 @@ async def store(request: pytest.FixtureRequest, dsn: str) -> AsyncIterator[Bindi
         return
     db = DatabaseConfig(dsn=dsn, pool_max=4)
     async with database_pool(db, "contract") as pool:
-        yield postgres_bindings(pool, db)
+        yield postgres_bindings(pool)
 
 
 @pytest.fixture

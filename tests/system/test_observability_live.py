@@ -314,6 +314,13 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
             _, bound = await request(alice, "chat", False)
             failing = c.backends[int(bound[1:])]
             await admin_fail(failing.url, {"status": 503})
+            # One failed request is not enough to move a binding; the node's health checks
+            # (/health answers 503 too) eject it, then the next request rebinds.
+            failing_id = f"http://127.0.0.1:{failing.port}"
+            await wait_for(
+                lambda: not c.nodes[0].backends.get(failing_id).healthy,
+                what="the failing backend to be ejected",
+            )
             affinity, served = await request(alice, "chat", True, rid="live-rebind")
             assert affinity == "rebind" and served != bound
             for i in range(4):

@@ -36,6 +36,9 @@ class FlakyStore(MemoryBindingStore):
         super().__init__(clock)
         self.down = False
         self.calls = 0
+        self.pings = 0
+        self.hang: asyncio.Event | None = None
+        """When set, a ping waits for it (a frozen host answers nothing)."""
 
     def _check(self) -> None:
         self.calls += 1
@@ -55,6 +58,12 @@ class FlakyStore(MemoryBindingStore):
     async def rebind(self, pair: Pair, old: str, new: str, ttl: float) -> StoredBinding | None:
         self._check()
         return await super().rebind(pair, old, new, ttl)
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self.hang is not None:
+            await self.hang.wait()
+        self._check()
 
 
 class GatedStore(FlakyStore):
@@ -95,7 +104,9 @@ def make_engine(
         EngineSettings(**settings),  # type: ignore[arg-type]
         clock=clock,
         wall_clock=clock,
+        is_known_backend=lambda b: b in (B1, B2, B3),
     )
+    engine.listener_state(True)  # as if the listener had connected and synced
     return engine, registry
 
 
@@ -107,3 +118,34 @@ KEY = UUID("00000000-0000-0000-0000-0000000000aa")
 MODEL = "llama"
 PAIR = (KEY, MODEL)
 B1, B2, B3 = "http://b1:8000", "http://b2:8000", "http://b3:8000"
+
+
+class MemoryKeyStore:
+    """The api_keys table in memory; `gate` holds the next read until set (to force races)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[UUID, tuple[bytes, bool]] = {}
+        self.reads = 0
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def _enter(self) -> None:
+        self.reads += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+
+    async def lookup(self, digest: bytes) -> tuple[UUID, bool] | None:
+        await self._enter()
+        for key_id, (d, revoked) in self.rows.items():
+            if d == digest:
+                return key_id, revoked
+        return None
+
+    async def load(self, key_id: UUID) -> tuple[bytes, bool] | None:
+        await self._enter()
+        return self.rows.get(key_id)
+
+    async def active(self) -> list[tuple[bytes, UUID]]:
+        await self._enter()
+        return [(d, k) for k, (d, revoked) in self.rows.items() if not revoked]

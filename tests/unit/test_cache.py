@@ -24,16 +24,17 @@ def test_older_versions_never_replace_newer():
     cache = BindingCache(clock=Clock())
     assert cache.apply_change(P, "b2", 5, 60)
     assert not cache.apply_change(P, "b1", 4, 60)
-    assert not cache.fill(P, "b1", 3, 60, cache.epoch, 1000.0)
+    assert not cache.fill(P, "b1", 3, 60, cache.stamp(), 1000.0)
     assert cache.get(P).backend == "b2"
 
 
 def test_delete_tombstone_stops_a_late_fill_of_the_deleted_row():
     cache = BindingCache(clock=Clock())
     cache.apply_change(P, "b1", 5, 60)
+    read_began = cache.stamp()  # a read of the row starts, then the delete is notified
     assert cache.apply_delete(P, 6)
     assert cache.get(P) is None
-    assert not cache.fill(P, "b1", 5, 60, cache.epoch, 1000.0)
+    assert not cache.fill(P, "b1", 5, 60, read_began, 1000.0)
     assert cache.get(P) is None
     assert cache.apply_change(P, "b2", 7, 60)  # re-created later: newer version wins
     assert cache.get(P).backend == "b2"
@@ -41,11 +42,11 @@ def test_delete_tombstone_stops_a_late_fill_of_the_deleted_row():
 
 def test_fill_from_before_a_resync_is_discarded():
     cache = BindingCache(clock=Clock())
-    epoch = cache.epoch
+    read_began = cache.stamp()
     cache.begin_resync()
     cache.finish_resync([], 1000.0)
-    assert not cache.fill(P, "b1", 1, 60, epoch, 1000.0)
-    assert cache.fill(P, "b1", 1, 60, cache.epoch, 1000.0)
+    assert not cache.fill(P, "b1", 1, 60, read_began, 1000.0)
+    assert cache.fill(P, "b1", 1, 60, cache.stamp(), 1000.0)
 
 
 def test_resync_keeps_changes_notified_during_the_snapshot_and_drops_vanished_rows():
@@ -78,7 +79,7 @@ def test_size_is_bounded_least_recently_used_first():
 def test_deadline_counts_from_when_the_query_was_sent():
     clock = Clock()
     cache = BindingCache(clock=clock)
-    cache.fill(P, "b", 1, 10.0, cache.epoch, asked_at=clock.now - 2)
+    cache.fill(P, "b", 1, 10.0, cache.stamp(), asked_at=clock.now - 2)
     assert cache.get(P).deadline == clock.now + 8.0
 
 
@@ -95,7 +96,7 @@ def test_bindings_per_backend_follow_every_change():
 
     cache.apply_change(pairs[0], "a", 1, 60)
     cache.apply_change(pairs[1], "a", 2, 60)
-    cache.fill(pairs[2], "b", 3, 60, cache.epoch, clock.now)
+    cache.fill(pairs[2], "b", 3, 60, cache.stamp(), clock.now)
     assert cache.bindings_per_backend() == recount() == {"a": 2, "b": 1}
     cache.apply_change(pairs[1], "b", 4, 60)  # moved
     cache.apply_change(pairs[3], "c", 5, 60)  # evicts the least recently used
@@ -107,3 +108,59 @@ def test_bindings_per_backend_follow_every_change():
     cache.finish_resync([BindingRow(pairs[4][0], "m", "d", 9, 30.0)], clock.now)
     assert cache.bindings_per_backend() == recount() == {"d": 1}
     assert cache.bindings_of("d") == 1 and cache.bindings_of("a") == 0
+
+
+def test_a_read_that_began_after_a_delete_is_believed_whatever_the_delete_claimed():
+    """A forged delete with a huge version must not keep the real row out of the cache."""
+    cache = BindingCache(clock=Clock())
+    assert cache.apply_delete(P, 9_000_000_000)
+    assert cache.fill(P, "b1", 5, 60, cache.stamp(), 1000.0)
+    assert cache.get(P).backend == "b1"
+
+
+def test_invalidate_forgets_without_blocking_reads():
+    cache = BindingCache(clock=Clock())
+    cache.apply_change(P, "b1", 5, 60)
+    read_began = cache.stamp()
+    cache.invalidate(P)
+    assert cache.get(P) is None and cache.bindings_of("b1") == 0
+    assert cache.fill(P, "b1", 5, 60, read_began, 1000.0)
+
+
+def test_sweep_removes_expired_entries_and_their_counts():
+    clock = Clock()
+    cache = BindingCache(clock=clock)
+    short, long_ = (uuid.uuid4(), "m"), (uuid.uuid4(), "m")
+    cache.apply_change(short, "b1", 1, 5.0)
+    cache.apply_change(long_, "b1", 2, 50.0)
+    cache.apply_change(P, "b2", 3, 5.0)
+    cache.extend(P, "b2", 3, 50.0, clock.now)  # extended: not due any more
+    assert cache.sweep() == 0
+    clock.now += 6.0
+    assert cache.sweep() == 1
+    assert cache.get(short) is None and len(cache) == 2
+    assert cache.bindings_per_backend() == {"b1": 1, "b2": 1}
+    clock.now += 60.0
+    assert cache.sweep() == 2 and len(cache) == 0 and cache.bindings_per_backend() == {}
+
+
+def test_entries_remember_when_the_database_last_confirmed_them():
+    clock = Clock()
+    cache = BindingCache(clock=clock)
+    cache.fill(P, "b1", 1, 60, cache.stamp(), asked_at=clock.now - 1)
+    assert cache.get(P).checked == clock.now - 1
+    clock.now += 10
+    cache.extend(P, "b1", 1, 60, clock.now)
+    assert cache.get(P).checked == clock.now
+    clock.now += 10
+    cache.apply_change(P, "b2", 2, 60)
+    assert cache.get(P).checked == clock.now
+
+
+def test_max_version_follows_rows_and_notifications():
+    cache = BindingCache(clock=Clock())
+    cache.apply_change(P, "b1", 7, 60)
+    assert cache.max_version == 7
+    cache.begin_resync()
+    cache.finish_resync([BindingRow(K, "x", "b1", 40, 30.0)], 1000.0, version_now=55)
+    assert cache.max_version == 55

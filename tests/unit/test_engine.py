@@ -6,6 +6,7 @@ import asyncio
 
 from affinity_node.routing.engine import NoCandidates
 from affinity_node.store.memory import MemoryBindingStore
+from tests.support.waiting import wait_for
 from tests.unit.fakes import (
     B1,
     B2,
@@ -103,7 +104,7 @@ async def test_a_rebind_that_loses_the_race_takes_the_winners_backend() -> None:
     assert stored is not None and stored.backend == B2
 
 
-async def test_store_down_degrades_and_pauses_then_recovers() -> None:
+async def test_store_down_degrades_at_once_and_a_background_trial_closes_the_breaker() -> None:
     clock = Clock()
     store = FlakyStore(clock)
     engine, reg = make_engine(store, clock, db_retry_after_s=1.0)
@@ -111,17 +112,52 @@ async def test_store_down_degrades_and_pauses_then_recovers() -> None:
     first = await engine.resolve(KEY, MODEL, ALL, Chooser())
     assert first.outcome == "degraded"
     calls = store.calls
-    # Paused: further misses degrade without asking the store, on the same pinned backend.
+    # Open: further misses degrade without asking the store, on the same pinned backend.
     for _ in range(10):
         again = await engine.resolve(KEY, MODEL, ALL, Chooser())
         assert (again.backend, again.outcome) == (first.backend, "degraded")
-    assert store.calls == calls
+    assert store.calls == calls and store.pings == 0
     assert sample(reg, "affinity_db_up") == 0
     assert sample(reg, "affinity_db_errors_total", operation="read") == 1
     store.down = False
     clock.advance(1.0)
+    # The pause is over: the next miss starts one trial in the background and does not wait.
+    res = await engine.resolve(KEY, MODEL, ALL, lambda c: B2)
+    assert res.outcome == "degraded"
+    await wait_for(lambda: engine.store_available, what="the trial to close the breaker")
+    assert store.pings == 1
     res = await engine.resolve(KEY, MODEL, ALL, lambda c: B2)
     assert (res.backend, res.outcome) == (B2, "created")
+    assert sample(reg, "affinity_db_up") == 1
+
+
+async def test_a_frozen_store_costs_one_hanging_trial_not_one_wait_per_miss() -> None:
+    clock = Clock()
+    store = FlakyStore(clock)
+    engine, _ = make_engine(store, clock, db_retry_after_s=1.0)
+    store.down = True
+    await engine.resolve(KEY, MODEL, ALL, Chooser())  # the first failure opens the breaker
+    store.hang = asyncio.Event()
+    clock.advance(1.0)
+    for i in range(20):  # every miss meanwhile is answered at once, without the store
+        res = await engine.resolve(KEY, f"m{i}", ALL, Chooser())
+        assert res.outcome == "degraded"
+    assert store.pings == 1  # one trial at a time, however many misses
+    store.down = False
+    store.hang.set()
+    await wait_for(lambda: engine.store_available, what="the trial to close the breaker")
+
+
+async def test_a_lost_listener_shows_as_database_down_even_when_every_request_hits() -> None:
+    clock = Clock()
+    store = FlakyStore(clock)
+    engine, reg = make_engine(store, clock)
+    await engine.resolve(KEY, MODEL, ALL, lambda c: B1)
+    assert sample(reg, "affinity_db_up") == 1
+    engine.listener_state(False)
+    assert sample(reg, "affinity_db_up") == 0
+    assert (await engine.resolve(KEY, MODEL, ALL, Chooser())).outcome == "hit"
+    engine.listener_state(True)
     assert sample(reg, "affinity_db_up") == 1
 
 

@@ -31,6 +31,8 @@ class Parts:
     """The engine's metrics."""
     store: MemoryBindingStore
     engine: AffinityEngine
+    affinity: CollectorRegistry
+    """The router's metrics (spills)."""
 
 
 def setup(store: MemoryBindingStore | None = None, rules: AffinityRules | None = None) -> Parts:
@@ -42,14 +44,23 @@ def setup(store: MemoryBindingStore | None = None, rules: AffinityRules | None =
         [ModelSpec(MODEL), ModelSpec("embed")],
     )
     engine, registry = make_engine(store, clock)
+    affinity = CollectorRegistry()
     router = Router(
         pool,
         make_strategy("round_robin"),
         engine,
         rules or AffinityRules(),
-        AffinityMetrics(CollectorRegistry()),
+        AffinityMetrics(affinity),
     )
-    return Parts(router, pool, BackendHealth(pool, eject_after_failures=1), registry, store, engine)
+    return Parts(
+        router,
+        pool,
+        BackendHealth(pool, eject_after_failures=1),
+        registry,
+        store,
+        engine,
+        affinity,
+    )
 
 
 async def test_a_pair_sticks_to_one_vllm_backend_and_never_to_an_external_one() -> None:
@@ -94,16 +105,43 @@ async def test_an_ejected_bound_backend_rebinds() -> None:
     assert stored is not None and stored.backend == moved.backend.id
 
 
-async def test_a_retry_that_served_elsewhere_moves_the_binding() -> None:
+async def test_a_retry_elsewhere_moves_the_binding_only_when_the_bound_backend_is_unhealthy() -> (
+    None
+):
     parts = setup()
     router = parts.router
     route = await router.route(KEY, MODEL, affinity_path=True)
-    other = router.fallback(MODEL, exclude=(route.backend,))
-    assert other is not None
-    router.succeeded(route, KEY, MODEL, other, failed=[route.backend])
+    bound = route.backend
+    other = router.retry_target(route, MODEL, [bound])
+    assert other is not None and other.kind == "vllm"  # a bound pair retries where it can bind
+    # One error does not make a backend unhealthy: the retry is a spill, the binding stays.
+    assert router.retry_header(route, bound) == "spill"
+    router.succeeded(route, KEY, MODEL, other, failed=[bound])
+    await parts.engine.stop()
+    stored = await parts.store.read(PAIR)
+    assert stored is not None and stored.backend == bound.id
+    assert sample(parts.affinity, "affinity_spills_total", model=MODEL, reason="failover") == 1
+    # Ejected (here after one failure): the retry rebinds, and the binding moves.
+    parts.health.request_failed(bound, "connect refused")
+    assert router.retry_header(route, bound) == "rebind"
+    router.succeeded(route, KEY, MODEL, other, failed=[bound])
     await parts.engine.stop()  # waits for the background move
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == other.id
+
+
+async def test_failover_never_binds_to_an_external_backend() -> None:
+    parts = setup()
+    router = parts.router
+    route = await router.route(KEY, MODEL, affinity_path=True)
+    bound = route.backend
+    parts.health.request_failed(bound, "connect refused")
+    external = parts.pool.get(EXTERNAL)
+    assert external is not None
+    router.succeeded(route, KEY, MODEL, external, failed=[bound])
+    await parts.engine.stop()
+    stored = await parts.store.read(PAIR)
+    assert stored is not None and stored.backend == bound.id
 
 
 async def test_database_down_serves_degraded() -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.support.postgres import unix_socket_of
+from affinity_node.sim.support import unix_socket_of
 
 
 class FaultProxy:
