@@ -36,6 +36,7 @@ from affinity_node.http.middleware import (
 )
 from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
 from affinity_node.http.state import (
+    ACCESS_LOG,
     AFFINITY_METRICS,
     BACKENDS,
     CONFIG,
@@ -43,6 +44,7 @@ from affinity_node.http.state import (
     HEALTH,
     HTTP_METRICS,
     KEYS,
+    NODE,
     REGISTRY,
     ROUTER,
     STATUS,
@@ -50,7 +52,7 @@ from affinity_node.http.state import (
     NodeStatus,
 )
 from affinity_node.observability.collector import NodeCollector
-from affinity_node.observability.logs import RateLimitedLog
+from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
@@ -84,6 +86,11 @@ from affinity_node.vocabulary import StoreKind
 log = logging.getLogger(__name__)
 
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+
+SHUTDOWN_GRACE_SECONDS = 2.0
+"""After the drain (`serve`), what aiohttp still grants open handlers before cancelling them:
+the drain already waited `limits.drain_timeout_seconds`, so the exit is not delayed further
+(aiohttp's own default is 60 s, which would outlast the platform's grace period)."""
 
 
 # -- builders (shared with the CLI and the tests) ----------------------------------------------
@@ -369,30 +376,53 @@ async def _start_draining(app: web.Application) -> None:
     app[STATUS].draining = True
 
 
+def _add_ops_routes(app: web.Application, cfg: NodeConfig) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    if cfg.listen.debug_endpoints:
+        app.router.add_get("/debug/bindings", debug_bindings)
+
+
 def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    """The node's API application; with `listen.ops_port` unset it serves the probes and
+    /metrics too (else `build_ops_app` does, on that port)."""
     registry = registry or CollectorRegistry()
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes,
         middlewares=[openai_errors, authenticate],
         handler_args={"max_field_size": 16384, "max_headers": 64},
     )
+    app[NODE] = app
     app[CONFIG] = cfg
     app[STATUS] = NodeStatus()
     app[REGISTRY] = registry
     http_metrics = app[HTTP_METRICS] = HttpMetrics(registry, __version__)
     http_metrics.init_routes(sorted(KNOWN_ROUTES), sorted(COMPLETION_ROUTES))
     app[AFFINITY_METRICS] = AffinityMetrics(registry)
+    if cfg.logging.access:
+        app[ACCESS_LOG] = AccessLog(cfg.node_id)
     app.cleanup_ctx.extend((_database, _keys, _upstream, _backends, _engine, _router))
     app.on_shutdown.append(_start_draining)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    if cfg.listen.debug_endpoints:
-        app.router.add_get("/debug/bindings", debug_bindings)
+    if cfg.listen.ops_port is None:
+        _add_ops_routes(app, cfg)
     return app
+
+
+def build_ops_app(node: web.Application) -> web.Application:
+    """/healthz, /readyz, /metrics (and /debug/bindings when enabled) of `node`, for the
+    operations port: the API port then answers them 404, so a load balancer in front of it
+    never exposes them."""
+    ops = web.Application(middlewares=[openai_errors])
+    ops[NODE] = node
+    ops[CONFIG] = node[CONFIG]
+    ops[STATUS] = node[STATUS]
+    ops[HTTP_METRICS] = node[HTTP_METRICS]
+    _add_ops_routes(ops, node[CONFIG])
+    return ops
 
 
 # -- running it ------------------------------------------------------------------------------
@@ -403,10 +433,17 @@ class RunningNode:
     app: web.Application
     runner: web.AppRunner
     port: int
+    ops_port: int | None = None
+    """The operations port when `listen.ops_port` is set."""
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """Where /healthz, /readyz and /metrics answer."""
+        return f"http://127.0.0.1:{self.ops_port}" if self.ops_port is not None else self.url
 
     @property
     def engine(self) -> AffinityEngine:
@@ -438,6 +475,8 @@ class RunningNode:
 
 @asynccontextmanager
 async def run_node(cfg: NodeConfig) -> AsyncIterator[RunningNode]:
+    """The API site once the node's resources started; then the operations site, if any,
+    which stops last (probes answer until the very end)."""
     app = build_app(cfg)
     runner = web.AppRunner(
         app,
@@ -445,15 +484,30 @@ async def run_node(cfg: NodeConfig) -> AsyncIterator[RunningNode]:
         access_log=None,
         # Bounds an idle keep-alive connection and one that sends its headers too slowly.
         keepalive_timeout=cfg.limits.client_idle_timeout_seconds,
+        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
     )
     await runner.setup()
+    ops_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
         await site.start()
         port = runner.addresses[0][1]
-        yield RunningNode(app, runner, port)
+        ops_port = None
+        if cfg.listen.ops_port is not None:
+            ops_runner = web.AppRunner(
+                build_ops_app(app), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+            )
+            await ops_runner.setup()
+            ops_site = web.TCPSite(
+                ops_runner, cfg.listen.host, cfg.listen.ops_port, reuse_address=True
+            )
+            await ops_site.start()
+            ops_port = ops_runner.addresses[0][1]
+        yield RunningNode(app, runner, port, ops_port)
     finally:
         await runner.cleanup()
+        if ops_runner is not None:
+            await ops_runner.cleanup()
 
 
 async def serve(cfg: NodeConfig) -> None:
@@ -464,6 +518,8 @@ async def serve(cfg: NodeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with run_node(cfg) as node:
         log.info("node %s listening on %s:%d", cfg.node_id, cfg.listen.host, node.port)
+        if node.ops_port is not None:
+            log.info("probes and metrics on %s:%d", cfg.listen.host, node.ops_port)
         await stop.wait()
         log.info("draining (up to %.0fs)", cfg.limits.drain_timeout_seconds)
         finished = await node.drain(cfg.limits.drain_timeout_seconds)

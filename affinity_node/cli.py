@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -13,6 +14,18 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
+
+from affinity_node.argtypes import (
+    dsn as dsn_arg,
+)
+from affinity_node.argtypes import (
+    key_id,
+    non_empty,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+)
 
 DSN_ENV = "AFFINITY_DATABASE_DSN"
 EVENT_LOOP_ENV = "AFFINITY_EVENT_LOOP"
@@ -23,6 +36,7 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 def _add_dsn(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dsn",
+        type=dsn_arg,
         default=os.environ.get(DSN_ENV),
         help=f"Postgres DSN (default: ${DSN_ENV})",
     )
@@ -64,7 +78,7 @@ async def _keys(args: argparse.Namespace) -> int:
                     state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
                     print(f"{k.id}  {k.name:<24}  {state}")
         elif args.keys_cmd == "revoke":
-            if not await keys.revoke_key(conn, uuid.UUID(args.id)):
+            if not await keys.revoke_key(conn, args.id):
                 print(f"no active key {args.id}", file=sys.stderr)
                 return 1
             print(f"revoked {args.id}")
@@ -89,9 +103,9 @@ async def _bindings(args: argparse.Namespace) -> int:
     db = DatabaseConfig(dsn=_need_dsn(args), pool_max=2)
     async with database_pool(db, "cli") as pool:
         store = postgres_bindings(pool)
-        key_id = uuid.UUID(args.api_key_id) if getattr(args, "api_key_id", None) else None
+        api_key_id: uuid.UUID | None = args.api_key_id
         if args.bindings_cmd == "list":
-            rows = await store.list_bindings(args.model, key_id)
+            rows = await store.list_bindings(args.model, api_key_id)
             if args.json:
                 print(
                     json.dumps(
@@ -117,14 +131,14 @@ async def _bindings(args: argparse.Namespace) -> int:
                         f"v{r['version']}  ttl {r['ttl']:.0f}s"
                     )
         else:
-            n = await store.purge(args.model, key_id)
+            n = await store.purge(args.model, api_key_id)
             print(f"purged {n} binding(s)")
         return 0
 
 
 async def _serve(args: argparse.Namespace) -> int:
     from affinity_node.app import serve
-    from affinity_node.config import ConfigError, load_config
+    from affinity_node.config import ConfigError, advice, load_config
     from affinity_node.observability.logs import configure_logging
 
     try:
@@ -132,7 +146,9 @@ async def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(cfg.logging.level, cfg.logging.json)
+    configure_logging(cfg.logging.level, cfg.logging.json, access=cfg.logging.access)
+    for note in advice(cfg):
+        logging.getLogger("affinity_node.config").warning("%s", note)
     await serve(cfg)
     return 0
 
@@ -173,20 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("fake-backend", help="a vLLM simulator with prefix caching")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--id", required=True, help="backend id (x-backend-id, system_fingerprint)")
-    p.add_argument("--model", action="append", required=True, help="model name (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=port, required=True)
     p.add_argument(
-        "--cache-blocks", type=int, default=2048, help="prefix cache size, 16-token blocks"
+        "--id", type=non_empty, required=True, help="backend id (x-backend-id, system_fingerprint)"
     )
-    p.add_argument("--ttft-base", type=float, default=0.005, help="seconds before any prefill")
     p.add_argument(
-        "--prefill-per-token", type=float, default=0.00002, help="seconds per uncached token"
+        "--model", type=non_empty, action="append", required=True, help="model name (repeatable)"
     )
-    p.add_argument("--tokens-per-s", type=float, default=2000.0, help="streamed output rate")
-    p.add_argument("--output-tokens", type=int, default=16)
-    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--host", type=non_empty, default="127.0.0.1")
+    p.add_argument(
+        "--cache-blocks", type=positive_int, default=2048, help="prefix cache size, 16-token blocks"
+    )
+    p.add_argument(
+        "--ttft-base", type=non_negative_float, default=0.005, help="seconds before any prefill"
+    )
+    p.add_argument(
+        "--prefill-per-token",
+        type=non_negative_float,
+        default=0.00002,
+        help="seconds per uncached token",
+    )
+    p.add_argument(
+        "--tokens-per-s", type=positive_float, default=2000.0, help="streamed output rate"
+    )
+    p.add_argument("--output-tokens", type=positive_int, default=16)
+    p.add_argument("--max-running", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_fake_backend)
 
@@ -197,27 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="manage API keys")
     ks = p.add_subparsers(dest="keys_cmd", required=True)
     c = ks.add_parser("create", help="create a key; prints its id and secret once")
-    c.add_argument("--name", required=True)
+    c.add_argument("--name", type=non_empty, required=True)
     c.add_argument("--json", action="store_true")
     _add_dsn(c)
     c = ks.add_parser("list", help="list keys")
     c.add_argument("--json", action="store_true")
     _add_dsn(c)
     c = ks.add_parser("revoke", help="revoke a key (every node refuses it at once)")
-    c.add_argument("id")
+    c.add_argument("id", type=key_id, help="the key id (keys list shows it)")
     _add_dsn(c)
     p.set_defaults(func=_keys)
 
     p = sub.add_parser("bindings", help="inspect or purge (api key, model) bindings")
     bs = p.add_subparsers(dest="bindings_cmd", required=True)
     c = bs.add_parser("list")
-    c.add_argument("--model")
-    c.add_argument("--api-key-id")
+    c.add_argument("--model", type=non_empty)
+    c.add_argument("--api-key-id", type=key_id)
     c.add_argument("--json", action="store_true")
     _add_dsn(c)
     c = bs.add_parser("purge")
-    c.add_argument("--model")
-    c.add_argument("--api-key-id")
+    c.add_argument("--model", type=non_empty)
+    c.add_argument("--api-key-id", type=key_id)
     _add_dsn(c)
     p.set_defaults(func=_bindings)
 
@@ -252,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner.run(func(args))
     except KeyboardInterrupt:
         return 130
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # InterfaceError includes a DSN asyncpg cannot use (ClientConfigurationError).
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,18 +3,24 @@
 Every scalar key can be overridden by `AFFINITY_<SECTION>_<KEY>` (for example
 `AFFINITY_LISTEN_PORT=9000`, `AFFINITY_AFFINITY_TTL_SECONDS=600`); top-level keys by
 `AFFINITY_<KEY>` (`AFFINITY_NODE_ID`). The DSN is `AFFINITY_DATABASE_DSN`.
+
+Every numeric key declares its range beside its default (`_range`); `validate` checks them all
+and the cross-key rules, and every error is one line that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -22,27 +28,45 @@ from affinity_node.vocabulary import BackendKind, StoreKind, StrategyName
 
 
 class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the key."""
+    """The configuration cannot be used; the message (one line) names the key."""
+
+
+DAY: Final = 86_400.0
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+NODE_ID_PATTERN: Final = re.compile(r"[\x21-\x7e]{1,128}")
+"""node_id goes into a response header (x-affinity-node) and metric-free log lines: printable
+ASCII without spaces, at most 128 characters."""
+
+
+def _range(
+    default: Any, low: float | None = None, high: float | None = None, *, above: bool = False
+) -> Any:
+    """A numeric field with its allowed range: `low <= value <= high` (`low < value` when
+    `above`); `validate` checks it."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
 
 
 @dataclass
 class ListenConfig:
     host: str = "0.0.0.0"
-    port: int = 8080
-    ops_port: int | None = None
-    """When set, /metrics, /healthz and /readyz are served on this port instead."""
+    port: int = _range(8080, 0, 65535)
+    """0 picks a free port (tests)."""
+    ops_port: int | None = _range(None, 0, 65535)
+    """When set, /metrics, /healthz and /readyz are served on this port instead of `port`,
+    which then serves the API only."""
     debug_endpoints: bool = False
-    """GET /debug/bindings: this node's cached bindings, pairs hashed (for the chaos soak)."""
+    """GET /debug/bindings: this node's cached bindings, pairs hashed (for the chaos soak);
+    on the ops port when `ops_port` is set."""
 
 
 @dataclass
 class DatabaseConfig:
     dsn: str = ""
-    pool_max: int = 10
-    statement_timeout_ms: int = 2000
-    lock_timeout_ms: int = 1000
+    pool_max: int = _range(10, 1, 1000)
+    statement_timeout_ms: int = _range(2000, 1, 3_600_000)
+    lock_timeout_ms: int = _range(1000, 1, 3_600_000)
     """Longest wait for a pair's advisory lock: a busy lock is not an outage."""
-    startup_wait_seconds: float = 5.0
+    startup_wait_seconds: float = _range(5.0, 0, 3600)
     """How long a starting node waits for its first snapshot before serving (degraded)."""
 
 
@@ -50,26 +74,26 @@ class DatabaseConfig:
 class AffinityConfig:
     enabled: bool = True
     store: StoreKind = "postgres"
-    ttl_seconds: float = 1800.0
-    load_factor: float = 1.25
-    spill_min_gap: int = 8
-    refresh_flush_interval_seconds: float = 1.0
-    cache_max_entries: int = 100_000
-    max_fanout: int = 4
+    ttl_seconds: float = _range(1800.0, 0, 30 * DAY, above=True)
+    load_factor: float = _range(1.25, 1, 1000)
+    spill_min_gap: int = _range(8, 0, 1_000_000)
+    refresh_flush_interval_seconds: float = _range(1.0, 0, 3600, above=True)
+    cache_max_entries: int = _range(100_000, 1, 100_000_000)
+    max_fanout: int = _range(4, 1, 16)
     """Largest backend set one pair may grow into (1: one backend per pair, no fan-out)."""
-    fanout_queue_bound: int = 4
+    fanout_queue_bound: int = _range(4, 1, 100_000)
     """A member with this many requests waiting (vLLM's own queue) is hot."""
-    fanout_hot_factor: float = 1.5
+    fanout_hot_factor: float = _range(1.5, 1, 1000)
     """... so is one whose load is this many times the fleet's mean (and 4 above it)."""
-    fanout_grow_after_seconds: float = 2.0
+    fanout_grow_after_seconds: float = _range(2.0, 0, 3600)
     """Every member hot this long: one more member."""
-    fanout_shrink_after_seconds: float = 120.0
+    fanout_shrink_after_seconds: float = _range(120.0, 0, 7 * DAY)
     """Every member cool this long: the newest member goes."""
 
 
 @dataclass
 class LoadConfig:
-    poll_interval_seconds: float = 1.0
+    poll_interval_seconds: float = _range(1.0, 0, 3600, above=True)
     """How often each backend's /metrics is read for its running and waiting requests."""
 
 
@@ -80,32 +104,40 @@ class RoutingConfig:
 
 @dataclass
 class HealthConfig:
-    interval_seconds: float = 5.0
-    eject_after_failures: int = 3
-    readmit_after_successes: int = 2
+    interval_seconds: float = _range(5.0, 0, 3600, above=True)
+    eject_after_failures: int = _range(3, 1, 1000)
+    readmit_after_successes: int = _range(2, 1, 1000)
 
 
 @dataclass
 class LimitsConfig:
-    max_body_bytes: int = 8 * 1024 * 1024
-    upstream_connect_timeout_seconds: float = 5.0
-    upstream_read_timeout_seconds: float = 600.0
-    """Longest silence between two chunks of a streamed answer."""
-    generation_timeout_seconds: float = 300.0
+    """Timeouts, with the relation the deploy files keep (deploy/README.md, "Timeouts and
+    drain"): upstream_read_timeout <= generation_timeout <= drain_timeout; the platform's
+    grace period >= preStop + drain_timeout + 10 s; the load balancer's server timeout >=
+    generation_timeout."""
+
+    max_body_bytes: int = _range(8 * 1024 * 1024, 1024, 1024**3)
+    upstream_connect_timeout_seconds: float = _range(5.0, 0, 600, above=True)
+    upstream_read_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
+    """Longest silence between two chunks of a streamed answer (the first one included)."""
+    generation_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
-    client_write_timeout_seconds: float = 30.0
+    client_write_timeout_seconds: float = _range(30.0, 0, 3600, above=True)
     """A client that reads nothing of a stream for this long is dropped (its slot frees)."""
-    client_idle_timeout_seconds: float = 15.0
+    client_idle_timeout_seconds: float = _range(15.0, 0, 3600, above=True)
     """An idle client connection, or one that sent only part of its headers, closes."""
-    drain_timeout_seconds: float = 30.0
+    drain_timeout_seconds: float = _range(330.0, 0, DAY)
+    """After SIGTERM: how long open requests may run on. Not shorter than
+    generation_timeout_seconds, so a rollout lets a generation that just started finish."""
 
 
 @dataclass
 class LoggingConfig:
     level: str = "INFO"
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     json: bool = False
     access: bool = False
-    """One JSON access-log line per request."""
+    """One JSON access-log line per API request (probes and scrapes are not logged)."""
 
 
 @dataclass
@@ -223,29 +255,112 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
     cfg: NodeConfig = _build(NodeConfig, data, "")
     _apply_env(cfg, os.environ if env is None else env)
     validate(cfg)
     return cfg
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines; this is one: the problem and where."""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def _check_ranges(section: Any, where: str) -> None:
+    for f in dataclasses.fields(section):
+        if "low" not in f.metadata:
+            continue
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        low, high, above = f.metadata["low"], f.metadata["high"], f.metadata["above"]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if low is not None and (value <= low if above else value < low):
+            bound = f"greater than {low:g}" if above else f"at least {low:g}"
+            raise ConfigError(f"{key}: must be {bound}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"{key}: must be at most {high:g}, got {value!r}")
+
+
+def _check_url(url: str, where: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number or out of range)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} must be an http:// or https:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{where}: {url!r} must be the server's base URL (no path: the node appends /v1/...)"
+        )
+
+
 def validate(cfg: NodeConfig) -> None:
-    if cfg.affinity.ttl_seconds <= 0:
-        raise ConfigError("affinity.ttl_seconds must be positive")
-    if cfg.affinity.load_factor < 1:
-        raise ConfigError("affinity.load_factor must be at least 1")
+    """Every key's range and the rules between keys; the first problem raises ConfigError."""
+    if not NODE_ID_PATTERN.fullmatch(cfg.node_id):
+        raise ConfigError(
+            f"node_id: {cfg.node_id!r} must be 1 to 128 printable ASCII characters, no spaces"
+        )
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            _check_ranges(section, f.name)
+    if not cfg.listen.host.strip():
+        raise ConfigError("listen.host: must not be empty")
+    ops = cfg.listen.ops_port
+    if ops is not None and ops != 0 and ops == cfg.listen.port:
+        raise ConfigError(f"listen.ops_port: must differ from listen.port ({ops})")
     if cfg.database.lock_timeout_ms >= cfg.database.statement_timeout_ms:
         raise ConfigError(
             "database.lock_timeout_ms must be below database.statement_timeout_ms "
             "(a busy lock must end as a lock timeout, not be taken for a database outage)"
         )
-    if cfg.limits.max_body_bytes < 1024:
-        raise ConfigError("limits.max_body_bytes must be at least 1024")
+    level = cfg.logging.level.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"logging.level: {cfg.logging.level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
+    cfg.logging.level = level
     if not cfg.backends:
         raise ConfigError("backends: at least one backend is needed")
+    for i, backend in enumerate(cfg.backends):
+        _check_url(backend.url, f"backends[{i}].url")
+        for j, model in enumerate(backend.models):
+            if not model.strip():
+                raise ConfigError(f"backends[{i}].models[{j}]: must not be empty")
+    for i, model_cfg in enumerate(cfg.models):
+        if not model_cfg.name.strip():
+            raise ConfigError(f"models[{i}].name: must not be empty")
     if not cfg.database.dsn:
         raise ConfigError(
             "database.dsn is empty: set it in the config or in AFFINITY_DATABASE_DSN "
             "(API keys live in Postgres even with affinity.store: memory)"
         )
+    if urlsplit(cfg.database.dsn).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("database.dsn: must start with postgresql:// (or postgres://)")
+
+
+def advice(cfg: NodeConfig) -> list[str]:
+    """Legal but risky settings, each one line, logged by `serve` at start."""
+    limits = cfg.limits
+    notes = []
+    if limits.drain_timeout_seconds < limits.generation_timeout_seconds:
+        notes.append(
+            f"limits.drain_timeout_seconds ({limits.drain_timeout_seconds:g}) is shorter than "
+            f"limits.generation_timeout_seconds ({limits.generation_timeout_seconds:g}): "
+            "a shutdown cuts generations that are still allowed to run"
+        )
+    if limits.upstream_read_timeout_seconds > limits.generation_timeout_seconds:
+        notes.append(
+            f"limits.upstream_read_timeout_seconds ({limits.upstream_read_timeout_seconds:g}) "
+            f"is longer than limits.generation_timeout_seconds "
+            f"({limits.generation_timeout_seconds:g}): a silent stream outlives any generation"
+        )
+    return notes

@@ -601,6 +601,16 @@ def traffic() -> Json:
             "short",
             "Backends in rotation for each model on the node that sees the fewest.",
         ),
+        stat(
+            "Models without a healthy backend",
+            f"count(max by (model) (affinity_model_healthy_backends{{{NODE}, {MODEL}}}) == 0)"
+            " or vector(0)",
+            description="Models no node can serve: their requests get 503 no_healthy_backend "
+            "from the nodes, which stay ready (alert AffinityNoHealthyBackend).",
+            thresholds=[(None, "green"), (1, "red")],
+            width=12,
+            height=8,
+        ),
         timeseries(
             "vLLM prefix-cache hit rate",
             [

@@ -16,7 +16,7 @@ from aiohttp import web
 from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
-from affinity_node.http.state import API_KEY_ID, BACKENDS, ROUTER, STATUS
+from affinity_node.http.state import API_KEY_ID, BACKENDS, MODEL, ROUTER, STATUS
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend
 
@@ -125,6 +125,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             "model",
             "model_not_found",
         )
+    request[MODEL] = model
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
         route = await app[ROUTER].route(

@@ -30,6 +30,8 @@ from affinity_node.http.state import (
     HTTP_METRICS,
     ROUTER,
     UPSTREAM,
+    UPSTREAM_BACKEND,
+    UPSTREAM_TTFT,
 )
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
@@ -139,6 +141,7 @@ class Forwarder:
             "Accept-Encoding": self.request.headers.get("Accept-Encoding", "identity"),
         }
         sent = time.perf_counter()
+        self.request[UPSTREAM_BACKEND] = backend.id
         self.pool.acquire(backend)
         try:
             try:
@@ -165,6 +168,7 @@ class Forwarder:
                     raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
                 now = time.perf_counter()
                 m.observe_ttft(backend.id, now - sent, self.exemplar)
+                self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
                 return web.Response(status=upstream.status, body=data, headers=headers), (
@@ -190,6 +194,7 @@ class Forwarder:
             raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
         got_first = time.perf_counter()
         m.observe_ttft(backend.id, got_first - sent, self.exemplar)
+        self.request[UPSTREAM_TTFT] = got_first - sent
         self.upstream_time += got_first - sent
         headers.update(
             {

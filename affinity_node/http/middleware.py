@@ -14,13 +14,17 @@ from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
 from affinity_node.auth.secrets import bearer_secret
 from affinity_node.http.errors import ApiError, error_response, unauthorized
 from affinity_node.http.state import (
+    ACCESS_LOG,
     API_KEY_ID,
     CLIENT_GONE,
     CONFIG,
     HTTP_METRICS,
     KEYS,
+    MODEL,
     REQUEST_ID,
     STATUS,
+    UPSTREAM_BACKEND,
+    UPSTREAM_TTFT,
 )
 from affinity_node.observability.logs import REQUEST_ID as LOG_REQUEST_ID
 
@@ -30,7 +34,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 AUTHENTICATED_ROUTES = COMPLETION_ROUTES | {"/v1/models"}
-KNOWN_ROUTES = AUTHENTICATED_ROUTES | {"/healthz", "/readyz", "/metrics"}
+OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and scrapes: on the API port, or on listen.ops_port when it is set."""
+KNOWN_ROUTES = AUTHENTICATED_ROUTES | OPS_ROUTES
 
 _HTTP_ERRORS = {
     404: ("Unknown URL: no such route.", "invalid_request_error", "unknown_url"),
@@ -66,6 +72,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     rid = _assign_request_id(request)
     context = LOG_REQUEST_ID.set(rid)  # every log line while handling it names the request
     code = "500"
+    error: str | None = None
+    response: web.StreamResponse | None = None
     status = app[STATUS]
     if is_completion:
         status.begin()
@@ -74,7 +82,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         code = "499" if request.get(CLIENT_GONE) else str(response.status)
         return response
     except ApiError as err:
-        code = str(err.status)
+        code, error = str(err.status), err.code
         return error_response(err, base_headers(request))
     except web.HTTPException as exc:
         code = str(exc.status)
@@ -83,6 +91,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         message, type_, err_code = _HTTP_ERRORS.get(
             exc.status, (exc.reason, "invalid_request_error", None)
         )
+        error = err_code
         return error_response(
             ApiError(exc.status, message, type_, None, err_code), base_headers(request)
         )
@@ -91,16 +100,32 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, route)
+        error = "internal_error"
         return error_response(
             ApiError(500, "Internal error in the proxy.", "server_error", None, "internal_error"),
             base_headers(request),
         )
     finally:
+        elapsed = time.perf_counter() - started
         m = app[HTTP_METRICS]
         m.count_request(route, code)
-        m.observe_duration(route, time.perf_counter() - started, m.duration_exemplar(route, rid))
+        m.observe_duration(route, elapsed, m.duration_exemplar(route, rid))
         if is_completion:
             status.end()
+        access = app.get(ACCESS_LOG)
+        if access is not None and route not in OPS_ROUTES:
+            access.emit(
+                request_id=rid,
+                method=request.method,
+                route=route,
+                status=int(code),
+                duration_s=elapsed,
+                model=request.get(MODEL),
+                backend=request.get(UPSTREAM_BACKEND),
+                ttft_s=request.get(UPSTREAM_TTFT),
+                affinity=response.headers.get("x-affinity") if response is not None else None,
+                error=error,
+            )
         LOG_REQUEST_ID.reset(context)
 
 

@@ -1,4 +1,9 @@
-"""Probes, metrics and the model list."""
+"""Probes, metrics and the model list.
+
+The probes and /metrics read the node's state through `request.app[NODE]`, so they answer the
+same on the API port and on the operations port (`listen.ops_port`), which is a second
+application holding a reference to the node's.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,25 @@ from uuid import UUID
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from affinity_node.http.state import BACKENDS, CONFIG, ENGINE, KEYS, REGISTRY, STATUS
+from affinity_node.http.state import BACKENDS, CONFIG, ENGINE, KEYS, NODE, REGISTRY, STATUS
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    """Liveness: the event loop answers. Never checks Postgres."""
+    """Liveness: the event loop answers. Never checks Postgres or backends, and stays 200
+    while the node drains (a liveness failure then would kill open streams)."""
     return web.Response(text="ok\n")
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """503 only when this node cannot serve: draining, or no healthy backend.
+    """503 only when this node cannot take traffic: draining, or its key set not loaded yet.
 
-    A lost database keeps the node ready (affinity degrades, requests are still served), so an
-    outage does not pull every node out of the load balancer at once.
+    A lost database keeps the node ready (affinity degrades, requests are still served), and so
+    does a fleet with no healthy backend: the node answers those requests itself (503 with an
+    OpenAI error body and Retry-After) and the metric affinity_model_healthy_backends alerts.
+    Failing readiness for it would pull every node out of the load balancer at once, and
+    clients would get the balancer's bare 503 instead.
     """
-    app = request.app
+    app = request.app[NODE]
     pool = app[BACKENDS]
     registry = app[REGISTRY]
     healthy = sum(1 for b in pool.backends if b.healthy)
@@ -34,12 +43,11 @@ async def readyz(request: web.Request) -> web.Response:
     # key"): not ready. Once loaded, a later database loss keeps the node ready.
     if app[STATUS].draining:
         status = "draining"
-    elif not pool.has_healthy():
-        status = "no_healthy_backend"
     elif not app[KEYS].loaded:
         status = "keys_not_loaded"
     else:
         status = "ready"
+    models = {m.name for m in app[CONFIG].models} | {m for b in pool.backends for m in b.models}
     body = {
         "status": status,
         "node_id": app[CONFIG].node_id,
@@ -47,13 +55,15 @@ async def readyz(request: web.Request) -> web.Response:
         "listener": "up" if listener_up else "down",
         "healthy_backends": healthy,
         "backends": len(pool.backends),
+        "models_without_healthy_backend": sorted(m for m in models if not pool.candidates(m)),
     }
     return web.json_response(body, status=200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(body=encoder(request.app[REGISTRY]), headers={"Content-Type": content_type})
+    registry = request.app[NODE][REGISTRY]
+    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -84,11 +94,12 @@ def pair_fingerprint(api_key_id: UUID, model: str) -> str:
 
 async def debug_bindings(request: web.Request) -> web.Response:
     """The live bindings this node would use now (for comparing nodes with the table)."""
-    engine = request.app[ENGINE]
+    node = request.app[NODE]
+    engine = node[ENGINE]
     now = time.monotonic()
     bindings = {
         pair_fingerprint(*pair): entry.backend
         for pair, entry in engine.cache.items()
         if entry.deadline > now
     }
-    return web.json_response({"node_id": request.app[CONFIG].node_id, "bindings": bindings})
+    return web.json_response({"node_id": node[CONFIG].node_id, "bindings": bindings})

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.config import NodeConfig
+from affinity_node.observability.logs import AccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
@@ -41,11 +42,15 @@ class NodeStatus:
 
 
 # Built with the application (no I/O):
+NODE = web.AppKey("node", web.Application)
+"""The node's API application; the operations app (listen.ops_port) reads its state here."""
 CONFIG = web.AppKey("config", NodeConfig)
 STATUS = web.AppKey("status", NodeStatus)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+"""Present only when logging.access is on (the middleware looks it up once per request)."""
 # Started by cleanup contexts, in this order:
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
@@ -61,3 +66,9 @@ API_KEY_ID = web.RequestKey("affinity_api_key_id", UUID)
 """Set by the authentication middleware on the routes that need a key."""
 CLIENT_GONE = web.RequestKey("affinity_client_gone", bool)
 """Set when the client disconnected mid-response (counted as 499)."""
+MODEL = web.RequestKey("affinity_model", str)
+"""The canonical model of a completion request (access log)."""
+UPSTREAM_BACKEND = web.RequestKey("affinity_upstream_backend", str)
+"""The backend of the latest upstream attempt, set by the forwarder (access log)."""
+UPSTREAM_TTFT = web.RequestKey("affinity_upstream_ttft", float)
+"""Seconds from forwarding to the first byte of the answer that was relayed (access log)."""

@@ -7,6 +7,10 @@ record a handler emits, so a line logged deep in the pool or the engine names th
 What never reaches a log line above debug: an API key (the filter masks anything shaped like
 one, as a last line of defence), or an API key id together with a model (call sites log
 backends and operations, never pairs).
+
+Times are UTC with milliseconds and the zone (`2026-11-27T10:15:02.317Z`), in text and JSON
+lines alike. The access log (`logging.access: true`) is one JSON line per API request on the
+logger `affinity_node.access`, whatever `logging.json` says: see `AccessLog`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
-from typing import IO, Final
+from typing import IO, Any, Final
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("affinity_request_id", default=None)
 """The id of the request being handled by the current task, if any."""
@@ -26,6 +30,15 @@ _SECRET: Final = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_\-]{6,}")
 _MASK: Final = "sk-***"
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+ACCESS_LOGGER: Final = "affinity_node.access"
+
+
+def utc_time(created: float) -> str:
+    """RFC 3339 in UTC with milliseconds: `2026-11-27T10:15:02.317Z`."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
 
 
 class RequestContextFilter(logging.Filter):
@@ -84,7 +97,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": utc_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -103,17 +116,113 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return utc_time(record.created)
+
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "request_id", None) is None:
             record.request_id = REQUEST_ID.get() or "-"
         return super().format(record)
 
 
-def configure_logging(level: str, json_lines: bool, stream: IO[str] | None = None) -> None:
-    """The process's logging: one handler on the root logger (stderr unless `stream`)."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+ACCESS_FIELDS: Final = (
+    "ts",
+    "node",
+    "request_id",
+    "method",
+    "route",
+    "model",
+    "backend",
+    "status",
+    "duration_ms",
+    "ttft_ms",
+    "affinity",
+    "error",
+)
+"""The keys of every access line, in this order (null when not known for the request).
+Never an API key or a key id."""
+
+
+class AccessLog:
+    """Writes one access line per request through the `affinity_node.access` logger.
+
+    The record's message is a short text summary (for any handler); `record.access` holds the
+    fields, which `AccessFormatter` writes as one JSON object.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self._node = node_id
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+
+    def emit(
+        self,
+        *,
+        request_id: str,
+        method: str,
+        route: str,
+        status: int,
+        duration_s: float,
+        model: str | None,
+        backend: str | None,
+        ttft_s: float | None,
+        affinity: str | None,
+        error: str | None,
+    ) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        fields: dict[str, Any] = {
+            "node": self._node,
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "model": model,
+            "backend": backend,
+            "status": status,
+            "duration_ms": round(duration_s * 1000, 3),
+            "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
+            "affinity": affinity,
+            "error": error,
+        }
+        logger.info(
+            "%s %s %d %.1fms",
+            method,
+            route,
+            status,
+            duration_s * 1000,
+            extra={"access": fields, "request_id": request_id},
+        )
+
+
+class AccessFormatter(logging.Formatter):
+    """The access line: `{"ts": ..., "node": ..., ...}` with every key of ACCESS_FIELDS."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "access", None) or {"msg": record.getMessage()}
+        return json.dumps({"ts": utc_time(record.created), **fields})
+
+
+def configure_logging(
+    level: str, json_lines: bool, stream: IO[str] | None = None, *, access: bool = False
+) -> None:
+    """The process's logging: one handler on the root logger (stderr unless `stream`); with
+    `access`, the access lines go to the same stream as JSON, at INFO whatever `level` is."""
+    target = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(target)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    access_logger = logging.getLogger(ACCESS_LOGGER)
+    if access:
+        access_handler = logging.StreamHandler(target)
+        access_handler.setFormatter(AccessFormatter())
+        access_handler.addFilter(RequestContextFilter())
+        access_logger.handlers[:] = [access_handler]
+        access_logger.setLevel(logging.INFO)
+        access_logger.propagate = False
+    else:
+        access_logger.handlers[:] = []
+        access_logger.setLevel(logging.NOTSET)
+        access_logger.propagate = True

@@ -23,6 +23,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from affinity_node.argtypes import (
+    http_url,
+    non_empty,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from affinity_node.sim.render import ProgressLine, render_table, report_json
 from affinity_node.sim.report import build_report, deltas
 from affinity_node.sim.support import scrape_all
@@ -211,6 +218,7 @@ def add_bench_parser(subparsers: Any) -> None:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
+        type=http_url,
         action="append",
         required=True,
         help="base URL (a load balancer or a node); repeat to spread over several",
@@ -223,37 +231,39 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-keys-file", help="file with one API key per line")
     p.add_argument(
         "--keys",
-        type=int,
+        type=non_negative_int,
         default=0,
         help=f"tenants to simulate (default: one per key, or {DEFAULT_TENANTS} with a single key)",
     )
-    p.add_argument("--conversations", type=int, default=2, help="conversations per tenant")
+    p.add_argument("--conversations", type=positive_int, default=2, help="conversations per tenant")
     p.add_argument(
-        "--max-turns", type=int, default=16, help="turns before a conversation starts over"
+        "--max-turns", type=positive_int, default=16, help="turns before a conversation starts over"
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=positive_float,
         default=None,
         help=f"Poisson arrivals per second (default {DEFAULT_RATE:g})",
     )
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="alone: a fixed number of requests in flight (closed loop); with "
         "--rate: the most requests in flight (arrivals beyond are skipped)",
     )
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    p.add_argument("--max-requests", type=int, default=100_000)
+    p.add_argument("--duration", type=positive_float, default=30.0, help="seconds of load")
+    p.add_argument("--max-requests", type=positive_int, default=100_000)
     p.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="streamed answers (default) or not",
     )
-    p.add_argument("--model", action="append", help="model (repeatable; default llama-3.1-8b)")
-    p.add_argument("--max-tokens", type=int, default=32, help="answer length asked for")
+    p.add_argument(
+        "--model", type=non_empty, action="append", help="model (repeatable; default llama-3.1-8b)"
+    )
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="answer length asked for")
     p.add_argument(
         "--spread",
         choices=["round_robin", "random"],
@@ -261,7 +271,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="how requests are spread over several --url",
     )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
     p.add_argument(
         "--backend-metrics",
         action="append",

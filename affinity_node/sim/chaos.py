@@ -43,6 +43,8 @@ from typing import IO, Any
 import aiohttp
 import asyncpg
 
+from affinity_node.argtypes import dsn as dsn_arg
+from affinity_node.argtypes import positive_float, positive_int
 from affinity_node.http.ops import pair_fingerprint
 from affinity_node.sim.chaos_fleet import (
     MODEL,
@@ -555,15 +557,18 @@ def add_chaos_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=positive_float,
         default=60.0,
         help="seconds in all, split over the 9 phases (default 60)",
     )
-    p.add_argument("--tenants", type=int, default=12, help="API keys under load (default 12)")
-    p.add_argument("--workers", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument(
+        "--tenants", type=positive_int, default=12, help="API keys under load (default 12)"
+    )
+    p.add_argument("--workers", type=positive_int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--dsn",
+        type=dsn_arg,
         default=None,
         help="an external Postgres (then it cannot be stopped or frozen: those "
         "phases are skipped); default: an embedded one",

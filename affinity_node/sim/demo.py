@@ -38,6 +38,15 @@ from typing import IO, Any
 import aiohttp
 import asyncpg
 
+from affinity_node.argtypes import (
+    dsn as dsn_arg,
+)
+from affinity_node.argtypes import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from affinity_node.sim.fleet import MODEL, Fleet, Scenario, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
 from affinity_node.sim.render import ProgressLine, render_table, report_json
@@ -297,43 +306,47 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backends", type=int, default=4, help="fake vLLM backends (default 4)")
-    p.add_argument("--nodes", type=int, default=3, help="proxy nodes (default 3)")
+    p.add_argument(
+        "--backends", type=positive_int, default=4, help="fake vLLM backends (default 4)"
+    )
+    p.add_argument("--nodes", type=positive_int, default=3, help="proxy nodes (default 3)")
     p.add_argument(
         "--duration",
-        type=float,
+        type=positive_float,
         default=18.0,
         help="seconds of load per run; three runs (default 18, about a minute)",
     )
-    p.add_argument("--keys", type=int, default=40, help="tenants, one API key each (default 40)")
     p.add_argument(
-        "--conversations", type=int, default=2, help="conversations per tenant (default 2)"
+        "--keys", type=positive_int, default=40, help="tenants, one API key each (default 40)"
+    )
+    p.add_argument(
+        "--conversations", type=positive_int, default=2, help="conversations per tenant (default 2)"
     )
     p.add_argument(
         "--max-turns",
-        type=int,
+        type=positive_int,
         default=16,
         help="turns before a conversation starts over (default 16)",
     )
     p.add_argument(
-        "--rate", type=float, default=50.0, help="Poisson arrivals per second (default 50)"
+        "--rate", type=positive_float, default=50.0, help="Poisson arrivals per second (default 50)"
     )
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="fixed number of requests in flight instead of --rate",
     )
-    p.add_argument("--output-tokens", type=int, default=32, help="tokens per answer")
+    p.add_argument("--output-tokens", type=positive_int, default=32, help="tokens per answer")
     p.add_argument(
         "--prefill-per-token",
-        type=float,
+        type=non_negative_float,
         default=0.0002,
         help="backend seconds per uncached prompt token (default 0.0002)",
     )
     p.add_argument(
         "--fleet-cache",
-        type=float,
+        type=positive_float,
         default=FLEET_CAPACITY,
         help="all backends' prefix caches together hold this multiple of the "
         f"workload's prefix blocks (default {FLEET_CAPACITY:g})",
@@ -341,6 +354,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--dsn",
+        type=dsn_arg,
         default=os.environ.get(DSN_ENV) or None,
         help=f"use this Postgres (default: ${DSN_ENV}, else an embedded one); the "
         "demo's keys are deleted from it at the end",

@@ -1,4 +1,4 @@
-"""Generate deploy/k8s/grafana-dashboards.yaml from grafana/dashboards/*.json.
+"""Generate deploy/k8s/base/grafana-dashboards.yaml from grafana/dashboards/*.json.
 
 One ConfigMap per dashboard, labelled `grafana_dashboard: "1"`, which is what the Grafana
 dashboard sidecar (kube-prometheus-stack, the Grafana Helm chart) loads. The JSON is embedded
@@ -24,8 +24,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DASHBOARDS = REPO / "grafana" / "dashboards"
-OUTPUT = HERE / "grafana-dashboards.yaml"
-KUSTOMIZATION = HERE / "kustomization.yaml"
+OUTPUT = HERE / "base" / "grafana-dashboards.yaml"
+KUSTOMIZATION = HERE / "base" / "kustomization.yaml"
 MAX_CONFIGMAP_BYTES = 1_000_000  # the API server refuses objects above ~1 MiB
 HEADER = "# Generated from grafana/dashboards/*.json by deploy/k8s/gen_dashboards.py.\n"
 

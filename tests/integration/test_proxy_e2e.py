@@ -296,30 +296,6 @@ async def test_stream_broken_after_first_byte_ends_with_an_error_event(dsn):
         assert got, "the first chunks arrived before the break"
 
 
-async def test_readyz_turns_503_only_without_healthy_backends(dsn):
-    async with cluster(dsn, nodes=1, backends=2) as c:
-        node = c.nodes[0]
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> int:
-                async with http.get(f"{node.url}/readyz") as r:
-                    return r.status
-
-            assert await ready() == 200
-            for b in c.backends:
-                await admin_fail(b.url, {"status": 503})  # /health fails too
-            await wait_for(lambda: _is(ready(), 503), timeout=5, what="no healthy backend")
-            async with http.get(f"{node.url}/healthz") as r:
-                assert r.status == 200  # liveness never depends on backends or Postgres
-            for b in c.backends:
-                await admin_fail(b.url, {})
-            await wait_for(lambda: _is(ready(), 200), timeout=5, what="backends re-admitted")
-
-
-async def _is(value, expected) -> bool:
-    return (await value) == expected
-
-
 async def test_node_started_without_postgres_becomes_ready_when_keys_load(dsn):
     proxy = FaultProxy(dsn)
     await proxy.start()

@@ -10,12 +10,14 @@ CI=true, where it is a failure.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from affinity_node.cli import build_parser
 from affinity_node.config import ConfigError, NodeConfig, load_config
@@ -34,7 +39,10 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
 NODE_YAML = DEPLOY / "config" / "node.yaml"
-K8S = DEPLOY / "k8s"
+K8S_DIR = DEPLOY / "k8s"
+K8S = K8S_DIR / "base"
+OVERLAYS = {p.name: p for p in sorted((K8S_DIR / "overlays").iterdir()) if p.is_dir()}
+K8S_NODE_YAML = K8S / "config" / "node.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 GRAFANA = REPO / "grafana"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
@@ -48,6 +56,11 @@ FAKE_DSN = {"AFFINITY_DATABASE_DSN": "postgresql://u:p@db:5432/affinity"}
 OTHERS = "written by another issue (prometheus/grafana); not there yet"
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+EXIT_MARGIN_S = 10
+"""After the drain: aiohttp's 2 s for handlers still open, the last refresh flush, closing the
+pool and the listener. Part of the timeout relation (deploy/README.md, "Timeouts and drain")."""
+FIVE_MINUTES = 300
 
 
 def _missing(what: str) -> NoReturn:
@@ -103,6 +116,11 @@ def k8s(kind: str, name: str | None = None) -> dict[str, Any]:
     assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
     doc: dict[str, Any] = found[0]
     return doc
+
+
+def k8s_node_yaml() -> str:
+    """The base's node config, which configMapGenerator turns into affinity-node-config-<hash>."""
+    return K8S_NODE_YAML.read_text(encoding="utf-8")
 
 
 def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -171,7 +189,7 @@ def cli_commands(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def gen_dashboards() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_dashboards", K8S / "gen_dashboards.py")
+    spec = importlib.util.spec_from_file_location("gen_dashboards", K8S_DIR / "gen_dashboards.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -205,7 +223,9 @@ def test_haproxy_config_has_the_deploy_idioms(tmp_path: Path) -> None:
     assert words[1] == "node", template
     assert int(words[2]) >= service("node")["deploy"]["replicas"], "fewer slots than replicas"
     assert words[3] == f"node:{node.listen.port}", template
-    for option in ("check", "resolvers docker", "init-addr none"):
+    # Health checks go to the ops port, where /readyz is; the API port does not serve it.
+    assert node.listen.ops_port is not None
+    for option in ("check", f"port {node.listen.ops_port}", "resolvers docker", "init-addr none"):
         assert option in template, f"server-template lacks {option!r}"
     defaults = s["defaults"]
     timeouts = {
@@ -222,6 +242,75 @@ def test_haproxy_config_has_the_deploy_idioms(tmp_path: Path) -> None:
     stats = next(lines for name, lines in s.items() if name.startswith("frontend stats"))
     assert "http-request use-service prometheus-exporter if { path /metrics }" in stats
     assert "stats uri /stats" in stats
+    assert "monitor-uri /ready" in stats  # the compose healthcheck of haproxy
+    # The API frontend never forwards the nodes' probes or metrics to clients.
+    api = s["frontend openai"]
+    (hidden,) = [line for line in api if line.startswith("http-request return status 404")]
+    assert hidden.endswith("if { path /metrics /healthz /readyz }"), hidden
+    assert "unknown_url" in hidden
+
+
+def timeout_violations(
+    read: float, gen: float, drain: float, platform_grace: float, prestop: float, lb_server: float
+) -> list[str]:
+    """The relation of deploy/README.md, "Timeouts and drain"; what it finds broken."""
+    broken = []
+    if not read <= gen <= drain:
+        broken.append(f"read {read} <= generation {gen} <= drain {drain}")
+    if platform_grace < prestop + drain + EXIT_MARGIN_S:
+        broken.append(f"grace {platform_grace} < preStop {prestop} + drain {drain} + margin")
+    if lb_server < max(gen, read):
+        broken.append(f"load balancer server timeout {lb_server} < {max(gen, read)}")
+    return broken
+
+
+def test_the_timeout_relation_holds_everywhere(tmp_path: Path) -> None:
+    """One relation between the generation timeout, the drain, preStop and the grace periods,
+    and HAProxy's server timeout, in every deployment (deploy/README.md, "Timeouts and drain"):
+
+        upstream_read_timeout <= generation_timeout <= drain_timeout
+        compose stop_grace_period         >= drain_timeout + EXIT_MARGIN (no preStop there)
+        k8s terminationGracePeriodSeconds >= preStop + drain_timeout + EXIT_MARGIN
+        HAProxy timeout server and client >= generation_timeout (and >= upstream_read_timeout)
+
+    and the defaults let a 5-minute generation finish when a pod or container is replaced.
+    """
+    compose_cfg = load_node_config(NODE_YAML.read_text(), tmp_path, "compose.yaml")
+    k8s_cfg = load_node_config(k8s_node_yaml(), tmp_path, "k8s.yaml")
+    defaults = haproxy_sections()["defaults"]
+    timeouts = {
+        line.split()[1]: haproxy_seconds(line.split()[2])
+        for line in defaults
+        if line.startswith("timeout ")
+    }
+    lb = min(timeouts["server"], timeouts["client"])
+    dep = k8s("Deployment", "affinity-node")
+    pod = dep["spec"]["template"]["spec"]
+    prestop = container(pod, "node")["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sleep"
+    platforms = {
+        "compose": (compose_cfg, compose_seconds(service("node")["stop_grace_period"]), 0.0),
+        "k8s": (k8s_cfg, float(pod["terminationGracePeriodSeconds"]), float(prestop[1])),
+    }
+    for name, (cfg, grace, pre) in platforms.items():
+        limits = cfg.limits
+        read, gen, drain = (
+            limits.upstream_read_timeout_seconds,
+            limits.generation_timeout_seconds,
+            limits.drain_timeout_seconds,
+        )
+        assert timeout_violations(read, gen, drain, grace, pre, lb) == [], name
+        assert gen >= FIVE_MINUTES, name
+    # The relation has teeth: the values before this issue (drain 30, grace 40 and 35, reads
+    # of 600 s) break it.
+    assert len(timeout_violations(600, 300, 30, 40, 5, 600)) == 2
+    assert len(timeout_violations(600, 300, 30, 35, 0, 600)) == 2
+
+    # A rollout waits for new pods, never for old ones to drain: it stays fast with a surge.
+    rolling = dep["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0
+    surge = rolling["maxSurge"]
+    assert (int(surge.rstrip("%")) if isinstance(surge, str) else surge) > 0
 
 
 # -- compose ---------------------------------------------------------------------------------
@@ -244,7 +333,6 @@ def test_compose_file_matches_the_compose_spec() -> None:
 
 def test_compose_topology_and_start_order(tmp_path: Path) -> None:
     services = compose()["services"]
-    node_cfg = load_node_config(NODE_YAML.read_text(), tmp_path, "node.yaml")
 
     pg = services["postgres"]
     major = int(re.search(r"postgres:(\d+)", pg["image"]).group(1))  # type: ignore[union-attr]
@@ -269,9 +357,11 @@ def test_compose_topology_and_start_order(tmp_path: Path) -> None:
     assert argv is not None and argv[:2] == ["serve", "--config"]
     mount = f"./config/node.yaml:{argv[2]}:ro"
     assert mount in node["volumes"], f"the --config file must be deploy/config/node.yaml ({mount})"
-    # Docker's SIGKILL must not cut the drain short.
-    drain = node_cfg.limits.drain_timeout_seconds
-    assert compose_seconds(node["stop_grace_period"]) >= drain + 5
+    assert "stop_grace_period" in node  # its value: test_the_timeout_relation_holds_everywhere
+    node_cfg = load_node_config(NODE_YAML.read_text(), tmp_path, "node.yaml")
+    assert node["expose"] == [str(node_cfg.listen.port), str(node_cfg.listen.ops_port)]
+    health = " ".join(services["haproxy"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8404/ready" in health
 
     assert services["haproxy"]["depends_on"]["node"]["condition"] == "service_started"
     mounts = services["haproxy"]["volumes"]
@@ -332,7 +422,7 @@ def test_compose_bench_flags_parse_with_the_real_cli() -> None:
 
 def test_node_configs_load_with_the_node_loader(tmp_path: Path) -> None:
     compose_cfg = load_node_config(NODE_YAML.read_text(), tmp_path, "compose.yaml")
-    k8s_text = k8s("ConfigMap", "affinity-node-config")["data"]["node.yaml"]
+    k8s_text = k8s_node_yaml()
     k8s_cfg = load_node_config(k8s_text, tmp_path, "k8s.yaml")
     for cfg in (compose_cfg, k8s_cfg):
         assert cfg.listen.host == "0.0.0.0"
@@ -389,7 +479,8 @@ def test_prometheus_scrapes_compose_services() -> None:
     if not PROMETHEUS_YML.exists():
         pytest.skip(f"deploy/prometheus/prometheus.yml: {OTHERS}")
     services = compose()["services"]
-    ports = {"node": 8080, "haproxy": 8404, "prometheus": 9090, "grafana": 3000}
+    # The node replicas are scraped on their ops port (the API port has no /metrics).
+    ports = {"node": 8081, "haproxy": 8404, "prometheus": 9090, "grafana": 3000}
     ports |= {name: 8000 for name in services if name.startswith("backend")}
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
     targets: list[str] = []
@@ -411,10 +502,11 @@ def test_prometheus_scrapes_compose_services() -> None:
         if any("node" in sd["names"] for sd in job.get("dns_sd_configs", []))
     ]
     assert len(node_jobs) == 1, "the node replicas are not scraped (dns_sd_configs on node)"
-    # The alerts select on this job; on Kubernetes the operator names the job after the
-    # Service (no jobLabel set), so both deployments give the same label.
-    assert "jobLabel" not in k8s("ServiceMonitor")["spec"]
-    assert node_jobs[0] == k8s("Service", "affinity-node")["metadata"]["name"]
+    # The alerts select on this job; on Kubernetes the ServiceMonitor takes the job name from
+    # the ops Service's label named by jobLabel, so both deployments give the same label.
+    sm = k8s("ServiceMonitor")
+    ops_service = k8s("Service", "affinity-node-ops")
+    assert node_jobs[0] == ops_service["metadata"]["labels"][sm["spec"]["jobLabel"]]
     for rule_file in cfg.get("rule_files", []):
         assert rule_file.startswith(("/etc/prometheus/rules/", "rules/")), (
             f"{rule_file}: compose mounts the rules at /etc/prometheus/rules"
@@ -445,23 +537,42 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
 # -- the image -------------------------------------------------------------------------------
 
 
-def test_dockerfile_shape() -> None:
+def dockerfile_instructions() -> list[str]:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    instructions = [
+    return [
         line
         for line in re.sub(r"\\\n", " ", text).splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
+
+
+def test_dockerfile_shape() -> None:
+    instructions = dockerfile_instructions()
+    # The base is pinned by digest, and one ARG names it for every stage.
+    (arg,) = [line for line in instructions if line.startswith("ARG PYTHON_IMAGE=")]
+    image = arg.split("=", 1)[1]
+    m = re.fullmatch(r"python:3\.(\d+)(?:\.\d+)?-slim-bookworm@sha256:[0-9a-f]{64}", image)
+    assert m, f"the base image is not pinned by digest: {image}"
+    assert int(m.group(1)) == sys.version_info.minor == 11, "the image runs the tested Python"
     froms = [line.split()[1] for line in instructions if line.startswith("FROM ")]
-    version = re.search(r"ARG PYTHON_VERSION=3\.(\d+)", text)
-    assert version and int(version.group(1)) >= 11
-    assert froms and all(f.startswith("python:${PYTHON_VERSION}-slim") for f in froms), froms
+    assert froms and all(f == "${PYTHON_IMAGE}" for f in froms), froms
     user = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert user and user[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
-    assert any(re.search(r"pip (install|wheel)\b.* \.(\s|$)", line) for line in instructions)
+    # Dependencies from the lock, with hashes and wheels only; the project as a wheel.
+    assert any(
+        "pip install --require-hashes --only-binary=:all: -r requirements.lock" in line
+        for line in instructions
+    )
+    assert "COPY deploy/requirements.lock ./" in instructions
+    assert any(re.search(r"pip wheel --no-deps .* \.(\s|$)", line) for line in instructions)
+    assert any(
+        "pip install --no-deps /wheels/" in line and "pip check" in line for line in instructions
+    )
     (health,) = [line for line in instructions if line.startswith("HEALTHCHECK ")]
     assert "/healthz" in health and "urllib.request" in health and "curl" not in health
-    assert "'8080'" in health
+    # The image's default config (deploy/config/node.yaml) serves /healthz on its ops port.
+    ops_port = yaml.safe_load(NODE_YAML.read_text())["listen"]["ops_port"]
+    assert f"'AFFINITY_LISTEN_OPS_PORT', '{ops_port}'" in health
     assert 'ENTRYPOINT ["affinity-node"]' in instructions
     cmd = next(line for line in instructions if line.startswith("CMD "))
     assert "serve" in cmd and "/etc/affinity-node/node.yaml" in cmd
@@ -473,9 +584,68 @@ def test_dockerfile_shape() -> None:
         "affinity_node/",
         "db/",
         "deploy/config/node.yaml",
+        "deploy/requirements.lock",
     ):
         assert f"!{copied}" in ignore, copied
         assert (REPO / copied).exists(), copied
+
+
+def locked() -> dict[str, tuple[str, str | None, int]]:
+    """deploy/requirements.lock: canonical name -> (version, marker, number of hashes)."""
+    text = (DEPLOY / "requirements.lock").read_text(encoding="utf-8")
+    out: dict[str, tuple[str, str | None, int]] = {}
+    for block in re.split(r"\n(?=\S)", re.sub(r"^#.*\n", "", text, flags=re.M)):
+        first = block.split("\\", 1)[0].strip()
+        if not first:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)\s*(?:;\s*(.+))?", first)
+        assert m, f"not an exact pin: {first!r}"
+        out[canonicalize_name(m.group(1))] = (m.group(2), m.group(3), block.count("--hash=sha256:"))
+    return out
+
+
+def test_the_lock_file_is_in_sync_with_pyproject() -> None:
+    """Every runtime dependency of pyproject.toml is pinned in deploy/requirements.lock within
+    its range, with hashes; the lock holds nothing the runtime does not need (no dev extra),
+    and the dependencies of what it pins are pinned too (read from the installed metadata).
+    Regenerate with the command in the lock's header (pip-tools) after changing the
+    dependencies."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    lock = locked()
+    assert lock, "empty lock"
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} is not in deploy/requirements.lock"
+        version, marker, _ = lock[name]
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+        assert (str(req.marker) if req.marker else None) == (
+            str(Marker(marker)) if marker else None
+        ), (req, marker)
+    assert all(hashes > 0 for _, _, hashes in lock.values()), "a pin without a hash"
+    text = (DEPLOY / "requirements.lock").read_text(encoding="utf-8")
+    direct = {
+        canonicalize_name(m.group(1))
+        for m in re.finditer(
+            r"^(\S+)==.*\n(?:\s+--hash.*\n)*\s+# via affinity-node \(pyproject", text, re.M
+        )
+    }
+    assert direct == {canonicalize_name(r.name) for r in wanted}, "stale lock: rerun pip-compile"
+    dev = [Requirement(r) for r in project["optional-dependencies"]["dev"]]
+    assert not {canonicalize_name(r.name) for r in dev} & set(lock) - {"typing-extensions"}
+    # The lock is closed under dependencies (Docker's --require-hashes would refuse a gap).
+    env = {"extra": "", "python_version": "3.11", "sys_platform": "linux"}
+    for name in lock:
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here: the Docker build checks it
+        for raw in requires:
+            dep = Requirement(raw)
+            if dep.marker is None or dep.marker.evaluate(env):
+                assert canonicalize_name(dep.name) in lock, f"{name} needs {dep.name}"
+    # Built for the Python of the image.
+    assert "with Python 3.11" in text
 
 
 def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
@@ -513,41 +683,138 @@ def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "affinity-node = affinity_node.cli:main" in text
+    # What the wheel asks for at install is what the image's lock pins.
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [
+        Requirement(line.split(":", 1)[1].strip())
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    runtime = {
+        canonicalize_name(r.name) for r in requires if not r.marker or "extra" not in str(r.marker)
+    }
+    assert runtime and runtime <= set(locked())
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
 
 
+def kustomization(directory: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return data
+
+
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = kustomization["resources"]
+    listed = kustomization(K8S)["resources"]
     present = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(listed) == present
     assert len(set(listed)) == len(listed)
 
 
-def test_kustomize_builds() -> None:
-    """Only where kubectl happens to exist: CI does not install it (the files are plain)."""
+def test_config_is_a_hashed_configmap_so_a_change_rolls_the_pods() -> None:
+    """configMapGenerator (with its default name suffix hash) in the base and in every overlay:
+    an edit to node.yaml gives the ConfigMap a new name, hence a new pod template."""
+    (generator,) = kustomization(K8S)["configMapGenerator"]
+    assert generator == {"name": "affinity-node-config", "files": ["node.yaml=config/node.yaml"]}
+    assert "generatorOptions" not in kustomization(K8S)
+    plain = [d for _, d in k8s_docs() if d["metadata"]["name"] == "affinity-node-config"]
+    assert plain == [], "a plain ConfigMap would not roll the pods when it changes"
+    assert set(OVERLAYS) == {"dev", "prod"}
+    for name, overlay in OVERLAYS.items():
+        k = kustomization(overlay)
+        assert "../../base" in k["resources"], name
+        assert k["namespace"], name
+        assert "generatorOptions" not in k, name
+        (gen,) = k["configMapGenerator"]
+        assert gen == {
+            "name": "affinity-node-config",
+            "behavior": "replace",
+            "files": ["node.yaml"],
+        }, name
+        for resource in k["resources"]:
+            assert (overlay / resource).exists(), (name, resource)
+
+
+def test_overlay_configs_load_and_keep_the_timeout_relation(tmp_path: Path) -> None:
+    """Each environment's node.yaml passes the node's loader and keeps the relation with the
+    base Deployment's grace period (no overlay patches it)."""
+    pod = k8s("Deployment", "affinity-node")["spec"]["template"]["spec"]
+    prestop = float(container(pod, "node")["lifecycle"]["preStop"]["exec"]["command"][1])
+    base = load_node_config(k8s_node_yaml(), tmp_path, "base.yaml")
+    for name, overlay in OVERLAYS.items():
+        cfg = load_node_config((overlay / "node.yaml").read_text(), tmp_path, f"{name}.yaml")
+        limits = cfg.limits
+        assert limits.upstream_read_timeout_seconds <= limits.generation_timeout_seconds
+        assert limits.generation_timeout_seconds <= limits.drain_timeout_seconds
+        assert pod["terminationGracePeriodSeconds"] >= (
+            prestop + limits.drain_timeout_seconds + EXIT_MARGIN_S
+        ), name
+        assert (cfg.listen.port, cfg.listen.ops_port) == (base.listen.port, base.listen.ops_port)
+        assert "terminationGracePeriodSeconds" not in (overlay / "kustomization.yaml").read_text()
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize`, where kubectl happens to exist (CI does not install it)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (optional: the manifests are validated one by one)")
-    result = run([kubectl, "kustomize", str(K8S)])
+    result = run([kubectl, "kustomize", str(directory)])
     assert result.returncode == 0, result.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout) if d]
-    assert {"Deployment", "Service", "ConfigMap", "Job"} <= set(kinds)
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("target", ["base", "dev", "prod"])
+def test_kustomize_builds_what_the_files_promise(target: str, tmp_path: Path) -> None:
+    directory = K8S if target == "base" else OVERLAYS[target]
+    docs = kustomize(directory)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    (cm,) = [c for c in by_kind["ConfigMap"] if "node.yaml" in c.get("data", {})]
+    assert re.fullmatch(r"affinity-node-config-[a-z0-9]{10}", cm["metadata"]["name"])
+    (dep,) = by_kind["Deployment"]
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in volumes
+    assert "replicas" not in dep["spec"]
+    load_node_config(cm["data"]["node.yaml"], tmp_path, "rendered.yaml")
+    if target != "base":
+        namespace = kustomization(directory)["namespace"]
+        assert {d["metadata"].get("namespace") for d in docs} == {namespace}
+    if target == "prod":
+        assert by_kind["NetworkPolicy"]
+    # What the cluster would receive validates as a whole (CRDs aside).
+    need_module("kubernetes_validate", "kubernetes-validate")
+    files = []
+    for i, doc in enumerate(docs):
+        if doc["kind"] in CRD_KINDS:
+            continue
+        single = tmp_path / f"{i:02d}-{doc['kind'].lower()}.yaml"
+        single.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        files.append(str(single))
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.27.0"]
+    result = run([*cmd, *files])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
 def test_k8s_manifests_validate_strictly(version: str | None, tmp_path: Path) -> None:
     need_module("kubernetes_validate", "kubernetes-validate")
     files = []
-    for i, (path, doc) in enumerate(k8s_docs()):
+    overlay_docs = [
+        (path, doc)
+        for overlay in OVERLAYS.values()
+        for path in sorted(overlay.glob("*.yaml"))
+        if path.name not in ("kustomization.yaml", "node.yaml")
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if doc
+    ]
+    for i, (path, doc) in enumerate([*k8s_docs(), *overlay_docs]):
         if doc["kind"] in CRD_KINDS:
             continue
         single = tmp_path / f"{i:02d}-{path.stem}-{doc['kind'].lower()}.yaml"
         single.write_text(yaml.safe_dump(doc), encoding="utf-8")
         files.append(str(single))
-    assert len(files) >= 6
+    assert len(files) >= 7
     cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
     if version:
         cmd += ["-k", version]
@@ -561,11 +828,14 @@ def test_k8s_servicemonitor_shape() -> None:
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"].get("release"), "kube-prometheus-stack selects on release"
     assert set(sm["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    svc = k8s("Service", "affinity-node")
-    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    ops = k8s("Service", "affinity-node-ops")
+    api = k8s("Service", "affinity-node")
+    selector = sm["spec"]["selector"]["matchLabels"].items()
+    assert selector <= ops["metadata"]["labels"].items()
+    assert not selector <= api["metadata"]["labels"].items(), "the API Service is not scraped"
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
-    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert endpoint["port"] in {p["name"] for p in ops["spec"]["ports"]}
     assert set(endpoint) <= {
         "port",
         "path",
@@ -580,32 +850,29 @@ def test_k8s_servicemonitor_shape() -> None:
 
 def test_k8s_deployment_contract(tmp_path: Path) -> None:
     dep = k8s("Deployment", "affinity-node")
-    cfg = load_node_config(
-        k8s("ConfigMap", "affinity-node-config")["data"]["node.yaml"], tmp_path, "k8s.yaml"
-    )
+    cfg = load_node_config(k8s_node_yaml(), tmp_path, "k8s.yaml")
     spec = dep["spec"]
-    assert spec["replicas"] == 3
+    # The HPA owns the count: a `replicas` here would reset the fleet on every apply.
+    assert "replicas" not in spec
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = spec["template"]["spec"]
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
+    # Pods never run DDL: no migration init container (the Job does it with its own role).
+    assert "initContainers" not in pod
     node = container(pod, "node")
-    port = next(p for p in node["ports"] if p["name"] == "http")
-    assert port["containerPort"] == cfg.listen.port
-    assert node["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert node["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    prestop = node["lifecycle"]["preStop"]["exec"]["command"]
-    assert prestop[0] == "sleep"
-    # Kubernetes counts preStop inside the grace period: the drain must fit after it.
-    assert pod["terminationGracePeriodSeconds"] >= (
-        int(prestop[1]) + cfg.limits.drain_timeout_seconds + 5
-    )
+    ports = {p["name"]: p["containerPort"] for p in node["ports"]}
+    assert ports == {"http": cfg.listen.port, "ops": cfg.listen.ops_port}
+    assert node["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert node["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert node["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     args = node["args"]
     assert args[:2] == ["serve", "--config"]
     mount = next(m for m in node["volumeMounts"] if args[2].startswith(m["mountPath"] + "/"))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    assert volume["configMap"]["name"] == "affinity-node-config"
-    assert args[2].rsplit("/", 1)[1] in k8s("ConfigMap", "affinity-node-config")["data"]
+    (generator,) = kustomization(K8S)["configMapGenerator"]
+    assert volume["configMap"]["name"] == generator["name"]
+    assert args[2].rsplit("/", 1)[1] == generator["files"][0].split("=")[0]
     build_parser().parse_args(args)
     for c in [*pod["containers"], *pod.get("initContainers", [])]:
         assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
@@ -622,12 +889,17 @@ def test_k8s_deployment_contract(tmp_path: Path) -> None:
 def test_k8s_objects_point_at_each_other() -> None:
     dep = k8s("Deployment", "affinity-node")
     labels = dep["spec"]["template"]["metadata"]["labels"]
+    node = container(dep["spec"]["template"]["spec"], "node")
     svc = k8s("Service", "affinity-node")
     assert svc["spec"]["selector"].items() <= labels.items()
+    # The Service exposes the API only.
     (svc_port,) = svc["spec"]["ports"]
-    assert svc_port["targetPort"] in {
-        p["name"] for p in container(dep["spec"]["template"]["spec"], "node")["ports"]
-    }
+    assert svc_port["targetPort"] == "http"
+    ops = k8s("Service", "affinity-node-ops")
+    assert ops["spec"]["clusterIP"] == "None"
+    assert ops["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in ops["spec"]["ports"]] == ["ops"]
+    assert {"http", "ops"} <= {p["name"] for p in node["ports"]}
     pdb = k8s("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = k8s("HorizontalPodAutoscaler")
@@ -644,11 +916,15 @@ def test_k8s_objects_point_at_each_other() -> None:
     (migrate,) = job_pod["containers"]
     assert migrate["args"] == ["migrate"]
     build_parser().parse_args(migrate["args"])
-    node = container(dep["spec"]["template"]["spec"], "node")
     assert migrate["image"] == node["image"]
+    # The migration has its own role and Secret; the serving role never gets DDL rights.
     job_env = {e["name"]: e for e in migrate["env"]}
     node_env = {e["name"]: e for e in node["env"]}
-    assert job_env["AFFINITY_DATABASE_DSN"] == node_env["AFFINITY_DATABASE_DSN"]
+    secret_of = {
+        "job": job_env["AFFINITY_DATABASE_DSN"]["valueFrom"]["secretKeyRef"]["name"],
+        "node": node_env["AFFINITY_DATABASE_DSN"]["valueFrom"]["secretKeyRef"]["name"],
+    }
+    assert secret_of == {"job": "affinity-node-migrate-db", "node": "affinity-node-db"}
 
 
 def test_k8s_dashboard_configmaps_embed_the_current_json() -> None:
@@ -667,7 +943,7 @@ def test_k8s_dashboard_configmaps_embed_the_current_json() -> None:
     for doc, path in zip(docs, files, strict=True):
         assert doc["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert doc["data"] == {path.name: path.read_text()}
-    assert output.name in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert output.name in kustomization(K8S)["resources"]
 
 
 def test_dashboard_generator_output_is_valid_yaml(tmp_path: Path) -> None:
@@ -699,5 +975,14 @@ def test_readme_documents_the_commands_it_relies_on() -> None:
         "target_session_attrs=read-write",
         "affinity-node bench",
         "--scale node=",
+        # install, upgrade (drain) and rollback, with the roles and the timeout relation
+        "### Install",
+        "### Upgrade (a rollout drains)",
+        "### Rollback",
+        "kubectl -n affinity rollout undo deployment/affinity-node",
+        "deploy/postgres/roles.sql",
+        "affinity-node-migrate-db",
+        "## Timeouts and drain",
+        "edit-last-applied",
     ):
         assert needle in text, needle

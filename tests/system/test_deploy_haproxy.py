@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import sys
@@ -58,9 +59,10 @@ def haproxy_binary() -> str:
     return path
 
 
-def derive_haproxy_cfg(text: str, front: int, stats: int, nodes: dict[str, int]) -> str:
-    """deploy/haproxy/haproxy.cfg on loopback. Everything else (checks, balance, timeouts,
-    retries) stays as deployed; a config this cannot map fails loudly."""
+def derive_haproxy_cfg(text: str, front: int, stats: int, nodes: dict[str, tuple[int, int]]) -> str:
+    """deploy/haproxy/haproxy.cfg on loopback; `nodes`: name -> (API port, ops port).
+    Everything else (checks, balance, timeouts, retries) stays as deployed; a config this
+    cannot map fails loudly."""
     out: list[str] = []
     section = ""
     done = Counter[str]()
@@ -80,7 +82,13 @@ def derive_haproxy_cfg(text: str, front: int, stats: int, nodes: dict[str, int])
             docker_only = {"resolvers", "docker", "resolve-prefer", "ipv4", "init-addr", "none"}
             options = " ".join(w for w in words if w not in docker_only)
             assert "check" in options.split(), stripped
-            out += [f"    server {name} 127.0.0.1:{port} {options}" for name, port in nodes.items()]
+            # Checks go to each node's ops port (`port 8081` in the file).
+            assert re.search(r"\bport \d+\b", options), stripped
+            out += [
+                f"    server {name} 127.0.0.1:{api} "
+                + re.sub(r"\bport \d+", f"port {ops}", options)
+                for name, (api, ops) in nodes.items()
+            ]
             done.update(["servers"])
             continue
         out.append(line)
@@ -89,10 +97,15 @@ def derive_haproxy_cfg(text: str, front: int, stats: int, nodes: dict[str, int])
     return "\n".join(out) + "\n"
 
 
-def derive_node_config(dsn: str, port: int, backends: dict[str, str]) -> dict[str, Any]:
-    """deploy/config/node.yaml with the addresses Docker would provide replaced by loopback."""
+def derive_node_config(
+    dsn: str, port: int, ops_port: int, backends: dict[str, str]
+) -> dict[str, Any]:
+    """deploy/config/node.yaml with the addresses Docker would provide replaced by loopback,
+    and health checks every second (the file's 5 s would make the outage phase slow)."""
     data: dict[str, Any] = yaml.safe_load(NODE_YAML.read_text(encoding="utf-8"))
-    data["listen"] = {**data["listen"], "host": "127.0.0.1", "port": port}
+    assert data["listen"]["ops_port"], "the compose nodes serve probes on an ops port"
+    data["listen"] = {**data["listen"], "host": "127.0.0.1", "port": port, "ops_port": ops_port}
+    data["health"] = {**data["health"], "interval_seconds": 1}
     data["database"] = {**data.get("database", {}), "dsn": dsn}
     for backend in data["backends"]:
         backend["url"] = backends[urlsplit(backend["url"]).hostname or ""]
@@ -106,6 +119,7 @@ class Proc:
     process: asyncio.subprocess.Process
     log: Path
     log_file: IO[bytes]
+    ops_port: int = 0
 
 
 @dataclass
@@ -233,8 +247,8 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFINITY_")}
         nodes: dict[str, Proc] = {}
         for name in NODES:
-            port = free_port()
-            cfg = derive_node_config(dsn, port, {n: f.url for n, f in fakes.items()})
+            port, ops_port = free_port(), free_port()
+            cfg = derive_node_config(dsn, port, ops_port, {n: f.url for n, f in fakes.items()})
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             nodes[name] = await spawn(
@@ -245,19 +259,23 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                 stack,
                 env={**env, "AFFINITY_NODE_ID": name},
             )
+            nodes[name].ops_port = ops_port
 
         front, stats = free_port(), free_port()
         cfg_path = tmp_path / "haproxy.cfg"
         cfg_path.write_text(
             derive_haproxy_cfg(
-                HAPROXY_CFG.read_text(), front, stats, {n: p.port for n, p in nodes.items()}
+                HAPROXY_CFG.read_text(),
+                front,
+                stats,
+                {n: (p.port, p.ops_port) for n, p in nodes.items()},
             )
         )
         http = await stack.enter_async_context(aiohttp.ClientSession())
 
         async def all_ready() -> bool:
             codes = await asyncio.gather(
-                *(status_of(http, f"http://127.0.0.1:{p.port}/readyz") for p in nodes.values())
+                *(status_of(http, f"http://127.0.0.1:{p.ops_port}/readyz") for p in nodes.values())
             )
             assert all(p.process.returncode is None for p in nodes.values()), "a node exited"
             return all(code == 200 for code in codes)
@@ -295,7 +313,14 @@ async def topology(dsn: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                 base_url=f"http://127.0.0.1:{front}/v1", api_key=secret, max_retries=0, timeout=30.0
             )
             stack.push_async_callback(clients[name].close)
-        yield {"nodes": nodes, "clients": clients, "http": http, "stats": stats}
+        yield {
+            "nodes": nodes,
+            "clients": clients,
+            "http": http,
+            "stats": stats,
+            "front": front,
+            "fakes": fakes,
+        }
 
 
 async def test_haproxy_in_front_of_three_nodes_sticks_and_survives_a_killed_node(
@@ -389,3 +414,41 @@ async def test_haproxy_in_front_of_three_nodes_sticks_and_survives_a_killed_node
         states = await server_states(http, t["stats"])
         assert {n: states[n] for n in survivors} == dict.fromkeys(survivors, "UP")
         assert all(nodes[n].process.returncode is None for n in survivors)
+
+        # 3. What clients see through HAProxy: never the nodes' probes or metrics...
+        front = t["front"]
+        for path in ("/metrics", "/readyz", "/healthz"):
+            async with http.get(f"http://127.0.0.1:{front}{path}") as r:
+                assert r.status == 404, path
+                assert (await r.json())["error"]["code"] == "unknown_url"
+        async with http.get(f"http://127.0.0.1:{t['stats']}/ready") as r:
+            assert r.status == 200  # HAProxy's own readiness: some node is in rotation
+
+        # ...and, with every backend down, the node's own OpenAI 503, not HAProxy's bare one:
+        # readiness does not follow the backends, so the nodes stay in rotation.
+        fakes: dict[str, RunningFakeBackend] = t["fakes"]
+        for fake in fakes.values():
+            async with http.post(f"{fake.url}/admin/fail", json={"status": 503}) as r:
+                assert r.status == 200
+
+        async def no_backend_anywhere() -> bool:
+            for name in survivors:
+                async with http.get(f"http://127.0.0.1:{nodes[name].ops_port}/readyz") as r:
+                    state = await r.json()
+                    assert r.status == 200, state
+                    if state["healthy_backends"]:
+                        return False
+            return True
+
+        await wait_for(no_backend_anywhere, timeout=20, interval=0.2, what="backends ejected")
+        client = clients[KEYS[0]]
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "anyone?"}]
+            )
+        assert err.value.status_code == 503
+        assert err.value.body["code"] == "no_healthy_backend"
+        assert err.value.response.headers["retry-after"] == "1"
+        assert err.value.response.headers["x-affinity-node"] in survivors
+        states = await server_states(http, t["stats"])
+        assert {n: states[n] for n in survivors} == dict.fromkeys(survivors, "UP")

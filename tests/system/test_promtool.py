@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -14,6 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
+RUNBOOK = REPO / "deploy" / "RUNBOOK.md"
+RUNBOOK_URL = re.compile(r"https://\S+/deploy/RUNBOOK\.md#([a-z0-9-]+)")
+"""Every runbook_url: one base (your repository's address: deploy/README.md, "Operations"),
+then the alert's section of deploy/RUNBOOK.md."""
+RUNBOOK_PARTS = ("**Symptom.**", "**Likely causes.**", "**What to check.**", "**What to do.**")
 
 
 def require_binary(name: str) -> str:
@@ -62,6 +71,25 @@ def test_rule_unit_tests():
     assert_ok(promtool("test", "rules", *map(str, RULE_TESTS)))
 
 
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+
+
+def unit_cases() -> list[dict[str, Any]]:
+    return [
+        case
+        for path in RULE_TESTS
+        for test in yaml.safe_load(path.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+
+
 def test_every_alert_has_a_unit_test_that_fires_it():
     alerts = {
         rule["alert"]
@@ -101,7 +129,105 @@ def test_compose_config_discovers_every_node_replica_and_the_backends():
     jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
     node = jobs["affinity-node"]  # the alerts select job="affinity-node"
     assert node["dns_sd_configs"] == [
-        {"names": ["node"], "type": "A", "port": 8080, "refresh_interval": "15s"}
+        {"names": ["node"], "type": "A", "port": 8081, "refresh_interval": "15s"}
     ]
     targets = [t for sc in jobs["vllm"]["static_configs"] for t in sc["targets"]]
     assert targets == [f"backend{i}:8000" for i in range(1, 5)]
+
+
+def test_every_alert_also_has_a_quiet_case():
+    quiet = {c["alertname"] for c in unit_cases() if not c.get("exp_alerts")}
+    assert {r["alert"] for r in alert_rules()} - quiet == set()
+
+
+def test_pages_are_fleet_level_sustained_and_grouped_by_job_and_namespace():
+    """critical = users see it: aggregated over the nodes (never one instance), with a `for:`
+    of at least 2 minutes; every aggregation keeps job and namespace apart."""
+    rules = alert_rules()
+    severities = {r["alert"]: r["labels"]["severity"] for r in rules}
+    assert set(severities.values()) == {"critical", "warning"}
+    assert severities["AffinityNodeDown"] == "warning"  # one replica down is no page
+    assert severities["AffinityDatabaseDown"] == "warning"
+    assert severities["AffinityDatabaseDownLong"] == "critical"  # the escalation
+    assert {"AffinityProxyOverheadHigh", "AffinityTTFTHigh"} <= set(severities)
+    minutes = {"m": 1, "h": 60}
+    for rule in rules:
+        if rule["labels"]["severity"] != "critical":
+            continue
+        amount, unit = re.fullmatch(r"(\d+)([mh])", rule["for"]).groups()  # type: ignore[union-attr]
+        assert int(amount) * minutes[unit] >= 2, rule["alert"]
+        assert "instance" not in rule["expr"], rule["alert"]
+    for case in unit_cases():
+        if severities[case["alertname"]] == "critical":
+            for alert in case.get("exp_alerts") or []:
+                assert "instance" not in alert["exp_labels"], case["alertname"]
+    every_rule = [
+        r
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for r in group["rules"]
+    ]
+    for rule in every_rule:
+        for grouping in re.findall(r"\b(?:sum|max|min|count|avg) by \(([^)]*)\)", rule["expr"]):
+            labels = {x.strip() for x in grouping.split(",")}
+            assert {"job", "namespace"} <= labels, (rule.get("alert") or rule["record"], grouping)
+
+
+def test_ratio_alerts_have_a_traffic_guard():
+    for rule in alert_rules():
+        expr = rule["expr"]
+        if "histogram_quantile" in expr or " / " in expr.replace("\n", " "):
+            assert re.search(r"\band\b", expr), f"{rule['alert']}: no minimum-traffic guard"
+
+
+def github_anchor(heading: str) -> str:
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def test_every_alert_links_a_runbook_section_that_says_what_to_do():
+    text = RUNBOOK.read_text(encoding="utf-8")
+    sections = dict(
+        (github_anchor(m.group(1)), m.group(2))
+        for m in re.finditer(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    )
+    bases = set()
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        m = RUNBOOK_URL.fullmatch(url)
+        assert m, url
+        bases.add(url[: m.start(1)])
+        anchor = m.group(1)
+        assert anchor == github_anchor(rule["alert"]), url
+        assert anchor in sections, f"{rule['alert']}: no section in deploy/RUNBOOK.md"
+        for part in RUNBOOK_PARTS:
+            assert part in sections[anchor], f"{rule['alert']}: its runbook lacks {part}"
+    assert len(bases) == 1, bases
+
+
+def gen_prometheusrule() -> ModuleType:
+    path = REPO / "deploy" / "k8s" / "gen_prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("gen_prometheusrule", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_kubernetes_prometheusrule_is_the_rules_file(tmp_path):
+    """Kubernetes gets exactly what compose's Prometheus loads and the unit tests cover."""
+    gen = gen_prometheusrule()
+    output = gen.OUTPUT
+    if output.read_text() != gen.render(gen.rule_files()):
+        pytest.fail(f"{output} is stale: run python deploy/k8s/gen_prometheusrule.py")
+    rule = yaml.safe_load(output.read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"]
+    from_files = [g for path in RULES for g in yaml.safe_load(path.read_text())["groups"]]
+    assert rule["spec"]["groups"] == from_files
+    kustomization = yaml.safe_load((output.parent / "kustomization.yaml").read_text())
+    assert output.name in kustomization["resources"]
+    # And promtool accepts the groups as the operator will hand them to Prometheus.
+    extracted = tmp_path / "from-prometheusrule.yml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    assert_ok(promtool("check", "rules", str(extracted)))

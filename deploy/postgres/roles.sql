@@ -1,0 +1,41 @@
+-- Two roles for affinity-node, created once per database by its owner or a superuser:
+--   psql "postgresql://admin@pg-rw.db.svc:5432/affinity" -f deploy/postgres/roles.sql
+-- then give each a password (or use your operator's secrets) and put their DSNs in the
+-- Kubernetes Secrets (deploy/README.md):
+--   ALTER ROLE affinity_migrator PASSWORD '...';   -- Secret affinity-node-migrate-db
+--   ALTER ROLE affinity_node PASSWORD '...';       -- Secret affinity-node-db
+--
+-- affinity_migrator owns the schema objects: only `affinity-node migrate` (the Job) uses it.
+-- affinity_node serves: it reads and writes rows, takes advisory locks, LISTENs and
+-- NOTIFYs (no privilege needed), and can create no table, index, function or trigger.
+-- Default privileges give it the same rights on what later migrations create.
+-- Safe to run again.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'affinity_migrator') THEN
+        CREATE ROLE affinity_migrator LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'affinity_node') THEN
+        CREATE ROLE affinity_node LOGIN;
+    END IF;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO affinity_migrator, affinity_node',
+                   current_database());
+    -- Nobody else creates objects in the schema (the default since PostgreSQL 15).
+    EXECUTE format('REVOKE CREATE ON DATABASE %I FROM PUBLIC', current_database());
+END
+$$;
+
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA public TO affinity_migrator;
+GRANT USAGE ON SCHEMA public TO affinity_node;
+
+-- What the migrator creates from now on.
+ALTER DEFAULT PRIVILEGES FOR ROLE affinity_migrator IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO affinity_node;
+ALTER DEFAULT PRIVILEGES FOR ROLE affinity_migrator IN SCHEMA public
+    GRANT USAGE, SELECT ON SEQUENCES TO affinity_node;
+
+-- What exists already (an install from before the split, migrated by another role).
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO affinity_node;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO affinity_node;

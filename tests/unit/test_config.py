@@ -1,0 +1,149 @@
+"""Config validation: every key has a range, every error is one line that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import pytest
+import yaml
+
+from affinity_node.config import (
+    BackendConfig,
+    ConfigError,
+    NodeConfig,
+    advice,
+    load_config,
+    validate,
+)
+
+DSN = {"AFFINITY_DATABASE_DSN": "postgresql://u@db/affinity"}
+MINIMAL = {"backends": [{"url": "http://10.0.0.7:8000", "models": ["m"]}]}
+
+
+def load(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None) -> NodeConfig:
+    """The DSN from the environment, as in deployments, unless the data sets one."""
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    base = {} if "dsn" in data.get("database", {}) else DSN
+    return load_config(path, env={**base, **(env or {})})
+
+
+def error_of(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, data, env)
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def ranged_fields() -> list[tuple[str, str, dataclasses.Field[Any]]]:
+    """(section, key, field) for every key that declares a range."""
+    out = []
+    hints = get_type_hints(NodeConfig)
+    for section in dataclasses.fields(NodeConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            if "low" in f.metadata:
+                out.append((section.name, f.name, f))
+    return out
+
+
+def test_every_numeric_key_declares_a_range() -> None:
+    hints = get_type_hints(NodeConfig)
+    missing = []
+    for section in dataclasses.fields(NodeConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        sub = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            numeric = sub[f.name] in (int, float, int | None, float | None)
+            if numeric and "low" not in f.metadata:
+                missing.append(f"{section.name}.{f.name}")
+    assert missing == []
+    assert len(ranged_fields()) >= 19
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "field"), ranged_fields(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_each_range_is_enforced_with_a_one_line_error(
+    tmp_path: Path, section: str, key: str, field: dataclasses.Field[Any]
+) -> None:
+    low, high, above = field.metadata["low"], field.metadata["high"], field.metadata["above"]
+    default = field.default if field.default is not None else 1
+    # The default is inside its own range.
+    load(tmp_path, {**MINIMAL, section: {key: default}})
+    below = low if above else low - 1
+    message = error_of(tmp_path, {**MINIMAL, section: {key: below}})
+    assert message.startswith(f"{section}.{key}: must be"), message
+    assert high is not None
+    message = error_of(tmp_path, {**MINIMAL, section: {key: high * 2 + 1}})
+    assert message.startswith(f"{section}.{key}: must be at most {high:g}, got "), message
+    # The same check for an environment override, which names the key too.
+    var = f"AFFINITY_{section}_{key}".upper()
+    assert error_of(tmp_path, MINIMAL, {var: str(below)}).startswith(f"{section}.{key}: ")
+
+
+def test_log_level_any_case_and_a_bad_one(tmp_path: Path) -> None:
+    assert load(tmp_path, {**MINIMAL, "logging": {"level": "debug"}}).logging.level == "DEBUG"
+    message = error_of(tmp_path, {**MINIMAL, "logging": {"level": "LOUD"}})
+    assert message == ("logging.level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"listen": {"port": 8080, "ops_port": 8080}}, "listen.ops_port: must differ"),
+        ({"listen": {"host": " "}}, "listen.host: must not be empty"),
+        ({"listen": {"port": "eighty"}}, "listen.port: expected a number"),
+        ({"limits": {"drain_timeout_seconds": float("nan")}}, "expected a finite number"),
+        ({"node_id": "has space"}, "node_id: 'has space' must be 1 to 128 printable"),
+        ({"node_id": "x" * 129}, "node_id: "),
+        ({"logging": {"access": "sometimes"}}, "logging.access: expected true or false"),
+        ({"routing": {"fallback": "fastest"}}, "routing.fallback: 'fastest' is not one of"),
+        ({"backends": []}, "backends: at least one backend is needed"),
+        ({"backends": [{"url": "10.0.0.7:8000"}]}, "backends[0].url: '10.0.0.7:8000' must be"),
+        ({"backends": [{"url": "http://h:99999"}]}, "backends[0].url: 'http://h:99999' is not"),
+        ({"backends": [{"url": "http://h:8000/v1"}]}, "no path: the node appends /v1"),
+        ({"backends": [{"url": "http://h:8000", "models": [""]}]}, "backends[0].models[0]"),
+        ({"models": [{"name": " "}]}, "models[0].name: must not be empty"),
+        ({"database": {"dsn": "host=db user=x"}}, "database.dsn: must start with postgresql://"),
+        ({"limits": {"drain_timeout": 5}}, "limits: unknown key(s) drain_timeout"),
+    ],
+)
+def test_errors_name_the_key_in_one_line(
+    tmp_path: Path, data: dict[str, Any], expected: str
+) -> None:
+    assert expected in error_of(tmp_path, {**MINIMAL, **data})
+
+
+def test_invalid_yaml_is_one_line_with_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("listen:\n  port: [8080\nbackends: []\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=DSN)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"config {path} is not valid YAML: ") and "line 3" in message
+
+
+def test_defaults_keep_the_timeout_relation() -> None:
+    """read <= generation <= drain: the defaults let a generation finish during a drain."""
+    cfg = NodeConfig(backends=[BackendConfig("http://h:8000")])
+    cfg.database.dsn = DSN["AFFINITY_DATABASE_DSN"]
+    validate(cfg)
+    limits = cfg.limits
+    assert limits.upstream_read_timeout_seconds <= limits.generation_timeout_seconds
+    assert limits.generation_timeout_seconds >= 300  # a 5-minute generation is allowed...
+    assert limits.drain_timeout_seconds >= limits.generation_timeout_seconds  # ...and drained
+    assert advice(cfg) == []
+    cfg.limits.drain_timeout_seconds = 30
+    cfg.limits.upstream_read_timeout_seconds = 600
+    notes = advice(cfg)
+    assert len(notes) == 2 and all("\n" not in n for n in notes)
+    assert "limits.drain_timeout_seconds (30) is shorter than" in notes[0]
