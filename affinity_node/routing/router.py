@@ -33,6 +33,9 @@ class Route:
     bypass and degraded)."""
     first: bool = True
     """Whether `bound` is the set's first member (the one a failover may move)."""
+    moves: bool = False
+    """Decided when the bound backend failed and the request was retried elsewhere: whether
+    the binding follows the retry (said so in the header, done after the success)."""
 
 
 class NoBackend(LookupError):
@@ -116,7 +119,8 @@ class Router:
         health thresholds say); otherwise the retry is a spill and the binding stays."""
         if route.bound is None or failed is not route.bound or route.affinity == "spill":
             return route.affinity
-        return "spill" if failed.healthy else "rebind"
+        route.moves = not failed.healthy and route.first
+        return "rebind" if route.moves else "spill"
 
     def succeeded(
         self,
@@ -127,8 +131,9 @@ class Router:
         failed: Sequence[Backend],
     ) -> None:
         """After a success: extend the binding when its backend served, or move it to the
-        backend that served when the bound one failed and is unhealthy now. A spill never
-        touches it; nothing is ever bound to a backend affinity does not apply to."""
+        backend that served when the bound one failed and was unhealthy by the retry (as the
+        header said). A spill never touches it; nothing is ever bound to a backend affinity
+        does not apply to."""
         engine = self._engine
         bound = route.bound
         if engine is None or bound is None or route.affinity == "spill":
@@ -136,14 +141,10 @@ class Router:
         if served_by is bound:
             engine.served(api_key_id, model, served_by.id)
         elif bound in failed:
-            if (
-                bound.healthy
-                or not route.first
-                or not self._pool.affinity_applies(model, served_by)
-            ):
-                self._m.spills.labels(model, "failover").inc()
-            else:
+            if route.moves and self._pool.affinity_applies(model, served_by):
                 engine.failed_over(api_key_id, model, bound.id, served_by.id)
+            else:
+                self._m.spills.labels(model, "failover").inc()
 
     def _member(
         self, res: Resolution, ids: Sequence[str], conversation: Callable[[], bytes] | None

@@ -121,7 +121,8 @@ async def test_a_retry_elsewhere_moves_the_binding_only_when_the_bound_backend_i
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == bound.id
     assert sample(parts.affinity, "affinity_spills_total", model=MODEL, reason="failover") == 1
-    # Ejected (here after one failure): the retry rebinds, and the binding moves.
+    # Ejected (here after one failure): the retry rebinds, and the binding moves. What the
+    # header said decides, even if health changes before the success is reported.
     parts.health.request_failed(bound, "connect refused")
     assert router.retry_header(route, bound) == "rebind"
     router.succeeded(route, KEY, MODEL, other, failed=[bound])
@@ -138,6 +139,7 @@ async def test_failover_never_binds_to_an_external_backend() -> None:
     parts.health.request_failed(bound, "connect refused")
     external = parts.pool.get(EXTERNAL)
     assert external is not None
+    assert router.retry_header(route, bound) == "rebind"
     router.succeeded(route, KEY, MODEL, external, failed=[bound])
     await parts.engine.stop()
     stored = await parts.store.read(PAIR)
