@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -54,11 +55,12 @@ from affinity_node.http.state import (
 from affinity_node.observability.collector import NodeCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
-from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.lifecycle import Mover, MoverRules
 from affinity_node.routing.load import LoadRules, LoadView
 from affinity_node.routing.ports import BindingStore
 from affinity_node.routing.router import AffinityRules, Router
@@ -73,12 +75,15 @@ from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.listener import ChangeListener, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (
+    DB_ERRORS,
     PoolSettings,
     PostgresBindingStore,
     QueryLogger,
     create_pool,
 )
+from affinity_node.store.registry import REGISTRY_CHANNEL, PostgresRegistry, RegistryFollower
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
+from affinity_node.upstream.discovery import DnsDiscovery, DnsEntry, Resolver, system_resolver
 from affinity_node.upstream.health import HealthChecker
 from affinity_node.upstream.load import LoadPoller
 from affinity_node.vocabulary import StoreKind
@@ -86,6 +91,9 @@ from affinity_node.vocabulary import StoreKind
 log = logging.getLogger(__name__)
 
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+DISCOVERY = web.AppKey("discovery", DnsDiscovery)
+RESOLVER: web.AppKey[Resolver] = web.AppKey("resolver")
+"""How DNS-named backends are resolved (`build_app(resolver=...)`: tests inject one)."""
 
 SHUTDOWN_GRACE_SECONDS = 2.0
 """After the drain (`serve`), what aiohttp still grants open handlers before cancelling them:
@@ -163,6 +171,7 @@ async def affinity_engine(
     metrics: AffinityMetrics,
     keys: KeyCache | None = None,
     *,
+    registry: RegistryFollower | None = None,
     is_known_backend: Callable[[str], bool] = lambda _backend: True,
     on_query: QueryLogger | None = None,
     background: bool = True,
@@ -195,10 +204,14 @@ async def affinity_engine(
         handlers[BINDINGS_CHANNEL] = lambda p: engine.apply_event(parse_binding_event(p))
     if keys is not None:
         handlers[KEYS_CHANNEL] = partial(_key_event, keys)
+    if registry is not None:
+        handlers[REGISTRY_CHANNEL] = registry.nudge
 
     async def on_synced() -> None:
         if keys is not None:
             await keys.resync()
+        if registry is not None:  # before the bindings: it says which backends exist
+            await registry.reload()
         await engine.resync()
 
     def on_state(up: bool) -> None:
@@ -271,15 +284,83 @@ async def _poll_keys_while_blind(keys: KeyCache, interval_s: float = 1.0) -> Non
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     pool = app[BACKENDS]
+    follower = RegistryFollower(PostgresRegistry(app[DB_POOL]), pool)
     async with affinity_engine(
         engine_spec(app[CONFIG]),
         app[DB_POOL],
         app[AFFINITY_METRICS],
         app[KEYS],
+        registry=follower,
         is_known_backend=lambda backend: pool.get(backend) is not None,
     ) as stack:
         app[ENGINE] = stack.engine
         yield
+    await follower.stop()
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """The fleet's mover (drain, rebalance) and this node's health reports to the registry."""
+    cfg = app[CONFIG]
+    registry = PostgresRegistry(app[DB_POOL])
+    tasks = [asyncio.create_task(_report_health(registry, app[BACKENDS], cfg.node_id))]
+    discovery = app[DISCOVERY]
+    if discovery.active:
+        cache = app[ENGINE].cache
+        discovery.is_idle = lambda b: b.inflight == 0 and cache.bindings_of(b.id) == 0
+        tasks.append(asyncio.create_task(discovery.run(cfg.discovery.interval_seconds)))
+    if cfg.affinity.enabled and cfg.affinity.store == "postgres":
+        mover = Mover(
+            app[ENGINE],
+            app[BACKENDS],
+            registry,
+            MoverRules(
+                drain_moves_per_s=cfg.drain.moves_per_second,
+                rebalance=cfg.rebalance.enabled,
+                rebalance_moves_per_minute=cfg.rebalance.max_moves_per_minute,
+                rebalance_skew=cfg.rebalance.skew,
+                rebalance_after_s=cfg.rebalance.after_seconds,
+            ),
+        )
+        tasks.append(asyncio.create_task(_move(mover), name="mover"))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _move(mover: Mover) -> None:
+    warn = RateLimitedLog(log)
+    while True:
+        try:
+            await mover.tick()
+        except DB_ERRORS as exc:
+            warn.warning("mover", "binding mover: the database did not answer: %r", exc)
+        await asyncio.sleep(0.2)
+
+
+async def _report_health(
+    registry: PostgresRegistry, pool: BackendPool, node_id: str, every_s: float = 15.0
+) -> None:
+    """What this node sees of each backend, for `backends list` (on change, and regularly)."""
+    warn = RateLimitedLog(log)
+    seen: dict[str, bool] = {}
+    last = 0.0
+    while True:
+        now = time.monotonic()
+        due = now - last >= every_s
+        for backend in pool.backends:
+            if due or seen.get(backend.id) != backend.healthy:
+                try:
+                    await registry.report_health(
+                        node_id, backend.id, backend.healthy, backend.kind, backend.models
+                    )
+                    seen[backend.id] = backend.healthy
+                except DB_ERRORS as exc:
+                    warn.warning("health-report", "cannot report backend health: %r", exc)
+                    break
+        if due:
+            last = now
+        await asyncio.sleep(1.0)
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
@@ -298,20 +379,21 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    m = app[HTTP_METRICS]
     pool = BackendPool(
-        [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends],
+        [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends if b.url],
         [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
     )
+    discovery = app[DISCOVERY] = DnsDiscovery(
+        pool,
+        [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],
+        app[RESOLVER],
+    )
+    await discovery.resolve_once()  # DNS-named backends exist before the first request
     health = BackendHealth(
         pool,
         eject_after_failures=cfg.health.eject_after_failures,
         readmit_after_successes=cfg.health.readmit_after_successes,
-        on_change=lambda bid, ok: m.backend_healthy.labels(bid).set(int(ok)),
     )
-    for backend in pool.backends:
-        m.backend_healthy.labels(backend.id).set(1 if backend.healthy else 0)
-        m.upstream_inflight.labels(backend.id).set_function(_inflight_of(backend))
     app[BACKENDS] = pool
     app[HEALTH] = health
     checker = HealthChecker(pool, health, app[UPSTREAM], cfg.health.interval_seconds)
@@ -321,10 +403,6 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def _inflight_of(backend: Backend) -> Callable[[], float]:
-    return lambda: float(backend.inflight)
 
 
 async def _router(app: web.Application) -> AsyncIterator[None]:
@@ -384,9 +462,14 @@ def _add_ops_routes(app: web.Application, cfg: NodeConfig) -> None:
         app.router.add_get("/debug/bindings", debug_bindings)
 
 
-def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web.Application:
+def build_app(
+    cfg: NodeConfig,
+    registry: CollectorRegistry | None = None,
+    resolver: Resolver = system_resolver,
+) -> web.Application:
     """The node's API application; with `listen.ops_port` unset it serves the probes and
-    /metrics too (else `build_ops_app` does, on that port)."""
+    /metrics too (else `build_ops_app` does, on that port). `resolver` resolves DNS-named
+    backends."""
     registry = registry or CollectorRegistry()
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes,
@@ -394,6 +477,7 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
         handler_args={"max_field_size": 16384, "max_headers": 64},
     )
     app[NODE] = app
+    app[RESOLVER] = resolver
     app[CONFIG] = cfg
     app[STATUS] = NodeStatus()
     app[REGISTRY] = registry
@@ -402,7 +486,7 @@ def build_app(cfg: NodeConfig, registry: CollectorRegistry | None = None) -> web
     app[AFFINITY_METRICS] = AffinityMetrics(registry)
     if cfg.logging.access:
         app[ACCESS_LOG] = AccessLog(cfg.node_id)
-    app.cleanup_ctx.extend((_database, _keys, _upstream, _backends, _engine, _router))
+    app.cleanup_ctx.extend((_database, _keys, _upstream, _backends, _engine, _router, _lifecycle))
     app.on_shutdown.append(_start_draining)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)
@@ -474,10 +558,12 @@ class RunningNode:
 
 
 @asynccontextmanager
-async def run_node(cfg: NodeConfig) -> AsyncIterator[RunningNode]:
+async def run_node(
+    cfg: NodeConfig, resolver: Resolver = system_resolver
+) -> AsyncIterator[RunningNode]:
     """The API site once the node's resources started; then the operations site, if any,
     which stops last (probes answer until the very end)."""
-    app = build_app(cfg)
+    app = build_app(cfg, resolver=resolver)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,

@@ -86,6 +86,26 @@ def http_url(text: str) -> str:
     return text
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds, as `90`, `90s`, `10m`, `2h` or `1d`."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    seconds = float(_number(float, 0, None, True, "a duration like 90s, 10m or 2h")(number))
+    return seconds * _UNITS[unit]
+
+
+def backend_url(text: str) -> str:
+    """A backend's URL, in the normalised form nodes and binding rows use."""
+    from affinity_node.routing.backends import normalise_url
+
+    try:
+        return normalise_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -103,6 +123,8 @@ CHECKED_TYPES = frozenset(
         dsn,
         http_url,
         non_empty,
+        duration,
+        backend_url,
     }
 )
 """The types above: the CLI test checks every typed option uses one of them."""

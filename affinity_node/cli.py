@@ -96,6 +96,13 @@ def _key_json(k: Any) -> dict[str, Any]:
     }
 
 
+async def _backends(args: argparse.Namespace) -> int:
+    from affinity_node import cli_backends
+
+    dsn = _need_dsn(args)
+    return await cli_backends.run(args, lambda: asyncpg.connect(dsn))
+
+
 async def _bindings(args: argparse.Namespace) -> int:
     from affinity_node.app import database_pool, postgres_bindings
     from affinity_node.config import DatabaseConfig
@@ -247,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key-id", type=key_id)
     _add_dsn(c)
     p.set_defaults(func=_bindings)
+
+    from affinity_node import cli_backends
+
+    cli_backends.add_parser(sub, _add_dsn)
+    sub.choices["backends"].set_defaults(func=_backends)
 
     from affinity_node.sim.bench_cli import add_bench_parser
     from affinity_node.sim.chaos import add_chaos_parser

@@ -98,6 +98,29 @@ class LoadConfig:
 
 
 @dataclass
+class DrainConfig:
+    moves_per_second: float = _range(2.0, 0, 1000, above=True)
+    """Bindings moved off draining backends, fleet-wide (faster when a deadline needs it)."""
+
+
+@dataclass
+class RebalanceConfig:
+    enabled: bool = True
+    max_moves_per_minute: float = _range(30.0, 0, 60_000, above=True)
+    """Fleet-wide pace of rebalancing moves."""
+    skew: float = _range(1.25, 1, 100)
+    """Bindings of the busiest active backend over the mean that counts as skewed."""
+    after_seconds: float = _range(10.0, 0, 86_400)
+    """How long the skew must last before bindings move."""
+
+
+@dataclass
+class DiscoveryConfig:
+    interval_seconds: float = _range(10.0, 0, 86_400, above=True)
+    """How often `backends` entries given by DNS name are resolved again."""
+
+
+@dataclass
 class RoutingConfig:
     fallback: StrategyName = "least_outstanding"
 
@@ -142,7 +165,13 @@ class LoggingConfig:
 
 @dataclass
 class BackendConfig:
-    url: str
+    url: str = ""
+    """One backend; or, instead:"""
+    dns: str = ""
+    """A DNS name (a Kubernetes headless Service) whose addresses are the backends, resolved
+    again every `discovery.interval_seconds`; with `port` (and `scheme`)."""
+    port: int = _range(0, 0, 65535)
+    scheme: Literal["http", "https"] = "http"
     models: list[str] = field(default_factory=list)
     kind: BackendKind = "vllm"
 
@@ -161,6 +190,9 @@ class NodeConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -331,7 +363,15 @@ def validate(cfg: NodeConfig) -> None:
     if not cfg.backends:
         raise ConfigError("backends: at least one backend is needed")
     for i, backend in enumerate(cfg.backends):
-        _check_url(backend.url, f"backends[{i}].url")
+        if bool(backend.url) == bool(backend.dns):
+            raise ConfigError(f"backends[{i}]: give either url, or dns with port")
+        if backend.dns:
+            if not backend.port:
+                raise ConfigError(f"backends[{i}].port: needed with dns")
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", backend.dns):
+                raise ConfigError(f"backends[{i}].dns: {backend.dns!r} is not a DNS name")
+        else:
+            _check_url(backend.url, f"backends[{i}].url")
         for j, model in enumerate(backend.models):
             if not model.strip():
                 raise ConfigError(f"backends[{i}].models[{j}]: must not be empty")

@@ -14,7 +14,7 @@ Outcome = Literal["hit", "rebind", MissOutcome]
 AffinityHeader = Literal["hit", "miss", "rebind", "spill", "degraded", "bypass"]
 """The `x-affinity` response header: what affinity did for this request."""
 
-RebindReason = Literal["unhealthy", "failover"]
+RebindReason = Literal["unhealthy", "failover", "drain", "rebalance"]
 NotifyOp = Literal["insert", "update", "delete"]
 """Operations the binding table's trigger announces."""
 
@@ -29,6 +29,13 @@ StoreKind = Literal["postgres", "memory"]
 
 BackendKind = Literal["vllm", "external"]
 """vllm: affinity may apply (it has a prefix cache to reuse); external: never."""
+
+BackendState = Literal["active", "draining", "disabled"]
+"""Admin state (the registry): draining takes no new bindings and gives its own away;
+disabled serves nothing."""
+
+MoveReason = Literal["drain", "rebalance"]
+"""Why the fleet's mover moved a binding."""
 
 DbOperation = Literal[
     "read",
@@ -54,7 +61,7 @@ KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]
 """Why a bearer token was refused."""
 
 FanoutDirection = Literal["grow", "shrink"]
-FanoutReason = Literal["hot", "cool", "unhealthy"]
+FanoutReason = Literal["hot", "cool", "unhealthy", "drain"]
 """Why a set grew (every member hot) or shrank (every member cool, or a member unhealthy)."""
 
 SpillReason = Literal["load", "failover"]
@@ -74,6 +81,8 @@ KEY_REFUSALS: Final[tuple[KeyRefusal, ...]] = get_args(KeyRefusal)
 KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
 STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
+BACKEND_STATES: Final[tuple[BackendState, ...]] = get_args(BackendState)
+MOVE_REASONS: Final[tuple[MoveReason, ...]] = get_args(MoveReason)
 DB_OPERATIONS: Final[tuple[DbOperation, ...]] = get_args(DbOperation)
 
 HEADER_OF: Final[dict[Outcome, AffinityHeader]] = {

@@ -17,6 +17,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.vocabulary import BACKEND_STATES
 
 if TYPE_CHECKING:
     from affinity_node.routing.backends import BackendPool
@@ -37,6 +38,12 @@ _LOAD = (
     "affinity_backend_load",
     "Each vLLM backend's own load as last polled (every node's traffic): running and waiting "
     "requests, KV cache usage (0..1).",
+)
+_INFLIGHT = ("affinity_upstream_inflight", "Requests in flight to each backend (streams included).")
+_HEALTHY_BACKEND = ("affinity_backend_healthy", "1 while the backend is in rotation.")
+_STATE = (
+    "affinity_backend_state",
+    "1 for each backend's admin state (active, draining, disabled), 0 for the others.",
 )
 _FANOUT_PAIRS = (
     "affinity_fanout_pairs",
@@ -68,6 +75,9 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(*_BINDINGS, labels=["backend"])
         yield GaugeMetricFamily(*_HEALTHY, labels=["model"])
         yield GaugeMetricFamily(*_LOAD, labels=["backend", "kind"])
+        yield GaugeMetricFamily(*_INFLIGHT, labels=["backend"])
+        yield GaugeMetricFamily(*_HEALTHY_BACKEND, labels=["backend"])
+        yield GaugeMetricFamily(*_STATE, labels=["backend", "state"])
         yield GaugeMetricFamily(*_FANOUT_PAIRS, labels=["size"])
 
     def collect(self) -> Iterator[Metric]:
@@ -86,6 +96,18 @@ class NodeCollector(Collector):
         for model in sorted(self._all_models()):
             healthy.add_metric([model], len(pool.candidates(model)))
         yield healthy
+
+        inflight = GaugeMetricFamily(*_INFLIGHT, labels=["backend"])
+        up = GaugeMetricFamily(*_HEALTHY_BACKEND, labels=["backend"])
+        state = GaugeMetricFamily(*_STATE, labels=["backend", "state"])
+        for b in pool.backends:
+            inflight.add_metric([b.id], b.inflight)
+            up.add_metric([b.id], 1 if b.healthy else 0)
+            for name in BACKEND_STATES:
+                state.add_metric([b.id, name], 1 if b.state == name else 0)
+        yield inflight
+        yield up
+        yield state
 
         load = GaugeMetricFamily(*_LOAD, labels=["backend", "kind"])
         for polled in pool.backends:

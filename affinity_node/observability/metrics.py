@@ -25,6 +25,7 @@ from affinity_node.vocabulary import (
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
     MISS_OUTCOMES,
+    MOVE_REASONS,
     NOTIFY_OPS,
     REBIND_REASONS,
     REJECT_REASONS,
@@ -133,6 +134,12 @@ class AffinityMetrics:
             ["op"],
             registry=registry,
         )
+        self.moves = Counter(
+            "affinity_moves",
+            "Bindings the fleet's mover moved (paced fleet-wide), by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.fanout_changes = Counter(
             "affinity_fanout_changes",
             "Binding sets grown or shrunk (load-aware fan-out), by direction and reason.",
@@ -204,6 +211,8 @@ class AffinityMetrics:
             self.db_errors.labels(operation)
         for reason in REJECT_REASONS:
             self.notifications_rejected.labels(reason)
+        for move in MOVE_REASONS:
+            self.moves.labels(move)
         for why in KEY_LOOKUP_REASONS:
             self.key_lookups.labels(why)
         for refusal in KEY_REFUSALS:
@@ -298,18 +307,6 @@ class HttpMetrics:
             "From forwarding to the first body byte received.",
             ["backend"],
             buckets=TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_inflight = Gauge(
-            "affinity_upstream_inflight",
-            "Requests in flight to each backend (streams included).",
-            ["backend"],
-            registry=registry,
-        )
-        self.backend_healthy = Gauge(
-            "affinity_backend_healthy",
-            "1 while the backend is in rotation.",
-            ["backend"],
             registry=registry,
         )
         self.build_info = Gauge(

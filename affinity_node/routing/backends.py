@@ -13,9 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
 from urllib.parse import urlsplit
 
-from affinity_node.vocabulary import BACKEND_KINDS, BackendKind
+from affinity_node.vocabulary import BACKEND_KINDS, BackendKind, BackendState
+
+Origin = Literal["config", "registry", "dns"]
+"""Where a backend came from: the YAML, the registry (`backends add`), or DNS discovery."""
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -86,6 +91,11 @@ class Backend:
     """Requests forwarded and not yet finished (a stream counts until its last byte)."""
     probed: bool = False
     last_error: str | None = field(default=None)
+    state: BackendState = "active"
+    """Admin state from the registry (or DNS discovery): draining takes no new bindings."""
+    origin: Origin = "config"
+    drain_deadline: datetime | None = None
+    """When a drain must be done by (the registry's), if any."""
     running: float | None = None
     """From the backend's own /metrics at the last poll (all nodes' requests); None: unknown."""
     waiting: float | None = None
@@ -160,7 +170,7 @@ class BackendPool:
         """Canonical names with at least one healthy backend, sorted (for GET /v1/models)."""
         names: set[str] = set()
         for backend in self._backends:
-            if backend.healthy:
+            if backend.healthy and backend.state != "disabled":
                 names.update(backend.models)
         return sorted(names)
 
@@ -190,7 +200,11 @@ class BackendPool:
                 return ()
             cached = self._candidates.get(canonical)
             if cached is None:
-                cached = tuple(b for b in self._backends if b.healthy and canonical in b.models)
+                cached = tuple(
+                    b
+                    for b in self._backends
+                    if b.healthy and b.state != "disabled" and canonical in b.models
+                )
                 self._candidates[canonical] = cached
             if canonical != model:  # cache aliases too: one dict hit per request
                 self._candidates[model] = cached
@@ -221,9 +235,42 @@ class BackendPool:
             return False
         return self._affinity.get(canonical, self._default_affinity)
 
+    # -- changes at runtime (registry, DNS discovery) ----------------------------------------
+
+    def add(self, spec: BackendSpec, origin: Origin) -> Backend:
+        """A backend that joins at runtime; an existing one keeps its identity and state."""
+        bid = normalise_url(spec.url)
+        existing = self._by_id.get(bid)
+        if existing is not None:
+            return existing
+        if spec.kind not in BACKEND_KINDS:
+            raise ValueError(f"backend {bid}: kind must be one of {', '.join(BACKEND_KINDS)}")
+        served = frozenset(self._learn(m) for m in spec.models)
+        backend = Backend(bid, spec.kind, served, discovers=not served, origin=origin)
+        self._by_id[bid] = backend
+        self._backends = (*self._backends, backend)
+        self.invalidate()
+        return backend
+
+    def remove(self, backend_id: str) -> Backend | None:
+        """The backend leaves; requests already holding it finish there."""
+        backend = self._by_id.pop(backend_id, None)
+        if backend is not None:
+            self._backends = tuple(b for b in self._backends if b is not backend)
+            self.invalidate()
+        return backend
+
+    def set_state(self, backend: Backend, state: BackendState) -> bool:
+        """True when the state changed."""
+        if backend.state == state:
+            return False
+        backend.state = state
+        self.invalidate()
+        return True
+
     def has_healthy(self) -> bool:
         """Readiness: some healthy backend serves some model (else the node cannot serve)."""
-        return any(b.healthy and b.models for b in self._backends)
+        return any(b.healthy and b.models and b.state != "disabled" for b in self._backends)
 
     def overloaded(
         self, backend: Backend, model: str, load_factor: float, spill_min_gap: float

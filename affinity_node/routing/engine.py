@@ -44,6 +44,7 @@ from affinity_node.vocabulary import (
     FanoutDirection,
     FanoutReason,
     MissOutcome,
+    MoveReason,
     Outcome,
     RebindReason,
 )
@@ -296,6 +297,26 @@ class AffinityEngine:
         self._cache.fill(
             pair, stored.backend, stored.version, stored.ttl, stamp, asked_at, stored.fanout
         )
+
+    async def move(self, pair: Pair, old: str, new: str, reason: MoveReason) -> bool:
+        """The fleet's mover moves a binding (compare-and-set from `old`); False when it no
+        longer points there or the store is out of reach."""
+        if not self._breaker.allows():
+            return False
+        stamp = self._cache.stamp()
+        asked_at = self._clock()
+        try:
+            moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            return False
+        self._store_ok()
+        if moved is None:
+            return False
+        self._fill(pair, moved, stamp, asked_at)
+        self._m.rebinds.labels(pair[1], reason).inc()
+        self._m.moves.labels(reason).inc()
+        return True
 
     async def set_members(
         self,

@@ -85,7 +85,7 @@ class LoadView:
         best: Backend | None = None
         best_load = 0.0
         for backend in self._pool.candidates(model):
-            if backend.kind != "vllm" or backend.id in exclude:
+            if backend.kind != "vllm" or backend.id in exclude or backend.state != "active":
                 continue
             load = self.load(backend)
             if best is None or load < best_load:

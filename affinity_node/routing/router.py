@@ -76,7 +76,9 @@ class Router:
         prefix caches and long-run load; in-flight counts alone tie at low load and scatter
         bindings unevenly (the demo saw 59 vs 276 requests on two backends).
         """
-        backends = [b for b in map(self._pool.get, ids) if b is not None]
+        known = [b for b in map(self._pool.get, ids) if b is not None]
+        # New bindings only on active backends (a draining one is giving its own away).
+        backends = [b for b in known if b.state == "active"] or known
         engine = self._engine
         if engine is not None and len(backends) > 1:
             cache = engine.cache
@@ -108,7 +110,11 @@ class Router:
         to (vllm) when there is one, so that a failover can move the binding there."""
         if route.bound is not None:
             ids = self._affinity_candidates(model)
-            eligible = [b for b in map(self._pool.get, ids) if b is not None and b not in tried]
+            eligible = [
+                b
+                for b in map(self._pool.get, ids)
+                if b is not None and b not in tried and b.state == "active"
+            ]
             if eligible:
                 return self._strategy.choose(eligible)
         return self.fallback(model, exclude=tried)

@@ -151,3 +151,66 @@ SELECT name, checksum FROM affinity_schema_migrations;
 
 -- name: migration_record
 INSERT INTO affinity_schema_migrations (name, checksum) VALUES ($1, $2);
+
+-- Backend registry (store/registry.py): runtime backends and admin state of any backend.
+
+-- name: registry_list
+SELECT url, added, kind, models, state, drain_deadline FROM affinity_backends ORDER BY url;
+
+-- name: registry_add
+INSERT INTO affinity_backends (url, added, kind, models) VALUES ($1, true, $2, $3)
+ON CONFLICT (url) DO UPDATE SET added = true, kind = EXCLUDED.kind, models = EXCLUDED.models
+RETURNING url;
+
+-- name: registry_set_state
+-- For a backend only the YAML lists, the row holds its admin state (added = false).
+INSERT INTO affinity_backends (url, added, state, drain_deadline) VALUES ($1, false, $2, $3)
+ON CONFLICT (url) DO UPDATE SET state = EXCLUDED.state, drain_deadline = EXCLUDED.drain_deadline
+RETURNING added;
+
+-- name: registry_remove
+DELETE FROM affinity_backends WHERE url = $1 RETURNING added;
+
+-- name: registry_bindings
+-- Live bindings per backend, set members included.
+SELECT url, count(*) AS bindings FROM (
+    SELECT provider_url AS url FROM api_key_model_affinity WHERE expires_at > now()
+    UNION ALL
+    SELECT unnest(fanout_urls) FROM api_key_model_affinity WHERE expires_at > now()
+) AS b GROUP BY url;
+
+-- name: health_report
+INSERT INTO affinity_backend_health (node_id, url, healthy, kind, models, seen_at)
+VALUES ($1, $2, $3, $4, $5, now())
+ON CONFLICT (url, node_id) DO UPDATE
+    SET healthy = EXCLUDED.healthy, kind = EXCLUDED.kind, models = EXCLUDED.models, seen_at = now();
+
+-- name: health_view
+-- What the nodes that reported in the last 90 s know and see of each backend.
+SELECT url, count(*) FILTER (WHERE healthy) AS healthy, count(*) AS nodes,
+       min(kind) AS kind, max(models) AS models
+FROM affinity_backend_health WHERE seen_at > now() - interval '90 seconds' GROUP BY url;
+
+-- name: mover_slot
+-- Fleet-wide pacing of binding moves: whoever takes the slot may move one binding now.
+UPDATE affinity_mover SET last_move_at = now()
+WHERE last_move_at <= now() - make_interval(secs => $1::float8)
+RETURNING true;
+
+-- name: mover_drain_candidates
+-- Live bindings that hold a draining backend (as first member or in the set), oldest first.
+SELECT api_key_id, model, provider_url, version, extract(epoch FROM expires_at - now())::float8,
+       fanout_urls
+FROM api_key_model_affinity
+WHERE expires_at > now() AND (provider_url = ANY($1::text[]) OR fanout_urls && $1::text[])
+ORDER BY updated_at
+LIMIT $2;
+
+-- name: mover_idle_bindings
+-- Bindings on one backend alone (no set), idle the longest first: the cheapest to move.
+SELECT api_key_id, model, provider_url, version, extract(epoch FROM expires_at - now())::float8,
+       fanout_urls
+FROM api_key_model_affinity
+WHERE expires_at > now() AND provider_url = $1 AND fanout_urls = '{}'
+ORDER BY expires_at
+LIMIT $2;

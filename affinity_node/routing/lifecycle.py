@@ -1,0 +1,209 @@
+"""Backends joining, draining and leaving while the fleet serves.
+
+The registry (a table every node follows) adds backends at runtime and holds the admin state of
+any backend: `active`, `draining` (no new bindings or set membership; its bindings are moved off)
+or `disabled` (serves nothing). `apply_registry` makes a node's pool match it.
+
+The mover runs on every node, but moves are paced fleet-wide: before each move a node must take
+the one move slot in the database (one per interval for the whole fleet), so however many nodes
+run it, drains and rebalances go at the configured rate. Each move is a compare-and-set on the
+binding (reason `drain` or `rebalance`), so every node follows it by notification.
+
+- Drain: bindings that hold a draining backend are moved to the active backend holding the
+  fewest bindings (or, when the pair has a set, to another member), at `drain_moves_per_s`, faster
+  when a deadline needs it. In-flight requests finish where they are.
+- Rebalance: when bindings have been skewed across active backends for `rebalance_after_s` (a
+  backend added or undrained, placement drifted), the binding idle the longest on the busiest
+  backend moves to the least busy one, at `rebalance_moves_per_minute`, until the skew is under
+  the threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
+from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.ports import BindingRow, Clock
+from affinity_node.vocabulary import BackendKind, BackendState, MoveReason
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    url: str
+    added: bool
+    """False: the entry only holds the admin state of a backend the YAML lists."""
+    kind: BackendKind
+    models: tuple[str, ...]
+    state: BackendState
+    drain_deadline: datetime | None = None
+
+
+def apply_registry(pool: BackendPool, entries: Sequence[RegistryEntry]) -> list[str]:
+    """Make the pool match the registry; returns what changed, for the log."""
+    changes: list[str] = []
+    wanted: dict[str, RegistryEntry] = {}
+    for entry in entries:
+        try:
+            wanted[normalise_url(entry.url)] = entry
+        except ValueError:
+            continue  # not a URL this node can use: ignore the row, keep serving
+    for url, entry in wanted.items():
+        backend = pool.get(url)
+        if backend is None and entry.added:
+            backend = pool.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            changes.append(f"{url} added")
+        if backend is None:
+            continue
+        backend.drain_deadline = entry.drain_deadline
+        if pool.set_state(backend, entry.state):
+            changes.append(f"{url} {entry.state}")
+    for backend in pool.backends:
+        current = wanted.get(backend.id)
+        if backend.origin == "registry" and (current is None or not current.added):
+            pool.remove(backend.id)
+            changes.append(f"{backend.id} removed")
+        elif current is None and backend.origin == "config" and pool.set_state(backend, "active"):
+            changes.append(f"{backend.id} active")
+    return changes
+
+
+class MoverStore(Protocol):
+    async def take_move_slot(self, min_interval_s: float) -> bool: ...
+
+    async def on_backends(self, urls: Sequence[str], limit: int) -> list[BindingRow]: ...
+
+    async def idle_bindings(self, url: str, limit: int) -> list[BindingRow]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MoverRules:
+    drain_moves_per_s: float = 2.0
+    rebalance: bool = True
+    rebalance_moves_per_minute: float = 30.0
+    rebalance_skew: float = 1.25
+    """Busiest over mean bindings that counts as skewed (and at least 2 above the mean)."""
+    rebalance_after_s: float = 10.0
+
+
+class Mover:
+    def __init__(
+        self,
+        engine: AffinityEngine,
+        pool: BackendPool,
+        store: MoverStore,
+        rules: MoverRules,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._pool = pool
+        self._store = store
+        self.rules = rules
+        self._clock = clock
+        self._skewed_since: float | None = None
+
+    def _bindings(self, backend: Backend) -> int:
+        return self._engine.cache.bindings_of(backend.id)
+
+    async def tick(self) -> MoveReason | None:
+        """At most one move, when one is due and this node took the fleet's slot."""
+        draining = [b for b in self._pool.backends if b.state == "draining"]
+        if draining:
+            return await self._drain(draining)
+        if self.rules.rebalance:
+            return await self._rebalance()
+        return None
+
+    def drain_interval(self, draining: Sequence[Backend]) -> float:
+        """Seconds between moves: the configured pace, faster when a deadline needs it."""
+        interval = 1.0 / self.rules.drain_moves_per_s
+        now = datetime.now(UTC)
+        for backend in draining:
+            deadline = backend.drain_deadline
+            left = self._bindings(backend)
+            if deadline is not None and left:
+                seconds = (deadline - now).total_seconds()
+                interval = min(interval, max(seconds, 0.0) / (left + 1))
+        return max(interval, 0.01)
+
+    async def _drain(self, draining: Sequence[Backend]) -> MoveReason | None:
+        ids = {b.id for b in draining}
+        if not await self._store.take_move_slot(self.drain_interval(draining)):
+            return None
+        rows = await self._store.on_backends(sorted(ids), 1)
+        if not rows:
+            return None
+        row = rows[0]
+        pair = (row.api_key_id, row.model)
+        if row.backend not in ids:  # only a set member is draining: the set shrinks
+            kept = tuple(m for m in row.fanout if m not in ids)
+            ok = await self._engine.set_members(pair, row.version, kept, "shrink", "drain")
+            return "drain" if ok else None
+        members = [m for m in row.fanout if m not in ids and self._serves(m, row.model)]
+        target = members[0] if members else self._least_bound(row.model, exclude=ids)
+        if target is None:
+            return None
+        ok = await self._engine.move(pair, row.backend, target, "drain")
+        return "drain" if ok else None
+
+    def _serves(self, backend_id: str, model: str) -> bool:
+        backend = self._pool.get(backend_id)
+        return (
+            backend is not None
+            and backend.state == "active"
+            and backend in (self._pool.candidates(model))
+        )
+
+    def _least_bound(self, model: str, exclude: set[str]) -> str | None:
+        choices = [
+            b for b in self._pool.candidates(model)
+            if b.kind == "vllm" and b.state == "active" and b.id not in exclude
+        ]  # fmt: skip
+        if not choices:
+            return None
+        return min(choices, key=self._bindings).id
+
+    def skew(self) -> tuple[Backend, Backend, float] | None:
+        """(busiest, least busy, busiest over mean) over the active vllm backends."""
+        active = [
+            b
+            for b in self._pool.backends
+            if b.kind == "vllm" and b.state == "active" and b.healthy and b.models
+        ]
+        if len(active) < 2:
+            return None
+        counts = {b.id: self._bindings(b) for b in active}
+        mean = sum(counts.values()) / len(active)
+        if mean <= 0:
+            return None
+        busiest = max(active, key=lambda b: counts[b.id])
+        idlest = min(active, key=lambda b: counts[b.id])
+        return busiest, idlest, counts[busiest.id] / mean
+
+    async def _rebalance(self) -> MoveReason | None:
+        found = self.skew()
+        now = self._clock()
+        if found is None:
+            self._skewed_since = None
+            return None
+        busiest, idlest, ratio = found
+        mean = self._bindings(busiest) / ratio
+        if ratio < self.rules.rebalance_skew or self._bindings(busiest) < mean + 2:
+            self._skewed_since = None
+            return None
+        if self._skewed_since is None:
+            self._skewed_since = now
+        if now - self._skewed_since < self.rules.rebalance_after_s:
+            return None
+        if not await self._store.take_move_slot(60.0 / self.rules.rebalance_moves_per_minute):
+            return None
+        for row in await self._store.idle_bindings(busiest.id, 5):
+            if idlest in self._pool.candidates(row.model):
+                pair = (row.api_key_id, row.model)
+                ok = await self._engine.move(pair, busiest.id, idlest.id, "rebalance")
+                return "rebalance" if ok else None
+        return None

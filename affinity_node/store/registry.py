@@ -1,0 +1,169 @@
+"""The backend registry on Postgres (db/migrations/0003): runtime backends, admin states, what
+each node sees of backend health, and the fleet-wide pacing of binding moves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+import asyncpg
+
+from affinity_node.observability.logs import RateLimitedLog
+from affinity_node.routing.backends import BackendPool
+from affinity_node.routing.lifecycle import RegistryEntry, apply_registry
+from affinity_node.routing.ports import BindingRow
+from affinity_node.store.postgres import DB_ERRORS
+from affinity_node.store.queries import QUERIES as Q
+from affinity_node.vocabulary import BackendKind, BackendState
+
+log = logging.getLogger(__name__)
+
+REGISTRY_CHANNEL = "affinity_backend_changes"
+
+
+@dataclass(frozen=True, slots=True)
+class NodesView:
+    """One backend as the nodes report it."""
+
+    healthy_on: int
+    nodes: int
+    kind: BackendKind
+    models: tuple[str, ...]
+
+
+def _row(r: asyncpg.Record) -> RegistryEntry:
+    return RegistryEntry(
+        r["url"],
+        r["added"],
+        cast(BackendKind, r["kind"]),
+        tuple(r["models"]),
+        cast(BackendState, r["state"]),
+        r["drain_deadline"],
+    )
+
+
+def _binding(r: asyncpg.Record) -> BindingRow:
+    return BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5]))
+
+
+class PostgresRegistry:
+    """Every call is one short statement; callers decide what a failure means."""
+
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, timeout_s: float = 2.0) -> None:
+        self._db = pool
+        self._timeout = timeout_s
+
+    async def rows(self) -> list[RegistryEntry]:
+        return [_row(r) for r in await self._db.fetch(Q["registry_list"], timeout=self._timeout)]
+
+    async def add(self, url: str, kind: BackendKind, models: Sequence[str]) -> None:
+        await self._db.execute(Q["registry_add"], url, kind, list(models), timeout=self._timeout)
+
+    async def set_state(
+        self, url: str, state: BackendState, drain_deadline: datetime | None = None
+    ) -> bool:
+        """Returns whether the registry added this backend (False: the YAML lists it)."""
+        added: bool = await self._db.fetchval(
+            Q["registry_set_state"], url, state, drain_deadline, timeout=self._timeout
+        )
+        return added
+
+    async def remove(self, url: str) -> bool | None:
+        """Deletes the row; None when there was none, else whether the registry added it."""
+        added: bool | None = await self._db.fetchval(
+            Q["registry_remove"], url, timeout=self._timeout
+        )
+        return added
+
+    async def bindings(self) -> dict[str, int]:
+        """Live bindings per backend, set members included."""
+        rows = await self._db.fetch(Q["registry_bindings"], timeout=self._timeout)
+        return {r["url"]: r["bindings"] for r in rows}
+
+    async def report_health(
+        self, node_id: str, url: str, healthy: bool, kind: BackendKind, models: Iterable[str]
+    ) -> None:
+        await self._db.execute(
+            Q["health_report"],
+            node_id,
+            url,
+            healthy,
+            kind,
+            sorted(models)[:64],
+            timeout=self._timeout,
+        )
+
+    async def health(self) -> dict[str, NodesView]:
+        """What the nodes that reported in the last 90 s know and see of each backend."""
+        rows = await self._db.fetch(Q["health_view"], timeout=self._timeout)
+        return {
+            r["url"]: NodesView(
+                r["healthy"], r["nodes"], cast(BackendKind, r["kind"]), tuple(r["models"])
+            )
+            for r in rows
+        }
+
+    async def take_move_slot(self, min_interval_s: float) -> bool:
+        """Whether this caller may move one binding now (one move per interval, fleet-wide)."""
+        return bool(await self._db.fetchval(Q["mover_slot"], min_interval_s, timeout=self._timeout))
+
+    async def on_backends(self, urls: Sequence[str], limit: int) -> list[BindingRow]:
+        """Live bindings that hold any of `urls`, as first member or in the set."""
+        rows = await self._db.fetch(
+            Q["mover_drain_candidates"], list(urls), limit, timeout=self._timeout
+        )
+        return [_binding(r) for r in rows]
+
+    async def idle_bindings(self, url: str, limit: int) -> list[BindingRow]:
+        """Bindings on `url` alone, idle the longest first."""
+        rows = await self._db.fetch(Q["mover_idle_bindings"], url, limit, timeout=self._timeout)
+        return [_binding(r) for r in rows]
+
+
+class RegistryFollower:
+    """Keeps one node's backend pool equal to the registry: re-read on every notification
+    (the payload is only a nudge) and after every (re)connect of the listener."""
+
+    def __init__(self, registry: PostgresRegistry, pool: BackendPool) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._warn = RateLimitedLog(log)
+
+    async def reload(self) -> None:
+        changes = apply_registry(self._pool, await self._registry.rows())
+        for change in changes:
+            log.info("backend registry: %s", change)
+
+    def nudge(self, _payload: str) -> None:
+        """A notification: reload soon (coalesced: one reload at a time, one more after)."""
+        if self._task is not None:
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._reload_soon())
+
+    async def _reload_soon(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    await self.reload()
+                except DB_ERRORS as exc:  # the next (re)connect resyncs anyway
+                    self._warn.warning("registry", "cannot read the backend registry: %r", exc)
+                if not self._again:
+                    return
+        finally:
+            self._task = None
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

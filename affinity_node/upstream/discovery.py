@@ -1,0 +1,101 @@
+"""Backends found by DNS: a `backends` entry that names a DNS name (a Kubernetes headless
+Service) and a port instead of a URL. Every interval the name is resolved again; a new address
+joins as a backend, an address that is gone drains (no new bindings, its bindings are moved
+off by the fleet's mover, in-flight requests finish) and leaves once idle. Every node resolves
+the same name, so nodes agree without talking. A failed resolution changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from affinity_node.observability.logs import RateLimitedLog
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
+from affinity_node.vocabulary import BackendKind
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+"""(name, port) -> the addresses it resolves to now (raises OSError when it cannot say)."""
+
+
+async def system_resolver(name: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+@dataclass(frozen=True, slots=True)
+class DnsEntry:
+    name: str
+    port: int
+    scheme: str = "http"
+    kind: BackendKind = "vllm"
+    models: tuple[str, ...] = ()
+
+
+def _url(entry: DnsEntry, address: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return normalise_url(f"{entry.scheme}://{host}:{entry.port}")
+
+
+class DnsDiscovery:
+    def __init__(
+        self,
+        pool: BackendPool,
+        entries: Sequence[DnsEntry],
+        resolver: Resolver = system_resolver,
+        is_idle: Callable[[Backend], bool] = lambda b: b.inflight == 0,
+    ) -> None:
+        self._pool = pool
+        self._entries = tuple(entries)
+        self._resolver = resolver
+        self.is_idle = is_idle
+        """Whether a backend that left DNS may leave the pool (set once bindings are known)."""
+        self._mine: dict[DnsEntry, set[str]] = {e: set() for e in self._entries}
+        self._warn = RateLimitedLog(log)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._entries)
+
+    async def resolve_once(self) -> None:
+        for entry in self._entries:
+            try:
+                addresses = await self._resolver(entry.name, entry.port)
+            except OSError as exc:
+                self._warn.warning(entry.name, "cannot resolve %s: %r", entry.name, exc)
+                continue
+            wanted = {_url(entry, a) for a in addresses}
+            known = self._mine[entry]
+            for url in sorted(wanted - known):
+                backend = self._pool.add(BackendSpec(url, entry.kind, entry.models), "dns")
+                self._pool.set_state(backend, "active")
+                log.info("backend %s joined (%s)", url, entry.name)
+            for url in sorted(wanted & known):
+                back = self._pool.get(url)
+                if back is not None and back.state == "draining":
+                    self._pool.set_state(back, "active")  # it came back
+            for url in sorted(known - wanted):
+                gone = self._pool.get(url)
+                if gone is None:
+                    continue
+                if self._pool.set_state(gone, "draining"):
+                    log.info("backend %s left %s: draining", url, entry.name)
+                if self.is_idle(gone):
+                    self._pool.remove(url)
+                    log.info("backend %s removed (drained)", url)
+            self._mine[entry] = wanted | {
+                url for url in known - wanted if self._pool.get(url) is not None
+            }
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.resolve_once()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("backend discovery round failed")
