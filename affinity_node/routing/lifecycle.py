@@ -12,10 +12,10 @@ binding (reason `drain` or `rebalance`), so every node follows it by notificatio
 - Drain: bindings that hold a draining backend are moved to the active backend holding the
   fewest bindings (or, when the pair has a set, to another member), at `drain_moves_per_s`, faster
   when a deadline needs it. In-flight requests finish where they are.
-- Rebalance: when bindings have been skewed across active backends for `rebalance_after_s` (a
+- Rebalance: when bindings have been skewed across active backends for `rebalance_after_s` (one
+  holds more than `rebalance_skew` x the mean, or fewer than the mean / `rebalance_skew`: a
   backend added or undrained, placement drifted), the binding idle the longest on the busiest
-  backend moves to the least busy one, at `rebalance_moves_per_minute`, until the skew is under
-  the threshold.
+  backend moves to the least busy one, at `rebalance_moves_per_minute`, until the skew is gone.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class MoverRules:
     rebalance: bool = True
     rebalance_moves_per_minute: float = 30.0
     rebalance_skew: float = 1.25
-    """Busiest over mean bindings that counts as skewed (and at least 2 above the mean)."""
+    """Bindings over (or under) the mean by this factor count as skewed."""
     rebalance_after_s: float = 10.0
 
 
@@ -192,7 +192,10 @@ class Mover:
             return None
         busiest, idlest, ratio = found
         mean = self._bindings(busiest) / ratio
-        if ratio < self.rules.rebalance_skew or self._bindings(busiest) < mean + 2:
+        most, least = self._bindings(busiest), self._bindings(idlest)
+        skew = self.rules.rebalance_skew
+        # Skewed: one backend well above or below the mean, and a move that narrows the gap.
+        if most - least < 2 or (ratio <= skew and least >= mean / skew):
             self._skewed_since = None
             return None
         if self._skewed_since is None:
