@@ -338,11 +338,16 @@ def overview() -> Json:
                     f"sum by (reason) ({rate('affinity_rebinds_total', NODE, MODEL)})",
                     "rebind: {{reason}}",
                 ),
-                target(f"sum({rate('affinity_spills_total', NODE, MODEL)})", "spill: overload"),
+                target(
+                    f"sum by (reason) ({rate('affinity_spills_total', NODE, MODEL)})",
+                    "spill: {{reason}}",
+                ),
             ],
             "ops",
-            "Rebind: the binding moved (bound backend unhealthy, or failed and another "
-            "served). Spill: one request sent past an overloaded bound backend.",
+            "Rebind: the binding moved (bound backend unhealthy, failed and another served, "
+            "drained or rebalanced). Spill: one request served past its bound backend, the "
+            "binding kept (load: the set cannot grow and the backend is overloaded; failover: "
+            "it failed once but is not unhealthy).",
         ),
         timeseries(
             "Bindings per backend",
@@ -434,6 +439,94 @@ def overview() -> Json:
             ],
             "short",
             "Bindings each node holds in memory.",
+        ),
+        timeseries(
+            "Backend load (as every node polls it)",
+            [
+                target(
+                    "max by (backend, kind) "
+                    f'(affinity_backend_load{{{NODE}, kind=~"running|waiting"}})',
+                    "{{kind}} {{backend}}",
+                ),
+            ],
+            "short",
+            "Each vLLM backend's own running and waiting requests (vllm:num_requests_running, "
+            "vllm:num_requests_waiting), counting every node's traffic: what fan-out decides "
+            "on. A queue on one backend while others idle is alert "
+            "AffinityBackendQueueWhileOthersIdle.",
+        ),
+        timeseries(
+            "Backend KV cache usage",
+            [
+                target(
+                    f'max by (backend) (affinity_backend_load{{{NODE}, kind="kv_usage"}})',
+                    "{{backend}}",
+                ),
+            ],
+            "percentunit",
+            "vllm:kv_cache_usage_perc of each backend, as polled.",
+            max_one=True,
+        ),
+        timeseries(
+            "Fan-out changes",
+            [
+                target(
+                    "sum by (direction, reason) "
+                    f"({rate('affinity_fanout_changes_total', NODE, MODEL)})",
+                    "{{direction}}: {{reason}}",
+                ),
+            ],
+            "ops",
+            "Binding sets grown (every member hot) and shrunk (every member cool for "
+            "fanout_shrink_after_seconds, a member unhealthy or drained).",
+        ),
+        timeseries(
+            "Pairs by binding-set size",
+            [target(f"max by (size) (affinity_fanout_pairs{{{NODE}}})", "{{size}} backend(s)")],
+            "short",
+            "Cached pairs served by 1, 2, 3, ... backends (max over nodes: each caches the "
+            "same table).",
+            stack=True,
+        ),
+        timeseries(
+            "Backend states",
+            [
+                target(
+                    f"count by (state) (max by (backend, state) (affinity_backend_state{{{NODE}}})"
+                    " == 1)",
+                    "{{state}}",
+                ),
+            ],
+            "short",
+            "Backends active, draining (no new bindings, being moved off) and disabled, from "
+            "the registry (`affinity-node backends ...`).",
+            stack=True,
+        ),
+        timeseries(
+            "Binding moves",
+            [
+                target(f"sum by (reason) ({rate('affinity_moves_total', NODE)})", "{{reason}}"),
+            ],
+            "ops",
+            "Bindings moved by the fleet's mover: off draining backends, and onto idle ones "
+            "(rebalance), paced fleet-wide.",
+        ),
+        timeseries(
+            "Rejected notifications and key lookups",
+            [
+                target(
+                    f"sum by (reason) ({rate('affinity_notifications_rejected_total', NODE)})",
+                    "rejected: {{reason}}",
+                ),
+                target(
+                    f"sum by (reason) ({rate('affinity_key_lookups_total', NODE)})",
+                    "key lookups: {{reason}}",
+                ),
+            ],
+            "ops",
+            "Notifications not believed (forged or malformed: the pair is re-read instead), and "
+            "the database statements the key cache ran (unknown tokens cost none while the "
+            "node is in sync).",
         ),
         timeseries(
             "Refresh writes",

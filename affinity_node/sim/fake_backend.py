@@ -235,6 +235,12 @@ class _Metrics:
             labels,
             registry=self.registry,
         )
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "Share of the running slots in use (a stand-in for KV blocks held).",
+            labels,
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time from arrival to the first output token.",
@@ -243,7 +249,14 @@ class _Metrics:
             registry=self.registry,
         )
         for model in models:  # every series exists from the first scrape
-            for metric in (self.queries, self.hits, self.running, self.waiting, self.ttft):
+            for metric in (
+                self.queries,
+                self.hits,
+                self.running,
+                self.waiting,
+                self.kv_usage,
+                self.ttft,
+            ):
                 metric.labels(model_name=model)
 
 
@@ -362,6 +375,7 @@ class FakeBackend:
             self.metrics.waiting.labels(**labels).dec()
         self.stats.running += 1
         self.metrics.running.labels(**labels).inc()
+        self.metrics.kv_usage.labels(**labels).set(self.stats.running / self.cfg.max_running)
         try:
             cached, total = self.cache.lookup_and_insert(tokenize(job.prompt), job.model)
             self.metrics.queries.labels(**labels).inc(total)
@@ -391,6 +405,7 @@ class FakeBackend:
         finally:
             self.stats.running -= 1
             self.metrics.running.labels(**labels).dec()
+            self.metrics.kv_usage.labels(**labels).set(self.stats.running / self.cfg.max_running)
             self._slots.release()
 
     def _envelope(self, job: Job, id_: str, chunk: bool) -> dict[str, Any]:
