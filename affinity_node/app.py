@@ -137,7 +137,7 @@ class EngineSpec:
     db: DatabaseConfig
     node_id: str
     store: StoreKind = "postgres"
-    cache_max_entries: int = 100_000
+    cache_max_entries: int = 0
     engine: EngineSettings = field(default_factory=EngineSettings)
     listener: ListenerSettings = field(default_factory=lambda: ListenerSettings(dsn=""))
 
@@ -176,8 +176,9 @@ async def affinity_engine(
     on_query: QueryLogger | None = None,
     background: bool = True,
 ) -> AsyncIterator[EngineStack]:
-    """The engine with its store and its listener: LISTEN, snapshot (keys first, then
-    bindings), then serve; degraded while Postgres does not answer.
+    """The engine with its store and its listener: LISTEN, keys, then the bindings (a catch-up,
+    or a paged snapshot that goes on in the background while the node serves); degraded while
+    Postgres does not answer.
 
     With `spec.store == "memory"` no Postgres binding store is built: the bindings stay in this
     node (as routers without shared state keep them); the listener still serves the keys.
@@ -230,11 +231,12 @@ async def affinity_engine(
         on_state=on_state,
         on_reconnect=metrics.listener_reconnects.inc,
         on_query=on_query,
+        on_watermark=engine.advance_watermark if spec.store == "postgres" else None,
     )
     listener.start()
     try:
         if not await listener.wait_synced(spec.db.startup_wait_seconds):
-            log.warning("serving before the first snapshot: Postgres did not answer in time")
+            log.warning("serving before the first sync: Postgres did not answer in time")
         if background:
             engine.start_background()
         yield EngineStack(engine, store, listener)

@@ -78,7 +78,9 @@ class AffinityConfig:
     load_factor: float = _range(1.25, 1, 1000)
     spill_min_gap: int = _range(8, 0, 1_000_000)
     refresh_flush_interval_seconds: float = _range(1.0, 0, 3600, above=True)
-    cache_max_entries: int = _range(100_000, 1, 100_000_000)
+    cache_max_entries: int = _range(0, 0, 1_000_000_000)
+    """0: the cache follows the table (every live binding, ~70 bytes each); a bound evicts
+    the entries closest to expiry (affinity_cache_evictions_total{reason="size"})."""
     max_fanout: int = _range(4, 1, 16)
     """Largest backend set one pair may grow into (1: one backend per pair, no fan-out)."""
     fanout_queue_bound: int = _range(4, 1, 100_000)

@@ -45,11 +45,23 @@ DbOperation = Literal[
     "refresh",
     "cleanup",
     "snapshot",
+    "catchup",
     "ping",
     "list",
     "purge",
 ]
 """Store operations whose failures are counted (label `operation` of the db error counter)."""
+
+EvictReason = Literal["size", "expired"]
+"""Why an entry left the cache on its own: a live one pushed out by the size bound, or one
+past its deadline swept."""
+
+ResyncMode = Literal["incremental", "full"]
+"""How a resync after LISTEN read the table: what changed since the node's watermark (and the
+deletion log), or every live binding in pages."""
+
+SnapshotState = Literal["waiting", "loading", "done"]
+"""The bindings snapshot as /readyz reports it: none read yet, pages being read, complete."""
 
 RejectReason = Literal["malformed", "backend", "ttl", "version"]
 """Why a binding notification was not trusted (it is then treated as an invalidation)."""
@@ -83,6 +95,8 @@ STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
 BACKEND_STATES: Final[tuple[BackendState, ...]] = get_args(BackendState)
 MOVE_REASONS: Final[tuple[MoveReason, ...]] = get_args(MoveReason)
+EVICT_REASONS: Final[tuple[EvictReason, ...]] = get_args(EvictReason)
+RESYNC_MODES: Final[tuple[ResyncMode, ...]] = get_args(ResyncMode)
 DB_OPERATIONS: Final[tuple[DbOperation, ...]] = get_args(DbOperation)
 
 HEADER_OF: Final[dict[Outcome, AffinityHeader]] = {

@@ -27,6 +27,8 @@ async def healthz(_request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """503 only when this node cannot take traffic: draining, or its key set not loaded yet.
 
+    The bindings snapshot does not gate readiness either: the node serves while it loads (pairs
+    not loaded yet are read like misses) and `snapshot` in the body says how far it came.
     A lost database keeps the node ready (affinity degrades, requests are still served), and so
     does a fleet with no healthy backend: the node answers those requests itself (503 with an
     OpenAI error body and Retry-After) and the metric affinity_model_healthy_backends alerts.
@@ -56,6 +58,7 @@ async def readyz(request: web.Request) -> web.Response:
         "healthy_backends": healthy,
         "backends": len(pool.backends),
         "models_without_healthy_backend": sorted(m for m in models if not pool.candidates(m)),
+        "snapshot": app[ENGINE].sync_status.as_dict(),
     }
     return web.json_response(body, status=200 if status == "ready" else 503)
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
+    EVICT_REASONS,
     FANOUT_DIRECTIONS,
     FANOUT_REASONS,
     KEY_LOOKUP_REASONS,
@@ -29,6 +30,7 @@ from affinity_node.vocabulary import (
     NOTIFY_OPS,
     REBIND_REASONS,
     REJECT_REASONS,
+    RESYNC_MODES,
     SPILL_REASONS,
 )
 
@@ -186,7 +188,21 @@ class AffinityMetrics:
         )
         self.cache_resyncs = Counter(
             "affinity_cache_resyncs",
-            "Full reloads of the cache from a database snapshot.",
+            "Resyncs of the cache after LISTEN (catch-ups and full snapshots).",
+            registry=registry,
+        )
+        self.resync_rows = Counter(
+            "affinity_cache_resync_rows",
+            "Rows read by resyncs, by mode (incremental: what changed since the node's "
+            "watermark; full: every live binding, in pages).",
+            ["mode"],
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "affinity_cache_evictions",
+            "Entries that left the cache on their own, by reason (size: live bindings pushed "
+            "out by affinity.cache_max_entries; expired: past their deadline).",
+            ["reason"],
             registry=registry,
         )
         self.refresh_writes = Counter(
@@ -207,6 +223,10 @@ class AffinityMetrics:
         )
         for op in NOTIFY_OPS:
             self.notifications.labels(op)
+        for mode in RESYNC_MODES:
+            self.resync_rows.labels(mode)
+        for evicted in EVICT_REASONS:
+            self.cache_evictions.labels(evicted)
         for operation in DB_OPERATIONS:
             self.db_errors.labels(operation)
         for reason in REJECT_REASONS:

@@ -1,7 +1,8 @@
 """The node's in-memory view of the binding table: what makes a hit cost no database trip.
 
 Writes come from three places that can race: notifications (in commit order), fills (a read
-this node made, possibly slow), and snapshots (after a reconnect). Two rules order them:
+this node made, possibly slow), and snapshots or catch-ups (after a reconnect). Two rules order
+them:
 
 - between notifications, the version decides: it comes from one database sequence, so an older
   version never replaces a newer one, and a delete leaves a tombstone carrying its own (newer)
@@ -9,25 +10,55 @@ this node made, possibly slow), and snapshots (after a reconnect). Two rules ord
 - a fill is dropped when something newer happened to its pair after the read began: a newer
   version is cached, the pair was deleted or invalidated since (tombstones remember when, as a
   local stamp, not only which version), or a resync began since (the notifications it might
-  have missed are gone).
+  have missed are gone). Snapshot pages and catch-up rows are fills, each page with its own
+  stamp, so the cache stays live (and serves) while they load.
 
 Deadlines are local monotonic times derived from the database's remaining TTL, so node clocks
 never decide expiry; `sweep` removes entries past their deadline, so they stop counting for
 placement and gauges. Each entry also remembers when the database last confirmed it
 (`checked`): the engine re-reads entries it has not heard about for too long while its
 listener is down.
+
+Layout (a million entries is the planning size, so no Python object per entry): an entry is a
+slot in parallel `array`s (key id as two 64-bit halves, model and backend as small interned
+indexes, version, deadline, checked); pairs find their slot through 256 open-addressing tables
+(linear probing, deletion by backward shift), each small enough to regrow in milliseconds.
+About 60-70 bytes an entry, against ~190 for a dict of slot numbers and ~400 for a dict of
+objects. Sets (fan-out members) are few and live in a dict. The least recently used order is
+gone: when a size bound is set and reached, the entries closest to their deadline go first
+(what is used gets refreshed, so that is close to least recently used), counted as evictions.
 """
 
 from __future__ import annotations
 
+import heapq
+import random
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from uuid import UUID
 
-from affinity_node.routing.ports import NO_MEMBERS, BindingRow, Members, Pair
+from affinity_node.routing.ports import NO_MEMBERS, Members, Pair, RowTuple
+from affinity_node.vocabulary import EvictReason
+
+_SHARD_BITS = 8
+_SHARDS = 1 << _SHARD_BITS
+_SHARD_MASK = _SHARDS - 1
+_HOME_MASK = 0xFFFFFFFF
+_LOW64 = (1 << 64) - 1
+_FREE = 0xFFFF
+"""Model index of a free slot."""
+_MAX_IDS = 0xFFFF
+"""Interned models (and backends) at once: ids fit an unsigned short."""
+
+Hit = tuple[str, int, float, float, Members]
+"""(backend, version, deadline, checked, fanout): what the request path reads of an entry."""
 
 
 class Entry:
+    """A copy of one cached binding (changing it changes nothing in the cache)."""
+
     __slots__ = ("backend", "checked", "deadline", "fanout", "version")
 
     def __init__(
@@ -43,35 +74,98 @@ class Entry:
         """The set's other members, oldest first (usually none)."""
 
 
+class _Names:
+    """Strings interned to small ids, freed when nothing refers to them (counted)."""
+
+    __slots__ = ("free", "ids", "names", "refs")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []
+        self.refs: list[int] = []
+        self.free: list[int] = []
+
+    def acquire(self, name: str) -> int:
+        """The id of `name` with one more reference; -1 when every id is taken."""
+        i = self.ids.get(name)
+        if i is None:
+            if self.free:
+                i = self.free.pop()
+                self.names[i] = name
+            elif len(self.names) < _MAX_IDS:
+                i = len(self.names)
+                self.names.append(name)
+                self.refs.append(0)
+            else:
+                return -1
+            self.ids[name] = i
+        self.refs[i] += 1
+        return i
+
+    def release(self, i: int) -> None:
+        self.refs[i] -= 1
+        if self.refs[i] == 0:
+            del self.ids[self.names[i]]
+            self.free.append(i)
+
+
 class BindingCache:
     def __init__(
         self,
-        max_entries: int = 100_000,
+        max_entries: int = 0,
         max_tombstones: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[EvictReason, int], None] | None = None,
     ) -> None:
-        self._entries: OrderedDict[Pair, Entry] = OrderedDict()
-        self._tombstones: OrderedDict[Pair, tuple[int, int]] = OrderedDict()
-        """pair -> (version of the delete, stamp when it was applied)."""
+        """`max_entries` 0: no bound (the cache follows the table). `on_evict` hears of live
+        entries evicted for size and of expired ones swept."""
         self._max = max_entries
         self._max_tombstones = max_tombstones
         self._clock = clock
+        self.on_evict = on_evict
+        """Hears of live entries evicted for size and of expired ones swept (a metric)."""
+        # per slot
+        self._hi = array("Q")
+        self._lo = array("Q")
+        self._model = array("H")
+        self._home = array("I")
+        self._backend = array("H")
+        self._version = array("q")
+        self._deadline = array("d")
+        self._checked = array("d")
+        self._gen = array("I")
+        """The resync generation that last wrote the slot (a full load prunes older ones)."""
+        self._free = array("i")
+        self._count = 0
+        # pair -> slot
+        self._tables = [array("i", bytes(4 * 8)) for _ in range(_SHARDS)]
+        self._masks = [7] * _SHARDS
+        self._filled = [0] * _SHARDS
+        self._models = _Names()
+        self._model_ids = self._models.ids
+        self._salts: list[int] = []
+        """Per model id, mixed into the hash (random per process: no crafted collisions)."""
+        self._backends = _Names()
+        self._backend_names = self._backends.names
+        self._fanout: dict[int, Members] = {}
+        """Slot -> the set's other members, for the entries with more than one (a handful)."""
+        self._expiry: dict[int, array[int]] = {}
+        """Whole seconds -> slots whose deadline falls before it (some since extended)."""
+        self._expiry_heap: list[int] = []
+        self._tombstones: OrderedDict[Pair, tuple[int, int]] = OrderedDict()
+        """pair -> (version of the delete, stamp when it was applied)."""
         self._stamp = 0
         self._resync_stamp = 0
-        self._touched: dict[Pair, int] | None = None
-        self._per_backend: dict[str, int] = {}
-        self._expiry: dict[int, list[Pair]] = {}
-        self._sets: dict[Pair, Entry] = {}
-        """The entries with more than one member (fan-out), for the controller and gauges."""
-        """Whole seconds -> pairs whose deadline falls before it (some since extended)."""
+        self._generation = 0
         self.max_version = 0
         """The newest version seen in any row or notification."""
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     @property
     def max_entries(self) -> int:
+        """The size bound (0: none)."""
         return self._max
 
     def stamp(self) -> int:
@@ -79,32 +173,174 @@ class BindingCache:
         return self._stamp
 
     def bindings_per_backend(self) -> dict[str, int]:
-        """Cached bindings per backend (a copy): kept as entries change, O(backends) to read."""
-        return {b: n for b, n in self._per_backend.items() if n}
+        """Cached bindings per backend (first members): kept as entries change."""
+        b = self._backends
+        return {b.names[i]: n for i, n in enumerate(b.refs) if n}
 
     def bindings_of(self, backend: str) -> int:
-        return self._per_backend.get(backend, 0)
+        i = self._backends.ids.get(backend)
+        return 0 if i is None else self._backends.refs[i]
 
-    def _count(self, backend: str, delta: int) -> None:
-        self._per_backend[backend] = self._per_backend.get(backend, 0) + delta
-
-    def get(self, pair: Pair) -> Entry | None:
-        entry = self._entries.get(pair)
-        if entry is not None:
-            self._entries.move_to_end(pair)
-        return entry
-
-    def _seen(self, version: int) -> None:
+    def seen(self, version: int) -> None:
         if version > self.max_version:
             self.max_version = version
 
-    def _expire_at(self, pair: Pair, deadline: float) -> None:
-        slot = int(deadline) + 1
-        bucket = self._expiry.get(slot)
-        if bucket is None:
-            self._expiry[slot] = [pair]
+    def nbytes(self) -> int:
+        """What the arrays and tables hold (Python's own object overheads aside)."""
+        arrays: list[array[int] | array[float]] = [self._hi, self._lo, self._model, self._home]
+        arrays += [self._backend, self._version, self._deadline, self._checked, self._gen]
+        total = sum(a.buffer_info()[1] * a.itemsize for a in [*arrays, self._free])
+        total += sum(len(t) * 4 for t in self._tables)
+        return total + sum(len(b) * 4 for b in self._expiry.values())
+
+    # -- finding a pair ----------------------------------------------------------------------
+
+    def _find(self, u: int, mid: int) -> int:
+        """The slot of (key id as an int, model id), or -1."""
+        h = hash(u ^ self._salts[mid])
+        shard = h & _SHARD_MASK
+        table = self._tables[shard]
+        mask = self._masks[shard]
+        i = (h >> _SHARD_BITS) & mask
+        lo = u & _LOW64
+        while True:
+            s = table[i] - 1
+            if s < 0:
+                return -1
+            if self._lo[s] == lo and self._model[s] == mid and self._hi[s] == u >> 64:
+                return s
+            i = (i + 1) & mask
+
+    def _slot_of(self, pair: Pair) -> int:
+        mid = self._model_ids.get(pair[1])
+        return -1 if mid is None else self._find(pair[0].int, mid)
+
+    def lookup(self, pair: Pair) -> Hit | None:
+        """The request path's read (`_find` inlined): no object per entry, one tuple."""
+        mid = self._model_ids.get(pair[1])
+        if mid is None:
+            return None
+        u = pair[0].int
+        h = hash(u ^ self._salts[mid])
+        shard = h & _SHARD_MASK
+        table = self._tables[shard]
+        mask = self._masks[shard]
+        i = (h >> _SHARD_BITS) & mask
+        lo = u & _LOW64
+        while True:
+            s = table[i] - 1
+            if s < 0:
+                return None
+            if self._lo[s] == lo and self._model[s] == mid and self._hi[s] == u >> 64:
+                return (
+                    self._backend_names[self._backend[s]],
+                    self._version[s],
+                    self._deadline[s],
+                    self._checked[s],
+                    self._fanout.get(s, NO_MEMBERS),
+                )
+            i = (i + 1) & mask
+
+    def get(self, pair: Pair) -> Entry | None:
+        hit = self.lookup(pair)
+        return None if hit is None else Entry(*hit)
+
+    def _entry(self, s: int) -> Entry:
+        return Entry(
+            self._backends.names[self._backend[s]],
+            self._version[s],
+            self._deadline[s],
+            self._checked[s],
+            self._fanout.get(s, NO_MEMBERS),
+        )
+
+    def _pair(self, s: int) -> Pair:
+        return (UUID(int=self._hi[s] << 64 | self._lo[s]), self._models.names[self._model[s]])
+
+    # -- the tables --------------------------------------------------------------------------
+
+    def _new_slot(self, u: int, mid: int) -> int:
+        """Takes a slot for a pair known to be absent and links it (model id already held)."""
+        h = hash(u ^ self._salts[mid])
+        home = (h >> _SHARD_BITS) & _HOME_MASK
+        if self._free:
+            s = self._free.pop()
+            self._hi[s], self._lo[s], self._model[s], self._home[s] = u >> 64, u & _LOW64, mid, home
         else:
-            bucket.append(pair)
+            s = len(self._model)
+            self._hi.append(u >> 64)
+            self._lo.append(u & _LOW64)
+            self._model.append(mid)
+            self._home.append(home)
+            self._backend.append(0)
+            self._version.append(0)
+            self._deadline.append(0.0)
+            self._checked.append(0.0)
+            self._gen.append(0)
+        shard = h & _SHARD_MASK
+        if (self._filled[shard] + 1) * 2 > self._masks[shard] + 1:
+            self._grow(shard)
+        table, mask = self._tables[shard], self._masks[shard]
+        i = home & mask
+        while table[i]:
+            i = (i + 1) & mask
+        table[i] = s + 1
+        self._filled[shard] += 1
+        self._count += 1
+        return s
+
+    def _grow(self, shard: int) -> None:
+        old = self._tables[shard]
+        mask = self._masks[shard] * 2 + 1
+        table = array("i", bytes(4 * (mask + 1)))
+        home = self._home
+        for s1 in old:
+            if s1:
+                i = home[s1 - 1] & mask
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = s1
+        self._tables[shard] = table
+        self._masks[shard] = mask
+
+    def _unlink(self, s: int) -> None:
+        """Takes slot `s` out of its table (backward shift: no tombstones in the table)."""
+        h = hash((self._hi[s] << 64 | self._lo[s]) ^ self._salts[self._model[s]])
+        shard = h & _SHARD_MASK
+        table, mask, home = self._tables[shard], self._masks[shard], self._home
+        i = self._home[s] & mask
+        while table[i] != s + 1:
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            s1 = table[j]
+            if not s1:
+                break
+            k = home[s1 - 1] & mask
+            if (k <= i or k > j) if i <= j else (k <= i and k > j):
+                table[i] = s1
+                i = j
+        table[i] = 0
+        self._filled[shard] -= 1
+
+    def _drop(self, s: int) -> None:
+        self._unlink(s)
+        self._backends.release(self._backend[s])
+        self._models.release(self._model[s])
+        self._model[s] = _FREE
+        self._fanout.pop(s, None)
+        self._free.append(s)
+        self._count -= 1
+
+    def _expire_at(self, s: int, deadline: float) -> None:
+        second = int(deadline) + 1
+        bucket = self._expiry.get(second)
+        if bucket is None:
+            self._expiry[second] = array("i", (s,))
+            heapq.heappush(self._expiry_heap, second)
+        else:
+            bucket.append(s)
 
     def _put(
         self,
@@ -114,29 +350,75 @@ class BindingCache:
         deadline: float,
         checked: float,
         fanout: Members,
+        s: int = -2,
     ) -> None:
+        """Write an entry (`s`: its slot when the caller looked it up, -1 when absent)."""
         self._tombstones.pop(pair, None)
-        self._seen(version)
-        self._expire_at(pair, deadline)
-        entry = self._entries.get(pair)
-        if entry is None:
-            entry = self._entries[pair] = Entry(backend, version, deadline, checked, fanout)
-            self._count(backend, 1)
-            if len(self._entries) > self._max:
-                old, evicted = self._entries.popitem(last=False)
-                self._count(evicted.backend, -1)
-                self._sets.pop(old, None)
-        else:
-            if entry.backend != backend:
-                self._count(entry.backend, -1)
-                self._count(backend, 1)
-            entry.backend, entry.version = backend, version
-            entry.deadline, entry.checked, entry.fanout = deadline, checked, fanout
-            self._entries.move_to_end(pair)
+        self.seen(version)
+        if s == -2:
+            s = self._slot_of(pair)
+        self._write(pair[0].int, pair[1], s, backend, version, deadline, checked, fanout)
+
+    def _write(
+        self,
+        u: int,
+        model: str,
+        s: int,
+        backend: str,
+        version: int,
+        deadline: float,
+        checked: float,
+        fanout: Members,
+    ) -> None:
+        if s < 0:
+            mid = self._models.acquire(model)
+            if mid < 0:
+                return  # every model id taken: not cached (the table still answers)
+            if mid == len(self._salts):
+                self._salts.append(random.getrandbits(64))
+            bid = self._backends.acquire(backend)
+            if bid < 0:
+                self._models.release(mid)
+                return
+            s = self._new_slot(u, mid)
+            self._backend[s] = bid
+        elif self._backends.names[self._backend[s]] != backend:
+            bid = self._backends.acquire(backend)
+            if bid < 0:
+                self._drop(s)
+                return
+            self._backends.release(self._backend[s])
+            self._backend[s] = bid
+        self._version[s] = version
+        self._deadline[s] = deadline
+        self._checked[s] = checked
+        self._gen[s] = self._generation
         if fanout:
-            self._sets[pair] = entry
+            self._fanout[s] = fanout
         else:
-            self._sets.pop(pair, None)
+            self._fanout.pop(s, None)
+        self._expire_at(s, deadline)
+        if self._max and self._count > self._max:
+            self._evict_nearest()
+
+    def _evict_nearest(self) -> None:
+        """Evicts the entry closest to its deadline (size bound reached)."""
+        heap, expiry, deadline, model = self._expiry_heap, self._expiry, self._deadline, self._model
+        while heap:
+            second = heap[0]
+            bucket = expiry.get(second)
+            if not bucket:
+                heapq.heappop(heap)
+                expiry.pop(second, None)
+                continue
+            s = bucket.pop()
+            if model[s] != _FREE and int(deadline[s]) + 1 == second:
+                self._drop(s)
+                if self.on_evict is not None:
+                    self.on_evict("size", 1)
+                return
+
+    # -- writes ------------------------------------------------------------------------------
 
     def fill(
         self,
@@ -159,16 +441,49 @@ class BindingCache:
         tomb = self._tombstones.get(pair)
         if tomb is not None and tomb[1] > stamp:
             return False
-        entry = self._entries.get(pair)
-        if entry is not None and version < entry.version and entry.deadline > self._clock():
+        s = self._slot_of(pair)
+        if s >= 0 and version < self._version[s] and self._deadline[s] > self._clock():
             return False
-        self._put(pair, backend, version, asked_at + ttl, asked_at, fanout)
+        self._put(pair, backend, version, asked_at + ttl, asked_at, fanout, s)
         return True
 
+    def load(self, rows: Iterable[RowTuple], stamp: int, asked_at: float) -> int:
+        """Snapshot pages and catch-up rows: `fill` for each, without an object per row.
+        A row whose TTL is spent (a catch-up returns changed rows that expired since) only
+        removes what it replaced. Returns how many rows were stored."""
+        if stamp < self._resync_stamp:
+            return 0
+        tombs = self._tombstones
+        now = self._clock()
+        ids, version_of, deadline_of = self._models.ids, self._version, self._deadline
+        stored = 0
+        for key, model, backend, version, ttl, fanout in rows:
+            if version > self.max_version:
+                self.max_version = version
+            if tombs:
+                tomb = tombs.get((key, model))
+                if tomb is not None:
+                    if tomb[1] > stamp:
+                        continue
+                    del tombs[(key, model)]
+            u = key.int
+            mid = ids.get(model)
+            s = -1 if mid is None else self._find(u, mid)
+            if s >= 0 and version < version_of[s] and deadline_of[s] > now:
+                continue
+            if ttl <= 0:
+                if s >= 0:
+                    self._drop(s)
+                continue
+            members = tuple(fanout) if fanout else NO_MEMBERS
+            self._write(u, model, s, backend, version, asked_at + ttl, asked_at, members)
+            stored += 1
+        return stored
+
     def _newest_known(self, pair: Pair) -> int:
-        entry = self._entries.get(pair)
-        if entry is not None:
-            return entry.version
+        s = self._slot_of(pair)
+        if s >= 0:
+            return self._version[s]
         tomb = self._tombstones.get(pair)
         return tomb[0] if tomb is not None else -1
 
@@ -176,117 +491,119 @@ class BindingCache:
         self, pair: Pair, backend: str, version: int, ttl: float, fanout: Members = NO_MEMBERS
     ) -> bool:
         """A notification of an insert, a move or a set change; `ttl` net of the lag."""
-        if version < self._newest_known(pair):
-            return False
+        s = self._slot_of(pair)
+        if s >= 0:
+            if version < self._version[s]:
+                return False
+        else:
+            tomb = self._tombstones.get(pair)
+            if tomb is not None and version < tomb[0]:
+                return False
         self._stamp += 1
         now = self._clock()
-        self._put(pair, backend, version, now + ttl, now, fanout)
-        if self._touched is not None:
-            self._touched[pair] = version
+        self._put(pair, backend, version, now + ttl, now, fanout, s)
         return True
 
     def apply_delete(self, pair: Pair, version: int) -> bool:
         if version < self._newest_known(pair):
             return False
         self._stamp += 1
-        self._seen(version)
-        self._drop(pair)
+        self.seen(version)
+        s = self._slot_of(pair)
+        if s >= 0:
+            self._drop(s)
         self._tombstones[pair] = (version, self._stamp)
         self._tombstones.move_to_end(pair)
         if len(self._tombstones) > self._max_tombstones:
             self._tombstones.popitem(last=False)
-        if self._touched is not None:
-            self._touched[pair] = version
         return True
 
     def invalidate(self, pair: Pair) -> None:
         """Forget a pair without claiming anything about it (an untrusted notification): the
         next request reads the row. Reads in flight stay valid (they come from the database)."""
-        self._drop(pair)
-
-    def _drop(self, pair: Pair) -> None:
-        gone = self._entries.pop(pair, None)
-        if gone is not None:
-            self._count(gone.backend, -1)
-            self._sets.pop(pair, None)
+        s = self._slot_of(pair)
+        if s >= 0:
+            self._drop(s)
 
     def extend(self, pair: Pair, backend: str, version: int, ttl: float, asked_at: float) -> None:
         """A refresh this node wrote: new deadline if the entry is still the same binding."""
-        entry = self._entries.get(pair)
-        if entry is not None and entry.backend == backend and entry.version == version:
-            entry.deadline = asked_at + ttl
-            entry.checked = asked_at
-            self._expire_at(pair, entry.deadline)
+        s = self._slot_of(pair)
+        if (
+            s >= 0
+            and self._version[s] == version
+            and self._backends.names[self._backend[s]] == backend
+        ):
+            self._deadline[s] = asked_at + ttl
+            self._checked[s] = asked_at
+            self._expire_at(s, asked_at + ttl)
 
     def evict(self, pair: Pair, backend: str | None = None) -> None:
-        entry = self._entries.get(pair)
-        if entry is not None and (backend is None or entry.backend == backend):
-            self._drop(pair)
+        s = self._slot_of(pair)
+        if s >= 0 and (backend is None or self._backends.names[self._backend[s]] == backend):
+            self._drop(s)
 
     def sweep(self, now: float | None = None) -> int:
         """Remove entries past their deadline; returns how many. Cheap when nothing is due."""
         now = self._clock() if now is None else now
-        due = [slot for slot in self._expiry if slot <= now]
+        heap, expiry, deadline, model = self._expiry_heap, self._expiry, self._deadline, self._model
         removed = 0
-        for slot in sorted(due):
-            for pair in self._expiry.pop(slot):
-                entry = self._entries.get(pair)
-                if entry is not None and entry.deadline <= now:
-                    self._drop(pair)
+        while heap and heap[0] <= now:
+            second = heapq.heappop(heap)
+            for s in expiry.pop(second, ()):
+                if model[s] != _FREE and deadline[s] <= now:
+                    self._drop(s)
                     removed += 1
+        if removed and self.on_evict is not None:
+            self.on_evict("expired", removed)
         return removed
 
+    # -- resync ------------------------------------------------------------------------------
+
     def begin_resync(self) -> None:
-        """Called before the snapshot read: older fills are void from here on."""
+        """Called before a catch-up or a snapshot is read: older fills are void from here on,
+        and what is written from now on belongs to the new generation."""
         self._stamp += 1
         self._resync_stamp = self._stamp
-        self._touched = {}
+        self._generation += 1
+
+    @property
+    def slots(self) -> int:
+        """Slots in use or free: the range `prune_unconfirmed` walks."""
+        return len(self._model)
+
+    def prune_unconfirmed(self, start: int, stop: int) -> int:
+        """After a full snapshot: drop the entries in slots [start, stop) that nothing wrote
+        since `begin_resync` (their rows are gone). Chunked, so the caller can yield."""
+        gen, model, current = self._gen, self._model, self._generation
+        removed = 0
+        for s in range(start, min(stop, len(model))):
+            if model[s] != _FREE and gen[s] != current:
+                self._drop(s)
+                removed += 1
+        return removed
 
     def finish_resync(
-        self, rows: Iterable[BindingRow], asked_at: float, version_now: int = 0
+        self, rows: Iterable[RowTuple], asked_at: float, version_now: int = 0
     ) -> None:
-        """Replace the contents with the snapshot, keeping what notifications changed since."""
-        touched = self._touched or {}
-        self._touched = None
-        fresh: OrderedDict[Pair, Entry] = OrderedDict()
-        for row in reversed(list(rows)):  # the snapshot is newest first; LRU wants it last
-            pair = (row.api_key_id, row.model)
-            self._seen(row.version)
-            if pair in touched:
-                continue
-            fresh[pair] = Entry(row.backend, row.version, asked_at + row.ttl, asked_at, row.fanout)
-        for pair in touched:
-            entry = self._entries.get(pair)
-            if entry is not None:
-                fresh[pair] = entry
-        while len(fresh) > self._max:
-            fresh.popitem(last=False)
-        self._entries = fresh
-        self._per_backend = {}
-        self._expiry = {}
-        self._sets = {}
-        for pair, entry in fresh.items():
-            self._count(entry.backend, 1)
-            self._expire_at(pair, entry.deadline)
-            if entry.fanout:
-                self._sets[pair] = entry
-        self._tombstones = OrderedDict((p, t) for p, t in self._tombstones.items() if p in touched)
-        self._seen(version_now)
+        """A whole snapshot at once (small tables, tests): the rows, then the prune."""
+        self.load(rows, self._resync_stamp, asked_at)
+        self.prune_unconfirmed(0, self.slots)
+        self.seen(version_now)
 
-    def abort_resync(self) -> None:
-        self._touched = None
+    # -- reading everything (debug, gauges, the fan-out controller) ---------------------------
 
     def items(self) -> list[tuple[Pair, Entry]]:
-        return list(self._entries.items())
+        model = self._model
+        return [(self._pair(s), self._entry(s)) for s in range(len(model)) if model[s] != _FREE]
 
     def sets(self) -> list[tuple[Pair, Entry]]:
         """The pairs served by more than one backend (a handful, even in a big table)."""
-        return list(self._sets.items())
+        return [(self._pair(s), self._entry(s)) for s in list(self._fanout)]
 
     def set_sizes(self) -> dict[int, int]:
         """How many cached pairs have a set of each size (1: a plain binding)."""
-        sizes = {1: len(self._entries) - len(self._sets)}
-        for entry in self._sets.values():
-            size = 1 + len(entry.fanout)
+        sizes = {1: self._count - len(self._fanout)}
+        for members in self._fanout.values():
+            size = 1 + len(members)
             sizes[size] = sizes.get(size, 0) + 1
         return sizes

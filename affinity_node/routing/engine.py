@@ -11,6 +11,13 @@ every other request from asking (routing/breaker.py), so an outage costs no per-
 timeouts. Notifications are checked before they are believed (routing/trust.py). Staleness is
 bounded: expired entries are swept, and while the listener is down, entries the database has
 not confirmed for `blind_max_age_s` are re-read before they are used.
+
+Resync after each LISTEN costs what changed: the listener proves a watermark (every change up
+to version W reached this node, store/listener.py), and a reconnect reads the rows changed
+after W plus the deletions the table logged after W. Only when the log no longer reaches back
+to W (or far more changed) does the node read every live binding, in pages, in the background:
+it serves meanwhile, pairs not loaded yet are read like misses, and entries from before the
+reload are re-read before use until the reload has confirmed them.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from uuid import UUID
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.breaker import StoreBreaker
-from affinity_node.routing.cache import BindingCache, Entry
+from affinity_node.routing.cache import BindingCache, Hit
 from affinity_node.routing.ports import (
     NO_MEMBERS,
     BindingEvent,
@@ -36,17 +43,21 @@ from affinity_node.routing.ports import (
     Clock,
     Members,
     Pair,
+    RowTuple,
     StoredBinding,
     StoreUnavailable,
 )
 from affinity_node.routing.trust import NotificationCheck
 from affinity_node.vocabulary import (
+    EVICT_REASONS,
     FanoutDirection,
     FanoutReason,
     MissOutcome,
     MoveReason,
     Outcome,
     RebindReason,
+    ResyncMode,
+    SnapshotState,
 )
 
 log = logging.getLogger(__name__)
@@ -70,10 +81,24 @@ class EngineSettings:
     """A listener down longer than this makes cached entries suspect ..."""
     blind_max_age_s: float = 5.0
     """... and an entry not confirmed by the database for this long is re-read before use."""
+    snapshot_page_rows: int = 10_000
+    """Rows per statement of a full snapshot (each page is one short, bounded statement)."""
+    snapshot_retry_s: float = 0.2
+    """First pause before a failed page is read again (doubles up to 5 s; resumes, never
+    restarts)."""
+    catchup_max_rows: int = 100_000
+    """A catch-up that would read more rows than this reloads in pages instead."""
+    deletion_log_retention_s: float = 900.0
+    """How long the cleanup leader keeps deletion-log entries: a node whose listener was away
+    longer reloads in full."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolution:
+    """What `resolve` answers; treat it as read-only. Not a frozen dataclass: one is built per
+    hit, and a frozen one's __init__ (object.__setattr__ per field) cost ~0.7 us of a ~2 us
+    hit."""
+
     backend: str
     """The set's first member (or the backend to use when affinity cannot say)."""
     outcome: Outcome
@@ -81,6 +106,32 @@ class Resolution:
     """The set's other members; a request may go to any healthy one."""
     version: int = 0
     """The binding's version (what a set change must find to succeed)."""
+
+
+@dataclass(slots=True)
+class SyncStatus:
+    """The latest resync, as /readyz reports it."""
+
+    state: SnapshotState = "waiting"
+    mode: ResyncMode | None = None
+    loaded: int = 0
+    """Bindings the current (or last) full snapshot stored."""
+    expected: int = 0
+    """About how many rows the table holds (the planner's estimate, for progress)."""
+    rows_read: int = 0
+    """Rows the latest resync read: a catch-up's changed rows and deletions, or every page."""
+    seconds: float | None = None
+    """How long the latest resync took (None while a snapshot loads)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "mode": self.mode,
+            "loaded": self.loaded,
+            "expected": self.expected,
+            "rows_read": self.rows_read,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+        }
 
 
 class NoCandidates(LookupError):
@@ -119,13 +170,25 @@ class AffinityEngine:
         self._listener_up = False
         self._blind_since: float | None = clock()
         self._stale_before = -math.inf
-        """Entries the database confirmed before this are re-read before use (while blind)."""
+        """Entries the database confirmed before this are re-read before use (while blind, or
+        while a reload has not confirmed them yet)."""
+        self._stale_floor = -math.inf
+        """The start of a reload over a non-empty cache, until it completes."""
+        self._watermark = 0
+        """Every change up to this version reached the cache (proved by the listener)."""
+        self._complete = False
+        """The cache reflects the table (a snapshot completed since start): a catch-up from
+        the watermark is enough after a reconnect."""
+        self._loader: asyncio.Task[None] | None = None
+        self._status = SyncStatus()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._hit_counters: dict[str, Callable[[], None]] = {}
         self._warn = RateLimitedLog(log)
         metrics.cache_entries.set_function(lambda: len(self._cache))
         metrics.db_up.set(0)
+        evictions = {r: metrics.cache_evictions.labels(r).inc for r in EVICT_REASONS}
+        cache.on_evict = lambda reason, n: evictions[reason](n)
 
     @property
     def cache(self) -> BindingCache:
@@ -134,6 +197,14 @@ class AffinityEngine:
     @property
     def settings(self) -> EngineSettings:
         return self._s
+
+    @property
+    def sync_status(self) -> SyncStatus:
+        return self._status
+
+    @property
+    def watermark(self) -> int:
+        return self._watermark
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,6 +218,7 @@ class AffinityEngine:
 
     async def stop(self) -> None:
         """Stops the loops and writes the refreshes still queued."""
+        await self._stop_loader()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -165,14 +237,14 @@ class AffinityEngine:
     ) -> Resolution:
         """The backend for this pair among `candidates` (the model's healthy backends)."""
         pair = (api_key_id, model)
-        entry = self._cache.get(pair)
+        hit = self._cache.lookup(pair)
         if (
-            entry is not None
-            and entry.deadline > self._clock()
-            and entry.checked > self._stale_before
-            and entry.backend in candidates
+            hit is not None
+            and hit[2] > self._clock()
+            and hit[3] > self._stale_before
+            and hit[0] in candidates
         ):
-            return self._hit(model, entry)
+            return self._hit(model, hit)
         if not candidates:
             raise NoCandidates(model)
         task = self._inflight.get(pair)
@@ -186,12 +258,12 @@ class AffinityEngine:
             result = self._as_follower(pair, result, candidates, choose)
         return result
 
-    def _hit(self, model: str, entry: Entry) -> Resolution:
+    def _hit(self, model: str, hit: Hit) -> Resolution:
         counter = self._hit_counters.get(model)
         if counter is None:
             counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
         counter()
-        return Resolution(entry.backend, "hit", entry.fanout, entry.version)
+        return Resolution(hit[0], "hit", hit[4], hit[1])
 
     def _as_follower(
         self, pair: Pair, result: Resolution, candidates: Sequence[str], choose: Chooser
@@ -212,18 +284,17 @@ class AffinityEngine:
     async def _resolve_slow(
         self, pair: Pair, candidates: tuple[str, ...], choose: Chooser
     ) -> Resolution:
-        entry = self._cache.get(pair)
-        if entry is not None and entry.deadline > self._clock():
-            if entry.backend in candidates:
-                if entry.checked > self._stale_before:
+        entry = self._cache.lookup(pair)
+        if entry is not None and entry[2] > self._clock():
+            backend, _version, _deadline, checked, fanout = entry
+            if backend in candidates:
+                if checked > self._stale_before:
                     # A notification landed since the caller looked: it is a hit now.
                     return self._hit(pair[1], entry)
                 return await self._miss(pair, candidates, choose)  # suspect: read it again
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it,
             # to a member of its set when one can serve (that cache is warm already).
-            return await self._rebind(
-                pair, entry.backend, candidates, choose, "unhealthy", entry.fanout
-            )
+            return await self._rebind(pair, backend, candidates, choose, "unhealthy", fanout)
         return await self._miss(pair, candidates, choose)
 
     async def _miss(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
@@ -390,7 +461,7 @@ class AffinityEngine:
         self._listener_up = up
         if up:
             self._blind_since = None
-            self._stale_before = -math.inf
+            self._stale_before = self._stale_floor
             self._breaker.succeeded()
         else:
             if self._blind_since is None:
@@ -401,9 +472,9 @@ class AffinityEngine:
     def _update_blindness(self, now: float) -> None:
         since = self._blind_since
         if since is not None and now - since > self._s.blind_grace_s:
-            self._stale_before = now - self._s.blind_max_age_s
+            self._stale_before = max(now - self._s.blind_max_age_s, self._stale_floor)
         else:
-            self._stale_before = -math.inf
+            self._stale_before = self._stale_floor
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -418,11 +489,11 @@ class AffinityEngine:
         """A request bound to `backend` (any member of the pair's set) succeeded there:
         extend the binding if half-spent."""
         pair = (api_key_id, model)
-        entry = self._cache.get(pair)
-        if entry is None or (entry.backend != backend and backend not in entry.fanout):
+        entry = self._cache.lookup(pair)
+        if entry is None or (entry[0] != backend and backend not in entry[4]):
             return
-        if entry.deadline - self._clock() < self._s.ttl_seconds / 2:
-            self._refresh_queue[pair] = entry.backend
+        if entry[2] - self._clock() < self._s.ttl_seconds / 2:
+            self._refresh_queue[pair] = entry[0]
 
     def failed_over(self, api_key_id: UUID, model: str, bound: str, served_by: str) -> None:
         """The bound backend failed and `served_by` succeeded: move the binding (CAS)."""
@@ -475,7 +546,8 @@ class AffinityEngine:
             await self.flush_refreshes()
 
     async def cleanup_expired(self) -> int:
-        """Delete expired rows in batches, if this node holds the cleaner lock."""
+        """Delete expired rows in batches (each its own short transaction), then trim the
+        deletion log, if this node holds the cleaner lock. Returns the expired rows deleted."""
         total = 0
         while self._breaker.allows():
             try:
@@ -487,7 +559,17 @@ class AffinityEngine:
                 return total
             total += deleted
             if deleted < self._s.cleanup_batch:
-                return total
+                break
+        while self._breaker.allows():
+            try:
+                trimmed = await self._store.trim_deletions(
+                    self._s.deletion_log_retention_s, self._s.cleanup_batch
+                )
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                break
+            if trimmed is None or trimmed < self._s.cleanup_batch:
+                break
         return total
 
     async def _cleanup_loop(self) -> None:
@@ -523,15 +605,111 @@ class AffinityEngine:
                 event.pair, event.backend, event.version, event.ttl - lag, event.fanout
             )
 
+    def advance_watermark(self, version: int) -> None:
+        """The listener proved that every change up to `version` reached this node."""
+        if version > self._watermark:
+            self._watermark = version
+
     async def resync(self) -> None:
-        """Reload the cache from a snapshot; called by the listener after each LISTEN."""
+        """Called by the listener after each LISTEN, before it reports itself up.
+
+        With a complete cache, catch up: the rows changed after the watermark and the logged
+        deletions after it (one snapshot, a few statements). Otherwise, or when the store says
+        the gap is too old or too large, start a full snapshot in pages in the background and
+        return: requests are served meanwhile.
+        """
+        await self._stop_loader()
+        started = self._clock()
         self._cache.begin_resync()
-        asked_at = self._clock()
+        self._cache.seen(await self._store.version_now())
+        if self._complete:
+            stamp, asked_at = self._cache.stamp(), self._clock()
+            changes = await self._store.changes_since(self._watermark, self._s.catchup_max_rows)
+            if changes is not None:
+                self._cache.load(changes.rows, stamp, asked_at)
+                for pair, version in changes.deleted:
+                    self._cache.apply_delete(pair, version)
+                read = len(changes.rows) + len(changes.deleted)
+                self._status = SyncStatus(
+                    "done", "incremental", self._status.loaded, self._status.expected, read,
+                    self._clock() - started,
+                )  # fmt: skip
+                self._m.cache_resyncs.inc()
+                self._m.resync_rows.labels("incremental").inc(read)
+                return
+        self._complete = False
+        # Entries from before a reload may be stale (what was missed is unknown): re-read each
+        # before use until the reload has confirmed it.
+        self._stale_floor = math.nextafter(started, -math.inf) if len(self._cache) else -math.inf
+        self._stale_before = max(self._stale_before, self._stale_floor)
+        self._status = SyncStatus("loading", "full")
+        self._loader = asyncio.create_task(self._load_snapshot(started), name="affinity-snapshot")
+        self._loader.add_done_callback(self._load_ended)
+
+    def _load_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Left incomplete: the next resync (a reconnect) starts it again.
+            log.error("binding snapshot failed", exc_info=task.exception())
+
+    async def _stop_loader(self) -> None:
+        loader, self._loader = self._loader, None
+        if loader is not None and not loader.done():
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+
+    async def _read_page(self, after: Pair | None) -> tuple[Sequence[RowTuple], int, float]:
+        """One page with the stamp and time taken before it; retried until it answers (a
+        reconnect cancels the whole load)."""
+        pause = self._s.snapshot_retry_s
+        while True:
+            stamp, asked_at = self._cache.stamp(), self._clock()
+            try:
+                rows = await self._store.snapshot_page(after, self._s.snapshot_page_rows)
+            except StoreUnavailable as exc:
+                self._m.db_errors.labels(exc.operation).inc()
+                self._warn.warning("snapshot", "binding snapshot: %s (retrying)", exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            return rows, stamp, asked_at
+
+    async def _load_snapshot(self, started: float, chunk: int = 2_000) -> None:
+        """Every live binding, page after page (the next page is read while one is stored),
+        then the entries no page confirmed are dropped (their rows are gone)."""
+        status, cache, size = self._status, self._cache, self._s.snapshot_page_rows
+        with contextlib.suppress(StoreUnavailable):
+            status.expected = await self._store.estimate_bindings()
+        pending = asyncio.create_task(self._read_page(None))
         try:
-            version_now = await self._store.version_now()
-            rows = await self._store.snapshot(self._cache.max_entries)
-        except BaseException:
-            self._cache.abort_resync()
-            raise
-        self._cache.finish_resync(rows, asked_at, version_now)
+            while True:
+                rows, stamp, asked_at = await pending
+                status.rows_read += len(rows)
+                more = len(rows) >= size > 0
+                if more:
+                    last = rows[-1]
+                    pending = asyncio.create_task(self._read_page((last[0], last[1])))
+                for i in range(0, len(rows), chunk):
+                    status.loaded += cache.load(rows[i : i + chunk], stamp, asked_at)
+                    await asyncio.sleep(0)
+                if not more:
+                    break
+            for start in range(0, cache.slots, 50_000):
+                cache.prune_unconfirmed(start, start + 50_000)
+                await asyncio.sleep(0)
+        finally:
+            if not pending.done():
+                pending.cancel()
+        self._complete = True
+        self._stale_floor = -math.inf
+        self._update_blindness(self._clock())
+        status.state = "done"
+        status.seconds = self._clock() - started
         self._m.cache_resyncs.inc()
+        self._m.resync_rows.labels("full").inc(status.rows_read)
+        log.info(
+            "binding snapshot loaded: %d bindings from %d rows in %.2fs",
+            status.loaded,
+            status.rows_read,
+            status.seconds,
+        )

@@ -43,6 +43,22 @@ class BindingRow:
     fanout: Members = NO_MEMBERS
 
 
+RowTuple = tuple[UUID, str, str, int, float, "Sequence[str] | None"]
+"""(api key id, model, backend, version, ttl, other members or None): a row of a snapshot page
+or a catch-up as the store returns it, unpacked where it is used (a million of them are read
+at start: no object of ours per row)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed in the table after a version: a catch-up instead of a snapshot."""
+
+    rows: Sequence[RowTuple]
+    """Rows whose version is newer (expired ones included, with a TTL <= 0)."""
+    deleted: Sequence[tuple[Pair, int]]
+    """Pairs deleted while live, with the delete's version (from the deletion log)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CreateResult:
     binding: StoredBinding
@@ -90,11 +106,24 @@ class BindingStore(Protocol):
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
         """Extend live bindings that still point at the given backend; returns those extended."""
 
-    async def snapshot(self, limit: int) -> list[BindingRow]:
-        """The freshest live bindings, at most `limit`."""
+    async def snapshot_page(self, after: Pair | None, limit: int) -> Sequence[RowTuple]:
+        """Up to `limit` live bindings following `after` in key order (None: from the start):
+        one bounded statement per page, resumable from the last pair read."""
+
+    async def changes_since(self, version: int, limit: int) -> Changes | None:
+        """Rows changed after `version` and deletions after it, read in one snapshot; None
+        when the deletion log no longer reaches back that far or more than `limit` rows
+        changed (a full snapshot is then the cheaper way)."""
+
+    async def estimate_bindings(self) -> int:
+        """About how many rows the table holds (for progress reports; no table scan)."""
 
     async def delete_expired(self, batch: int) -> int | None:
         """Delete up to `batch` expired rows; None when another node holds the cleaner lock."""
+
+    async def trim_deletions(self, older_than_s: float, batch: int) -> int | None:
+        """Forget up to `batch` deletion-log entries older than `older_than_s` (nodes that
+        were away longer reload fully); None when another node holds the cleaner lock."""
 
     async def ping(self) -> None:
         """A round trip that proves the store answers (the breaker's trial)."""

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from affinity_node.app import EngineSpec
     from affinity_node.routing.engine import AffinityEngine
+    from affinity_node.routing.ports import BindingStore
     from affinity_node.store.listener import ChangeListener
     from affinity_node.store.postgres import QueryLogger
 
@@ -264,12 +265,28 @@ class EngineNode:
     listener: ChangeListener
     pool: asyncpg.Pool
     registry: CollectorRegistry
+    store: BindingStore
+
+
+async def wait_snapshot(engine: AffinityEngine, timeout_s: float) -> bool:
+    """Waits (up to `timeout_s`) until the engine's first bindings snapshot is complete."""
+    deadline = time.monotonic() + timeout_s
+    while engine.sync_status.state != "done":
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 @asynccontextmanager
 async def engine_nodes(
-    specs: Sequence[EngineSpec], on_query: QueryLogger | None = None, background: bool = False
+    specs: Sequence[EngineSpec],
+    on_query: QueryLogger | None = None,
+    background: bool = False,
+    wait_loaded: bool = True,
 ) -> AsyncIterator[list[EngineNode]]:
+    """`wait_loaded`: each node's bindings snapshot is complete before the next starts (up to
+    its `startup_wait_seconds`), as most tests want; a node serves while loading."""
     from affinity_node.app import affinity_engine, database_pool
     from affinity_node.observability.metrics import AffinityMetrics
 
@@ -283,5 +300,7 @@ async def engine_nodes(
                     spec, pool, AffinityMetrics(registry), on_query=on_query, background=background
                 )
             )
-            started.append(EngineNode(built.engine, built.listener, pool, registry))
+            if wait_loaded:
+                await wait_snapshot(built.engine, spec.db.startup_wait_seconds)
+            started.append(EngineNode(built.engine, built.listener, pool, registry, built.store))
         yield started

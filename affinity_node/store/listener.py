@@ -7,6 +7,17 @@ by the owner in version order, so nothing between LISTEN and the snapshot is los
 asyncpg notices a terminated backend but not a frozen server or a cut network (no keepalive):
 when no notification arrived for `probe_interval`, a short query with a timeout proves the
 connection alive; a probe that fails terminates it and starts the reconnect path.
+
+The watermark (with `on_watermark`): the highest version V such that every change with a
+version up to V has reached this node, so that a reconnect can catch up from V. Versions come
+from one sequence but transactions commit out of version order, so the newest version notified
+proves nothing. Each probe (at least every `watermark_interval_s`, busy or not) reads the
+sequence, then takes a snapshot S in a later statement: every transaction holding a version up
+to V is then visible in S or in progress in S (the trigger takes the transaction id before the
+version). V is settled once none of S's in-progress transactions is still running, and
+reported one probe later: by then the notifications of those commits, sent at commit, have
+crossed this connection ahead of the probe's answer. The pipeline restarts with each
+connection; a candidate from a lost one is dropped.
 """
 
 from __future__ import annotations
@@ -39,7 +50,11 @@ class ListenerSettings:
     """Together: a frozen server is noticed within ~2 s even when nothing is notified."""
     connect_timeout_s: float = 2.0
     sync_timeout_s: float = 30.0
-    """Connect, LISTEN and the snapshot together; a server that freezes midway is left."""
+    """Connect, LISTEN and `on_synced` together (keys, and a catch-up or the start of a paged
+    snapshot: never a whole table); a server that freezes midway is left."""
+    watermark_interval_s: float = 1.0
+    """The longest time between probes while notifications keep coming (the watermark lags
+    about two of these)."""
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 5.0
     application_name: str = "affinity-node-listener"
@@ -67,7 +82,9 @@ class ChangeListener:
         on_state: Callable[[bool], None],
         on_reconnect: Callable[[], None] | None = None,
         on_query: QueryLogger | None = None,
+        on_watermark: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_watermark` hears the binding table's watermark as it advances (see above)."""
         self._s = settings
         self._handlers = dict(handlers)
         self._on_synced = on_synced
@@ -77,10 +94,18 @@ class ChangeListener:
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self._last_activity = time.monotonic()
+        self._last_probe = time.monotonic()
+        self._on_watermark = on_watermark
+        self._candidate: tuple[int, str] | None = None
+        """(version, snapshot) read by a probe, waiting for that snapshot's transactions."""
+        self._settled: int | None = None
+        """A version settled at the last probe: reported at the next one."""
         self._conn: asyncpg.Connection | None = None
         self._warn = RateLimitedLog(log)
         self.clock_offset = 0.0
         """Database clock minus local wall clock, from the latest probe (seconds)."""
+        self.probes = 0
+        """Probes that answered (each one a step of the watermark)."""
 
     @property
     def up(self) -> bool:
@@ -149,6 +174,7 @@ class ChangeListener:
             server_settings={"application_name": self._s.application_name},
         )
         self._conn = conn
+        self._candidate = self._settled = None
         keep_alive(conn)
         if self._on_query is not None:
             conn.add_query_logger(self._on_query)
@@ -172,18 +198,41 @@ class ChangeListener:
         return callback
 
     async def _probe(self, conn: asyncpg.Connection) -> None:
-        before = time.time()
+        self._last_probe = time.monotonic()
+        if self._on_watermark is None:
+            before = time.time()
+            async with asyncio.timeout(self._s.probe_timeout_s):
+                db_now: float = await conn.fetchval(Q["db_clock"])
+            self.clock_offset = db_now - (before + time.time()) / 2
+            self.probes += 1
+            return
+        candidate = self._candidate
         async with asyncio.timeout(self._s.probe_timeout_s):
-            db_now: float = await conn.fetchval(Q["db_clock"])
-        after = time.time()
-        self.clock_offset = db_now - (before + after) / 2
+            version: int = await conn.fetchval(Q["listener_version"])
+            before = time.time()
+            db_now, snapshot, settled = await conn.fetchrow(
+                Q["listener_snapshot"], candidate[1] if candidate is not None else None
+            )
+        self.clock_offset = db_now - (before + time.time()) / 2
+        self.probes += 1
+        if self._settled is not None:
+            self._on_watermark(self._settled)
+            self._settled = None
+        if candidate is not None and settled:
+            self._settled, candidate = candidate[0], None
+        if candidate is None:
+            candidate = (version, snapshot)
+        self._candidate = candidate
 
     async def _watch(self, lost: asyncio.Event) -> None:
         conn = self._conn
         assert conn is not None
         while True:
-            quiet_for = time.monotonic() - self._last_activity
-            wait = self._s.probe_interval_s - quiet_for
+            now = time.monotonic()
+            wait = min(
+                self._s.probe_interval_s - (now - self._last_activity),
+                self._s.watermark_interval_s - (now - self._last_probe),
+            )
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):

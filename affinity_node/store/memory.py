@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from affinity_node.routing.ports import (
     NO_MEMBERS,
     BindingRow,
+    Changes,
     CreateResult,
     Members,
     Pair,
+    RowTuple,
     StoredBinding,
 )
 
@@ -88,7 +90,37 @@ class MemoryBindingStore:
                 out.append(BindingRow(pair[0], pair[1], backend, found.version, ttl, found.fanout))
         return out
 
+    async def snapshot_page(self, after: Pair | None, limit: int) -> list[RowTuple]:
+        pairs = sorted(p for p in self._rows if after is None or p > after)
+        out: list[RowTuple] = []
+        for pair in pairs:
+            if len(out) >= limit:
+                break
+            found = self._live(pair)
+            if found is not None:
+                fanout = list(found.fanout) or None
+                out.append((pair[0], pair[1], found.backend, found.version, found.ttl, fanout))
+        return out
+
+    async def changes_since(self, version: int, limit: int) -> Changes | None:
+        """Rows are never deleted here while live (only expired ones, silently), so the
+        changes are the newer rows."""
+        now = self._clock()
+        rows: list[RowTuple] = [
+            (p[0], p[1], r.backend, r.version, r.expires - now, list(r.fanout) or None)
+            for p, r in self._rows.items()
+            if r.version > version
+        ]
+        return None if len(rows) > limit else Changes(rows, [])
+
+    async def estimate_bindings(self) -> int:
+        return len(self._rows)
+
+    async def trim_deletions(self, older_than_s: float, batch: int) -> int | None:
+        return 0
+
     async def snapshot(self, limit: int) -> list[BindingRow]:
+        """Every live binding (tests and the mover's view in unit tests)."""
         rows = []
         for pair in list(self._rows):
             found = self._live(pair)

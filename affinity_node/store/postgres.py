@@ -7,16 +7,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import asyncpg
 
 from affinity_node.routing.ports import (
     BindingRow,
+    Changes,
     CreateResult,
     Members,
     Pair,
+    RowTuple,
     StoredBinding,
     StoreUnavailable,
 )
@@ -105,12 +107,23 @@ def _binding(row: asyncpg.Record) -> StoredBinding:
     return StoredBinding(row[0], row[1], row[2], tuple(row[3]))
 
 
+_FIRST_KEY = (UUID(int=0), "")
+"""Below every primary key: the first snapshot page starts after it."""
+
+
 class PostgresBindingStore:
     """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, acquire_timeout_s: float = 0.5, snapshot_timeout_s: float = 30.0
+    ) -> None:
+        """`snapshot_timeout_s`: the deadline of one snapshot page (not the pool's statement
+        timeout, which is the request path's)."""
         self._pool = pool
         self._acquire_timeout = acquire_timeout_s
+        self._snapshot_timeout = snapshot_timeout_s
+        self.rows_read = 0
+        """Rows returned by snapshots and catch-ups (what a resync cost)."""
 
     @asynccontextmanager
     async def _conn(self, operation: DbOperation) -> AsyncIterator[asyncpg.Connection]:
@@ -188,10 +201,48 @@ class PostgresBindingStore:
             rows = await conn.fetch(Q["binding_refresh"], ids, models, backends, ttl)
         return [BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
 
-    async def snapshot(self, limit: int) -> list[BindingRow]:
+    async def snapshot_page(self, after: Pair | None, limit: int) -> Sequence[RowTuple]:
+        key, model = after or _FIRST_KEY
+        timeout_ms = str(int(self._snapshot_timeout * 1000))
+        async with self._conn("snapshot") as conn, conn.transaction(readonly=True):
+            await conn.execute(Q["snapshot_statement_timeout"], timeout_ms)
+            rows = await conn.fetch(
+                Q["binding_snapshot_page"], key, model, limit, timeout=self._snapshot_timeout + 1
+            )
+        self.rows_read += len(rows)
+        return cast(list[RowTuple], rows)
+
+    async def changes_since(self, version: int, limit: int) -> Changes | None:
+        # One snapshot for the horizon, the rows and the log: a trim or a change committing
+        # between the statements cannot make them disagree.
+        async with (
+            self._conn("catchup") as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            horizon: int = await conn.fetchval(Q["binding_deletions_horizon"])
+            if version < horizon:
+                return None
+            rows = await conn.fetch(Q["binding_changed_since"], version, limit + 1)
+            self.rows_read += len(rows)
+            if len(rows) > limit:
+                return None
+            deleted = await conn.fetch(Q["binding_deleted_since"], version, limit + 1)
+            self.rows_read += len(deleted)
+            if len(rows) + len(deleted) > limit:
+                return None
+        return Changes(cast(list[RowTuple], rows), [((r[0], r[1]), r[2]) for r in deleted])
+
+    async def estimate_bindings(self) -> int:
         async with self._conn("snapshot") as conn:
-            rows = await conn.fetch(Q["binding_snapshot"], limit)
-        return [BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
+            value: int = await conn.fetchval(Q["binding_estimate"])
+        return value
+
+    async def trim_deletions(self, older_than_s: float, batch: int) -> int | None:
+        async with self._conn("cleanup") as conn, conn.transaction():
+            if not await conn.fetchval(Q["binding_cleanup_lock"], CLEANUP_LOCK):
+                return None
+            trimmed: int = await conn.fetchval(Q["binding_deletions_trim"], older_than_s, batch)
+        return trimmed
 
     async def delete_expired(self, batch: int) -> int | None:
         async with self._conn("cleanup") as conn, conn.transaction():

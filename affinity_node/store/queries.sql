@@ -62,14 +62,64 @@ WHERE a.api_key_id = w.api_key_id AND a.model = w.model
 RETURNING a.api_key_id, a.model, a.provider_url, a.version,
           extract(epoch FROM a.expires_at - now())::float8 AS ttl, a.fanout_urls;
 
--- name: binding_snapshot
--- What a node loads after LISTEN: the freshest live bindings, up to its cache size.
+-- name: binding_snapshot_page
+-- One page of a full snapshot: live bindings after the last pair read, in primary-key order (an
+-- index range scan of at most $3 rows, so a page stays short however big the table).
 SELECT api_key_id, model, provider_url, version,
-       extract(epoch FROM expires_at - now())::float8 AS ttl, fanout_urls
+       extract(epoch FROM expires_at - now())::float8 AS ttl, NULLIF(fanout_urls, '{}')
 FROM api_key_model_affinity
-WHERE expires_at > now()
-ORDER BY updated_at DESC
-LIMIT $1;
+WHERE (api_key_id, model) > ($1::uuid, $2::text) AND expires_at > now()
+ORDER BY api_key_id, model
+LIMIT $3;
+
+-- name: snapshot_statement_timeout
+-- Snapshot pages have their own deadline, not the request path's statement timeout.
+SELECT set_config('statement_timeout', $1::text, true);
+
+-- name: binding_estimate
+-- The planner's row count (no scan): how far a snapshot has come, for /readyz.
+SELECT greatest(reltuples, 0)::bigint FROM pg_class
+WHERE oid = 'api_key_model_affinity'::regclass;
+
+-- name: binding_deletions_horizon
+-- Deletion-log entries at or below this version may have been trimmed.
+SELECT version FROM affinity_binding_deletions_horizon;
+
+-- name: binding_changed_since
+-- A catch-up: rows whose routing changed after the node's watermark (expired ones too: they
+-- replace what the node holds), by the version index.
+SELECT api_key_id, model, provider_url, version,
+       extract(epoch FROM expires_at - now())::float8 AS ttl, NULLIF(fanout_urls, '{}')
+FROM api_key_model_affinity
+WHERE version > $1
+ORDER BY version
+LIMIT $2;
+
+-- name: binding_deleted_since
+SELECT api_key_id, model, version
+FROM affinity_binding_deletions
+WHERE version > $1
+ORDER BY version
+LIMIT $2;
+
+-- name: binding_deletions_trim
+-- The cleanup leader forgets old deletion-log entries, a batch at a time, and moves the
+-- horizon past them in the same statement.
+WITH gone AS (
+    DELETE FROM affinity_binding_deletions
+    WHERE version IN (
+        SELECT version FROM affinity_binding_deletions
+        WHERE deleted_at < now() - make_interval(secs => $1::float8)
+        ORDER BY version
+        LIMIT $2
+    )
+    RETURNING version
+), horizon AS (
+    UPDATE affinity_binding_deletions_horizon
+    SET version = greatest(version, (SELECT max(version) FROM gone))
+    WHERE EXISTS (SELECT 1 FROM gone)
+)
+SELECT count(*) FROM gone;
 
 -- name: binding_version_now
 -- The newest version handed out: notifications claiming far more are not believed.
@@ -105,6 +155,22 @@ SELECT 1;
 
 -- name: db_clock
 SELECT extract(epoch FROM clock_timestamp())::float8;
+
+-- The listener's watermark (store/listener.py): the version is read first, the snapshot in a
+-- later statement, so every transaction holding a version up to it is visible in that snapshot
+-- or listed in progress there (the version trigger takes its transaction id first).
+
+-- name: listener_version
+SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM affinity_binding_version_seq;
+
+-- name: listener_snapshot
+-- The database clock, a snapshot, and whether every transaction in progress at an earlier
+-- snapshot ($1) has ended.
+SELECT extract(epoch FROM clock_timestamp())::float8, pg_current_snapshot()::text,
+       $1::text IS NULL OR NOT EXISTS (
+           SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
+           WHERE pg_xact_status(x) = 'in progress'
+       );
 
 -- name: key_create
 INSERT INTO api_keys (id, name, key_hash) VALUES ($1, $2, $3)

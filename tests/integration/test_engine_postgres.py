@@ -315,7 +315,7 @@ async def test_refresh_is_one_statement_for_many_pairs_and_skips_moved_bindings(
         # Nodes only learn a shorter TTL on their next read; emulate by re-reading (expire).
         for k in keys:
             e = node.engine.cache.get((k, MODEL))
-            e.deadline = time.monotonic() + 1
+            node.engine.cache.extend((k, MODEL), e.backend, e.version, 1.0, time.monotonic())
         for k in keys:
             node.engine.served(k, MODEL, node.engine.cache.get((k, MODEL)).backend)
         node.engine.served(moved_key, MODEL, BACKENDS[0])  # stale backend: ignored
@@ -385,8 +385,9 @@ async def test_concurrent_refresh_flushes_on_many_nodes_never_deadlock(dsn, db):
             for i, n in enumerate(fleet):
                 order = keys if i % 2 == 0 else list(reversed(keys))  # opposite lock orders
                 for k in order:
-                    n.engine.cache.get((k, MODEL)).deadline = time.monotonic() + 1
-                    n.engine.served(k, MODEL, n.engine.cache.get((k, MODEL)).backend)
+                    e = n.engine.cache.get((k, MODEL))
+                    n.engine.cache.extend((k, MODEL), e.backend, e.version, 1.0, time.monotonic())
+                    n.engine.served(k, MODEL, e.backend)
             await asyncio.gather(*(n.engine.flush_refreshes() for n in fleet))
         errors = sum(metric(n, "affinity_db_errors_total", operation="refresh") for n in fleet)
         assert errors == 0

@@ -159,6 +159,8 @@ async def test_a_restarted_node_keeps_the_sets(dsn):
         expected = {f"conv-{i}": await chat_on(c.client(0, secret), f"conv-{i}") for i in range(10)}
         cfg = node_config(dsn, c.backends, "node-restarted")
         async with run_node(cfg) as fresh:
+            # It serves while its snapshot loads; once loaded, the set is in its cache.
+            await wait_for(lambda: fresh.engine.sync_status.state == "done", what="snapshot")
             assert fresh.engine.cache.get((c.key_ids["alice"], MODEL)).fanout == tuple(members)
             client = openai.AsyncOpenAI(base_url=f"{fresh.url}/v1", api_key=secret, max_retries=0)
             try:

@@ -52,7 +52,7 @@ async def test_the_serving_role_runs_a_node_and_cannot_change_the_schema(empty_d
             "CREATE INDEX sneaky ON api_key_model_affinity (model)",
             "DROP TABLE api_key_model_affinity",
             "TRUNCATE api_keys",
-            "DROP TRIGGER affinity_binding_notify_v2 ON api_key_model_affinity",
+            "DROP TRIGGER affinity_binding_notify_v3 ON api_key_model_affinity",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(ddl)

@@ -84,13 +84,44 @@ async def test_refresh_extends_only_bindings_that_still_point_there(
     assert await store.refresh([], 300.0) == []
 
 
-async def test_snapshot_lists_live_bindings_up_to_the_limit(
-    store: BindingStore, pair: Pair
+async def test_snapshot_pages_list_live_bindings_in_key_order_and_resume(
+    store: BindingStore, db: asyncpg.Connection
 ) -> None:
-    await store.create_if_absent(pair, Chooser(B1), 60.0)
-    rows = await store.snapshot(10)
-    assert [(r.api_key_id, r.model, r.backend) for r in rows] == [(pair[0], pair[1], B1)]
-    assert await store.snapshot(0) == []
+    keys = [await new_key(db, f"k{i}") for i in range(5)]
+    pairs = sorted((k, m) for k in keys for m in ("a", "b"))
+    for i, p in enumerate(pairs):
+        await store.create_if_absent(p, Chooser(B1 if i % 2 else B2), 60.0)
+    pages, after = [], None
+    while True:
+        page = list(await store.snapshot_page(after, 3))
+        pages.append(page)
+        if len(page) < 3:
+            break
+        after = (page[-1][0], page[-1][1])
+    rows = [r for page in pages for r in page]
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    assert [(r[0], r[1]) for r in rows] == pairs
+    assert [r[2] for r in rows] == [B1 if i % 2 else B2 for i in range(10)]
+    assert all(59.0 < r[4] <= 60.0 and not r[5] for r in rows)
+    assert list(await store.snapshot_page(None, 0)) == []
+    assert await store.estimate_bindings() >= 0
+
+
+async def test_changes_since_a_version_are_the_newer_rows(
+    store: BindingStore, db: asyncpg.Connection
+) -> None:
+    first = (await new_key(db, "first"), "m")
+    later = (await new_key(db, "later"), "m")
+    v1 = (await store.create_if_absent(first, Chooser(B1), 60.0)).binding.version
+    v2 = (await store.create_if_absent(later, Chooser(B1), 60.0)).binding.version
+    moved = await store.rebind(first, B1, B2, 60.0)
+    assert moved is not None
+    changes = await store.changes_since(v2, 100)
+    assert changes is not None and not changes.deleted
+    assert [(r[0], r[1], r[2], r[3]) for r in changes.rows] == [(first[0], "m", B2, moved.version)]
+    everything = await store.changes_since(v1 - 1, 100)
+    assert everything is not None and len(everything.rows) == 2
+    assert await store.changes_since(v1 - 1, 1) is None  # more than the limit: reload instead
 
 
 async def test_expired_bindings_vanish_are_replaced_and_are_cleaned_up(
@@ -98,7 +129,7 @@ async def test_expired_bindings_vanish_are_replaced_and_are_cleaned_up(
 ) -> None:
     old = (await store.create_if_absent(pair, Chooser(B1), 0.05)).binding
     await wait_for(lambda: _gone(store, pair), timeout=5.0, what="the binding to expire")
-    assert await store.snapshot(10) == []
+    assert list(await store.snapshot_page(None, 10)) == []
     assert await store.rebind(pair, B1, B2, 60.0) is None  # a move never revives it
     fresh = await store.create_if_absent(pair, Chooser(B3), 0.05)
     assert fresh.created and fresh.binding.backend == B3 and fresh.binding.version > old.version

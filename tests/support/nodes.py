@@ -78,6 +78,47 @@ async def new_key(dsn_or_conn: str | asyncpg.Connection, name: str = "k") -> uui
     return key.id
 
 
+async def bulk_bindings(
+    db: asyncpg.Connection,
+    keys: int,
+    models: Sequence[str] = ("m0",),
+    ttl_s: float = 600.0,
+    backends: Sequence[str] = BACKENDS,
+) -> list[tuple[uuid.UUID, str]]:
+    """`keys` new keys bound to every one of `models`: two statements, through the real
+    triggers (versions from the sequence, one notification per row). Returns the pairs."""
+    ids = [uuid.uuid4() for _ in range(keys)]
+    await db.execute(
+        "INSERT INTO api_keys (id, name, key_hash) "
+        "SELECT k, 'bulk', sha256(k::text::bytea) FROM unnest($1::uuid[]) AS k",
+        ids,
+    )
+    await db.execute(
+        "INSERT INTO api_key_model_affinity (api_key_id, model, provider_url, version, expires_at) "
+        "SELECT k, m, ($3::text[])[1 + (abs(hashtext(k::text || m)) % cardinality($3::text[]))], "
+        "0, now() + make_interval(secs => $4::float8) "
+        "FROM unnest($1::uuid[]) AS k CROSS JOIN unnest($2::text[]) AS m",
+        ids,
+        list(models),
+        list(backends),
+        ttl_s,
+    )
+    return [(k, m) for k in ids for m in models]
+
+
+async def table_bindings(db: asyncpg.Connection) -> dict[tuple[uuid.UUID, str], tuple[str, int]]:
+    """The live bindings: pair -> (backend, version)."""
+    rows = await db.fetch(
+        "SELECT api_key_id, model, provider_url, version FROM api_key_model_affinity "
+        "WHERE expires_at > now()"
+    )
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+
+def cached_bindings(node: EngineNode) -> dict[tuple[uuid.UUID, str], tuple[str, int]]:
+    return {p: (e.backend, e.version) for p, e in node.engine.cache.items()}
+
+
 class QueryCounter:
     """An asyncpg query logger that records statements while armed (probes excluded)."""
 

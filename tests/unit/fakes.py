@@ -94,12 +94,12 @@ class Chooser:
 
 
 def make_engine(
-    store: MemoryBindingStore, clock: Clock, **settings: float
+    store: MemoryBindingStore, clock: Clock, max_entries: int = 0, **settings: float
 ) -> tuple[AffinityEngine, CollectorRegistry]:
     registry = CollectorRegistry()
     engine = AffinityEngine(
         store,
-        BindingCache(clock=clock),
+        BindingCache(max_entries=max_entries, clock=clock),
         AffinityMetrics(registry),
         EngineSettings(**settings),  # type: ignore[arg-type]
         clock=clock,

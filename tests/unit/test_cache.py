@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.ports import BindingRow
 
 
 class Clock:
@@ -57,23 +56,25 @@ def test_resync_keeps_changes_notified_during_the_snapshot_and_drops_vanished_ro
     cache.apply_change(moved, "b1", 2, 60)
     cache.begin_resync()
     cache.apply_change(moved, "b3", 9, 60)  # arrives while the snapshot is read
-    snapshot = [BindingRow(moved[0], "m", "b2", 8, 30.0), BindingRow(K, "m", "b1", 3, 30.0)]
+    snapshot = [(moved[0], "m", "b2", 8, 30.0, None), (K, "m", "b1", 3, 30.0, None)]
     cache.finish_resync(snapshot, clock.now)
     assert cache.get(gone) is None
     assert cache.get(moved).backend == "b3"
     assert cache.get(P).backend == "b1" and cache.get(P).deadline == clock.now + 30.0
 
 
-def test_size_is_bounded_least_recently_used_first():
-    cache = BindingCache(max_entries=3, clock=Clock())
+def test_size_is_bounded_and_the_entry_closest_to_expiry_goes_first():
+    evicted = []
+    cache = BindingCache(max_entries=3, clock=Clock(), on_evict=lambda r, n: evicted.append(r))
     pairs = [(uuid.uuid4(), "m") for _ in range(4)]
     for i, p in enumerate(pairs[:3]):
-        cache.apply_change(p, "b", i, 60)
-    cache.get(pairs[0])  # touch: now most recent
-    cache.apply_change(pairs[3], "b", 10, 60)
-    assert len(cache) == 3
+        cache.apply_change(p, "b", i, 60 + 10 * i)
+    cache.extend(pairs[0], "b", 0, 500, 1000.0)  # used and refreshed: now the furthest
+    cache.apply_change(pairs[3], "b", 10, 300)
+    assert len(cache) == 3 and evicted == ["size"]
     assert cache.get(pairs[1]) is None
-    assert cache.get(pairs[0]) is not None
+    assert cache.get(pairs[0]) is not None and cache.get(pairs[3]) is not None
+    assert cache.bindings_of("b") == 3
 
 
 def test_deadline_counts_from_when_the_query_was_sent():
@@ -105,7 +106,7 @@ def test_bindings_per_backend_follow_every_change():
     cache.evict(pairs[2], "b")
     assert cache.bindings_per_backend() == recount()
     cache.begin_resync()
-    cache.finish_resync([BindingRow(pairs[4][0], "m", "d", 9, 30.0)], clock.now)
+    cache.finish_resync([(pairs[4][0], "m", "d", 9, 30.0, None)], clock.now)
     assert cache.bindings_per_backend() == recount() == {"d": 1}
     assert cache.bindings_of("d") == 1 and cache.bindings_of("a") == 0
 
@@ -162,5 +163,5 @@ def test_max_version_follows_rows_and_notifications():
     cache.apply_change(P, "b1", 7, 60)
     assert cache.max_version == 7
     cache.begin_resync()
-    cache.finish_resync([BindingRow(K, "x", "b1", 40, 30.0)], 1000.0, version_now=55)
+    cache.finish_resync([(K, "x", "b1", 40, 30.0, None)], 1000.0, version_now=55)
     assert cache.max_version == 55
