@@ -10,9 +10,11 @@ import io
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -25,6 +27,7 @@ from affinity_node.observability.logs import ACCESS_FIELDS, ACCESS_LOGGER, confi
 from affinity_node.sim.fake_backend import FakeBackendConfig, RunningFakeBackend, serve
 from affinity_node.store.keys import create_key
 from tests.support.cluster import ALIAS, MODEL, node_config
+from tests.support.nodes import bulk_bindings
 from tests.support.waiting import wait_for
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -119,6 +122,44 @@ async def test_no_healthy_backend_keeps_the_node_ready_and_answers_openai_503(ds
         status, body, _ = await n.get(ready)
         assert (status, json.loads(body)["status"]) == (503, "draining")
         assert (await n.get(f"{n.node.url}/healthz"))[0] == 200
+
+
+async def test_readiness_does_not_wait_for_the_bindings_snapshot_and_shows_how_far_it_is(dsn, db):
+    """The node's role cannot read the binding table yet: keys load, pages keep failing (and
+    are retried); the node is ready all along, and done once the grant lets the pages in."""
+    await bulk_bindings(db, keys=40)
+    role = f"snap_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'snap'")
+    try:
+        await db.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}")
+        await db.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        await db.execute(f"REVOKE SELECT ON api_key_model_affinity FROM {role}")
+        parts = urlsplit(dsn)
+        role_dsn = urlunsplit(
+            parts._replace(netloc=f"{role}:snap@{parts.netloc.rpartition('@')[2]}")
+        )
+        async with one_node(role_dsn) as n:
+            status, body, _ = await n.get(n.node.url + "/readyz")
+            snapshot = json.loads(body)["snapshot"]
+            assert status == 200 and json.loads(body)["status"] == "ready"
+            assert (snapshot["state"], snapshot["mode"], snapshot["loaded"]) == (
+                "loading",
+                "full",
+                0,
+            )
+            await db.execute(f"GRANT SELECT ON api_key_model_affinity TO {role}")
+
+            async def loaded() -> bool:
+                body = json.loads((await n.get(n.node.url + "/readyz"))[1])
+                return body["snapshot"]["state"] == "done"
+
+            await wait_for(loaded, timeout=15, what="the snapshot to load after the grant")
+            snapshot = json.loads((await n.get(n.node.url + "/readyz"))[1])["snapshot"]
+            assert (snapshot["mode"], snapshot["loaded"], snapshot["rows_read"]) == ("full", 40, 40)
+            assert snapshot["seconds"] > 0
+    finally:
+        await db.execute(f"DROP OWNED BY {role}")
+        await db.execute(f"DROP ROLE {role}")
 
 
 async def test_the_operations_port_serves_probes_and_metrics_and_the_api_port_does_not(dsn):
