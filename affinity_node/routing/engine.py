@@ -50,6 +50,7 @@ from affinity_node.routing.ports import (
 from affinity_node.routing.trust import NotificationCheck
 from affinity_node.vocabulary import (
     EVICT_REASONS,
+    NOTIFY_OPS,
     FanoutDirection,
     FanoutReason,
     MissOutcome,
@@ -187,6 +188,8 @@ class AffinityEngine:
         self._warn = RateLimitedLog(log)
         metrics.cache_entries.set_function(lambda: len(self._cache))
         metrics.db_up.set(0)
+        self._notified = {op: metrics.notifications.labels(op).inc for op in NOTIFY_OPS}
+        """Per-op counters, bound once: a busy fleet notifies a thousand times a second."""
         evictions = {r: metrics.cache_evictions.labels(r).inc for r in EVICT_REASONS}
         cache.on_evict = lambda reason, n: evictions[reason](n)
 
@@ -584,7 +587,7 @@ class AffinityEngine:
         if event is None:
             self._m.notifications_rejected.labels("malformed").inc()
             return
-        self._m.notifications.labels(event.op).inc()
+        self._notified[event.op]()
         reason = self._check.reason(event, self._cache.max_version)
         if reason is not None:
             self._m.notifications_rejected.labels(reason).inc()
