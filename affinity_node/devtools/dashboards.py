@@ -405,7 +405,8 @@ def overview() -> Json:
                 ),
             ],
             "short",
-            "A reconnect is followed by a resync (snapshot reload).",
+            "A reconnect is followed by a resync: a catch-up from the node's watermark, or a "
+            "paged snapshot when the deletion log no longer reaches back that far.",
         ),
         timeseries(
             "Degraded requests and database errors",
@@ -439,6 +440,25 @@ def overview() -> Json:
             ],
             "short",
             "Bindings each node holds in memory.",
+        ),
+        timeseries(
+            "Cache evictions and rows read by resyncs",
+            [
+                target(
+                    f"sum by (reason) ({rate('affinity_cache_evictions_total', NODE)})",
+                    "evicted: {{reason}}",
+                ),
+                target(
+                    "sum by (mode) "
+                    f"(increase(affinity_cache_resync_rows_total{{{NODE}}}[{RATE}]))",
+                    "resync rows: {{mode}}",
+                ),
+            ],
+            "short",
+            "Evictions for size mean live bindings pushed out by affinity.cache_max_entries "
+            "(raise it, or leave it at 0 to follow the table); expired ones leave by their "
+            "deadline. Resync rows: what reconnects cost (incremental: the changes; full: "
+            "every binding).",
         ),
         timeseries(
             "Backend load (as every node polls it)",
