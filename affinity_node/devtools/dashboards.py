@@ -449,8 +449,7 @@ def overview() -> Json:
                     "evicted: {{reason}}",
                 ),
                 target(
-                    "sum by (mode) "
-                    f"(increase(affinity_cache_resync_rows_total{{{NODE}}}[{RATE}]))",
+                    f"sum by (mode) (increase(affinity_cache_resync_rows_total{{{NODE}}}[{RATE}]))",
                     "resync rows: {{mode}}",
                 ),
             ],

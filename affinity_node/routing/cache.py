@@ -39,7 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from uuid import UUID
 
-from affinity_node.routing.ports import NO_MEMBERS, Members, Pair, RowTuple
+from affinity_node.routing.ports import NO_MEMBERS, Members, Pair, RowTuple, SnapshotPage
 from affinity_node.vocabulary import EvictReason
 
 _SHARD_BITS = 8
@@ -152,8 +152,8 @@ class BindingCache:
         self._expiry: dict[int, array[int]] = {}
         """Whole seconds -> slots whose deadline falls before it (some since extended)."""
         self._expiry_heap: list[int] = []
-        self._tombstones: OrderedDict[Pair, tuple[int, int]] = OrderedDict()
-        """pair -> (version of the delete, stamp when it was applied)."""
+        self._tombstones: OrderedDict[tuple[int, str], tuple[int, int]] = OrderedDict()
+        """(key id as an int, model) -> (version of the delete, stamp when it was applied)."""
         self._stamp = 0
         self._resync_stamp = 0
         self._generation = 0
@@ -303,6 +303,14 @@ class BindingCache:
         self._tables[shard] = table
         self._masks[shard] = mask
 
+    def reserve(self, entries: int) -> None:
+        """Grow the tables for about `entries` pairs now, not one shard at a time during a
+        snapshot."""
+        per_shard = entries // _SHARDS + 2 * int((entries // _SHARDS) ** 0.5) + 1
+        for shard in range(_SHARDS):
+            while (per_shard + 1) * 2 > self._masks[shard] + 1:
+                self._grow(shard)
+
     def _unlink(self, s: int) -> None:
         """Takes slot `s` out of its table (backward shift: no tombstones in the table)."""
         h = hash((self._hi[s] << 64 | self._lo[s]) ^ self._salts[self._model[s]])
@@ -353,7 +361,7 @@ class BindingCache:
         s: int = -2,
     ) -> None:
         """Write an entry (`s`: its slot when the caller looked it up, -1 when absent)."""
-        self._tombstones.pop(pair, None)
+        self._tombstones.pop((pair[0].int, pair[1]), None)
         self.seen(version)
         if s == -2:
             s = self._slot_of(pair)
@@ -438,7 +446,7 @@ class BindingCache:
         """
         if stamp < self._resync_stamp:
             return False
-        tomb = self._tombstones.get(pair)
+        tomb = self._tombstones.get((pair[0].int, pair[1]))
         if tomb is not None and tomb[1] > stamp:
             return False
         s = self._slot_of(pair)
@@ -448,28 +456,20 @@ class BindingCache:
         return True
 
     def load(self, rows: Iterable[RowTuple], stamp: int, asked_at: float) -> int:
-        """Snapshot pages and catch-up rows: `fill` for each, without an object per row.
-        A row whose TTL is spent (a catch-up returns changed rows that expired since) only
-        removes what it replaced. Returns how many rows were stored."""
+        """Catch-up rows (and a page's sets): `fill` for each. A row whose TTL is spent (a
+        catch-up returns changed rows that expired since) only removes what it replaced.
+        Returns how many rows were stored."""
         if stamp < self._resync_stamp:
             return 0
-        tombs = self._tombstones
-        now = self._clock()
-        ids, version_of, deadline_of = self._models.ids, self._version, self._deadline
-        stored = 0
+        tombs, now, stored = self._tombstones, self._clock(), 0
         for key, model, backend, version, ttl, fanout in rows:
-            if version > self.max_version:
-                self.max_version = version
-            if tombs:
-                tomb = tombs.get((key, model))
-                if tomb is not None:
-                    if tomb[1] > stamp:
-                        continue
-                    del tombs[(key, model)]
+            self.seen(version)
             u = key.int
-            mid = ids.get(model)
+            if tombs and self._deleted_since(u, model, stamp):
+                continue
+            mid = self._model_ids.get(model)
             s = -1 if mid is None else self._find(u, mid)
-            if s >= 0 and version < version_of[s] and deadline_of[s] > now:
+            if s >= 0 and version < self._version[s] and self._deadline[s] > now:
                 continue
             if ttl <= 0:
                 if s >= 0:
@@ -480,11 +480,125 @@ class BindingCache:
             stored += 1
         return stored
 
+    def _deleted_since(self, u: int, model: str, stamp: int) -> bool:
+        """The pair was deleted after the read began (the row is dropped); an older tombstone
+        is forgotten (the row replaces it)."""
+        tomb = self._tombstones.get((u, model))
+        if tomb is None:
+            return False
+        if tomb[1] > stamp:
+            return True
+        del self._tombstones[(u, model)]
+        return False
+
+    def load_page(
+        self, page: SnapshotPage, stamp: int, asked_at: float, start: int = 0, stop: int = -1
+    ) -> int:
+        """Rows [start, stop) of a snapshot page: `fill` for each, from the columns. A million
+        rows come through here at start, so the common case (a plain binding whose model and
+        backend are interned already, no size bound) is written inline: one probe finds the
+        pair or the free cell it goes to. The rest (sets among them) takes `load`. Returns how
+        many rows were stored."""
+        if stamp < self._resync_stamp:
+            return 0
+        stored = 0
+        stop = len(page.models) if stop < 0 else min(stop, len(page.models))
+        sets = page.sets
+        tombs, now, gen = self._tombstones, self._clock(), self._generation
+        mids, bids = self._models.ids, self._backends.ids
+        mrefs, brefs = self._models.refs, self._backends.refs
+        salts, tables, masks, filled = self._salts, self._tables, self._masks, self._filled
+        hi_a, lo_a, model_a, home_a = self._hi, self._lo, self._model, self._home
+        backend_a, version_a, deadline_a = self._backend, self._version, self._deadline
+        checked_a, gen_a, free, fanouts = self._checked, self._gen, self._free, self._fanout
+        expiry, heap, bounded = self._expiry, self._expiry_heap, self._max > 0
+        keys, versions, ttls = page.keys, page.versions, page.ttls
+        added = 0
+        models, backends = page.models, page.backends
+        for n in range(start, stop):
+            model, backend = models[n], backends[n]
+            hi, lo, version, ttl = keys[2 * n], keys[2 * n + 1], versions[n], ttls[n]
+            u = hi << 64 | lo
+            if tombs and self._deleted_since(u, model, stamp):
+                continue
+            mid = mids.get(model)
+            bid = bids.get(backend)
+            if mid is None or bid is None or ttl <= 0 or bounded or (sets and (u, model) in sets):
+                members = sets.get((u, model)) if sets else None
+                stored += self.load(
+                    [(UUID(int=u), model, backend, version, ttl, members)], stamp, asked_at
+                )
+                continue
+            h = hash(u ^ salts[mid])
+            shard = h & _SHARD_MASK
+            table, mask = tables[shard], masks[shard]
+            i = (h >> _SHARD_BITS) & mask
+            while True:
+                s = table[i] - 1
+                if s < 0 or (lo_a[s] == lo and model_a[s] == mid and hi_a[s] == hi):
+                    break
+                i = (i + 1) & mask
+            deadline = asked_at + ttl
+            if s >= 0:
+                if version < version_a[s] and deadline_a[s] > now:
+                    continue
+                if backend_a[s] != bid:
+                    stored += self.load(
+                        [(UUID(int=u), model, backend, version, ttl, None)], stamp, asked_at
+                    )
+                    continue
+                if fanouts:
+                    fanouts.pop(s, None)
+                version_a[s] = version
+                deadline_a[s] = deadline
+                checked_a[s] = asked_at
+                gen_a[s] = gen
+            elif (filled[shard] + 1) * 2 > mask + 1:  # the table grows first
+                stored += self.load(
+                    [(UUID(int=u), model, backend, version, ttl, None)], stamp, asked_at
+                )
+                continue
+            else:
+                home = (h >> _SHARD_BITS) & _HOME_MASK
+                if free:
+                    s = free.pop()
+                    hi_a[s], lo_a[s], model_a[s], home_a[s] = hi, lo, mid, home
+                    backend_a[s], version_a[s], deadline_a[s] = bid, version, deadline
+                    checked_a[s], gen_a[s] = asked_at, gen
+                else:
+                    s = len(model_a)
+                    hi_a.append(hi)
+                    lo_a.append(lo)
+                    model_a.append(mid)
+                    home_a.append(home)
+                    backend_a.append(bid)
+                    version_a.append(version)
+                    deadline_a.append(deadline)
+                    checked_a.append(asked_at)
+                    gen_a.append(gen)
+                table[i] = s + 1
+                filled[shard] += 1
+                added += 1
+                mrefs[mid] += 1
+                brefs[bid] += 1
+            second = int(deadline) + 1
+            bucket = expiry.get(second)
+            if bucket is None:
+                expiry[second] = array("i", (s,))
+                heapq.heappush(heap, second)
+            else:
+                bucket.append(s)
+            stored += 1
+        self._count += added
+        if start < stop:
+            self.seen(max(versions[start:stop]))
+        return stored
+
     def _newest_known(self, pair: Pair) -> int:
         s = self._slot_of(pair)
         if s >= 0:
             return self._version[s]
-        tomb = self._tombstones.get(pair)
+        tomb = self._tombstones.get((pair[0].int, pair[1]))
         return tomb[0] if tomb is not None else -1
 
     def apply_change(
@@ -496,7 +610,7 @@ class BindingCache:
             if version < self._version[s]:
                 return False
         else:
-            tomb = self._tombstones.get(pair)
+            tomb = self._tombstones.get((pair[0].int, pair[1]))
             if tomb is not None and version < tomb[0]:
                 return False
         self._stamp += 1
@@ -512,8 +626,8 @@ class BindingCache:
         s = self._slot_of(pair)
         if s >= 0:
             self._drop(s)
-        self._tombstones[pair] = (version, self._stamp)
-        self._tombstones.move_to_end(pair)
+        self._tombstones[(pair[0].int, pair[1])] = (version, self._stamp)
+        self._tombstones.move_to_end((pair[0].int, pair[1]))
         if len(self._tombstones) > self._max_tombstones:
             self._tombstones.popitem(last=False)
         return True

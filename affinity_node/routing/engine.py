@@ -43,7 +43,7 @@ from affinity_node.routing.ports import (
     Clock,
     Members,
     Pair,
-    RowTuple,
+    SnapshotPage,
     StoredBinding,
     StoreUnavailable,
 )
@@ -82,8 +82,9 @@ class EngineSettings:
     """A listener down longer than this makes cached entries suspect ..."""
     blind_max_age_s: float = 5.0
     """... and an entry not confirmed by the database for this long is re-read before use."""
-    snapshot_page_rows: int = 10_000
-    """Rows per statement of a full snapshot (each page is one short, bounded statement)."""
+    snapshot_page_rows: int = 50_000
+    """Rows per statement of a full snapshot (each page is one short, bounded statement: ~50 ms
+    for 50,000 rows on a laptop-class server)."""
     snapshot_retry_s: float = 0.2
     """First pause before a failed page is read again (doubles up to 5 s; resumes, never
     restarts)."""
@@ -661,7 +662,7 @@ class AffinityEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
 
-    async def _read_page(self, after: Pair | None) -> tuple[Sequence[RowTuple], int, float]:
+    async def _read_page(self, after: Pair | None) -> tuple[SnapshotPage, int, float]:
         """One page with the stamp and time taken before it; retried until it answers (a
         reconnect cancels the whole load)."""
         pause = self._s.snapshot_retry_s
@@ -677,27 +678,28 @@ class AffinityEngine:
                 continue
             return rows, stamp, asked_at
 
-    async def _load_snapshot(self, started: float, chunk: int = 2_000) -> None:
+    async def _load_snapshot(self, started: float, chunk: int = 5_000) -> None:
         """Every live binding, page after page (the next page is read while one is stored),
         then the entries no page confirmed are dropped (their rows are gone)."""
         status, cache, size = self._status, self._cache, self._s.snapshot_page_rows
+        held_before = len(cache)  # 0 at start: nothing older to prune afterwards
         with contextlib.suppress(StoreUnavailable):
             status.expected = await self._store.estimate_bindings()
+        cache.reserve(status.expected)
         pending = asyncio.create_task(self._read_page(None))
         try:
             while True:
-                rows, stamp, asked_at = await pending
-                status.rows_read += len(rows)
-                more = len(rows) >= size > 0
+                page, stamp, asked_at = await pending
+                status.rows_read += page.rows
+                more = page.rows >= size > 0 and page.last is not None
                 if more:
-                    last = rows[-1]
-                    pending = asyncio.create_task(self._read_page((last[0], last[1])))
-                for i in range(0, len(rows), chunk):
-                    status.loaded += cache.load(rows[i : i + chunk], stamp, asked_at)
+                    pending = asyncio.create_task(self._read_page(page.last))
+                for i in range(0, max(len(page.models), 1), chunk):  # others run in between
+                    status.loaded += cache.load_page(page, stamp, asked_at, i, i + chunk)
                     await asyncio.sleep(0)
                 if not more:
                     break
-            for start in range(0, cache.slots, 50_000):
+            for start in range(0, cache.slots if held_before else 0, 50_000):
                 cache.prune_unconfirmed(start, start + 50_000)
                 await asyncio.sleep(0)
         finally:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 from uuid import UUID
 
@@ -47,6 +48,49 @@ RowTuple = tuple[UUID, str, str, int, float, "Sequence[str] | None"]
 """(api key id, model, backend, version, ttl, other members or None): a row of a snapshot page
 or a catch-up as the store returns it, unpacked where it is used (a million of them are read
 at start: no object of ours per row)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPage:
+    """One page of a full snapshot, column by column, in key order: a million rows arrive at
+    start, and an object per row (and per value) would cost the node more than the database
+    spends on them."""
+
+    keys: array[int]
+    """Two per row ('Q'): the key id's high and low 64 bits."""
+    models: Sequence[str]
+    backends: Sequence[str]
+    """Each row's provider_url (a set's first member)."""
+    versions: array[int]
+    ttls: array[float]
+    sets: Mapping[tuple[int, str], Members] = field(default_factory=dict)
+    """(key id as an int, model) -> the other members, for the rows that have any."""
+
+    @property
+    def rows(self) -> int:
+        return len(self.models)
+
+    @property
+    def last(self) -> Pair | None:
+        """The page's greatest pair: the next page starts after it."""
+        if not self.models:
+            return None
+        return (UUID(int=self.keys[-2] << 64 | self.keys[-1]), self.models[-1])
+
+    @classmethod
+    def of(cls, rows: Sequence[RowTuple]) -> SnapshotPage:
+        """A page from rows in key order (the memory store, tests)."""
+        keys: array[int] = array("Q")
+        for r in rows:
+            keys.extend((r[0].int >> 64, r[0].int & 0xFFFFFFFFFFFFFFFF))
+        return cls(
+            keys,
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            array("q", (r[3] for r in rows)),
+            array("d", (r[4] for r in rows)),
+            {(r[0].int, r[1]): tuple(r[5]) for r in rows if r[5]},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +150,7 @@ class BindingStore(Protocol):
     async def refresh(self, items: Sequence[tuple[Pair, str]], ttl: float) -> list[BindingRow]:
         """Extend live bindings that still point at the given backend; returns those extended."""
 
-    async def snapshot_page(self, after: Pair | None, limit: int) -> Sequence[RowTuple]:
+    async def snapshot_page(self, after: Pair | None, limit: int) -> SnapshotPage:
         """Up to `limit` live bindings following `after` in key order (None: from the start):
         one bounded statement per page, resumable from the last pair read."""
 

@@ -44,9 +44,10 @@ class PostgresKeyStore:
     """What the node's key cache reads (auth.keycache.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 2.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 2.0, page: int = 20_000) -> None:
         self._pool = pool
         self._timeout = timeout_s
+        self._page = page
 
     async def lookup(self, digest: bytes) -> tuple[uuid.UUID, bool] | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -59,6 +60,17 @@ class PostgresKeyStore:
         return None if row is None else (bytes(row["key_hash"]), row["revoked"])
 
     async def active(self) -> list[tuple[bytes, uuid.UUID]]:
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            rows = await conn.fetch(Q["key_active"], timeout=self._timeout * 5)
-        return [(bytes(r["key_hash"]), r["id"]) for r in rows]
+        """Every usable key, read in pages (each one short statement; the key cache replays
+        what was notified meanwhile). Ids are uuid4: none is the nil UUID the first page
+        starts after."""
+        out: list[tuple[bytes, uuid.UUID]] = []
+        after = uuid.UUID(int=0)
+        while True:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                rows = await conn.fetch(
+                    Q["key_active_page"], after, self._page, timeout=self._timeout
+                )
+            out.extend((bytes(r[0]), r[1]) for r in rows)
+            if len(rows) < self._page:
+                return out
+            after = rows[-1][1]

@@ -21,6 +21,7 @@ from affinity_node.routing.ports import (
     Members,
     Pair,
     RowTuple,
+    SnapshotPage,
     StoredBinding,
 )
 
@@ -90,7 +91,7 @@ class MemoryBindingStore:
                 out.append(BindingRow(pair[0], pair[1], backend, found.version, ttl, found.fanout))
         return out
 
-    async def snapshot_page(self, after: Pair | None, limit: int) -> list[RowTuple]:
+    async def snapshot_page(self, after: Pair | None, limit: int) -> SnapshotPage:
         pairs = sorted(p for p in self._rows if after is None or p > after)
         out: list[RowTuple] = []
         for pair in pairs:
@@ -100,7 +101,7 @@ class MemoryBindingStore:
             if found is not None:
                 fanout = list(found.fanout) or None
                 out.append((pair[0], pair[1], found.backend, found.version, found.ttl, fanout))
-        return out
+        return SnapshotPage.of(out)
 
     async def changes_since(self, version: int, limit: int) -> Changes | None:
         """Rows are never deleted here while live (only expired ones, silently), so the

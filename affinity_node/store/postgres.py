@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from affinity_node.routing.ports import (
     Members,
     Pair,
     RowTuple,
+    SnapshotPage,
     StoredBinding,
     StoreUnavailable,
 )
@@ -111,6 +114,15 @@ _FIRST_KEY = (UUID(int=0), "")
 """Below every primary key: the first snapshot page starts after it."""
 
 
+def _column(code: str, packed: bytes | None) -> array[Any]:
+    """A column the database packed big-endian (uuid_send, int8send, float8send) as an array."""
+    out: array[Any] = array(code)
+    out.frombytes(packed or b"")
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
 class PostgresBindingStore:
     """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
 
@@ -201,16 +213,26 @@ class PostgresBindingStore:
             rows = await conn.fetch(Q["binding_refresh"], ids, models, backends, ttl)
         return [BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
 
-    async def snapshot_page(self, after: Pair | None, limit: int) -> Sequence[RowTuple]:
+    async def snapshot_page(self, after: Pair | None, limit: int) -> SnapshotPage:
         key, model = after or _FIRST_KEY
         timeout_ms = str(int(self._snapshot_timeout * 1000))
         async with self._conn("snapshot") as conn, conn.transaction(readonly=True):
             await conn.execute(Q["snapshot_statement_timeout"], timeout_ms)
-            rows = await conn.fetch(
+            row = await conn.fetchrow(
                 Q["binding_snapshot_page"], key, model, limit, timeout=self._snapshot_timeout + 1
             )
-        self.rows_read += len(rows)
-        return cast(list[RowTuple], rows)
+        assert row is not None  # an aggregate: one row, even for an empty page
+        keys, models, backends, versions, ttls, sets = row
+        page = SnapshotPage(
+            _column("Q", keys),
+            models or [],
+            backends or [],
+            _column("q", versions),
+            _column("d", ttls),
+            {(k.int, m): tuple(members) for k, m, members in sets or ()},
+        )
+        self.rows_read += page.rows
+        return page
 
     async def changes_since(self, version: int, limit: int) -> Changes | None:
         # One snapshot for the horizon, the rows and the log: a trim or a change committing

@@ -63,14 +63,29 @@ RETURNING a.api_key_id, a.model, a.provider_url, a.version,
           extract(epoch FROM a.expires_at - now())::float8 AS ttl, a.fanout_urls;
 
 -- name: binding_snapshot_page
--- One page of a full snapshot: live bindings after the last pair read, in primary-key order (an
--- index range scan of at most $3 rows, so a page stays short however big the table).
-SELECT api_key_id, model, provider_url, version,
-       extract(epoch FROM expires_at - now())::float8 AS ttl, NULLIF(fanout_urls, '{}')
-FROM api_key_model_affinity
-WHERE (api_key_id, model) > ($1::uuid, $2::text) AND expires_at > now()
-ORDER BY api_key_id, model
-LIMIT $3;
+-- One page of a full snapshot: the live bindings after the last pair read, in primary-key
+-- order (an index range scan of at most $3 rows, so a page stays short however big the
+-- table). Returned column by column in one row, numbers and ids packed big-endian, so the
+-- node reads them into arrays without an object per row; each aggregate is ordered by the
+-- key, which the index scan provides already (PostgreSQL 16+ sorts nothing more), so the
+-- columns line up and the last row is the page's greatest pair. Sets (a handful) also list
+-- their other members. date_part is float8 already (extract is numeric).
+WITH page AS (
+    SELECT api_key_id, model, provider_url, version, fanout_urls,
+           date_part('epoch', expires_at - now()) AS ttl
+    FROM api_key_model_affinity
+    WHERE (api_key_id, model) > ($1::uuid, $2::text) AND expires_at > now()
+    ORDER BY api_key_id, model
+    LIMIT $3
+)
+SELECT string_agg(uuid_send(api_key_id), '' ORDER BY api_key_id, model),
+       array_agg(model ORDER BY api_key_id, model),
+       array_agg(provider_url ORDER BY api_key_id, model),
+       string_agg(int8send(version), '' ORDER BY api_key_id, model),
+       string_agg(float8send(ttl), '' ORDER BY api_key_id, model),
+       array_agg((api_key_id, model, fanout_urls) ORDER BY api_key_id, model)
+           FILTER (WHERE fanout_urls <> '{}')
+FROM page;
 
 -- name: snapshot_statement_timeout
 -- Snapshot pages have their own deadline, not the request path's statement timeout.
@@ -89,7 +104,7 @@ SELECT version FROM affinity_binding_deletions_horizon;
 -- A catch-up: rows whose routing changed after the node's watermark (expired ones too: they
 -- replace what the node holds), by the version index.
 SELECT api_key_id, model, provider_url, version,
-       extract(epoch FROM expires_at - now())::float8 AS ttl, NULLIF(fanout_urls, '{}')
+       date_part('epoch', expires_at - now()) AS ttl, NULLIF(fanout_urls, '{}')
 FROM api_key_model_affinity
 WHERE version > $1
 ORDER BY version
@@ -186,9 +201,10 @@ RETURNING id;
 -- name: key_delete
 DELETE FROM api_keys WHERE id = $1 RETURNING id;
 
--- name: key_active
--- What a node loads after LISTEN: every usable key, by hash.
-SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL;
+-- name: key_active_page
+-- What a node loads after LISTEN: every usable key, by hash, in pages of the primary key (a
+-- few hundred thousand keys never make one statement long).
+SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL AND id > $1 ORDER BY id LIMIT $2;
 
 -- name: key_lookup
 SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;
@@ -280,3 +296,55 @@ FROM api_key_model_affinity
 WHERE expires_at > now() AND provider_url = $1 AND fanout_urls = '{}'
 ORDER BY expires_at
 LIMIT $2;
+
+-- Benchmarks (devtools/bench_scale.py): building a big table fast, and disturbing it.
+
+-- name: bench_keys
+INSERT INTO api_keys (id, name, key_hash)
+SELECT id, $2 || '-' || n, sha256(id::text::bytea)
+FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1) AS n) AS k
+RETURNING id;
+
+-- name: bench_triggers_off
+-- In the bulk insert's transaction, superuser only: a million rows without a million
+-- notifications (versions are still taken from the sequence by the statement below).
+SET LOCAL session_replication_role = replica;
+
+-- name: bench_bindings
+INSERT INTO api_key_model_affinity (api_key_id, model, provider_url, version, expires_at)
+SELECT k, m, ($3::text[])[1 + abs(hashtext(k::text || m)) % cardinality($3::text[])],
+       nextval('affinity_binding_version_seq'), now() + make_interval(secs => $4::float8)
+FROM unnest($1::uuid[]) AS k CROSS JOIN unnest($2::text[]) AS m;
+
+-- name: bench_analyze
+ANALYZE api_key_model_affinity;
+
+-- name: bench_sizes
+SELECT relname, pg_relation_size(oid) FROM pg_class
+WHERE relname IN ('api_key_model_affinity', 'api_key_model_affinity_pkey',
+                  'api_key_model_affinity_expires_at_idx', 'api_key_model_affinity_version_idx');
+
+-- name: bench_move
+-- $2 bindings from a random point of the key space move to another backend (real triggers).
+UPDATE api_key_model_affinity AS a SET provider_url = $3
+FROM (SELECT api_key_id, model FROM api_key_model_affinity
+      WHERE api_key_id > $1 ORDER BY api_key_id, model LIMIT $2) AS s
+WHERE a.api_key_id = s.api_key_id AND a.model = s.model AND a.provider_url <> $3;
+
+-- name: bench_delete
+DELETE FROM api_key_model_affinity AS a
+USING (SELECT api_key_id, model FROM api_key_model_affinity
+       WHERE api_key_id > $1 ORDER BY api_key_id, model LIMIT $2) AS s
+WHERE a.api_key_id = s.api_key_id AND a.model = s.model;
+
+-- name: bench_expire
+UPDATE api_key_model_affinity AS a SET expires_at = now() - interval '1 second'
+FROM (SELECT api_key_id, model FROM api_key_model_affinity
+      WHERE api_key_id > $1 ORDER BY api_key_id, model LIMIT $2) AS s
+WHERE a.api_key_id = s.api_key_id AND a.model = s.model;
+
+-- name: bench_terminate
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1;
+
+-- name: bench_queue_usage
+SELECT pg_notification_queue_usage();

@@ -11,6 +11,7 @@ import asyncpg
 
 from affinity_node.app import postgres_bindings
 from affinity_node.sim.faultproxy import FaultProxy
+from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.lockkeys import CLEANUP_LOCK
 from affinity_node.store.queries import QUERIES
 from tests.support.nodes import (
@@ -238,3 +239,12 @@ def _scans(plan: dict[str, object]) -> set[tuple[str, str | None]]:
     for child in plan.get("Plans", []):  # type: ignore[attr-defined]
         found |= _scans(child)
     return found
+
+
+async def test_the_key_snapshot_is_read_in_pages_and_leaves_revoked_keys_out(dsn, db):
+    keys = [await new_key(db, f"k{i}") for i in range(10)]
+    await db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", keys[4])
+    async with asyncpg.create_pool(dsn, min_size=0, max_size=1) as pool:
+        active = await PostgresKeyStore(pool, page=3).active()
+    assert sorted(k for _h, k in active) == sorted(k for k in keys if k != keys[4])
+    assert all(len(h) == 32 for h, _k in active)

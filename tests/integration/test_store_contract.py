@@ -3,6 +3,7 @@ store (the node-local mode and the unit tests' store) and the Postgres store."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -93,18 +94,36 @@ async def test_snapshot_pages_list_live_bindings_in_key_order_and_resume(
         await store.create_if_absent(p, Chooser(B1 if i % 2 else B2), 60.0)
     pages, after = [], None
     while True:
-        page = list(await store.snapshot_page(after, 3))
+        page = await store.snapshot_page(after, 3)
         pages.append(page)
-        if len(page) < 3:
+        if page.rows < 3:
             break
-        after = (page[-1][0], page[-1][1])
-    rows = [r for page in pages for r in page]
-    assert [len(p) for p in pages] == [3, 3, 3, 1]
-    assert [(r[0], r[1]) for r in rows] == pairs
-    assert [r[2] for r in rows] == [B1 if i % 2 else B2 for i in range(10)]
-    assert all(59.0 < r[4] <= 60.0 and not r[5] for r in rows)
-    assert list(await store.snapshot_page(None, 0)) == []
+        after = page.last
+    assert [p.rows for p in pages] == [3, 3, 3, 1]
+    assert [p.last for p in pages] == [pairs[2], pairs[5], pairs[8], pairs[9]]
+    keys = [
+        uuid.UUID(int=p.keys[2 * i] << 64 | p.keys[2 * i + 1]) for p in pages for i in range(p.rows)
+    ]
+    assert list(zip(keys, [m for p in pages for m in p.models], strict=True)) == pairs
+    assert [b for p in pages for b in p.backends] == [B1 if i % 2 else B2 for i in range(10)]
+    assert all(59.0 < t <= 60.0 for p in pages for t in p.ttls)
+    assert all(not p.sets for p in pages)
+    empty = await store.snapshot_page(None, 0)
+    assert (empty.rows, empty.last) == (0, None)
     assert await store.estimate_bindings() >= 0
+
+
+async def test_a_snapshot_page_holds_sets_as_rows(store: BindingStore, pair: Pair) -> None:
+    created = (await store.create_if_absent(pair, Chooser(B1), 60.0)).binding
+    grown = await store.set_members(pair, created.version, (B2, B3))
+    assert grown is not None
+    page = await store.snapshot_page(None, 10)
+    assert (page.rows, page.last, list(page.backends)) == (1, pair, [B1])
+    assert (page.versions[0], dict(page.sets)) == (
+        grown.version,
+        {(pair[0].int, pair[1]): (B2, B3)},
+    )
+    assert 59.0 < page.ttls[0] <= 60.0
 
 
 async def test_changes_since_a_version_are_the_newer_rows(
@@ -129,7 +148,7 @@ async def test_expired_bindings_vanish_are_replaced_and_are_cleaned_up(
 ) -> None:
     old = (await store.create_if_absent(pair, Chooser(B1), 0.05)).binding
     await wait_for(lambda: _gone(store, pair), timeout=5.0, what="the binding to expire")
-    assert list(await store.snapshot_page(None, 10)) == []
+    assert (await store.snapshot_page(None, 10)).rows == 0
     assert await store.rebind(pair, B1, B2, 60.0) is None  # a move never revives it
     fresh = await store.create_if_absent(pair, Chooser(B3), 0.05)
     assert fresh.created and fresh.binding.backend == B3 and fresh.binding.version > old.version

@@ -8,7 +8,7 @@ import random
 import uuid
 
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.ports import Pair
+from affinity_node.routing.ports import Pair, SnapshotPage
 
 
 class Clock:
@@ -102,7 +102,7 @@ def test_snapshot_pages_obey_tombstones_versions_and_prune_what_they_did_not_see
         (deleted[0], "m", "b1", 7, 30.0, None),  # deleted after the page was read
         (fresh[0], "m", "b4", 5, 30.0, ["b5"]),
     ]
-    assert cache.load(page, stamp, clock.now) == 1
+    assert cache.load_page(SnapshotPage.of(page), stamp, clock.now) == 1
     assert cache.prune_unconfirmed(0, cache.slots) == 1
     assert cache.get(old) is None and cache.get(deleted) is None
     assert cache.get(moved).backend == "b3"
@@ -115,7 +115,8 @@ def test_a_page_read_before_a_resync_began_is_dropped():
     cache = BindingCache(clock=Clock())
     stamp = cache.stamp()
     cache.begin_resync()
-    assert cache.load([(uuid.uuid4(), "m", "b", 1, 30.0, None)], stamp, 1000.0) == 0
+    page = SnapshotPage.of([(uuid.uuid4(), "m", "b", 1, 30.0, None)])
+    assert cache.load_page(page, stamp, 1000.0) == 0
     assert len(cache) == 0
 
 
@@ -136,7 +137,7 @@ def test_the_size_bound_keeps_the_longest_lived_and_counts_what_it_evicts():
     cache = BindingCache(max_entries=100, clock=clock, on_evict=lambda r, n: evicted.append((r, n)))
     rows = [(uuid.uuid4(), "m", "b", i + 1, 10.0 + i, None) for i in range(1000)]
     cache.begin_resync()
-    cache.load(rows, cache.stamp(), clock.now)
+    cache.load_page(SnapshotPage.of(rows), cache.stamp(), clock.now)
     assert len(cache) == 100
     assert sum(n for r, n in evicted if r == "size") == 900
     assert min(e.deadline for _p, e in cache.items()) >= clock.now + 10.0 + 900
@@ -147,6 +148,51 @@ def test_the_size_bound_keeps_the_longest_lived_and_counts_what_it_evicts():
 def test_an_entry_costs_well_under_a_hundred_bytes_of_arrays():
     cache = BindingCache(clock=Clock())
     rows = [(uuid.uuid4(), f"m{i % 5}", f"b{i % 8}", i + 1, 600.0, None) for i in range(100_000)]
-    cache.load(rows, cache.stamp(), 1000.0)
+    cache.load_page(SnapshotPage.of(rows), cache.stamp(), 1000.0)
     assert len(cache) == 100_000
     assert cache.nbytes() / len(cache) < 100
+
+
+def test_loading_pages_stores_what_filling_row_by_row_stores():
+    """`load_page`'s inlined common case against `fill`, on pages that add, move, re-set,
+    expire and re-deliver pairs (the same cache state must come out)."""
+    rng = random.Random(5)
+    clock = Clock()
+    paged, filled = BindingCache(clock=clock), BindingCache(clock=clock)
+    keys = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(400)]
+    version = 0
+    for _page in range(30):
+        rows = []
+        for _ in range(300):
+            version += 1
+            fanout = ["http://b9:1"] if rng.random() < 0.05 else None
+            ttl = -1.0 if rng.random() < 0.05 else rng.uniform(10, 600)
+            stale = rng.random() < 0.1  # an older version than the cache may hold
+            rows.append(
+                (
+                    rng.choice(keys),
+                    rng.choice(("m1", "m2", f"m{rng.randrange(30)}")),
+                    f"http://b{rng.randrange(4)}:1",
+                    version - 200 if stale else version,
+                    ttl,
+                    fanout,
+                )
+            )
+        unique = list({(r[0], r[1]): r for r in rows}.values())  # a page holds a pair once
+        page = SnapshotPage.of(unique)
+        stamp = paged.stamp()
+        for start in range(0, len(page.models), 64):  # in parts, as the engine does
+            paged.load_page(page, stamp, clock.now, start, start + 64)
+        for k, m, b, v, ttl, f in unique:
+            s = filled._slot_of((k, m))
+            if ttl <= 0:
+                newer = s >= 0 and v < filled._version[s] and filled._deadline[s] > clock.now
+                if s >= 0 and not newer:
+                    filled.invalidate((k, m))
+                continue
+            filled.fill((k, m), b, v, ttl, filled.stamp(), clock.now, tuple(f) if f else ())
+        clock.now += 5.0
+        assert {p: (e.backend, e.version, e.deadline, e.fanout) for p, e in paged.items()} == {
+            p: (e.backend, e.version, e.deadline, e.fanout) for p, e in filled.items()
+        }
+        assert paged.bindings_per_backend() == filled.bindings_per_backend()
