@@ -181,6 +181,7 @@ class AffinityEngine:
         self._complete = False
         """The cache reflects the table (a snapshot completed since start): a catch-up from
         the watermark is enough after a reconnect."""
+        self._server_started: float | None = None
         self._loader: asyncio.Task[None] | None = None
         self._status = SyncStatus()
         self._tasks: list[asyncio.Task[None]] = []
@@ -625,7 +626,18 @@ class AffinityEngine:
         await self._stop_loader()
         started = self._clock()
         self._cache.begin_resync()
-        self._cache.seen(await self._store.version_now())
+        version_now = await self._store.version_now()
+        server_started = await self._store.server_started_at()
+        self._cache.seen(version_now)
+        if version_now < self._watermark or server_started != self._server_started:
+            # Restarted, restored or failed over (an asynchronous standby may lack commits this
+            # node was told of, and hand their versions out again): the watermark proves
+            # nothing any more.
+            if self._server_started is not None:
+                log.warning("the database restarted or went back in time: full snapshot")
+            self._complete = False
+            self._watermark = 0
+        self._server_started = server_started
         if self._complete:
             stamp, asked_at = self._cache.stamp(), self._clock()
             changes = await self._store.changes_since(self._watermark, self._s.catchup_max_rows)

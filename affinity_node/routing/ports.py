@@ -175,6 +175,10 @@ class BindingStore(Protocol):
     async def version_now(self) -> int:
         """The newest version the store has handed out (a bound for plausible versions)."""
 
+    async def server_started_at(self) -> float:
+        """When the database server started (epoch seconds): a restart, a restore or a
+        failover may have lost changes a watermark counted on."""
+
 
 @dataclass(frozen=True, slots=True)
 class BindingEvent:

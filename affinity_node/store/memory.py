@@ -139,6 +139,9 @@ class MemoryBindingStore:
     async def version_now(self) -> int:
         return self._last_version
 
+    async def server_started_at(self) -> float:
+        return 0.0
+
     async def delete_expired(self, batch: int) -> int | None:
         now = self._clock()
         expired = [p for p, row in self._rows.items() if row.expires <= now][:batch]

@@ -282,6 +282,11 @@ class PostgresBindingStore:
             value: int = await conn.fetchval(Q["binding_version_now"])
         return value
 
+    async def server_started_at(self) -> float:
+        async with self._conn("snapshot") as conn:
+            value: float = await conn.fetchval(Q["server_started_at"])
+        return value
+
     async def list_bindings(
         self, model: str | None = None, api_key_id: UUID | None = None
     ) -> list[asyncpg.Record]:

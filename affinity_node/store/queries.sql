@@ -140,6 +140,10 @@ SELECT count(*) FROM gone;
 -- The newest version handed out: notifications claiming far more are not believed.
 SELECT last_value FROM affinity_binding_version_seq;
 
+-- name: server_started_at
+-- A different answer after a reconnect: restarted, restored or failed over.
+SELECT extract(epoch FROM pg_postmaster_start_time())::float8;
+
 -- name: binding_cleanup_lock
 -- One cleaner at a time across the fleet; the lock ends with the batch's transaction.
 SELECT pg_try_advisory_xact_lock($1::bigint);

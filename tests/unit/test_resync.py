@@ -116,3 +116,31 @@ async def test_live_bindings_evicted_for_size_are_counted() -> None:
     clock.advance(700.0)
     engine.cache.sweep()
     assert sample(reg, "affinity_cache_evictions_total", reason="expired") == 2
+
+
+class RestartingStore(MemoryBindingStore):
+    """A database whose server start time the test changes (a restart or a failover)."""
+
+    started_at = 1.0
+
+    async def server_started_at(self) -> float:
+        return self.started_at
+
+
+async def test_a_database_that_restarted_or_went_back_in_time_is_reloaded_in_full() -> None:
+    clock = Clock()
+    store = RestartingStore(clock)
+    await bind(store, 1, 2)
+    engine, _ = make_engine(store, clock)
+    await engine.resync()
+    await wait_for(lambda: engine.sync_status.state == "done", what="the snapshot")
+    engine.advance_watermark(await store.version_now())
+    await engine.resync()
+    assert engine.sync_status.mode == "incremental"  # same server, nothing lost
+    store.started_at = 2.0  # restarted (or another server took over)
+    await engine.resync()
+    assert engine.sync_status.mode == "full"
+    await wait_for(lambda: engine.sync_status.state == "done", what="the reload")
+    engine.advance_watermark(10**9)  # more than the table ever handed out: restored from backup
+    await engine.resync()
+    assert (engine.sync_status.mode, engine.watermark) == ("full", 0)
