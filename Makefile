@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -47,6 +47,11 @@ bench-overhead: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_faults
+
+# A million bindings (and a hundred thousand, side by side): start, RSS, resync, NOTIFY lag.
+# Takes a few minutes; SCALE_ARGS="--bindings 200000" for a quicker run.
+bench-scale: $(STAMP)
+	$(PY) -m affinity_node.devtools.bench_scale $(SCALE_ARGS)
 
 dashboards: $(STAMP)
 	$(PY) -m affinity_node.devtools.dashboards

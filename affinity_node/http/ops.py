@@ -37,6 +37,7 @@ async def readyz(request: web.Request) -> web.Response:
     """
     app = request.app[NODE]
     pool = app[BACKENDS]
+    engine = app[ENGINE]
     registry = app[REGISTRY]
     healthy = sum(1 for b in pool.backends if b.healthy)
     db_up = registry.get_sample_value("affinity_db_up") == 1
@@ -58,7 +59,7 @@ async def readyz(request: web.Request) -> web.Response:
         "healthy_backends": healthy,
         "backends": len(pool.backends),
         "models_without_healthy_backend": sorted(m for m in models if not pool.candidates(m)),
-        "snapshot": app[ENGINE].sync_status.as_dict(),
+        "snapshot": {**engine.sync_status.as_dict(), "watermark": engine.watermark},
     }
     return web.json_response(body, status=200 if status == "ready" else 503)
 

@@ -47,6 +47,35 @@ async def test_engine_benchmark_runs_end_to_end(pg_admin_dsn):
     assert "deadlock" not in out.lower()
 
 
+async def test_scale_benchmark_runs_end_to_end_at_a_small_size(pg_admin_dsn):
+    code, out = await run(
+        "affinity_node.devtools.bench_scale",
+        "--dsn",
+        pg_admin_dsn,
+        "--bindings",
+        "2000",
+        "--changes",
+        "30",
+        "--outage",
+        "0.5",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+    )
+    assert code == 0, out
+    for row in (
+        "node start -> holds every binding (s)",
+        "RSS per binding (bytes)",
+        "resync: rows read / time (ms)",
+        "notify lag trigger->cache p50 / p99 (ms)",
+        "cleanup batch p50 / max (ms), total (s)",
+    ):
+        assert row in out, out
+    assert "30 -> incremental" in out  # the outage's changes, caught up
+    assert "holds 2,000 within 10 s of starting: yes" in out
+
+
 async def test_overhead_benchmark_explains_itself():
     code, out = await run("affinity_node.devtools.bench_overhead", "--help")
     assert code == 0 and "--duration" in out
