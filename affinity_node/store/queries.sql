@@ -320,8 +320,13 @@ SELECT k, m, ($3::text[])[1 + abs(hashtext(k::text || m)) % cardinality($3::text
        nextval('affinity_binding_version_seq'), now() + make_interval(secs => $4::float8)
 FROM unnest($1::uuid[]) AS k CROSS JOIN unnest($2::text[]) AS m;
 
--- name: bench_analyze
-ANALYZE api_key_model_affinity;
+-- name: bench_settle
+-- After the bulk insert, so what follows measures a steady table: statistics and the
+-- visibility map now (no autovacuum midway), the bulk's WAL flushed (no checkpoint midway).
+VACUUM ANALYZE api_key_model_affinity;
+
+-- name: bench_checkpoint
+CHECKPOINT;
 
 -- name: bench_sizes
 SELECT relname, pg_relation_size(oid) FROM pg_class
