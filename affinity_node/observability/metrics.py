@@ -18,6 +18,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from affinity_node.observability.fastcounter import FastCounter
+
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     FANOUT_DIRECTIONS,
@@ -92,7 +94,7 @@ class AffinityMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.cache_hits = Counter(
+        self.cache_hits = FastCounter(
             "affinity_cache_hits",
             "Resolves answered from the node's cache, no database.",
             ["model"],
@@ -277,7 +279,7 @@ class HttpMetrics:
     """The proxy's request and upstream metrics (names fixed by the Contract)."""
 
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        self.requests = Counter(
+        self.requests = FastCounter(
             "affinity_http_requests",
             "HTTP requests answered by this node, by route and status.",
             ["route", "code"],
@@ -296,7 +298,7 @@ class HttpMetrics:
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
-        self.upstream_requests = Counter(
+        self.upstream_requests = FastCounter(
             "affinity_upstream_requests",
             "Requests forwarded to backends, by upstream status.",
             ["backend", "code"],
