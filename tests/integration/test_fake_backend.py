@@ -25,6 +25,7 @@ from affinity_node.sim.fake_backend import (
     serve,
 )
 from affinity_node.sim.prefix_cache import BLOCK_SIZE, PrefixCache, block_hashes, tokenize
+from affinity_node.sim.sampler import LoadSampler
 from tests.support.waiting import wait_for
 
 MODEL = "fake-model"
@@ -515,3 +516,22 @@ async def test_kv_blocks_hold_requests_back() -> None:
         assert b.stats.running == 1
         assert await b.metric("vllm:kv_cache_usage_perc") == pytest.approx(0.8)
         await asyncio.gather(*tasks)
+
+
+async def test_the_sampler_sees_a_queue_that_is_gone_by_the_end() -> None:
+    async with running(max_running=1, ttft_base_s=0.3, output_tokens=1) as b:
+        sampler = LoadSampler(b.http, {"b1": f"{b.url}/metrics", "gone": "http://127.0.0.1:9/m"})
+        async with sampler:
+            tasks = [
+                asyncio.create_task(b.client.completions.create(model=MODEL, prompt=f"q{i}"))
+                for i in range(3)
+            ]
+            await wait_for(
+                lambda: sampler.peaks["b1"].waiting >= 2, timeout=5.0, what="the queue sampled"
+            )
+            await asyncio.gather(*tasks)
+        assert b.stats.waiting == 0
+        assert sampler.max_waiting == {"b1": 2.0, "gone": 0.0}  # an unreachable one is skipped
+        assert sampler.peaks["b1"].running == 1.0
+        sampler.reset()
+        assert sampler.max_waiting == {"b1": 0.0, "gone": 0.0}
