@@ -200,6 +200,39 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
         assert run["affinity_headers"] == {"hit": 10} or run["affinity_headers"].get("miss") == 1
         assert run["prefix_cache"]["source"] == "usage.cached_tokens"
 
+        # The skew workload's shape: Zipf tenants, a warm-up, queues sampled on the backends.
+        argv = [
+            "--url",
+            c.nodes[0].url,
+            "--api-keys-file",
+            str(keys_file),
+            "--zipf",
+            "2",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "1.5",
+            "--rate",
+            "30",
+            "--conversation-key",
+            "x-session-id",
+            "--model",
+            MODEL,
+            "--json",
+            "-",
+        ]
+        for i, b in enumerate(c.backends):
+            argv += ["--backend-metrics", f"b{i}={b.url}"]
+        args = _bench_args(argv)
+        assert await args.func(args) == 0
+        out, err = capsys.readouterr()
+        run = json.loads(out)["runs"][0]
+        assert run["warmup_requests"] > 0 and run["errors"] == 0
+        assert run["busiest_tenants"][0]["tenant"] == 0
+        assert set(run["max_waiting_per_backend"]) == {"b0", "b1", "b2"}
+        assert run["ttft_s"]["p90"] is not None
+        assert "largest queue b0/b1/b2" in err and "(Zipf 2)" in err
+
 
 def test_bench_load_shapes_and_keys(monkeypatch):
     monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
@@ -230,6 +263,14 @@ def test_bench_load_shapes_and_keys(monkeypatch):
     assert (cfg.rate, cfg.concurrency, cfg.tenants) == (None, 4, 2)
     cfg = workload_from_args(_bench_args(["--url", "http://lb"]), keys)
     assert (cfg.rate, cfg.concurrency) == (20.0, None)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (None, 0.0, "none")
+    args = _bench_args(
+        ["--url", "http://lb", "--zipf", "1.5", "--warmup", "5", "--conversation-key",
+         "prompt_cache_key", "--conversations", "16"]
+    )  # fmt: skip
+    cfg = workload_from_args(args, keys)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (1.5, 5.0, "prompt_cache_key")
+    assert sum(cfg.conversation_counts()) == 2 * 16
 
 
 async def test_bench_refuses_bad_input(capsys, monkeypatch):
