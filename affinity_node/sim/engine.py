@@ -203,31 +203,28 @@ class PrefillPool:
             heapq.heappop(self._heap)  # removed or stale
         return None
 
+    def _pop_finished(self, done: list[Hashable]) -> None:
+        while (head := self._head()) is not None and head.finish_v <= self._v + _EPS:
+            heapq.heappop(self._heap)
+            del self._finish[head.job]
+            done.append(head.job)
+
     def advance(self, now: float) -> list[Hashable]:
         """Moves time to `now`; returns the jobs that finished by then, in finish order."""
         done: list[Hashable] = []
-        while True:
+        self._pop_finished(done)  # added with no work: done without time passing
+        while (head := self._head()) is not None and now > self._t:
             k = len(self._finish)
-            head = self._head()
-            if head is None or now <= self._t:
-                break
             finish_t = self._t + (head.finish_v - self._v) * k
             if finish_t > now + _EPS:
                 self._v += (now - self._t) / k
                 self._t = now
                 return done
+            # The head finishes first: jump to it, then share among one job fewer.
             self._t = max(self._t, finish_t)
             self._v = head.finish_v
-            while (head := self._head()) is not None and head.finish_v <= self._v + _EPS:
-                heapq.heappop(self._heap)
-                del self._finish[head.job]
-                done.append(head.job)
+            self._pop_finished(done)
         self._t = max(self._t, now)
-        # Jobs with no work left (added with 0 s) finish at once, even without time passing.
-        while (head := self._head()) is not None and head.finish_v <= self._v + _EPS:
-            heapq.heappop(self._heap)
-            del self._finish[head.job]
-            done.append(head.job)
         return done
 
     def next_finish(self) -> float | None:

@@ -5,8 +5,11 @@ KV usage. The pure parts are driven with explicit times; the engine runs on a vi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from affinity_node.sim.engine import CapacityModel, Engine, PrefillPool, Scheduler, Ticket
 from tests.unit.virtual_time import run_virtual
@@ -150,6 +153,46 @@ def test_a_removed_prefill_gives_its_share_back():
     pool.remove("gone", now=1.0)  # a got 0.5 s in the first second
     assert "gone" not in pool
     assert pool.next_finish() == pytest.approx(1.5)
+
+
+def finish_times(jobs: list[tuple[float, float]]) -> dict[Hashable, float]:
+    """Drives a pool event by event over (arrival, work) jobs: {job index: finish time}."""
+    pool = PrefillPool()
+    out: dict[Hashable, float] = {}
+    pending = sorted(enumerate(jobs), key=lambda item: item[1][0])
+    while pending or len(pool):
+        nxt = pool.next_finish()
+        if pending and (nxt is None or pending[0][1][0] <= nxt):
+            i, (at, work) = pending.pop(0)
+            out.update(dict.fromkeys(pool.add(i, work, now=at), at))
+        else:
+            assert nxt is not None
+            out.update(dict.fromkeys(pool.advance(nxt), nxt))
+    return out
+
+
+@given(st.lists(st.floats(0.01, 5.0), min_size=1, max_size=12))
+def test_simultaneous_prefills_finish_as_processor_sharing_says(works):
+    # n jobs from 0: the shortest ends at n*w1, then each next one after (n-i)*(w_i - w_i-1).
+    got = finish_times([(0.0, w) for w in works])
+    expected, t, prev = {}, 0.0, 0.0
+    order = sorted(range(len(works)), key=lambda i: works[i])
+    for rank, i in enumerate(order):
+        t += (works[i] - prev) * (len(works) - rank)
+        prev = works[i]
+        expected[i] = t
+    assert got == pytest.approx(expected)
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 10.0), st.floats(0.01, 3.0)), min_size=1, max_size=12))
+def test_prefill_sharing_wastes_no_compute(jobs):
+    """Work-conserving: the last prefill ends when one-at-a-time service would end too."""
+    got = finish_times(jobs)
+    t = 0.0
+    for at, work in sorted(jobs):
+        t = max(t, at) + work
+    assert max(got.values()) == pytest.approx(t)
+    assert all(got[i] >= at + work - 1e-6 for i, (at, work) in enumerate(jobs))
 
 
 def test_no_work_finishes_at_once():
