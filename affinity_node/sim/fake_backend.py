@@ -81,8 +81,9 @@ class FakeBackendConfig:
     """Requests running at once; the others wait FIFO (`num_requests_waiting`)."""
     kv_cache_blocks: int | None = None
     """KV blocks that running requests hold (prompt + output); a request waits until its
-    blocks fit. None: as many as `cache_blocks` (vLLM has one pool for both; here the
-    prefix cache's LRU is not shrunk by running requests)."""
+    blocks fit (one larger than the pool runs alone). None: as many as `cache_blocks` (vLLM
+    has one pool for both; here the prefix cache's LRU is not shrunk by running requests),
+    so a backend with a tiny prefix cache also runs few requests at once: give it its own."""
     seed: int = 0
     fail_status: int | None = None
     """Answer every completion with this status and an OpenAI error body."""
