@@ -19,7 +19,6 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from affinity_node.observability.fastcounter import FastCounter
-
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     FANOUT_DIRECTIONS,

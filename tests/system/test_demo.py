@@ -200,6 +200,39 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
         assert run["affinity_headers"] == {"hit": 10} or run["affinity_headers"].get("miss") == 1
         assert run["prefix_cache"]["source"] == "usage.cached_tokens"
 
+        # The skew workload's shape: Zipf tenants, a warm-up, queues sampled on the backends.
+        argv = [
+            "--url",
+            c.nodes[0].url,
+            "--api-keys-file",
+            str(keys_file),
+            "--zipf",
+            "2",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "1.5",
+            "--rate",
+            "30",
+            "--conversation-key",
+            "x-session-id",
+            "--model",
+            MODEL,
+            "--json",
+            "-",
+        ]
+        for i, b in enumerate(c.backends):
+            argv += ["--backend-metrics", f"b{i}={b.url}"]
+        args = _bench_args(argv)
+        assert await args.func(args) == 0
+        out, err = capsys.readouterr()
+        run = json.loads(out)["runs"][0]
+        assert run["warmup_requests"] > 0 and run["errors"] == 0
+        assert run["busiest_tenants"][0]["tenant"] == 0
+        assert set(run["max_waiting_per_backend"]) == {"b0", "b1", "b2"}
+        assert run["ttft_s"]["p90"] is not None
+        assert "largest queue b0/b1/b2" in err and "(Zipf 2)" in err
+
 
 def test_bench_load_shapes_and_keys(monkeypatch):
     monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
@@ -230,6 +263,14 @@ def test_bench_load_shapes_and_keys(monkeypatch):
     assert (cfg.rate, cfg.concurrency, cfg.tenants) == (None, 4, 2)
     cfg = workload_from_args(_bench_args(["--url", "http://lb"]), keys)
     assert (cfg.rate, cfg.concurrency) == (20.0, None)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (None, 0.0, "none")
+    args = _bench_args(
+        ["--url", "http://lb", "--zipf", "1.5", "--warmup", "5", "--conversation-key",
+         "prompt_cache_key", "--conversations", "16"]
+    )  # fmt: skip
+    cfg = workload_from_args(args, keys)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (1.5, 5.0, "prompt_cache_key")
+    assert sum(cfg.conversation_counts()) == 2 * 16
 
 
 async def test_bench_refuses_bad_input(capsys, monkeypatch):
@@ -352,3 +393,59 @@ def test_demo_refuses_bad_options():
         timeout=60,
     )
     assert done.returncode == 2 and "--backends" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "affinity_node.sim.demo", "--scenario", "scale"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "not available yet" in done.stderr
+
+
+def test_skew_demo_end_to_end_with_tiny_sizes():
+    """The skew scenario's three columns and its new rows, on a short run."""
+    argv = ["--scenario", "skew", "--duration", "3", "--warmup", "1", "--keys", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "affinity_node.sim.demo", *argv, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"demo did not finish in {DEMO_TIMEOUT_S}s:\n{err.decode()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    doc = json.loads(out)
+    assert doc["scenario"] == "skew" and doc["ok"] is True
+    assert doc["scenarios"] == ["off", "fanout1", "fanout4"]
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["affinity off", "shared, max_fanout 1", "shared, max_fanout 4"]
+    assert doc["workload"]["zipf_exponent"] == 2.0 and doc["workload"]["warmup_s"] == 1.0
+    assert doc["backend_model"]["max_running"] == 16
+    for run in runs.values():
+        assert run["errors"] == 0 and run["requests"] > 0 and run["warmup_requests"] > 0
+        ttft = run["ttft_s"]
+        assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"]
+        assert set(run["max_waiting_per_backend"]) == {"b0", "b1", "b2", "b3"}
+        tenants = run["busiest_tenants"]
+        assert tenants and tenants[0]["tenant"] == 0  # Zipf: tenant 0 is the busiest
+        assert all(1 <= t["fanout"] <= 4 and 0 < t["top_share"] <= 1 for t in tenants)
+    assert runs["affinity off"]["affinity_headers"].keys() == {"bypass"}
+    one = runs["shared, max_fanout 1"]
+    assert one["node_metrics"]["misses"]["created"] <= 4  # one binding per key
+    for row in (
+        "TTFT p50 / p90 / p99 (ms)",
+        "end-to-end p50 / p99 (ms)",
+        "largest queue b0/b1/b2/b3",
+        "busiest tenant #1: top backend / fan-out",
+        "warm-up requests (not counted)",
+        "note: Zipf 2 over 4 tenants: t0",
+    ):
+        assert row in stderr, row
