@@ -332,9 +332,14 @@ async def _move(mover: Mover) -> None:
     warn = RateLimitedLog(log)
     while True:
         try:
-            await mover.tick()
+            moved = await mover.tick()
         except DB_ERRORS as exc:
             warn.warning("mover", "binding mover: the database did not answer: %r", exc)
+        except Exception:  # the mover must outlive any one bad tick
+            log.exception("binding mover failed")
+        else:
+            if moved is not None:
+                log.info("moved a binding (%s)", moved)
         await asyncio.sleep(0.2)
 
 

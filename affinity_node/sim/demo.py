@@ -35,8 +35,9 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from affinity_node.argtypes import (
     positive_float,
     positive_int,
 )
+from affinity_node.sim import scale
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
 from affinity_node.sim.render import ProgressLine, render_table, report_json
@@ -61,7 +63,6 @@ from affinity_node.sim.report import FANOUT_MIN_SHARE, RunReport, build_report, 
 from affinity_node.sim.sampler import LoadSampler
 from affinity_node.sim.scenarios import (
     PRESETS,
-    READY_SCENARIOS,
     SCENARIO_NAMES,
     Preset,
     backend_capacity_rps,
@@ -295,6 +296,9 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
         )
 
         reports: list[RunReport] = []
+        scale_runs: list[tuple[str, list[scale.PhaseFigures], float | None]] = []
+        facts = scale.ScaleFacts()
+        added_ratio: float | None = None
         failed = 0
         backend_metrics = {
             b: f"{u}/metrics" for b, u in zip(fleet.backend_ids, fleet.backend_urls, strict=True)
@@ -319,26 +323,68 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                 before = await fleet.scrape()
 
             progress = ProgressLine(label, cfg.warmup_s + cfg.duration_s)
-            async with sampler:
-                result = await workload.run(
-                    progress, on_measure=measure_from_here if cfg.warmup_s else None
-                )
+            events: asyncio.Task[scale.ScaleFacts] | None = None
+            measuring: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            if preset.name == "scale" and column.key == "scale":
+                events = asyncio.create_task(scale.run_events(
+                    session, dsn, fleet.backend_urls, cfg.duration_s, measuring, _say,
+                ))  # fmt: skip
+
+            async def measure_and_mark(
+                measuring: asyncio.Future[float] = measuring,
+                measure_from_here: Callable[[], Awaitable[None]] = measure_from_here,
+            ) -> None:
+                measuring.set_result(time.monotonic())
+                await measure_from_here()
+
+            try:
+                async with sampler:
+                    result = await workload.run(
+                        progress,
+                        on_measure=measure_and_mark if cfg.warmup_s or events else None,
+                    )
+            except BaseException:
+                if events is not None:
+                    events.cancel()
+                raise
             progress.finish(workload.stats)
+            if preset.name == "scale":
+                third = cfg.duration_s / 3
+                bounds = [0.0, third, 2 * third, cfg.duration_s + 1]
+                phases = scale.phase_figures(
+                    result.records, bounds, fleet.backend_ids, cfg.warmup_s
+                )
+                if events is not None:
+                    facts = await events
+                    added_ratio = scale.added_share(
+                        result.records, fleet.backend_ids[-1],
+                        max(third, 2 * third - scale.SHARE_WINDOW_S), 2 * third, cfg.warmup_s,
+                    )  # fmt: skip
+                    await scale.reset_registry(dsn, fleet.backend_urls)
             after = await fleet.scrape()
             failed += result.errors
-            reports.append(
-                build_report(
-                    column.title,
-                    result,
-                    deltas(before[0], after[0]),
-                    deltas(before[1], after[1]),
-                    backends=fleet.backend_ids,
-                    max_waiting=sampler.max_waiting,
-                )
+            report = build_report(
+                column.title,
+                result,
+                deltas(before[0], after[0]),
+                deltas(before[1], after[1]),
+                backends=fleet.backend_ids,
+                max_waiting=sampler.max_waiting,
             )
+            reports.append(report)
+            if preset.name == "scale":
+                overall = report.cache.hit_rate if report.cache is not None else None
+                scale_runs.append((column.title, phases, overall))
             await fleet.stop_nodes()
+            # The next run starts from an empty binding table: this run's bindings (the
+            # keys' cascade) would otherwise weigh on placement, rebalance and drain there.
+            await delete_keys(dsn, key_ids)
 
         table = render_table(reports, notes)
+        if preset.name == "scale":
+            table = scale.render(
+                scale_runs, facts, fleet.backend_ids[-1], added_ratio, notes, cfg.duration_s / 3
+            )
         if args.json:
             _say(table)
             doc = report_json(
@@ -347,6 +393,11 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                 scenario=args.scenario,
                 scenarios=[c.key for c in columns],
                 haproxy=haproxy is not None,
+                **(
+                    {"scale": scale.to_json(scale_runs, facts, added_ratio)}
+                    if preset.name == "scale"
+                    else {}
+                ),
                 backends=args.backends,
                 nodes=args.nodes,
                 cache_blocks=cache_blocks,
@@ -383,12 +434,9 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
 
 def invalid(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, or None."""
-    if args.scenario not in READY_SCENARIOS:
-        return (
-            f"--scenario {args.scenario} is not available yet (it comes with a later "
-            f"issue); choose {' or '.join(READY_SCENARIOS)}"
-        )
     r = resolve(args)
+    if args.scenario == "scale" and r.backends < 2:
+        return "--scenario scale needs --backends >= 2 (one joins at runtime, one drains)"
     if r.backends < 1 or r.nodes < 1 or r.keys < 1 or r.conversations < 1 or r.max_turns < 1:
         return "--backends, --nodes, --keys, --conversations and --max-turns must be >= 1"
     if r.duration <= 0 or r.concurrency < 0 or r.fleet_cache <= 0 or r.warmup < 0:
@@ -469,7 +517,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default="chat",
         help="chat (default): 40 equally busy tenants, affinity off / node-local / shared; "
         "skew: Zipf tenants, one needing more than a backend, affinity off / max_fanout 1 "
-        "/ max_fanout 4 (scale: not yet)",
+        "/ max_fanout 4; scale: 3 backends, a 4th added, one drained, against the same run "
+        "without these events",
     )
     p.add_argument(
         "--backends", type=positive_int, default=4, help="fake vLLM backends (default 4)"

@@ -37,6 +37,11 @@ class Scenario:
     key: str
     title: str
     affinity: dict[str, Any] = field(default_factory=dict)
+    configured_backends: int | None = None
+    """How many of the fleet's backends the nodes' config lists, as a slice bound (None: all,
+    -1: all but the last); the others can join at runtime (`backends add`)."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """More config sections for the nodes (e.g. rebalance and drain pacing)."""
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,12 @@ class Fleet:
             "health": {"interval_seconds": 1.0},
             "limits": {"drain_timeout_seconds": 5},
             "logging": {"level": self.node_log_level, "json": False},
-            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"} for u in self.backend_urls],
+            "backends": [
+                {"url": u, "models": [MODEL], "kind": "vllm"}
+                for u in self.backend_urls[: scenario.configured_backends]
+            ],
             "models": [{"name": MODEL, "affinity": True}],
+            **scenario.sections,
         }
         path = self.tmp / f"node-{i}-{scenario.key}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -13,7 +13,7 @@ A scenario fixes defaults only: every figure can be overridden on the command li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from affinity_node.sim.engine import CapacityModel
@@ -21,7 +21,6 @@ from affinity_node.sim.fleet import BackendModel, Scenario
 from affinity_node.sim.workload import ROLE_TOKENS, WorkloadConfig
 
 SCENARIO_NAMES: Final = ("chat", "skew", "scale")
-READY_SCENARIOS: Final = ("chat", "skew")
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,26 @@ SKEW: Final = Preset(
     ),
 )
 
-PRESETS: Final = {p.name: p for p in (CHAT, SKEW)}
+# Fleet changes under the chat workload: the nodes' config lists all backends but the last
+# (3 of 4 by default), which joins by `backends add` a third of the way through; the first is
+# drained two thirds through (sim/scale.py). The same run without these events is the baseline.
+_SCALE_NODES: Final = {
+    "rebalance": {"enabled": True, "max_moves_per_minute": 60, "after_seconds": 5},
+    "drain": {"moves_per_second": 2},
+}
+SCALE: Final = replace(
+    CHAT,
+    name="scale",
+    columns=(
+        Scenario("steady", "no scale events", {"enabled": True}, -1, _SCALE_NODES),
+        Scenario("scale", "scale events", {"enabled": True}, -1, _SCALE_NODES),
+    ),
+    duration_s=90.0,
+    warmup_s=5.0,
+    rate=40.0,
+)
+
+PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE)}
 
 
 def sticky_uncached_tokens(cfg: WorkloadConfig, block_size: int = 16) -> float:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
@@ -287,10 +288,10 @@ async def test_bench_refuses_bad_input(capsys, monkeypatch):
 # -- the demo as users run it ----------------------------------------------------------------
 
 
-def test_demo_end_to_end():
-    """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
+def _run_demo(argv: list[str]) -> tuple[dict[str, Any], str]:
+    """The demo as a user runs it (with --json): its report and its stderr; exit 0 asserted."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "affinity_node.sim.demo", "--duration", "10", "--json"],
+        [sys.executable, "-m", "affinity_node.sim.demo", *argv, "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -306,7 +307,13 @@ def test_demo_end_to_end():
             _kill_group(proc)
     stderr = err.decode()
     assert proc.returncode == 0, stderr[-3000:]
-    doc = json.loads(out)
+    doc: dict[str, Any] = json.loads(out)
+    return doc, stderr
+
+
+def test_demo_end_to_end():
+    """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
+    doc, stderr = _run_demo(["--duration", "10"])
     runs = {r["name"]: r for r in doc["runs"]}
     assert list(runs) == ["affinity off", "node-local affinity", "shared affinity"]
     assert doc["ok"] is True and all(r["errors"] == 0 for r in runs.values())
@@ -394,35 +401,45 @@ def test_demo_refuses_bad_options():
     )
     assert done.returncode == 2 and "--backends" in done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "affinity_node.sim.demo", "--scenario", "scale"],
+        [sys.executable, "-m", "affinity_node.sim.demo", "--scenario", "scale", "--backends", "1"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "not available yet" in done.stderr
+    assert done.returncode == 2 and "--backends >= 2" in done.stderr
+
+
+def test_scale_demo_end_to_end_with_tiny_sizes():
+    """The fleet changes under load with the operator's commands: a backend joins, one drains
+    (to zero running requests and no binding), no request fails; the report has each phase."""
+    argv = ["--scenario", "scale", "--duration", "12", "--warmup", "1", "--keys", "8"]
+    doc, stderr = _run_demo(argv)
+    assert doc["scenario"] == "scale" and doc["ok"] is True
+    assert [r["name"] for r in doc["runs"]] == ["no scale events", "scale events"]
+    facts = doc["scale"]
+    assert [c.split()[:3] for c in facts["commands"]] == [
+        ["affinity-node", "backends", "add"],
+        ["affinity-node", "backends", "drain"],
+    ]
+    assert 3.0 <= facts["added_at"] < facts["drain_at"] <= 12.0
+    assert facts["drained_bindings_left"] == 0
+    assert 0 < facts["drained_running_zero_s"] <= facts["drain_deadline_s"]
+    steady, events = facts["runs"]
+    assert [p["phase"] for p in events["phases"]] == ["configured", "one added", "one drained"]
+    for run in (steady, events):
+        for phase in run["phases"]:
+            assert phase["errors"] == 0 and phase["requests"] > 0
+            assert abs(sum(phase["share"].values()) - 1) < 1e-6
+    assert all(p["share"]["b3"] == 0 for p in steady["phases"])  # never added there
+    assert events["phases"][0]["share"]["b3"] == 0
+    assert events["phases"][2]["share"]["b3"] > 0  # the drained backend's pairs moved to it
+    assert "drained backend: zero running requests and no binding" in stderr
 
 
 def test_skew_demo_end_to_end_with_tiny_sizes():
     """The skew scenario's three columns and its new rows, on a short run."""
     argv = ["--scenario", "skew", "--duration", "3", "--warmup", "1", "--keys", "4"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "affinity_node.sim.demo", *argv, "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"demo did not finish in {DEMO_TIMEOUT_S}s:\n{err.decode()[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-    stderr = err.decode()
-    assert proc.returncode == 0, stderr[-3000:]
-    doc = json.loads(out)
+    doc, stderr = _run_demo(argv)
     assert doc["scenario"] == "skew" and doc["ok"] is True
     assert doc["scenarios"] == ["off", "fanout1", "fanout4"]
     runs = {r["name"]: r for r in doc["runs"]}
