@@ -29,8 +29,11 @@ _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 _OPEN_BRACKET = ord("[")
 _UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 """A value inside a well-formed body can still fail to decode: invalid UTF-8, deep nesting."""
-_KEY = re.compile(rb'[ \t\n\r]*"((?:[^"\\]|\\.)*)"[ \t\n\r]*:[ \t\n\r]*')
-_AFTER_VALUE = re.compile(rb"[ \t\n\r]*([,}])")
+_WS = rb"[ \t\n\r]*"
+_NAME = rb'"((?:[^"\\]|\\.)*)"' + _WS + rb":" + _WS
+_FIRST_KEY = re.compile(_WS + rb"\{" + _WS + _NAME)
+_NEXT_KEY = re.compile(_WS + rb"," + _WS + _NAME)
+_END = re.compile(_WS + rb"\}" + _WS + rb"\Z")
 _STREAM_VALUES = {b"true": True, b"false": False, b"null": False}
 
 
@@ -85,7 +88,9 @@ class Payload:
             # RecursionError: nesting deeper than the decoder's stack.
             raise _invalid_json() from None
         self._fields = fields
-        self._model_at = _check_unique_keys(body, fields)
+        self._model_at = -2  # not looked for yet
+        if len(body) != _compact_size(fields):
+            self._model_at = _check_unique_keys(body, fields)
         self.model = _model(fields.get("model"))
         self.stream = _stream(fields.get("stream"))
 
@@ -109,6 +114,8 @@ class Payload:
         """The body with another model name: the value's bytes swapped, the rest as received."""
         if model == self.model:
             return self.body
+        if self._model_at == -2:
+            self._model_at = _check_unique_keys(self.body, self._fields)
         start = self._model_at
         end = start + len(self._fields["model"])
         return self.body[:start] + json.dumps(model).encode() + self.body[end:]
@@ -124,22 +131,26 @@ class Payload:
         return self.body[:brace] + member + sep + rest
 
 
+def _compact_size(fields: dict[str, msgspec.Raw]) -> int:
+    """The length of these members written without whitespace: a body of exactly this length
+    holds no key twice (a repeated member would add at least 5 bytes: `,"":0`), so the walk
+    is skipped for compact bodies, as most SDKs send them."""
+    if not fields:
+        return 2
+    return 1 + sum(len(key.encode()) + len(raw) + 4 for key, raw in fields.items())
+
+
 def _check_unique_keys(body: bytes, fields: dict[str, msgspec.Raw]) -> int:
     """Walks the top level of a body the decoder accepted: each key must be followed by the
     value the decoder kept for it (the last one given), and there must be no more keys than
-    it kept. Returns where the model's value starts (-1: none)."""
-    pos = body.index(b"{") + 1
+    it kept. One regex match per key. Returns where the model's value starts (-1: none)."""
     model_at = -1
-    if not fields:
-        return model_at
-    seen = 0
-    while True:
-        key_match = _KEY.match(body, pos)
-        if key_match is None:  # pragma: no cover - the decoder accepted this body
-            raise _invalid_json()
-        name_bytes = key_match.group(1)
+    key = _FIRST_KEY.match(body)
+    seen = pos = 0
+    while key is not None:
+        name_bytes = key.group(1)
         name = json.loads(b'"' + name_bytes + b'"') if b"\\" in name_bytes else name_bytes.decode()
-        pos = key_match.end()
+        pos = key.end()
         raw = fields.get(name)
         seen += 1
         if raw is None or seen > len(fields) or not body.startswith(raw, pos):
@@ -147,12 +158,12 @@ def _check_unique_keys(body: bytes, fields: dict[str, msgspec.Raw]) -> int:
         if name == "model":
             model_at = pos
         pos += len(raw)
-        after = _AFTER_VALUE.match(body, pos)
-        if after is None:  # pragma: no cover - the decoder accepted this body
-            raise _invalid_json()
-        if after.group(1) == b"}":
-            return model_at
-        pos = after.end()
+        key = _NEXT_KEY.match(body, pos)
+    # No next key: the object must end here. (A number given earlier can start with the
+    # digits of the last one: `{"a": 12, "a": 1}` stops inside the 12.)
+    if seen and _END.match(body, pos) is None:
+        raise _invalid_json("A JSON object in the body repeats a key.")
+    return model_at
 
 
 def _model(raw: msgspec.Raw | None) -> str:

@@ -35,16 +35,22 @@ def error(body: bytes) -> ApiError:
     extra=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
     stream=st.none() | st.booleans(),
     indent=st.none() | st.integers(0, 3),
+    compact=st.booleans(),
     ascii_only=st.booleans(),
 )
 def test_reads_what_a_full_parse_reads(
-    extra: dict[str, Any], stream: bool | None, indent: int | None, ascii_only: bool
+    extra: dict[str, Any],
+    stream: bool | None,
+    indent: int | None,
+    compact: bool,
+    ascii_only: bool,
 ) -> None:
     doc = {k: v for k, v in extra.items() if k not in ("model", "stream")}
     doc["model"] = MODEL + "-é"
     if stream is not None:
         doc["stream"] = stream
-    body = json.dumps(doc, indent=indent, ensure_ascii=ascii_only).encode()
+    separators = (",", ":") if compact else None
+    body = json.dumps(doc, indent=indent, separators=separators, ensure_ascii=ascii_only).encode()
     p = Payload(body)
     assert p.model == doc["model"] and p.stream is bool(stream)
     for key, value in doc.items():
@@ -65,6 +71,8 @@ def test_reads_what_a_full_parse_reads(
         b'{"model": "b", "mod\\u0065l": "a"}',  # an escaped spelling of the same key
         b'{"x": 1, "x": [1, 2], "model": "m"}',
         b'{ "model" : "m" ,\n "stream" : false , "stream" : true }',
+        b'{"model": "m", "n": 12, "n": 1}',  # the earlier value starts like the last one
+        b'{"model": "m", "n": 1.5, "n": 1}',
     ],
 )
 def test_a_top_level_key_given_twice_is_refused(body: bytes) -> None:
