@@ -18,7 +18,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from affinity_node.observability.fastcounter import FastCounter
+from affinity_node.observability.lockfree import FastCounter, FastHistogram, FastHistogramChild
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     FANOUT_DIRECTIONS,
@@ -284,16 +284,17 @@ class HttpMetrics:
             ["route", "code"],
             registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "affinity_http_request_duration_seconds",
             "Time to answer, last byte included.",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "affinity_proxy_overhead_seconds",
             "Time the node adds: everything but waiting for the upstream.",
+            [],
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
@@ -303,7 +304,7 @@ class HttpMetrics:
             ["backend", "code"],
             registry=registry,
         )
-        self.upstream_ttft = Histogram(
+        self.upstream_ttft = FastHistogram(
             "affinity_upstream_ttft_seconds",
             "From forwarding to the first body byte received.",
             ["backend"],
@@ -320,9 +321,9 @@ class HttpMetrics:
         self._backends: set[str] = set()
         # Labelled children looked up once, not per request (.labels() hashes and locks).
         self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
-        self._duration_children: dict[str, Histogram] = {}
+        self._duration_children: dict[str, FastHistogramChild] = {}
         self._upstream_children: dict[tuple[str, str], Callable[[], None]] = {}
-        self._ttft_children: dict[str, Histogram] = {}
+        self._ttft_children: dict[str, FastHistogramChild] = {}
         self._duration_samples: dict[str, itertools.count[int]] = {}
         self._ttft_sample = itertools.count()
 
