@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults profile-overhead dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -47,6 +47,10 @@ bench-overhead: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_faults
+
+# A py-spy profile of the node under the overhead benchmark's load; PROFILE_ARGS="--size 200k".
+profile-overhead: $(STAMP)
+	$(PY) -m affinity_node.devtools.profile_overhead $(PROFILE_ARGS)
 
 dashboards: $(STAMP)
 	$(PY) -m affinity_node.devtools.dashboards
