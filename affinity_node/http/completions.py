@@ -17,6 +17,7 @@ from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
 from affinity_node.http.state import API_KEY_ID, BACKENDS, MODEL, ROUTER, STATUS
+from affinity_node.ledger.usage import usage_request, with_usage
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend
 
@@ -142,6 +143,11 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         ) from None
     upstream_body = canonical_body(body, payload, model)
     stream = bool(payload.get("stream"))
-    return await Forwarder(request, headers, started).run(
-        route, key_id, model, upstream_body, stream
-    )
+    forwarder = Forwarder(request, headers, started)
+    usage_body = None
+    if stream and forwarder.ledger is not None:
+        asks = usage_request(payload)
+        forwarder.client_asked_usage = asks.client_asked
+        if asks.inject:
+            usage_body = with_usage({**payload, "model": model})
+    return await forwarder.run(route, key_id, model, upstream_body, stream, usage_body)

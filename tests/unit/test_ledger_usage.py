@@ -3,6 +3,7 @@ the usage event removed when the node (not the client) asked for it, whatever th
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -146,7 +147,7 @@ def relay(data: bytes, cuts: list[int], strip: bool) -> tuple[bytes, StreamUsage
     watch = StreamUsage(strip=strip)
     out = []
     bounds = [0, *cuts, len(data)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         out.append(watch.feed(data[a:b]))
     out.append(watch.finish())
     return b"".join(out), watch
