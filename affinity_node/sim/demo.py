@@ -56,6 +56,7 @@ from affinity_node.argtypes import (
 )
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
+from affinity_node.sim.ledger_view import read_ledger_tenants
 from affinity_node.sim.render import ProgressLine, render_table, report_json
 from affinity_node.sim.report import FANOUT_MIN_SHARE, RunReport, build_report, deltas
 from affinity_node.sim.sampler import LoadSampler
@@ -293,6 +294,11 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             f"share of a tenant's requests on its most-used backend / fan-out = backends that "
             f"served at least {FANOUT_MIN_SHARE:.0%} of them"
         )
+        notes.append(
+            "ledger tenants: the 5 tenants with the most requests in the nodes' usage ledger "
+            "(`affinity-node usage`, warm-up included): hit rate from the answers' cached "
+            "tokens, on how many backends"
+        )
 
         reports: list[RunReport] = []
         failed = 0
@@ -336,7 +342,8 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                     max_waiting=sampler.max_waiting,
                 )
             )
-            await fleet.stop_nodes()
+            await fleet.stop_nodes()  # each node flushes its usage ledger as it stops
+            reports[-1].ledger = await read_ledger_tenants(dsn, key_ids)
 
         table = render_table(reports, notes)
         if args.json:
