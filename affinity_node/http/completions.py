@@ -149,5 +149,5 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         asks = usage_request(payload)
         forwarder.client_asked_usage = asks.client_asked
         if asks.inject:
-            usage_body = with_usage({**payload, "model": model})
+            usage_body = with_usage(upstream_body, payload)
     return await forwarder.run(route, key_id, model, upstream_body, stream, usage_body)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 MAX_TOKENS: Final = 2**31 - 1
 """Counts above this are not believed (a real answer is far below): clamped, so one odd
@@ -35,8 +35,7 @@ MAX_HELD: Final = 65536
 """A partial line longer than this is relayed as it is (no usage event is that long)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Token counts of one answer, as the backend reported them."""
 
     prompt: int
@@ -45,23 +44,36 @@ class Usage:
 
 
 def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A token count: a JSON integer (not a boolean), at least 0, clamped to MAX_TOKENS."""
+    if type(value) is not int or value < 0:
         return None
-    return min(value, MAX_TOKENS)
+    return value if value <= MAX_TOKENS else MAX_TOKENS
 
 
 def usage_of(obj: Any) -> Usage | None:
     """A `usage` object -> Usage; None unless it has a usable `prompt_tokens`. Missing
     details mean no cached tokens; cached tokens never exceed the prompt."""
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
     prompt = _count(obj.get("prompt_tokens"))
     if prompt is None:
         return None
     details = obj.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = _count(details.get("cached_tokens")) if type(details) is dict else 0
     completion = _count(obj.get("completion_tokens"))
     return Usage(prompt, min(cached or 0, prompt), completion or 0)
+
+
+def _usage_object_at(data: bytes) -> int:
+    """Where the first usage object's `{` is, or -1. Candidates are found by substring search
+    and only matched there (a regex search would try every position)."""
+    i = data.find(_USAGE_KEY)
+    while i >= 0:
+        m = _USAGE_OBJECT.match(data, i)  # None after a backslash: inside a string
+        if m is not None:
+            return m.end() - 1
+        i = data.find(_USAGE_KEY, i + 1)
+    return -1
 
 
 def _decode_usage_at(data: bytes, start: int) -> Usage | None:
@@ -118,11 +130,20 @@ def usage_request(payload: dict[str, Any]) -> UsageRequest:
     return UsageRequest(client_asked=False, inject=True)
 
 
-def with_usage(payload: dict[str, Any]) -> bytes:
-    """The request body with `stream_options.include_usage` set (other options kept)."""
-    options = payload.get("stream_options")
-    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return json.dumps({**payload, "stream_options": merged}).encode()
+_ASK_USAGE: Final = b'"stream_options":{"include_usage":true},'
+
+
+def with_usage(body: bytes, payload: dict[str, Any]) -> bytes:
+    """`body` (the JSON object `payload` was parsed from, model rewritten as sent) with
+    `stream_options.include_usage` set. Without `stream_options` the field is spliced in after
+    the opening brace (the node refuses bodies that repeat a key, so it is the only one): no
+    re-encoding, whatever the prompt's size. Otherwise (`"stream_options": null` too) the body
+    is encoded again, other options kept."""
+    brace = len(body) - len(body.lstrip(b" \t\r\n")) + 1
+    if "stream_options" not in payload and body[brace - 1 : brace] == b"{":  # UTF-8, no BOM
+        return body[:brace] + _ASK_USAGE + body[brace:]
+    merged = {**(payload.get("stream_options") or {}), "include_usage": True}
+    return json.dumps({**json.loads(body), "stream_options": merged}).encode()
 
 
 class StreamUsage:
@@ -162,9 +183,7 @@ class StreamUsage:
         if _USAGE_KEY in held:
             held = self._inspect(held)
         if self._last is not None:
-            m = _USAGE_OBJECT.search(self._last)
-            if m is not None:
-                self.usage = _decode_usage_at(self._last, m.end() - 1)
+            self.usage = _decode_usage_at(self._last, _usage_object_at(self._last))
         return held
 
     def discard(self) -> None:
@@ -183,22 +202,38 @@ class StreamUsage:
 
     def _inspect(self, chunk: bytes) -> bytes:
         """Remembers the chunk's last data line with a usage object; removes such lines (and
-        the blank line after each) when stripping. Runs once per stream, normally."""
-        if _USAGE_OBJECT.search(chunk) is None:
-            return chunk
-        lines = chunk.splitlines(keepends=True)
+        the blank line after each) when stripping. Runs once per stream, normally, and touches
+        only the lines with a usage object."""
         kept: list[bytes] = []
-        eat_blank = False
-        for line in lines:
-            if eat_blank:
-                eat_blank = False
-                if line in (b"\n", b"\r\n"):
-                    continue
-            if line.startswith(b"data:") and _USAGE_OBJECT.search(line) is not None:
-                self._last = line
-                if self.strip:
-                    eat_blank = True
-                    continue
-            kept.append(line)
-        self._eat_blank = eat_blank
+        removed = False
+        done = 0  # chunk[:done] is settled
+        while True:
+            at = _usage_object_at(chunk[done:])
+            if at < 0:
+                break
+            at += done
+            begin = chunk.rfind(b"\n", done, at) + 1 or done
+            end = chunk.find(b"\n", at) + 1 or len(chunk)
+            line = chunk[begin:end]
+            if not line.startswith(b"data:"):
+                kept.append(chunk[done:end])
+                done = end
+                continue
+            self._last = line
+            if not self.strip:
+                kept.append(chunk[done:end])
+                done = end
+                continue
+            removed = True
+            kept.append(chunk[done:begin])
+            if chunk.startswith(b"\r\n", end):
+                end += 2
+            elif chunk.startswith(b"\n", end):
+                end += 1
+            else:
+                self._eat_blank = end == len(chunk)  # its blank line comes with the next chunk
+            done = end
+        if not removed:
+            return chunk
+        kept.append(chunk[done:])
         return b"".join(kept)

@@ -109,9 +109,40 @@ def test_which_streams_the_node_asks_for_usage() -> None:
     assert not usage_request({"stream": True, "stream_options": "yes"}).inject
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"model": "m", "stream": true, "messages": [{"role": "user", "content": "{}"}]}',
+        '  \n {"model":"m","stream":true}',
+    ],
+)
+def test_the_body_that_asks_is_the_client_s_with_one_field_more(text: str) -> None:
+    payload = json.loads(text)
+    sent = with_usage(text.encode(), payload)
+    assert json.loads(sent) == {**payload, "stream_options": {"include_usage": True}}
+    assert sent.endswith(text.encode()[-20:])  # spliced in, not re-encoded
+
+
+def test_null_options_are_replaced_not_repeated() -> None:
+    payload = {"model": "m", "stream": True, "stream_options": None}
+    sent = with_usage(json.dumps(payload).encode(), payload)
+    assert sent.count(b"stream_options") == 1
+    assert json.loads(sent)["stream_options"] == {"include_usage": True}
+
+
+def test_a_body_in_another_encoding_is_encoded_again() -> None:
+    payload = {"model": "m", "stream": True}
+    for raw in (
+        json.dumps(payload).encode("utf-16"),
+        b"\xef\xbb\xbf" + json.dumps(payload).encode(),
+    ):
+        sent = with_usage(raw, payload)
+        assert json.loads(sent) == {**payload, "stream_options": {"include_usage": True}}
+
+
 def test_the_body_that_asks_keeps_the_other_options() -> None:
     payload = {"model": "m", "stream": True, "stream_options": {"other": 1}}
-    sent = json.loads(with_usage(payload))
+    sent = json.loads(with_usage(json.dumps(payload).encode(), payload))
     assert sent == {**payload, "stream_options": {"other": 1, "include_usage": True}}
     assert payload["stream_options"] == {"other": 1}  # the client's payload is untouched
 
@@ -212,3 +243,18 @@ def test_partial_lines_are_held_only_up_to_a_bound() -> None:
     watch.feed(b"partial")
     watch.discard()  # the stream broke: nothing held is ever written
     assert watch.finish() == b""
+
+
+def test_usage_in_every_chunk_is_kept_and_the_last_one_counts() -> None:
+    # vLLM's continuous_usage_stats (the client asked): running totals, the last is final.
+    chunks = [
+        event({**chunk_event("a"), "usage": {**VLLM_USAGE, "completion_tokens": i}})
+        for i in range(1, 4)
+    ]
+    chunks.append(event({"id": "c", "choices": [], "usage": VLLM_USAGE}))
+    upstream = b"".join(chunks) + b"data: [DONE]\n\n"
+    for cuts in ([], [len(chunks[0]) + 3], [len(upstream) - 20]):
+        out, watch = relay(upstream, cuts, strip=False)
+        assert out == upstream and watch.usage == Usage(120, 96, 16)
+    out, watch = relay(upstream, [], strip=True)  # were they the node's: all removed
+    assert out == b"data: [DONE]\n\n" and watch.usage == Usage(120, 96, 16)
