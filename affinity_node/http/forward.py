@@ -10,8 +10,8 @@
   closes the upstream response, so the backend stops generating and its in-flight slot frees.
 - Hop-by-hop headers (RFC 9110 section 7.6.1, and any header the Connection header names) never
   cross the proxy; the backend compresses only when the client asked for it.
-- With the usage ledger on, every answer a backend gave is recorded with its `usage` (read
-  from the end of a body, or from a stream's last usage event: ledger/usage.py). A vllm
+- With the usage ledger on, every answer a backend gave is recorded with its `usage` (found
+  from the end of a body, or in a stream's last usage event: ledger/usage.py). A vllm
   backend is asked for a stream's usage when the client did not ask, and that event is
   removed from what the client gets.
 """
@@ -38,7 +38,7 @@ from affinity_node.http.state import (
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
-from affinity_node.ledger.usage import StreamUsage, Usage, usage_from_body
+from affinity_node.ledger.usage import StreamUsage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
@@ -92,7 +92,8 @@ class Forwarder:
         self.ledger = app.get(LEDGER)
         self.client_asked_usage = False
         """A stream whose client set stream_options.include_usage (its usage event stays)."""
-        self.usage: Usage | None = None
+        self.usage: bytes | None = None
+        """The answer's usage object, as bytes (the ledger decodes it later)."""
 
     async def run(
         self,
@@ -211,7 +212,7 @@ class Forwarder:
                     and upstream.status == 200
                     and upstream.headers.get("Content-Encoding", "identity") == "identity"
                 ):
-                    self.usage = usage_from_body(data)
+                    self.usage = usage_span(data)
                 return web.Response(status=upstream.status, body=data, headers=headers), (
                     upstream.status < 400
                 )
@@ -281,7 +282,7 @@ class Forwarder:
                 stalled.reschedule(loop.time() + write_timeout)
                 if watch is not None:
                     tail = watch.finish()
-                    self.usage = watch.usage
+                    self.usage = watch.raw
                     if tail:
                         await response.write(tail)
                 await response.write_eof()

@@ -1,8 +1,11 @@
 """The usage ledger: per (API key, model, backend, hour), the tokens the backends reported and
 what routing did, counted in memory by the request path and added to Postgres in batches.
 
-- `record` is all a request pays: a dict lookup and a few integer additions; no await, no
-  database, nothing logged.
+- `record` is all a request pays: a dict lookup, two additions and the bytes of its usage
+  object appended to its row; no decoding, no await, no database. The usage objects are
+  decoded row by row, a batch at a time (`digest`: one regex scan over a row's joined
+  objects, sums in C), every `digest_every` answers (scheduled right after the request that
+  fills the batch) and before every flush.
 - Every `flush_interval_s` one statement adds what was counted since the last flush
   (upsert-add, so nodes add to the same rows). The batch carries this ledger's writer id and
   a sequence number that the database claims in the same statement: a batch whose answer was
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from affinity_node.ledger.usage import Usage
+from affinity_node.ledger.usage import add_usages
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import LedgerMetrics
 from affinity_node.vocabulary import LEDGER_OUTCOMES, LedgerOutcome
@@ -82,10 +85,22 @@ class LedgerSettings:
     to be sent again counts too."""
     cleanup_interval_s: float = 600.0
     cleanup_batch: int = 5000
+    digest_every: int = 2048
+    """Usage objects recorded before they are decoded (bounds their memory)."""
     max_rejections: int = 3
     """A batch the database refuses this many times is dropped (a retry fixes a key deleted
     mid-flush; it cannot fix a bad value)."""
     stop_timeout_s: float = 5.0
+
+
+class _Row:
+    """One (key, model, backend, hour): its counts, and usage objects not decoded yet."""
+
+    __slots__ = ("counts", "usages")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _WIDTH
+        self.usages: list[bytes] = []
 
 
 @dataclass(slots=True)
@@ -113,7 +128,9 @@ class UsageLedger:
         self.writer = uuid.uuid4()
         """This ledger's identity in usage_ledger_writers (one per node process)."""
         self._seq = itertools.count(1)
-        self._rows: dict[LedgerKey, list[int]] = {}
+        self._rows: dict[LedgerKey, _Row] = {}
+        self._undecoded = 0
+        self._digest_soon: asyncio.Handle | None = None
         self._unsent: _Batch | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_cleanup = -float("inf")
@@ -130,36 +147,52 @@ class UsageLedger:
         model: str,
         backend: str,
         outcome: LedgerOutcome,
-        usage: Usage | None,
+        usage: bytes | None,
     ) -> None:
-        """One answered request (on the request path: no I/O)."""
+        """One answered request, `usage` its usage object's bytes (on the request path: no
+        I/O, no decoding)."""
         key = (api_key_id, model, backend, int(self._clock() // 3600))
         row = self._rows.get(key)
         if row is None:
             if self.pending_rows >= self._s.max_rows:
                 self._m.dropped.labels("full").inc()
                 return
-            row = self._rows[key] = [0] * _WIDTH
-        row[0] += 1
+            row = self._rows[key] = _Row()
+        counts = row.counts
+        counts[0] += 1
+        counts[_OUTCOME_INDEX[outcome]] += 1
         if usage is not None:
-            row[1] += usage.prompt
-            row[2] += usage.cached
-            row[3] += usage.completion
-        row[_OUTCOME_INDEX[outcome]] += 1
+            row.usages.append(usage)
+            self._undecoded += 1
+            if self._undecoded >= self._s.digest_every and self._digest_soon is None:
+                self._digest_soon = asyncio.get_running_loop().call_soon(self.digest)
 
     def count_unreported(self) -> None:
         self._m.unreported.inc()
+
+    def digest(self) -> None:
+        """Decodes the usage objects recorded so far into their rows' token counts."""
+        self._digest_soon = None
+        self._undecoded = 0
+        unreported = 0
+        for row in self._rows.values():
+            if row.usages:
+                unreported += add_usages(row.counts, row.usages)
+                row.usages = []
+        if unreported:
+            self._m.unreported.inc(unreported)
 
     # -- flushing ----------------------------------------------------------------------------
 
     async def flush(self) -> bool:
         """Sends one batch: the one that failed last time, as it was, else everything counted
         since. True when nothing is left over from before (this batch landed or was empty)."""
+        self.digest()
         if self._unsent is None:
             if not self._rows:
                 return True
             rows, self._rows = self._rows, {}
-            ordered = sorted(rows.items())  # every node adds shared rows in this order
+            ordered = sorted((k, r.counts) for k, r in rows.items())  # one order on every node
             self._unsent = _Batch(next(self._seq), ordered, sum(c[0] for _, c in ordered))
         batch = self._unsent
         try:
@@ -221,6 +254,8 @@ class UsageLedger:
     async def stop(self) -> None:
         """Stops the loop, then writes what is left (a batch left over and the rest: two
         statements at most), within `stop_timeout_s`."""
+        if self._digest_soon is not None:
+            self._digest_soon.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,7 +265,8 @@ class UsageLedger:
             async with asyncio.timeout(self._s.stop_timeout_s):
                 if await self.flush():
                     await self.flush()
-        lost = sum(c[0] for c in self._rows.values())
+        self.digest()
+        lost = sum(r.counts[0] for r in self._rows.values())
         if self._unsent is not None:
             lost += self._unsent.requests
         if lost:

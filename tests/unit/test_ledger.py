@@ -3,6 +3,7 @@ failed batch sent again as it was (same sequence number), bounded memory, a last
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Sequence
@@ -18,7 +19,6 @@ from affinity_node.ledger.ledger import (
     LedgerUnavailable,
     UsageLedger,
 )
-from affinity_node.ledger.usage import Usage
 from affinity_node.observability.metrics import AffinityMetrics, LedgerMetrics
 from affinity_node.vocabulary import LEDGER_OUTCOMES
 
@@ -74,6 +74,14 @@ def make(
         clock=lambda: now[0],
     )
     return ledger, registry
+
+
+def Usage(prompt: int, cached: int, completion: int) -> bytes:
+    """A usage object's bytes, as the request path hands them to the ledger."""
+    return (
+        f'{{"prompt_tokens":{prompt},"total_tokens":{prompt + completion},'
+        f'"completion_tokens":{completion},"prompt_tokens_details":{{"cached_tokens":{cached}}}}}'
+    ).encode()
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -169,6 +177,7 @@ async def test_memory_is_bounded_while_the_database_is_away() -> None:
     ledger.record(uuid.UUID(int=20), "m", "b", "hit", Usage(1, 1, 1))  # the 3rd row
     ledger.record(uuid.UUID(int=21), "m", "b", "hit", Usage(1, 1, 1))  # no room
     ledger.record(uuid.UUID(int=20), "m", "b", "hit", Usage(1, 1, 1))  # its row exists
+    ledger.digest()
     assert ledger.pending_rows == 3
     assert sample(registry, "affinity_ledger_dropped_requests_total", reason="full") == 1
     assert sample(registry, "affinity_ledger_pending_rows") == 3
@@ -208,7 +217,29 @@ async def test_cleanup_goes_on_while_batches_are_full() -> None:
     assert await ledger.cleanup() == 0
 
 
-def test_unreported_answers_are_counted() -> None:
-    ledger, registry = make(FakeStore())
-    ledger.count_unreported()
-    assert sample(registry, "affinity_ledger_unreported_total") == 1
+async def test_unreported_answers_are_counted() -> None:
+    store = FakeStore()
+    ledger, registry = make(store)
+    ledger.count_unreported()  # the request path found no usage
+    ledger.record(A, "m", "b", "hit", b'{"prompt_tokens": "many"}')  # found, not readable
+    ledger.record(A, "m", "b", "hit", b'{"prompt_tokens": 7')  # cut short
+    assert await ledger.flush()
+    assert sample(registry, "affinity_ledger_unreported_total") == 3
+    assert store.table[(A, "m", "b", 10)] == counts(2, 0, 0, 0, hit=2)
+
+
+async def test_usages_are_decoded_in_batches_soon_after_the_request_that_fills_one() -> None:
+    store = FakeStore()
+    ledger, registry = make(store, digest_every=3)
+    unreadable = b'{"prompt_tokens": null}'  # decoding shows in the metric
+    for _ in range(2):
+        ledger.record(A, "m", "b", "hit", unreadable)
+    await asyncio.sleep(0)
+    assert sample(registry, "affinity_ledger_unreported_total") == 0  # not a batch yet
+    ledger.record(A, "m", "b", "hit", unreadable)
+    assert sample(registry, "affinity_ledger_unreported_total") == 0  # not on the request path
+    await asyncio.sleep(0)
+    assert sample(registry, "affinity_ledger_unreported_total") == 3  # right after it
+    ledger.record(A, "m", "b", "hit", Usage(10, 5, 1))
+    assert await ledger.flush()  # decodes what is left first
+    assert store.table[(A, "m", "b", 10)] == counts(4, 10, 5, 1, hit=4)

@@ -13,9 +13,12 @@ from affinity_node.ledger.usage import (
     MAX_TOKENS,
     StreamUsage,
     Usage,
+    add_usages,
+    decode_usage,
     usage_from_body,
     usage_of,
     usage_request,
+    usage_span,
     with_usage,
 )
 
@@ -63,6 +66,49 @@ def test_keys_after_usage_and_a_usage_key_first() -> None:
 def test_usage_written_in_the_answer_text_is_not_taken(content: str) -> None:
     assert usage_from_body(body(VLLM_USAGE, content=content)) == Usage(120, 96, 16)
     assert usage_from_body(body(None, content=content)) is None
+
+
+def test_the_request_path_only_copies_the_usage_object_s_bytes() -> None:
+    raw = usage_span(body(VLLM_USAGE, prompt_logprobs=None))
+    assert raw is not None and raw.startswith(b'{"prompt_tokens":120') and raw.endswith(b"null}")
+    assert decode_usage(raw) == Usage(120, 96, 16)
+    assert usage_span(body(None)) is None
+    assert decode_usage(b"{") is None
+
+
+def compact(prompt: int, completion: int, cached: int | None) -> bytes:
+    """vLLM's own spelling: compact, its field order, details only with cached tokens."""
+    doc: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+    }
+    if cached is not None:
+        doc["prompt_tokens_details"] = {"cached_tokens": cached}
+    return json.dumps(doc, separators=(",", ":")).encode() + b',"prompt_logprobs":null}'
+
+
+def test_a_batch_of_vllm_usages_is_added_in_one_scan_or_one_by_one() -> None:
+    vllm = [compact(100, 10, 64), compact(50, 5, None), compact(30, 3, 0)]
+    vllm.append(
+        b'{"prompt_tokens":1,"total_tokens":1,"completion_tokens":0,'
+        b'"prompt_tokens_details":{"cached_tokens":null}}\n'
+    )
+    vllm.append(
+        b'{"prompt_tokens":2,"total_tokens":2,"completion_tokens":0,"prompt_tokens_details":null}'
+    )
+    counts = [0, 0, 0, 0]
+    assert add_usages(counts, vllm) == 0
+    assert counts == [0, 183, 64, 18]
+    # one object in another spelling: every one is decoded, the same sums
+    other = json.dumps({"prompt_tokens": 20, "prompt_tokens_details": {"cached_tokens": 16}})
+    counts = [0, 0, 0, 0]
+    assert add_usages(counts, [*vllm, other.encode(), b'{"prompt_tokens": "x"}']) == 1
+    assert counts == [0, 203, 80, 18]
+    # absurd counts are not summed as they are
+    counts = [0, 0, 0, 0]
+    assert add_usages(counts, [compact(10**12, 1, 10**12)]) == 0
+    assert counts == [0, MAX_TOKENS, MAX_TOKENS, 1]
 
 
 def test_no_usage_or_no_prompt_tokens() -> None:
