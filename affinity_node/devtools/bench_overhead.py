@@ -7,11 +7,11 @@ Three targets get the same load, all on 127.0.0.1:
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
-Then the usage ledger's cost: the node with `ledger.enabled` off and on, restarted for each
-run, alternating (off, on, off, on, ...), at full load; the ratio of the medians is the
-ledger's share of the node's throughput. nginx's answers carry usage as vLLM's do
-(`prompt_tokens_details.cached_tokens`; streams end with a usage event, which the node asks
-for and removes), so the ledger reads every answer.
+Then the usage ledger's cost: a node with `ledger.enabled` off and one with it on, both on
+the proxy's core at once, each at full load from its own wrk; the ratio of their throughputs
+is the ledger's share of the node's (on a busy machine too: both share whatever else runs).
+nginx's answers carry usage as vLLM's do (`prompt_tokens_details.cached_tokens`; streams end
+with a usage event, which the node asks for and removes), so the ledger reads every answer.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE. After the
@@ -40,6 +40,7 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -502,7 +503,7 @@ class Options:
     proxy_cpu: int
     load_cpu: int
     compare_uvloop: bool
-    ledger_rounds: int = 2
+    ledger_rounds: int = 3
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
@@ -681,26 +682,68 @@ def uvloop_experiment(
 def ledger_experiment(
     procs: Procs, tmp: Path, dsn: str, backend: str, secret: str, opts: Options
 ) -> dict[str, Any]:
-    """Full load, the node with the usage ledger off and on, alternating for
-    `opts.ledger_rounds` rounds (a fresh node each run), so that drift on the machine falls on
-    both sides alike. Runs, per side and mode, and what the ledger-on node ledgered."""
+    """The node with the usage ledger off and the node with it on, side by side: both on the
+    proxy's core at the same time, each at full load from its own wrk. The core's time is
+    split between them, and whatever else runs on the machine hits both alike, so the ratio
+    of their throughputs is the inverse ratio of their cost per request, even on a busy
+    machine (runs one after the other drift by more than the ledger costs). Fresh nodes each
+    round; runs per side and mode, and what the ledger-on node ledgered."""
     runs: dict[str, dict[str, list[Run]]] = {"off": {}, "on": {}}
     figures: list[dict[str, Any]] = []
     for n in range(opts.ledger_rounds):
-        for side in ("off", "on"):
-            node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu, ledger=side == "on")
+        nodes = {
+            side: start_node(procs, tmp, dsn, backend, opts.proxy_cpu, ledger=side == "on")
+            for side in ("off", "on")
+        }
+        for _node, base in nodes.values():
+            warm_up_node(base, secret)
+        # Steady state: the ledger's first flush (a new pool connection, asyncpg learning the
+        # statement's array types) is a one-time cost that a short run would spread thin.
+        wait_first_flush(nodes["on"][1])
+        print(f"(c-) and (c+): ledger off and on, side by side, round {n + 1}", file=sys.stderr)
+        for mode, (path, stream) in MODES.items():
+            body = request_body(stream)
+            for load in ("warm-up", "full"):
+                with ThreadPoolExecutor(2) as pool:
+                    futures = {
+                        side: pool.submit(
+                            side_run, load, base + path, body, secret, opts, tmp, proc
+                        )
+                        for side, (proc, base) in nodes.items()
+                    }
+                    done = {side: f.result() for side, f in futures.items()}
+            for side, run in done.items():
+                runs[side].setdefault(mode, []).append(run)
+            off, on = done["off"], done["on"]
             print(
-                f"(c{'+' if side == 'on' else '-'}) node, ledger {side}, round {n + 1}",
+                f"  {mode:<14} off {off.rps:6.0f} req/s {off.cpu_us_per_req or 0:4.0f} us/req,"
+                f"  on {on.rps:6.0f} req/s {on.cpu_us_per_req or 0:4.0f} us/req",
                 file=sys.stderr,
                 flush=True,
             )
-            warm_up_node(base, secret)
-            for mode, by_load in measure(base, secret, opts, tmp, node, loads=("full",)).items():
-                runs[side].setdefault(mode, []).append(by_load["full"])
-            if side == "on":
-                figures.append(asdict(node_figures(base)))
-            procs.stop(node)
+        figures.append(asdict(node_figures(nodes["on"][1])))
+        for proc, _base in nodes.values():
+            procs.stop(proc)
     return {"runs": runs, "ledger_on_node_metrics": figures}
+
+
+def wait_first_flush(base: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while node_figures(base).ledger_writes < 1:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the node at {base} wrote no ledger batch in {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def side_run(
+    load: str, url: str, body: str, secret: str, opts: Options, tmp: Path, proxy: Proc
+) -> Run:
+    """One of two simultaneous wrk runs (each its own script file)."""
+    own = tmp / f"wrk-{proxy.popen.pid}"
+    own.mkdir(exist_ok=True)
+    if load == "warm-up":
+        return wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, own)
+    return accounted("full", url, body, secret, opts, own, proxy)
 
 
 def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -724,6 +767,8 @@ def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "rps_off": rps_off,
             "rps_on": rps_on,
             "rps_on_over_off": rps_on / rps_off,
+            # each round's two runs ran at the same time: their ratio is the steadiest figure
+            "paired_rps_on_over_off": median([a.rps / b.rps for a, b in zip(on, off, strict=True)]),
             "cpu_us_off": cpu(off),
             "cpu_us_on": cpu(on),
         }
@@ -839,17 +884,19 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         rounds = len(ledger["runs"]["on"][next(iter(MODES))])
         lines.append("")
         lines.append(
-            f"usage ledger cost at full load: the node with ledger.enabled off / on, "
-            f"alternating, {rounds} run(s) each, medians:"
+            f"usage ledger cost at full load: the node with ledger.enabled off and on, side by "
+            f"side on cpu {opts.proxy_cpu}, {rounds} round(s), medians:"
         )
         for mode, m in ledger_summary(ledger).items():
             cpu = ""
             if m["cpu_us_off"] is not None and m["cpu_us_on"] is not None:
                 cpu = f";  cpu {m['cpu_us_off']:.0f} -> {m['cpu_us_on']:.0f} us/req"
             ratio = m["rps_on_over_off"] or 0.0
+            paired = m["paired_rps_on_over_off"] or 0.0
             lines.append(
                 f"  {mode:<14} off {m['rps_off']:6.0f} req/s, on {m['rps_on']:6.0f} req/s: "
-                f"on / off {ratio:.3f} ({(ratio - 1) * 100:+.1f}%){cpu}"
+                f"on / off {ratio:.3f} ({(ratio - 1) * 100:+.1f}%), per round "
+                f"{paired:.3f} ({(paired - 1) * 100:+.1f}%){cpu}"
             )
         for fig in ledger["ledger_on_node_metrics"]:
             if not fig["ledger_writes"] or fig["ledger_unreported"]:
@@ -982,8 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--ledger-rounds",
         type=non_negative_int,
-        default=2,
-        help="rounds of the usage ledger off/on comparison at full load (default 2; 0 skips)",
+        default=3,
+        help="rounds of the usage ledger off/on comparison, side by side at full load "
+        "(default 3; 0 skips)",
     )
     p.add_argument(
         "--compare-uvloop",
