@@ -554,6 +554,26 @@ def overview() -> Json:
             "ops",
             "Batched TTL-extension statements (one per flush interval at most).",
         ),
+        timeseries(
+            "Usage ledger",
+            [
+                target(f"sum({rate('affinity_ledger_writes_total', NODE)})", "batches written"),
+                target(
+                    f"sum by (reason) ({rate('affinity_ledger_dropped_requests_total', NODE)})",
+                    "requests dropped: {{reason}}",
+                ),
+                target(
+                    f"sum({rate('affinity_ledger_unreported_total', NODE)})",
+                    "answers without usage",
+                ),
+                target(f"max(affinity_ledger_pending_rows{{{NODE}}})", "rows waiting (max)"),
+            ],
+            "short",
+            "The per-tenant usage ledger's health (its figures are on the Tenants dashboard): "
+            "batches written (one statement per node per flush interval), requests that never "
+            "reached the table, answers whose usage could not be read, rows waiting in a "
+            "node's memory (they pile up while the database is away).",
+        ),
     ]
     return dashboard(
         "affinity-overview",
