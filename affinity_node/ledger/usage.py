@@ -69,18 +69,6 @@ def usage_of(obj: Any) -> Usage | None:
     return Usage(prompt, min(cached or 0, prompt), completion or 0)
 
 
-def _usage_object_at(data: bytes) -> int:
-    """Where the first usage object's `{` is, or -1. Candidates are found by substring search
-    and only matched there (a regex search would try every position)."""
-    i = data.find(_USAGE_KEY)
-    while i >= 0:
-        m = _USAGE_OBJECT.match(data, i)  # None after a backslash: inside a string
-        if m is not None:
-            return m.end() - 1
-        i = data.find(_USAGE_KEY, i + 1)
-    return -1
-
-
 _VLLM_USAGES: Final = re.compile(
     rb'(?:^|\x00)\{"prompt_tokens":(\d{1,9}),"total_tokens":\d{1,10},"completion_tokens":(\d{1,9})'
     rb'(?:,"prompt_tokens_details":(?:null|\{"cached_tokens":(?:null|(\d{1,9}))\}))?\}'
@@ -202,17 +190,17 @@ class StreamUsage:
     returns, then write `finish()`'s bytes before the end; `raw` is known after `finish`.
 
     With `strip`, data lines that carry a usage object are removed with the blank line that
-    ends their event (the node asked for them, the client did not).
+    ends their event (the node asked for them, the client did not): the last such line of each
+    chunk, searched from the chunk's end (a usage event is the last one before `[DONE]`).
     """
 
-    __slots__ = ("_eat_blank", "_held", "_last", "raw", "strip")
+    __slots__ = ("_eat_blank", "_held", "raw", "strip")
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.raw: bytes | None = None
-        """After `finish`: the last usage object's bytes (for `decode_usage`)."""
+        """The last usage object's bytes seen so far (for `decode_usage`)."""
         self._held = b""
-        self._last: bytes | None = None
         self._eat_blank = False
 
     def feed(self, chunk: bytes) -> bytes:
@@ -225,18 +213,16 @@ class StreamUsage:
             cut = chunk.rfind(b"\n") + 1
             if len(chunk) - cut <= MAX_HELD:
                 chunk, self._held = chunk[:cut], chunk[cut:]
-        if _USAGE_KEY in chunk:
-            chunk = self._inspect(chunk)
+        last = chunk.rfind(_USAGE_KEY)
+        if last >= 0:
+            chunk = self._inspect(chunk, last)
         return chunk
 
     def finish(self) -> bytes:
-        """What is still held (a last line without its end); decodes the last usage seen."""
+        """What is still held (a last line without its end), looked at like a chunk."""
         held, self._held = self._held, b""
-        if _USAGE_KEY in held:
-            held = self._inspect(held)
-        if self._last is not None:
-            self.raw = self._last[_usage_object_at(self._last) :]
-        return held
+        last = held.rfind(_USAGE_KEY)
+        return self._inspect(held, last) if last >= 0 else held
 
     @property
     def usage(self) -> Usage | None:
@@ -256,40 +242,28 @@ class StreamUsage:
         self._eat_blank = False
         return chunk
 
-    def _inspect(self, chunk: bytes) -> bytes:
-        """Remembers the chunk's last data line with a usage object; removes such lines (and
-        the blank line after each) when stripping. Runs once per stream, normally, and touches
-        only the lines with a usage object."""
-        kept: list[bytes] = []
-        removed = False
-        done = 0  # chunk[:done] is settled
-        while True:
-            at = _usage_object_at(chunk[done:])
-            if at < 0:
+    def _inspect(self, chunk: bytes, at: int) -> bytes:
+        """`at`: the chunk's last `"usage"`. Keeps the bytes of the chunk's last data line
+        with a usage object and, when stripping, removes that line with the blank line after
+        it. Only the last: vLLM sends one usage event, last before [DONE] (the node never
+        asks with `continuous_usage_stats`), and looking further would scan the whole chunk
+        again."""
+        while at >= 0:
+            m = _USAGE_OBJECT.match(chunk, at)  # None after a backslash: inside a string
+            begin = chunk.rfind(b"\n", 0, at) + 1
+            if m is not None and chunk.startswith(b"data:", begin):
                 break
-            at += done
-            begin = chunk.rfind(b"\n", done, at) + 1 or done
-            end = chunk.find(b"\n", at) + 1 or len(chunk)
-            line = chunk[begin:end]
-            if not line.startswith(b"data:"):
-                kept.append(chunk[done:end])
-                done = end
-                continue
-            self._last = line
-            if not self.strip:
-                kept.append(chunk[done:end])
-                done = end
-                continue
-            removed = True
-            kept.append(chunk[done:begin])
-            if chunk.startswith(b"\r\n", end):
-                end += 2
-            elif chunk.startswith(b"\n", end):
-                end += 1
-            else:
-                self._eat_blank = end == len(chunk)  # its blank line comes with the next chunk
-            done = end
-        if not removed:
+            at = chunk.rfind(_USAGE_KEY, 0, at)
+        else:
             return chunk
-        kept.append(chunk[done:])
-        return b"".join(kept)
+        end = chunk.find(b"\n", at) + 1 or len(chunk)
+        self.raw = chunk[m.end() - 1 : end]
+        if not self.strip:
+            return chunk
+        if chunk.startswith(b"\r\n", end):
+            end += 2
+        elif chunk.startswith(b"\n", end):
+            end += 1
+        else:
+            self._eat_blank = end == len(chunk)  # its blank line comes with the next chunk
+        return chunk[:begin] + chunk[end:]
