@@ -763,12 +763,15 @@ def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         off: list[Run] = exp["runs"]["off"][mode]
         on: list[Run] = exp["runs"]["on"][mode]
         rps_off, rps_on = median([r.rps for r in off]), median([r.rps for r in on])
+        pairs = [a.rps / b.rps for a, b in zip(on, off, strict=True)]
         out[mode] = {
             "rps_off": rps_off,
             "rps_on": rps_on,
             "rps_on_over_off": rps_on / rps_off,
             # each round's two runs ran at the same time: their ratio is the steadiest figure
-            "paired_rps_on_over_off": median([a.rps / b.rps for a, b in zip(on, off, strict=True)]),
+            "paired_rps_on_over_off": median(pairs),
+            "paired_min": min(pairs),
+            "paired_max": max(pairs),
             "cpu_us_off": cpu(off),
             "cpu_us_on": cpu(on),
         }
@@ -885,18 +888,19 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         lines.append("")
         lines.append(
             f"usage ledger cost at full load: the node with ledger.enabled off and on, side by "
-            f"side on cpu {opts.proxy_cpu}, {rounds} round(s), medians:"
+            f"side on cpu {opts.proxy_cpu} (same moments, same core), {rounds} round(s); "
+            "throughput on / off, median of the rounds:"
         )
         for mode, m in ledger_summary(ledger).items():
             cpu = ""
             if m["cpu_us_off"] is not None and m["cpu_us_on"] is not None:
                 cpu = f";  cpu {m['cpu_us_off']:.0f} -> {m['cpu_us_on']:.0f} us/req"
-            ratio = m["rps_on_over_off"] or 0.0
             paired = m["paired_rps_on_over_off"] or 0.0
+            low, high = m["paired_min"] or 0.0, m["paired_max"] or 0.0
             lines.append(
-                f"  {mode:<14} off {m['rps_off']:6.0f} req/s, on {m['rps_on']:6.0f} req/s: "
-                f"on / off {ratio:.3f} ({(ratio - 1) * 100:+.1f}%), per round "
-                f"{paired:.3f} ({(paired - 1) * 100:+.1f}%){cpu}"
+                f"  {mode:<14} on / off {paired:.3f} ({(paired - 1) * 100:+.1f}%), rounds "
+                f"{low:.3f}..{high:.3f}; medians off {m['rps_off']:5.0f}, on "
+                f"{m['rps_on']:5.0f} req/s{cpu}"
             )
         for fig in ledger["ledger_on_node_metrics"]:
             if not fig["ledger_writes"] or fig["ledger_unreported"]:
