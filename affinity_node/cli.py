@@ -104,6 +104,13 @@ async def _backends(args: argparse.Namespace) -> int:
     return await cli_backends.run(args, lambda: asyncpg.connect(dsn))
 
 
+async def _usage(args: argparse.Namespace) -> int:
+    from affinity_node import cli_usage
+
+    dsn = _need_dsn(args)
+    return await cli_usage.run(args, lambda: asyncpg.connect(dsn))
+
+
 async def _bindings(args: argparse.Namespace) -> int:
     from affinity_node.app import database_pool, postgres_bindings
     from affinity_node.config import DatabaseConfig
@@ -289,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_backends.add_parser(sub, _add_dsn)
     sub.choices["backends"].set_defaults(func=_backends)
+
+    from affinity_node import cli_usage
+
+    cli_usage.add_parser(sub, _add_dsn)
+    sub.choices["usage"].set_defaults(func=_usage)
 
     from affinity_node.sim.bench_cli import add_bench_parser
     from affinity_node.sim.chaos import add_chaos_parser

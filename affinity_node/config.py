@@ -122,6 +122,21 @@ class DiscoveryConfig:
 
 
 @dataclass
+class LedgerConfig:
+    """The per-tenant usage ledger (table usage_ledger, command `usage`)."""
+
+    enabled: bool = True
+    flush_interval_seconds: float = _range(5.0, 0, 3600, above=True)
+    """Counts wait in memory this long, then one statement adds them (a node that dies loses
+    at most this much)."""
+    retention_days: float = _range(90.0, 0, 3650, above=True)
+    """Rows older than this are deleted (by one node at a time)."""
+    max_pending_rows: int = _range(100_000, 1, 10_000_000)
+    """Rows (key, model, backend, hour) kept in memory while the database is away; requests
+    needing more are counted as dropped."""
+
+
+@dataclass
 class RoutingConfig:
     fallback: StrategyName = "least_outstanding"
 
@@ -194,6 +209,7 @@ class NodeConfig:
     drain: DrainConfig = field(default_factory=DrainConfig)
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

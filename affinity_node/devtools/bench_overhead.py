@@ -8,6 +8,11 @@ request (one short message), an 8 KB and a 200 KB one (many messages, as real ch
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
+Then the usage ledger's cost: a node with `ledger.enabled` off and one with it on, both on
+the proxy's core at once, each at full load from its own wrk; the ratio of their throughputs
+is the ledger's share of the node's (on a busy machine too: both share whatever else runs).
+nginx's answers carry usage as vLLM's do (`prompt_tokens_details.cached_tokens`; streams end
+with a usage event, which the node asks for and removes), so the ledger reads every answer.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
@@ -37,6 +42,7 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +51,7 @@ import asyncpg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from affinity_node.argtypes import non_negative_int
 from affinity_node.sim.support import free_port, postgres
 from affinity_node.store.keys import create_key, delete_key
 from affinity_node.store.migrate import migrate
@@ -103,14 +110,21 @@ def completion_json() -> str:
                     "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+            "usage": {
+                "prompt_tokens": 9,
+                "total_tokens": 18,
+                "completion_tokens": 9,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
         },
         separators=(",", ":"),
     )
 
 
 def sse_body() -> str:
-    """8 chat.completion.chunk events (role, 6 tokens, finish), then [DONE]."""
+    """8 chat.completion.chunk events (role, 6 tokens, finish), the usage event vLLM sends
+    when asked (every target gets it; the node removes it: the client did not ask), then
+    [DONE]."""
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     deltas += [{"content": t} for t in ("Hello", "!", " How", " can", " I", " help?")]
     deltas.append({})
@@ -131,6 +145,20 @@ def sse_body() -> str:
             ],
         }
         events.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
+    usage = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 9,
+            "total_tokens": 15,
+            "completion_tokens": 6,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    events.append("data: " + json.dumps(usage, separators=(",", ":")) + "\n\n")
     return "".join(events) + "data: [DONE]\n\n"
 
 
@@ -427,7 +455,7 @@ async def _drop_key(dsn: str, key_id: uuid.UUID) -> None:
         await conn.close()
 
 
-def node_yaml(dsn: str, port: int, backend: str) -> str:
+def node_yaml(dsn: str, port: int, backend: str, ledger: bool = True) -> str:
     return yaml.safe_dump(
         {
             "node_id": "bench-overhead",
@@ -440,6 +468,7 @@ def node_yaml(dsn: str, port: int, backend: str) -> str:
             "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
             "models": [{"name": MODEL, "aliases": [], "affinity": True}],
             "logging": {"level": "INFO", "json": False},
+            "ledger": {"enabled": ledger},
         },
         sort_keys=False,
     )
@@ -451,12 +480,14 @@ class NodeFigures:
     cache_misses: float
     completions_by_code: dict[str, float]
     overhead_mean_ms: float
+    ledger_writes: float = 0.0
+    ledger_unreported: float = 0.0
 
 
 def node_figures(base: str) -> NodeFigures:
     with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    hits = misses = ov_sum = ov_count = 0.0
+    hits = misses = ov_sum = ov_count = writes = unreported = 0.0
     codes: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -474,7 +505,18 @@ def node_figures(base: str) -> NodeFigures:
                 ov_sum += s.value
             elif s.name == "affinity_proxy_overhead_seconds_count":
                 ov_count += s.value
-    return NodeFigures(hits, misses, codes, ov_sum / ov_count * 1e3 if ov_count else 0.0)
+            elif s.name == "affinity_ledger_writes_total":
+                writes += s.value
+            elif s.name == "affinity_ledger_unreported_total":
+                unreported += s.value
+    return NodeFigures(
+        hits,
+        misses,
+        codes,
+        ov_sum / ov_count * 1e3 if ov_count else 0.0,
+        writes,
+        unreported,
+    )
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -487,6 +529,7 @@ class Options:
     load_cpu: int
     compare_uvloop: bool
     sizes: tuple[str, ...] = tuple(SIZES)
+    ledger_rounds: int = 3
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
@@ -553,11 +596,17 @@ def measure(
 
 
 def start_node(
-    procs: Procs, tmp: Path, dsn: str, backend: str, cpu: int, module: str = "affinity_node"
+    procs: Procs,
+    tmp: Path,
+    dsn: str,
+    backend: str,
+    cpu: int,
+    module: str = "affinity_node",
+    ledger: bool = True,
 ) -> tuple[Proc, str]:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
-    config.write_text(node_yaml(dsn, port, backend))
+    config.write_text(node_yaml(dsn, port, backend, ledger))
     proc = procs.start(
         f"node-{port}", [sys.executable, "-m", module, "serve", "--config", str(config)], cpu
     )
@@ -631,6 +680,8 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
 
         if opts.compare_uvloop:
             report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret, opts)
+        if opts.ledger_rounds:
+            report["ledger_experiment"] = ledger_experiment(procs, tmp, dsn, backend, secret, opts)
         return results
     finally:
         procs.close()
@@ -660,6 +711,105 @@ def uvloop_experiment(
     warm_up_node(base, secret)
     out["node_asyncio"] = measure(base, secret, opts, tmp, node, loads=("full",))
     procs.stop(node)
+    return out
+
+
+def ledger_experiment(
+    procs: Procs, tmp: Path, dsn: str, backend: str, secret: str, opts: Options
+) -> dict[str, Any]:
+    """The node with the usage ledger off and the node with it on, side by side: both on the
+    proxy's core at the same time, each at full load from its own wrk. The core's time is
+    split between them, and whatever else runs on the machine hits both alike, so the ratio
+    of their throughputs is the inverse ratio of their cost per request, even on a busy
+    machine (runs one after the other drift by more than the ledger costs). Fresh nodes each
+    round; runs per side and mode, and what the ledger-on node ledgered."""
+    runs: dict[str, dict[str, list[Run]]] = {"off": {}, "on": {}}
+    figures: list[dict[str, Any]] = []
+    for n in range(opts.ledger_rounds):
+        nodes = {
+            side: start_node(procs, tmp, dsn, backend, opts.proxy_cpu, ledger=side == "on")
+            for side in ("off", "on")
+        }
+        for _node, base in nodes.values():
+            warm_up_node(base, secret)
+        # Steady state: the ledger's first flush (a new pool connection, asyncpg learning the
+        # statement's array types) is a one-time cost that a short run would spread thin.
+        wait_first_flush(nodes["on"][1])
+        print(f"(c-) and (c+): ledger off and on, side by side, round {n + 1}", file=sys.stderr)
+        for mode, (path, stream) in MODES.items():
+            body = request_body(stream)
+            for load in ("warm-up", "full"):
+                with ThreadPoolExecutor(2) as pool:
+                    futures = {
+                        side: pool.submit(
+                            side_run, load, base + path, body, secret, opts, tmp, proc
+                        )
+                        for side, (proc, base) in nodes.items()
+                    }
+                    done = {side: f.result() for side, f in futures.items()}
+            for side, run in done.items():
+                runs[side].setdefault(mode, []).append(run)
+            off, on = done["off"], done["on"]
+            print(
+                f"  {mode:<14} off {off.rps:6.0f} req/s {off.cpu_us_per_req or 0:4.0f} us/req,"
+                f"  on {on.rps:6.0f} req/s {on.cpu_us_per_req or 0:4.0f} us/req",
+                file=sys.stderr,
+                flush=True,
+            )
+        figures.append(asdict(node_figures(nodes["on"][1])))
+        for proc, _base in nodes.values():
+            procs.stop(proc)
+    return {"runs": runs, "ledger_on_node_metrics": figures}
+
+
+def wait_first_flush(base: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while node_figures(base).ledger_writes < 1:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the node at {base} wrote no ledger batch in {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def side_run(
+    load: str, url: str, body: str, secret: str, opts: Options, tmp: Path, proxy: Proc
+) -> Run:
+    """One of two simultaneous wrk runs (each its own script file)."""
+    own = tmp / f"wrk-{proxy.popen.pid}"
+    own.mkdir(exist_ok=True)
+    if load == "warm-up":
+        return wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, own)
+    return accounted("full", url, body, secret, opts, own, proxy)
+
+
+def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per mode: median req/s and cpu us/req with the ledger off and on, and on / off."""
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def cpu(rs: list[Run]) -> float | None:
+        values = [r.cpu_us_per_req for r in rs if r.cpu_us_per_req is not None]
+        return median(values) if values else None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for mode in MODES:
+        off: list[Run] = exp["runs"]["off"][mode]
+        on: list[Run] = exp["runs"]["on"][mode]
+        rps_off, rps_on = median([r.rps for r in off]), median([r.rps for r in on])
+        pairs = [a.rps / b.rps for a, b in zip(on, off, strict=True)]
+        out[mode] = {
+            "rps_off": rps_off,
+            "rps_on": rps_on,
+            "rps_on_over_off": rps_on / rps_off,
+            # each round's two runs ran at the same time: their ratio is the steadiest figure
+            "paired_rps_on_over_off": median(pairs),
+            "paired_min": min(pairs),
+            "paired_max": max(pairs),
+            "cpu_us_off": cpu(off),
+            "cpu_us_on": cpu(on),
+        }
     return out
 
 
@@ -767,6 +917,32 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 for name, a, u in pairs
             ]
             lines.append(f"  {mode:<22} " + ";  ".join(cells))
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        rounds = len(ledger["runs"]["on"][next(iter(MODES))])
+        lines.append("")
+        lines.append(
+            f"usage ledger cost at full load: the node with ledger.enabled off and on, side by "
+            f"side on cpu {opts.proxy_cpu} (same moments, same core), {rounds} round(s); "
+            "throughput on / off, median of the rounds:"
+        )
+        for mode, m in ledger_summary(ledger).items():
+            cpu = ""
+            if m["cpu_us_off"] is not None and m["cpu_us_on"] is not None:
+                cpu = f";  cpu {m['cpu_us_off']:.0f} -> {m['cpu_us_on']:.0f} us/req"
+            paired = m["paired_rps_on_over_off"] or 0.0
+            low, high = m["paired_min"] or 0.0, m["paired_max"] or 0.0
+            lines.append(
+                f"  {mode:<14} on / off {paired:.3f} ({(paired - 1) * 100:+.1f}%), rounds "
+                f"{low:.3f}..{high:.3f}; medians off {m['rps_off']:5.0f}, on "
+                f"{m['rps_on']:5.0f} req/s{cpu}"
+            )
+        for fig in ledger["ledger_on_node_metrics"]:
+            if not fig["ledger_writes"] or fig["ledger_unreported"]:
+                problems.append(
+                    f"the ledger-on node wrote {fig['ledger_writes']:.0f} batch(es) and missed "
+                    f"the usage of {fig['ledger_unreported']:.0f} answer(s): ledger not measured"
+                )
     for cpu, share in report.get("busy_before", {}).items():
         if share > 0.05:
             problems.append(
@@ -819,6 +995,16 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
     exp = report.get("uvloop_experiment")
     if exp:
         out["uvloop_experiment"] = {name: runs(r) for name, r in exp.items()}
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        out["ledger_experiment"] = {
+            "runs": {
+                side: {mode: [asdict(r) for r in rs] for mode, rs in by_mode.items()}
+                for side, by_mode in ledger["runs"].items()
+            },
+            "summary": ledger_summary(ledger),
+            "ledger_on_node_metrics": ledger["ledger_on_node_metrics"],
+        }
     return out
 
 
@@ -885,6 +1071,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"request bodies to measure, comma-separated (default {','.join(SIZES)})",
     )
     p.add_argument(
+        "--ledger-rounds",
+        type=non_negative_int,
+        default=3,
+        help="rounds of the usage ledger off/on comparison, side by side at full load "
+        "(default 3; 0 skips)",
+    )
+    p.add_argument(
         "--compare-uvloop",
         action="store_true",
         help="also run the forwarder and the node on the default asyncio loop (full load)",
@@ -918,7 +1111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not sizes:
         print(f"error: --sizes takes {', '.join(SIZES)} (got {args.sizes!r})", file=sys.stderr)
         return 2
-    opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes)
+    opts = Options(
+        args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes,
+        args.ledger_rounds,
+    )  # fmt: skip
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)
     report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))

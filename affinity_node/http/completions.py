@@ -16,6 +16,7 @@ from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
 from affinity_node.http.payload import Payload
 from affinity_node.http.state import API_KEY_ID, BACKENDS, MODEL, ROUTER, STATUS
+from affinity_node.ledger.usage import usage_request, with_usage
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend
 
@@ -70,6 +71,12 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": "1"},
         ) from None
     # Backends serve the canonical name: an alias in the request is rewritten, nothing else.
-    return await Forwarder(request, headers, started).run(
-        route, key_id, model, payload.with_model(model), payload.stream
-    )
+    upstream_body = payload.with_model(model)
+    forwarder = Forwarder(request, headers, started)
+    usage_body = None
+    if payload.stream and forwarder.ledger is not None:
+        asks = usage_request(payload)
+        forwarder.client_asked_usage = asks.client_asked
+        if asks.inject:
+            usage_body = with_usage(upstream_body, payload)
+    return await forwarder.run(route, key_id, model, upstream_body, payload.stream, usage_body)

@@ -120,16 +120,6 @@ class Payload:
         end = start + len(self._fields["model"])
         return self.body[:start] + json.dumps(model).encode() + self.body[end:]
 
-    def with_field_first(self, key: str, value: Any) -> bytes:
-        """The body with `key` added as its first member (the caller checked it is absent)."""
-        if key in self._fields:
-            raise ValueError(f"{key} is already in the body")
-        member = json.dumps({key: value}, separators=(",", ":")).encode()[:-1]
-        brace = self.body.index(b"{")
-        rest = self.body[brace + 1 :]
-        sep = b"" if not self._fields else b","
-        return self.body[:brace] + member + sep + rest
-
 
 def _compact_size(fields: dict[str, msgspec.Raw]) -> int:
     """The length of these members written without whitespace: a body of exactly this length

@@ -25,6 +25,7 @@ from affinity_node.vocabulary import (
     FANOUT_REASONS,
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
+    LEDGER_DROPS,
     MISS_OUTCOMES,
     MOVE_REASONS,
     NOTIFY_OPS,
@@ -236,6 +237,41 @@ class AffinityMetrics:
             for direction in FANOUT_DIRECTIONS:
                 for why in FANOUT_REASONS:
                     self.fanout_changes.labels(model, direction, why)
+
+
+class LedgerMetrics:
+    """The usage ledger's own health (its figures per tenant are in the database, never in
+    labels). Flush failures count in `affinity_db_errors_total{operation="ledger"}`."""
+
+    def __init__(self, registry: CollectorRegistry, db_errors: Counter) -> None:
+        self.writes = Counter(
+            "affinity_ledger_writes",
+            "Usage ledger batches added to the database (one statement each).",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "affinity_ledger_dropped_requests",
+            "Requests counted by the node that never reached the ledger table, by why "
+            "(full: memory bound reached while the database was away; rejected: the "
+            "database refused the batch; shutdown: stopped with the database unreachable).",
+            ["reason"],
+            registry=registry,
+        )
+        self.unreported = FastCounter(
+            "affinity_ledger_unreported",
+            "Successful answers without a readable usage (ledgered as requests without "
+            "tokens): a backend that does not report it, a compressed or cut stream.",
+            [],
+            registry=registry,
+        ).labels()
+        self.pending = Gauge(
+            "affinity_ledger_pending_rows",
+            "Ledger rows counted in memory and not written yet.",
+            registry=registry,
+        )
+        self.flush_errors = db_errors.labels("ledger")
+        for reason in LEDGER_DROPS:
+            self.dropped.labels(reason)
 
 
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.

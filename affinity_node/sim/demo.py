@@ -58,6 +58,7 @@ from affinity_node.argtypes import (
 from affinity_node.sim import scale
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
+from affinity_node.sim.ledger_view import read_ledger_tenants
 from affinity_node.sim.render import ProgressLine, render_table, report_json
 from affinity_node.sim.report import FANOUT_MIN_SHARE, RunReport, build_report, deltas
 from affinity_node.sim.sampler import LoadSampler
@@ -294,6 +295,11 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             f"share of a tenant's requests on its most-used backend / fan-out = backends that "
             f"served at least {FANOUT_MIN_SHARE:.0%} of them"
         )
+        notes.append(
+            "ledger tenants: the 5 tenants with the most requests in the nodes' usage ledger "
+            "(`affinity-node usage`, warm-up included): hit rate from the answers' cached "
+            "tokens, on how many backends"
+        )
 
         reports: list[RunReport] = []
         scale_runs: list[tuple[str, list[scale.PhaseFigures], float | None]] = []
@@ -375,7 +381,8 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             if preset.name == "scale":
                 overall = report.cache.hit_rate if report.cache is not None else None
                 scale_runs.append((column.title, phases, overall))
-            await fleet.stop_nodes()
+            await fleet.stop_nodes()  # each node flushes its usage ledger as it stops
+            report.ledger = await read_ledger_tenants(dsn, key_ids)
             # The next run starts from an empty binding table: this run's bindings (the
             # keys' cascade) would otherwise weigh on placement, rebalance and drain there.
             await delete_keys(dsn, key_ids)

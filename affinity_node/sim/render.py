@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
-from affinity_node.sim.report import RunReport, TenantFigures
+from affinity_node.sim.report import LedgerTenant, RunReport, TenantFigures
 from affinity_node.sim.workload import LiveStats
 from affinity_node.vocabulary import AFFINITY_HEADERS, MISS_OUTCOMES
 
@@ -31,6 +31,10 @@ def _tenant(t: TenantFigures) -> str:
     if t.spilled:
         cell += f" ({_pct(t.spilled / t.requests)} spilled)"
     return cell
+
+
+def _ledger_tenant(t: LedgerTenant) -> str:
+    return f"t{t.tenant}: {_pct(t.hit_rate)} on {t.backends}"
 
 
 def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
@@ -84,6 +88,11 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
         row(
             f"busiest tenant #{rank + 1}: top backend / fan-out",
             (_tenant(r.tenants[rank]) if rank < len(r.tenants) else "-" for r in runs),
+        )
+    for rank in range(max((len(r.ledger) for r in runs), default=0)):
+        row(
+            f"ledger tenant #{rank + 1}: hit rate on backends",
+            (_ledger_tenant(r.ledger[rank]) if rank < len(r.ledger) else "-" for r in runs),
         )
     seen: list[str] = [h for h in AFFINITY_HEADERS if any(h in r.affinity_headers for r in runs)]
     seen += sorted({h for r in runs for h in r.affinity_headers} - set(AFFINITY_HEADERS))

@@ -153,6 +153,43 @@ def tenant_figures(records: Iterable[RequestRecord], top: int = 3) -> list[Tenan
     return out
 
 
+@dataclass(frozen=True)
+class LedgerTenant:
+    """One tenant as the nodes' usage ledger saw the run (warm-up included)."""
+
+    tenant: int
+    requests: int
+    hit_rate: float | None
+    """Cached prompt tokens / prompt tokens, as the backends reported them."""
+    backends: int
+    """Backends that served it."""
+
+
+def ledger_tenants(
+    rows: Iterable[Mapping[str, Any]], key_ids: Sequence[Any], top: int = 5
+) -> list[LedgerTenant]:
+    """The `top` tenants by requests from `usage` report rows (affinity-node usage), for the
+    run's keys (`key_ids[i]` is tenant i's key)."""
+    index = {key: i for i, key in enumerate(key_ids)}
+    totals: dict[int, tuple[int, int, int, frozenset[str]]] = {}
+    for r in rows:
+        i = index.get(r["api_key_id"])
+        if i is None:
+            continue  # another run's key
+        n, prompt, cached, backends = totals.get(i, (0, 0, 0, frozenset()))
+        totals[i] = (
+            n + r["requests"],
+            prompt + r["prompt_tokens"],
+            cached + r["cached_tokens"],
+            backends | frozenset(r["backends"]),
+        )
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][0], item[0]))[:top]
+    return [
+        LedgerTenant(i, n, cached / prompt if prompt else None, len(backends))
+        for i, (n, prompt, cached, backends) in ranked
+    ]
+
+
 @dataclass
 class RunReport:
     """One run's figures; `None` where a source was not available."""
@@ -177,6 +214,8 @@ class RunReport:
     tenants: list[TenantFigures] = field(default_factory=list)
     """The busiest tenants, busiest first."""
     warmup_requests: int = 0
+    ledger: list[LedgerTenant] = field(default_factory=list)
+    """The busiest tenants by the nodes' usage ledger (empty when not read)."""
 
     @property
     def throughput_rps(self) -> float:
@@ -237,6 +276,7 @@ class RunReport:
                 None if self.max_waiting is None else dict(sorted(self.max_waiting.items()))
             ),
             "busiest_tenants": [asdict(t) for t in self.tenants],
+            "ledger_tenants": [asdict(t) for t in self.ledger],
         }
 
 

@@ -324,6 +324,12 @@ def test_demo_end_to_end():
     assert shared["node_metrics"]["misses"]["created"] <= 40
     assert shared["busiest_over_mean"] < 2.0
     assert "shared affinity" in stderr and "prefix-cache hit rate" in stderr  # the table
+    # the per-tenant section, from the nodes' usage ledger
+    ledger = {name: r["ledger_tenants"] for name, r in runs.items()}
+    assert all(len(t) == 5 and all(x["hit_rate"] is not None for x in t) for t in ledger.values())
+    spread = {name: sum(x["backends"] for x in t) for name, t in ledger.items()}
+    assert spread["shared affinity"] < spread["affinity off"], spread
+    assert "ledger tenant #5" in stderr
     if find_haproxy() is None:
         assert "spreads requests" in stderr
 

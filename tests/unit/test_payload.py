@@ -127,17 +127,6 @@ def test_stream_null_is_not_streaming() -> None:
     assert Payload(b'{"model": "m", "stream": null}').stream is False
 
 
-def test_a_field_added_first_keeps_the_rest_byte_for_byte() -> None:
-    body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
-    out = Payload(body).with_field_first("stream_options", {"include_usage": True})
-    assert out.endswith(body[1:])
-    assert json.loads(out) == {**json.loads(body), "stream_options": {"include_usage": True}}
-    again = Payload(out)  # still one of each key
-    assert again.get("stream_options") == {"include_usage": True}
-    with pytest.raises(ValueError):
-        again.with_field_first("stream_options", {})
-
-
 def test_messages_decode_one_at_a_time() -> None:
     messages = [{"role": "system", "content": "s"}] + [{"role": "user", "content": "u"}] * 50
     p = Payload(json.dumps({"model": "m", "messages": messages}).encode())
