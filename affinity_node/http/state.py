@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.config import NodeConfig
+from affinity_node.ledger.ledger import UsageLedger
 from affinity_node.observability.logs import AccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
@@ -52,6 +53,8 @@ AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 """Present only when logging.access is on (the middleware looks it up once per request)."""
 # Started by cleanup contexts, in this order:
+LEDGER = web.AppKey("ledger", UsageLedger)
+"""Present only when ledger.enabled (the forwarder looks it up once per request)."""
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 BACKENDS = web.AppKey("backends", BackendPool)

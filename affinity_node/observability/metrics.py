@@ -18,6 +18,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from affinity_node.observability.lockfree import FastCounter, FastHistogram, FastHistogramChild
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     EVICT_REASONS,
@@ -25,6 +26,7 @@ from affinity_node.vocabulary import (
     FANOUT_REASONS,
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
+    LEDGER_DROPS,
     MISS_OUTCOMES,
     MOVE_REASONS,
     NOTIFY_OPS,
@@ -94,7 +96,7 @@ class AffinityMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.cache_hits = Counter(
+        self.cache_hits = FastCounter(
             "affinity_cache_hits",
             "Resolves answered from the node's cache, no database.",
             ["model"],
@@ -257,6 +259,41 @@ class AffinityMetrics:
                     self.fanout_changes.labels(model, direction, why)
 
 
+class LedgerMetrics:
+    """The usage ledger's own health (its figures per tenant are in the database, never in
+    labels). Flush failures count in `affinity_db_errors_total{operation="ledger"}`."""
+
+    def __init__(self, registry: CollectorRegistry, db_errors: Counter) -> None:
+        self.writes = Counter(
+            "affinity_ledger_writes",
+            "Usage ledger batches added to the database (one statement each).",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "affinity_ledger_dropped_requests",
+            "Requests counted by the node that never reached the ledger table, by why "
+            "(full: memory bound reached while the database was away; rejected: the "
+            "database refused the batch; shutdown: stopped with the database unreachable).",
+            ["reason"],
+            registry=registry,
+        )
+        self.unreported = FastCounter(
+            "affinity_ledger_unreported",
+            "Successful answers without a readable usage (ledgered as requests without "
+            "tokens): a backend that does not report it, a compressed or cut stream.",
+            [],
+            registry=registry,
+        ).labels()
+        self.pending = Gauge(
+            "affinity_ledger_pending_rows",
+            "Ledger rows counted in memory and not written yet.",
+            registry=registry,
+        )
+        self.flush_errors = db_errors.labels("ledger")
+        for reason in LEDGER_DROPS:
+            self.dropped.labels(reason)
+
+
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.
 LATENCY_BUCKETS = (
     0.005,
@@ -297,32 +334,33 @@ class HttpMetrics:
     """The proxy's request and upstream metrics (names fixed by the Contract)."""
 
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        self.requests = Counter(
+        self.requests = FastCounter(
             "affinity_http_requests",
             "HTTP requests answered by this node, by route and status.",
             ["route", "code"],
             registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "affinity_http_request_duration_seconds",
             "Time to answer, last byte included.",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "affinity_proxy_overhead_seconds",
             "Time the node adds: everything but waiting for the upstream.",
+            [],
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
-        self.upstream_requests = Counter(
+        self.upstream_requests = FastCounter(
             "affinity_upstream_requests",
             "Requests forwarded to backends, by upstream status.",
             ["backend", "code"],
             registry=registry,
         )
-        self.upstream_ttft = Histogram(
+        self.upstream_ttft = FastHistogram(
             "affinity_upstream_ttft_seconds",
             "From forwarding to the first body byte received.",
             ["backend"],
@@ -339,9 +377,9 @@ class HttpMetrics:
         self._backends: set[str] = set()
         # Labelled children looked up once, not per request (.labels() hashes and locks).
         self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
-        self._duration_children: dict[str, Histogram] = {}
+        self._duration_children: dict[str, FastHistogramChild] = {}
         self._upstream_children: dict[tuple[str, str], Callable[[], None]] = {}
-        self._ttft_children: dict[str, Histogram] = {}
+        self._ttft_children: dict[str, FastHistogramChild] = {}
         self._duration_samples: dict[str, itertools.count[int]] = {}
         self._ttft_sample = itertools.count()
 

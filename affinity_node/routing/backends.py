@@ -140,6 +140,8 @@ class BackendPool:
         self._by_id = by_id
         self._candidates: dict[str, tuple[Backend, ...]] = {}
         self._candidate_ids: dict[str, tuple[str, ...]] = {}
+        self._inflight_sums: dict[str, int] | None = None
+        """Canonical model -> in-flight requests on its candidates, for `overloaded` in O(1)."""
 
     # -- model names -------------------------------------------------------------------------
 
@@ -283,26 +285,43 @@ class BackendPool:
         peers = self._healthy_for(model)
         if not peers:
             return False
-        total = 0
-        for peer in peers:
-            total += peer.inflight
-        mean = total / len(peers)
+        sums = self._inflight_sums
+        if sums is None:
+            sums = self._inflight_sums = self._sum_inflight()
+        mean = sums.get(self._canon.get(model, model), 0) / len(peers)
         n = backend.inflight
         return n > load_factor * mean and n >= mean + spill_min_gap
+
+    def _sum_inflight(self) -> dict[str, int]:
+        """Per canonical model, the in-flight requests of its candidates (healthy, not
+        disabled); kept current by acquire/release until health or models change."""
+        sums: dict[str, int] = {}
+        for backend in self._backends:
+            if backend.healthy and backend.state != "disabled":
+                for model in backend.models:
+                    sums[model] = sums.get(model, 0) + backend.inflight
+        return sums
 
     def invalidate(self) -> None:
         """Health or models changed: the cached candidate lists are rebuilt on next use."""
         self._candidates.clear()
         self._candidate_ids.clear()
+        self._inflight_sums = None
 
     # -- in-flight accounting ----------------------------------------------------------------
 
-    @staticmethod
-    def acquire(backend: Backend) -> None:
+    def acquire(self, backend: Backend) -> None:
         backend.inflight += 1
+        self._count(backend, 1)
 
-    @staticmethod
-    def release(backend: Backend) -> None:
+    def release(self, backend: Backend) -> None:
         """Never goes below zero, so a double release cannot make a backend look idler."""
         if backend.inflight > 0:
             backend.inflight -= 1
+            self._count(backend, -1)
+
+    def _count(self, backend: Backend, delta: int) -> None:
+        sums = self._inflight_sums
+        if sums is not None and backend.healthy and backend.state != "disabled":
+            for model in backend.models:
+                sums[model] = sums.get(model, 0) + delta

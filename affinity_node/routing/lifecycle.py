@@ -15,7 +15,8 @@ binding (reason `drain` or `rebalance`), so every node follows it by notificatio
 - Rebalance: when bindings have been skewed across active backends for `rebalance_after_s` (one
   holds more than `rebalance_skew` x the mean, or fewer than the mean / `rebalance_skew`: a
   backend added or undrained, placement drifted), the binding idle the longest on the busiest
-  backend moves to the least busy one, at `rebalance_moves_per_minute`, until the skew is gone.
+  backend moves to the least busy one, at `rebalance_moves_per_minute`, until half of the
+  threshold's excess is left (1.125 for a threshold of 1.25).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class Mover:
         self.rules = rules
         self._clock = clock
         self._skewed_since: float | None = None
+        self._moving = False
 
     def _bindings(self, backend: Backend) -> int:
         return self._engine.cache.bindings_of(backend.id)
@@ -193,15 +195,20 @@ class Mover:
         busiest, idlest, ratio = found
         mean = self._bindings(busiest) / ratio
         most, least = self._bindings(busiest), self._bindings(idlest)
-        skew = self.rules.rebalance_skew
         # Skewed: one backend well above or below the mean, and a move that narrows the gap.
-        if most - least < 2 or (ratio <= skew and least >= mean / skew):
+        # Once moving, go on until half the threshold's excess is left: no flapping at the
+        # threshold, and an added backend ends near the mean rather than at the edge.
+        skew = self.rules.rebalance_skew
+        limit = 1 + (skew - 1) / 2 if self._moving else skew
+        if most - least < 2 or (ratio <= limit and least >= mean / limit):
             self._skewed_since = None
+            self._moving = False
             return None
         if self._skewed_since is None:
             self._skewed_since = now
         if now - self._skewed_since < self.rules.rebalance_after_s:
             return None
+        self._moving = True
         if not await self._store.take_move_slot(60.0 / self.rules.rebalance_moves_per_minute):
             return None
         for row in await self._store.idle_bindings(busiest.id, 5):

@@ -14,8 +14,8 @@ starts with the same opening, so a conversation keeps its member without any sta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 OPENING_CHARS = 400
 """How much of a completion prompt (or of each opening chat message) names a conversation."""
@@ -43,7 +43,13 @@ def _text(content: Any) -> str:
     return ""
 
 
-def conversation_key(payload: Mapping[str, Any], session: str | None) -> bytes:
+class Fields(Protocol):
+    """A request body's top-level values (a dict, or the proxy's lazily decoded payload)."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+
+def conversation_key(payload: Fields, session: str | None) -> bytes:
     """What identifies the conversation a request belongs to (see the module's docstring)."""
     explicit = payload.get("prompt_cache_key")
     if isinstance(explicit, str) and explicit:
@@ -52,7 +58,7 @@ def conversation_key(payload: Mapping[str, Any], session: str | None) -> bytes:
         return b"s:" + hashlib.blake2b(session.encode(), digest_size=16).digest()
     opening: list[str] = []
     messages = payload.get("messages")
-    if isinstance(messages, list):
+    if isinstance(messages, Sequence) and not isinstance(messages, str):
         for message in messages:
             if not isinstance(message, dict):
                 continue
@@ -64,7 +70,7 @@ def conversation_key(payload: Mapping[str, Any], session: str | None) -> bytes:
                 break
     else:
         prompt = payload.get("prompt")
-        if isinstance(prompt, list) and prompt:
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
             prompt = prompt[0]
         if isinstance(prompt, str):
             opening.append(prompt[:OPENING_CHARS])

@@ -3,11 +3,14 @@
 Point it at a load balancer (or at several nodes: requests are spread over every `--url`)
 and give it API keys. Bindings are per API key, so K simulated tenants need K keys
 (`--api-key` repeated or `--api-keys-file`, one per line); with fewer keys, tenants share
-them and affinity sees fewer tenants (the report says so). Figures come from the client
-(TTFT, latency, requests per backend from `x-backend-id`, `x-affinity` counts, and the
-prefix-cache hit rate from `usage.prompt_tokens_details.cached_tokens` when the backends
-report it); add `--backend-metrics` (vLLM /metrics) for the backends' own hit rate, and
-`--node-metrics` (node /metrics) for affinity hits, misses, rebinds and spills.
+them and affinity sees fewer tenants (the report says so). `--zipf S` gives the tenants a
+Zipf popularity (the skew demo's shape: a hot tenant with many conversations), `--warmup`
+a load period left out of the figures. Figures come from the client (TTFT p50/p90/p99,
+latency, requests per backend from `x-backend-id`, the busiest tenants' spread over
+backends, `x-affinity` counts, and the prefix-cache hit rate from
+`usage.prompt_tokens_details.cached_tokens` when the backends report it); add
+`--backend-metrics` (vLLM /metrics) for the backends' own hit rate and their largest
+queues, and `--node-metrics` (node /metrics) for affinity hits, misses, rebinds and spills.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import aiohttp
 from affinity_node.argtypes import (
     http_url,
     non_empty,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
 )
 from affinity_node.sim.render import ProgressLine, render_table, report_json
 from affinity_node.sim.report import build_report, deltas
+from affinity_node.sim.sampler import LoadSampler
 from affinity_node.sim.support import scrape_all
 from affinity_node.sim.workload import Workload, WorkloadConfig
 
@@ -107,11 +112,14 @@ def workload_from_args(args: argparse.Namespace, keys: Sequence[str]) -> Workloa
         concurrency=args.concurrency if args.concurrency and args.rate is None else None,
         max_inflight=args.concurrency if args.concurrency and args.rate is not None else 512,
         duration_s=args.duration,
+        warmup_s=args.warmup,
         max_requests=args.max_requests,
         stream=args.stream,
         seed=args.seed,
         spread=args.spread,
         request_timeout_s=args.timeout,
+        zipf_exponent=args.zipf,
+        conversation_key=args.conversation_key,
     )
 
 
@@ -145,9 +153,13 @@ async def run_bench(args: argparse.Namespace) -> int:
     where = (
         cfg.base_urls[0] if len(cfg.base_urls) == 1 else f"{len(cfg.base_urls)} URLs ({cfg.spread})"
     )
+    popularity = "" if cfg.zipf_exponent is None else f" (Zipf {cfg.zipf_exponent:g})"
+    timing = f"{cfg.duration_s:g} s"
+    if cfg.warmup_s:
+        timing = f"{cfg.warmup_s:g} s warm-up (not counted) + {timing}"
     notes.append(
-        f"workload: {cfg.tenants} tenants x {cfg.conversations_per_tenant} "
-        f"conversations, up to {cfg.max_turns} turns, {load}, {cfg.duration_s:g} s, "
+        f"workload: {cfg.tenants} tenants{popularity} x {cfg.conversations_per_tenant} "
+        f"conversations, up to {cfg.max_turns} turns, {load}, {timing}, "
         f"{'streaming' if cfg.stream else 'non-streaming'}, seed {cfg.seed}, "
         f"against {where}"
     )
@@ -167,8 +179,19 @@ async def run_bench(args: argparse.Namespace) -> int:
             _say(f"error: cannot read a metrics endpoint: {type(exc).__name__}: {exc}")
             return 2
         workload = Workload(cfg)
-        progress = ProgressLine("[bench]", cfg.duration_s)
-        result = await workload.run(progress)
+        sampler = LoadSampler(session, backends)
+
+        async def measure_from_here() -> None:
+            nonlocal before_b, before_n
+            sampler.reset()
+            before_b = await scrape_all(session, backends)
+            before_n = await scrape_all(session, nodes)
+
+        progress = ProgressLine("[bench]", cfg.warmup_s + cfg.duration_s)
+        async with sampler:
+            result = await workload.run(
+                progress, on_measure=measure_from_here if cfg.warmup_s else None
+            )
         progress.finish(workload.stats)
         try:
             after_b = await scrape_all(session, backends)
@@ -186,6 +209,7 @@ async def run_bench(args: argparse.Namespace) -> int:
         deltas(before_b, after_b) if backends else None,
         deltas(before_n, after_n) if nodes else None,
         backends=list(backends) if backends else (),
+        max_waiting=sampler.max_waiting if backends else None,
     )
     table = render_table([report], notes)
     if args.json == "-":
@@ -199,8 +223,8 @@ async def run_bench(args: argparse.Namespace) -> int:
             print(text, flush=True)
         else:
             write_text(args.json, text + "\n")
-    if report.errors:
-        _say(f"{report.errors} request(s) failed")
+    if result.errors:
+        _say(f"{result.errors} request(s) failed")
         return 1
     return 0
 
@@ -235,7 +259,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=0,
         help=f"tenants to simulate (default: one per key, or {DEFAULT_TENANTS} with a single key)",
     )
-    p.add_argument("--conversations", type=positive_int, default=2, help="conversations per tenant")
+    p.add_argument(
+        "--conversations",
+        type=positive_int,
+        default=2,
+        help="conversations per tenant (with --zipf: on average, by popularity)",
+    )
+    p.add_argument(
+        "--zipf",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="Zipf tenant popularity: tenant i draws 1/(i+1)^S of the arrivals and as many "
+        "of the conversations (default: equally busy tenants)",
+    )
+    p.add_argument(
+        "--conversation-key",
+        choices=["none", "prompt_cache_key", "x-session-id"],
+        default="none",
+        help="how a conversation is named to the proxy (default none: it hashes the "
+        "conversation's opening)",
+    )
     p.add_argument(
         "--max-turns", type=positive_int, default=16, help="turns before a conversation starts over"
     )
@@ -252,7 +296,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="alone: a fixed number of requests in flight (closed loop); with "
         "--rate: the most requests in flight (arrivals beyond are skipped)",
     )
-    p.add_argument("--duration", type=positive_float, default=30.0, help="seconds of load")
+    p.add_argument("--duration", type=positive_float, default=30.0, help="measured seconds of load")
+    p.add_argument(
+        "--warmup",
+        type=non_negative_float,
+        default=0.0,
+        help="seconds of the same load before the measured part, not counted (default 0)",
+    )
     p.add_argument("--max-requests", type=positive_int, default=100_000)
     p.add_argument(
         "--stream",

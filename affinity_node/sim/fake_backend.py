@@ -1,30 +1,40 @@
-"""A vLLM simulator: the OpenAI-compatible API, prefix caching, queueing and faults.
+"""A vLLM simulator: the OpenAI-compatible API, prefix caching, a capacity model and faults.
 
 It lets the demo, the benchmarks and the tests run a fleet on one machine without GPUs while
 keeping what matters to affinity routing: time to first token grows with the prompt tokens
-that miss the prefix cache, and the cache is per backend and bounded. Each backend tags its
-answers (`x-backend-id` header, `system_fingerprint`) so a caller can see who served it, and
-faults can be injected at start or at runtime through `POST /admin/fail`.
+that miss the prefix cache, the cache is per backend and bounded, and a backend given more
+than it can do queues (engine.py: running slots, a FIFO queue, shared prefill compute, decode
+slowing with the batch, KV blocks). Each backend tags its answers (`x-backend-id` header,
+`system_fingerprint`) so a caller can see who served it, and faults can be injected at start
+or at runtime through `POST /admin/fail`. Every metric carries vLLM's own name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from affinity_node.sim.engine import CapacityModel, Engine
 from affinity_node.sim.prefix_cache import PrefixCache, stable_hash, tokenize
-
-Kind = Literal["chat", "completion"]
+from affinity_node.sim.vllm_api import (
+    ApiError,
+    Job,
+    Kind,
+    full_body,
+    injected_error,
+    parse_job,
+    stream_events,
+)
 
 TTFT_BUCKETS: Final = (
     0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -54,14 +64,26 @@ class FakeBackendConfig:
     host: str = "127.0.0.1"
     port: int = 0
     cache_blocks: int = 2048
+    """Prefix-cache size in 16-token blocks (an LRU)."""
     ttft_base_s: float = 0.005
+    """Time from admission to the first token besides the prefill (not shared)."""
     prefill_s_per_token: float = 0.00002
+    """Prefill compute per uncached token: alone, a request prefills at 1/this tokens/s;
+    k requests prefilling at once share it (each at 1/k)."""
     tokens_per_s: float = 2000.0
-    """Output rate when streaming (and the generation time of a non-streamed answer)."""
+    """Output rate of a request decoding alone (streamed or not)."""
+    decode_slowdown: float = 0.02
+    """Each other running request makes a decode step this much longer (0.02: 64 running
+    requests decode 2.26x slower than one)."""
     output_tokens: int = 16
     """Answer length; a smaller `max_tokens` in the request truncates it."""
     max_running: int = 64
-    """Requests processed at once; the others wait in a queue (`num_requests_waiting`)."""
+    """Requests running at once; the others wait FIFO (`num_requests_waiting`)."""
+    kv_cache_blocks: int | None = None
+    """KV blocks that running requests hold (prompt + output); a request waits until its
+    blocks fit (one larger than the pool runs alone). None: as many as `cache_blocks` (vLLM
+    has one pool for both; here the prefix cache's LRU is not shrunk by running requests),
+    so a backend with a tiny prefix cache also runs few requests at once: give it its own."""
     seed: int = 0
     fail_status: int | None = None
     """Answer every completion with this status and an OpenAI error body."""
@@ -81,7 +103,13 @@ class FakeBackendStats:
     injected_failures: int = 0
     dropped_streams: int = 0
     running: int = 0
+    """Requests holding a slot now (refreshed by the engine on every change)."""
     waiting: int = 0
+    """Requests queued for a slot now."""
+    max_waiting: int = 0
+    """The longest queue seen since start."""
+    last_body: bytes = b""
+    """The last completion request's body as received (what a proxy forwarded)."""
 
 
 @dataclass
@@ -92,123 +120,14 @@ class FailureMode:
     drop_after_chunks: int | None = None
 
 
-class ApiError(Exception):
-    """An error answered as an OpenAI error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param = param
-        self.code = code
-
-    def response(self) -> web.Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-        return web.json_response(body, status=self.status)
-
-
-def _injected_error(status: int) -> ApiError:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    if status == 429:
-        kind = "rate_limit_error"
-    return ApiError(status, f"injected failure (status {status})", kind=kind, code="injected")
-
-
-@dataclass(frozen=True)
-class Job:
-    """A parsed completion request."""
-
-    kind: Kind
-    model: str
-    prompt: str
-    stream: bool
-    include_usage: bool
-    max_tokens: int | None
-
-
-def _message_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                text = part.get("text")
-                if isinstance(text, str):
-                    parts.append(text)
-        return "".join(parts)
-    raise ApiError(400, "message content must be a string or a list of parts", param="messages")
-
-
-def _prompt_text(kind: Kind, body: dict[str, Any]) -> str:
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        lines = []
-        for message in messages:
-            if not isinstance(message, dict):
-                raise ApiError(400, "each message must be an object", param="messages")
-            role = message.get("role")
-            lines.append(f"{role}: {_message_text(message.get('content'))}\n")
-        return "".join(lines)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return "\n".join(prompt)
-        if all(isinstance(p, int) for p in prompt):
-            return " ".join(str(p) for p in prompt)  # token ids stand for themselves
-    raise ApiError(400, "prompt must be a string or a list of strings or token ids", param="prompt")
-
-
-def parse_job(kind: Kind, body: Any, models: Sequence[str]) -> Job:
-    """Validates a request body as vLLM would, for the parts the simulator uses."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise ApiError(400, "model is required", param="model")
-    if model not in models:
-        raise ApiError(
-            404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-        )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
-        raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
-    return Job(kind, model, _prompt_text(kind, body), stream, include_usage, max_tokens)
-
-
 class _Metrics:
-    """vLLM's metric names, in a registry of this backend's own (several share a process)."""
+    """vLLM's metric names, in a registry of this backend's own (several share a process).
 
-    def __init__(self, models: Sequence[str]) -> None:
+    The load gauges (running, waiting, KV usage) are read from the engine at scrape time,
+    so a scrape always sees the state of that moment, as vLLM's own /metrics does.
+    """
+
+    def __init__(self, models: Sequence[str], engine: Engine) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         self.queries = Counter(
@@ -225,19 +144,19 @@ class _Metrics:
         )
         self.running = Gauge(
             "vllm:num_requests_running",
-            "Requests being processed.",
+            "Requests holding a running slot (prefilling or decoding).",
             labels,
             registry=self.registry,
         )
         self.waiting = Gauge(
             "vllm:num_requests_waiting",
-            "Requests queued for a slot.",
+            "Requests queued for a slot (FIFO).",
             labels,
             registry=self.registry,
         )
         self.kv_usage = Gauge(
             "vllm:kv_cache_usage_perc",
-            "Share of the running slots in use (a stand-in for KV blocks held).",
+            "KV-cache usage: blocks held by running requests over the cache, 0..1.",
             labels,
             registry=self.registry,
         )
@@ -248,33 +167,50 @@ class _Metrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited for a running slot.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Time from arrival to the last output token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         for model in models:  # every series exists from the first scrape
-            for metric in (
-                self.queries,
-                self.hits,
-                self.running,
-                self.waiting,
-                self.kv_usage,
-                self.ttft,
-            ):
+            for metric in (self.queries, self.hits, self.ttft, self.queue_time, self.e2e):
                 metric.labels(model_name=model)
+            self.running.labels(model_name=model).set_function(
+                functools.partial(engine.running_with, model)
+            )
+            self.waiting.labels(model_name=model).set_function(
+                functools.partial(engine.waiting_with, model)
+            )
+            # One KV pool per server, as in vLLM: every model's series shows the same value.
+            self.kv_usage.labels(model_name=model).set_function(lambda: engine.kv_usage)
 
 
 class FakeBackend:
     """The state and handlers of one simulated vLLM server."""
 
     def __init__(self, cfg: FakeBackendConfig) -> None:
-        if cfg.max_running < 1:
-            raise ValueError("max_running must be >= 1")
-        if cfg.tokens_per_s <= 0:
-            raise ValueError("tokens_per_s must be > 0")
         self.cfg = cfg
+        self.capacity = capacity_model(cfg)
         self.stats = FakeBackendStats()
         self.failure = FailureMode(cfg.fail_status, cfg.drop_after_chunks)
         self.cache = PrefixCache(cfg.cache_blocks)
-        self.metrics = _Metrics(cfg.models)
-        self._slots = asyncio.Semaphore(cfg.max_running)
+        self.engine = Engine(self.capacity, on_change=self._engine_changed)
+        self.metrics = _Metrics(cfg.models, self.engine)
         self._created = int(time.time())
+
+    def _engine_changed(self) -> None:
+        self.stats.running = self.engine.running
+        self.stats.waiting = self.engine.waiting
+        self.stats.max_waiting = max(self.stats.max_waiting, self.stats.waiting)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -346,13 +282,14 @@ class FakeBackend:
     async def _complete(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         self.stats.requests += 1
         arrival = time.monotonic()
+        self.stats.last_body = await request.read()
         try:
-            body = await request.json()
+            body = json.loads(self.stats.last_body)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             return ApiError(400, "the request body is not valid JSON").response()
         if self.failure.status is not None:
             self.stats.injected_failures += 1
-            return _injected_error(self.failure.status).response()
+            return injected_error(self.failure.status).response()
         try:
             job = parse_job(kind, body, self.cfg.models)
         except ApiError as exc:
@@ -366,24 +303,21 @@ class FakeBackend:
 
     async def _run(self, request: web.Request, job: Job, arrival: float) -> web.StreamResponse:
         labels = {"model_name": job.model}
-        self.stats.waiting += 1
-        self.metrics.waiting.labels(**labels).inc()
-        try:
-            await self._slots.acquire()
-        finally:
-            self.stats.waiting -= 1
-            self.metrics.waiting.labels(**labels).dec()
-        self.stats.running += 1
-        self.metrics.running.labels(**labels).inc()
-        self.metrics.kv_usage.labels(**labels).set(self.stats.running / self.cfg.max_running)
-        try:
-            cached, total = self.cache.lookup_and_insert(tokenize(job.prompt), job.model)
+        prompt = tokenize(job.prompt)
+        n_out = self.cfg.output_tokens
+        finish = "stop"
+        if job.max_tokens is not None and job.max_tokens < n_out:
+            n_out, finish = job.max_tokens, "length"
+        async with self.engine.slot(len(prompt), n_out, job.model) as ticket:
+            if ticket.admitted_at is not None:
+                self.metrics.queue_time.labels(**labels).observe(
+                    max(ticket.admitted_at - ticket.arrival, 0.0)
+                )
+            # Looked up when admitted, as vLLM's scheduler does: a queued request can hit
+            # blocks that an earlier one brought in meanwhile.
+            cached, total = self.cache.lookup_and_insert(prompt, job.model)
             self.metrics.queries.labels(**labels).inc(total)
             self.metrics.hits.labels(**labels).inc(cached)
-            n_out = self.cfg.output_tokens
-            finish = "stop"
-            if job.max_tokens is not None and job.max_tokens < n_out:
-                n_out, finish = job.max_tokens, "length"
             tokens = self.text_for(job.prompt, n_out)
             usage = {
                 "prompt_tokens": total,
@@ -391,74 +325,27 @@ class FakeBackend:
                 "total_tokens": total + n_out,
                 "prompt_tokens_details": {"cached_tokens": cached},
             }
-            prefill = (total - cached) * self.cfg.prefill_s_per_token
-            await asyncio.sleep(self.cfg.ttft_base_s + prefill)
+            await self.engine.prefill(total - cached)
+            await asyncio.sleep(self.capacity.ttft_base_s)
             if job.stream:
                 return await self._stream(request, job, tokens, finish, usage, arrival)
             self.metrics.ttft.labels(**labels).observe(time.monotonic() - arrival)
-            await asyncio.sleep(n_out / self.cfg.tokens_per_s)
+            await self._decode(n_out - 1)  # the first token came with the prefill
             if request.transport is None or request.transport.is_closing():
                 self.stats.disconnects += 1  # without handler cancellation we learn it here
             else:
                 self.stats.completed += 1
-            return web.json_response(self._full_body(job, "".join(tokens), finish, usage))
-        finally:
-            self.stats.running -= 1
-            self.metrics.running.labels(**labels).dec()
-            self.metrics.kv_usage.labels(**labels).set(self.stats.running / self.cfg.max_running)
-            self._slots.release()
+                self.metrics.e2e.labels(**labels).observe(time.monotonic() - arrival)
+            body = full_body(job, "".join(tokens), finish, usage, self.cfg.backend_id)
+            return web.json_response(body)
 
-    def _envelope(self, job: Job, id_: str, chunk: bool) -> dict[str, Any]:
-        if job.kind == "chat":
-            obj = "chat.completion.chunk" if chunk else "chat.completion"
-        else:
-            obj = "text_completion"
-        return {
-            "id": id_,
-            "object": obj,
-            "created": int(time.time()),
-            "model": job.model,
-            "system_fingerprint": self.cfg.backend_id,
-        }
-
-    def _new_id(self, job: Job) -> str:
-        return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + uuid.uuid4().hex
-
-    def _full_body(self, job: Job, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-        if job.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        envelope = self._envelope(job, self._new_id(job), False)
-        return {**envelope, "choices": [choice], "usage": usage}
-
-    def _chunks(
-        self, job: Job, tokens: list[str], finish: str, usage: dict[str, Any]
-    ) -> list[tuple[int | None, dict[str, Any]]]:
-        """The SSE events as (output token index to pace by, or None, event body)."""
-        id_ = self._new_id(job)
-
-        def event(
-            token_index: int | None, piece: str | None, finish_reason: str | None
-        ) -> tuple[int | None, dict[str, Any]]:
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-            if job.kind == "chat":
-                choice["delta"] = {} if piece is None else {"content": piece}
-            else:
-                choice["text"] = piece or ""
-            return token_index, {**self._envelope(job, id_, True), "choices": [choice]}
-
-        events = []
-        if job.kind == "chat":
-            first = event(None, "", None)
-            first[1]["choices"][0]["delta"]["role"] = "assistant"
-            events.append(first)
-        events.extend(event(i, t, None) for i, t in enumerate(tokens))
-        events.append(event(None, None, finish))
-        if job.include_usage:
-            events.append((None, {**self._envelope(job, id_, True), "choices": [], "usage": usage}))
-        return events
+    async def _decode(self, n_tokens: int, per_wakeup: int = 8) -> None:
+        """Decode time of a non-streamed answer: a few tokens per timer, each step sized by
+        the batch running at that moment."""
+        while n_tokens > 0:
+            k = min(per_wakeup, n_tokens)
+            await asyncio.sleep(k * self.engine.decode_step_s())
+            n_tokens -= k
 
     async def _stream(
         self,
@@ -470,7 +357,7 @@ class FakeBackend:
         arrival: float,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
-        chunks = self._chunks(job, tokens, finish, usage)
+        chunks = stream_events(job, tokens, finish, usage, self.cfg.backend_id)
         events = [
             b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
             for _, body in chunks
@@ -479,7 +366,7 @@ class FakeBackend:
         pacing = [index for index, _ in chunks] + [None]
         try:
             await response.prepare(request)
-            start = time.monotonic()
+            due = time.monotonic()
             for sent, (index, data) in enumerate(zip(pacing, events, strict=True)):
                 drop = self.failure.drop_after_chunks  # read live: tests break running streams
                 if drop is not None and sent >= drop:
@@ -488,7 +375,10 @@ class FakeBackend:
                         request.transport.close()
                     return response
                 if index is not None and index > 0:
-                    delay = start + index / self.cfg.tokens_per_s - time.monotonic()
+                    # One decode step per token, as long as the batch running right now
+                    # makes it; due times add up, so a late wakeup does not slow the rest.
+                    due += self.engine.decode_step_s()
+                    delay = due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await response.write(data)
@@ -501,7 +391,22 @@ class FakeBackend:
             self.stats.disconnects += 1
             return response
         self.stats.completed += 1
+        self.metrics.e2e.labels(model_name=job.model).observe(time.monotonic() - arrival)
         return response
+
+
+def capacity_model(cfg: FakeBackendConfig) -> CapacityModel:
+    """The engine's model from a backend's config (KV pool defaults to the cache's size)."""
+    return CapacityModel(
+        max_running=cfg.max_running,
+        prefill_s_per_token=cfg.prefill_s_per_token,
+        ttft_base_s=cfg.ttft_base_s,
+        decode_tokens_per_s=cfg.tokens_per_s,
+        decode_slowdown=cfg.decode_slowdown,
+        kv_cache_blocks=cfg.kv_cache_blocks
+        if cfg.kv_cache_blocks is not None
+        else max(cfg.cache_blocks, 1),
+    )
 
 
 FAKE_BACKEND_KEY: Final = web.AppKey("fake_backend", FakeBackend)

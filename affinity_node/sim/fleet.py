@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import yaml
 
+from affinity_node.sim.engine import CapacityModel
 from affinity_node.sim.haproxy import haproxy_config, haproxy_servers_up
 from affinity_node.sim.support import (
     Child,
@@ -36,6 +37,33 @@ class Scenario:
     key: str
     title: str
     affinity: dict[str, Any] = field(default_factory=dict)
+    configured_backends: int | None = None
+    """How many of the fleet's backends the nodes' config lists, as a slice bound (None: all,
+    -1: all but the last); the others can join at runtime (`backends add`)."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """More config sections for the nodes (e.g. rebalance and drain pacing)."""
+
+
+@dataclass(frozen=True)
+class BackendModel:
+    """The fake backends' capacity flags (one simulated GPU each; see sim/engine.py)."""
+
+    prefill_s_per_token: float
+    ttft_base_s: float
+    tokens_per_s: float
+    decode_slowdown: float
+    max_running: int
+
+    def capacity(self, cache_blocks: int) -> CapacityModel:
+        """The engine's model of a backend started with these flags (KV pool = cache)."""
+        return CapacityModel(
+            max_running=self.max_running,
+            prefill_s_per_token=self.prefill_s_per_token,
+            ttft_base_s=self.ttft_base_s,
+            decode_tokens_per_s=self.tokens_per_s,
+            decode_slowdown=self.decode_slowdown,
+            kv_cache_blocks=max(cache_blocks, 1),
+        )
 
 
 @dataclass
@@ -66,7 +94,7 @@ class Fleet:
         return [f"b{i}" for i in range(len(self.backend_ports))]
 
     async def start_backends(
-        self, cache_blocks: int, prefill_s: float, output_tokens: int, seed: int
+        self, cache_blocks: int, model: BackendModel, output_tokens: int, seed: int
     ) -> None:
         children = []
         for i, port in enumerate(self.backend_ports):
@@ -89,15 +117,17 @@ class Fleet:
                         "--cache-blocks",
                         str(cache_blocks),
                         "--ttft-base",
-                        "0.01",
+                        str(model.ttft_base_s),
                         "--prefill-per-token",
-                        str(prefill_s),
+                        str(model.prefill_s_per_token),
                         "--tokens-per-s",
-                        "2000",
+                        str(model.tokens_per_s),
+                        "--decode-slowdown",
+                        str(model.decode_slowdown),
                         "--output-tokens",
                         str(output_tokens),
                         "--max-running",
-                        "256",
+                        str(model.max_running),
                         "--seed",
                         str(seed + i),
                     ],
@@ -142,8 +172,12 @@ class Fleet:
             "health": {"interval_seconds": 1.0},
             "limits": {"drain_timeout_seconds": 5},
             "logging": {"level": self.node_log_level, "json": False},
-            "backends": [{"url": u, "models": [MODEL], "kind": "vllm"} for u in self.backend_urls],
+            "backends": [
+                {"url": u, "models": [MODEL], "kind": "vllm"}
+                for u in self.backend_urls[: scenario.configured_backends]
+            ],
             "models": [{"name": MODEL, "affinity": True}],
+            **scenario.sections,
         }
         path = self.tmp / f"node-{i}-{scenario.key}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

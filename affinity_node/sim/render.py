@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
-from affinity_node.sim.report import RunReport
+from affinity_node.sim.report import LedgerTenant, RunReport, TenantFigures
 from affinity_node.sim.workload import LiveStats
 from affinity_node.vocabulary import AFFINITY_HEADERS, MISS_OUTCOMES
 
@@ -26,6 +26,17 @@ def _n(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _tenant(t: TenantFigures) -> str:
+    cell = f"t{t.tenant}: {_pct(t.top_share)} {t.top_backend} / {t.fanout}"
+    if t.spilled:
+        cell += f" ({_pct(t.spilled / t.requests)} spilled)"
+    return cell
+
+
+def _ledger_tenant(t: LedgerTenant) -> str:
+    return f"t{t.tenant}: {_pct(t.hit_rate)} on {t.backends}"
+
+
 def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
     """The runs side by side, one column each."""
     rows: list[tuple[str, list[str]]] = []
@@ -40,9 +51,13 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
     if sources and sources != {"backend metrics"}:
         label += " (" + ", ".join(sorted(sources)) + ")"
     row(label, (_pct(r.cache.hit_rate if r.cache else None) for r in runs))
-    row("TTFT p50 / p99 (ms)", (f"{_ms(r.ttft_p50_s)} / {_ms(r.ttft_p99_s)}" for r in runs))
     row(
-        "latency p50 / p99 (ms)", (f"{_ms(r.latency_p50_s)} / {_ms(r.latency_p99_s)}" for r in runs)
+        "TTFT p50 / p90 / p99 (ms)",
+        (f"{_ms(r.ttft_p50_s)} / {_ms(r.ttft_p90_s)} / {_ms(r.ttft_p99_s)}" for r in runs),
+    )
+    row(
+        "end-to-end p50 / p99 (ms)",
+        (f"{_ms(r.latency_p50_s)} / {_ms(r.latency_p99_s)}" for r in runs),
     )
     row("req/backend min / max", (f"{_n(r.backend_min)} / {_n(r.backend_max)}" for r in runs))
     row(
@@ -59,6 +74,26 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
                 "-" if count is None else f"{count}" + ("" if rate is None else f" ({_pct(rate)})")
             )
         row(f"  {b} requests (hit)", cells)
+    if any(r.max_waiting is not None for r in runs):
+        row(
+            "largest queue " + "/".join(backends),
+            (
+                "-"
+                if r.max_waiting is None
+                else "/".join(_n(r.max_waiting.get(b)) for b in backends)
+                for r in runs
+            ),
+        )
+    for rank in range(max((len(r.tenants) for r in runs), default=0)):
+        row(
+            f"busiest tenant #{rank + 1}: top backend / fan-out",
+            (_tenant(r.tenants[rank]) if rank < len(r.tenants) else "-" for r in runs),
+        )
+    for rank in range(max((len(r.ledger) for r in runs), default=0)):
+        row(
+            f"ledger tenant #{rank + 1}: hit rate on backends",
+            (_ledger_tenant(r.ledger[rank]) if rank < len(r.ledger) else "-" for r in runs),
+        )
     seen: list[str] = [h for h in AFFINITY_HEADERS if any(h in r.affinity_headers for r in runs)]
     seen += sorted({h for r in runs for h in r.affinity_headers} - set(AFFINITY_HEADERS))
     for h in seen:
@@ -83,6 +118,8 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
         )
     if any(r.skipped_arrivals for r in runs):
         row("skipped arrivals", (str(r.skipped_arrivals) for r in runs))
+    if any(r.warmup_requests for r in runs):
+        row("warm-up requests (not counted)", (str(r.warmup_requests) for r in runs))
 
     width0 = max(len(label) for label, _ in rows)
     widths = [max(len(r.name), *(len(cells[i]) for _, cells in rows)) for i, r in enumerate(runs)]

@@ -5,8 +5,10 @@
 - the backends' /metrics: the prefix-cache hit rate that matters (hit tokens / queried tokens,
   as deltas over the run, so earlier traffic does not blur it);
 - the nodes' /metrics: affinity cache hits, misses by outcome, rebinds and spills (deltas,
-  summed over nodes; a counter that went backwards means a restart and counts from zero).
+  summed over nodes; a counter that went backwards means a restart and counts from zero);
+- the backends' queues sampled during the run (sampler.py): the largest `num_requests_waiting`.
 
+A warm-up's requests (flagged by the workload) are left out of every client figure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from affinity_node.sim.support import Samples, total
-from affinity_node.sim.workload import WorkloadResult
+from affinity_node.sim.workload import RequestRecord, WorkloadResult
 from affinity_node.vocabulary import MISS_OUTCOMES
 
 BACKEND_QUERIES = "vllm:prefix_cache_queries_total"
@@ -26,6 +28,9 @@ NODE_HITS = "affinity_cache_hits_total"
 NODE_MISSES = "affinity_cache_misses_total"
 NODE_REBINDS = "affinity_rebinds_total"
 NODE_SPILLS = "affinity_spills_total"
+FANOUT_MIN_SHARE = 0.05
+"""A backend counts in a tenant's fan-out when it served at least this share of its requests:
+a stray spill does not make a tenant look spread."""
 
 
 # -- deltas --------------------------------------------------------------------------------
@@ -113,6 +118,78 @@ def node_figures(node_deltas: Mapping[str, Samples]) -> NodeFigures:
     )
 
 
+@dataclass(frozen=True)
+class TenantFigures:
+    """How one tenant's requests spread over backends (from the answers' `x-backend-id`)."""
+
+    tenant: int
+    requests: int
+    top_backend: str | None
+    top_share: float
+    """Share of its requests served by `top_backend`, its most-used backend."""
+    fanout: int
+    """Backends that served at least FANOUT_MIN_SHARE of its requests."""
+    spilled: int = 0
+    """Requests answered with `x-affinity: spill` (served outside its binding)."""
+
+
+def tenant_figures(records: Iterable[RequestRecord], top: int = 3) -> list[TenantFigures]:
+    """The `top` tenants with the most requests, busiest first (ties: lower index)."""
+    per: dict[int, dict[str, int]] = {}
+    spills: dict[int, int] = {}
+    for r in records:
+        counts = per.setdefault(r.tenant, {})
+        name = r.backend_id or "?"
+        counts[name] = counts.get(name, 0) + 1
+        if r.affinity == "spill":
+            spills[r.tenant] = spills.get(r.tenant, 0) + 1
+    ranked = sorted(per.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    out = []
+    for tenant, counts in ranked[:top]:
+        n = sum(counts.values())
+        backend, most = max(counts.items(), key=lambda item: (item[1], item[0]))
+        fanout = sum(1 for c in counts.values() if c >= FANOUT_MIN_SHARE * n)
+        out.append(TenantFigures(tenant, n, backend, most / n, fanout, spills.get(tenant, 0)))
+    return out
+
+
+@dataclass(frozen=True)
+class LedgerTenant:
+    """One tenant as the nodes' usage ledger saw the run (warm-up included)."""
+
+    tenant: int
+    requests: int
+    hit_rate: float | None
+    """Cached prompt tokens / prompt tokens, as the backends reported them."""
+    backends: int
+    """Backends that served it."""
+
+
+def ledger_tenants(
+    rows: Iterable[Mapping[str, Any]], key_ids: Sequence[Any], top: int = 5
+) -> list[LedgerTenant]:
+    """The `top` tenants by requests from `usage` report rows (affinity-node usage), for the
+    run's keys (`key_ids[i]` is tenant i's key)."""
+    index = {key: i for i, key in enumerate(key_ids)}
+    totals: dict[int, tuple[int, int, int, frozenset[str]]] = {}
+    for r in rows:
+        i = index.get(r["api_key_id"])
+        if i is None:
+            continue  # another run's key
+        n, prompt, cached, backends = totals.get(i, (0, 0, 0, frozenset()))
+        totals[i] = (
+            n + r["requests"],
+            prompt + r["prompt_tokens"],
+            cached + r["cached_tokens"],
+            backends | frozenset(r["backends"]),
+        )
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][0], item[0]))[:top]
+    return [
+        LedgerTenant(i, n, cached / prompt if prompt else None, len(backends))
+        for i, (n, prompt, cached, backends) in ranked
+    ]
+
+
 @dataclass
 class RunReport:
     """One run's figures; `None` where a source was not available."""
@@ -131,6 +208,14 @@ class RunReport:
     cache: CacheFigures | None
     nodes: NodeFigures | None
     error_samples: list[str] = field(default_factory=list)
+    ttft_p90_s: float | None = None
+    max_waiting: dict[str, float] | None = None
+    """The largest `vllm:num_requests_waiting` sampled on each backend; None: not sampled."""
+    tenants: list[TenantFigures] = field(default_factory=list)
+    """The busiest tenants, busiest first."""
+    warmup_requests: int = 0
+    ledger: list[LedgerTenant] = field(default_factory=list)
+    """The busiest tenants by the nodes' usage ledger (empty when not read)."""
 
     @property
     def throughput_rps(self) -> float:
@@ -177,7 +262,8 @@ class RunReport:
             "elapsed_s": self.elapsed_s,
             "throughput_rps": self.throughput_rps,
             "skipped_arrivals": self.skipped_arrivals,
-            "ttft_s": {"p50": self.ttft_p50_s, "p99": self.ttft_p99_s},
+            "warmup_requests": self.warmup_requests,
+            "ttft_s": {"p50": self.ttft_p50_s, "p90": self.ttft_p90_s, "p99": self.ttft_p99_s},
             "latency_s": {"p50": self.latency_p50_s, "p99": self.latency_p99_s},
             "prefix_cache": cache,
             "requests_per_backend": dict(sorted(self.per_backend.items())),
@@ -186,6 +272,11 @@ class RunReport:
             "busiest_over_mean": self.busiest_over_mean,
             "affinity_headers": dict(sorted(self.affinity_headers.items())),
             "node_metrics": None if self.nodes is None else asdict(self.nodes),
+            "max_waiting_per_backend": (
+                None if self.max_waiting is None else dict(sorted(self.max_waiting.items()))
+            ),
+            "busiest_tenants": [asdict(t) for t in self.tenants],
+            "ledger_tenants": [asdict(t) for t in self.ledger],
         }
 
 
@@ -193,7 +284,7 @@ def client_cache_figures(result: WorkloadResult) -> CacheFigures | None:
     """Hit rate from the answers' usage (cached_tokens) when the servers report it."""
     queries = hits = 0.0
     per: dict[str, tuple[float, float]] = {}
-    for r in result.records:
+    for r in result.measured:
         if r.ok and r.prompt_tokens is not None and r.cached_tokens is not None:
             queries += r.prompt_tokens
             hits += r.cached_tokens
@@ -211,9 +302,12 @@ def build_report(
     backend_deltas: Mapping[str, Samples] | None = None,
     node_deltas: Mapping[str, Samples] | None = None,
     backends: Iterable[str] = (),
+    max_waiting: Mapping[str, float] | None = None,
 ) -> RunReport:
-    """`backends`: every backend id expected, so one that got no request counts as 0."""
-    ok = [r for r in result.records if r.ok]
+    """`backends`: every backend id expected, so one that got no request counts as 0;
+    `max_waiting`: the sampler's peaks per backend."""
+    measured = result.measured
+    ok = [r for r in measured if r.ok]
     per_backend = dict.fromkeys(backends, 0)
     headers: dict[str, int] = {}
     for r in ok:
@@ -224,17 +318,18 @@ def build_report(
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     latencies = [r.latency_s for r in ok]
     samples: list[str] = []
-    for r in result.records:
+    for r in measured:
         if r.error is not None and r.error not in samples and len(samples) < 5:
             samples.append(r.error)
     cache = cache_figures(backend_deltas) if backend_deltas else client_cache_figures(result)
     return RunReport(
         name=name,
-        requests=len(result.records),
-        errors=len(result.records) - len(ok),
-        elapsed_s=result.elapsed_s,
+        requests=len(measured),
+        errors=len(measured) - len(ok),
+        elapsed_s=result.measured_s,
         skipped_arrivals=result.skipped_arrivals,
         ttft_p50_s=percentile(ttfts, 50),
+        ttft_p90_s=percentile(ttfts, 90),
         ttft_p99_s=percentile(ttfts, 99),
         latency_p50_s=percentile(latencies, 50),
         latency_p99_s=percentile(latencies, 99),
@@ -243,4 +338,7 @@ def build_report(
         cache=cache,
         nodes=node_figures(node_deltas) if node_deltas else None,
         error_samples=samples,
+        max_waiting=None if max_waiting is None else dict(max_waiting),
+        tenants=tenant_figures(ok),
+        warmup_requests=len(result.records) - len(measured),
     )

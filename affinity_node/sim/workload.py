@@ -8,8 +8,13 @@ clients do. A backend that served the previous turn holds that history in its pr
 any other backend has to prefill it again. After `max_turns` a conversation starts over
 (same tenant, same system prompt, fresh history).
 
-Arrivals are Poisson at a target rate (open loop: load does not slow down when the servers
-do) or come from a fixed number of workers (closed loop). Requests are sent with aiohttp,
+Tenants are equally popular, or follow a Zipf law (`zipf_exponent`): tenant i (from 0) draws
+a share proportional to 1 / (i + 1)^s of the arrivals and holds as large a share of the
+conversations, as an application with many end users behind one key does; when all of a
+Zipf tenant's conversations are busy, a new one opens (another end user arrives) instead of
+the arrival going to another tenant. Arrivals are Poisson at a target rate (open loop: load
+does not slow down when the servers do) or come from a fixed number of workers (closed
+loop). Requests are sent with aiohttp,
 streamed by default; time to first token is measured client-side as the time to the first
 SSE chunk that carries content. Everything random (texts, arrival times, which conversation
 speaks next, which URL) comes from generators seeded by `seed`, so two runs with the same seed
@@ -21,12 +26,14 @@ Secrets never leave this module: records carry the tenant index, not the key.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -35,6 +42,7 @@ import aiohttp
 from affinity_node.sim.prefix_cache import BLOCK_SIZE, tokenize
 
 Spread = Literal["round_robin", "random"]
+ConversationKey = Literal["none", "prompt_cache_key", "x-session-id"]
 
 CHAT_PATH: Final = "/v1/chat/completions"
 ROLE_TOKENS: Final = 2
@@ -103,6 +111,10 @@ class WorkloadConfig:
     """Poisson arrivals per second (open loop); None for the closed loop of `concurrency`."""
     concurrency: int | None = None
     duration_s: float = 18.0
+    """Measured seconds of arrivals, after the warm-up."""
+    warmup_s: float = 0.0
+    """Seconds of the same load before the measured part: requests that start in it are
+    flagged `warmup` and left out of the report (caches and bindings settle first)."""
     max_requests: int = 100_000
     stream: bool = True
     seed: int = 1
@@ -110,6 +122,12 @@ class WorkloadConfig:
     request_timeout_s: float = 60.0
     max_inflight: int = 512
     """Open loop only: arrivals beyond this many requests in flight are skipped (counted)."""
+    zipf_exponent: float | None = None
+    """None: every tenant equally popular. s: tenant i draws 1/(i+1)^s of the arrivals and
+    of the `tenants * conversations_per_tenant` conversations (at least one each)."""
+    conversation_key: ConversationKey = "none"
+    """What names a conversation to the router: nothing (the proxy hashes its opening), the
+    body's `prompt_cache_key`, or an `x-session-id` header."""
 
     def __post_init__(self) -> None:
         if not self.base_urls:
@@ -128,6 +146,28 @@ class WorkloadConfig:
             raise ValueError("concurrency must be >= 1")
         if self.duration_s <= 0 or self.max_requests < 1:
             raise ValueError("duration_s must be > 0 and max_requests >= 1")
+        if self.warmup_s < 0:
+            raise ValueError("warmup_s must be >= 0")
+        if self.zipf_exponent is not None and self.zipf_exponent < 0:
+            raise ValueError("zipf_exponent must be >= 0")
+
+    def popularity(self) -> list[float]:
+        """Each tenant's share of the arrivals (sums to 1)."""
+        return zipf_weights(self.tenants, self.zipf_exponent or 0.0)
+
+    def conversation_counts(self) -> list[int]:
+        """Conversations each tenant starts with."""
+        if self.zipf_exponent is None:
+            return [self.conversations_per_tenant] * self.tenants
+        total = self.tenants * self.conversations_per_tenant
+        return [max(1, round(total * p)) for p in self.popularity()]
+
+
+def zipf_weights(n: int, exponent: float) -> list[float]:
+    """Shares proportional to 1/(i+1)^exponent for i < n, normalised (0: uniform)."""
+    raw = [1.0 / (i + 1) ** exponent for i in range(n)]
+    total = sum(raw)
+    return [w / total for w in raw]
 
 
 @dataclass
@@ -173,9 +213,9 @@ class Conversation:
 def build_conversations(cfg: WorkloadConfig) -> list[Conversation]:
     rng = random.Random(f"{cfg.seed}:sizes")
     out: list[Conversation] = []
-    for tenant in range(cfg.tenants):
+    for tenant, count in enumerate(cfg.conversation_counts()):
         system = system_prompt(cfg.seed, tenant, rng.randint(*cfg.system_tokens))
-        for slot in range(cfg.conversations_per_tenant):
+        for slot in range(count):
             model = cfg.models[(tenant + slot) % len(cfg.models)]
             out.append(Conversation(tenant, slot, model, system))
     return out
@@ -200,7 +240,7 @@ def estimate_working_set_blocks(
         system = len(tokenize(system_prompt(cfg.seed, tenant, rng.randint(*cfg.system_tokens))))
         total += system + ROLE_TOKENS
     turns = (
-        cfg.tenants * cfg.conversations_per_tenant * cfg.max_turns
+        sum(cfg.conversation_counts()) * cfg.max_turns
         if expected_requests is None
         else expected_requests
     )
@@ -242,6 +282,8 @@ class RequestRecord:
     cached_tokens: int | None = None
     """From the answer's usage (`prompt_tokens_details.cached_tokens`) when the server sends it."""
     error: str | None = None
+    warmup: bool = False
+    """Started during the warm-up: not part of the measured figures."""
 
     @property
     def ok(self) -> bool:
@@ -258,14 +300,27 @@ class LiveStats:
     errors: int = 0
     inflight: int = 0
     skipped: int = 0
+    opened: int = 0
+    """Conversations opened during the run (Zipf: all of a tenant's were busy)."""
 
 
 @dataclass
 class WorkloadResult:
     records: list[RequestRecord]
+    """Every request, the warm-up's included (flagged)."""
     elapsed_s: float
     skipped_arrivals: int
     """Open loop: arrivals dropped because every conversation was busy or max_inflight hit."""
+    warmup_s: float = 0.0
+
+    @property
+    def measured(self) -> list[RequestRecord]:
+        return [r for r in self.records if not r.warmup]
+
+    @property
+    def measured_s(self) -> float:
+        """Seconds from the end of the warm-up to the last answer."""
+        return max(self.elapsed_s - self.warmup_s, 0.0)
 
     @property
     def errors(self) -> int:
@@ -288,13 +343,22 @@ class Workload:
             self._by_tenant[conv.tenant].append(conv)
         self._choice_rng = random.Random(f"{cfg.seed}:choice")
         self._spread_rng = random.Random(f"{cfg.seed}:spread")
+        self._cumulative: list[float] | None = None
+        if cfg.zipf_exponent is not None:
+            self._cumulative = list(itertools.accumulate(cfg.popularity()))
         self._turn = 0
         self._t0 = 0.0
 
     # -- choices ------------------------------------------------------------------------------
 
     def pick(self) -> Conversation | None:
-        """A uniformly chosen tenant's idle conversation; another tenant's if all are busy."""
+        """A uniformly chosen tenant's idle conversation; another tenant's if all are busy.
+
+        With a Zipf popularity the tenant is drawn by its weight, and a tenant whose
+        conversations are all busy opens a new one: its load does not leak to others.
+        """
+        if self._cumulative is not None:
+            return self._pick_weighted(self._cumulative)
         tenant = self._choice_rng.randrange(self.cfg.tenants)
         idle = [c for c in self._by_tenant[tenant] if not c.busy]
         if not idle:
@@ -302,6 +366,21 @@ class Workload:
             if not idle:
                 return None
         return self._choice_rng.choice(idle)
+
+    def _pick_weighted(self, cumulative: list[float]) -> Conversation:
+        draw = self._choice_rng.random() * cumulative[-1]
+        tenant = min(bisect.bisect_right(cumulative, draw), self.cfg.tenants - 1)
+        own = self._by_tenant[tenant]
+        idle = [c for c in own if not c.busy]
+        if idle:
+            return self._choice_rng.choice(idle)
+        # Every tenant starts with at least one conversation: its system prompt is there.
+        model = self.cfg.models[(tenant + len(own)) % len(self.cfg.models)]
+        conv = Conversation(tenant, len(own), model, own[0].system)
+        own.append(conv)
+        self.conversations.append(conv)
+        self.stats.opened += 1
+        return conv
 
     def target(self) -> int:
         n = len(self.cfg.base_urls)
@@ -323,8 +402,16 @@ class Workload:
         text = user_message(cfg.seed, conv.tenant, conv.name, turn, cfg.user_tokens)
         messages = conv.ask(text)
         target = self.target()
+        start_s = time.monotonic() - self._t0
         record = RequestRecord(
-            seq, conv.tenant, conv.name, turn, conv.model, target, time.monotonic() - self._t0
+            seq,
+            conv.tenant,
+            conv.name,
+            turn,
+            conv.model,
+            target,
+            start_s,
+            warmup=start_s < cfg.warmup_s,
         )
         body: dict[str, Any] = {
             "model": conv.model,
@@ -338,6 +425,10 @@ class Workload:
             "Authorization": f"Bearer {cfg.api_keys[conv.tenant % len(cfg.api_keys)]}",
             "x-request-id": f"wl-{cfg.seed}-{seq}",
         }
+        if cfg.conversation_key == "prompt_cache_key":
+            body["prompt_cache_key"] = conv.name
+        elif cfg.conversation_key == "x-session-id":
+            headers["x-session-id"] = conv.name
         url = cfg.base_urls[target].rstrip("/") + CHAT_PATH
         reply = ""
         start = time.monotonic()
@@ -423,7 +514,10 @@ class Workload:
         progress: ProgressCallback | None = None,
         progress_interval_s: float = 1.0,
         session: aiohttp.ClientSession | None = None,
+        on_measure: Callable[[], Awaitable[None]] | None = None,
     ) -> WorkloadResult:
+        """Runs the load; `on_measure` is awaited when the warm-up ends (e.g. to read the
+        counters the measured part starts from), concurrently with the load."""
         cfg = self.cfg
         async with contextlib.AsyncExitStack() as stack:
             if session is None:
@@ -440,20 +534,32 @@ class Workload:
             ticker = None
             if progress is not None:
                 ticker = asyncio.create_task(self._tick(progress, progress_interval_s))
+            boundary = None
+            if on_measure is not None:
+                boundary = asyncio.create_task(self._at_boundary(on_measure))
             try:
                 if cfg.rate is not None:
                     await self._open_loop(session, cfg.rate)
                 else:
                     assert cfg.concurrency is not None
                     await self._closed_loop(session, cfg.concurrency)
+                if boundary is not None:
+                    await boundary
             finally:
-                if ticker is not None:
-                    ticker.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await ticker
+                for task in (ticker, boundary):
+                    if task is not None and not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
             self.stats.elapsed_s = time.monotonic() - self._t0
         self.records.sort(key=lambda r: r.seq)
-        return WorkloadResult(self.records, self.stats.elapsed_s, self.stats.skipped)
+        return WorkloadResult(self.records, self.stats.elapsed_s, self.stats.skipped, cfg.warmup_s)
+
+    async def _at_boundary(self, hook: Callable[[], Awaitable[None]]) -> None:
+        delay = self._t0 + self.cfg.warmup_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await hook()
 
     async def _tick(self, progress: ProgressCallback, interval: float) -> None:
         while True:
@@ -465,7 +571,8 @@ class Workload:
         cfg = self.cfg
         tasks: set[asyncio.Task[None]] = set()
         try:
-            for offset in arrival_times(rate, cfg.duration_s, cfg.max_requests, cfg.seed):
+            span = cfg.warmup_s + cfg.duration_s
+            for offset in arrival_times(rate, span, cfg.max_requests, cfg.seed):
                 delay = self._t0 + offset - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # the arrival schedule itself
@@ -486,7 +593,7 @@ class Workload:
 
     async def _closed_loop(self, session: aiohttp.ClientSession, concurrency: int) -> None:
         cfg = self.cfg
-        deadline = self._t0 + cfg.duration_s
+        deadline = self._t0 + cfg.warmup_s + cfg.duration_s
         # One conversation per worker at most: more workers than conversations would wait.
         workers = min(concurrency, len(self.conversations))
 

@@ -25,3 +25,5 @@ def binding_lock_key(api_key_id: UUID, model: str) -> int:
 
 MIGRATE_LOCK = _key(b"migrate")
 CLEANUP_LOCK = _key(b"cleanup")
+LEDGER_CLEANUP_LOCK = _key(b"ledger-cleanup")
+"""One node at a time deletes usage ledger rows past the retention."""

@@ -357,3 +357,94 @@ SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 
 
 -- name: bench_queue_usage
 SELECT pg_notification_queue_usage();
+
+-- Usage ledger (store/ledger.py). Counts arrive as parallel arrays, one element per row, in
+-- the column order of ledger.COUNT_COLUMNS.
+
+-- name: ledger_add
+-- One statement per flush. `claim` records the batch's sequence number for its writer; a
+-- batch sent again (its first attempt may or may not have landed) finds it claimed and adds
+-- nothing. Rows arrive sorted alike from every node and are added in that order, so flushes
+-- from many nodes lock the rows they share in one order and never deadlock. Rows of a key
+-- deleted meanwhile are left out.
+WITH claim AS (
+    INSERT INTO usage_ledger_writers AS w (writer, node_id, last_seq)
+    VALUES ($1, $2, $3)
+    ON CONFLICT (writer) DO UPDATE SET last_seq = EXCLUDED.last_seq, flushed_at = now()
+    WHERE w.last_seq < EXCLUDED.last_seq
+    RETURNING 1
+), added AS (
+    INSERT INTO usage_ledger AS u (
+        hour_start, api_key_id, model, backend, requests, prompt_tokens, cached_tokens,
+        completion_tokens, hit_requests, miss_requests, rebind_requests, spill_requests,
+        degraded_requests, bypass_requests, fanout_requests)
+    SELECT to_timestamp(r.hour * 3600), r.api_key_id, r.model, r.backend, r.requests, r.prompt,
+           r.cached, r.completion, r.hit, r.miss, r.rebind, r.spill, r.degraded, r.bypass,
+           r.fanout
+    FROM unnest($4::uuid[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[],
+                $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
+                $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[]) WITH ORDINALITY
+         AS r (api_key_id, model, backend, hour, requests, prompt, cached, completion, hit,
+               miss, rebind, spill, degraded, bypass, fanout, ord)
+    WHERE EXISTS (SELECT FROM claim)
+      AND EXISTS (SELECT FROM api_keys AS k WHERE k.id = r.api_key_id)
+    ORDER BY r.ord
+    ON CONFLICT (hour_start, api_key_id, model, backend) DO UPDATE SET
+        requests = u.requests + EXCLUDED.requests,
+        prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+        cached_tokens = u.cached_tokens + EXCLUDED.cached_tokens,
+        completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens,
+        hit_requests = u.hit_requests + EXCLUDED.hit_requests,
+        miss_requests = u.miss_requests + EXCLUDED.miss_requests,
+        rebind_requests = u.rebind_requests + EXCLUDED.rebind_requests,
+        spill_requests = u.spill_requests + EXCLUDED.spill_requests,
+        degraded_requests = u.degraded_requests + EXCLUDED.degraded_requests,
+        bypass_requests = u.bypass_requests + EXCLUDED.bypass_requests,
+        fanout_requests = u.fanout_requests + EXCLUDED.fanout_requests,
+        updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM claim) = 1 AS claimed, (SELECT count(*) FROM added) AS rows;
+
+-- name: ledger_cleanup_batch
+-- Runs under binding_cleanup_lock with the ledger's own key: one cleaner at a time.
+DELETE FROM usage_ledger
+WHERE (hour_start, api_key_id, model, backend) IN (
+    SELECT hour_start, api_key_id, model, backend FROM usage_ledger
+    WHERE hour_start < now() - make_interval(secs => $1::float8)
+    ORDER BY hour_start
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: ledger_writers_cleanup
+-- A writer's sequence number guards against its own late duplicates, which cannot outlive a
+-- statement timeout: a day of silence means the process is gone.
+DELETE FROM usage_ledger_writers WHERE flushed_at < now() - interval '1 day';
+
+-- name: usage_report
+-- Per (key, model), over the hour buckets that overlap the last $1 seconds (database clock);
+-- the most lost cache (uncached prompt tokens) first. The Tenants dashboard's table panel
+-- computes the same figures over its time range (tests compare the two).
+SELECT u.api_key_id, k.name AS key_name, u.model,
+       sum(u.requests)::bigint AS requests,
+       sum(u.prompt_tokens)::bigint AS prompt_tokens,
+       sum(u.cached_tokens)::bigint AS cached_tokens,
+       sum(u.completion_tokens)::bigint AS completion_tokens,
+       sum(u.hit_requests)::bigint AS hit_requests,
+       sum(u.miss_requests)::bigint AS miss_requests,
+       sum(u.rebind_requests)::bigint AS rebind_requests,
+       sum(u.spill_requests)::bigint AS spill_requests,
+       sum(u.degraded_requests)::bigint AS degraded_requests,
+       sum(u.bypass_requests)::bigint AS bypass_requests,
+       sum(u.fanout_requests)::bigint AS fanout_requests,
+       array_agg(DISTINCT u.backend ORDER BY u.backend) AS backends
+FROM usage_ledger AS u
+JOIN api_keys AS k ON k.id = u.api_key_id
+WHERE u.hour_start > now() - make_interval(secs => $1::float8) - interval '1 hour'
+  AND ($2::uuid IS NULL OR u.api_key_id = $2)
+  AND ($3::text IS NULL OR k.name = $3)
+  AND ($4::text IS NULL OR u.model = $4)
+GROUP BY u.api_key_id, k.name, u.model
+ORDER BY sum(u.prompt_tokens) - sum(u.cached_tokens) DESC, sum(u.requests) DESC,
+         u.api_key_id, u.model;

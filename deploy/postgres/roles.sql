@@ -39,3 +39,24 @@ ALTER DEFAULT PRIVILEGES FOR ROLE affinity_migrator IN SCHEMA public
 -- What exists already (an install from before the split, migrated by another role).
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO affinity_node;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO affinity_node;
+
+-- affinity_reader: dashboards (Grafana's "Affinity ledger" datasource). It reads the usage
+-- ledger and the key names, nothing else (never key hashes), in read-only transactions with a
+-- statement timeout. Migration 0004 grants it the ledger when this ran first; the grants
+-- below do when the migrations ran first. Give it a password: ALTER ROLE affinity_reader
+-- PASSWORD '...'.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'affinity_reader') THEN
+        CREATE ROLE affinity_reader LOGIN;
+    END IF;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO affinity_reader', current_database());
+    IF to_regclass('public.usage_ledger') IS NOT NULL THEN
+        GRANT SELECT ON usage_ledger TO affinity_reader;
+        GRANT SELECT (id, name) ON api_keys TO affinity_reader;
+    END IF;
+END
+$$;
+ALTER ROLE affinity_reader SET default_transaction_read_only = on;
+ALTER ROLE affinity_reader SET statement_timeout = '10s';
+GRANT USAGE ON SCHEMA public TO affinity_reader;

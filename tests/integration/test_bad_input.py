@@ -70,8 +70,7 @@ CASES = [
     ),
     ("10 KB model", json.dumps({"model": "m" * 10_000}).encode(), 400, "invalid_value"),
     ("100,000 nested arrays", b'{"model": "x", "a": ' + b"[" * 100_000, 400, "invalid_json"),
-    ("100,000 nested closed", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
-    ("a 5,000-digit number", b'{"model": "x", "n": 1' + b"0" * 5000 + b"}", 400, "invalid_json"),
+    ("100,000 nested closed", b"[" * 100_000 + b"]" * 100_000, 400, None),
     ("invalid UTF-8", b'{"model": "\xff\xfe", "x": "' + b"\xff\xfe" + b'"}', 400, None),
     ("raw invalid UTF-8", b'{"model": "' + bytes([0xFF, 0xFE, 0xC3]) + b'"}', 400, "invalid_json"),
     (
@@ -81,8 +80,8 @@ CASES = [
         "invalid_json",
     ),
     (
-        "nested duplicate keys",
-        b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "role": "x"}]}',
+        "escaped duplicate key",
+        b'{"model": "' + MODEL.encode() + b'", "mod\\u0065l": "other", "messages": []}',
         400,
         "invalid_json",
     ),
@@ -106,6 +105,26 @@ async def test_bad_bodies(one_node, name, body, status, code):
         json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(),
     )
     assert ok == 200
+
+
+@pytest.mark.parametrize(
+    "inside",
+    [
+        b'"messages": [{"role": "user", "role": "x", "content": "hi"}]',  # nested duplicate
+        b'"messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000,
+    ],
+    ids=["nested duplicate keys", "a 5,000-digit number"],
+)
+async def test_what_the_proxy_does_not_read_reaches_the_backend_as_sent(one_node, inside):
+    """Inside values the backend judges: the node forwards the body byte for byte and the
+    client gets the backend's own answer."""
+    c, secret = one_node
+    body = b'{"model": "' + MODEL.encode() + b'", ' + inside + b"}"
+    status, payload = await raw(c, "POST", "/v1/chat/completions", secret, body)
+    received = [b.stats.last_body for b in c.backends]
+    assert body in received, (status, payload)
+    if status != 200:
+        assert_error_body(payload, status)
 
 
 async def test_auth_errors_and_methods(one_node):

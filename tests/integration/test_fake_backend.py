@@ -25,6 +25,7 @@ from affinity_node.sim.fake_backend import (
     serve,
 )
 from affinity_node.sim.prefix_cache import BLOCK_SIZE, PrefixCache, block_hashes, tokenize
+from affinity_node.sim.sampler import LoadSampler
 from tests.support.waiting import wait_for
 
 MODEL = "fake-model"
@@ -444,6 +445,93 @@ async def test_serve_helper_and_metrics_content_type() -> None:
             assert response.headers["x-backend-id"] == "b7"
             text = await response.text()
         assert 'vllm:prefix_cache_hits_total{model_name="m2"} 0.0' in text
+        # vLLM's names for everything the capacity model exports, from the first scrape.
+        for name in (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:kv_cache_usage_perc",
+            "vllm:time_to_first_token_seconds_count",
+            "vllm:request_queue_time_seconds_count",
+            "vllm:e2e_request_latency_seconds_count",
+        ):
+            assert f'{name}{{model_name="m1"}} 0.0' in text, name
         async with http.get(f"{backend.base_url}/models") as response:
             ids = [m["id"] for m in json.loads(await response.text())["data"]]
         assert ids == ["m1", "m2"]
+
+
+# --- the capacity model over HTTP -----------------------------------------------------------
+
+
+async def test_requests_beyond_max_running_wait_fifo_and_show_in_metrics() -> None:
+    async with running(max_running=1, ttft_base_s=0.3, output_tokens=2) as b:
+        order: list[str] = []
+
+        async def ask(name: str) -> None:
+            await b.client.completions.create(model=MODEL, prompt=words(40, name))
+            order.append(name)
+
+        tasks = [asyncio.create_task(ask("one"))]
+        await wait_for(lambda: b.stats.running == 1, timeout=5.0, what="the first admitted")
+        for queued, name in enumerate(("two", "three"), 1):
+            tasks.append(asyncio.create_task(ask(name)))
+            await wait_for(
+                lambda n=queued: b.stats.waiting == n, timeout=5.0, what=f"{queued} queued"
+            )
+        labels = {"model_name": MODEL}
+        assert await b.metric("vllm:num_requests_waiting", **labels) == 2
+        assert await b.metric("vllm:num_requests_running", **labels) == 1
+        # 40 prompt tokens + 2 output tokens: 3 blocks of the default 2048.
+        assert await b.metric("vllm:kv_cache_usage_perc", **labels) == pytest.approx(3 / 2048)
+        await asyncio.gather(*tasks)
+        assert order == ["one", "two", "three"]
+        assert b.stats.max_waiting == 2 and b.stats.waiting == 0
+        assert await b.metric("vllm:kv_cache_usage_perc", **labels) == 0
+        assert await b.metric("vllm:request_queue_time_seconds_count", **labels) == 3
+        # The third waited at least for the whole of the second (0.3 s to its first token),
+        # the second for most of the first.
+        assert await b.metric("vllm:request_queue_time_seconds_sum", **labels) > 0.5
+        assert await b.metric("vllm:e2e_request_latency_seconds_count", **labels) == 3
+
+
+async def test_concurrent_prefills_share_the_compute() -> None:
+    # 300 uncached tokens at 1 ms each: 0.3 s alone; two at once take twice as long each.
+    async with running(prefill_s_per_token=0.001, ttft_base_s=0.0, output_tokens=1) as b:
+        alone = await first_chunk_seconds(b, words(300, "solo"))
+        assert alone >= 0.3
+        both = await asyncio.gather(
+            first_chunk_seconds(b, words(300, "left")), first_chunk_seconds(b, words(300, "right"))
+        )
+        assert min(both) >= 0.6 - 0.02, both  # a few ms of slack for the event loop's clock
+
+
+async def test_kv_blocks_hold_requests_back() -> None:
+    # 100 tokens + 16 out = 8 blocks each; a pool of 10 blocks runs one at a time.
+    async with running(kv_cache_blocks=10, ttft_base_s=0.3, output_tokens=16) as b:
+        tasks = [
+            asyncio.create_task(b.client.completions.create(model=MODEL, prompt=words(100, t)))
+            for t in ("a", "b")
+        ]
+        await wait_for(lambda: b.stats.waiting == 1, timeout=5.0, what="one held back")
+        assert b.stats.running == 1
+        assert await b.metric("vllm:kv_cache_usage_perc") == pytest.approx(0.8)
+        await asyncio.gather(*tasks)
+
+
+async def test_the_sampler_sees_a_queue_that_is_gone_by_the_end() -> None:
+    async with running(max_running=1, ttft_base_s=0.3, output_tokens=1) as b:
+        sampler = LoadSampler(b.http, {"b1": f"{b.url}/metrics", "gone": "http://127.0.0.1:9/m"})
+        async with sampler:
+            tasks = [
+                asyncio.create_task(b.client.completions.create(model=MODEL, prompt=f"q{i}"))
+                for i in range(3)
+            ]
+            await wait_for(
+                lambda: sampler.peaks["b1"].waiting >= 2, timeout=5.0, what="the queue sampled"
+            )
+            await asyncio.gather(*tasks)
+        assert b.stats.waiting == 0
+        assert sampler.max_waiting == {"b1": 2.0, "gone": 0.0}  # an unreachable one is skipped
+        assert sampler.peaks["b1"].running == 1.0
+        sampler.reset()
+        assert sampler.max_waiting == {"b1": 0.0, "gone": 0.0}

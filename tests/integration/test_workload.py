@@ -40,12 +40,14 @@ class Recorder:
     def __init__(self) -> None:
         self.bodies: list[tuple[str, dict[str, Any]]] = []
         self.auth: set[str] = set()
+        self.sessions: list[str | None] = []
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
             self.bodies.append((request.headers.get("x-request-id", ""), await request.json()))
             self.auth.add(request.headers.get("Authorization", ""))
+            self.sessions.append(request.headers.get("x-session-id"))
         return await handler(request)
 
 
@@ -263,3 +265,36 @@ def test_config_rejects_nonsense():
         config("http://x", rate=None, concurrency=None)
     with pytest.raises(ValueError):
         WorkloadConfig(base_urls=(), api_keys=("k",))
+
+
+async def test_warmup_requests_are_flagged_and_the_boundary_hook_runs_once(backend):
+    running, _ = backend
+    cfg = config(
+        running.url, rate=60.0, concurrency=None, warmup_s=0.5, duration_s=0.5, max_requests=1000
+    )
+    marks: list[float] = []
+    workload = Workload(cfg)
+
+    async def boundary() -> None:
+        marks.append(workload.stats.sent)
+
+    result = await workload.run(on_measure=boundary)
+    assert len(marks) == 1
+    warm = [r for r in result.records if r.warmup]
+    assert warm and len(result.measured) + len(warm) == len(result.records)
+    assert all(r.start_s < 0.5 for r in warm)
+    assert all(r.start_s >= 0.5 for r in result.measured)
+    assert marks[0] == pytest.approx(len(warm), abs=2)  # sent by the time the hook ran
+    assert result.measured_s == pytest.approx(result.elapsed_s - 0.5)
+
+
+@pytest.mark.parametrize("where", ["prompt_cache_key", "x-session-id", "none"])
+async def test_conversation_key_names_each_conversation(backend, where):
+    running, recorder = backend
+    cfg = config(running.url, conversation_key=where, max_requests=6, concurrency=1)
+    result = await Workload(cfg).run()
+    assert result.errors == 0
+    names = [r.conversation for r in result.records]
+    in_body = [body.get("prompt_cache_key") for _, body in recorder.bodies]
+    assert in_body == (names if where == "prompt_cache_key" else [None] * 6)
+    assert recorder.sessions == (names if where == "x-session-id" else [None] * 6)

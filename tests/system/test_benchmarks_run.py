@@ -79,3 +79,33 @@ async def test_scale_benchmark_runs_end_to_end_at_a_small_size(pg_admin_dsn):
 async def test_overhead_benchmark_explains_itself():
     code, out = await run("affinity_node.devtools.bench_overhead", "--help")
     assert code == 0 and "--duration" in out
+
+
+def test_profile_summary_splits_samples_by_package():
+    from affinity_node.devtools.profile_overhead import summarise
+
+    raw = [
+        "run (aiohttp/web.py:1);handle (affinity_node/http/completions.py:40) 6",
+        "run (aiohttp/web.py:1);_writelines (/x/site-packages/aiohttp/http_writer.py:116) 3",
+        "run (uvloop/__init__.py:1) 1",
+        "garbage",
+    ]
+    out = summarise(raw)
+    assert "10 samples" in out
+    assert "60.0%  affinity_node" in out and "30.0%  aiohttp" in out
+    assert "10.0%  event loop" in out
+    assert "handle (affinity_node/http/completions.py)" in out
+
+
+async def test_profile_runs_when_its_tools_are_installed():
+    import shutil
+
+    import pytest
+
+    from affinity_node.devtools.profile_overhead import py_spy
+
+    if py_spy() is None or not all(shutil.which(t) for t in ("nginx", "wrk", "taskset")):
+        pytest.skip("needs py-spy, nginx, wrk and taskset")
+    code, out = await run("affinity_node.devtools.profile_overhead", "--duration", "2")
+    assert code == 0, out
+    assert "affinity_node" in out and "aiohttp" in out and "req/s" in out

@@ -10,10 +10,13 @@ import pytest
 import yaml
 
 from affinity_node.devtools import dashboards as d
+from affinity_node.vocabulary import LEDGER_OUTCOMES
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
 BOARDS = {name: build() for name, build in d.DASHBOARDS.items()}
+PROMETHEUS_BOARDS = {n: b for n, b in BOARDS.items() if n != "affinity-tenants.json"}
+"""The boards on Prometheus; the Tenants board reads the usage ledger in Postgres."""
 
 
 def test_committed_json_is_what_the_generator_builds():
@@ -32,13 +35,13 @@ def test_check_mode_reports_a_stale_file(tmp_path: Path, capsys: pytest.CaptureF
     assert "affinity-overview.json" in capsys.readouterr().err
 
 
-def test_the_two_dashboards():
+def test_the_three_dashboards():
     titles = {b["title"] for b in BOARDS.values()}
-    assert titles == {"Affinity overview", "Traffic and backends"}
-    assert len({b["uid"] for b in BOARDS.values()}) == 2
+    assert titles == {"Affinity overview", "Traffic and backends", "Tenants"}
+    assert len({b["uid"] for b in BOARDS.values()}) == 3
 
 
-@pytest.mark.parametrize("name", sorted(BOARDS))
+@pytest.mark.parametrize("name", sorted(PROMETHEUS_BOARDS))
 def test_datasource_is_a_template_variable_never_an_import_input(name: str):
     board = BOARDS[name]
     text = (GRAFANA / "dashboards" / name).read_text()
@@ -62,7 +65,7 @@ def test_provisioned_datasource_uid_is_pinned_and_is_the_variables_default():
     ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     (prom,) = ds["datasources"]
     assert prom["type"] == "prometheus" and prom["uid"] == d.DATASOURCE_UID
-    for board in BOARDS.values():
+    for board in PROMETHEUS_BOARDS.values():
         var = board["templating"]["list"][0]
         assert var["current"]["value"] == d.DATASOURCE_UID
     provider = yaml.safe_load(
@@ -137,3 +140,52 @@ def test_json_is_plain_and_stable():
     for name, board in BOARDS.items():
         assert json.loads(d.render(board)) == board
         assert d.render(board) == d.render(d.DASHBOARDS[name]())
+
+
+def test_the_tenants_board_reads_the_ledger_through_a_variable():
+    board = BOARDS["affinity-tenants.json"]
+    text = (GRAFANA / "dashboards" / "affinity-tenants.json").read_text()
+    assert "${DS_" not in text and "__inputs" not in text
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    ds = variables["datasource"]
+    assert (ds["type"], ds["query"]) == ("datasource", "grafana-postgresql-datasource")
+    assert ds["current"]["value"] == d.LEDGER_UID
+    for name in ("tenant", "model"):  # All is a literal the queries test for, never a list
+        assert variables[name]["allValue"] == d.ALL and variables[name]["datasource"] == d.LEDGER
+    for panel in board["panels"]:
+        assert panel["datasource"] == d.LEDGER and panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            assert t["datasource"] == d.LEDGER and t["rawQuery"] and "expr" not in t
+            # every panel keeps to the time range and, but for per-tenant tops, the choices
+            assert "$__timeFrom()" in t["rawSql"] and "$__timeTo()" in t["rawSql"]
+            assert "($tenant)" in t["rawSql"] and "($model)" in t["rawSql"]
+    ledger = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "ledger.yml").read_text())
+    (source,) = ledger["datasources"]
+    assert source["uid"] == d.LEDGER_UID and source["type"] == "grafana-postgresql-datasource"
+    assert source["user"] == "affinity_reader"
+    assert source["secureJsonData"]["password"] == "${AFFINITY_READER_PASSWORD}"
+
+
+def test_the_tenants_board_covers_the_issue():
+    board = BOARDS["affinity-tenants.json"]
+    titles = {p["title"] for p in board["panels"]}
+    assert {
+        "Cache hit rate per tenant",
+        "Tenants losing the most cache",
+        "Routing outcomes per tenant",
+    } <= titles
+    assert set(d.OUTCOMES) == set(LEDGER_OUTCOMES)
+    queries = " ".join(q for _, _, _, q in d.sql_queries(board))
+    for outcome in LEDGER_OUTCOMES:
+        assert f"u.{outcome}_requests" in queries
+
+
+def test_grafana_macros_are_expanded_as_grafana_does():
+    query = "WHERE t > $__timeFrom() AND t <= $__timeTo() AND ('*' IN ($tenant) OR x IN ($tenant))"
+    sent = d.expand_sql(query, "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", {"tenant": None})
+    assert sent == (
+        "WHERE t > '2026-01-01T00:00:00Z' AND t <= '2026-01-02T00:00:00Z' "
+        "AND ('*' IN ('*') OR x IN ('*'))"
+    )
+    sent = d.expand_sql("x IN ($tenant)", "a", "b", {"tenant": ["o'k", "b"]})
+    assert sent == "x IN ('o''k','b')"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
@@ -200,6 +201,39 @@ async def test_bench_reports_a_cluster(dsn, tmp_path, capsys):
         assert run["affinity_headers"] == {"hit": 10} or run["affinity_headers"].get("miss") == 1
         assert run["prefix_cache"]["source"] == "usage.cached_tokens"
 
+        # The skew workload's shape: Zipf tenants, a warm-up, queues sampled on the backends.
+        argv = [
+            "--url",
+            c.nodes[0].url,
+            "--api-keys-file",
+            str(keys_file),
+            "--zipf",
+            "2",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "1.5",
+            "--rate",
+            "30",
+            "--conversation-key",
+            "x-session-id",
+            "--model",
+            MODEL,
+            "--json",
+            "-",
+        ]
+        for i, b in enumerate(c.backends):
+            argv += ["--backend-metrics", f"b{i}={b.url}"]
+        args = _bench_args(argv)
+        assert await args.func(args) == 0
+        out, err = capsys.readouterr()
+        run = json.loads(out)["runs"][0]
+        assert run["warmup_requests"] > 0 and run["errors"] == 0
+        assert run["busiest_tenants"][0]["tenant"] == 0
+        assert set(run["max_waiting_per_backend"]) == {"b0", "b1", "b2"}
+        assert run["ttft_s"]["p90"] is not None
+        assert "largest queue b0/b1/b2" in err and "(Zipf 2)" in err
+
 
 def test_bench_load_shapes_and_keys(monkeypatch):
     monkeypatch.delenv("AFFINITY_API_KEY", raising=False)
@@ -230,6 +264,14 @@ def test_bench_load_shapes_and_keys(monkeypatch):
     assert (cfg.rate, cfg.concurrency, cfg.tenants) == (None, 4, 2)
     cfg = workload_from_args(_bench_args(["--url", "http://lb"]), keys)
     assert (cfg.rate, cfg.concurrency) == (20.0, None)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (None, 0.0, "none")
+    args = _bench_args(
+        ["--url", "http://lb", "--zipf", "1.5", "--warmup", "5", "--conversation-key",
+         "prompt_cache_key", "--conversations", "16"]
+    )  # fmt: skip
+    cfg = workload_from_args(args, keys)
+    assert (cfg.zipf_exponent, cfg.warmup_s, cfg.conversation_key) == (1.5, 5.0, "prompt_cache_key")
+    assert sum(cfg.conversation_counts()) == 2 * 16
 
 
 async def test_bench_refuses_bad_input(capsys, monkeypatch):
@@ -246,10 +288,10 @@ async def test_bench_refuses_bad_input(capsys, monkeypatch):
 # -- the demo as users run it ----------------------------------------------------------------
 
 
-def test_demo_end_to_end():
-    """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
+def _run_demo(argv: list[str]) -> tuple[dict[str, Any], str]:
+    """The demo as a user runs it (with --json): its report and its stderr; exit 0 asserted."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "affinity_node.sim.demo", "--duration", "10", "--json"],
+        [sys.executable, "-m", "affinity_node.sim.demo", *argv, "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -265,7 +307,13 @@ def test_demo_end_to_end():
             _kill_group(proc)
     stderr = err.decode()
     assert proc.returncode == 0, stderr[-3000:]
-    doc = json.loads(out)
+    doc: dict[str, Any] = json.loads(out)
+    return doc, stderr
+
+
+def test_demo_end_to_end():
+    """Three runs on a real fleet (processes, Postgres, HAProxy when present)."""
+    doc, stderr = _run_demo(["--duration", "10"])
     runs = {r["name"]: r for r in doc["runs"]}
     assert list(runs) == ["affinity off", "node-local affinity", "shared affinity"]
     assert doc["ok"] is True and all(r["errors"] == 0 for r in runs.values())
@@ -276,6 +324,12 @@ def test_demo_end_to_end():
     assert shared["node_metrics"]["misses"]["created"] <= 40
     assert shared["busiest_over_mean"] < 2.0
     assert "shared affinity" in stderr and "prefix-cache hit rate" in stderr  # the table
+    # the per-tenant section, from the nodes' usage ledger
+    ledger = {name: r["ledger_tenants"] for name, r in runs.items()}
+    assert all(len(t) == 5 and all(x["hit_rate"] is not None for x in t) for t in ledger.values())
+    spread = {name: sum(x["backends"] for x in t) for name, t in ledger.items()}
+    assert spread["shared affinity"] < spread["affinity off"], spread
+    assert "ledger tenant #5" in stderr
     if find_haproxy() is None:
         assert "spreads requests" in stderr
 
@@ -352,3 +406,69 @@ def test_demo_refuses_bad_options():
         timeout=60,
     )
     assert done.returncode == 2 and "--backends" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "affinity_node.sim.demo", "--scenario", "scale", "--backends", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--backends >= 2" in done.stderr
+
+
+def test_scale_demo_end_to_end_with_tiny_sizes():
+    """The fleet changes under load with the operator's commands: a backend joins, one drains
+    (to zero running requests and no binding), no request fails; the report has each phase."""
+    argv = ["--scenario", "scale", "--duration", "12", "--warmup", "1", "--keys", "8"]
+    doc, stderr = _run_demo(argv)
+    assert doc["scenario"] == "scale" and doc["ok"] is True
+    assert [r["name"] for r in doc["runs"]] == ["no scale events", "scale events"]
+    facts = doc["scale"]
+    assert [c.split()[:3] for c in facts["commands"]] == [
+        ["affinity-node", "backends", "add"],
+        ["affinity-node", "backends", "drain"],
+    ]
+    assert 3.0 <= facts["added_at"] < facts["drain_at"] <= 12.0
+    assert facts["drained_bindings_left"] == 0
+    assert 0 < facts["drained_running_zero_s"] <= facts["drain_deadline_s"]
+    steady, events = facts["runs"]
+    assert [p["phase"] for p in events["phases"]] == ["configured", "one added", "one drained"]
+    for run in (steady, events):
+        for phase in run["phases"]:
+            assert phase["errors"] == 0 and phase["requests"] > 0
+            assert abs(sum(phase["share"].values()) - 1) < 1e-6
+    assert all(p["share"]["b3"] == 0 for p in steady["phases"])  # never added there
+    assert events["phases"][0]["share"]["b3"] == 0
+    assert events["phases"][2]["share"]["b3"] > 0  # the drained backend's pairs moved to it
+    assert "drained backend: zero running requests and no binding" in stderr
+
+
+def test_skew_demo_end_to_end_with_tiny_sizes():
+    """The skew scenario's three columns and its new rows, on a short run."""
+    argv = ["--scenario", "skew", "--duration", "3", "--warmup", "1", "--keys", "4"]
+    doc, stderr = _run_demo(argv)
+    assert doc["scenario"] == "skew" and doc["ok"] is True
+    assert doc["scenarios"] == ["off", "fanout1", "fanout4"]
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["affinity off", "shared, max_fanout 1", "shared, max_fanout 4"]
+    assert doc["workload"]["zipf_exponent"] == 2.0 and doc["workload"]["warmup_s"] == 1.0
+    assert doc["backend_model"]["max_running"] == 16
+    for run in runs.values():
+        assert run["errors"] == 0 and run["requests"] > 0 and run["warmup_requests"] > 0
+        ttft = run["ttft_s"]
+        assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"]
+        assert set(run["max_waiting_per_backend"]) == {"b0", "b1", "b2", "b3"}
+        tenants = run["busiest_tenants"]
+        assert tenants and tenants[0]["tenant"] == 0  # Zipf: tenant 0 is the busiest
+        assert all(1 <= t["fanout"] <= 4 and 0 < t["top_share"] <= 1 for t in tenants)
+    assert runs["affinity off"]["affinity_headers"].keys() == {"bypass"}
+    one = runs["shared, max_fanout 1"]
+    assert one["node_metrics"]["misses"]["created"] <= 4  # one binding per key
+    for row in (
+        "TTFT p50 / p90 / p99 (ms)",
+        "end-to-end p50 / p99 (ms)",
+        "largest queue b0/b1/b2/b3",
+        "busiest tenant #1: top backend / fan-out",
+        "warm-up requests (not counted)",
+        "note: Zipf 2 over 4 tenants: t0",
+    ):
+        assert row in stderr, row

@@ -6,6 +6,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from affinity_node.routing.backends import (
     Backend,
@@ -146,6 +148,43 @@ def test_overloaded_mean_is_over_healthy_backends_only() -> None:
         health.request_failed(b, "down")
     assert pool.overloaded(c, "llama-3.1-8b", 1.25, 8)  # mean 10: 20 > 12.5 and 20 >= 18
     assert not pool.overloaded(c, "no-such-model", 1.25, 8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["acquire", "release", "fail", "recover", "drain", "disable"]),
+            st.integers(0, 3),
+        ),
+        max_size=60,
+    )
+)
+def test_overloaded_keeps_its_running_mean_exact(steps: list[tuple[str, int]]) -> None:
+    """The mean is kept by acquire/release instead of summed per request: after any mix of
+    requests, health changes and admin states it answers as a recount would."""
+    pool, health, backends = static_pool(
+        0, 0, 0, 0, eject_after_failures=1, readmit_after_successes=1
+    )
+    for op, i in steps:
+        b = backends[i]
+        if op == "acquire":
+            pool.acquire(b)
+        elif op == "release":
+            pool.release(b)
+        elif op == "fail":
+            health.request_failed(b, "test")
+        elif op == "recover":
+            health.probe_succeeded(b)
+        else:
+            pool.set_state(b, "draining" if op == "drain" else "disabled")
+        peers = [p for p in backends if p.healthy and p.state != "disabled"]
+        mean = sum(p.inflight for p in peers) / len(peers) if peers else 0.0
+        for candidate in backends:
+            n = candidate.inflight
+            for factor, gap in ((1.0, 0), (1.25, 1)):
+                expected = bool(peers) and n > factor * mean and n >= mean + gap
+                assert pool.overloaded(candidate, "llama-3.1-8b", factor, gap) is expected
 
 
 # -- strategies --------------------------------------------------------------------------------

@@ -170,6 +170,31 @@ async def test_rebalance_moves_idle_bindings_until_the_skew_is_gone_and_stops() 
         assert await mover.tick() is None
 
 
+async def test_rebalance_starts_at_the_threshold_and_settles_at_half_of_it() -> None:
+    """Hysteresis: a skew under the threshold moves nothing; once moving, an added backend is
+    filled to within half the threshold's excess of the mean, not just to its edge."""
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    spread = [B1] * 11 + [B2] * 10 + [B3] * 9  # 1.1x the mean: under the 1.25 threshold
+    for target in spread:
+        await engine.resolve(uuid.uuid4(), MODEL, (B1, B2, B3), lambda c, t=target: t)
+    rules = MoverRules(rebalance_moves_per_minute=600.0, rebalance_after_s=1.0)
+    mover = Mover(engine, p, SlotStore(store, clock), rules, clock)
+    for _ in range(10):
+        clock.advance(1.0)
+        assert await mover.tick() is None
+    b4 = "http://10.0.0.4:8000"
+    p.add(BackendSpec(b4, "vllm", (MODEL,)), "registry")
+    for _ in range(60):
+        clock.advance(1.0)
+        await mover.tick()
+    counts = {u: engine.cache.bindings_of(u) for u in (B1, B2, B3, b4)}
+    mean = 30 / 4
+    assert counts[b4] >= mean / 1.125 and max(counts.values()) <= 1.125 * mean + 1, counts
+    assert sum(counts.values()) == 30
+
+
 async def test_dns_discovery_adds_drains_and_removes_backends() -> None:
     answers = {"vllm.svc": ["10.0.0.1", "10.0.0.2"]}
 

@@ -15,6 +15,7 @@ from affinity_node.sim.report import (
     deltas,
     node_figures,
     percentile,
+    tenant_figures,
 )
 from affinity_node.sim.support import parse_metrics
 from affinity_node.sim.workload import LiveStats, RequestRecord, WorkloadResult
@@ -201,3 +202,90 @@ def test_progress_line_rewrites_in_place_only_on_a_terminal():
         line(LiveStats(elapsed_s=i, sent=i))
     line.finish(LiveStats(elapsed_s=10, sent=20, done=20))
     assert "\r" not in plain.text and plain.text.count("\n") == 2
+
+
+# -- the skew scenario's rows ----------------------------------------------------------------
+
+
+def tenant_records(spec: list[tuple[int, str, str]], warmup: int = 0) -> WorkloadResult:
+    """(tenant, backend, x-affinity) per request; the first `warmup` ones are warm-up."""
+    out = [
+        RequestRecord(
+            i,
+            tenant,
+            f"t{tenant}/c0/g0",
+            1,
+            MODEL,
+            0,
+            float(i),
+            status=200,
+            ttft_s=0.001 * (i + 1),
+            latency_s=0.001 * (i + 1) + 0.01,
+            backend_id=b,
+            affinity=a,
+            warmup=i < warmup,
+        )
+        for i, (tenant, b, a) in enumerate(spec)
+    ]
+    return WorkloadResult(out, float(len(out)), 0, warmup_s=float(warmup))
+
+
+def test_tenant_figures_rank_tenants_and_count_backends_with_five_percent():
+    spec = (
+        [(0, "b0", "hit")] * 60
+        + [(0, "b1", "hit")] * 36
+        + [(0, "b2", "spill")] * 4  # 4% of t0: below the fan-out threshold
+        + [(1, "b3", "hit")] * 30
+        + [(2, "b2", "hit")] * 10
+        + [(3, "b1", "hit")] * 5
+    )
+    figures = tenant_figures(tenant_records(spec).records)
+    assert [f.tenant for f in figures] == [0, 1, 2]
+    top = figures[0]
+    assert (top.requests, top.top_backend, top.fanout, top.spilled) == (100, "b0", 2, 4)
+    assert top.top_share == pytest.approx(0.6)
+    assert (figures[1].top_share, figures[1].fanout) == (1.0, 1)
+    assert tenant_figures([], top=3) == []
+
+
+def test_warmup_requests_stay_out_of_the_figures():
+    result = tenant_records([(0, "b0", "hit")] * 10 + [(1, "b1", "hit")] * 30, warmup=10)
+    report = build_report("x", result, backends=["b0", "b1"])
+    assert report.requests == 30 and report.warmup_requests == 10
+    assert report.per_backend == {"b0": 0, "b1": 30}
+    assert [t.tenant for t in report.tenants] == [1]
+    assert report.elapsed_s == pytest.approx(30.0)  # 40 s in all, 10 of them warm-up
+    # TTFTs of the measured requests are 11..40 ms.
+    assert report.ttft_p50_s == pytest.approx(0.0255)
+    assert report.ttft_p90_s == pytest.approx(0.0371)
+    assert report.ttft_p99_s == pytest.approx(0.03971)
+
+
+def test_table_and_json_show_ttft_p90_queues_and_busiest_tenants():
+    spec = [(0, "b0", "hit")] * 8 + [(0, "b1", "spill")] * 2 + [(1, "b1", "hit")] * 5
+    runs = [
+        build_report(name, tenant_records(spec), backends=["b0", "b1"], max_waiting=waiting)
+        for name, waiting in (("off", None), ("one", {"b0": 31.0, "b1": 0.0}))
+    ]
+    table = render_table(runs)
+    rows = {line[:40].strip(): line for line in table.splitlines()}
+    assert rows["TTFT p50 / p90 / p99 (ms)"].split()[-10:] == ["8", "/", "14", "/", "15"] * 2
+    assert "end-to-end p50 / p99 (ms)" in rows
+    assert rows["largest queue b0/b1"].split()[-2:] == ["-", "31/0"]
+    tenant = "busiest tenant #{}: top backend / fan-out"
+    assert rows[tenant.format(1)].endswith("t0: 80.0% b0 / 2 (20.0% spilled)")
+    assert rows[tenant.format(2)].endswith("t1: 100.0% b1 / 1")
+    doc = report_json(runs)
+    json.dumps(doc)
+    one = doc["runs"][1]
+    assert one["ttft_s"]["p90"] == pytest.approx(0.0136)
+    assert one["max_waiting_per_backend"] == {"b0": 31.0, "b1": 0.0}
+    assert doc["runs"][0]["max_waiting_per_backend"] is None
+    assert one["busiest_tenants"][0] == {
+        "tenant": 0,
+        "requests": 10,
+        "top_backend": "b0",
+        "top_share": 0.8,
+        "fanout": 2,
+        "spilled": 2,
+    }

@@ -1,0 +1,199 @@
+"""The few fields of a request body the proxy acts on, read without building the rest.
+
+Chat bodies carry 2-200 KB of messages the proxy never looks at. msgspec checks the whole body
+is one well-formed JSON object while keeping each top-level value as an undecoded slice (`Raw`);
+`model` and `stream` are decoded from theirs, anything else only when asked (`get`), and the
+body itself is forwarded as received.
+
+A top-level key given twice is refused: parsers disagree on which one wins, so the proxy and
+the backend could read different models from one body. Inside values (messages, tools, ...)
+the backend judges, as it does everything else the proxy does not read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+import msgspec
+
+from affinity_node.http.errors import ApiError
+
+MAX_MODEL_LEN = 256
+
+_TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ANY = msgspec.json.Decoder()
+_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+_OPEN_BRACKET = ord("[")
+_UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+"""A value inside a well-formed body can still fail to decode: invalid UTF-8, deep nesting."""
+_WS = rb"[ \t\n\r]*"
+_NAME = rb'"((?:[^"\\]|\\.)*)"' + _WS + rb":" + _WS
+_FIRST_KEY = re.compile(_WS + rb"\{" + _WS + _NAME)
+_NEXT_KEY = re.compile(_WS + rb"," + _WS + _NAME)
+_END = re.compile(_WS + rb"\}" + _WS + rb"\Z")
+_STREAM_VALUES = {b"true": True, b"false": False, b"null": False}
+
+
+def _invalid_json(message: str = "The body is not valid JSON.") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", None, "invalid_json")
+
+
+def _decode(raw: msgspec.Raw) -> Any:
+    try:
+        return _ANY.decode(raw)
+    except _UNREADABLE:
+        return None
+
+
+class LazyList(Sequence[Any]):
+    """A JSON array whose elements are decoded when read (a conversation key reads the first
+    few messages of hundreds); an element that cannot be decoded reads as None."""
+
+    def __init__(self, items: list[msgspec.Raw]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Any]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [_decode(item) for item in self._items[index]]
+        return _decode(self._items[index])
+
+    def __iter__(self) -> Iterator[Any]:
+        return (_decode(item) for item in self._items)
+
+
+class Payload:
+    """A request body: its bytes, its top-level values undecoded, `model` and `stream`."""
+
+    __slots__ = ("_fields", "_model_at", "body", "model", "stream")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        try:
+            fields = _TOP.decode(body)
+        except msgspec.ValidationError:
+            raise ApiError(
+                400, "The body must be a JSON object.", "invalid_request_error"
+            ) from None
+        except (msgspec.DecodeError, RecursionError):
+            # RecursionError: nesting deeper than the decoder's stack.
+            raise _invalid_json() from None
+        self._fields = fields
+        self._model_at = -2  # not looked for yet
+        if len(body) != _compact_size(fields):
+            self._model_at = _check_unique_keys(body, fields)
+        self.model = _model(fields.get("model"))
+        self.stream = _stream(fields.get("stream"))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A top-level value, decoded now (arrays lazily, see LazyList); `default` when it is
+        absent or cannot be decoded (the backend will say what is wrong with it)."""
+        raw = self._fields.get(key)
+        if raw is None:
+            return default
+        try:
+            if memoryview(raw)[0] == _OPEN_BRACKET:
+                return LazyList(_ELEMENTS.decode(raw))
+            return _ANY.decode(raw)
+        except _UNREADABLE:
+            return default
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def with_model(self, model: str) -> bytes:
+        """The body with another model name: the value's bytes swapped, the rest as received."""
+        if model == self.model:
+            return self.body
+        if self._model_at == -2:
+            self._model_at = _check_unique_keys(self.body, self._fields)
+        start = self._model_at
+        end = start + len(self._fields["model"])
+        return self.body[:start] + json.dumps(model).encode() + self.body[end:]
+
+
+def _compact_size(fields: dict[str, msgspec.Raw]) -> int:
+    """The length of these members written without whitespace: a body of exactly this length
+    holds no key twice (a repeated member would add at least 5 bytes: `,"":0`), so the walk
+    is skipped for compact bodies, as most SDKs send them."""
+    if not fields:
+        return 2
+    return 1 + sum(len(key.encode()) + len(raw) + 4 for key, raw in fields.items())
+
+
+def _check_unique_keys(body: bytes, fields: dict[str, msgspec.Raw]) -> int:
+    """Walks the top level of a body the decoder accepted: each key must be followed by the
+    value the decoder kept for it (the last one given), and there must be no more keys than
+    it kept. One regex match per key. Returns where the model's value starts (-1: none)."""
+    model_at = -1
+    key = _FIRST_KEY.match(body)
+    seen = pos = 0
+    while key is not None:
+        name_bytes = key.group(1)
+        name = json.loads(b'"' + name_bytes + b'"') if b"\\" in name_bytes else name_bytes.decode()
+        pos = key.end()
+        raw = fields.get(name)
+        seen += 1
+        if raw is None or seen > len(fields) or not body.startswith(raw, pos):
+            raise _invalid_json("A JSON object in the body repeats a key.")
+        if name == "model":
+            model_at = pos
+        pos += len(raw)
+        key = _NEXT_KEY.match(body, pos)
+    # No next key: the object must end here. (A number given earlier can start with the
+    # digits of the last one: `{"a": 12, "a": 1}` stops inside the 12.)
+    if seen and _END.match(body, pos) is None:
+        raise _invalid_json("A JSON object in the body repeats a key.")
+    return model_at
+
+
+def _model(raw: msgspec.Raw | None) -> str:
+    if raw is None or bytes(raw) == b"null":
+        raise ApiError(
+            400,
+            "Missing required parameter: 'model'.",
+            "invalid_request_error",
+            "model",
+            "missing_required_parameter",
+        )
+    try:
+        model = _ANY.decode(raw)
+    except _UNREADABLE:  # the slice is well-formed, but its text is not UTF-8
+        raise _invalid_json() from None
+    if not isinstance(model, str) or not model:
+        raise ApiError(
+            400,
+            "'model' must be a non-empty string.",
+            "invalid_request_error",
+            "model",
+            "invalid_type",
+        )
+    if len(model) > MAX_MODEL_LEN:
+        raise ApiError(
+            400,
+            f"'model' is longer than {MAX_MODEL_LEN} characters.",
+            "invalid_request_error",
+            "model",
+            "invalid_value",
+        )
+    return model
+
+
+def _stream(raw: msgspec.Raw | None) -> bool:
+    if raw is None:
+        return False
+    value = _STREAM_VALUES.get(bytes(raw))
+    if value is None:
+        raise ApiError(
+            400, "'stream' must be a boolean.", "invalid_request_error", "stream", "invalid_type"
+        )
+    return value
