@@ -33,9 +33,9 @@ from affinity_node.http.completions import handle_completion
 from affinity_node.http.middleware import (
     COMPLETION_ROUTES,
     KNOWN_ROUTES,
-    authenticate,
-    openai_errors,
+    add_routes,
 )
+from affinity_node.http.middleware import Handler as RouteHandler
 from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
 from affinity_node.http.state import (
     ACCESS_LOG,
@@ -493,12 +493,15 @@ async def _start_draining(app: web.Application) -> None:
     app[STATUS].draining = True
 
 
-def _add_ops_routes(app: web.Application, cfg: NodeConfig) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+def _ops_routes(cfg: NodeConfig) -> list[tuple[str, str, RouteHandler]]:
+    routes: list[tuple[str, str, RouteHandler]] = [
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics),
+    ]
     if cfg.listen.debug_endpoints:
-        app.router.add_get("/debug/bindings", debug_bindings)
+        routes.append(("GET", "/debug/bindings", debug_bindings))
+    return routes
 
 
 def build_app(
@@ -512,7 +515,6 @@ def build_app(
     registry = registry or CollectorRegistry()
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes,
-        middlewares=[openai_errors, authenticate],
         handler_args={"max_field_size": 16384, "max_headers": 64},
     )
     app[NODE] = app
@@ -529,11 +531,14 @@ def build_app(
         (_database, _ledger, _keys, _upstream, _backends, _engine, _router, _lifecycle)
     )
     app.on_shutdown.append(_start_draining)
-    app.router.add_post("/v1/chat/completions", handle_completion)
-    app.router.add_post("/v1/completions", handle_completion)
-    app.router.add_get("/v1/models", models)
+    routes: list[tuple[str, str, RouteHandler]] = [
+        ("POST", "/v1/chat/completions", handle_completion),
+        ("POST", "/v1/completions", handle_completion),
+        ("GET", "/v1/models", models),
+    ]
     if cfg.listen.ops_port is None:
-        _add_ops_routes(app, cfg)
+        routes += _ops_routes(cfg)
+    add_routes(app, routes)
     return app
 
 
@@ -541,12 +546,12 @@ def build_ops_app(node: web.Application) -> web.Application:
     """/healthz, /readyz, /metrics (and /debug/bindings when enabled) of `node`, for the
     operations port: the API port then answers them 404, so a load balancer in front of it
     never exposes them."""
-    ops = web.Application(middlewares=[openai_errors])
+    ops = web.Application()
     ops[NODE] = node
     ops[CONFIG] = node[CONFIG]
     ops[STATUS] = node[STATUS]
     ops[HTTP_METRICS] = node[HTTP_METRICS]
-    _add_ops_routes(ops, node[CONFIG])
+    add_routes(ops, _ops_routes(node[CONFIG]))
     return ops
 
 

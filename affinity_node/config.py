@@ -164,7 +164,8 @@ class LimitsConfig:
     generation_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
     client_write_timeout_seconds: float = _range(30.0, 0, 3600, above=True)
-    """A client that reads nothing of a stream for this long is dropped (its slot frees)."""
+    """A client that reads nothing of a stream for this long (checked every quarter of it) is
+    dropped (its slot frees)."""
     client_idle_timeout_seconds: float = _range(15.0, 0, 3600, above=True)
     """An idle client connection, or one that sent only part of its headers, closes."""
     drain_timeout_seconds: float = _range(330.0, 0, DAY)

@@ -219,6 +219,15 @@ class Forwarder:
         finally:
             self.pool.release(backend)
 
+    def _client_gone(self, response: web.StreamResponse) -> tuple[web.StreamResponse, bool]:
+        """The client went away or stalled mid-stream. Leaving the `async with upstream` closes
+        the upstream connection, so the backend stops generating too."""
+        self.request[CLIENT_GONE] = True
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        return response, False
+
     async def _stream(
         self,
         backend: Backend,
@@ -249,49 +258,81 @@ class Forwarder:
         )
         response = web.StreamResponse(status=200, headers=headers)
         ok = True
-        loop = asyncio.get_running_loop()
-        write_timeout = self.limits.client_write_timeout_seconds
+        # A client that stops reading fills its socket buffer; a write waiting past the write
+        # timeout treats it as gone, so the backend's slot frees.
+        deadline = _WriteDeadline(self.limits.client_write_timeout_seconds)
         try:
             await response.prepare(self.request)
-            async with asyncio.timeout(None) as stalled:
-                chunk = first
-                while chunk:
-                    out = chunk if watch is None else watch.feed(chunk)
-                    if out:
-                        # A client that stops reading fills its socket buffer; past the write
-                        # timeout it is treated as gone, so the backend's slot frees.
-                        stalled.reschedule(loop.time() + write_timeout)
-                        await response.write(out)
-                        stalled.reschedule(None)
-                    wait = time.perf_counter()
-                    try:
-                        chunk = await content.readany()
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        ok = False
-                        if watch is not None:
-                            watch.discard()
-                            watch = None
-                        self.health.request_failed(backend, "stream broken")
-                        stalled.reschedule(loop.time() + write_timeout)
-                        await response.write(
-                            sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
-                        )
-                        break
-                    finally:
-                        self.upstream_time += time.perf_counter() - wait
-                stalled.reschedule(loop.time() + write_timeout)
-                if watch is not None:
-                    tail = watch.finish()
-                    self.usage = watch.raw
-                    if tail:
-                        await response.write(tail)
-                await response.write_eof()
+            chunk = first
+            while chunk:
+                out = chunk if watch is None else watch.feed(chunk)
+                if out:
+                    deadline.began = deadline.now()
+                    await response.write(out)
+                    deadline.began = None
+                wait = time.perf_counter()
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    ok = False
+                    if watch is not None:
+                        watch.discard()
+                        watch = None
+                    self.health.request_failed(backend, "stream broken")
+                    deadline.began = deadline.now()
+                    await response.write(
+                        sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
+                    )
+                    break
+                finally:
+                    self.upstream_time += time.perf_counter() - wait
+            deadline.began = deadline.now()
+            if watch is not None:
+                tail = watch.finish()
+                self.usage = watch.raw
+                if tail:
+                    await response.write(tail)
+            await response.write_eof()
+        except asyncio.CancelledError:
+            if not deadline.expired():
+                raise
+            return self._client_gone(response)
         except (ConnectionError, TimeoutError):
-            # The client went away or stalled mid-stream. Leaving the `async with upstream`
-            # closes the upstream connection, so the backend stops generating too.
-            self.request[CLIENT_GONE] = True
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()
-            return response, False
+            return self._client_gone(response)
+        finally:
+            deadline.close()
         return response, ok
+
+
+class _WriteDeadline:
+    """Bounds how long one write to a streaming client may wait, with one timer per stream:
+    a write marks when it began (`began`) and a check every quarter of the timeout cancels the
+    stream's task once a write has waited the timeout (so a stall ends within 1.25x of it).
+    asyncio.timeout would cost a timer armed and cancelled for every chunk."""
+
+    __slots__ = ("_check_handle", "_expired", "_loop", "_task", "_timeout", "began", "now")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timeout = timeout
+        self._expired = False
+        self.began: float | None = None
+        self.now = self._loop.time
+        self._check_handle = self._loop.call_later(timeout / 4, self._check)
+
+    def _check(self) -> None:
+        began = self.began
+        if began is not None and self._loop.time() - began >= self._timeout:
+            self._expired = True
+            if self._task is not None:
+                self._task.cancel()
+            return
+        self._check_handle = self._loop.call_later(self._timeout / 4, self._check)
+
+    def expired(self) -> bool:
+        """The deadline cancelled the task (and nothing else did: then that cancel stands)."""
+        return self._expired and self._task is not None and self._task.uncancel() == 0
+
+    def close(self) -> None:
+        self._check_handle.cancel()
