@@ -9,7 +9,12 @@ WHERE api_key_id = $1 AND model = $2 AND expires_at > now();
 
 -- name: binding_lock
 -- Transaction-scoped: released by commit or rollback, never leaked by a pooled connection.
-SELECT pg_advisory_xact_lock($1::bigint);
+-- The transaction's commit does not wait for its WAL flush. A notifying commit holds
+-- Postgres's one NOTIFY lock across that flush, so waiting for it capped new bindings at one
+-- fsync each across the fleet (bench-scale: ~850/s, p99 lag 117 ms, inserts timing out on
+-- the lock). A binding is soft state: one lost to a crash is picked again, and a node sees
+-- the restart (server start time) and reloads.
+SELECT pg_advisory_xact_lock($1::bigint), set_config('synchronous_commit', 'off', true);
 
 -- name: binding_create
 -- Runs under binding_lock after a re-check found no live row; an expired row is replaced.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.store.lockkeys import CLEANUP_LOCK, binding_lock_key
@@ -392,3 +393,15 @@ async def test_concurrent_refresh_flushes_on_many_nodes_never_deadlock(dsn, db):
         errors = sum(metric(n, "affinity_db_errors_total", operation="refresh") for n in fleet)
         assert errors == 0
         assert sum(metric(n, "affinity_refresh_writes_total") for n in fleet) == 15
+
+
+async def test_binding_writes_skip_the_wal_flush_wait_and_only_they_do(dsn, db):
+    """Under the pair's lock the commit does not wait for its WAL flush (a notifying commit
+    holds NOTIFY's one lock across it); the setting ends with the transaction, so other writes
+    on a pooled connection (ledger, keys) still commit durably."""
+    before = await db.fetchval("SHOW synchronous_commit")
+    assert before != "off"
+    async with db.transaction():
+        await db.execute(QUERIES["binding_lock"], binding_lock_key(uuid.uuid4(), "m"))
+        assert await db.fetchval("SHOW synchronous_commit") == "off"
+    assert await db.fetchval("SHOW synchronous_commit") == before
