@@ -88,7 +88,7 @@ class AffinityConfig:
     fanout_hot_factor: float = _range(1.5, 1, 1000)
     """... so is one whose load is this many times the fleet's mean (and 4 above it)."""
     fanout_grow_after_seconds: float = _range(2.0, 0, 3600)
-    """Every member hot this long: one more member."""
+    """A member hot and none cool this long: one more member."""
     fanout_shrink_after_seconds: float = _range(120.0, 0, 7 * DAY)
     """Every member cool this long: the newest member goes."""
 

@@ -75,7 +75,7 @@ KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]
 
 FanoutDirection = Literal["grow", "shrink"]
 FanoutReason = Literal["hot", "cool", "unhealthy", "drain"]
-"""Why a set grew (every member hot) or shrank (every member cool, or a member unhealthy)."""
+"""Why a set grew (a member hot, none cool) or shrank (every member cool, or a member unhealthy)."""
 
 SpillReason = Literal["load", "failover"]
 """Why a request went past its bound backend while the binding stayed: the bound backend was

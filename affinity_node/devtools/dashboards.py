@@ -511,7 +511,7 @@ def overview() -> Json:
                 ),
             ],
             "ops",
-            "Binding sets grown (every member hot) and shrunk (every member cool for "
+            "Binding sets grown (a member hot, none cool) and shrunk (every member cool for "
             "fanout_shrink_after_seconds, a member unhealthy or drained).",
         ),
         timeseries(

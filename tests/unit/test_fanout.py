@@ -119,12 +119,12 @@ async def test_many_nodes_deciding_at_once_grow_the_set_by_exactly_one() -> None
     assert grows == 1
 
 
-async def test_a_set_at_its_largest_does_not_grow_and_hot_members_must_all_be_hot() -> None:
+async def test_a_set_at_its_largest_does_not_grow_nor_one_with_a_cool_member() -> None:
     clock, store = Clock(), MemoryBindingStore()
     f = Fleet(store, clock, max_fanout=2, grow_after_s=0.5)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
     assert await f.engine.set_members(PAIR, res.version, (B2,), "grow", "hot")
-    set_load(f.pool, f.view, b1=(8, 6))  # b2 is not hot: a set grows only when all are
+    set_load(f.pool, f.view, b1=(8, 6))  # b2 is idle (cool): the set still has room
     for _ in range(3):
         await f.router.route(KEY, MODEL, affinity_path=True)
         clock.advance(1.0)
@@ -134,6 +134,23 @@ async def test_a_set_at_its_largest_does_not_grow_and_hot_members_must_all_be_ho
         clock.advance(1.0)
     await f.fanout.stop()
     assert (await store.read(PAIR)).fanout == (B2,)  # type: ignore[union-attr]
+
+
+async def test_one_hot_member_grows_the_set_when_no_member_is_cool() -> None:
+    """Conversations stay on their member, so one member can queue while another is busy
+    but not saturated: the set grows (moving ~1/k of each member's conversations)."""
+    clock, store = Clock(), MemoryBindingStore()
+    f = Fleet(store, clock, max_fanout=4, grow_after_s=0.5)
+    res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
+    assert await f.engine.set_members(PAIR, res.version, (B2,), "grow", "hot")
+    set_load(f.pool, f.view, b1=(8, 6), b2=(6, 0))  # b1 queues; b2 above the mean, no queue
+    assert B2 not in f.view.hot(MODEL) and B2 not in f.view.cool(MODEL)
+    for _ in range(3):
+        await f.router.route(KEY, MODEL, affinity_path=True)
+        clock.advance(1.0)
+    await f.fanout.stop()
+    grown = (await store.read(PAIR)).fanout  # type: ignore[union-attr]
+    assert len(grown) == 2 and grown[0] == B2 and grown[1] in (B3, B4)
 
 
 async def test_a_cool_set_shrinks_by_its_newest_member_after_the_hysteresis() -> None:
