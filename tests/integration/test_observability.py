@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,7 +41,19 @@ from affinity_node.vocabulary import (
     SPILL_REASONS,
 )
 
-B1, B2, B3 = "http://10.1.0.1:8000", "http://10.1.0.2:8000", "http://10.1.0.3:8000"
+
+def _silent_listener() -> socket.socket:
+    """Takes connections and never answers: a health probe waits out its timeout, longer than
+    these tests run, without leaving the machine (an unroutable address did the same until
+    something on this network answered it, and its 404 ejected the backends)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+_SILENT = [_silent_listener() for _ in range(3)]
+B1, B2, B3 = (f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in _SILENT)
 
 
 def config() -> NodeConfig:
