@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale profile-overhead dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale bench-versus profile-overhead dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -52,6 +52,11 @@ bench-faults: $(STAMP)
 # Takes a few minutes; SCALE_ARGS="--bindings 200000" for a quicker run.
 bench-scale: $(STAMP)
 	$(PY) -m affinity_node.devtools.bench_scale $(SCALE_ARGS)
+
+# This node side by side with the bare forwarder on one core, or with another revision:
+# VERSUS_ARGS="--against 78bc859 --sizes tiny,8k,200k".
+bench-versus: $(STAMP)
+	$(PY) -m affinity_node.devtools.bench_versus $(VERSUS_ARGS)
 
 # A py-spy profile of the node under the overhead benchmark's load; PROFILE_ARGS="--size 200k".
 profile-overhead: $(STAMP)

@@ -109,3 +109,17 @@ async def test_profile_runs_when_its_tools_are_installed():
     code, out = await run("affinity_node.devtools.profile_overhead", "--duration", "2")
     assert code == 0, out
     assert "affinity_node" in out and "aiohttp" in out and "req/s" in out
+
+
+async def test_versus_runs_when_its_tools_are_installed():
+    import shutil
+
+    import pytest
+
+    if not all(shutil.which(t) for t in ("nginx", "wrk", "taskset", "env")):
+        pytest.skip("needs nginx, wrk and taskset")
+    code, out = await run(
+        "affinity_node.devtools.bench_versus", "--rounds", "1", "--duration", "1", "--sizes", "tiny"
+    )
+    assert code == 0, out
+    assert "forwarder" in out and "tiny non-streaming" in out and "ratio" in out
