@@ -455,23 +455,23 @@ async def _drop_key(dsn: str, key_id: uuid.UUID) -> None:
         await conn.close()
 
 
-def node_yaml(dsn: str, port: int, backend: str, ledger: bool = True) -> str:
-    return yaml.safe_dump(
-        {
-            "node_id": "bench-overhead",
-            "listen": {"host": "127.0.0.1", "port": port},
-            "database": {"dsn": dsn, "pool_max": 4, "statement_timeout_ms": 2000},
-            "affinity": {"enabled": True, "store": "postgres"},
-            "routing": {"fallback": "least_outstanding"},
-            "health": {"interval_seconds": 5, "eject_after_failures": 3},
-            "limits": {"drain_timeout_seconds": 2},
-            "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
-            "models": [{"name": MODEL, "aliases": [], "affinity": True}],
-            "logging": {"level": "INFO", "json": False},
-            "ledger": {"enabled": ledger},
-        },
-        sort_keys=False,
-    )
+def node_yaml(dsn: str, port: int, backend: str, ledger: bool | None = True) -> str:
+    """`ledger=None` leaves the section out: a node from before the ledger accepts it."""
+    config: dict[str, Any] = {
+        "node_id": "bench-overhead",
+        "listen": {"host": "127.0.0.1", "port": port},
+        "database": {"dsn": dsn, "pool_max": 4, "statement_timeout_ms": 2000},
+        "affinity": {"enabled": True, "store": "postgres"},
+        "routing": {"fallback": "least_outstanding"},
+        "health": {"interval_seconds": 5, "eject_after_failures": 3},
+        "limits": {"drain_timeout_seconds": 2},
+        "backends": [{"url": backend, "models": [MODEL], "kind": "vllm"}],
+        "models": [{"name": MODEL, "aliases": [], "affinity": True}],
+        "logging": {"level": "INFO", "json": False},
+    }
+    if ledger is not None:
+        config["ledger"] = {"enabled": ledger}
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import yaml
 
 from affinity_node.argtypes import positive_float, positive_int
 from affinity_node.devtools import bench_overhead as bench
@@ -90,29 +89,12 @@ def _prepare_with(tree: Path, dsn: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _node_yaml(dsn: str, port: int, backend: str) -> str:
-    """What every revision's config accepts (the ledger keeps its default)."""
-    return yaml.safe_dump(
-        {
-            "node_id": "bench-versus",
-            "listen": {"host": "127.0.0.1", "port": port},
-            "database": {"dsn": dsn, "pool_max": 4, "statement_timeout_ms": 2000},
-            "affinity": {"enabled": True, "store": "postgres"},
-            "routing": {"fallback": "least_outstanding"},
-            "backends": [{"url": backend, "models": [bench.MODEL], "kind": "vllm"}],
-            "models": [{"name": bench.MODEL, "aliases": [], "affinity": True}],
-            "logging": {"level": "INFO", "json": False},
-        },
-        sort_keys=False,
-    )
-
-
 def _start_node(
     procs: bench.Procs, tmp: Path, tree: Path, dsn: str, secret: str, backend: str, cpu: int
 ) -> Side:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
-    config.write_text(_node_yaml(dsn, port, backend))
+    config.write_text(bench.node_yaml(dsn, port, backend, ledger=None))  # each its default
     # In the tree: `-m` puts the working directory first on sys.path, before PYTHONPATH.
     argv = ["env", "-C", str(tree), f"PYTHONPATH={tree}", sys.executable, "-m", "affinity_node"]
     argv.append("serve")
