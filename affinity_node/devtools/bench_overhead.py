@@ -626,10 +626,14 @@ def warm_up_node(base: str, secret: str) -> list[str]:
     return seen
 
 
-def start_forwarder(procs: Procs, backend: str, cpu: int, uvloop: bool = True) -> tuple[Proc, str]:
+def start_forwarder(
+    procs: Procs, backend: str, cpu: int, uvloop: bool = True, http1: bool = False
+) -> tuple[Proc, str]:
     port = free_port()
     argv = [sys.executable, "-m", "affinity_node.devtools.bare_forwarder", str(port), backend]
-    proc = procs.start(f"forwarder-{port}", argv if uvloop else [*argv, "--no-uvloop"], cpu)
+    argv += [] if uvloop else ["--no-uvloop"]
+    argv += ["--http1"] if http1 else []
+    proc = procs.start(f"forwarder-{port}", argv, cpu)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health", proc)
     return proc, base

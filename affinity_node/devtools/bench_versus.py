@@ -1,7 +1,8 @@
 """Two proxies side by side on one core: the node against the bare forwarder, or against the
 node at another git revision.
 
-    python -m affinity_node.devtools.bench_versus [--against forwarder|REV] [--rounds 3]
+    python -m affinity_node.devtools.bench_versus [--against forwarder|forwarder-http1|REV]
+        [--rounds 3]
         [--duration 8] [--sizes tiny,8k,200k]
 
 Both proxies run pinned to the proxy core at the same moments, each at full load from its own
@@ -36,6 +37,7 @@ from affinity_node.devtools import bench_overhead as bench
 from affinity_node.sim.support import free_port, postgres
 
 REPO = Path(__file__).resolve().parents[2]
+FORWARDERS = ("forwarder", "forwarder-http1")
 
 
 @dataclass
@@ -140,7 +142,7 @@ def versus(args: argparse.Namespace) -> dict[str, list[float]]:
             here_dsn = asyncio.run(_create_database(admin, "versus_here"))
             here_secret = _prepare_with(here, here_dsn)
             other: tuple[Path, str, str] | None = None
-            if args.against != "forwarder":
+            if args.against not in FORWARDERS:
                 tree = _worktree(args.against, tmp)
                 trees.append(tree)
                 dsn = asyncio.run(_create_database(admin, "versus_other"))
@@ -148,8 +150,10 @@ def versus(args: argparse.Namespace) -> dict[str, list[float]]:
             for n in range(args.rounds):
                 a = _start_node(procs, tmp, here, here_dsn, here_secret, backend, args.proxy_cpu)
                 if other is None:
-                    proc, base = bench.start_forwarder(procs, backend, args.proxy_cpu)
-                    b = Side("forwarder", proc, base, "unused")
+                    proc, base = bench.start_forwarder(
+                        procs, backend, args.proxy_cpu, http1=args.against == "forwarder-http1"
+                    )
+                    b = Side(args.against, proc, base, "unused")
                 else:
                     b = _start_node(procs, tmp, *other, backend, args.proxy_cpu)
                 for size, mode in cases:
@@ -192,7 +196,12 @@ def table(ratios: dict[str, list[float]], against: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m affinity_node.devtools.bench_versus")
-    p.add_argument("--against", default="forwarder", help="forwarder (default) or a git revision")
+    p.add_argument(
+        "--against",
+        default="forwarder",
+        help="forwarder (aiohttp's client; default), forwarder-http1 (the node's client) or a "
+        "git revision",
+    )
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--duration", type=positive_float, default=8.0, help="seconds per run")
     p.add_argument("--sizes", default="tiny,200k", help=f"of {','.join(bench.SIZES)}")

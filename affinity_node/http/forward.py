@@ -22,8 +22,8 @@ import asyncio
 import time
 import uuid
 
-import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.state import (
@@ -41,6 +41,7 @@ from affinity_node.http.state import (
 from affinity_node.ledger.usage import StreamUsage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
+from affinity_node.upstream.http1 import Reply, UpstreamFailed, UpstreamTimeout
 from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
 
 HOP_BY_HOP = frozenset({
@@ -51,14 +52,14 @@ _SET_HERE = frozenset({"content-type", "content-length", "date", "server"})
 """Response headers this proxy writes itself."""
 
 
-def passed_headers(upstream: aiohttp.ClientResponse, base: dict[str, str]) -> dict[str, str]:
+def passed_headers(upstream: CIMultiDictProxy[str], base: dict[str, str]) -> dict[str, str]:
     """The backend's response headers a client may see, on top of `base` (which wins)."""
     headers = dict(base)
-    named = upstream.headers.get("Connection")
+    named = upstream.get("Connection")
     dropped = HOP_BY_HOP
     if named:
         dropped = HOP_BY_HOP | {t.strip().lower() for t in named.split(",")}
-    for name, value in upstream.headers.items():
+    for name, value in upstream.items():
         low = name.lower()
         if low not in dropped and low not in _SET_HERE and low not in base:
             headers[name] = value
@@ -163,7 +164,6 @@ class Forwarder:
     ) -> tuple[web.StreamResponse, bool]:
         """`asked`: the node asked this backend for a stream's usage (the client did not)."""
         m = self.metrics
-        url = backend.id + self.request.path
         up_headers = {
             "Content-Type": "application/json",
             "x-request-id": self.headers["x-request-id"],
@@ -177,18 +177,20 @@ class Forwarder:
         self.pool.acquire(backend)
         try:
             try:
-                upstream = await self.client.post(url, body, up_headers, stream)
-            except aiohttp.SocketTimeoutError:
+                upstream = await self.client.post(
+                    backend.id, self.request.path, body, up_headers, stream
+                )
+            except UpstreamTimeout:
                 m.count_upstream(backend.id, "timeout")
                 raise _Silent from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamFailed as exc:
                 m.count_upstream(backend.id, "error")
-                raise _Retryable(f"cannot reach backend ({type(exc).__name__})") from None
+                raise _Retryable(f"cannot reach backend ({exc})") from None
             async with upstream:
                 m.count_upstream(backend.id, str(upstream.status))
                 if upstream.status >= 500:
                     raise _Retryable(f"backend answered {upstream.status}")
-                headers = passed_headers(upstream, {**self.headers, "x-affinity": affinity})
+                headers = passed_headers(upstream.headers, {**self.headers, "x-affinity": affinity})
                 ctype = upstream.headers.get("Content-Type", "application/json")
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
                     watch = None
@@ -198,10 +200,10 @@ class Forwarder:
                     return await self._stream(backend, upstream, headers, sent, watch)
                 try:
                     data = await upstream.read()
-                except aiohttp.SocketTimeoutError:
+                except UpstreamTimeout:
                     raise _Silent from None
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise _Retryable(f"backend broke the response ({type(exc).__name__})") from None
+                except UpstreamFailed as exc:
+                    raise _Retryable(f"backend broke the response ({exc})") from None
                 now = time.perf_counter()
                 m.observe_ttft(backend.id, now - sent, self.exemplar)
                 self.request[UPSTREAM_TTFT] = now - sent
@@ -231,20 +233,19 @@ class Forwarder:
     async def _stream(
         self,
         backend: Backend,
-        upstream: aiohttp.ClientResponse,
+        upstream: Reply,
         headers: dict[str, str],
         sent: float,
         watch: StreamUsage | None,
     ) -> tuple[web.StreamResponse, bool]:
         """Relays the SSE stream; `watch` (ledger on) sees every chunk on its way."""
         m = self.metrics
-        content = upstream.content
         try:
-            first = await content.readany()
-        except aiohttp.SocketTimeoutError:
+            first = await upstream.readany()
+        except UpstreamTimeout:
             raise _Silent from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Retryable(f"backend broke the stream ({type(exc).__name__})") from None
+        except UpstreamFailed as exc:
+            raise _Retryable(f"backend broke the stream ({exc})") from None
         got_first = time.perf_counter()
         m.observe_ttft(backend.id, got_first - sent, self.exemplar)
         self.request[UPSTREAM_TTFT] = got_first - sent
@@ -272,17 +273,15 @@ class Forwarder:
                     deadline.began = None
                 wait = time.perf_counter()
                 try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    chunk = await upstream.readany()
+                except UpstreamFailed as exc:
                     ok = False
                     if watch is not None:
                         watch.discard()
                         watch = None
                     self.health.request_failed(backend, "stream broken")
                     deadline.began = deadline.now()
-                    await response.write(
-                        sse_error_event(f"The backend stream broke ({type(exc).__name__}).")
-                    )
+                    await response.write(sse_error_event(f"The backend stream broke ({exc})."))
                     break
                 finally:
                     self.upstream_time += time.perf_counter() - wait

@@ -2,15 +2,17 @@
 
 Everything the node sends to a backend goes through `UpstreamClient`, so connection limits,
 timeouts and decompression are decided here once. Responses are never decompressed: the proxy
-passes bytes through as the backend sent them.
+passes bytes through as the backend sent them. Forwarded requests go through the lean
+keep-alive pool of http1.py (the hot path); probes and discovery through aiohttp.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
+
+from affinity_node.upstream.http1 import ConnectionPool, Reply, header_lines
 
 
 class UpstreamError(Exception):
@@ -33,27 +35,27 @@ class UpstreamClient:
         self.timeouts = t = timeouts or UpstreamTimeouts()
         self._health_timeout = aiohttp.ClientTimeout(total=t.health_s)
         self._discovery_timeout = aiohttp.ClientTimeout(total=t.discovery_s)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=t.connect_s, sock_read=t.read_s
-        )
-        self._generation_timeout = aiohttp.ClientTimeout(
-            total=None, connect=t.connect_s, sock_read=t.generation_s
-        )
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_read=t.read_s),
         )
+        self._pool = ConnectionPool(t.connect_s, keepalive_s=30.0)
 
     async def close(self) -> None:
+        await self._pool.close()
         await self._session.close()
 
-    def post(self, url: str, body: bytes, headers: dict[str, str], stream: bool) -> Any:
-        """The upstream request; use as `async with` (or await it, then close the response).
-        A read timeout raises aiohttp.SocketTimeoutError; a failure to connect, anything else."""
-        timeout = self._stream_timeout if stream else self._generation_timeout
-        return self._session.post(url, data=body, headers=headers, timeout=timeout)
+    async def post(
+        self, base_url: str, path: str, body: bytes, headers: dict[str, str], stream: bool
+    ) -> Reply:
+        """Forwards a request; returns once the answer's head is in (use the Reply as `async
+        with`). Raises http1.UpstreamTimeout when the backend stays silent for the read timeout
+        (the generation timeout for non-streamed answers), http1.UpstreamFailed when it cannot
+        be reached or breaks the answer, ValueError on a header that could split the request."""
+        timeout = self.timeouts.read_s if stream else self.timeouts.generation_s
+        return await self._pool.post(base_url, path, header_lines(headers), body, timeout)
 
     async def health(self, base_url: str) -> str | None:
         """None when GET /health answers 2xx in time, else why not."""

@@ -627,7 +627,11 @@ def test_the_lock_file_is_in_sync_with_pyproject() -> None:
     direct = {
         canonicalize_name(m.group(1))
         for m in re.finditer(
-            r"^(\S+)==.*\n(?:\s+--hash.*\n)*\s+# via affinity-node \(pyproject", text, re.M
+            # "# via affinity-node (pyproject.toml)", or that line in a list under "# via"
+            r"^(\S+)==.*\n(?:\s+--hash.*\n)*"
+            r"\s+# via(?: |\n(?:\s+#   (?!affinity-node).*\n)*\s+#   )affinity-node \(pyproject",
+            text,
+            re.M,
         )
     }
     assert direct == {canonicalize_name(r.name) for r in wanted}, "stale lock: rerun pip-compile"

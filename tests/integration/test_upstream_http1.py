@@ -1,0 +1,352 @@
+"""The forwarding client (upstream/http1.py) against scripted HTTP servers on 127.0.0.1: each
+server writes exactly the bytes a test needs, including the ones a well-behaved server never
+would (no length, a reset mid-body, garbage, silence)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from affinity_node.sim.support import free_port
+from affinity_node.upstream.http1 import (
+    ConnectionPool,
+    UpstreamFailed,
+    UpstreamTimeout,
+    header_lines,
+)
+from tests.support.waiting import wait_for
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+NO_HEADERS = header_lines({})
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def answer(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.url = ""
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[Server]:
+    server = Server(handler)
+    srv = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    server.url = f"http://127.0.0.1:{port}"
+    try:
+        yield server
+    finally:
+        srv.close()
+        for w in server.writers:
+            w.transport.abort()
+        for t in server.tasks:
+            t.cancel()
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ConnectionPool]:
+    p = ConnectionPool(connect_timeout_s=2.0)
+    yield p
+    await p.close()
+
+
+def keep_alive_server(server_box: list[Server]) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            server_box[0].requests.append((head, body))
+            writer.write(answer(b"echo:" + body, b"Content-Type: text/plain\r\n"))
+            await writer.drain()
+
+    return handler
+
+
+async def test_answers_come_back_and_the_connection_is_reused(pool):
+    box: list[Server] = []
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        for n in range(3):
+            lines = header_lines({"x-request-id": f"r{n}", "Content-Type": "application/json"})
+            async with await pool.post(server.url, "/v1/x", lines, b"{}", 5.0) as reply:
+                assert reply.status == 200
+                assert reply.headers["content-type"] == "text/plain"
+                assert await reply.read() == b"echo:{}"
+        assert server.connections == 1
+        assert pool.idle_count(server.url) == 1
+        head, _ = server.requests[2]
+        assert head.startswith(b"POST /v1/x HTTP/1.1\r\n")
+        assert b"\r\nx-request-id: r2\r\n" in head
+        assert f"\r\nHost: {server.url.removeprefix('http://')}\r\n".encode() in head
+
+
+async def test_a_large_body_goes_up_whole(pool):
+    box: list[Server] = []
+    body = b"x" * 300_000
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with await pool.post(server.url, "/", NO_HEADERS, body, 5.0) as reply:
+            assert await reply.read() == b"echo:" + body
+
+
+async def test_a_backend_that_closed_an_idle_connection_costs_a_new_one_not_an_error(pool):
+    async def one_per_connection(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(b"ok"))
+        await w.drain()  # then close: a keep-alive timeout on the backend's side
+
+    async with serving(one_per_connection) as server:
+        for _ in range(3):
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                assert await reply.read() == b"ok"
+            await wait_for(lambda: server.closed == server.connections, timeout=5)
+            await wait_for(lambda: pool.idle_count(server.url) == 0, timeout=5)
+        assert server.connections == 3
+
+
+async def test_connection_close_from_the_backend_is_not_pooled(pool):
+    async def closing(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(b"bye", b"Connection: close\r\n"))
+        await w.drain()
+        await r.read()  # waits for the client to hang up
+
+    async with serving(closing) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"bye"
+        assert pool.idle_count(server.url) == 0
+        await wait_for(lambda: server.closed == 1, timeout=5)
+
+
+async def test_a_body_without_length_ends_with_the_connection(pool):
+    async def http10(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
+        await w.drain()
+        w.write(b"part two")
+        await w.drain()
+
+    async with (
+        serving(http10) as server,
+        await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply,
+    ):
+        assert await reply.read() == b"part one, part two"
+
+
+async def test_chunks_arrive_as_they_are_sent(pool):
+    step = asyncio.Event()
+
+    async def chunked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+        await w.drain()
+        await step.wait()
+        w.write(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    async with serving(chunked) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.readany() == b"data: 1\n\n"  # before the second was written
+            step.set()
+            assert await reply.readany() == b"data: 2\n\n"
+            assert await reply.readany() == b""
+        assert pool.idle_count(server.url) == 1
+
+
+async def test_a_silent_backend_times_out_and_its_connection_is_dropped(pool):
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await r.read()  # never answers; returns when the client hangs up
+
+    async with serving(silent) as server:
+        with pytest.raises(UpstreamTimeout):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 0.2)
+        await wait_for(lambda: server.closed == 1, timeout=5)
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_silence_between_chunks_times_out_the_read(pool):
+    async def stalls(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await w.drain()
+        await r.read()
+
+    async with (
+        serving(stalls) as server,
+        await pool.post(server.url, "/", NO_HEADERS, b"{}", 0.2) as reply,
+    ):
+        assert await reply.readany() == b"hi"
+        with pytest.raises(UpstreamTimeout):
+            await reply.readany()
+
+
+async def test_bytes_the_node_holds_unread_do_not_count_as_silence(pool):
+    """A slow client: the node reads a stream late; the backend finished long ago."""
+    big = b"y" * 600_000  # past the pause threshold: the socket stops being read
+
+    async def fast(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(big, b"Content-Type: text/event-stream\r\n"))
+        await w.drain()
+        await r.read()
+
+    async with (
+        serving(fast) as server,
+        await pool.post(server.url, "/", NO_HEADERS, b"{}", 0.2) as reply,
+    ):
+        await asyncio.sleep(0.6)  # the slow client under test, three timeouts long
+        got = b""
+        while chunk := await reply.readany():
+            got += chunk
+        assert got == big
+
+
+async def test_a_reset_mid_body_fails_the_read(pool):
+    async def resets(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await w.drain()
+        w.transport.abort()
+
+    async with serving(resets) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            with pytest.raises(UpstreamFailed) as err:
+                await reply.read()
+        assert not isinstance(err.value, UpstreamTimeout)
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_a_connection_closed_before_any_answer_fails_the_request(pool):
+    async def hangs_up(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+
+    async with serving(hangs_up) as server:
+        with pytest.raises(UpstreamFailed, match="closed the connection"):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0)
+
+
+async def test_garbage_instead_of_http_fails_the_request(pool):
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    async with serving(garbage) as server:
+        with pytest.raises(UpstreamFailed, match="malformed"):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0)
+
+
+async def test_nothing_listening_fails_fast(pool):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UpstreamFailed, match="cannot connect"):
+        await pool.post(url, "/", NO_HEADERS, b"{}", 5.0)
+
+
+async def test_leaving_an_answer_early_closes_its_connection(pool):
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            w.write(b"2\r\nab\r\n")
+            await w.drain()
+            await asyncio.sleep(0.01)
+
+    async with serving(endless) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.readany()
+        await wait_for(lambda: server.closed == 1, timeout=5)  # the backend saw it go
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(pool):
+    got = asyncio.Event()
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        got.set()
+        await r.read()
+
+    async with serving(slow) as server:
+        task = asyncio.create_task(pool.post(server.url, "/", NO_HEADERS, b"{}", 30.0))
+        await asyncio.wait_for(got.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_for(lambda: server.closed == 1, timeout=5)
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_an_informational_answer_is_skipped(pool):
+    async def early_hints(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + answer(b"real"))
+        await w.drain()
+        await r.read()
+
+    async with (
+        serving(early_hints) as server,
+        await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply,
+    ):
+        assert reply.status == 200
+        assert "link" not in reply.headers
+        assert await reply.read() == b"real"
+
+
+def test_header_values_that_could_split_a_request_are_refused():
+    with pytest.raises(ValueError):
+        header_lines({"x-request-id": "a\r\nHost: evil"})
+    with pytest.raises(ValueError):
+        header_lines({"x-a\nb": "c"})
+    assert header_lines({"a": "b", "c": "d"}) == b"a: b\r\nc: d\r\n"
+
+
+async def test_a_second_unasked_answer_spoils_the_connection_not_the_first(pool):
+    async def double(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(b"one") + answer(b"two"))
+        await w.drain()
+        await r.read()
+
+    async with serving(double) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"one"
+        assert pool.idle_count(server.url) == 0
+        await wait_for(lambda: server.closed == 1, timeout=5)
