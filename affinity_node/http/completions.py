@@ -15,20 +15,38 @@ from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
 from affinity_node.http.middleware import base_headers
 from affinity_node.http.payload import Payload
-from affinity_node.http.state import API_KEY_ID, BACKENDS, MODEL, ROUTER, STATUS
-from affinity_node.ledger.usage import usage_request, with_usage
+from affinity_node.http.state import API_KEY_ID, BACKENDS, CONFIG, MODEL, ROUTER, STATUS
+from affinity_node.ledger.usage import usage_request, with_usage_parts
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend
 
 
 async def read_payload(request: web.Request) -> Payload:
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(
-            413, "Request body too large.", "invalid_request_error", None, "request_too_large"
-        ) from None
-    return Payload(body)
+    return Payload(await read_body(request))
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413, "Request body too large.", "invalid_request_error", None, "request_too_large"
+    )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, within the app's client_max_size. aiohttp's request.read() copies a body twice
+    (into a bytearray, then to bytes); this joins the received chunks once, which is a few
+    percent of the node's CPU at 200 KB. A declared length over the limit is refused unread."""
+    limit = request.app[CONFIG].limits.max_body_bytes
+    if (request.content_length or 0) > limit:
+        raise _too_large()
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large()
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def handle_completion(request: web.Request) -> web.StreamResponse:
@@ -78,5 +96,5 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         asks = usage_request(payload)
         forwarder.client_asked_usage = asks.client_asked
         if asks.inject:
-            usage_body = with_usage(upstream_body, payload)
+            usage_body = with_usage_parts(upstream_body, payload)
     return await forwarder.run(route, key_id, model, upstream_body, payload.stream, usage_body)

@@ -41,7 +41,7 @@ from affinity_node.http.state import (
 from affinity_node.ledger.usage import StreamUsage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
-from affinity_node.upstream.http1 import Reply, UpstreamFailed, UpstreamTimeout
+from affinity_node.upstream.http1 import BodyParts, Reply, UpstreamFailed, UpstreamTimeout
 from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
 
 HOP_BY_HOP = frozenset({
@@ -103,7 +103,7 @@ class Forwarder:
         model: str,
         body: bytes,
         stream: bool,
-        usage_body: bytes | None = None,
+        usage_body: BodyParts | None = None,
     ) -> web.StreamResponse:
         """`usage_body`: the body that also asks for a stream's usage, for vllm backends."""
         backend = route.backend
@@ -160,7 +160,12 @@ class Forwarder:
         return response
 
     async def _attempt(
-        self, backend: Backend, body: bytes, stream: bool, affinity: AffinityHeader, asked: bool
+        self,
+        backend: Backend,
+        body: bytes | BodyParts,
+        stream: bool,
+        affinity: AffinityHeader,
+        asked: bool,
     ) -> tuple[web.StreamResponse, bool]:
         """`asked`: the node asked this backend for a stream's usage (the client did not)."""
         m = self.metrics

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from affinity_node.upstream.http1 import ConnectionPool, Reply, header_lines
+from affinity_node.upstream.http1 import BodyParts, ConnectionPool, Reply, header_lines
 
 
 class UpstreamError(Exception):
@@ -48,7 +48,12 @@ class UpstreamClient:
         await self._session.close()
 
     async def post(
-        self, base_url: str, path: str, body: bytes, headers: dict[str, str], stream: bool
+        self,
+        base_url: str,
+        path: str,
+        body: bytes | BodyParts,
+        headers: dict[str, str],
+        stream: bool,
     ) -> Reply:
         """Forwards a request; returns once the answer's head is in (use the Reply as `async
         with`). Raises http1.UpstreamTimeout when the backend stays silent for the read timeout

@@ -28,6 +28,9 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+BodyParts = tuple[bytes | memoryview, ...]
+"""A request body in pieces sent one after the other (a splice without a copy)."""
+
 
 class UpstreamFailed(Exception):
     """The backend could not be reached or broke the answer; the message says how."""
@@ -426,7 +429,12 @@ class ConnectionPool:
         return sum(1 for c in self._idle.get(base_url, ()) if not c.closed)
 
     async def post(
-        self, base_url: str, path: str, headers: bytes, body: bytes, read_timeout_s: float
+        self,
+        base_url: str,
+        path: str,
+        headers: bytes,
+        body: bytes | BodyParts,
+        read_timeout_s: float,
     ) -> Reply:
         """Sends `POST path` with the body; returns once the answer's status and headers are
         in. `headers`: extra header lines, each ending in CRLF (see `header_lines`)."""
@@ -434,18 +442,20 @@ class ConnectionPool:
         conn = await self.acquire(base_url)
         transport = conn.transport
         assert transport is not None
+        parts: BodyParts = (body,) if isinstance(body, bytes) else body
+        length = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = b"".join((
             b"POST ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
-            origin.head, headers, b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n",
+            origin.head, headers, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
         conn.last_read = conn.loop.time()
         reply = Reply(self, conn, read_timeout_s)
         conn._reply = reply
         try:
-            if len(body) < 16384:
-                transport.write(head + body)
-            else:
-                transport.writelines((head, body))
+            if length < 16384:  # one small write beats a writev
+                transport.write(b"".join((head, *parts)))
+            else:  # no copy of a large body
+                transport.writelines((head, *parts))
             await reply.head()
         except BaseException:
             reply.close()

@@ -157,6 +157,30 @@ async def test_body_over_the_limit_is_413(one_node):
     assert payload["error"]["code"] == "request_too_large"
 
 
+async def test_a_chunked_body_over_the_limit_is_413_and_one_within_it_is_served(one_node):
+    """No Content-Length to refuse up front: the limit is counted as the chunks arrive."""
+    c, secret = one_node
+    start = b'{"model": "%s", "messages": [{"role": "user", "content": "' % MODEL.encode()
+
+    async def chunked(quarters: int) -> AsyncIterator[bytes]:
+        yield start
+        for _ in range(quarters):
+            yield b"x" * (256 * 1024)
+        yield b'"}]}'
+
+    async with aiohttp.ClientSession() as s:
+        # 9 MB (the node's limit is 8), then 512 KB (the fake backend's own limit is 1 MB)
+        for quarters, want in ((36, 413), (2, 200)):
+            async with s.post(
+                c.nodes[0].url + "/v1/chat/completions",
+                data=chunked(quarters),
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+            ) as r:
+                assert r.status == want, await r.text()
+                if want == 413:
+                    assert (await r.json())["error"]["code"] == "request_too_large"
+
+
 async def test_header_flood_is_refused_without_500(one_node):
     c, secret = one_node
     flood = {f"x-junk-{i}": "v" * 100 for i in range(200)}

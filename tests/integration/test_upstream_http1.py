@@ -350,3 +350,14 @@ async def test_a_second_unasked_answer_spoils_the_connection_not_the_first(pool)
             assert await reply.read() == b"one"
         assert pool.idle_count(server.url) == 0
         await wait_for(lambda: server.closed == 1, timeout=5)
+
+
+@pytest.mark.parametrize("size", [10, 300_000], ids=["small", "large"])
+async def test_a_body_in_pieces_arrives_as_one(pool, size):
+    box: list[Server] = []
+    tail = b'"x":"' + b"y" * size + b'"}'
+    parts = (b"{", b'"stream_options":{"include_usage":true},', memoryview(b"{" + tail)[1:])
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with await pool.post(server.url, "/", NO_HEADERS, parts, 5.0) as reply:
+            assert await reply.read() == b"echo:" + b"".join(parts)
