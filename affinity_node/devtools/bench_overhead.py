@@ -7,6 +7,9 @@ request (one short message), an 8 KB and a 200 KB one (many messages, as real ch
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
                  aiohttp proxy;
+  (b2) the same bare forwarder with the node's upstream client (upstream/http1.py): the
+                 floor for the node's relay, so node / (b2) is the cost of what the node
+                 does besides relaying (auth, routing, metrics, ledger);
   (c) node:      `affinity-node serve` with affinity on (Postgres store) and metrics live.
 Then the usage ledger's cost: a node with `ledger.enabled` off and one with it on, both on
 the proxy's core at once, each at full load from its own wrk; the ratio of their throughputs
@@ -63,10 +66,13 @@ SSE_PATH = "/v1/completions"
 MODES = {"non-streaming": (CHAT_PATH, False), "streaming": (SSE_PATH, True)}
 SIZES = {"tiny": 0, "8k": 8 * 1024, "200k": 200 * 1024}
 """Body sizes: "tiny" is one short message; the others many messages up to that many bytes."""
-TARGETS = ("direct", "forwarder", "node")
+TARGETS = ("direct", "forwarder", "forwarder_http1", "node")
+COMPARED = ("direct", "forwarder", "node")
+"""The targets the summary lines compare (forwarder_http1 adds one line when present)."""
 LABELS = {
     "direct": "(a) direct nginx",
     "forwarder": "(b) bare forwarder",
+    "forwarder_http1": "(b2) http1 forwarder",
     "node": "(c) affinity node",
 }
 CONNECTIONS = 64
@@ -675,6 +681,11 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         record("forwarder", measure(base, secret, opts, tmp, fwd))
         procs.stop(fwd)
 
+        fwd, base = start_forwarder(procs, backend, opts.proxy_cpu, http1=True)
+        print(f"{LABELS['forwarder_http1']}: {base}", file=sys.stderr, flush=True)
+        record("forwarder_http1", measure(base, secret, opts, tmp, fwd))
+        procs.stop(fwd)
+
         node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu)
         print(f"{LABELS['node']}: {base}", file=sys.stderr, flush=True)
         report["warm_up_affinity"] = warm_up_node(base, secret)
@@ -863,8 +874,8 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                         f"{mode} {target} {load}: the client lagged "
                         f"(p99 {lag:.1f} ms): latencies are the client's too"
                     )
-        if all(t in by_target for t in TARGETS):
-            d, f, n = (by_target[t] for t in TARGETS)
+        if all(t in by_target for t in COMPARED):
+            d, f, n = (by_target[t] for t in COMPARED)
             lines.append(
                 f"  node / forwarder throughput (full load): "
                 f"{n['full'].rps / f['full'].rps:.2f}   "
@@ -878,6 +889,13 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
                 f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms"
             )
+            h = by_target.get("forwarder_http1")
+            if h is not None:
+                lines.append(
+                    f"  node / http1 forwarder throughput (full load): "
+                    f"{n['full'].rps / h['full'].rps:.2f} (what the node does besides relaying)"
+                    + cpu_ratio(n["full"], h["full"])
+                )
         lines.append("")
     nm = report.get("node_metrics")
     if nm:
@@ -971,8 +989,8 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
 
     summary: dict[str, Any] = {}
     for mode, by in results.items():
-        if all(t in by for t in TARGETS):
-            d, f, n = (by[t] for t in TARGETS)
+        if all(t in by for t in COMPARED):
+            d, f, n = (by[t] for t in COMPARED)
             summary[mode] = {
                 "node_over_forwarder_rps": n["full"].rps / f["full"].rps,
                 "forwarder_over_direct_rps": f["full"].rps / d["full"].rps,
@@ -982,6 +1000,10 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
                 "node_cpu_us_per_req": n["full"].cpu_us_per_req,
                 "forwarder_cpu_us_per_req": f["full"].cpu_us_per_req,
             }
+            if "forwarder_http1" in by:
+                summary[mode]["node_over_forwarder_http1_rps"] = (
+                    n["full"].rps / by["forwarder_http1"]["full"].rps
+                )
     out: dict[str, Any] = {
         "options": asdict(opts),
         "connections": CONNECTIONS,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
+
 
 async def run(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
@@ -109,16 +111,18 @@ async def test_profile_runs_when_its_tools_are_installed():
     assert "affinity_node" in out and "aiohttp" in out and "req/s" in out
 
 
-async def test_versus_runs_when_its_tools_are_installed():
+@pytest.mark.parametrize("against", ["forwarder", "forwarder-http1"])
+async def test_versus_runs_when_its_tools_are_installed(against):
     import shutil
 
     if not all(shutil.which(t) for t in ("nginx", "wrk", "taskset", "env")):
         _missing("needs nginx, wrk and taskset")
     code, out = await run(
-        "affinity_node.devtools.bench_versus", "--rounds", "1", "--duration", "1", "--sizes", "tiny"
+        "affinity_node.devtools.bench_versus",
+        *("--rounds", "1", "--duration", "1", "--sizes", "tiny", "--against", against),
     )
     assert code == 0, out
-    assert "forwarder" in out and "tiny non-streaming" in out and "ratio" in out
+    assert f"over {against}" in out and "tiny non-streaming" in out and "ratio" in out
 
 
 def _missing(what: str) -> None:
