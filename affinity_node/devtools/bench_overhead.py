@@ -2,7 +2,7 @@
 
     python -m affinity_node.devtools.bench_overhead [--dsn DSN] [--duration 10] [--json PATH]
 
-Three targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
+Four targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
 request (one short message), an 8 KB and a 200 KB one (many messages, as real chats send):
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
   (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
@@ -19,7 +19,8 @@ with a usage event, which the node asks for and removes), so the ledger reads ev
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
-size (`--sizes`). After the
+size (`--sizes`). All targets run from the start, and each case measures them one right
+after the other (a VM's speed drifts over minutes; back to back, it hits them alike). After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
 is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
 steady when something else briefly shares the core. Needs the Debian packages nginx (or
@@ -575,30 +576,43 @@ def measure(
     proxy: Proc | None,
     loads: Sequence[str] = ("full", "fixed"),
 ) -> dict[str, dict[str, Run]]:
-    out: dict[str, dict[str, Run]] = {}
-    for mode, (path, stream, size) in cases(opts.sizes).items():
-        body = request_body(stream, size)
-        url = base + path
-        runs: dict[str, Run] = {}
-        if "full" in loads:
-            wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, tmp)  # warm-up
-            runs["full"] = accounted("full", url, body, secret, opts, tmp, proxy)
-        if "fixed" in loads:
-            runs["fixed"] = accounted("fixed", url, body, secret, opts, tmp, proxy)
-        out[mode] = runs
-        for load, run in runs.items():
-            cpu = (
-                f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
-                if run.cpu_us_per_req is not None and run.cpu_share is not None
-                else ""
-            )
-            print(
-                f"  {mode:<22} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-                f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-    return out
+    return {
+        mode: measure_case(mode, base, secret, opts, tmp, proxy, loads)
+        for mode in cases(opts.sizes)
+    }
+
+
+def measure_case(
+    mode: str,
+    base: str,
+    secret: str,
+    opts: Options,
+    tmp: Path,
+    proxy: Proc | None,
+    loads: Sequence[str] = ("full", "fixed"),
+) -> dict[str, Run]:
+    path, stream, size = cases(opts.sizes)[mode]
+    body = request_body(stream, size)
+    url = base + path
+    runs: dict[str, Run] = {}
+    if "full" in loads:
+        wrk(url, body, secret, max(1.0, opts.duration / 10), opts.load_cpu, tmp)  # warm-up
+        runs["full"] = accounted("full", url, body, secret, opts, tmp, proxy)
+    if "fixed" in loads:
+        runs["fixed"] = accounted("fixed", url, body, secret, opts, tmp, proxy)
+    for load, run in runs.items():
+        cpu = (
+            f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
+            if run.cpu_us_per_req is not None and run.cpu_share is not None
+            else ""
+        )
+        print(
+            f"  {mode:<22} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
+            f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    return runs
 
 
 def start_node(
@@ -668,30 +682,26 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         backend = f"http://127.0.0.1:{nginx_port}"
         wait_ready(backend + "/health", nginx)
         results: Results = {case: {} for case in cases(opts.sizes)}
-
-        def record(target: str, runs: dict[str, dict[str, Run]]) -> None:
-            for mode, by_load in runs.items():
-                results[mode][target] = by_load
-
-        print(f"{LABELS['direct']}: {backend}", file=sys.stderr, flush=True)
-        record("direct", measure(backend, secret, opts, tmp, None))
-
+        # Every target runs from the start (idle ones cost nothing), and each case measures
+        # them one right after the other: this VM's speed drifted 15-40% over minutes, so
+        # targets measured minutes apart (one target after the other) were not comparable.
+        targets: dict[str, tuple[str, Proc | None]] = {"direct": (backend, None)}
         fwd, base = start_forwarder(procs, backend, opts.proxy_cpu)
-        print(f"{LABELS['forwarder']}: {base}", file=sys.stderr, flush=True)
-        record("forwarder", measure(base, secret, opts, tmp, fwd))
-        procs.stop(fwd)
-
-        fwd, base = start_forwarder(procs, backend, opts.proxy_cpu, http1=True)
-        print(f"{LABELS['forwarder_http1']}: {base}", file=sys.stderr, flush=True)
-        record("forwarder_http1", measure(base, secret, opts, tmp, fwd))
-        procs.stop(fwd)
-
+        targets["forwarder"] = (base, fwd)
+        fwd_h1, base = start_forwarder(procs, backend, opts.proxy_cpu, http1=True)
+        targets["forwarder_http1"] = (base, fwd_h1)
         node, base = start_node(procs, tmp, dsn, backend, opts.proxy_cpu)
-        print(f"{LABELS['node']}: {base}", file=sys.stderr, flush=True)
         report["warm_up_affinity"] = warm_up_node(base, secret)
-        record("node", measure(base, secret, opts, tmp, node))
-        report["node_metrics"] = asdict(node_figures(base))
-        procs.stop(node)
+        targets["node"] = (base, node)
+        for target, (base, _proc) in targets.items():
+            print(f"{LABELS[target]}: {base}", file=sys.stderr, flush=True)
+        for mode in results:
+            for target, (base, proc) in targets.items():
+                print(f"{LABELS[target]}:", file=sys.stderr, flush=True)
+                results[mode][target] = measure_case(mode, base, secret, opts, tmp, proc)
+        report["node_metrics"] = asdict(node_figures(targets["node"][0]))
+        for proc in (fwd, fwd_h1, node):
+            procs.stop(proc)
 
         if opts.compare_uvloop:
             report["uvloop_experiment"] = uvloop_experiment(procs, tmp, dsn, backend, secret, opts)

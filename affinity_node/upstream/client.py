@@ -14,6 +14,12 @@ import aiohttp
 
 from affinity_node.upstream.http1 import BodyParts, ConnectionPool, Reply, header_lines
 
+IDLE_REUSE_S = 4.0
+"""How long an idle forwarding connection may be reused: under vLLM's keep-alive (uvicorn's,
+5 s by default, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the node never sends a request on a
+connection the backend is closing at that moment. That request would fail, and it would be
+retried on another backend, losing the cache."""
+
 
 class UpstreamError(Exception):
     """A backend could not be asked or answered something unusable; the message says which."""
@@ -41,7 +47,7 @@ class UpstreamClient:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_read=t.read_s),
         )
-        self._pool = ConnectionPool(t.connect_s, keepalive_s=30.0)
+        self._pool = ConnectionPool(t.connect_s, keepalive_s=IDLE_REUSE_S)
 
     async def close(self) -> None:
         await self._pool.close()

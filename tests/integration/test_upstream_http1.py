@@ -361,3 +361,24 @@ async def test_a_body_in_pieces_arrives_as_one(pool, size):
         box.append(server)
         async with await pool.post(server.url, "/", NO_HEADERS, parts, 5.0) as reply:
             assert await reply.read() == b"echo:" + b"".join(parts)
+
+
+async def test_a_connection_idle_past_the_reuse_limit_is_replaced():
+    """The limit sits under the backend's keep-alive, so the node never reuses a connection the
+    backend may be closing at that very moment."""
+    box: list[Server] = []
+    pool = ConnectionPool(connect_timeout_s=2.0, keepalive_s=0.05)
+    try:
+        async with serving(keep_alive_server(box)) as server:
+            box.append(server)
+            for _ in range(2):
+                async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                    await reply.read()
+            assert server.connections == 1  # back to back: reused
+            await asyncio.sleep(0.1)  # the idle time under test, twice the limit
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                await reply.read()
+            assert server.connections == 2
+            await wait_for(lambda: server.closed == 1, timeout=5)  # the stale one was closed
+    finally:
+        await pool.close()
