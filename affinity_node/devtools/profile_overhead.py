@@ -101,11 +101,13 @@ def profile(target: str, size: str, mode: str, seconds: float, raw: Path) -> str
             )
             backend = f"http://127.0.0.1:{port}"
             bench.wait_ready(backend + "/health", nginx)
-            if target == "node":
-                proc, base = bench.start_node(procs, tmp, dsn, backend, 0)
+            if target.startswith("node"):
+                proc, base = bench.start_node(procs, tmp, dsn, backend, 0, ledger=target == "node")
                 bench.warm_up_node(base, secret)
             else:
-                proc, base = bench.start_forwarder(procs, backend, 0)
+                proc, base = bench.start_forwarder(
+                    procs, backend, 0, http1=target.endswith("http1")
+                )
             path, stream = bench.MODES[mode]
             body = bench.request_body(stream, size)
             bench.wrk(base + path, body, secret, 2, 1, tmp)  # warm-up
@@ -130,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m affinity_node.devtools.profile_overhead",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument("--target", choices=["node", "forwarder"], default="node")
+    p.add_argument(
+        "--target",
+        choices=["node", "node-no-ledger", "forwarder", "forwarder-http1"],
+        default="node",
+        help="node-no-ledger: ledger.enabled off; forwarder-http1: with the node's client",
+    )
     p.add_argument("--size", choices=list(bench.SIZES), default="tiny")
     p.add_argument("--mode", choices=list(bench.MODES), default="non-streaming")
     p.add_argument("--duration", type=float, default=10.0, help="seconds sampled (default 10)")

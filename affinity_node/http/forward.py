@@ -269,9 +269,13 @@ class Forwarder:
         deadline = _WriteDeadline(self.limits.client_write_timeout_seconds)
         try:
             await response.prepare(self.request)
+            last = b""  # the backend's last bytes: sent with the response's end, one write
             chunk = first
             while chunk:
                 out = chunk if watch is None else watch.feed(chunk)
+                if upstream.drained:
+                    last = out
+                    break
                 if out:
                     deadline.began = deadline.now()
                     await response.write(out)
@@ -285,8 +289,7 @@ class Forwarder:
                         watch.discard()
                         watch = None
                     self.health.request_failed(backend, "stream broken")
-                    deadline.began = deadline.now()
-                    await response.write(sse_error_event(f"The backend stream broke ({exc})."))
+                    last = sse_error_event(f"The backend stream broke ({exc}).")
                     break
                 finally:
                     self.upstream_time += time.perf_counter() - wait
@@ -294,9 +297,8 @@ class Forwarder:
             if watch is not None:
                 tail = watch.finish()
                 self.usage = watch.raw
-                if tail:
-                    await response.write(tail)
-            await response.write_eof()
+                last = last + tail if tail else last
+            await response.write_eof(last)
         except asyncio.CancelledError:
             if not deadline.expired():
                 raise

@@ -300,6 +300,11 @@ class Reply:
         while not self.status:
             await self._wait()
 
+    @property
+    def drained(self) -> bool:
+        """The answer is complete and every byte of it was read: the next readany is b""."""
+        return self.complete and not self._chunks
+
     async def readany(self) -> bytes:
         """The body bytes received since the last call; b"" once the answer is complete."""
         while not self._chunks:
