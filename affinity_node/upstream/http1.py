@@ -55,7 +55,7 @@ class _Origin:
     """"Host: ...\\r\\n" and the fixed headers every request carries."""
 
 
-def _origin(base_url: str, user_agent: str) -> _Origin:
+def _origin(base_url: str, user_agent: str, tls: ssl.SSLContext | None) -> _Origin:
     parts = urlsplit(base_url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
@@ -65,7 +65,7 @@ def _origin(base_url: str, user_agent: str) -> _Origin:
     netloc = f"[{host}]" if ":" in host else host
     default = 443 if scheme == "https" else 80
     host_header = netloc if port == default else f"{netloc}:{port}"
-    context = ssl.create_default_context() if scheme == "https" else None
+    context = (tls or ssl.create_default_context()) if scheme == "https" else None
     head = f"Host: {host_header}\r\nUser-Agent: {user_agent}\r\n".encode("latin-1")
     return _Origin(host, port, context, parts.path.rstrip("/"), head)
 
@@ -359,8 +359,11 @@ class ConnectionPool:
         connect_timeout_s: float,
         keepalive_s: float = 30.0,
         user_agent: str = "affinity-node",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: how https backends are verified (default: the system's trusted CAs)."""
         self._connect_timeout = connect_timeout_s
+        self._tls = tls
         self._keepalive = keepalive_s
         self._user_agent = user_agent
         self._origins: dict[str, _Origin] = {}
@@ -372,7 +375,7 @@ class ConnectionPool:
     def origin(self, base_url: str) -> _Origin:
         o = self._origins.get(base_url)
         if o is None:
-            o = self._origins[base_url] = _origin(base_url, self._user_agent)
+            o = self._origins[base_url] = _origin(base_url, self._user_agent, self._tls)
         return o
 
     async def _connect(self, base_url: str, origin: _Origin) -> _Connection:

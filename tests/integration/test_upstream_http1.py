@@ -5,8 +5,13 @@ would (no length, a reset mid-body, garbage, silence)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -382,3 +387,51 @@ async def test_a_connection_idle_past_the_reuse_limit_is_replaced():
             await wait_for(lambda: server.closed == 1, timeout=5)  # the stale one was closed
     finally:
         await pool.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1 (openssl's command line)."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI", "").lower() == "true":  # .ci/run installs it
+            pytest.fail("needs the openssl command")
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    ca_key, ca, key, csr, cert = (d / n for n in ("ca.key", "ca.pem", "k.pem", "r.csr", "c.pem"))
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for argv in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "1", "-subj", "/CN=affinity test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+async def test_https_backends_are_verified(tls_files):
+    ca, cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    box: list[Server] = []
+    server = Server(keep_alive_server(box))
+    box.append(server)
+    srv = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_ctx)
+    url = f"https://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    trusting = ConnectionPool(connect_timeout_s=2.0, tls=ssl.create_default_context(cafile=ca))
+    system = ConnectionPool(connect_timeout_s=2.0)  # does not know the test CA
+    try:
+        async with await trusting.post(url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"echo:{}"
+        with pytest.raises(UpstreamFailed, match="cannot connect"):
+            await system.post(url, "/", NO_HEADERS, b"{}", 5.0)
+    finally:
+        await trusting.close()
+        await system.close()
+        for w in server.writers:
+            w.transport.abort()
+        srv.close()
+        await asyncio.gather(*server.tasks, return_exceptions=True)
