@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -537,6 +538,7 @@ class Options:
     compare_uvloop: bool
     sizes: tuple[str, ...] = tuple(SIZES)
     ledger_rounds: int = 3
+    versus_rounds: int = 3
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
@@ -700,7 +702,12 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
                 print(f"{LABELS[target]}:", file=sys.stderr, flush=True)
                 results[mode][target] = measure_case(mode, base, secret, opts, tmp, proc)
         report["node_metrics"] = asdict(node_figures(targets["node"][0]))
-        for proc in (fwd, fwd_h1, node):
+        procs.stop(fwd_h1)
+        if opts.versus_rounds:
+            report["side_by_side"] = side_by_side(
+                {"forwarder": targets["forwarder"], "node": targets["node"]}, secret, opts, tmp
+            )
+        for proc in (fwd, node):
             procs.stop(proc)
 
         if opts.compare_uvloop:
@@ -785,6 +792,36 @@ def ledger_experiment(
         for proc, _base in nodes.values():
             procs.stop(proc)
     return {"runs": runs, "ledger_on_node_metrics": figures}
+
+
+def side_by_side(
+    targets: dict[str, tuple[str, Proc | None]], secret: str, opts: Options, tmp: Path
+) -> dict[str, list[float]]:
+    """Node over forwarder throughput per case, the two at full load on the proxy's core at the
+    same moments (as bench-versus does): whatever else runs hits both alike, so rounds agree
+    within a few percent where runs one after the other do not."""
+    ratios: dict[str, list[float]] = {mode: [] for mode in cases(opts.sizes)}
+    for n in range(opts.versus_rounds):
+        print(f"(b) and (c) side by side, round {n + 1}", file=sys.stderr, flush=True)
+        for mode, (path, stream, size) in cases(opts.sizes).items():
+            body = request_body(stream, size)
+            for load in ("warm-up", "full"):
+                with ThreadPoolExecutor(2) as pool:
+                    futures = {
+                        name: pool.submit(side_run, load, base + path, body, secret, opts, tmp, p)
+                        for name, (base, p) in targets.items()
+                        if p is not None
+                    }
+                    done = {name: f.result() for name, f in futures.items()}
+            fwd, node = done["forwarder"], done["node"]
+            ratios[mode].append(node.rps / fwd.rps if fwd.rps else float("nan"))
+            print(
+                f"  {mode:<22} forwarder {fwd.rps:6.0f} req/s, node {node.rps:6.0f} req/s: "
+                f"{ratios[mode][-1]:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return ratios
 
 
 def wait_first_flush(base: str, timeout_s: float = 30.0) -> None:
@@ -899,6 +936,13 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
                 f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms"
             )
+            side = report.get("side_by_side", {}).get(mode)
+            if side:
+                lines.append(
+                    f"  node / forwarder throughput side by side (same core, same moments), "
+                    f"median of {len(side)}: {statistics.median(side):.2f} "
+                    f"({min(side):.2f}..{max(side):.2f})"
+                )
             h = by_target.get("forwarder_http1")
             if h is not None:
                 lines.append(
@@ -1010,6 +1054,9 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
                 "node_cpu_us_per_req": n["full"].cpu_us_per_req,
                 "forwarder_cpu_us_per_req": f["full"].cpu_us_per_req,
             }
+            side = report.get("side_by_side", {}).get(mode)
+            if side:
+                summary[mode]["node_over_forwarder_side_by_side"] = statistics.median(side)
             if "forwarder_http1" in by:
                 summary[mode]["node_over_forwarder_http1_rps"] = (
                     n["full"].rps / by["forwarder_http1"]["full"].rps
@@ -1026,6 +1073,7 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
         },
         "summary": summary,
         "node_metrics": report.get("node_metrics"),
+        "side_by_side": report.get("side_by_side"),
         "busy_before": report.get("busy_before"),
     }
     exp = report.get("uvloop_experiment")
@@ -1107,6 +1155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"request bodies to measure, comma-separated (default {','.join(SIZES)})",
     )
     p.add_argument(
+        "--versus-rounds",
+        type=non_negative_int,
+        default=3,
+        help="rounds of the node and the forwarder side by side at full load (default 3; 0 skips)",
+    )
+    p.add_argument(
         "--ledger-rounds",
         type=non_negative_int,
         default=3,
@@ -1149,7 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     opts = Options(
         args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes,
-        args.ledger_rounds,
+        args.ledger_rounds, args.versus_rounds,
     )  # fmt: skip
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)
