@@ -20,7 +20,8 @@ The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fi
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
 1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
 size (`--sizes`). All targets run from the start, and each case measures them one right
-after the other (a VM's speed drifts over minutes; back to back, it hits them alike). After the
+after the other (a VM's speed drifts over minutes; back to back, it hits them alike); the
+fixed-rate runs in 5 slices, the targets taking turns, medians reported. After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
 is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
 steady when something else briefly shares the core. Needs the Debian packages nginx (or
@@ -48,7 +49,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -617,6 +618,55 @@ def measure_case(
     return runs
 
 
+FIXED_ROUNDS = 5
+
+
+def fixed_interleaved(
+    mode: str, targets: dict[str, tuple[str, Proc | None]], secret: str, opts: Options, tmp: Path
+) -> dict[str, Run]:
+    """A case's fixed-rate runs in FIXED_ROUNDS slices, the targets taking turns, each target's
+    figures the median of its slices: added latency is a difference of a few tenths of a ms,
+    and one 10 s run per target, one after the other, drifted by more than that here."""
+    path, stream, size = cases(opts.sizes)[mode]
+    body = request_body(stream, size)
+    sliced = replace(opts, duration=max(2.0, opts.duration / FIXED_ROUNDS))
+    slices: dict[str, list[Run]] = {target: [] for target in targets}
+    for _ in range(FIXED_ROUNDS):
+        for target, (base, proc) in targets.items():
+            slices[target].append(accounted("fixed", base + path, body, secret, sliced, tmp, proc))
+    out = {target: merged(runs) for target, runs in slices.items()}
+    for target, run in out.items():
+        print(
+            f"  {mode:<22} fixed {LABELS[target]:<21} p50 {run.p50_ms:5.2f} ms "
+            f"(slices {', '.join(f'{r.p50_ms:.2f}' for r in slices[target])})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def merged(runs: Sequence[Run]) -> Run:
+    """Slices of one target's fixed-rate run: medians of their figures, sums of their counts."""
+    med = statistics.median
+    cpu = [r.cpu_us_per_req for r in runs if r.cpu_us_per_req is not None]
+    share = [r.cpu_share for r in runs if r.cpu_share is not None]
+    return Run(
+        rps=med(r.rps for r in runs),
+        p50_ms=med(r.p50_ms for r in runs),
+        p99_ms=med(r.p99_ms for r in runs),
+        errors=sum(r.errors for r in runs),
+        requests=sum(r.requests for r in runs),
+        cpu_us_per_req=med(cpu) if cpu else None,
+        cpu_share=med(share) if share else None,
+        detail={
+            "slices": len(runs),
+            "p50_ms_slices": [r.p50_ms for r in runs],
+            "lag_p99_ms": max(r.detail.get("lag_p99_ms", 0.0) for r in runs),
+            "statuses": [r.detail.get("statuses") for r in runs if r.errors],
+        },
+    )
+
+
 def start_node(
     procs: Procs,
     tmp: Path,
@@ -700,7 +750,11 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         for mode in results:
             for target, (base, proc) in targets.items():
                 print(f"{LABELS[target]}:", file=sys.stderr, flush=True)
-                results[mode][target] = measure_case(mode, base, secret, opts, tmp, proc)
+                results[mode][target] = measure_case(
+                    mode, base, secret, opts, tmp, proc, loads=("full",)
+                )
+            for target, run in fixed_interleaved(mode, targets, secret, opts, tmp).items():
+                results[mode][target]["fixed"] = run
         report["node_metrics"] = asdict(node_figures(targets["node"][0]))
         procs.stop(fwd_h1)
         if opts.versus_rounds:
