@@ -32,7 +32,7 @@ def _too_large() -> ApiError:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The body, within the app's client_max_size. aiohttp's request.read() copies a body twice
+    """The body, within limits.max_body_bytes. aiohttp's request.read() copies a body twice
     (into a bytearray, then to bytes); this joins the received chunks once, which is a few
     percent of the node's CPU at 200 KB. A declared length over the limit is refused unread."""
     limit = request.app[CONFIG].limits.max_body_bytes
