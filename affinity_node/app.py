@@ -51,6 +51,7 @@ from affinity_node.http.state import (
     REGISTRY,
     ROUTER,
     STATUS,
+    TRANSPORT,
     UPSTREAM,
     NodeStatus,
 )
@@ -412,6 +413,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         )
     )
     app[UPSTREAM] = client
+    app[TRANSPORT] = client
     yield
     await client.close()
 
@@ -470,6 +472,7 @@ async def _router(app: web.Application) -> AsyncIterator[None]:
         engine,
         AffinityRules(aff.enabled, aff.load_factor, aff.spill_min_gap),
         app[AFFINITY_METRICS],
+        app[HEALTH],
         fanout,
     )
     poller = LoadPoller(

@@ -97,4 +97,4 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         forwarder.client_asked_usage = asks.client_asked
         if asks.inject:
             usage_body = with_usage_parts(upstream_body, payload)
-    return await forwarder.run(route, key_id, model, upstream_body, payload.stream, usage_body)
+    return await forwarder.run(route, key_id, upstream_body, payload.stream, usage_body)

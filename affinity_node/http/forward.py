@@ -30,18 +30,18 @@ from affinity_node.http.state import (
     BACKENDS,
     CLIENT_GONE,
     CONFIG,
-    HEALTH,
     HTTP_METRICS,
     LEDGER,
     ROUTER,
-    UPSTREAM,
+    TRANSPORT,
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
 from affinity_node.ledger.usage import StreamUsage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
-from affinity_node.upstream.http1 import BodyParts, Reply, UpstreamFailed, UpstreamTimeout
+from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout
+from affinity_node.upstream.transport import Answer
 from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
 
 HOP_BY_HOP = frozenset({
@@ -84,13 +84,14 @@ class Forwarder:
         self.started = started
         self.upstream_time = 0.0
         self.pool = app[BACKENDS]
-        self.health = app[HEALTH]
         self.router = app[ROUTER]
-        self.client = app[UPSTREAM]
+        self.client = app[TRANSPORT]
         self.metrics = app[HTTP_METRICS]
         self.limits = app[CONFIG].limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
         self.ledger = app.get(LEDGER)
+        self.broken: str | None = None
+        """Why the backend broke an answer already under way (reported after the request)."""
         self.client_asked_usage = False
         """A stream whose client set stream_options.include_usage (its usage event stays)."""
         self.usage: bytes | None = None
@@ -100,26 +101,21 @@ class Forwarder:
         self,
         route: Route,
         key_id: uuid.UUID,
-        model: str,
         body: bytes,
         stream: bool,
         usage_body: BodyParts | None = None,
     ) -> web.StreamResponse:
-        """`usage_body`: the body that also asks for a stream's usage, for vllm backends."""
-        backend = route.backend
-        tried: list[Backend] = []
-        affinity = route.affinity
+        """`usage_body`: the body that also asks for a stream's usage, for vllm backends.
+        Where a failed request goes next is the router's decision (`after_failure`)."""
         while True:
+            backend = route.backend
             sent_body = usage_body if usage_body is not None and backend.kind == "vllm" else body
             try:
                 response, ok = await self._attempt(
-                    backend, sent_body, stream, affinity, asked=sent_body is not body
+                    backend, sent_body, stream, route.affinity, asked=sent_body is not body
                 )
             except _Retryable as exc:
-                self.health.request_failed(backend, exc.reason)
-                tried.append(backend)
-                alt = self.router.retry_target(route, model, tried)
-                if alt is None or len(tried) > 1:
+                if self.router.after_failure(route, exc.reason) is None:
                     raise ApiError(
                         502,
                         f"Upstream failed: {exc.reason}.",
@@ -127,8 +123,6 @@ class Forwarder:
                         None,
                         "upstream_error",
                     ) from None
-                affinity = self.router.retry_header(route, backend)
-                backend = alt
                 continue
             except _Silent:
                 timeout = (
@@ -145,13 +139,14 @@ class Forwarder:
                 ) from None
             break
         if ok:
-            self.health.request_succeeded(backend)
-            self.router.succeeded(route, key_id, model, backend, tried)
+            self.router.succeeded(route)
+        elif self.broken is not None:
+            self.router.broke(route, self.broken)
         if self.ledger is not None:
-            outcome: LedgerOutcome = affinity
-            if affinity == "hit" and not route.first:
+            outcome: LedgerOutcome = route.affinity
+            if outcome == "hit" and not route.first:
                 outcome = "fanout"
-            self.ledger.record(key_id, model, backend.id, outcome, self.usage)
+            self.ledger.record(key_id, route.model, backend.id, outcome, self.usage)
             if ok and self.usage is None:
                 self.ledger.count_unreported()
         self.metrics.overhead.observe(
@@ -238,7 +233,7 @@ class Forwarder:
     async def _stream(
         self,
         backend: Backend,
-        upstream: Reply,
+        upstream: Answer,
         headers: dict[str, str],
         sent: float,
         watch: StreamUsage | None,
@@ -288,7 +283,7 @@ class Forwarder:
                     if watch is not None:
                         watch.discard()
                         watch = None
-                    self.health.request_failed(backend, "stream broken")
+                    self.broken = "stream broken"
                     last = sse_error_event(f"The backend stream broke ({exc}).")
                     break
                 finally:

@@ -20,6 +20,7 @@ from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.router import Router
 from affinity_node.upstream.client import UpstreamClient
+from affinity_node.upstream.transport import Transport
 
 
 @dataclass
@@ -57,6 +58,8 @@ LEDGER = web.AppKey("ledger", UsageLedger)
 """Present only when ledger.enabled (the forwarder looks it up once per request)."""
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
+TRANSPORT = web.AppKey("transport", Transport)
+"""How requests are forwarded (the UPSTREAM client; a scripted one in unit tests)."""
 BACKENDS = web.AppKey("backends", BackendPool)
 HEALTH = web.AppKey("health", BackendHealth)
 ENGINE = web.AppKey("engine", AffinityEngine)

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 Chooser = Callable[[Sequence[str]], str]
 """The fallback strategy: picks one of the candidate backends."""
+Successor = Callable[[Pair, Sequence[str]], str]
+"""Where a pair goes when its backend can no longer serve it (the same answer on every node,
+so a retry and the rebind after it agree)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +241,16 @@ class AffinityEngine:
     # -- the request path --------------------------------------------------------------------
 
     async def resolve(
-        self, api_key_id: UUID, model: str, candidates: Sequence[str], choose: Chooser
+        self,
+        api_key_id: UUID,
+        model: str,
+        candidates: Sequence[str],
+        choose: Chooser,
+        successor: Successor | None = None,
     ) -> Resolution:
-        """The backend for this pair among `candidates` (the model's healthy backends)."""
+        """The backend for this pair among `candidates` (the model's healthy backends):
+        `choose` places a new binding, `successor` moves one whose backend left the candidates
+        (default: `choose`)."""
         pair = (api_key_id, model)
         hit = self._cache.lookup(pair)
         if (
@@ -255,7 +265,9 @@ class AffinityEngine:
         task = self._inflight.get(pair)
         leader = task is None
         if task is None:
-            task = asyncio.create_task(self._resolve_slow(pair, tuple(candidates), choose))
+            task = asyncio.create_task(
+                self._resolve_slow(pair, tuple(candidates), choose, successor)
+            )
             self._inflight[pair] = task
             task.add_done_callback(lambda _t: self._inflight.pop(pair, None))
         result = await asyncio.shield(task)
@@ -287,7 +299,11 @@ class AffinityEngine:
         return result
 
     async def _resolve_slow(
-        self, pair: Pair, candidates: tuple[str, ...], choose: Chooser
+        self,
+        pair: Pair,
+        candidates: tuple[str, ...],
+        choose: Chooser,
+        successor: Successor | None = None,
     ) -> Resolution:
         entry = self._cache.lookup(pair)
         if entry is not None and entry[2] > self._clock():
@@ -296,13 +312,22 @@ class AffinityEngine:
                 if checked > self._stale_before:
                     # A notification landed since the caller looked: it is a hit now.
                     return self._hit(pair[1], entry)
-                return await self._miss(pair, candidates, choose)  # suspect: read it again
+                # suspect: read it again
+                return await self._miss(pair, candidates, choose, successor)
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it,
             # to a member of its set when one can serve (that cache is warm already).
-            return await self._rebind(pair, backend, candidates, choose, "unhealthy", fanout)
-        return await self._miss(pair, candidates, choose)
+            return await self._rebind(
+                pair, backend, candidates, choose, "unhealthy", fanout, successor
+            )
+        return await self._miss(pair, candidates, choose, successor)
 
-    async def _miss(self, pair: Pair, candidates: tuple[str, ...], choose: Chooser) -> Resolution:
+    async def _miss(
+        self,
+        pair: Pair,
+        candidates: tuple[str, ...],
+        choose: Chooser,
+        successor: Successor | None = None,
+    ) -> Resolution:
         if not self._breaker.allows():
             return self._degraded(pair, candidates, choose)
         stamp = self._cache.stamp()
@@ -327,7 +352,7 @@ class AffinityEngine:
         self._fill(pair, stored, stamp, asked_at)
         if stored.backend not in candidates:
             return await self._rebind(
-                pair, stored.backend, candidates, choose, "unhealthy", stored.fanout
+                pair, stored.backend, candidates, choose, "unhealthy", stored.fanout, successor
             )
         self._m.cache_misses.labels(pair[1], outcome).inc()
         return Resolution(stored.backend, outcome, stored.fanout, stored.version)
@@ -340,13 +365,16 @@ class AffinityEngine:
         choose: Chooser,
         reason: RebindReason,
         fanout: Members = NO_MEMBERS,
+        successor: Successor | None = None,
     ) -> Resolution:
         if not self._breaker.allows():
             return self._degraded(pair, candidates, choose)
         stamp = self._cache.stamp()
         try:
             for _ in range(3):
-                new = next((m for m in fanout if m in candidates), None) or choose(candidates)
+                new = next((m for m in fanout if m in candidates), None) or (
+                    choose(candidates) if successor is None else successor(pair, candidates)
+                )
                 asked_at = self._clock()
                 moved = await self._store.rebind(pair, old, new, self._s.ttl_seconds)
                 if moved is not None:
@@ -359,7 +387,7 @@ class AffinityEngine:
                 current = await self._store.read(pair)
                 if current is None:
                     self._cache.evict(pair, old)
-                    return await self._miss(pair, candidates, choose)
+                    return await self._miss(pair, candidates, choose, successor)
                 self._fill(pair, current, stamp, asked_at)
                 if current.backend in candidates:
                     return Resolution(current.backend, "rebind", current.fanout, current.version)

@@ -17,7 +17,9 @@ from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolution
 from affinity_node.routing.fanout import FanoutController
+from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.members import rendezvous
+from affinity_node.routing.ports import Pair
 from affinity_node.routing.strategies import Strategy
 from affinity_node.vocabulary import HEADER_OF, AffinityHeader
 
@@ -26,8 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Route:
+    """One request's routing, kept up to date through a retry (`Router.after_failure`)."""
+
     backend: Backend
+    """Where the request goes now."""
     affinity: AffinityHeader
+    model: str
+    """Canonical."""
     bound: Backend | None = None
     """The set member that should serve the pair's request when affinity decided (None for
     bypass and degraded)."""
@@ -36,6 +43,13 @@ class Route:
     moves: bool = False
     """Decided when the bound backend failed and the request was retried elsewhere: whether
     the binding follows the retry (said so in the header, done after the success)."""
+    pair: Pair | None = None
+    """The (API key id, model) the route was decided for (None when affinity did not apply)."""
+    members: tuple[str, ...] = ()
+    """The pair's backend set when it has more than one member."""
+    conversation: Callable[[], bytes] | None = None
+    failed: tuple[Backend, ...] = ()
+    """Backends this request failed on, in order."""
 
 
 class NoBackend(LookupError):
@@ -57,9 +71,11 @@ class Router:
         engine: AffinityEngine | None,
         rules: AffinityRules,
         metrics: AffinityMetrics,
+        health: BackendHealth,
         fanout: FanoutController | None = None,
     ) -> None:
         self._pool = pool
+        self._health = health
         self._strategy = strategy
         self._engine = engine if rules.enabled else None
         self._rules = rules
@@ -105,21 +121,55 @@ class Router:
         candidates = [b for b in self._pool.candidates(model) if b not in exclude]
         return self._strategy.choose(candidates) if candidates else None
 
-    def retry_target(self, route: Route, model: str, tried: Sequence[Backend]) -> Backend | None:
-        """Where to retry after `tried` failed: for a bound pair, a backend it could be bound
-        to (vllm) when there is one, so that a failover can move the binding there."""
-        if route.bound is not None:
-            ids = self._affinity_candidates(model)
-            eligible = [
-                b
-                for b in map(self._pool.get, ids)
-                if b is not None and b not in tried and b.state == "active"
-            ]
-            if eligible:
-                return self._strategy.choose(eligible)
-        return self.fallback(model, exclude=tried)
+    def _successor(self, pair: Pair, ids: Sequence[str]) -> str:
+        """Where a pair goes when its backend can no longer serve it: the same answer on every
+        node for the same candidates (rendezvous hashing of the pair), so the retry of a
+        request whose bound backend failed and the rebind that follows land on one backend,
+        and the fleet warms one cache. New bindings only on active backends."""
+        known = [b for b in map(self._pool.get, ids) if b is not None]
+        active = [b.id for b in known if b.state == "active"] or [b.id for b in known]
+        return rendezvous(pair[0].bytes + pair[1].encode(), active or ids)
 
-    def retry_header(self, route: Route, failed: Backend) -> AffinityHeader:
+    def after_failure(self, route: Route, reason: str) -> Backend | None:
+        """`route.backend` failed before any byte reached the client: reports it to the health
+        state machine and answers where to retry, or None (one retry per request). The route
+        is updated: its backend, and its header (whether the binding follows the retry)."""
+        failed = route.backend
+        self._health.request_failed(failed, reason)
+        route.failed += (failed,)
+        if len(route.failed) > 1:
+            return None
+        target = self._retry_target(route)
+        if target is None:
+            return None
+        route.affinity = self._retry_header(route, failed)
+        route.backend = target
+        return target
+
+    def broke(self, route: Route, reason: str) -> None:
+        """The backend broke an answer after bytes reached the client: no retry is possible,
+        but the health state machine hears of it."""
+        self._health.request_failed(route.backend, reason)
+
+    def _retry_target(self, route: Route) -> Backend | None:
+        """Where a request goes after `route.failed`: for a pair whose bound backend failed,
+        where the pair goes without it (the conversation's next member of its set, else the
+        pair's successor), so this retry and the rebind that follows agree."""
+        failed = route.failed
+        pair = route.pair
+        if route.bound is not None and pair is not None and route.bound in failed:
+            ids = self._affinity_candidates(pair[1])
+            tried = {b.id for b in failed}
+            eligible = [i for i in ids if i not in tried]
+            members = [m for m in route.members if m in eligible]
+            if members:
+                key = route.conversation() if route.conversation is not None else b""
+                return self._pool.get(rendezvous(key, members) if key else members[0])
+            if eligible:
+                return self._pool.get(self._successor(pair, eligible))
+        return self.fallback(route.model, exclude=failed)
+
+    def _retry_header(self, route: Route, failed: Backend) -> AffinityHeader:
         """The header of a request retried elsewhere after `failed` failed: its binding moves
         only when the bound backend is unhealthy by now (one error is not enough, as the
         health thresholds say); otherwise the retry is a spill and the binding stays."""
@@ -128,29 +178,24 @@ class Router:
         route.moves = not failed.healthy and route.first
         return "rebind" if route.moves else "spill"
 
-    def succeeded(
-        self,
-        route: Route,
-        api_key_id: UUID,
-        model: str,
-        served_by: Backend,
-        failed: Sequence[Backend],
-    ) -> None:
+    def succeeded(self, route: Route) -> None:
         """After a success: extend the binding when its backend served, or move it to the
         backend that served when the bound one failed and was unhealthy by the retry (as the
         header said). A spill never touches it; nothing is ever bound to a backend affinity
         does not apply to."""
-        engine = self._engine
-        bound = route.bound
-        if engine is None or bound is None or route.affinity == "spill":
+        served_by = route.backend
+        self._health.request_succeeded(served_by)
+        engine, bound, pair = self._engine, route.bound, route.pair
+        if engine is None or bound is None or pair is None:
             return
-        if served_by is bound:
-            engine.served(api_key_id, model, served_by.id)
-        elif bound in failed:
+        api_key_id, model = pair
+        if bound in route.failed:
             if route.moves and self._pool.affinity_applies(model, served_by):
                 engine.failed_over(api_key_id, model, bound.id, served_by.id)
             else:
                 self._m.spills.labels(model, "failover").inc()
+        elif served_by is bound and route.affinity != "spill":
+            engine.served(api_key_id, model, served_by.id)
 
     def _member(
         self, res: Resolution, ids: Sequence[str], conversation: Callable[[], bytes] | None
@@ -176,8 +221,11 @@ class Router:
         if engine is not None and affinity_path:
             ids = self._affinity_candidates(model)
             if ids:
+                pair = (api_key_id, model)
                 try:
-                    res = await engine.resolve(api_key_id, model, ids, self._choose_id)
+                    res = await engine.resolve(
+                        api_key_id, model, ids, self._choose_id, self._successor
+                    )
                 except NoCandidates:
                     res = None
                 if res is not None:
@@ -185,24 +233,38 @@ class Router:
                     backend = self._pool.get(member)
                     if backend is not None:
                         if res.outcome == "degraded":
-                            return Route(backend, "degraded")
+                            return Route(backend, "degraded", model)
                         first = member == res.backend
+                        members = (res.backend, *res.fanout) if res.fanout else ()
                         if res.outcome == "hit":
                             if self._fanout is not None:
-                                self._fanout.observe((api_key_id, model), res)
+                                self._fanout.observe(pair, res)
                             # Past the set only when it cannot grow any more.
                             if len(res.fanout) + 1 >= self._max_fanout and self._pool.overloaded(
                                 backend, model, self._rules.load_factor, self._rules.spill_min_gap
                             ):
-                                members = (res.backend, *res.fanout)
                                 other = self.fallback(
-                                    model, exclude=[b for b in map(self._pool.get, members) if b]
+                                    model,
+                                    exclude=[
+                                        b
+                                        for b in map(self._pool.get, members or (res.backend,))
+                                        if b
+                                    ],
                                 )
                                 if other is not None:
                                     self._m.spills.labels(model, "load").inc()
-                                    return Route(other, "spill", bound=backend, first=first)
-                        return Route(backend, HEADER_OF[res.outcome], bound=backend, first=first)
+                                    return Route(other, "spill", model, backend, first, pair=pair)
+                        return Route(
+                            backend,
+                            HEADER_OF[res.outcome],
+                            model,
+                            backend,
+                            first,
+                            pair=pair,
+                            members=members,
+                            conversation=conversation,
+                        )
         chosen = self.fallback(model)
         if chosen is None:
             raise NoBackend(model)
-        return Route(chosen, "bypass")
+        return Route(chosen, "bypass", model)

@@ -379,3 +379,18 @@ async def test_overloaded_bound_backend_spills_without_moving_the_binding(dsn):
             spilled
         )
         assert await bound_row(dsn) == [f"http://127.0.0.1:{c.backends[int(first[1:])].port}"]
+
+
+async def test_after_the_bound_backend_dies_every_request_lands_on_one_backend(dsn):
+    """A retry after a failed bound backend goes where the pair is rebound, on every node: the
+    fleet warms one cache, not the retry target's and then the new binding's."""
+    async with cluster(dsn, nodes=3, backends=4) as c:
+        secret = await c.new_key("alice")
+        clients = [c.client(i, secret) for i in range(3)]
+        first_id, _, _ = await chat(clients[0], stream=False)
+        for i in range(3):
+            await wait_for(lambda i=i: len(c.nodes[i].engine.cache) == 1, what="cached")
+        await c.backends[int(first_id[1:])].close()
+        served = [(await chat(clients[i % 3], stream=bool(i % 2)))[0] for i in range(10)]
+        assert first_id not in served
+        assert len(set(served)) == 1, served

@@ -13,6 +13,7 @@ from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.load import LoadRules, LoadView
 from affinity_node.routing.members import conversation_key, rendezvous
+from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
@@ -50,6 +51,7 @@ class Fleet:
             self.engine,
             AffinityRules(),
             AffinityMetrics(CollectorRegistry()),
+            BackendHealth(self.pool),
             self.fanout,
         )
 
@@ -188,7 +190,6 @@ async def test_a_cool_set_shrinks_by_its_newest_member_after_the_hysteresis() ->
 
 
 async def test_an_unhealthy_member_leaves_the_set_at_once() -> None:
-    from affinity_node.routing.health import BackendHealth
 
     clock, store = Clock(), MemoryBindingStore()
     f = Fleet(store, clock)

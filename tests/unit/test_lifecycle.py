@@ -14,6 +14,7 @@ from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.lifecycle import Mover, MoverRules, RegistryEntry, apply_registry
 from affinity_node.routing.ports import BindingRow
+from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
@@ -83,6 +84,7 @@ async def test_no_new_binding_lands_on_a_draining_backend() -> None:
         engine,
         AffinityRules(),
         AffinityMetrics(CollectorRegistry()),
+        BackendHealth(p),
     )
     chosen = {
         (await router.route(uuid.uuid4(), MODEL, affinity_path=True)).backend.id for _ in range(30)

@@ -35,7 +35,11 @@ class Parts:
     """The router's metrics (spills)."""
 
 
-def setup(store: MemoryBindingStore | None = None, rules: AffinityRules | None = None) -> Parts:
+def setup(
+    store: MemoryBindingStore | None = None,
+    rules: AffinityRules | None = None,
+    eject_after_failures: int = 1,
+) -> Parts:
     clock = Clock()
     store = store or MemoryBindingStore(clock)
     pool = BackendPool(
@@ -45,17 +49,19 @@ def setup(store: MemoryBindingStore | None = None, rules: AffinityRules | None =
     )
     engine, registry = make_engine(store, clock)
     affinity = CollectorRegistry()
+    health = BackendHealth(pool, eject_after_failures=eject_after_failures)
     router = Router(
         pool,
         make_strategy("round_robin"),
         engine,
         rules or AffinityRules(),
         AffinityMetrics(affinity),
+        health,
     )
     return Parts(
         router,
         pool,
-        BackendHealth(pool, eject_after_failures=1),
+        health,
         registry,
         store,
         engine,
@@ -87,7 +93,7 @@ async def test_an_overloaded_bound_backend_spills_one_request_and_keeps_the_bind
     spilled = await router.route(KEY, MODEL, affinity_path=True)
     assert spilled.affinity == "spill" and spilled.backend is not bound
     assert spilled.bound is bound
-    router.succeeded(spilled, KEY, MODEL, spilled.backend, [])
+    router.succeeded(spilled)
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == bound.id  # a spill never moves it
     bound.inflight = 10  # 10 < 2.5 + 8: light enough again
@@ -98,7 +104,8 @@ async def test_an_ejected_bound_backend_rebinds() -> None:
     parts = setup()
     router = parts.router
     bound = (await router.route(KEY, MODEL, affinity_path=True)).backend
-    parts.health.request_failed(bound, "connect refused")
+    for _ in range(2):  # eject_after_failures
+        parts.health.request_failed(bound, "connect refused")
     moved = await router.route(KEY, MODEL, affinity_path=True)
     assert moved.affinity == "rebind" and moved.backend is not bound
     stored = await parts.store.read(PAIR)
@@ -108,39 +115,93 @@ async def test_an_ejected_bound_backend_rebinds() -> None:
 async def test_a_retry_elsewhere_moves_the_binding_only_when_the_bound_backend_is_unhealthy() -> (
     None
 ):
-    parts = setup()
+    parts = setup(eject_after_failures=2)
     router = parts.router
     route = await router.route(KEY, MODEL, affinity_path=True)
     bound = route.backend
-    other = router.retry_target(route, MODEL, [bound])
+    other = router.after_failure(route, "connect refused")
     assert other is not None and other.kind == "vllm"  # a bound pair retries where it can bind
+    assert route.backend is other and route.failed == (bound,)
     # One error does not make a backend unhealthy: the retry is a spill, the binding stays.
-    assert router.retry_header(route, bound) == "spill"
-    router.succeeded(route, KEY, MODEL, other, failed=[bound])
+    assert route.affinity == "spill"
+    router.succeeded(route)
     await parts.engine.stop()
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == bound.id
     assert sample(parts.affinity, "affinity_spills_total", model=MODEL, reason="failover") == 1
-    # Ejected (here after one failure): the retry rebinds, and the binding moves. What the
-    # header said decides, even if health changes before the success is reported.
-    parts.health.request_failed(bound, "connect refused")
-    assert router.retry_header(route, bound) == "rebind"
-    router.succeeded(route, KEY, MODEL, other, failed=[bound])
+    # A second failure ejects it (eject_after_failures=2): the retry rebinds, and the binding
+    # moves to the backend the retry went to.
+    again = await router.route(KEY, MODEL, affinity_path=True)
+    assert again.backend is bound
+    assert router.after_failure(again, "connect refused") is other
+    assert again.affinity == "rebind" and not bound.healthy
+    router.succeeded(again)
     await parts.engine.stop()  # waits for the background move
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == other.id
 
 
+async def test_one_retry_per_request() -> None:
+    parts = setup(eject_after_failures=2)
+    route = await parts.router.route(KEY, MODEL, affinity_path=True)
+    assert parts.router.after_failure(route, "reset") is not None
+    assert parts.router.after_failure(route, "reset") is None
+    assert len(route.failed) == 2 and route.failed[0] is not route.failed[1]
+
+
+async def test_the_retry_goes_where_the_rebind_will_go_whatever_node_decides() -> None:
+    """After the bound backend fails, the retry target and the later rebind (on this node or
+    any other, whatever their strategies' state) are the same backend: one cache warms."""
+    targets: set[str] = set()
+    rebound: set[str] = set()
+    for node in range(4):
+        parts = setup(eject_after_failures=2)
+        router = parts.router
+        await parts.store.create_if_absent(PAIR, lambda: URLS[0], 1800)
+        for _ in range(node):  # each node's round robin in another state
+            await router.route(uuid4(), MODEL, affinity_path=True)
+        route = await router.route(KEY, MODEL, affinity_path=True)
+        assert route.backend.id == URLS[0]
+        target = router.after_failure(route, "connect refused")
+        assert target is not None
+        targets.add(target.id)
+        router.after_failure(await router.route(KEY, MODEL, affinity_path=True), "refused")
+        moved = await router.route(KEY, MODEL, affinity_path=True)  # ejected now: rebinds
+        assert moved.affinity == "rebind"
+        rebound.add(moved.backend.id)
+        await parts.engine.stop()
+    assert len(targets) == 1 and targets == rebound, (targets, rebound)
+
+
+async def test_a_failed_set_member_retries_on_the_member_its_conversation_goes_to_next() -> None:
+    parts = setup(eject_after_failures=2)
+    router = parts.router
+    created = await parts.store.create_if_absent(PAIR, lambda: URLS[0], 1800)
+    grown = await parts.store.set_members(PAIR, created.binding.version, (URLS[1], URLS[2]))
+    assert grown is not None
+    conversation = b"o:conversation-7"
+    route = await router.route(KEY, MODEL, affinity_path=True, conversation=lambda: conversation)
+    failed = route.backend
+    target = router.after_failure(route, "refused")
+    assert target is not None and target is not failed
+    router.after_failure(await router.route(KEY, MODEL, True, lambda: conversation), "refused")
+    assert not failed.healthy
+    after = await router.route(KEY, MODEL, affinity_path=True, conversation=lambda: conversation)
+    assert after.backend is target
+
+
 async def test_failover_never_binds_to_an_external_backend() -> None:
-    parts = setup()
+    parts = setup(eject_after_failures=2)
     router = parts.router
     route = await router.route(KEY, MODEL, affinity_path=True)
     bound = route.backend
     parts.health.request_failed(bound, "connect refused")
     external = parts.pool.get(EXTERNAL)
     assert external is not None
-    assert router.retry_header(route, bound) == "rebind"
-    router.succeeded(route, KEY, MODEL, external, failed=[bound])
+    assert router.after_failure(route, "connect refused") is not None
+    assert route.affinity == "rebind"
+    route.backend = external  # served by the external one after all (no vllm left, say)
+    router.succeeded(route)
     await parts.engine.stop()
     stored = await parts.store.read(PAIR)
     assert stored is not None and stored.backend == bound.id
