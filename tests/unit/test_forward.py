@@ -216,7 +216,7 @@ async def test_a_stream_is_relayed_in_order_and_a_break_after_bytes_is_an_error_
     events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
     sse = "text/event-stream"
     n = node(Scripted(chunks=events, content_type=sse, breaks_after=2), Scripted())
-    response, route = await n.forward(stream=True)
+    _, route = await n.forward(stream=True)
     sent = bytes(n.wire.sent)
     assert sent.startswith(b"".join(events)) and n.wire.eof
     assert b"event: error" in sent or b'"error"' in sent[len(b"".join(events)) :]
