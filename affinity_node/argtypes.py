@@ -112,6 +112,14 @@ def non_empty(text: str) -> str:
     return text
 
 
+def lora_adapter(text: str) -> tuple[str, str | None]:
+    """`NAME[=PARENT]` of `fake-backend --lora` (no parent: the first --model)."""
+    name, sep, parent = (part.strip() for part in text.partition("="))
+    if not name or (sep and not parent):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME or NAME=PARENT")
+    return name, parent or None
+
+
 CHECKED_TYPES = frozenset(
     {
         port,
@@ -125,6 +133,7 @@ CHECKED_TYPES = frozenset(
         non_empty,
         duration,
         backend_url,
+        lora_adapter,
     }
 )
 """The types above: the CLI test checks every typed option uses one of them."""

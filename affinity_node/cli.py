@@ -20,6 +20,7 @@ from affinity_node.argtypes import (
 )
 from affinity_node.argtypes import (
     key_id,
+    lora_adapter,
     non_empty,
     non_negative_float,
     non_negative_int,
@@ -185,6 +186,7 @@ async def _fake_backend(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         kv_cache_blocks=args.kv_cache_blocks,
         seed=args.seed,
+        lora=dict(args.lora),
     )
     running = await serve(cfg)
     print(f"fake backend {args.id} serving {', '.join(args.model)} on {running.url}", flush=True)
@@ -259,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
         "its blocks fit (default: --cache-blocks)",
     )
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--lora",
+        type=lora_adapter,
+        action="append",
+        default=[],
+        metavar="NAME[=PARENT]",
+        help="serve a LoRA adapter, listed in /v1/models with its parent (default: the first "
+        "--model); repeatable",
+    )
     p.set_defaults(func=_fake_backend)
 
     p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")

@@ -7,40 +7,48 @@ than it can do queues (engine.py: running slots, a FIFO queue, shared prefill co
 slowing with the batch, KV blocks). Each backend tags its answers (`x-backend-id` header,
 `system_fingerprint`) so a caller can see who served it, and faults can be injected at start
 or at runtime through `POST /admin/fail`. Every metric carries vLLM's own name.
+
+Besides chat and completions it speaks the rest of the API real clients use, each in its own
+module on this one's generation core: Responses with a per-server store
+(responses_routes.py), Anthropic Messages (anthropic_api.py), embeddings, rerank, score,
+tokenize and audio (extra_api.py), LoRA adapters (lora.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from affinity_node.sim.anthropic_api import MessagesRoutes
+from affinity_node.sim.backend_metrics import BackendMetrics
 from affinity_node.sim.engine import CapacityModel, Engine
+from affinity_node.sim.extra_api import ExtraRoutes
+from affinity_node.sim.lora import LoraRoutes, ServedModels
 from affinity_node.sim.prefix_cache import PrefixCache, stable_hash, tokenize
+from affinity_node.sim.responses_routes import ResponsesRoutes
 from affinity_node.sim.vllm_api import (
     ApiError,
+    Event,
     Job,
     Kind,
     full_body,
     injected_error,
     parse_job,
+    sse,
     stream_events,
 )
 
-TTFT_BUCKETS: Final = (
-    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-"""vLLM's TTFT buckets from 5 ms up: the fake's timings start at a few milliseconds."""
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
+"""Audio uploads are multipart bodies of up to 25 MB at OpenAI; JSON bodies fit too."""
 
 _WORDS: Final = (
     "the", "cache", "block", "prefix", "token", "model", "request", "answer", "node", "route",
@@ -89,6 +97,12 @@ class FakeBackendConfig:
     """Answer every completion with this status and an OpenAI error body."""
     drop_after_chunks: int | None = None
     """Close a stream's connection abruptly after this many SSE events."""
+    lora: Mapping[str, str | None] = field(default_factory=dict)
+    """LoRA adapters served from the start: name -> base model (None: the first model)."""
+    max_model_len: int = 32768
+    """Reported by /v1/models and /tokenize."""
+    response_store_size: int = 10_000
+    """Responses kept for `previous_response_id` and GET (an LRU, in memory, as vLLM)."""
 
 
 @dataclass
@@ -120,82 +134,32 @@ class FailureMode:
     drop_after_chunks: int | None = None
 
 
-class _Metrics:
-    """vLLM's metric names, in a registry of this backend's own (several share a process).
+@dataclass
+class Generation:
+    """One admitted request's answer: the simulator knows the whole output at admission."""
 
-    The load gauges (running, waiting, KV usage) are read from the engine at scrape time,
-    so a scrape always sees the state of that moment, as vLLM's own /metrics does.
-    """
+    model: str
+    label: str
+    """The base model: vLLM labels an adapter's requests with it."""
+    tokens: list[str]
+    finish: str
+    """"stop" or "length" (vLLM's finish reasons; each API renames them)."""
+    prompt_tokens: int
+    cached_tokens: int
+    arrival: float
 
-    def __init__(self, models: Sequence[str], engine: Engine) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
-        self.queries = Counter(
-            "vllm:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            labels,
-            registry=self.registry,
-        )
-        self.hits = Counter(
-            "vllm:prefix_cache_hits",
-            "Prompt tokens found in the prefix cache.",
-            labels,
-            registry=self.registry,
-        )
-        self.running = Gauge(
-            "vllm:num_requests_running",
-            "Requests holding a running slot (prefilling or decoding).",
-            labels,
-            registry=self.registry,
-        )
-        self.waiting = Gauge(
-            "vllm:num_requests_waiting",
-            "Requests queued for a slot (FIFO).",
-            labels,
-            registry=self.registry,
-        )
-        self.kv_usage = Gauge(
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage: blocks held by running requests over the cache, 0..1.",
-            labels,
-            registry=self.registry,
-        )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Time from arrival to the first output token.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds",
-            "Time a request waited for a running slot.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Time from arrival to the last output token.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        for model in models:  # every series exists from the first scrape
-            for metric in (self.queries, self.hits, self.ttft, self.queue_time, self.e2e):
-                metric.labels(model_name=model)
-            self.running.labels(model_name=model).set_function(
-                functools.partial(engine.running_with, model)
-            )
-            self.waiting.labels(model_name=model).set_function(
-                functools.partial(engine.waiting_with, model)
-            )
-            # One KV pool per server, as in vLLM: every model's series shows the same value.
-            self.kv_usage.labels(model_name=model).set_function(lambda: engine.kv_usage)
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
 
 
 class FakeBackend:
-    """The state and handlers of one simulated vLLM server."""
+    """The state of one simulated vLLM server, its generation core and its chat handlers.
+
+    The other APIs (responses_api, anthropic_api, extra_api) are handlers on top of the
+    same core: `read_body` (counts, injected faults), `generating` (slot, prefix cache,
+    prefill), then `finish_whole` or `send_events`.
+    """
 
     def __init__(self, cfg: FakeBackendConfig) -> None:
         self.cfg = cfg
@@ -204,7 +168,8 @@ class FakeBackend:
         self.failure = FailureMode(cfg.fail_status, cfg.drop_after_chunks)
         self.cache = PrefixCache(cfg.cache_blocks)
         self.engine = Engine(self.capacity, on_change=self._engine_changed)
-        self.metrics = _Metrics(cfg.models, self.engine)
+        self.metrics = BackendMetrics(cfg.models, self.engine)
+        self.served = ServedModels(cfg.models, cfg.lora)
         self._created = int(time.time())
 
     def _engine_changed(self) -> None:
@@ -227,13 +192,137 @@ class FakeBackend:
         words = [rng.choice(_WORDS) for _ in range(n_tokens)]
         return [w if i == 0 else " " + w for i, w in enumerate(words)]
 
+    async def read_body(self, request: web.Request) -> Any:
+        """The request's JSON, counted; raises ApiError for bad JSON or an injected fault."""
+        self.stats.requests += 1
+        self.stats.last_body = await request.read()
+        try:
+            body = json.loads(self.stats.last_body)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            raise ApiError(400, "the request body is not valid JSON") from None
+        self.check_failure()
+        return body
+
+    def check_failure(self) -> None:
+        if self.failure.status is not None:
+            self.stats.injected_failures += 1
+            raise injected_error(self.failure.status)
+
+    def check_model(self, model: Any, param: str = "model") -> str:
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model is required", param=param)
+        if model not in self.served:
+            raise ApiError(
+                404, f"The model `{model}` does not exist.", param=param, code="model_not_found"
+            )
+        return model
+
+    # --- the generation core --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generating(
+        self, model: str, prompt_text: str, max_tokens: int | None, arrival: float
+    ) -> AsyncIterator[Generation]:
+        """Holds a running slot from admission to the end of the block, with the prefill
+        done and the first token due (TTFT grows with the tokens the prefix cache misses)."""
+        label = self.served.base_of(model)
+        prompt = tokenize(prompt_text)
+        n_out, finish = self.cfg.output_tokens, "stop"
+        if max_tokens is not None and max_tokens < n_out:
+            n_out, finish = max_tokens, "length"
+        async with self.engine.slot(len(prompt), n_out, label) as ticket:
+            if ticket.admitted_at is not None:
+                self.metrics.queue_time.labels(model_name=label).observe(
+                    max(ticket.admitted_at - ticket.arrival, 0.0)
+                )
+            # Looked up when admitted, as vLLM's scheduler does: a queued request can hit
+            # blocks that an earlier one brought in meanwhile. The chain starts from the
+            # model's name, so an adapter never shares blocks with its base model.
+            cached, total = self.cache.lookup_and_insert(prompt, model)
+            self.metrics.queries.labels(model_name=label).inc(total)
+            self.metrics.hits.labels(model_name=label).inc(cached)
+            tokens = self.text_for(prompt_text, n_out)
+            await self.engine.prefill(total - cached)
+            await asyncio.sleep(self.capacity.ttft_base_s)
+            yield Generation(model, label, tokens, finish, total, cached, arrival)
+
+    async def finish_whole(self, request: web.Request | None, gen: Generation) -> bool:
+        """Decodes a non-streamed answer; False when the client has gone meanwhile."""
+        self.metrics.ttft.labels(model_name=gen.label).observe(time.monotonic() - gen.arrival)
+        await self._decode(len(gen.tokens) - 1)  # the first token came with the prefill
+        if request is not None and (request.transport is None or request.transport.is_closing()):
+            self.stats.disconnects += 1  # without handler cancellation we learn it here
+            return False
+        self.stats.completed += 1
+        self.metrics.e2e.labels(model_name=gen.label).observe(time.monotonic() - gen.arrival)
+        return True
+
+    async def _decode(self, n_tokens: int, per_wakeup: int = 8) -> None:
+        """Decode time of a non-streamed answer: a few tokens per timer, each step sized by
+        the batch running at that moment."""
+        while n_tokens > 0:
+            k = min(per_wakeup, n_tokens)
+            await asyncio.sleep(k * self.engine.decode_step_s())
+            n_tokens -= k
+
+    async def send_events(
+        self,
+        request: web.Request,
+        gen: Generation,
+        events: list[Event],
+        on_complete: Callable[[], None] | None = None,
+    ) -> web.StreamResponse:
+        """Streams `events`, one decode step before each output token's event.
+
+        `on_complete` runs once the last event is written, e.g. to store a streamed
+        response.
+        """
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        try:
+            await response.prepare(request)
+            due = time.monotonic()
+            for sent, (index, data) in enumerate(events):
+                drop = self.failure.drop_after_chunks  # read live: tests break running streams
+                if drop is not None and sent >= drop:
+                    self.stats.dropped_streams += 1
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                if index is not None and index > 0:
+                    # One decode step per token, as long as the batch running right now
+                    # makes it; due times add up, so a late wakeup does not slow the rest.
+                    due += self.engine.decode_step_s()
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await response.write(data)
+                if sent == 0:
+                    self.metrics.ttft.labels(model_name=gen.label).observe(
+                        time.monotonic() - gen.arrival
+                    )
+        except ConnectionResetError:
+            # Without handler cancellation a gone client shows up as a failed write.
+            self.stats.disconnects += 1
+            return response
+        self.stats.completed += 1
+        self.metrics.e2e.labels(model_name=gen.label).observe(time.monotonic() - gen.arrival)
+        if on_complete is not None:
+            on_complete()
+        return response
+
+    async def guarded(self, work: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        """Awaits a handler's work, counting a client that went away (handler cancellation:
+        the work stops there, quietly)."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            self.stats.disconnects += 1
+            raise
+
     # --- simple endpoints -----------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [
-            {"id": m, "object": "model", "created": self._created, "owned_by": "fake-vllm"}
-            for m in self.cfg.models
-        ]
+        data = self.served.listing(self._created, self.cfg.max_model_len)
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -280,119 +369,31 @@ class FakeBackend:
         return await self._complete(request, "completion")
 
     async def _complete(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        self.stats.requests += 1
         arrival = time.monotonic()
-        self.stats.last_body = await request.read()
         try:
-            body = json.loads(self.stats.last_body)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-            return ApiError(400, "the request body is not valid JSON").response()
-        if self.failure.status is not None:
-            self.stats.injected_failures += 1
-            return injected_error(self.failure.status).response()
-        try:
-            job = parse_job(kind, body, self.cfg.models)
+            body = await self.read_body(request)
+            job = parse_job(kind, body, self.served.names())
         except ApiError as exc:
             return exc.response()
-        try:
-            return await self._run(request, job, arrival)
-        except asyncio.CancelledError:
-            # handler_cancellation=True: the client went away; the work stops here, quietly.
-            self.stats.disconnects += 1
-            raise
+        return await self.guarded(self._run(request, job, arrival))
 
     async def _run(self, request: web.Request, job: Job, arrival: float) -> web.StreamResponse:
-        labels = {"model_name": job.model}
-        prompt = tokenize(job.prompt)
-        n_out = self.cfg.output_tokens
-        finish = "stop"
-        if job.max_tokens is not None and job.max_tokens < n_out:
-            n_out, finish = job.max_tokens, "length"
-        async with self.engine.slot(len(prompt), n_out, job.model) as ticket:
-            if ticket.admitted_at is not None:
-                self.metrics.queue_time.labels(**labels).observe(
-                    max(ticket.admitted_at - ticket.arrival, 0.0)
-                )
-            # Looked up when admitted, as vLLM's scheduler does: a queued request can hit
-            # blocks that an earlier one brought in meanwhile.
-            cached, total = self.cache.lookup_and_insert(prompt, job.model)
-            self.metrics.queries.labels(**labels).inc(total)
-            self.metrics.hits.labels(**labels).inc(cached)
-            tokens = self.text_for(job.prompt, n_out)
+        async with self.generating(job.model, job.prompt, job.max_tokens, arrival) as gen:
+            n_out = len(gen.tokens)
             usage = {
-                "prompt_tokens": total,
+                "prompt_tokens": gen.prompt_tokens,
                 "completion_tokens": n_out,
-                "total_tokens": total + n_out,
-                "prompt_tokens_details": {"cached_tokens": cached},
+                "total_tokens": gen.prompt_tokens + n_out,
+                "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
             }
-            await self.engine.prefill(total - cached)
-            await asyncio.sleep(self.capacity.ttft_base_s)
+            fingerprint = self.cfg.backend_id
             if job.stream:
-                return await self._stream(request, job, tokens, finish, usage, arrival)
-            self.metrics.ttft.labels(**labels).observe(time.monotonic() - arrival)
-            await self._decode(n_out - 1)  # the first token came with the prefill
-            if request.transport is None or request.transport.is_closing():
-                self.stats.disconnects += 1  # without handler cancellation we learn it here
-            else:
-                self.stats.completed += 1
-                self.metrics.e2e.labels(**labels).observe(time.monotonic() - arrival)
-            body = full_body(job, "".join(tokens), finish, usage, self.cfg.backend_id)
-            return web.json_response(body)
-
-    async def _decode(self, n_tokens: int, per_wakeup: int = 8) -> None:
-        """Decode time of a non-streamed answer: a few tokens per timer, each step sized by
-        the batch running at that moment."""
-        while n_tokens > 0:
-            k = min(per_wakeup, n_tokens)
-            await asyncio.sleep(k * self.engine.decode_step_s())
-            n_tokens -= k
-
-    async def _stream(
-        self,
-        request: web.Request,
-        job: Job,
-        tokens: list[str],
-        finish: str,
-        usage: dict[str, Any],
-        arrival: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        chunks = stream_events(job, tokens, finish, usage, self.cfg.backend_id)
-        events = [
-            b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-            for _, body in chunks
-        ]
-        events.append(b"data: [DONE]\n\n")
-        pacing = [index for index, _ in chunks] + [None]
-        try:
-            await response.prepare(request)
-            due = time.monotonic()
-            for sent, (index, data) in enumerate(zip(pacing, events, strict=True)):
-                drop = self.failure.drop_after_chunks  # read live: tests break running streams
-                if drop is not None and sent >= drop:
-                    self.stats.dropped_streams += 1
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-                if index is not None and index > 0:
-                    # One decode step per token, as long as the batch running right now
-                    # makes it; due times add up, so a late wakeup does not slow the rest.
-                    due += self.engine.decode_step_s()
-                    delay = due - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                await response.write(data)
-                if sent == 0:
-                    self.metrics.ttft.labels(model_name=job.model).observe(
-                        time.monotonic() - arrival
-                    )
-        except ConnectionResetError:
-            # Without handler cancellation a gone client shows up as a failed write.
-            self.stats.disconnects += 1
-            return response
-        self.stats.completed += 1
-        self.metrics.e2e.labels(model_name=job.model).observe(time.monotonic() - arrival)
-        return response
+                chunks = stream_events(job, gen.tokens, gen.finish, usage, fingerprint)
+                events: list[Event] = [(index, sse(data)) for index, data in chunks]
+                events.append((None, b"data: [DONE]\n\n"))
+                return await self.send_events(request, gen, events)
+            await self.finish_whole(request, gen)
+            return web.json_response(full_body(job, gen.text, gen.finish, usage, fingerprint))
 
 
 def capacity_model(cfg: FakeBackendConfig) -> CapacityModel:
@@ -416,13 +417,17 @@ STATS_KEY: Final = web.AppKey("fake_backend_stats", FakeBackendStats)
 def make_app(cfg: FakeBackendConfig) -> web.Application:
     """The aiohttp application of one simulated backend (run it with handler_cancellation)."""
     backend = FakeBackend(cfg)
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[FAKE_BACKEND_KEY] = backend
     app[STATS_KEY] = backend.stats
     app.on_response_prepare.append(backend.on_prepare)
     app.router.add_get("/v1/models", backend.models)
     app.router.add_post("/v1/chat/completions", backend.chat_completions)
     app.router.add_post("/v1/completions", backend.completions)
+    LoraRoutes(backend.served).add_to(app)
+    ResponsesRoutes(backend).add_to(app)
+    MessagesRoutes(backend).add_to(app)
+    ExtraRoutes(backend).add_to(app)
     app.router.add_get("/health", backend.health)
     app.router.add_get("/metrics", backend.prometheus)
     app.router.add_post("/admin/fail", backend.admin_fail)

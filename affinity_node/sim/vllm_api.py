@@ -7,6 +7,7 @@ stays readable; nothing here knows about time or state.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,6 +17,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 Kind = Literal["chat", "completion"]
+
+Event = tuple[int | None, bytes]
+"""An SSE event as sent: (output token index to pace it by, or None; its bytes)."""
 
 
 class ApiError(Exception):
@@ -84,18 +88,22 @@ def _message_text(content: Any) -> str:
     raise ApiError(400, "message content must be a string or a list of parts", param="messages")
 
 
+def chat_prompt(messages: Any) -> str:
+    """A chat flattened to `role: text` lines (every API of the simulator does the same)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    lines = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ApiError(400, "each message must be an object", param="messages")
+        role = message.get("role")
+        lines.append(f"{role}: {_message_text(message.get('content'))}\n")
+    return "".join(lines)
+
+
 def _prompt_text(kind: Kind, body: dict[str, Any]) -> str:
     if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        lines = []
-        for message in messages:
-            if not isinstance(message, dict):
-                raise ApiError(400, "each message must be an object", param="messages")
-            role = message.get("role")
-            lines.append(f"{role}: {_message_text(message.get('content'))}\n")
-        return "".join(lines)
+        return chat_prompt(body.get("messages"))
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return prompt
@@ -192,3 +200,9 @@ def stream_events(
             (None, {**envelope(job, id_, True, fingerprint), "choices": [], "usage": usage})
         )
     return events
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One SSE event; Responses and Messages name theirs, chat completions do not."""
+    head = b"" if event is None else b"event: " + event.encode() + b"\n"
+    return head + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
