@@ -49,6 +49,21 @@ async def read_body(request: web.Request) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _check_forwarded_headers(request: web.Request) -> None:
+    """Client headers the node passes upstream go out as latin-1 header lines: anything not
+    ASCII is refused here, before routing, rather than failing on its way to a backend.
+    (x-request-id is replaced instead, in the middleware; x-session-id is only hashed.)"""
+    value = request.headers.get("Accept-Encoding")
+    if value is not None and not value.isascii():
+        raise ApiError(
+            400,
+            "The Accept-Encoding header must be ASCII.",
+            "invalid_request_error",
+            None,
+            "invalid_header_value",
+        )
+
+
 async def handle_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     started = time.perf_counter()
@@ -62,6 +77,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             "draining",
             headers={"Retry-After": "1", "Connection": "close"},
         )
+    _check_forwarded_headers(request)
     key_id = request[API_KEY_ID]
     payload = await read_payload(request)
     model = app[BACKENDS].canonical(payload.model)
