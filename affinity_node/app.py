@@ -59,7 +59,7 @@ from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
 from affinity_node.observability.collector import NodeCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics, LedgerMetrics
-from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine, EngineSettings
 from affinity_node.routing.fanout import FanoutController, FanoutRules
@@ -400,6 +400,8 @@ async def _report_health(
                     break
         if due:
             last = now
+            for gone in seen.keys() - {b.id for b in pool.backends}:
+                del seen[gone]
         await asyncio.sleep(1.0)
 
 
@@ -418,12 +420,19 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
+def _backend_left(metrics: HttpMetrics, client: UpstreamClient, backend: Backend) -> None:
+    """What the node kept per backend goes with it (DNS churn would grow it without bound)."""
+    metrics.forget_backend(backend.id)
+    client.forget_backend(backend.id)
+
+
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     pool = BackendPool(
         [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends if b.url],
         [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
     )
+    pool.on_remove = partial(_backend_left, app[HTTP_METRICS], app[UPSTREAM])
     discovery = app[DISCOVERY] = DnsDiscovery(
         pool,
         [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],

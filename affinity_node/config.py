@@ -164,10 +164,13 @@ class LimitsConfig:
     generation_timeout_seconds: float = _range(300.0, 0, DAY, above=True)
     """Longest non-streamed generation (vLLM sends nothing until it is done)."""
     client_write_timeout_seconds: float = _range(30.0, 0, 3600, above=True)
-    """A client that reads nothing of a stream for this long (checked every quarter of it) is
-    dropped (its slot frees)."""
+    """A client that reads nothing of an answer for this long (streams: checked every quarter
+    of it) is dropped (its slot frees)."""
     client_idle_timeout_seconds: float = _range(15.0, 0, 3600, above=True)
     """An idle client connection, or one that sent only part of its headers, closes."""
+    client_body_read_timeout_seconds: float = _range(30.0, 0, 3600, above=True)
+    """Longest wait for the next bytes of a request body: a client that stalls its body gets
+    408 and never reaches a backend."""
     drain_timeout_seconds: float = _range(330.0, 0, DAY)
     """After SIGTERM: how long open requests may run on. Not shorter than
     generation_timeout_seconds, so a rollout lets a generation that just started finish."""

@@ -26,4 +26,7 @@ def bearer_secret(authorization: str | None) -> str:
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret or len(secret) > MAX_SECRET_LEN:
         raise ValueError("Malformed Authorization header: expected 'Bearer <key>'.")
+    if not (secret.isascii() and secret.isprintable()):
+        # Keys are ASCII; header bytes that are not arrive as text that cannot be hashed.
+        raise ValueError("Malformed API key: it must be printable ASCII.")
     return secret

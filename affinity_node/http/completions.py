@@ -6,10 +6,11 @@ hit and logs nothing per request above debug.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from affinity_node.http.errors import ApiError, short
 from affinity_node.http.forward import Forwarder
@@ -34,19 +35,58 @@ def _too_large() -> ApiError:
 async def read_body(request: web.Request) -> bytes:
     """The body, within limits.max_body_bytes. aiohttp's request.read() copies a body twice
     (into a bytearray, then to bytes); this joins the received chunks once, which is a few
-    percent of the node's CPU at 200 KB. A declared length over the limit is refused unread."""
-    limit = request.app[CONFIG].limits.max_body_bytes
+    percent of the node's CPU at 200 KB. A declared length over the limit is refused unread.
+    A read that has to wait for the client is bounded by limits.client_body_read_timeout_seconds
+    (408); reads of bytes already received arm no timer."""
+    limits = request.app[CONFIG].limits
+    limit = limits.max_body_bytes
     if (request.content_length or 0) > limit:
         raise _too_large()
     content = request.content
     chunks: list[bytes] = []
     size = 0
-    while chunk := await content.readany():
+    while True:
+        if content.total_bytes == size and not content.is_eof():  # nothing buffered: waits
+            chunk = await _read_waiting(content, limits.client_body_read_timeout_seconds)
+        else:
+            chunk = await content.readany()
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise _too_large()
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_waiting(content: StreamReader, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await content.readany()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"The request body stalled: no bytes for {timeout:g} s.",
+            "invalid_request_error",
+            None,
+            "request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+
+
+def _check_forwarded_headers(request: web.Request) -> None:
+    """Client headers the node passes upstream go out as latin-1 header lines: anything not
+    ASCII is refused here, before routing, rather than failing on its way to a backend.
+    (x-request-id is replaced instead, in the middleware; x-session-id is only hashed.)"""
+    value = request.headers.get("Accept-Encoding")
+    if value is not None and not value.isascii():
+        raise ApiError(
+            400,
+            "The Accept-Encoding header must be ASCII.",
+            "invalid_request_error",
+            None,
+            "invalid_header_value",
+        )
 
 
 async def handle_completion(request: web.Request) -> web.StreamResponse:
@@ -62,6 +102,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
             "draining",
             headers={"Retry-After": "1", "Connection": "close"},
         )
+    _check_forwarded_headers(request)
     key_id = request[API_KEY_ID]
     payload = await read_payload(request)
     model = app[BACKENDS].canonical(payload.model)

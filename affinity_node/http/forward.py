@@ -215,11 +215,29 @@ class Forwarder:
                     and upstream.headers.get("Content-Encoding", "identity") == "identity"
                 ):
                     self.usage = usage_span(data)
-                return web.Response(status=upstream.status, body=data, headers=headers), (
-                    upstream.status < 400
-                )
         finally:
             self.pool.release(backend)
+        response = web.Response(status=upstream.status, body=data, headers=headers)
+        return await self._send(response), upstream.status < 400
+
+    async def _send(self, response: web.Response) -> web.StreamResponse:
+        """Writes a whole answer here rather than after the handler returns, so a client that
+        does not read it is dropped after the write timeout, as a stream's is (aiohttp would
+        wait for it forever, holding the answer). One timer; the backend is already free."""
+        deadline = _WriteDeadline(self.limits.client_write_timeout_seconds)
+        deadline.began = deadline.now()
+        try:
+            await response.prepare(self.request)
+            await response.write_eof()
+        except asyncio.CancelledError:
+            if not deadline.expired():
+                raise
+            return self._client_gone(response)[0]
+        except (ConnectionError, TimeoutError):
+            return self._client_gone(response)[0]
+        finally:
+            deadline.close()
+        return response
 
     def _client_gone(self, response: web.StreamResponse) -> tuple[web.StreamResponse, bool]:
         """The client went away or stalled mid-stream. Leaving the `async with upstream` closes

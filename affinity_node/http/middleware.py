@@ -52,8 +52,10 @@ def _route_label(request: web.Request) -> str:
 
 
 def _assign_request_id(request: web.Request) -> str:
+    """The client's id when it is printable ASCII (it goes into upstream header lines, logs
+    and exemplars), else a new one."""
     rid = request.headers.get("x-request-id", "")
-    if not (0 < len(rid) <= 128 and rid.isprintable()):
+    if not (0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()):
         rid = os.urandom(16).hex()
     request[REQUEST_ID] = rid
     return rid

@@ -55,6 +55,15 @@ class FastCounter(Collector):
             child = self._children[values] = FastCounterChild(self._values, values)
         return child
 
+    def label_sets(self) -> list[tuple[str, ...]]:
+        return list(self._values)
+
+    def remove(self, *values: str) -> None:
+        """Drops one series, as prometheus_client's `remove` does. Its child must not be used
+        after this (its `inc` would raise KeyError): holders drop it first."""
+        self._children.pop(values, None)
+        self._values.pop(values, None)
+
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
 
@@ -115,6 +124,13 @@ class FastHistogram(Collector):
 
     def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
         self.labels().observe(value, exemplar)
+
+    def label_sets(self) -> list[tuple[str, ...]]:
+        return list(self._children)
+
+    def remove(self, *values: str) -> None:
+        """Drops one series, as prometheus_client's `remove` does."""
+        self._children.pop(values, None)
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)

@@ -430,6 +430,18 @@ class HttpMetrics:
             for code in COMPLETION_CODES:
                 self.requests.labels(route, code)
 
+    def forget_backend(self, backend: str) -> None:
+        """A backend left: its series go (DNS churn would grow them without bound). Its cached
+        children go first, so no request path holds one of a removed series."""
+        self._backends.discard(backend)
+        for key in [k for k in self._upstream_children if k[0] == backend]:
+            del self._upstream_children[key]
+        self._ttft_children.pop(backend, None)
+        for labels in self.upstream_requests.label_sets():
+            if labels[0] == backend:
+                self.upstream_requests.remove(*labels)
+        self.upstream_ttft.remove(backend)
+
     def init_backends(self, backends: Iterable[str]) -> None:
         """TTFT and request series at zero for every backend, so per-backend panels list them
         all and `rate()` counts their first requests."""

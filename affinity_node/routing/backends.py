@@ -11,7 +11,7 @@ talking to backends is upstream/'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -142,6 +142,9 @@ class BackendPool:
         self._candidate_ids: dict[str, tuple[str, ...]] = {}
         self._inflight_sums: dict[str, int] | None = None
         """Canonical model -> in-flight requests on its candidates, for `overloaded` in O(1)."""
+        self.on_remove: Callable[[Backend], None] | None = None
+        """Told when a backend leaves (registry, DNS discovery), so per-backend state kept
+        elsewhere (metric series, pooled connections) leaves with it."""
 
     # -- model names -------------------------------------------------------------------------
 
@@ -260,6 +263,8 @@ class BackendPool:
         if backend is not None:
             self._backends = tuple(b for b in self._backends if b is not backend)
             self.invalidate()
+            if self.on_remove is not None:
+                self.on_remove(backend)
         return backend
 
     def set_state(self, backend: Backend, state: BackendState) -> bool:

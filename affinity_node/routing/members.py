@@ -55,7 +55,9 @@ def conversation_key(payload: Fields, session: str | None) -> bytes:
     if isinstance(explicit, str) and explicit:
         return b"k:" + hashlib.blake2b(explicit.encode(), digest_size=16).digest()
     if session:
-        return b"s:" + hashlib.blake2b(session.encode(), digest_size=16).digest()
+        # The header's own bytes: aiohttp keeps undecodable ones as surrogate escapes.
+        raw = session.encode("utf-8", "surrogateescape")
+        return b"s:" + hashlib.blake2b(raw, digest_size=16).digest()
     opening: list[str] = []
     messages = payload.get("messages")
     if isinstance(messages, Sequence) and not isinstance(messages, str):

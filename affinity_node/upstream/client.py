@@ -53,6 +53,10 @@ class UpstreamClient:
         await self._pool.close()
         await self._session.close()
 
+    def forget_backend(self, base_url: str) -> None:
+        """The backend left: its pooled connections go."""
+        self._pool.drop(base_url)
+
     async def post(
         self,
         base_url: str,

@@ -415,11 +415,22 @@ class ConnectionPool:
 
     def release(self, conn: _Connection) -> None:
         self._busy.discard(conn)
-        if self._closed:
+        if self._closed or conn.key not in self._origins:  # closed, or its backend dropped
             conn.abort()
             return
         conn.idle_since = conn.loop.time()
         self._idle.setdefault(conn.key, []).append(conn)
+
+    def drop(self, base_url: str) -> None:
+        """The backend left: its idle connections close and its entries go (a busy one closes
+        when its answer ends)."""
+        self._origins.pop(base_url, None)
+        for conn in self._idle.pop(base_url, ()):
+            conn.abort()
+
+    def has(self, base_url: str) -> bool:
+        """Whether the pool holds anything for this base URL."""
+        return base_url in self._origins or base_url in self._idle
 
     def forget(self, conn: _Connection) -> None:
         self._busy.discard(conn)
