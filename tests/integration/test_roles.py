@@ -147,7 +147,7 @@ async def test_only_the_admin_role_writes_the_backend_registry(empty_dsn):
         "backends", "add", "http://10.9.9.7:8000", dsn=as_role(empty_dsn, "affinity_node")
     )
     assert code == 1 and "admin" in err and "Traceback" not in err
-    code, out, err = await cli(
+    code, _, err = await cli(
         "backends", "drain", "http://10.9.9.9:8000", dsn=as_role(empty_dsn, "affinity_admin")
     )
     assert code == 0, err
