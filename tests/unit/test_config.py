@@ -11,8 +11,8 @@ import yaml
 
 from affinity_node.config import (
     BackendConfig,
-    HostAllowList,
     ConfigError,
+    HostAllowList,
     NodeConfig,
     advice,
     load_config,
