@@ -56,7 +56,7 @@ from affinity_node.http.state import (
     NodeStatus,
 )
 from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
-from affinity_node.observability.collector import NodeCollector
+from affinity_node.observability.collector import NodeCollector, OperatorCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics, LedgerMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
@@ -79,6 +79,7 @@ from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.ledger import PostgresLedgerStore
 from affinity_node.store.listener import ChangeListener, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
+from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.postgres import (
     DB_ERRORS,
     PoolSettings,
@@ -97,6 +98,7 @@ log = logging.getLogger(__name__)
 
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 DISCOVERY = web.AppKey("discovery", DnsDiscovery)
+FOLLOWER = web.AppKey("registry_follower", RegistryFollower)
 RESOLVER: web.AppKey[Resolver] = web.AppKey("resolver")
 """How DNS-named backends are resolved (`build_app(resolver=...)`: tests inject one)."""
 
@@ -319,7 +321,9 @@ async def _poll_keys_while_blind(keys: KeyCache, interval_s: float = 1.0) -> Non
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     pool = app[BACKENDS]
-    follower = RegistryFollower(PostgresRegistry(app[DB_POOL]), pool)
+    follower = app[FOLLOWER] = RegistryFollower(
+        PostgresRegistry(app[DB_POOL]), pool, app[CONFIG].allow
+    )
     async with affinity_engine(
         engine_spec(app[CONFIG]),
         app[DB_POOL],
@@ -338,6 +342,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     registry = PostgresRegistry(app[DB_POOL])
     tasks = [asyncio.create_task(_report_health(registry, app[BACKENDS], cfg.node_id))]
+    queue = NotifyQueueMonitor(app[DB_POOL])
+    tasks.append(asyncio.create_task(queue.run(), name="notify-queue"))
+    follower = app[FOLLOWER]
+    operator = OperatorCollector(lambda: queue.usage, lambda: len(follower.refused))
+    app[REGISTRY].register(operator)
     discovery = app[DISCOVERY]
     if discovery.active:
         cache = app[ENGINE].cache
@@ -358,6 +367,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         tasks.append(asyncio.create_task(_move(mover), name="mover"))
     yield
+    app[REGISTRY].unregister(operator)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -383,18 +393,24 @@ async def _report_health(
 ) -> None:
     """What this node sees of each backend, for `backends list` (on change, and regularly)."""
     warn = RateLimitedLog(log)
-    seen: dict[str, bool] = {}
+    seen: dict[str, tuple[bool, bool]] = {}  # healthy, busy: a drain ends when none is busy
     last = 0.0
     while True:
         now = time.monotonic()
         due = now - last >= every_s
         for backend in pool.backends:
-            if due or seen.get(backend.id) != backend.healthy:
+            state = (backend.healthy, backend.inflight > 0)
+            if due or seen.get(backend.id) != state:
                 try:
                     await registry.report_health(
-                        node_id, backend.id, backend.healthy, backend.kind, backend.models
+                        node_id,
+                        backend.id,
+                        backend.healthy,
+                        backend.kind,
+                        backend.models,
+                        backend.inflight,
                     )
-                    seen[backend.id] = backend.healthy
+                    seen[backend.id] = state
                 except DB_ERRORS as exc:
                     warn.warning("health-report", "cannot report backend health: %r", exc)
                     break
@@ -437,6 +453,7 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         pool,
         [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],
         app[RESOLVER],
+        allow=cfg.allow,
     )
     await discovery.resolve_once()  # DNS-named backends exist before the first request
     health = BackendHealth(

@@ -2,96 +2,106 @@
 second, without a restart).
 
     backends list [--json]                  url, kind, models, state, health as the nodes see it,
-                                            bindings, running/waiting from the backend itself
+                                            bindings, the nodes' requests in flight to it
     backends add URL [--model M ...] [--kind vllm|external]
     backends drain URL [--deadline 10m]     no new bindings; its bindings move off, paced
     backends undrain URL
     backends remove URL [--force]           refused while it holds bindings, unless --force
+
+Writing the registry takes an admin role (affinity_admin in deploy/postgres/roles.sql); the
+serving role only reads it. `list` and `add` check `backends.allow` (from `--config FILE`, else
+AFFINITY_BACKENDS_ALLOW): `add` refuses a host outside it, `list` shows such rows as refused.
+`list` reads only the database: it sends nothing to any backend URL (a registry row could
+name any host).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from affinity_node.argtypes import backend_url, duration, non_empty
+from affinity_node.config import ConfigError, HostAllowList, env_allow_list, load_config
 from affinity_node.store.registry import PostgresRegistry
-from affinity_node.upstream.load import parse_load
 
 
-async def _backend_load(session: aiohttp.ClientSession, url: str) -> tuple[Any, Any]:
-    """(running, waiting) from the backend's own /metrics; None when it does not say."""
-    try:
-        async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
-            if r.status != 200:
-                return None, None
-            running, waiting, _kv = parse_load(await r.text())
-            return running, waiting
-    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
-        return None, None
+def _allow_list(config: str | None) -> HostAllowList:
+    """The nodes' `backends.allow`: from their config file when given, else the environment."""
+    if config is not None:
+        return load_config(config).allow
+    return HostAllowList.parse(env_allow_list(os.environ), "AFFINITY_BACKENDS_ALLOW")
 
 
-async def _list(registry: PostgresRegistry, as_json: bool) -> int:
+async def _list(registry: PostgresRegistry, as_json: bool, allow: HostAllowList) -> int:
     rows = {r.url: r for r in await registry.rows()}
     seen = await registry.health()
     bindings = await registry.bindings()
     urls = sorted(set(seen) | {u for u, r in rows.items() if r.added})
-    async with aiohttp.ClientSession() as session:
-        loads = await asyncio.gather(*(_backend_load(session, u) for u in urls))
-    out = []
-    for url, (running, waiting) in zip(urls, loads, strict=True):
+    out: list[dict[str, Any]] = []
+    for url in urls:
         row, view = rows.get(url), seen.get(url)
         state = row.state if row is not None else "active"
         held = bindings.get(url, 0)
-        drained = state == "draining" and held == 0 and (running or 0) == 0
+        inflight = view.inflight if view else 0
+        drained = state == "draining" and held == 0 and inflight == 0
+        refused = not allow.allows_url(url)
         out.append({
             "url": url,
             "kind": row.kind if row is not None and row.added else (view.kind if view else "-"),
             "models": list(row.models if row is not None and row.added and row.models
                            else (view.models if view else ())),
             "source": "registry" if row is not None and row.added else "config",
-            "state": "drained" if drained else state,
+            "state": "refused" if refused else "drained" if drained else state,
+            "refused": refused,
             "drain_deadline": row.drain_deadline.isoformat()
             if row is not None and row.drain_deadline else None,
             "healthy_on": view.healthy_on if view else None,
             "nodes": view.nodes if view else 0,
             "bindings": held,
-            "running": running,
-            "waiting": waiting,
+            "inflight": inflight,
         })  # fmt: skip
     if as_json:
         print(json.dumps(out))
         return 0
     print(
         f"{'url':<34} {'kind':<8} {'state':<9} {'healthy':>8} {'bindings':>9} "
-        f"{'running':>8} {'waiting':>8}  models"
+        f"{'inflight':>8}  models"
     )
     for b in out:
         health = f"{b['healthy_on']}/{b['nodes']}" if b["nodes"] else "-"
-        run = "-" if b["running"] is None else f"{b['running']:.0f}"
-        wait = "-" if b["waiting"] is None else f"{b['waiting']:.0f}"
         print(
             f"{b['url']:<34} {b['kind']:<8} {b['state']:<9} {health:>8} {b['bindings']:>9} "
-            f"{run:>8} {wait:>8}  {','.join(b['models']) or '(learned)'}"
+            f"{b['inflight']:>8}  {','.join(b['models']) or '(learned)'}"
         )
     return 0
 
 
 async def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    cmd = args.backends_cmd
+    try:
+        allow = _allow_list(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"backends {cmd}: {exc}", file=sys.stderr)
+        return 2
+    if cmd == "add" and not allow.allows_url(args.url):
+        print(
+            f"backends add: {args.url} is refused: its host is not in backends.allow "
+            "(the nodes would never use it)",
+            file=sys.stderr,
+        )
+        return 1
     conn: asyncpg.Connection = await connect()
     try:
         registry = PostgresRegistry(conn)
-        cmd = args.backends_cmd
         if cmd == "list":
-            return await _list(registry, args.json)
+            return await _list(registry, args.json, allow)
         if cmd == "add":
             await registry.add(args.url, args.kind, args.model or [])
             print(f"added {args.url} ({args.kind}); every node serves it within a second")
@@ -126,6 +136,13 @@ async def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             else:
                 print(f"removed {args.url}")
         return 0
+    except asyncpg.InsufficientPrivilegeError:
+        print(
+            f"backends {cmd}: this database role may not change the backend registry: use an "
+            "admin DSN (affinity_admin in deploy/postgres/roles.sql), not the serving role's",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         await conn.close()
 
@@ -135,6 +152,7 @@ def add_parser(sub: Any, add_dsn: Callable[[argparse.ArgumentParser], None]) -> 
     bs = p.add_subparsers(dest="backends_cmd", required=True)
     c = bs.add_parser("list", help="every backend, its state, health, bindings and load")
     c.add_argument("--json", action="store_true")
+    _add_config(c)
     add_dsn(c)
     c = bs.add_parser("add", help="add a backend (every node serves it within a second)")
     c.add_argument("url", type=backend_url)
@@ -145,6 +163,7 @@ def add_parser(sub: Any, add_dsn: Callable[[argparse.ArgumentParser], None]) -> 
         help="a model it serves (repeatable; default: learn from /v1/models)",
     )
     c.add_argument("--kind", choices=["vllm", "external"], default="vllm")
+    _add_config(c)
     add_dsn(c)
     c = bs.add_parser("drain", help="no new bindings; move its bindings off, paced")
     c.add_argument("url", type=backend_url)
@@ -157,3 +176,10 @@ def add_parser(sub: Any, add_dsn: Callable[[argparse.ArgumentParser], None]) -> 
     c.add_argument("url", type=backend_url)
     c.add_argument("--force", action="store_true", help="even if it holds bindings")
     add_dsn(c)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        help="the nodes' config file, for backends.allow (default: AFFINITY_BACKENDS_ALLOW)",
+    )

@@ -4,6 +4,9 @@ Every scalar key can be overridden by `AFFINITY_<SECTION>_<KEY>` (for example
 `AFFINITY_LISTEN_PORT=9000`, `AFFINITY_AFFINITY_TTL_SECONDS=600`); top-level keys by
 `AFFINITY_<KEY>` (`AFFINITY_NODE_ID`). The DSN is `AFFINITY_DATABASE_DSN`.
 
+`backends` is either the list of backends or a mapping `{allow: [...], list: [...]}`; the
+allow-list (`backends.allow`) is also `AFFINITY_BACKENDS_ALLOW` (comma-separated).
+
 Every numeric key declares its range beside its default (`_range`); `validate` checks them all
 and the cross-key rules, and every error is one line that names the key.
 """
@@ -11,11 +14,12 @@ and the cross-key rules, and every error is one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -198,6 +202,66 @@ class BackendConfig:
     kind: BackendKind = "vllm"
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HOST_PATTERN: Final = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class HostAllowList:
+    """`backends.allow`: the hosts a backend may have. Empty allows every host (as before the
+    key existed). Entries are IP networks (`10.0.0.0/8`, `fd00::/8`), addresses, host names
+    (exact, any case) and `*.domain` (any name under it). Names are never resolved: a backend
+    given by address needs a network, one given by name needs the name, so a DNS answer
+    cannot widen the list."""
+
+    names: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+    networks: tuple[IpNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: Iterable[str], where: str = "backends.allow") -> HostAllowList:
+        names: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[IpNetwork] = []
+        for i, raw in enumerate(entries):
+            entry = raw.strip().lower().rstrip(".")
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if "/" in entry or not _HOST_PATTERN.fullmatch(entry):
+                raise ConfigError(f"{where}[{i}]: {raw!r} is not a host name, address or CIDR")
+            if entry.startswith("*."):
+                suffixes.append(entry[1:])
+            else:
+                names.add(entry)
+        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.names or self.suffixes or self.networks)
+
+    def allows_host(self, host: str) -> bool:
+        if self.empty:
+            return True
+        host = host.strip("[]").lower().rstrip(".")
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return host in self.names or host.endswith(self.suffixes)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return any(address in net or (mapped is not None and mapped in net)
+                   for net in self.networks)  # fmt: skip
+
+    def allows_url(self, url: str) -> bool:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            return False
+        return host is not None and self.allows_host(host)
+
+
 @dataclass
 class ModelConfig:
     name: str
@@ -222,6 +286,12 @@ class NodeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     models: list[ModelConfig] = field(default_factory=list)
+    backends_allow: list[str] = field(default_factory=list, init=False)
+    """`backends.allow` in YAML (the mapping form of `backends`), AFFINITY_BACKENDS_ALLOW."""
+
+    @property
+    def allow(self) -> HostAllowList:
+        return HostAllowList.parse(self.backends_allow)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -274,7 +344,7 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -285,7 +355,23 @@ def _build(cls: Any, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
 
 
+def _split_backends(data: Any) -> tuple[Any, list[str]]:
+    """`backends: [...]` (the list) or `backends: {allow: [...], list: [...]}`."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("backends"), Mapping):
+        return data, []
+    section = data["backends"]
+    unknown = set(section) - {"allow", "list"}
+    if unknown:
+        raise ConfigError(f"backends: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    allow = section.get("allow") or []
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise ConfigError("backends.allow: expected a list of host names, addresses or CIDRs")
+    return {**data, "backends": section.get("list") or []}, allow
+
+
 def _apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> None:
+    if "AFFINITY_BACKENDS_ALLOW" in env:
+        cfg.backends_allow = env_allow_list(env)
     hints = get_type_hints(NodeConfig)
     for f in dataclasses.fields(NodeConfig):
         hint = hints[f.name]
@@ -311,10 +397,17 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    data, allow = _split_backends(data)
     cfg: NodeConfig = _build(NodeConfig, data, "")
+    cfg.backends_allow = allow
     _apply_env(cfg, os.environ if env is None else env)
     validate(cfg)
     return cfg
+
+
+def env_allow_list(env: Mapping[str, str]) -> list[str]:
+    """AFFINITY_BACKENDS_ALLOW: entries separated by commas or spaces (empty: allow all)."""
+    return [e for e in re.split(r"[,\s]+", env.get("AFFINITY_BACKENDS_ALLOW", "")) if e]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -385,6 +478,7 @@ def validate(cfg: NodeConfig) -> None:
     cfg.logging.level = level
     if not cfg.backends:
         raise ConfigError("backends: at least one backend is needed")
+    allow = cfg.allow
     for i, backend in enumerate(cfg.backends):
         if bool(backend.url) == bool(backend.dns):
             raise ConfigError(f"backends[{i}]: give either url, or dns with port")
@@ -395,6 +489,8 @@ def validate(cfg: NodeConfig) -> None:
                 raise ConfigError(f"backends[{i}].dns: {backend.dns!r} is not a DNS name")
         else:
             _check_url(backend.url, f"backends[{i}].url")
+            if not allow.allows_url(backend.url):
+                raise ConfigError(f"backends[{i}].url: {backend.url!r} is not in backends.allow")
         for j, model in enumerate(backend.models):
             if not model.strip():
                 raise ConfigError(f"backends[{i}].models[{j}]: must not be empty")

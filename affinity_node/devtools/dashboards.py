@@ -449,6 +449,17 @@ def overview() -> Json:
             max_one=True,
         ),
         timeseries(
+            "NOTIFY queue usage",
+            [
+                target(f"max(affinity_notify_queue_usage{{{NODE}}})", "queue used"),
+            ],
+            "percentunit",
+            "Postgres's NOTIFY queue (one per server: every node reads the same value). A "
+            "session that LISTENs and sits in a transaction holds it; full, every binding "
+            "change fails (alert AffinityNotifyQueueFilling above 50%).",
+            max_one=True,
+        ),
+        timeseries(
             "Cache entries per node",
             [
                 target(f"max by (instance) (affinity_cache_entries{{{NODE}}})", "{{instance}}"),

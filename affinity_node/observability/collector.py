@@ -10,7 +10,7 @@ so that dashboards and `rate()` have series from the start.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -141,3 +141,35 @@ class NodeCollector(Collector):
         self._known = known
         self._affinity.init_models(sorted(affinity_models))
         self._http.init_backends(sorted(backends))
+
+
+_QUEUE = (
+    "affinity_notify_queue_usage",
+    "Postgres's NOTIFY queue fill (0-1), as last read; absent while Postgres does not answer. "
+    "Full: every notifying commit of the fleet fails.",
+)
+_REFUSED = (
+    "affinity_backends_refused",
+    "Registry backends this node refuses: their host is not in backends.allow.",
+)
+
+
+class OperatorCollector(Collector):
+    """The database-wide signals an operator alerts on, from values the node's background
+    tasks last read (a scrape never waits on Postgres)."""
+
+    def __init__(self, queue_usage: Callable[[], float | None], refused: Callable[[], int]) -> None:
+        self._queue_usage = queue_usage
+        self._refused = refused
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(*_QUEUE)
+        yield GaugeMetricFamily(*_REFUSED)
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self._queue_usage()
+        queue = GaugeMetricFamily(*_QUEUE)
+        if usage is not None:
+            queue.add_metric([], usage)
+        yield queue
+        yield GaugeMetricFamily(*_REFUSED, value=self._refused())

@@ -12,6 +12,8 @@ phases, one fault each, applied and healed while the load goes on:
   node_killed           SIGKILL of one node, restarted later
   keys_churned          keys revoked and new ones created under load
   hostile_notify        forged payloads on both channels (huge versions, NaN, odd backends)
+  reader_held           a session LISTENs and holds a transaction open (the NOTIFY queue's
+                        tail) while the load notifies, then lets go
   token_flood           random bearer tokens at every node
 
 For each phase the report gives: requests; failures a healthy fleet could have served (must be
@@ -64,7 +66,8 @@ from affinity_node.sim.support import (
 
 PHASES = (
     "baseline", "postgres_stopped", "postgres_frozen", "listeners_terminated",
-    "backend_killed", "node_killed", "keys_churned", "hostile_notify", "token_flood",
+    "backend_killed", "node_killed", "keys_churned", "hostile_notify", "reader_held",
+    "token_flood",
 )  # fmt: skip
 MUST_BE_ZERO = ("failures", "split", "revoked_late", "flood_statements")
 REVOCATION_GRACE_S = 1.0
@@ -451,6 +454,26 @@ class Soak:
             for n in urls
         )
         result.notes.append(f"{sent} random tokens")
+
+    async def _reader_held(self, result: PhaseResult) -> None:
+        """A dashboard-like session stuck in a transaction: Postgres cannot trim the NOTIFY queue
+        past it, and the fleet must not notice (issue 21)."""
+        reader = await asyncpg.connect(self.dsn)
+        try:
+            await reader.execute("LISTEN affinity_changes")
+            await reader.execute("BEGIN")
+            await reader.fetchval("SELECT 1")
+            await self._hold()
+            async with self.fleet.session.get(f"{self.fleet.node_urls[0]}/metrics") as r:
+                text = await r.text()
+            usage = next(
+                (ln.split()[-1] for ln in text.splitlines()
+                 if ln.startswith("affinity_notify_queue_usage ")),
+                "absent",
+            )  # fmt: skip
+            result.notes.append(f"reader held {self.hold_s:.1f} s; queue usage {usage}")
+        finally:
+            await reader.close()
 
 
 def render(results: Sequence[PhaseResult], duration: float) -> str:

@@ -271,16 +271,23 @@ SELECT url, count(*) AS bindings FROM (
 ) AS b GROUP BY url;
 
 -- name: health_report
-INSERT INTO affinity_backend_health (node_id, url, healthy, kind, models, seen_at)
-VALUES ($1, $2, $3, $4, $5, now())
+INSERT INTO affinity_backend_health (node_id, url, healthy, kind, models, inflight, seen_at)
+VALUES ($1, $2, $3, $4, $5, $6, now())
 ON CONFLICT (url, node_id) DO UPDATE
-    SET healthy = EXCLUDED.healthy, kind = EXCLUDED.kind, models = EXCLUDED.models, seen_at = now();
+    SET healthy = EXCLUDED.healthy, kind = EXCLUDED.kind, models = EXCLUDED.models,
+        inflight = EXCLUDED.inflight, seen_at = now();
 
 -- name: health_view
--- What the nodes that reported in the last 90 s know and see of each backend.
+-- What the nodes that reported in the last 90 s know and see of each backend, and how many
+-- requests they run on it.
 SELECT url, count(*) FILTER (WHERE healthy) AS healthy, count(*) AS nodes,
-       min(kind) AS kind, max(models) AS models
+       min(kind) AS kind, max(models) AS models, sum(inflight)::int AS inflight
 FROM affinity_backend_health WHERE seen_at > now() - interval '90 seconds' GROUP BY url;
+
+-- name: notify_queue_usage
+-- The NOTIFY queue's fill (0-1): a session that LISTENs and sits in a transaction holds its
+-- tail; when it is full every notifying commit fails.
+SELECT pg_notification_queue_usage();
 
 -- name: mover_slot
 -- Fleet-wide pacing of binding moves: whoever takes the slot may move one binding now.

@@ -1,5 +1,9 @@
 """The backend registry on Postgres (db/migrations/0003): runtime backends, admin states, what
-each node sees of backend health, and the fleet-wide pacing of binding moves."""
+each node sees of backend health, and the fleet-wide pacing of binding moves.
+
+Only an admin role writes the registry (deploy/postgres/roles.sql); a row is still checked
+against `backends.allow` before a node uses it, so a backend outside the list is never
+probed, routed to or fetched, whoever wrote it."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import cast
 
 import asyncpg
 
+from affinity_node.config import HostAllowList
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.lifecycle import RegistryEntry, apply_registry
@@ -34,6 +39,8 @@ class NodesView:
     nodes: int
     kind: BackendKind
     models: tuple[str, ...]
+    inflight: int = 0
+    """Requests the reporting nodes had in flight to it at their last report."""
 
 
 def _row(r: asyncpg.Record) -> RegistryEntry:
@@ -86,7 +93,13 @@ class PostgresRegistry:
         return {r["url"]: r["bindings"] for r in rows}
 
     async def report_health(
-        self, node_id: str, url: str, healthy: bool, kind: BackendKind, models: Iterable[str]
+        self,
+        node_id: str,
+        url: str,
+        healthy: bool,
+        kind: BackendKind,
+        models: Iterable[str],
+        inflight: int = 0,
     ) -> None:
         await self._db.execute(
             Q["health_report"],
@@ -95,6 +108,7 @@ class PostgresRegistry:
             healthy,
             kind,
             sorted(models)[:64],
+            inflight,
             timeout=self._timeout,
         )
 
@@ -103,7 +117,11 @@ class PostgresRegistry:
         rows = await self._db.fetch(Q["health_view"], timeout=self._timeout)
         return {
             r["url"]: NodesView(
-                r["healthy"], r["nodes"], cast(BackendKind, r["kind"]), tuple(r["models"])
+                r["healthy"],
+                r["nodes"],
+                cast(BackendKind, r["kind"]),
+                tuple(r["models"]),
+                r["inflight"] or 0,
             )
             for r in rows
         }
@@ -127,17 +145,28 @@ class PostgresRegistry:
 
 class RegistryFollower:
     """Keeps one node's backend pool equal to the registry: re-read on every notification
-    (the payload is only a nudge) and after every (re)connect of the listener."""
+    (the payload is only a nudge) and after every (re)connect of the listener. Rows added for a
+    host outside `allow` are left out (warned once each, counted in `refused`)."""
 
-    def __init__(self, registry: PostgresRegistry, pool: BackendPool) -> None:
+    def __init__(
+        self, registry: PostgresRegistry, pool: BackendPool, allow: HostAllowList | None = None
+    ) -> None:
         self._registry = registry
         self._pool = pool
+        self._allow = allow or HostAllowList()
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._warn = RateLimitedLog(log)
+        self.refused: frozenset[str] = frozenset()
+        """Registry backends this node will not use (their host is not in backends.allow)."""
 
     async def reload(self) -> None:
-        changes = apply_registry(self._pool, await self._registry.rows())
+        rows = await self._registry.rows()
+        refused = frozenset(r.url for r in rows if r.added and not self._allow.allows_url(r.url))
+        for url in sorted(refused - self.refused):
+            log.warning("backend registry: %s refused: its host is not in backends.allow", url)
+        self.refused = refused
+        changes = apply_registry(self._pool, [r for r in rows if r.url not in refused])
         for change in changes:
             log.info("backend registry: %s", change)
 

@@ -2,7 +2,9 @@
 Service) and a port instead of a URL. Every interval the name is resolved again; a new address
 joins as a backend, an address that is gone drains (no new bindings, its bindings are moved
 off by the fleet's mover, in-flight requests finish) and leaves once idle. Every node resolves
-the same name, so nodes agree without talking. A failed resolution changes nothing.
+the same name, so nodes agree without talking. A failed resolution changes nothing. An
+address outside `backends.allow` is refused (warned once): a DNS answer cannot add a backend
+the operator did not allow.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from affinity_node.config import HostAllowList
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
 from affinity_node.vocabulary import BackendKind
@@ -49,6 +52,7 @@ class DnsDiscovery:
         entries: Sequence[DnsEntry],
         resolver: Resolver = system_resolver,
         is_idle: Callable[[Backend], bool] = lambda b: b.inflight == 0,
+        allow: HostAllowList | None = None,
     ) -> None:
         self._pool = pool
         self._entries = tuple(entries)
@@ -57,6 +61,9 @@ class DnsDiscovery:
         """Whether a backend that left DNS may leave the pool (set once bindings are known)."""
         self._mine: dict[DnsEntry, set[str]] = {e: set() for e in self._entries}
         self._warn = RateLimitedLog(log)
+        self._allow = allow or HostAllowList()
+        self.refused: set[str] = set()
+        """Addresses found by DNS and refused (not in backends.allow)."""
 
     @property
     def active(self) -> bool:
@@ -69,7 +76,7 @@ class DnsDiscovery:
             except OSError as exc:
                 self._warn.warning(entry.name, "cannot resolve %s: %r", entry.name, exc)
                 continue
-            wanted = {_url(entry, a) for a in addresses}
+            wanted = {u for u in (_url(entry, a) for a in addresses) if self._allowed(u, entry)}
             known = self._mine[entry]
             for url in sorted(wanted - known):
                 backend = self._pool.add(BackendSpec(url, entry.kind, entry.models), "dns")
@@ -91,6 +98,14 @@ class DnsDiscovery:
             self._mine[entry] = wanted | {
                 url for url in known - wanted if self._pool.get(url) is not None
             }
+
+    def _allowed(self, url: str, entry: DnsEntry) -> bool:
+        if self._allow.allows_url(url):
+            return True
+        if url not in self.refused:
+            self.refused.add(url)
+            log.warning("backend %s (%s) refused: not in backends.allow", url, entry.name)
+        return False
 
     async def run(self, interval_s: float) -> None:
         while True:

@@ -9,4 +9,5 @@ psql -v ON_ERROR_STOP=1 -v pw="${AFFINITY_READER_PASSWORD:?}" \
 CREATE ROLE affinity_reader LOGIN PASSWORD :'pw';
 ALTER ROLE affinity_reader SET default_transaction_read_only = on;
 ALTER ROLE affinity_reader SET statement_timeout = '10s';
+ALTER ROLE affinity_reader SET idle_in_transaction_session_timeout = '30s';
 SQL

@@ -1,7 +1,8 @@
 """The backend registry across real nodes: a drain given on the command line reaches every node
 within a second, nothing new lands on a draining backend, its bindings move off at the fleet's
 pace whatever the number of nodes, `backends list` says when it is drained; backends added and
-removed at runtime; rebalance after a scale-up converges and stops; DNS discovery."""
+removed at runtime; rebalance after a scale-up converges and stops; DNS discovery; hosts outside
+`backends.allow` are never used, and `backends list` sends nothing to registry URLs."""
 
 from __future__ import annotations
 
@@ -13,12 +14,46 @@ from collections import Counter
 import asyncpg
 import openai
 
-from affinity_node.app import run_node
-from affinity_node.config import BackendConfig, NodeConfig
+from affinity_node.app import FOLLOWER, run_node
+from affinity_node.config import BackendConfig, HostAllowList, NodeConfig
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
 from tests.integration.test_cli import cli
 from tests.support.cluster import MODEL, cluster, key_everywhere, node_config
 from tests.support.waiting import wait_for
+
+
+class ConnectionCounter:
+    """A loopback listener that counts the connections made to it (and answers none)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int = 0) -> str:
+        async def accept(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            w.close()
+
+        self.server = await asyncio.start_server(accept, host, port)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def registry_add(dsn: str, url: str) -> None:
+    """A registry row written straight into the table (as any admin, or an attacker, could)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO affinity_backends (url, added, models) VALUES ($1, true, $2)", url, [MODEL]
+        )
+    finally:
+        await conn.close()
+
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -221,3 +256,87 @@ async def test_dns_discovery_with_an_injected_resolver(dsn):
     finally:
         await port_a.close()
         await second.close()
+
+
+async def test_backends_list_sends_nothing_to_registry_urls(dsn):
+    counter = ConnectionCounter()
+    url = await counter.start("127.0.0.1")
+    try:
+        await registry_add(dsn, url)
+        for args in (("--json",), ()):
+            code, out, err = await cli("backends", "list", *args, dsn=dsn)
+            assert code == 0, err
+            assert url in out
+        assert counter.connections == 0
+        listed = {
+            b["url"]: b for b in json.loads((await cli("backends", "list", "--json", dsn=dsn))[1])
+        }
+        assert listed[url]["source"] == "registry" and listed[url]["inflight"] == 0
+    finally:
+        await counter.close()
+
+
+async def test_a_registry_backend_outside_the_allow_list_is_never_used(dsn):
+    counter = ConnectionCounter()
+    refused_url = await counter.start("127.0.0.2")
+    extra = await serve(FakeBackendConfig(backend_id="x9", models=[MODEL]))
+
+    def allow_loopback_one(cfg: NodeConfig) -> None:
+        cfg.backends_allow = ["127.0.0.1/32"]
+
+    env = {"AFFINITY_BACKENDS_ALLOW": "127.0.0.1/32"}
+    try:
+        async with cluster(dsn, nodes=1, backends=1, configure=allow_loopback_one) as c:
+            node = c.nodes[0]
+            code, _, err = await cli("backends", "add", refused_url, dsn=dsn, env=env)
+            assert code == 1 and "backends.allow" in err  # the CLI refuses it ...
+            await registry_add(dsn, refused_url)  # ... a row written anyway is refused by nodes
+            await wait_for(
+                lambda: node.app[FOLLOWER].refused == {refused_url},
+                what="the node to refuse the registry row",
+            )
+            assert node.registry.get_sample_value("affinity_backends_refused") == 1
+            # An allowed backend added after it is taken, probed and served: the node read
+            # the registry and ran its health checks since the refused row came.
+            code, _, err = await cli(
+                "backends", "add", extra.url, "--model", MODEL, dsn=dsn, env=env
+            )
+            assert code == 0, err
+            await wait_for(
+                lambda: (b := node.backends.get(extra.url)) is not None and b.healthy,
+                what="the allowed backend in rotation",
+            )
+            assert node.backends.get(refused_url) is None
+            await bind_tenants(c, 6)
+            code, out, err = await cli("backends", "list", "--json", dsn=dsn, env=env)
+            assert code == 0, err
+            listed = {b["url"]: b for b in json.loads(out)}
+            assert listed[refused_url]["state"] == "refused" and listed[refused_url]["refused"]
+            assert listed[extra.url]["state"] == "active" and not listed[extra.url]["refused"]
+        assert counter.connections == 0  # never probed, routed to or fetched
+    finally:
+        await counter.close()
+        await extra.close()
+
+
+async def test_dns_addresses_outside_the_allow_list_are_refused(dsn):
+    allowed = await serve(FakeBackendConfig(backend_id="d2", models=[MODEL], host="127.0.0.2"))
+    port = allowed.port
+    counter = ConnectionCounter()
+    refused_url = await counter.start("127.0.0.3", port)  # what DNS would make of it
+
+    async def resolver(_name: str, _port: int) -> list[str]:
+        return ["127.0.0.2", "127.0.0.3"]
+
+    cfg = node_config(dsn, [allowed], "dns-node")
+    cfg.backends = [BackendConfig(dns="vllm.svc", port=port, models=[MODEL])]
+    cfg.backends_allow = ["127.0.0.2"]
+    try:
+        async with run_node(cfg, resolver=resolver) as node:
+            assert [b.id for b in node.backends.backends] == [f"http://127.0.0.2:{port}"]
+            await wait_for(lambda: node.backends.backends[0].healthy, what="probed and healthy")
+        assert counter.connections == 0
+        assert not HostAllowList.parse(cfg.backends_allow).allows_url(refused_url)
+    finally:
+        await allowed.close()
+        await counter.close()

@@ -38,6 +38,7 @@ def test_a_sixty_second_soak_loses_nothing_a_healthy_fleet_could_serve(tmp_path)
         "node_killed",
         "keys_churned",
         "hostile_notify",
+        "reader_held",
         "token_flood",
     ]
     for p in phases:
@@ -46,3 +47,4 @@ def test_a_sixty_second_soak_loses_nothing_a_healthy_fleet_could_serve(tmp_path)
         assert p["converge_s"] is not None, p  # every cache equals the table again
     assert phases[-1]["flood_statements"] == 0
     assert "listener session(s) terminated" in " ".join(phases[3]["notes"])
+    assert "reader held" in " ".join(phases[8]["notes"])  # and the fleet did not notice

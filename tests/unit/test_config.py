@@ -12,6 +12,7 @@ import yaml
 from affinity_node.config import (
     BackendConfig,
     ConfigError,
+    HostAllowList,
     NodeConfig,
     advice,
     load_config,
@@ -147,3 +148,83 @@ def test_defaults_keep_the_timeout_relation() -> None:
     notes = advice(cfg)
     assert len(notes) == 2 and all("\n" not in n for n in notes)
     assert "limits.drain_timeout_seconds (30) is shorter than" in notes[0]
+
+
+# -- backends.allow ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("10.1.2.3", True),  # IPv4 in a CIDR
+        ("11.0.0.1", False),
+        ("192.168.1.5", True),  # a bare address is its own /32
+        ("192.168.1.6", False),
+        ("fd00::1", True),  # IPv6 in a CIDR
+        ("[fdff::7]", True),  # as urlsplit leaves it, or with brackets
+        ("fe80::1", False),
+        ("::ffff:10.0.0.9", True),  # IPv4-mapped IPv6 is the IPv4 address
+        ("2001:db8::1", True),
+        ("2001:db8::2", False),
+        ("vllm.internal", True),  # a host name, exactly, any case, trailing dot
+        ("VLLM.Internal.", True),
+        ("evil.vllm.internal", False),  # a name does not cover its subdomains
+        ("pod-1.vllm.svc.cluster.local", True),  # *.domain covers names under it
+        ("vllm.svc.cluster.local", False),  # but not the domain itself
+        ("evilvllm.svc.cluster.local", False),
+        ("example.com", False),
+    ],
+)
+def test_allow_list_matches_addresses_networks_and_names(host: str, allowed: bool) -> None:
+    allow = HostAllowList.parse(
+        [
+            "10.0.0.0/8",
+            "192.168.1.5",
+            "fd00::/8",
+            "2001:db8::1",
+            "vllm.internal",
+            "*.vllm.svc.cluster.local",
+        ]
+    )
+    assert allow.allows_host(host) is allowed
+    url = f"http://{host if ':' not in host or host.startswith('[') else f'[{host}]'}:8000"
+    assert allow.allows_url(url) is allowed
+
+
+def test_an_empty_allow_list_allows_everything_and_names_are_never_resolved() -> None:
+    assert HostAllowList.parse([]).allows_url("http://example.com:1")
+    by_address = HostAllowList.parse(["127.0.0.0/8"])
+    assert not by_address.allows_url("http://localhost:8000")  # a name needs a name entry
+    assert not by_address.allows_url("not a url")
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "a b", "http://x", "*.", "-bad-", "x/8"])
+def test_a_bad_allow_entry_is_a_one_line_error_naming_it(tmp_path: Path, entry: str) -> None:
+    data = {"backends": {"allow": ["10.0.0.0/8", entry], "list": MINIMAL["backends"]}}
+    message = error_of(tmp_path, data)
+    assert message.startswith("backends.allow[1]:") and repr(entry) in message
+
+
+def test_backends_is_a_list_or_a_mapping_with_allow_and_list(tmp_path: Path) -> None:
+    plain = load(tmp_path, MINIMAL)
+    assert plain.backends_allow == [] and plain.allow.empty
+    mapped = load(tmp_path, {"backends": {"allow": ["10.0.0.0/8"], "list": MINIMAL["backends"]}})
+    assert [b.url for b in mapped.backends] == ["http://10.0.0.7:8000"]
+    assert mapped.backends_allow == ["10.0.0.0/8"]
+    assert "unknown key(s) alow" in error_of(tmp_path, {"backends": {"alow": [], "list": []}})
+    assert "backends_allow" in error_of(tmp_path, {**MINIMAL, "backends_allow": ["x"]})
+
+
+def test_a_configured_backend_outside_the_allow_list_is_an_error(tmp_path: Path) -> None:
+    data = {"backends": {"allow": ["192.168.0.0/16"], "list": MINIMAL["backends"]}}
+    message = error_of(tmp_path, data)
+    assert message.startswith("backends[0].url:") and "backends.allow" in message
+
+
+def test_the_allow_list_from_the_environment(tmp_path: Path) -> None:
+    cfg = load(tmp_path, MINIMAL, {"AFFINITY_BACKENDS_ALLOW": "10.0.0.0/8, vllm.internal"})
+    assert cfg.backends_allow == ["10.0.0.0/8", "vllm.internal"]
+    assert "backends.allow" in error_of(tmp_path, MINIMAL, {"AFFINITY_BACKENDS_ALLOW": "fd00::/8"})
+    everything = load(tmp_path, {"backends": {"allow": ["fd00::/8"], "list": MINIMAL["backends"]}},
+                      {"AFFINITY_BACKENDS_ALLOW": ""})  # fmt: skip
+    assert everything.allow.empty
