@@ -485,6 +485,16 @@ class ConnectionPool:
         if conns and conn in conns:
             conns.remove(conn)
 
+    def drop(self, base_url: str) -> None:
+        """Forgets a backend that left: closes its idle connections now and its busy ones when
+        their answers end, so nothing of it stays pooled."""
+        self._origins.pop(base_url, None)
+        for conn in self._idle.pop(base_url, ()):
+            conn.abort()
+        for conn in self._busy:
+            if conn.key == base_url:
+                conn.doomed = True
+
     def _sweep(self, now: float) -> None:
         """Closes connections idle past the keep-alive (or closed by the backend)."""
         self._last_sweep = now

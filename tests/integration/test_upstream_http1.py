@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from affinity_node.sim.support import free_port
+from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.http1 import (
     ConnectionPool,
     UpstreamFailed,
@@ -672,3 +673,40 @@ async def test_bytes_on_an_idle_connection_close_and_discard_it(pool):
         chatter.set()
         await wait_for(lambda: server.closed == 1, timeout=5, what="the node hung up")
         await wait_for(lambda: not pool._idle.get(server.url), timeout=5, what="discarded")
+
+
+async def test_drop_closes_idle_connections_now_and_busy_ones_when_released(pool):
+    box: list[Server] = []
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with await pool.post(server.url, "/", NO_HEADERS, b"a", 5.0) as reply:
+            await reply.read()
+        busy = await pool.post(server.url, "/", NO_HEADERS, b"b", 5.0)  # reuses the idle one
+        async with await pool.post(server.url, "/", NO_HEADERS, b"c", 5.0) as reply:
+            await reply.read()  # a second connection, idle now
+        assert (server.connections, pool.idle_count(server.url)) == (2, 1)
+        pool.drop(server.url)
+        assert pool.idle_count(server.url) == 0
+        assert server.url not in pool._origins
+        await wait_for(lambda: server.closed == 1, timeout=5, what="the idle one closed")
+        async with busy:
+            assert await busy.read() == b"echo:b"  # an answer in flight ends normally
+        assert pool.idle_count(server.url) == 0
+        await wait_for(lambda: server.closed == 2, timeout=5, what="the busy one closed")
+        async with await pool.post(server.url, "/", NO_HEADERS, b"d", 5.0) as reply:
+            assert await reply.read() == b"echo:d"  # a backend that comes back is served
+        assert pool.idle_count(server.url) == 1
+
+
+async def test_forget_backend_drops_the_forwarding_connections():
+    box: list[Server] = []
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2.0))
+    try:
+        async with serving(keep_alive_server(box)) as server:
+            box.append(server)
+            async with await client.post(server.url, "/v1/x", b"{}", {}, stream=False) as r:
+                assert await r.read() == b"echo:{}"
+            client.forget_backend(server.url)
+            await wait_for(lambda: server.closed == 1, timeout=5, what="the backend saw it go")
+    finally:
+        await client.close()
