@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -179,7 +179,6 @@ async def affinity_engine(
     keys: KeyCache | None = None,
     *,
     registry: RegistryFollower | None = None,
-    is_known_backend: Callable[[str], bool] = lambda _backend: True,
     on_query: QueryLogger | None = None,
     background: bool = True,
 ) -> AsyncIterator[EngineStack]:
@@ -205,11 +204,10 @@ async def affinity_engine(
         metrics,
         spec.engine,
         db_clock_offset=db_clock_offset,
-        is_known_backend=is_known_backend,
     )
     handlers: dict[str, Handler] = {}
     if spec.store == "postgres":
-        handlers[BINDINGS_CHANNEL] = lambda p: engine.apply_event(parse_binding_event(p))
+        handlers[BINDINGS_CHANNEL] = lambda p: engine.doorbell(parse_binding_event(p))
     if keys is not None:
         handlers[KEYS_CHANNEL] = partial(_key_event, keys)
     if registry is not None:
@@ -237,6 +235,7 @@ async def affinity_engine(
         on_synced=on_synced,
         on_state=on_state,
         on_reconnect=metrics.listener_reconnects.inc,
+        on_failure=lambda kind: metrics.listener_failures.labels(kind).inc(),
         on_query=on_query,
         on_watermark=engine.advance_watermark if spec.store == "postgres" else None,
     )
@@ -307,6 +306,7 @@ async def _keys(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await keys.stop()
 
 
 async def _poll_keys_while_blind(keys: KeyCache, interval_s: float = 1.0) -> None:
@@ -314,7 +314,7 @@ async def _poll_keys_while_blind(keys: KeyCache, interval_s: float = 1.0) -> Non
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await keys.poll_while_blind()
+            await keys.maintain()
         except Exception as exc:  # the database is probably down too: try again next time
             warn.warning("keys-poll", "cannot poll API keys: %r", exc)
 
@@ -330,7 +330,6 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         app[AFFINITY_METRICS],
         app[KEYS],
         registry=follower,
-        is_known_backend=lambda backend: pool.get(backend) is not None,
     ) as stack:
         app[ENGINE] = stack.engine
         yield

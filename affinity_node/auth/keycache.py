@@ -7,28 +7,31 @@ refused from memory: a flood of random tokens costs the database nothing. While 
 (listener down, or before the first snapshot), an unknown token is looked up, one lookup per
 token at a time, at most `lookups_per_s` per node, and remembered as unknown for a while.
 
-Revocation wins every race. Events that arrive while a snapshot is being read are applied
-again after it (the snapshot may predate them); a lookup or load that was in flight when a
-key was revoked is discarded (each revocation is stamped with an event sequence number, and a
-result older than the key's latest revocation is not cached). While the listener is down,
-the active set is re-read every poll, so revocations still take effect.
-
-Notifications are untrusted input (any role that can connect can send one): a revocation
-removes the key at once (failing closed) and is then checked against the table; a forged one
-is undone a round trip later. A creation only ever loads what the table holds.
+A notification is a doorbell (any role that can connect can send one): a create, restore,
+revoke or delete names a key to read again, and only the row read decides. Those reads are
+coalesced and batched (one statement for up to `check_batch` keys, at most `checks_per_s`
+statements a second, failed ones retried with backoff), so a flood of forged notifications
+costs a bounded trickle of reads and never refuses a live key; a real revocation takes effect
+one batched read after its notification. Revocation still wins every race: a lookup or
+snapshot that was in flight when a key's change was notified does not add it unless the check
+after that notification found it active. A periodic resync (jittered) bounds how long any
+missed change can last; while the listener is down the active set is re-read every poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Sequence
 from typing import Protocol
 from uuid import UUID
 
 from affinity_node.auth.secrets import hash_secret
+from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.vocabulary import KeyEventOp, KeyLookupReason, KeyRefusal
 
@@ -41,6 +44,9 @@ class KeyStore(Protocol):
 
     async def load(self, key_id: UUID) -> tuple[bytes, bool] | None:
         """key id -> (hash, revoked), or None when no such key."""
+
+    async def load_many(self, key_ids: Sequence[UUID]) -> dict[UUID, tuple[bytes, bool]]:
+        """key id -> (hash, revoked) for those of `key_ids` that exist (one statement)."""
 
     async def active(self) -> list[tuple[bytes, UUID]]:
         """Every usable key, by hash."""
@@ -63,6 +69,12 @@ class _Bucket:
         self._tokens = burst
         self._at = time.monotonic()
 
+    def delay(self) -> float:
+        """Seconds until a token is there (0: now)."""
+        now = time.monotonic()
+        tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        return max(0.0, (1.0 - tokens) / self._rate)
+
     def take(self) -> bool:
         now = time.monotonic()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
@@ -84,7 +96,11 @@ class KeyCache:
         unknown_ttl_s: float = 60.0,
         max_revoked: int = 100_000,
         blind_grace_s: float = 3.0,
-        verify_timeout_s: float = 0.5,
+        checks_per_s: float = 20.0,
+        check_batch: int = 1000,
+        max_pending: int = 10_000,
+        retry_s: float = 0.05,
+        resync_interval_s: float = 45.0,
     ) -> None:
         self._store = store
         self._m = metrics
@@ -95,7 +111,22 @@ class KeyCache:
         self._unknown_ttl = unknown_ttl_s
         self._bucket = _Bucket(lookups_per_s, max(lookups_per_s, 1.0))
         self._inflight: dict[bytes, asyncio.Future[UUID | None]] = {}
-        self._loads: set[asyncio.Task[None]] = set()
+        self._pending: dict[UUID, int] = {}
+        """key id -> sequence number of its latest notification not yet checked."""
+        self._to_read: dict[UUID, int] = {}
+        """The part of `_pending` no check has started on yet."""
+        self._overflow = False
+        """Too many keys named at once: the next check re-reads the whole active set."""
+        self._checker: asyncio.Task[None] | None = None
+        self._checked = asyncio.Event()
+        """Set (and replaced) after every check: waiters look again."""
+        self._check_bucket = _Bucket(checks_per_s, max(checks_per_s, 1.0))
+        self._check_batch = check_batch
+        self._max_pending = max_pending
+        self._retry_s = retry_s
+        self._resync_interval = resync_interval_s
+        self._next_resync = time.monotonic() + self._jittered()
+        self._warn = RateLimitedLog(log)
         self._seq = 0
         self._revoked_at: OrderedDict[UUID, int] = OrderedDict()
         """key id -> sequence number of its latest revocation or deletion."""
@@ -104,7 +135,6 @@ class KeyCache:
         self._listener_up = False
         self._blind_since = time.monotonic()
         self._blind_grace = blind_grace_s
-        self._verify_timeout = verify_timeout_s
         self.loaded = False
         """True once a snapshot of the active keys has been loaded."""
 
@@ -123,8 +153,8 @@ class KeyCache:
         key_id = self._by_hash.get(digest)
         if key_id is not None:
             return key_id
-        if self._loads:  # a key created a moment ago may be loading: let it land first
-            await asyncio.wait(list(self._loads), timeout=1.0)
+        if self._pending:  # a key created a moment ago may be being read: let it land first
+            await self._wait_checks(lambda: digest in self._by_hash, 1.0)
             key_id = self._by_hash.get(digest)
             if key_id is not None:
                 return key_id
@@ -157,6 +187,12 @@ class KeyCache:
         started = self._seq
         self._count("unknown")
         found = await self._store.lookup(digest)
+        if found is not None and self._pending_since(found[0], started):
+            # Its row changed since this read began: only the check after that decides.
+            key_id = found[0]
+            await self._wait_checks(lambda: not self._pending_since(key_id, started), 1.0)
+            if self._pending_since(key_id, started):
+                raise KeysUnavailable
         if found is None or found[1] or self._revoked_since(found[0], started):
             self._unknown[digest] = time.monotonic() + self._unknown_ttl
             self._unknown.move_to_end(digest)
@@ -175,48 +211,117 @@ class KeyCache:
             self._during_snapshot.append((op, key_id))
         self._apply(op, key_id)
 
-    def _apply(self, op: KeyEventOp, key_id: UUID) -> None:
-        if op in ("revoke", "delete"):
-            # Results of reads that began before this event are void from now on.
-            self._revoked_at[key_id] = self._seq
+    def _apply(self, _op: KeyEventOp, key_id: UUID) -> None:
+        """Whatever the notification says, the key is read again; nothing changes before."""
+        if self._overflow:
+            return
+        if key_id not in self._pending and len(self._pending) >= self._max_pending:
+            # A flood (real ones never come this fast): one read of the active set instead.
+            self._overflow = True
+            self._to_read.clear()
+            return
+        self._pending[key_id] = self._seq
+        self._to_read[key_id] = self._seq
+        self._unknown.clear()
+        if self._checker is None:
+            self._checker = asyncio.get_running_loop().create_task(self._check_loop())
+            self._checker.add_done_callback(self._checker_ended)
+
+    def _checker_ended(self, task: asyncio.Task[None]) -> None:
+        self._checker = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("API key checks failed", exc_info=task.exception())
+
+    async def _check_loop(self) -> None:
+        """Reads the named keys in batches, rate-bounded, retrying failed reads with backoff
+        (jittered) until they answer: a database hiccup delays a new key, never loses it."""
+        pause = self._retry_s
+        while self._to_read or self._overflow:
+            await asyncio.sleep(self._check_bucket.delay())
+            self._check_bucket.take()
+            try:
+                if self._overflow:
+                    await self._check_all()
+                else:
+                    await self._check_batch_once()
+            except Exception as exc:
+                self._count_failure(exc)
+                await asyncio.sleep(pause * random.uniform(1.0, 1.5))
+                pause = min(pause * 2, 5.0)
+                continue
+            finally:
+                self._checked.set()
+                self._checked = asyncio.Event()
+            pause = self._retry_s
+
+    async def _check_batch_once(self) -> None:
+        batch = dict(list(self._to_read.items())[: self._check_batch])
+        for key_id in batch:
+            del self._to_read[key_id]
+        self._count("verify")
+        try:
+            rows = await self._store.load_many(list(batch))
+        except BaseException:
+            for key_id, seq in batch.items():  # read them again (newer events kept)
+                self._to_read.setdefault(key_id, seq)
+            raise
+        for key_id, seq in batch.items():
+            found = rows.get(key_id)
+            if found is not None and not found[1]:
+                if not self._revoked_since(key_id, seq):
+                    self._add(found[0], key_id)
+            else:
+                self._remove(key_id, seq)
+            if self._pending.get(key_id) == seq:
+                del self._pending[key_id]
+
+    async def _check_all(self) -> None:
+        """After an overflow: the active set decides every key named meanwhile."""
+        self._overflow = False
+        started = self._seq
+        named = dict(self._pending)
+        self._count("poll")
+        try:
+            rows = await self._store.active()
+        except BaseException:
+            self._overflow = True
+            raise
+        active = {k: d for d, k in rows}
+        for key_id, seq in named.items():
+            digest = active.get(key_id)
+            if digest is None:
+                self._remove(key_id, seq)
+            elif not self._revoked_since(key_id, seq):
+                self._add(digest, key_id)
+            if self._pending.get(key_id) == seq and key_id not in self._to_read:
+                del self._pending[key_id]
+        self._replace([(d, k) for d, k in rows if not self._revoked_since(k, started)])
+
+    def _remove(self, key_id: UUID, seq: int) -> None:
+        """The table says the key is revoked or gone (as of a read after notification
+        `seq`): results of reads that began before it are void from now on."""
+        if self._revoked_at.get(key_id, -1) < seq:
+            self._revoked_at[key_id] = seq
             self._revoked_at.move_to_end(key_id)
             if len(self._revoked_at) > self._max_revoked:
                 self._revoked_at.popitem(last=False)
-            digest = self._hash_of.pop(key_id, None)
-            if digest is not None:
-                self._by_hash.pop(digest, None)
-                self._spawn(self._verify_removal(key_id, digest, self._seq))
-        else:  # create, restore: that one key becomes usable
-            self._unknown.clear()
-            self._spawn(self._load(key_id))
+        digest = self._hash_of.pop(key_id, None)
+        if digest is not None:
+            self._by_hash.pop(digest, None)
 
-    def _spawn(self, work: Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._loads.add(task)
-        task.add_done_callback(self._loads.discard)
+    async def _wait_checks(self, done: Callable[[], bool], timeout: float) -> None:
+        """Until `done()` or no check is pending, at most `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not done() and (self._pending or self._overflow):
+                    await self._checked.wait()
 
-    async def _verify_removal(self, key_id: UUID, digest: bytes, seq: int) -> None:
-        """Put the key back if the table says it is active: the notification was forged."""
-        self._count("verify")
-        try:
-            async with asyncio.timeout(self._verify_timeout):
-                found = await self._store.load(key_id)
-        except Exception:
-            return  # cannot tell: it stays out (failing closed) until the next snapshot
-        active = found is not None and not found[1] and found[0] == digest
-        if active and self._revoked_at.get(key_id) == seq:  # and no revocation since
-            self._add(digest, key_id)
+    def _pending_since(self, key_id: UUID, seq: int) -> bool:
+        """A notification named the key after `seq` and its check has not answered yet."""
+        return self._pending.get(key_id, -1) > seq
 
-    async def _load(self, key_id: UUID) -> None:
-        started = self._seq
-        self._count("created")
-        try:
-            found = await self._store.load(key_id)
-        except Exception as exc:  # the next snapshot or lookup will know it
-            log.warning("could not load a new API key: %r", exc)
-            return
-        if found is not None and not found[1] and not self._revoked_since(key_id, started):
-            self._add(found[0], key_id)
+    def _count_failure(self, exc: Exception) -> None:
+        self._warn.warning("key-check", "cannot read API keys (retrying): %r", exc)
 
     def _revoked_since(self, key_id: UUID, seq: int) -> bool:
         return self._revoked_at.get(key_id, -1) > seq
@@ -230,15 +335,45 @@ class KeyCache:
     async def resync(self) -> None:
         """Load the active set (the listener calls this after each LISTEN); events that arrive
         meanwhile are applied again afterwards, so the snapshot cannot undo a revocation."""
+        started = self._seq
         self._during_snapshot = []
         try:
             rows = await self._store.active()
         finally:
             seen, self._during_snapshot = self._during_snapshot, None
-        self._replace(rows)
+        self._replace([(d, k) for d, k in rows if not self._revoked_since(k, started)])
         for op, key_id in seen or ():
             self._apply(op, key_id)
         self.loaded = True
+
+    async def stop(self) -> None:
+        """Ends the checks in flight (the node is stopping)."""
+        task, self._checker = self._checker, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _jittered(self) -> float:
+        return self._resync_interval * random.uniform(0.8, 1.2)
+
+    async def maintain(self) -> bool:
+        """Called about every second: polls while blind, and re-reads the active set every
+        `resync_interval_s` (jittered) even when in sync, so a change whose notification or
+        check was lost is not missed for longer. True when it read the table."""
+        if await self.poll_while_blind():
+            return True
+        now = time.monotonic()
+        if not self.in_sync or now < self._next_resync:
+            return False
+        self._next_resync = now + self._jittered()
+        self._count("poll")
+        try:
+            await self.resync()
+        except Exception:
+            self._next_resync = now + min(5.0, self._resync_interval)  # soon, not at once
+            raise
+        return True
 
     def _replace(self, rows: list[tuple[bytes, UUID]]) -> None:
         self._by_hash = dict(rows)

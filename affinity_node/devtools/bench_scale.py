@@ -366,19 +366,24 @@ class Bench:
         every node hears every one."""
         args = self.args
         total = int(args.rate * args.duration)
-        # New keys first, out of the measured window: every node loads each new key once
-        # (its notification says so), which a fleet sees rarely and a benchmark all at once.
+        # New keys first, out of the measured window: every node reads the new keys (their
+        # notifications say so, and the checks are batched), which a fleet sees rarely and a
+        # benchmark all at once. Settled: every node checked, and no check since the last look.
         keys_before = [await scrape(http, f"{n.ops_url}/metrics") for n in nodes]
         keys = [str(r[0]) for r in await db.fetch(Q["bench_keys"], total, "writer")]
+        last: list[float] = []
 
         async def keys_known() -> bool:
+            nonlocal last
             now = [await scrape(http, f"{n.ops_url}/metrics") for n in nodes]
-            return all(
-                sample(a, "affinity_key_lookups_total", reason="created")
-                - sample(b, "affinity_key_lookups_total", reason="created")
-                >= total
+            checks = [
+                sample(a, "affinity_key_lookups_total", reason="verify")
+                - sample(b, "affinity_key_lookups_total", reason="verify")
                 for a, b in zip(now, keys_before, strict=True)
-            )
+            ]
+            settled = all(c >= 1 for c in checks) and checks == last
+            last = checks
+            return settled
 
         await poll(keys_known, None, "every node to know the writers' keys", 120.0)
         files = []

@@ -188,6 +188,15 @@ class AffinityMetrics:
             "Times the listener connection was re-established.",
             registry=registry,
         )
+        self.listener_failures = Counter(
+            "affinity_listener_failures",
+            "What ended a listener connection or an attempt at one, by kind (database: lost, "
+            "refused or a failed probe; internal: an exception of the node's own).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("database", "internal"):
+            self.listener_failures.labels(kind)
         self.cache_resyncs = Counter(
             "affinity_cache_resyncs",
             "Resyncs of the cache after LISTEN (catch-ups and full snapshots).",

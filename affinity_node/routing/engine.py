@@ -8,7 +8,9 @@ per node, and across nodes the store's advisory lock makes one of them the creat
 Affinity is a hint: when the store fails, the request is still served by the fallback
 chooser (outcome `degraded`), and after a failure that looks like an outage a breaker keeps
 every other request from asking (routing/breaker.py), so an outage costs no per-request
-timeouts. Notifications are checked before they are believed (routing/trust.py). Staleness is
+timeouts. A notification is a doorbell, never believed by itself (routing/trust.py): it makes
+the node read what changed after its watermark from the table, one coalesced read for a burst,
+and only rows read from the table move, evict or add a cached pair. Staleness is
 bounded: expired entries are swept, and while the listener is down, entries the database has
 not confirmed for `blind_max_age_s` are re-read before they are used.
 
@@ -40,6 +42,7 @@ from affinity_node.routing.ports import (
     NO_MEMBERS,
     BindingEvent,
     BindingStore,
+    Changes,
     Clock,
     Members,
     Pair,
@@ -47,7 +50,7 @@ from affinity_node.routing.ports import (
     StoredBinding,
     StoreUnavailable,
 )
-from affinity_node.routing.trust import NotificationCheck
+from affinity_node.routing.trust import plausible_lag, read_start
 from affinity_node.vocabulary import (
     EVICT_REASONS,
     NOTIFY_OPS,
@@ -96,6 +99,12 @@ class EngineSettings:
     deletion_log_retention_s: float = 900.0
     """How long the cleanup leader keeps deletion-log entries: a node whose listener was away
     longer reloads in full."""
+    doorbell_batch_s: float = 0.002
+    """A doorbell waits this long before its read, so a burst of notifications shares one."""
+    doorbell_max_rows: int = 20_000
+    """A doorbell's read that would return more rows than this reloads in pages instead."""
+    doorbell_retry_s: float = 0.05
+    """First pause after a doorbell's read failed (doubles up to 2 s; it is read again)."""
 
 
 @dataclass(slots=True)
@@ -153,11 +162,9 @@ class AffinityEngine:
         db_clock_offset: Callable[[], float] = lambda: 0.0,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
-        is_known_backend: Callable[[str], bool] = lambda _backend: True,
     ) -> None:
         """`clock` times local deadlines and pauses (the cache must use the same one);
-        `wall_clock` plus `db_clock_offset` dates notifications against the database clock;
-        `is_known_backend` says which backends a notification may name."""
+        `wall_clock` plus `db_clock_offset` dates notifications against the database clock."""
         self._store = store
         self._cache = cache
         self._clock = clock
@@ -171,7 +178,14 @@ class AffinityEngine:
         self._breaker = StoreBreaker(
             self._trial, self._breaker_changed, clock, pause_s=settings.db_retry_after_s
         )
-        self._check = NotificationCheck(settings.ttl_seconds, is_known_backend, clock)
+        self._bell_from: int | None = None
+        """The version the pending doorbell read starts after (None: no doorbell pending)."""
+        self._bell_lags: list[tuple[Pair, int, float]] = []
+        """(pair, version, sent_at) the pending doorbells claim, for the lag histogram."""
+        self._bell_task: asyncio.Task[None] | None = None
+        self._proved = 0
+        """The listener's latest proof: every change up to it was notified to this node (it
+        becomes the watermark once the doorbells rung before it are answered)."""
         self._listener_up = False
         self._blind_since: float | None = clock()
         self._stale_before = -math.inf
@@ -214,6 +228,11 @@ class AffinityEngine:
     def watermark(self) -> int:
         return self._watermark
 
+    @property
+    def doorbells_pending(self) -> bool:
+        """A doorbell's read is waiting or in flight."""
+        return self._bell_task is not None or self._bell_from is not None
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start_background(self) -> None:
@@ -227,6 +246,7 @@ class AffinityEngine:
     async def stop(self) -> None:
         """Stops the loops and writes the refreshes still queued."""
         await self._stop_loader()
+        await self._stop_doorbells()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -612,36 +632,108 @@ class AffinityEngine:
 
     # -- coherence ---------------------------------------------------------------------------
 
-    def apply_event(self, event: BindingEvent | None) -> None:
-        """A notification from the binding table, in commit order; None when unparseable."""
+    def doorbell(self, event: BindingEvent | None) -> None:
+        """A notification on the binding channel (None when unparseable): something changed.
+        Nothing in it is applied; the rows read after it are (see `_answer_doorbells`)."""
         if event is None:
             self._m.notifications_rejected.labels("malformed").inc()
             return
         self._notified[event.op]()
-        reason = self._check.reason(event, self._cache.max_version)
-        if reason is not None:
-            self._m.notifications_rejected.labels(reason).inc()
-            self._warn.warning(
-                "untrusted",
-                "ignoring an implausible binding notification (%s); "
-                "the pair will be read from the database",
-                reason,
+        start = read_start(self._watermark, self._cache.max_version, event.version)
+        pending = self._bell_from
+        self._bell_from = start if pending is None else min(pending, start)
+        if len(self._bell_lags) < 10_000:
+            self._bell_lags.append((event.pair, event.version, event.sent_at))
+        if self._bell_task is None:
+            self._bell_task = asyncio.create_task(
+                self._answer_doorbells(), name="affinity-doorbell"
             )
-            self._cache.invalidate(event.pair)
+            self._bell_task.add_done_callback(self._doorbells_ended)
+
+    def _doorbells_ended(self, task: asyncio.Task[None]) -> None:
+        if self._bell_task is task:
+            self._bell_task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("doorbell reader failed", exc_info=task.exception())
+
+    async def _answer_doorbells(self) -> None:
+        """One read for every doorbell rung before it starts: the rows changed after the
+        lowest start they asked for, and the deletions logged after it. Doorbells rung during
+        a read make one more read after it; a failed read is retried (with backoff) from the
+        same start, so no change is lost to a database hiccup."""
+        pause = self._s.doorbell_retry_s
+        while self._bell_from is not None:
+            if self._s.doorbell_batch_s > 0:
+                await asyncio.sleep(self._s.doorbell_batch_s)
+            start, self._bell_from = self._bell_from, None
+            lags, self._bell_lags = self._bell_lags, []
+            proved = self._proved
+            stamp, asked_at = self._cache.stamp(), self._clock()
+            try:
+                changes = await self._store.changes_since(start, self._s.doorbell_max_rows)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                self._bell_from = start if self._bell_from is None else min(self._bell_from, start)
+                self._bell_lags = lags + self._bell_lags
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                continue
+            pause = self._s.doorbell_retry_s
+            if changes is None:
+                self._doorbell_overflow(start)
+                continue
+            self._cache.load(changes.rows, stamp, asked_at)
+            for pair, version in changes.deleted:
+                self._cache.apply_delete(pair, version)
+            self._observe_lags(lags, changes)
+            # Every doorbell rung before `proved` was reported is answered once no doorbell
+            # waits: then the whole proof holds for the cache.
+            if self._bell_from is None:
+                proved = self._proved
+            self._watermark = max(self._watermark, proved)
+
+    def _doorbell_overflow(self, start: int) -> None:
+        """More changed after `start` than a catch-up should read (or the deletion log no
+        longer reaches back): reload in pages, unless a reload runs already."""
+        if self._loader is not None and not self._loader.done():
             return
-        lag = max(self._wall_clock() + self._db_clock_offset() - event.sent_at, 0.0)
-        self._m.notify_lag.observe(lag)
-        if event.op == "delete":
-            self._cache.apply_delete(event.pair, event.version)
-        else:
-            self._cache.apply_change(
-                event.pair, event.backend, event.version, event.ttl - lag, event.fanout
-            )
+        self._warn.warning(
+            "doorbell-overflow", "too much changed after version %d: full snapshot", start
+        )
+        self._start_reload(self._clock())
+
+    def _observe_lags(self, lags: list[tuple[Pair, int, float]], changes: Changes) -> None:
+        """Commit to applied, for the doorbells whose change this read brought (a forged one
+        names no row that the read returns, so it is not counted)."""
+        if not lags:
+            return
+        read = {((r[0], r[1]), r[3]) for r in changes.rows}
+        read.update(changes.deleted)
+        now = self._wall_clock() + self._db_clock_offset()
+        for pair, version, sent_at in lags:
+            if (pair, version) in read:
+                lag = plausible_lag(sent_at, now)
+                if lag is not None:
+                    self._m.notify_lag.observe(lag)
 
     def advance_watermark(self, version: int) -> None:
-        """The listener proved that every change up to `version` reached this node."""
-        if version > self._watermark:
+        """The listener proved that every change up to `version` was notified to this node;
+        with no doorbell waiting, every one of them has been read already."""
+        if version > self._proved:
+            self._proved = version
+        if self._bell_task is None and self._bell_from is None and version > self._watermark:
             self._watermark = version
+
+    async def _stop_doorbells(self) -> None:
+        """A resync reads from the watermark itself: doorbells rung before it are answered by
+        it (their changes committed before it began)."""
+        task, self._bell_task = self._bell_task, None
+        self._bell_from = None
+        self._bell_lags = []
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def resync(self) -> None:
         """Called by the listener after each LISTEN, before it reports itself up.
@@ -652,6 +744,7 @@ class AffinityEngine:
         return: requests are served meanwhile.
         """
         await self._stop_loader()
+        await self._stop_doorbells()
         started = self._clock()
         self._cache.begin_resync()
         version_now = await self._store.version_now()
@@ -664,7 +757,7 @@ class AffinityEngine:
             if self._server_started is not None:
                 log.warning("the database restarted or went back in time: full snapshot")
             self._complete = False
-            self._watermark = 0
+            self._watermark = self._proved = 0
         self._server_started = server_started
         if self._complete:
             stamp, asked_at = self._cache.stamp(), self._clock()
@@ -681,6 +774,10 @@ class AffinityEngine:
                 self._m.cache_resyncs.inc()
                 self._m.resync_rows.labels("incremental").inc(read)
                 return
+        self._start_reload(started)
+
+    def _start_reload(self, started: float) -> None:
+        """Every live binding, in pages, in the background: requests are served meanwhile."""
         self._complete = False
         # Entries from before a reload may be stale (what was missed is unknown): re-read each
         # before use until the reload has confirmed it.

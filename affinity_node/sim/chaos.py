@@ -11,7 +11,9 @@ phases, one fault each, applied and healed while the load goes on:
   backend_killed        SIGKILL of one fake backend, restarted later
   node_killed           SIGKILL of one node, restarted later
   keys_churned          keys revoked and new ones created under load
-  hostile_notify        forged payloads on both channels (huge versions, NaN, odd backends)
+  hostile_notify        forged payloads on both channels: implausible ones (huge versions, NaN,
+                        odd backends) and plausible ones (the next version, a real backend
+                        and TTL), forged revocations of live keys, a flood of forged creates
   reader_held           a session LISTENs and holds a transaction open (the NOTIFY queue's
                         tail) while the load notifies, then lets go
   token_flood           random bearer tokens at every node
@@ -19,7 +21,9 @@ phases, one fault each, applied and healed while the load goes on:
 For each phase the report gives: requests; failures a healthy fleet could have served (must be
 0: requests in flight on a node or a backend when it was killed are excused); bindings still
 split after the phase (a node's cache differing from the table, must be 0); requests of a
-revoked key served more than 1 s after its revocation (must be 0); seconds from the heal until
+revoked key served more than 1 s after its revocation (must be 0); requests served as a hit by
+another backend than the table's after a forged binding event (must be 0; a live key refused
+counts as a failure); seconds from the heal until
 every node's cache equals the table; database statements the token flood caused (must be 0).
 Exit status 0 only when every must-be-zero column is zero.
 """
@@ -69,7 +73,8 @@ PHASES = (
     "backend_killed", "node_killed", "keys_churned", "hostile_notify", "reader_held",
     "token_flood",
 )  # fmt: skip
-MUST_BE_ZERO = ("failures", "split", "revoked_late", "flood_statements")
+MUST_BE_ZERO = ("failures", "split", "revoked_late", "flood_statements", "wrong_backend")
+FORGED_CREATES = 2000
 REVOCATION_GRACE_S = 1.0
 CONVERGE_POLL_S = 0.25
 
@@ -94,6 +99,8 @@ class Record:
     error: str | None
     backend: str | None = None
     streamed: bool = False
+    affinity: str | None = None
+    """The node's x-affinity header."""
 
 
 @dataclass
@@ -107,6 +114,7 @@ class PhaseResult:
     split: int = 0
     converge_s: float | None = None
     flood_statements: float | None = None
+    wrong_backend: int = 0
     notes: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
 
@@ -191,8 +199,9 @@ class Load:
                 elif stream and (b'"error"' in data or not data.rstrip().endswith(b"[DONE]")):
                     error = "stream ended with an error"
                 return Record(
-                    start, time.monotonic(), tenant, node, r.status, error, backend, streamed=stream
-                )
+                    start, time.monotonic(), tenant, node, r.status, error, backend,
+                    streamed=stream, affinity=r.headers.get("x-affinity"),
+                )  # fmt: skip
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -420,10 +429,69 @@ class Soak:
         try:
             for channel, payload in forged:
                 await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+            bound = await self._forge_plausible(conn, live[:8])
+            await self._forge_keys(conn, live[:4])
         finally:
             await conn.close()
-        result.notes.append(f"{len(forged)} forged notifications")
+        forged_at = time.monotonic()
+        result.notes.append(
+            f"{len(forged)} implausible, {len(bound)} plausible binding forgeries, "
+            f"{min(len(live), 4)} forged revocations of live keys, {FORGED_CREATES} forged creates"
+        )
+        first_record = len(self.load.records)
         await self._hold()
+        result.wrong_backend = self._wrong_backends(bound, forged_at, first_record)
+
+    async def _forge_plausible(
+        self, conn: asyncpg.Connection, tenants: Sequence[Tenant]
+    ) -> dict[uuid.UUID, str]:
+        """For each bound tenant, the event our trigger would send if the pair moved to
+        another real backend: the next version, a real TTL, a fresh timestamp. Returns the
+        backend id (b<i>) the table holds for each."""
+        urls = self.fleet.backend_urls
+        bound: dict[uuid.UUID, str] = {}
+        for tenant in tenants:
+            row = await conn.fetchrow(
+                "SELECT provider_url, version, date_part('epoch', expires_at - now()) AS ttl"
+                " FROM api_key_model_affinity WHERE api_key_id = $1 AND model = $2",
+                tenant.key_id,
+                MODEL,
+            )
+            if row is None or row["provider_url"] not in urls:
+                continue
+            other = next(u for u in urls if u != row["provider_url"])
+            event = {
+                "op": "update", "api_key_id": str(tenant.key_id), "model": MODEL,
+                "provider_url": other, "version": row["version"] + 1, "ttl": row["ttl"],
+                "sent_at": time.time(), "expires_at": "2099-01-01T00:00:00Z",
+            }  # fmt: skip
+            await conn.execute("SELECT pg_notify('affinity_changes', $1)", json.dumps(event))
+            bound[tenant.key_id] = f"b{urls.index(row['provider_url'])}"
+        return bound
+
+    async def _forge_keys(self, conn: asyncpg.Connection, tenants: Sequence[Tenant]) -> None:
+        """Revocations of live keys (nobody revoked them), then a flood of creates for keys
+        that do not exist, in one transaction."""
+        for tenant in tenants:
+            payload = json.dumps({"op": "revoke", "id": str(tenant.key_id)})
+            await conn.execute("SELECT pg_notify('api_key_changes', $1)", payload)
+        await conn.execute(
+            "SELECT pg_notify('api_key_changes', json_build_object('op', 'create', 'id',"
+            " gen_random_uuid())::text) FROM generate_series(1, $1)",
+            FORGED_CREATES,
+        )
+
+    def _wrong_backends(self, bound: dict[uuid.UUID, str], after: float, first: int) -> int:
+        """Hits served after the forgeries by another backend than the table's (the table
+        did not change meanwhile: nothing else is broken in this phase)."""
+        return sum(
+            1
+            for rec in self.load.records[first:]
+            if rec.start >= after
+            and rec.affinity == "hit"
+            and rec.tenant.key_id in bound
+            and rec.backend != bound[rec.tenant.key_id]
+        )
 
     async def _token_flood(self, result: PhaseResult) -> None:
         fleet = self.fleet
@@ -479,7 +547,7 @@ class Soak:
 def render(results: Sequence[PhaseResult], duration: float) -> str:
     head = (
         f"{'fault':<22}{'secs':>6}{'requests':>10}{'failures':>10}{'excused':>9}"
-        f"{'split':>7}{'revoked>1s':>12}{'converge s':>12}{'flood stmts':>13}"
+        f"{'split':>7}{'revoked>1s':>12}{'converge s':>12}{'flood stmts':>13}{'wrong be':>10}"
     )
     lines = [f"chaos soak: {duration:g} s, {len(results)} phases", head, "-" * len(head)]
     for r in results:
@@ -488,6 +556,7 @@ def render(results: Sequence[PhaseResult], duration: float) -> str:
         lines.append(
             f"{r.name:<22}{r.seconds:>6.1f}{r.requests:>10}{r.failures:>10}"
             f"{r.excused:>9}{r.split:>7}{r.revoked_late:>12}{conv:>12}{flood:>13}"
+            f"{r.wrong_backend:>10}"
         )
     notes = [
         f"  {r.name}: {'; '.join(r.notes + r.samples)}" for r in results if r.notes or r.samples
@@ -499,14 +568,19 @@ def render(results: Sequence[PhaseResult], duration: float) -> str:
         "failures = requests a healthy fleet could have served that failed "
         "(in flight on a killed node or backend: excused); split = pairs where a node's "
         "cache differs from the table at the phase's end; converge s = from the heal "
-        "until every cache equals the table ('-': not within the phase)",
+        "until every cache equals the table ('-': not within the phase); wrong be = hits "
+        "served by another backend than the table's after a forged binding event",
     ]
     return "\n".join(lines)
 
 
 def passed(results: Sequence[PhaseResult]) -> bool:
     return all(
-        r.failures == 0 and r.split == 0 and r.revoked_late == 0 and (r.flood_statements or 0) == 0
+        r.failures == 0
+        and r.split == 0
+        and r.revoked_late == 0
+        and (r.flood_statements or 0) == 0
+        and r.wrong_backend == 0
         for r in results
     )
 

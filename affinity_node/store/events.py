@@ -1,7 +1,7 @@
 """Parsing of the JSON payloads our triggers send. Any role that can connect can notify on these
 channels, so a payload is untrusted input: strict types and lengths (as the table's CHECKs),
-no NaN or Infinity; malformed input is dropped with a rate-limited warning. Whether a
-well-formed event is plausible is the engine's call (routing/trust.py)."""
+no NaN or Infinity; malformed input is dropped with a rate-limited warning. Even a well-formed
+event is only a doorbell: the node reads the table after it (routing/trust.py)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -58,6 +59,12 @@ class PostgresKeyStore:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(Q["key_by_id"], key_id, timeout=self._timeout)
         return None if row is None else (bytes(row["key_hash"]), row["revoked"])
+
+    async def load_many(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[bytes, bool]]:
+        """The keys named by notifications, in one statement (a flood costs one per batch)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(Q["key_by_ids"], list(key_ids), timeout=self._timeout)
+        return {r["id"]: (bytes(r["key_hash"]), r["revoked"]) for r in rows}
 
     async def active(self) -> list[tuple[bytes, uuid.UUID]]:
         """Every usable key, read in pages (each one short statement; the key cache replays

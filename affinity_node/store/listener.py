@@ -18,6 +18,10 @@ version). V is settled once none of S's in-progress transactions is still runnin
 reported one probe later: by then the notifications of those commits, sent at commit, have
 crossed this connection ahead of the probe's answer. The pipeline restarts with each
 connection; a candidate from a lost one is dropped.
+
+Supervision: whatever ends a connection's watch (a lost or frozen connection, or an exception
+of our own: a hook that raises) is caught, counted by kind (`on_failure`), and followed by a
+reconnect: a listener that died would leave the node blind for good, silently.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -40,6 +46,10 @@ from affinity_node.store.queries import QUERIES as Q
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str], None]
+
+FailureKind = Literal["database", "internal"]
+"""database: the connection was lost, a probe failed or Postgres refused; internal: an
+exception of ours (a bug in a hook), logged with its traceback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +93,10 @@ class ChangeListener:
         on_reconnect: Callable[[], None] | None = None,
         on_query: QueryLogger | None = None,
         on_watermark: Callable[[int], None] | None = None,
+        on_failure: Callable[[FailureKind], None] | None = None,
     ) -> None:
-        """`on_watermark` hears the binding table's watermark as it advances (see above)."""
+        """`on_watermark` hears the binding table's watermark as it advances (see above);
+        `on_failure` hears every failure that ends a connection or an attempt at one."""
         self._s = settings
         self._handlers = dict(handlers)
         self._on_synced = on_synced
@@ -96,12 +108,14 @@ class ChangeListener:
         self._last_activity = time.monotonic()
         self._last_probe = time.monotonic()
         self._on_watermark = on_watermark
+        self._on_failure = on_failure
         self._candidate: tuple[int, str] | None = None
         """(version, snapshot) read by a probe, waiting for that snapshot's transactions."""
         self._settled: int | None = None
         """A version settled at the last probe: reported at the next one."""
         self._conn: asyncpg.Connection | None = None
         self._warn = RateLimitedLog(log)
+        self._last_internal_log = -math.inf
         self.clock_offset = 0.0
         """Database clock minus local wall clock, from the latest probe (seconds)."""
         self.probes = 0
@@ -129,41 +143,65 @@ class ChangeListener:
         await self._drop()
 
     async def _run(self) -> None:
+        """Supervises the connections, forever: nothing but cancellation ends it."""
         first = True
+        pause = self._s.backoff_initial_s
         while True:
-            retrying = AsyncRetrying(
-                wait=wait_exponential(
-                    multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s
-                )
-                + wait_random(0, self._s.backoff_initial_s),
-                # Anything, not only database errors: a listener that dies leaves the node
-                # blind, so a bug in a sync hook is logged and retried like an outage.
-                retry=retry_if_exception_type(Exception),
-                before_sleep=lambda rs: self._warn.warning(
-                    "connect",
-                    "listener cannot reach Postgres (attempt %d): %r",
-                    rs.attempt_number,
-                    rs.outcome.exception() if rs.outcome else None,
-                ),
-            )
-            lost = asyncio.Event()
-            async for attempt in retrying:
-                with attempt:
-                    async with asyncio.timeout(self._s.sync_timeout_s):
-                        lost = await self._connect_and_sync()
+            try:
+                await self._session(first)
+                pause = self._s.backoff_initial_s
+            except Exception as exc:
+                self._failed(exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self._s.backoff_max_s)
+            first = False
+
+    async def _session(self, first: bool) -> None:
+        """One connection: connect and sync (retried with backoff), then watch until lost."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=self._s.backoff_initial_s, max=self._s.backoff_max_s)
+            + wait_random(0, self._s.backoff_initial_s),
+            # Anything, not only database errors: a listener that dies leaves the node
+            # blind, so a bug in a sync hook is logged and retried like an outage.
+            retry=retry_if_exception_type(Exception),
+            before_sleep=lambda rs: self._failed(rs.outcome.exception() if rs.outcome else None),
+        )
+        lost = asyncio.Event()
+        async for attempt in retrying:
+            with attempt:
+                async with asyncio.timeout(self._s.sync_timeout_s):
+                    lost = await self._connect_and_sync()
+        try:
             if not first and self._on_reconnect is not None:
                 self._on_reconnect()
-            first = False
             self._synced.set()
             self._on_state(True)
             log.info("listener connected and synced")
-            try:
-                await self._watch(lost)
-            finally:
-                self._synced.clear()
-                self._on_state(False)
-                await self._drop()
-            self._warn.warning("lost", "listener connection lost; reconnecting")
+            await self._watch(lost)
+            self._count("database")
+        finally:
+            self._synced.clear()
+            self._on_state(False)
+            await self._drop()
+        self._warn.warning("lost", "listener connection lost; reconnecting")
+
+    def _failed(self, exc: BaseException | None) -> None:
+        """A failed attempt or a watch ended by an exception: counted, and logged (ours with
+        a traceback, at error level, rate-limited like the rest)."""
+        if exc is None or isinstance(exc, DB_ERRORS):
+            self._count("database")
+            self._warn.warning("connect", "listener cannot reach Postgres: %r", exc)
+            return
+        self._count("internal")
+        now = time.monotonic()
+        if now - self._last_internal_log >= 10.0:
+            self._last_internal_log = now
+            log.error("listener failed; reconnecting", exc_info=exc)
+
+    def _count(self, kind: FailureKind) -> None:
+        if self._on_failure is not None:
+            with contextlib.suppress(Exception):
+                self._on_failure(kind)
 
     async def _connect_and_sync(self) -> asyncio.Event:
         await self._drop()

@@ -222,6 +222,10 @@ SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;
 -- A key announced by a create or restore notification.
 SELECT key_hash, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE id = $1;
 
+-- name: key_by_ids
+-- The keys a batch of notifications named (create, restore, revoke, delete): the rows decide.
+SELECT id, key_hash, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE id = ANY($1::uuid[]);
+
 -- Migration bookkeeping (store/migrate.py). The lock is session-scoped: it spans every file.
 
 -- name: migrate_lock

@@ -10,6 +10,7 @@ import asyncio
 import asyncpg
 
 from affinity_node.sim.faultproxy import FaultProxy
+from affinity_node.store.listener import ChangeListener, ListenerSettings
 from affinity_node.store.lockkeys import binding_lock_key
 from tests.support.cluster import MODEL, cluster
 from tests.support.nodes import BACKENDS, CountingChooser, new_key, nodes
@@ -208,3 +209,39 @@ async def test_a_random_token_flood_costs_the_database_nothing(dsn):
             == 0
         )
         assert (await c.client(0, secret).models.list()).data
+
+
+async def test_a_listener_hook_that_raises_is_counted_and_the_listener_reconnects(dsn, db):
+    """Not a database error: an exception of the node's own (here the watermark hook, once)
+    must not end the listener task and leave the node blind."""
+    heard: list[str] = []
+    states: list[bool] = []
+    failures: list[str] = []
+    raised = [False]
+
+    def on_watermark(_version: int) -> None:
+        if not raised[0]:
+            raised[0] = True
+            raise RuntimeError("a bug in a hook")
+
+    async def on_synced() -> None:
+        return None
+
+    listener = ChangeListener(
+        ListenerSettings(dsn=dsn, probe_interval_s=0.05, watermark_interval_s=0.05),
+        {"affinity_test_channel": heard.append},
+        on_synced=on_synced,
+        on_state=states.append,
+        on_watermark=on_watermark,
+        on_failure=failures.append,
+    )
+    listener.start()
+    try:
+        await wait_for(lambda: raised[0], what="the hook to raise")
+        await wait_for(lambda: states.count(True) >= 2, timeout=10, what="a reconnect")
+        assert failures.count("internal") == 1
+        await wait_for(lambda: listener.up, what="synced again")
+        await db.execute("SELECT pg_notify('affinity_test_channel', 'after')")
+        await wait_for(lambda: heard == ["after"], what="a change after the failure")
+    finally:
+        await listener.stop()

@@ -104,7 +104,6 @@ def make_engine(
         EngineSettings(**settings),  # type: ignore[arg-type]
         clock=clock,
         wall_clock=clock,
-        is_known_backend=lambda b: b in (B1, B2, B3),
     )
     engine.listener_state(True)  # as if the listener had connected and synced
     return engine, registry
@@ -145,6 +144,10 @@ class MemoryKeyStore:
     async def load(self, key_id: UUID) -> tuple[bytes, bool] | None:
         await self._enter()
         return self.rows.get(key_id)
+
+    async def load_many(self, key_ids: Sequence[UUID]) -> dict[UUID, tuple[bytes, bool]]:
+        await self._enter()
+        return {k: self.rows[k] for k in key_ids if k in self.rows}
 
     async def active(self) -> list[tuple[bytes, UUID]]:
         await self._enter()

@@ -1,5 +1,5 @@
-"""Notifications are untrusted input: what the parser drops, and what the engine refuses to
-believe (treating it as an invalidation instead)."""
+"""Notifications are untrusted input: what the parser drops, and that the engine believes no
+payload at all: a notification is a doorbell, and only the rows read after it change the cache."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import math
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from affinity_node.routing.ports import BindingEvent
+from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.ports import BindingEvent, Changes, StoreUnavailable
 from affinity_node.store.events import parse_binding_event, parse_key_event
 from affinity_node.store.memory import MemoryBindingStore
-from tests.unit.fakes import B1, B2, KEY, MODEL, PAIR, Chooser, Clock, make_engine, sample
+from tests.support.waiting import wait_for
+from tests.unit.fakes import B1, B2, B3, KEY, MODEL, PAIR, Chooser, Clock, make_engine, sample
 
 
 def payload(**over: object) -> str:
@@ -61,40 +64,96 @@ def event(**over: object) -> BindingEvent:
     return BindingEvent(**fields)  # type: ignore[arg-type]
 
 
+class CountingStore(MemoryBindingStore):
+    """The memory store, counting the catch-up reads doorbells make."""
+
+    catchups = 0
+
+    async def changes_since(self, version: int, limit: int) -> Changes | None:
+        self.catchups += 1
+        return await super().changes_since(version, limit)
+
+
+async def bound_to_b1() -> tuple[AffinityEngine, CountingStore, CollectorRegistry, Clock]:
+    clock = Clock()
+    store = CountingStore(clock)
+    engine, reg = make_engine(store, clock)
+    res = await engine.resolve(KEY, MODEL, (B1, B2), lambda c: B1)
+    assert res.outcome == "created"
+    return engine, store, reg, clock
+
+
+async def answered(engine: AffinityEngine) -> None:
+    await wait_for(lambda: not engine.doorbells_pending, what="the doorbell's read")
+
+
 @pytest.mark.parametrize(
-    ("forged", "reason"),
+    "forged",
     [
-        (event(version=9 * 10**18), "version"),
-        (event(op="delete", version=9 * 10**18), "version"),
-        (event(ttl=1e12), "ttl"),
-        (event(ttl=-5.0), "ttl"),
-        (event(ttl=math.nan), "malformed"),
-        (event(sent_at=math.inf), "malformed"),
-        (event(backend="http://attacker:8000"), "backend"),
+        event(version=6),  # plausible: a known backend, a real TTL, the next version
+        event(op="delete", version=6),
+        event(op="insert", version=7, backend=B3, fanout=(B2,)),
+        event(version=9 * 10**18),
+        event(op="delete", version=9 * 10**18),
+        event(ttl=1e12, version=6),
+        event(ttl=math.nan, sent_at=math.inf, version=6),
+        event(backend="http://attacker:8000", version=6),
+        event(version=0),
     ],
 )
-async def test_implausible_events_invalidate_instead_of_pinning(
-    forged: BindingEvent, reason: str
-) -> None:
-    clock = Clock()
-    store = MemoryBindingStore(clock)
-    engine, reg = make_engine(store, clock)
-    await engine.resolve(KEY, MODEL, (B1, B2), lambda c: B1)
-    engine.apply_event(forged)
-    assert sample(reg, "affinity_notifications_rejected_total", reason=reason) == 1
-    assert engine.cache.get(PAIR) is None  # forgotten, not pinned
+async def test_a_forged_notification_moves_evicts_and_raises_nothing(forged: BindingEvent) -> None:
+    engine, store, reg, _ = await bound_to_b1()
+    before = engine.cache.get(PAIR)
+    newest, watermark = engine.cache.max_version, engine.watermark
+    engine.doorbell(forged)
+    await answered(engine)
+    assert store.catchups == 1  # it rang: the table was read
+    after = engine.cache.get(PAIR)
+    assert after is not None and (after.backend, after.version) == (B1, before.version)
+    assert (engine.cache.max_version, engine.watermark) == (newest, watermark)
     res = await engine.resolve(KEY, MODEL, (B1, B2), Chooser())
-    assert (res.backend, res.outcome) == (B1, "found_in_db")  # the row decides
-    # and a later genuine change still applies (no poisoned tombstone or version)
-    engine.apply_event(event(version=engine.cache.max_version + 1, backend=B2))
+    assert (res.backend, res.outcome) == (B1, "hit")  # still a hit: nothing was evicted
+    # and a later genuine change still applies (no poisoned tombstone or version ceiling)
+    moved = await store.rebind(PAIR, B1, B2, 60.0)
+    assert moved is not None
+    engine.doorbell(event(version=moved.version, backend=B2))
+    await answered(engine)
     assert engine.cache.get(PAIR).backend == B2
+    assert sample(reg, "affinity_notify_lag_seconds_count") == 1  # the real one only
 
 
-async def test_a_plausible_event_is_applied() -> None:
-    clock = Clock()
-    engine, reg = make_engine(MemoryBindingStore(clock), clock)
-    engine.apply_event(event(op="insert", version=3, backend=B1))
-    assert engine.cache.get(PAIR).backend == B1
-    engine.apply_event(None)  # what the parser hands over for a malformed payload
+async def test_a_burst_of_doorbells_costs_a_few_reads() -> None:
+    engine, store, _, _ = await bound_to_b1()
+    moved = await store.rebind(PAIR, B1, B3, 60.0)
+    assert moved is not None
+    for i in range(1000):
+        engine.doorbell(event(version=moved.version - i % 3, backend=B3))
+    await answered(engine)
+    assert store.catchups <= 3
+    assert engine.cache.get(PAIR).backend == B3
+
+
+async def test_a_doorbell_whose_read_fails_is_read_again() -> None:
+    engine, store, reg, _ = await bound_to_b1()
+    moved = await store.rebind(PAIR, B1, B2, 60.0)
+    assert moved is not None
+    real, failures = store.changes_since, [1]
+
+    async def hiccup(version: int, limit: int) -> Changes | None:
+        if failures[0]:
+            failures[0] -= 1
+            raise StoreUnavailable("catchup", ConnectionResetError())
+        return await real(version, limit)
+
+    store.changes_since = hiccup  # type: ignore[method-assign]
+    engine.doorbell(event(version=moved.version, backend=B2))
+    await answered(engine)
+    assert engine.cache.get(PAIR).backend == B2
+    assert sample(reg, "affinity_db_errors_total", operation="catchup") == 1
+
+
+async def test_a_malformed_payload_is_counted_and_reads_nothing() -> None:
+    engine, store, reg, _ = await bound_to_b1()
+    engine.doorbell(None)  # what the parser hands over for a malformed payload
+    assert not engine.doorbells_pending and store.catchups == 0
     assert sample(reg, "affinity_notifications_rejected_total", reason="malformed") == 1
-    assert sample(reg, "affinity_notifications_total", op="insert") == 1
