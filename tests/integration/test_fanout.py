@@ -156,6 +156,10 @@ async def test_a_restarted_node_keeps_the_sets(dsn):
         provider, _ = await row(dsn)
         members = [b.url for b in c.backends if b.url != provider]
         await set_fanout(dsn, members)
+        pair = (c.key_ids["alice"], MODEL)
+        await wait_for(
+            lambda: c.nodes[0].engine.cache.get(pair).fanout == tuple(members), what="the set"
+        )
         expected = {f"conv-{i}": await chat_on(c.client(0, secret), f"conv-{i}") for i in range(10)}
         cfg = node_config(dsn, c.backends, "node-restarted")
         async with run_node(cfg) as fresh:
