@@ -45,6 +45,7 @@ import yaml
 
 from affinity_node.app import postgres_bindings
 from affinity_node.cli import event_loop_factory
+from affinity_node.devtools.support import with_database
 from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.sim.support import (
     Child,
@@ -55,7 +56,6 @@ from affinity_node.sim.support import (
     poll,
     postgres,
     scrape,
-    with_database,
 )
 from affinity_node.store.migrate import migrate
 from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, create_pool
