@@ -113,3 +113,13 @@ def test_the_wheel_carries_the_package_without_tests_or_devtools() -> None:
     extra = wheel.get("force-include", {})
     assert [src for src in extra if src.split("/")[0] == "tests"] == []
     assert all(dst.startswith("affinity_node/") for dst in extra.values())
+
+
+def test_benchmark_sql_is_run_by_the_benchmarks_and_never_by_shipped_code() -> None:
+    from affinity_node.devtools.bench_queries import BENCH_QUERIES
+
+    devtools = " ".join(p.read_text() for p in (PACKAGE / "devtools").glob("*.py"))
+    shipped = " ".join(ast.unparse(tree) for tree in shipped_modules().values())
+    assert BENCH_QUERIES
+    assert [n for n in BENCH_QUERIES if f'"{n}"' not in devtools] == []
+    assert [n for n in BENCH_QUERIES if n in shipped] == []
