@@ -921,9 +921,7 @@ def test_k8s_dashboard_configmaps_embed_the_current_json() -> None:
     output = K8S / "grafana-dashboards.yaml"
     assert output.exists(), "run python deploy/k8s/gen_dashboards.py"
     if output.read_text() != gen.render(files):  # no 60 kB diff: the fix is one command
-        pytest.fail(
-            "deploy/k8s/grafana-dashboards.yaml is stale: run python deploy/k8s/gen_dashboards.py"
-        )
+        pytest.fail(f"{output.relative_to(REPO)} is stale: run python deploy/k8s/gen_dashboards.py")
     docs = [d for d in yaml.safe_load_all(output.read_text()) if d]
     assert len(docs) == len(files)
     for doc, path in zip(docs, files, strict=True):
