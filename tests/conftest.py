@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from affinity_node.sim.support import with_database
+from affinity_node.devtools.support import with_database
 from affinity_node.store.migrate import migrate
 from tests.support.postgres import postgres_server, unique_name
 

@@ -5,8 +5,8 @@
 Four targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
 request (one short message), an 8 KB and a 200 KB one (many messages, as real chats send):
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
-  (b) forwarder: a bare aiohttp forwarder (bench/bare_forwarder.py), the floor for any
-                 aiohttp proxy;
+  (b) forwarder: a bare aiohttp forwarder (devtools/bare_forwarder.py), the floor for
+                 any aiohttp proxy;
   (b2) the same bare forwarder with the node's upstream client (upstream/http1.py): the
                  floor for the node's relay, so node / (b2) is the cost of what the node
                  does besides relaying (auth, routing, metrics, ledger);
@@ -18,7 +18,7 @@ nginx's answers carry usage as vLLM's do (`prompt_tokens_details.cached_tokens`;
 with a usage event, which the node asks for and removes), so the ledger reads every answer.
 The proxy under test is pinned to one core (taskset -c 0); nginx, wrk and the fixed-rate
 client share the other. Each target is measured at full load (wrk -t1 -c64) and at a fixed
-1000 req/s (open-loop client, bench/overhead_client.py), non-streaming and SSE, for each body
+1000 req/s (open-loop client, devtools/overhead_client.py), non-streaming and SSE, for each body
 size (`--sizes`). All targets run from the start, and each case measures them one right
 after the other (a VM's speed drifts over minutes; back to back, it hits them alike); the
 fixed-rate runs in 5 slices, the targets taking turns, medians reported. After the

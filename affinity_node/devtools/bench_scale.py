@@ -45,6 +45,8 @@ import yaml
 
 from affinity_node.app import postgres_bindings
 from affinity_node.cli import event_loop_factory
+from affinity_node.devtools.bench_queries import BENCH_QUERIES as B
+from affinity_node.devtools.support import with_database
 from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.sim.support import (
     Child,
@@ -55,7 +57,6 @@ from affinity_node.sim.support import (
     poll,
     postgres,
     scrape,
-    with_database,
 )
 from affinity_node.store.migrate import migrate
 from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, create_pool
@@ -239,7 +240,7 @@ class Bench:
         stack.push_async_callback(db.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         note(f"{fig.bindings:,} bindings: keys")
-        key_ids = [r[0] for r in await db.fetch(Q["bench_keys"], fig.keys, "bench")]
+        key_ids = [r[0] for r in await db.fetch(B["bench_keys"], fig.keys, "bench")]
 
         # The same node with the keys and no bindings: what the bindings add to its RSS.
         async with AsyncExitStack() as first:
@@ -250,12 +251,12 @@ class Bench:
         note("bindings")
         t0 = time.perf_counter()
         async with db.transaction():
-            await db.execute(Q["bench_triggers_off"])
-            await db.execute(Q["bench_bindings"], key_ids, models, BACKENDS[:3], TTL_S)
-        await db.execute(Q["bench_settle"])
+            await db.execute(B["bench_triggers_off"])
+            await db.execute(B["bench_bindings"], key_ids, models, BACKENDS[:3], TTL_S)
+        await db.execute(B["bench_settle"])
         fig.build_s = time.perf_counter() - t0
-        await db.execute(Q["bench_checkpoint"])
-        fig.sizes_mib = {r[0]: r[1] / MiB for r in await db.fetch(Q["bench_sizes"])}
+        await db.execute(B["bench_checkpoint"])
+        fig.sizes_mib = {r[0]: r[1] / MiB for r in await db.fetch(B["bench_sizes"])}
         await self._time_snapshot(stack, dsn, fig)
 
         note("a node starts")
@@ -318,7 +319,7 @@ class Bench:
         await poll(caught_up, node.child, "the node's watermark")
         note(f"listener outage, {args.changes} changes")
         await proxy.refuse_new()
-        await db.fetchval(Q["bench_terminate"], "affinity-node-listener:scale-0")
+        await db.fetchval(B["bench_terminate"], "affinity-node-listener:scale-0")
 
         async def down() -> bool:
             return (await node.ready(http)).get("listener") == "down"
@@ -326,13 +327,13 @@ class Bench:
         await poll(down, node.child, "the listener to be down")
         cut = time.monotonic()
         third = max(1, args.changes // 3)
-        new_keys = [r[0] for r in await db.fetch(Q["bench_keys"], third, "outage")]
+        new_keys = [r[0] for r in await db.fetch(B["bench_keys"], third, "outage")]
         statuses = [
             await db.execute(
-                Q["bench_move"], keys[len(keys) // 4], args.changes - 2 * third, BACKENDS[3]
+                B["bench_move"], keys[len(keys) // 4], args.changes - 2 * third, BACKENDS[3]
             ),
-            await db.execute(Q["bench_delete"], keys[3 * len(keys) // 4], third),
-            await db.execute(Q["bench_bindings"], new_keys, MODELS[:1], BACKENDS[:3], TTL_S),
+            await db.execute(B["bench_delete"], keys[3 * len(keys) // 4], third),
+            await db.execute(B["bench_bindings"], new_keys, MODELS[:1], BACKENDS[:3], TTL_S),
         ]
         fig.changes = sum(int(status.split()[-1]) for status in statuses)
         await asyncio.sleep(max(0.0, args.outage - (time.monotonic() - cut)))  # its length
@@ -370,7 +371,7 @@ class Bench:
         # notifications say so, and the checks are batched), which a fleet sees rarely and a
         # benchmark all at once. Settled: every node checked, and no check since the last look.
         keys_before = [await scrape(http, f"{n.ops_url}/metrics") for n in nodes]
-        keys = [str(r[0]) for r in await db.fetch(Q["bench_keys"], total, "writer")]
+        keys = [str(r[0]) for r in await db.fetch(B["bench_keys"], total, "writer")]
         last: list[float] = []
 
         async def keys_known() -> bool:
@@ -417,7 +418,7 @@ class Bench:
         ]
         queue: list[float] = []
         while any(w.running for w in writers):
-            queue.append(float(await db.fetchval(Q["bench_queue_usage"])))
+            queue.append(float(await db.fetchval(B["bench_queue_usage"])))
             await asyncio.sleep(0.2)
         results = [json.loads(w.log_path.read_text().splitlines()[-1]) for w in writers]
         written = sum(r["written"] for r in results)
@@ -463,7 +464,7 @@ class Bench:
     async def _cleanup(self, dsn: str, db: asyncpg.Connection, fig: Figures) -> None:
         note("cleanup")
         rows = max(1, fig.bindings // 10)
-        await db.execute(Q["bench_expire"], uuid.UUID(int=0), rows)
+        await db.execute(B["bench_expire"], uuid.UUID(int=0), rows)
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         try:
             store = postgres_bindings(pool)

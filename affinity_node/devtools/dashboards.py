@@ -1145,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
         names = stale(args.dir)
         for name in names:
             print(
-                f"stale: {args.dir / name} (run python -m affinity_node.observability.dashboards)",
+                f"stale: {args.dir / name} (run python -m affinity_node.devtools.dashboards)",
                 file=sys.stderr,
             )
         return 1 if names else 0

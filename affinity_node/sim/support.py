@@ -1,6 +1,6 @@
-"""Development support shared by the simulator, the benchmarks and the tests: loopback ports,
-child processes, a Postgres to use, reading Prometheus endpoints, and engine nodes without an
-HTTP surface.
+"""What the shipped simulator, demo and chaos soak need at run time: loopback ports, child
+processes, a Postgres to use, reading Prometheus endpoints. The benchmarks and tests use it
+too; what only they need is in affinity_node/devtools/support.py and tests/support/.
 
 Nothing in the node imports this module.
 """
@@ -15,25 +15,14 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-
-if TYPE_CHECKING:
-    import asyncpg
-
-    from affinity_node.app import EngineSpec
-    from affinity_node.routing.engine import AffinityEngine
-    from affinity_node.routing.ports import BindingStore
-    from affinity_node.store.listener import ChangeListener
-    from affinity_node.store.postgres import QueryLogger
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -64,11 +53,6 @@ def unix_socket_of(dsn: str) -> str | None:
     if host.startswith("/"):
         return f"{host}/.s.PGSQL.{parts.port or 5432}"
     return None
-
-
-def with_database(dsn: str, database: str) -> str:
-    """The same server, another database (works for TCP and unix-socket DSNs)."""
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
 
 
 @contextlib.contextmanager
@@ -251,56 +235,3 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the series named `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, lbls), v in samples.items() if n == name and want <= lbls)
-
-
-# -- engines without an HTTP surface ---------------------------------------------------------
-
-
-@dataclass
-class EngineNode:
-    """One node's affinity engine with its own pool, listener and registry, built by the
-    composition root's builders (tests and benchmarks run several in one process)."""
-
-    engine: AffinityEngine
-    listener: ChangeListener
-    pool: asyncpg.Pool
-    registry: CollectorRegistry
-    store: BindingStore
-
-
-async def wait_snapshot(engine: AffinityEngine, timeout_s: float) -> bool:
-    """Waits (up to `timeout_s`) until the engine's first bindings snapshot is complete."""
-    deadline = time.monotonic() + timeout_s
-    while engine.sync_status.state != "done":
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
-@asynccontextmanager
-async def engine_nodes(
-    specs: Sequence[EngineSpec],
-    on_query: QueryLogger | None = None,
-    background: bool = False,
-    wait_loaded: bool = True,
-) -> AsyncIterator[list[EngineNode]]:
-    """`wait_loaded`: each node's bindings snapshot is complete before the next starts (up to
-    its `startup_wait_seconds`), as most tests want; a node serves while loading."""
-    from affinity_node.app import affinity_engine, database_pool
-    from affinity_node.observability.metrics import AffinityMetrics
-
-    async with AsyncExitStack() as stack:
-        started = []
-        for spec in specs:
-            registry = CollectorRegistry()
-            pool = await stack.enter_async_context(database_pool(spec.db, spec.node_id, on_query))
-            built = await stack.enter_async_context(
-                affinity_engine(
-                    spec, pool, AffinityMetrics(registry), on_query=on_query, background=background
-                )
-            )
-            if wait_loaded:
-                await wait_snapshot(built.engine, spec.db.startup_wait_seconds)
-            started.append(EngineNode(built.engine, built.listener, pool, registry, built.store))
-        yield started

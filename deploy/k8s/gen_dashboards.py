@@ -7,7 +7,7 @@ verbatim, so the cluster gets exactly what users import by hand.
     python deploy/k8s/gen_dashboards.py           # (re)write the file, list it in kustomization
     python deploy/k8s/gen_dashboards.py --check   # exit 1 when the file is out of date
 
-tests/test_deploy.py runs the check, so a dashboard edit without a regeneration fails CI.
+tests/system/test_deploy.py runs the check, so a dashboard edit without a regeneration fails CI.
 """
 
 from __future__ import annotations

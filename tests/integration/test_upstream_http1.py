@@ -5,8 +5,6 @@ would (no length, a reset mid-body, garbage, silence)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import ssl
 import struct
@@ -25,6 +23,7 @@ from affinity_node.upstream.http1 import (
     UpstreamTimeout,
     header_lines,
 )
+from tests.support.tools import require_tool
 from tests.support.waiting import wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -395,10 +394,7 @@ async def test_a_connection_idle_past_the_reuse_limit_is_replaced():
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A throwaway CA and a certificate it signed for 127.0.0.1 (openssl's command line)."""
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI", "").lower() == "true":  # .ci/run installs it
-            pytest.fail("needs the openssl command")
-        pytest.skip("needs the openssl command")
+    require_tool("openssl")
     d = tmp_path_factory.mktemp("tls")
     ca_key, ca, key, csr, cert = (d / n for n in ("ca.key", "ca.pem", "k.pem", "r.csr", "c.pem"))
     ext = d / "ext.cnf"

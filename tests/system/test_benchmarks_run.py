@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.support.tools import missing
+
 
 async def run(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
@@ -105,7 +107,7 @@ async def test_profile_runs_when_its_tools_are_installed():
     from affinity_node.devtools.profile_overhead import py_spy
 
     if py_spy() is None or not all(shutil.which(t) for t in ("nginx", "wrk", "taskset")):
-        _missing("needs py-spy, nginx, wrk and taskset")
+        missing("one of py-spy, nginx, wrk and taskset")
     code, out = await run("affinity_node.devtools.profile_overhead", "--duration", "2")
     assert code == 0, out
     assert "affinity_node" in out and "aiohttp" in out and "req/s" in out
@@ -116,21 +118,10 @@ async def test_versus_runs_when_its_tools_are_installed(against):
     import shutil
 
     if not all(shutil.which(t) for t in ("nginx", "wrk", "taskset", "env")):
-        _missing("needs nginx, wrk and taskset")
+        missing("one of nginx, wrk and taskset")
     code, out = await run(
         "affinity_node.devtools.bench_versus",
         *("--rounds", "1", "--duration", "1", "--sizes", "tiny", "--against", against),
     )
     assert code == 0, out
     assert f"over {against}" in out and "tiny non-streaming" in out and "ratio" in out
-
-
-def _missing(what: str) -> None:
-    """Skips, except under CI=true, where .ci/run installs these tools."""
-    import os
-
-    import pytest
-
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} (.ci/run installs them under CI=true)")
-    pytest.skip(what)

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,16 +23,15 @@ from affinity_node.sim.demo import add_demo_parser, cache_blocks_for
 from affinity_node.sim.haproxy import find_haproxy, haproxy_config, haproxy_status
 from affinity_node.sim.workload import WorkloadConfig, estimate_working_set_blocks
 from tests.support.cluster import MODEL, cluster
+from tests.support.tools import missing
 
 DEMO_TIMEOUT_S = 150.0
 
 
 def _require_haproxy() -> str:
-    binary = find_haproxy()
+    binary = find_haproxy()  # PATH, or where the demo looks for it
     if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("haproxy is required under CI=true (.ci/run installs it)")
-        pytest.skip("no haproxy binary")
+        missing("haproxy", "apt-get install haproxy")
     return binary
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -33,6 +32,7 @@ from packaging.utils import canonicalize_name
 
 from affinity_node.cli import build_parser
 from affinity_node.config import ConfigError, NodeConfig, load_config
+from tests.support.tools import require_module, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -55,30 +55,10 @@ K8S_VERSIONS = ("1.27.0", None)
 FAKE_DSN = {"AFFINITY_DATABASE_DSN": "postgresql://u:p@db:5432/affinity"}
 OTHERS = "written by another issue (prometheus/grafana); not there yet"
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
 EXIT_MARGIN_S = 10
 """After the drain: aiohttp's 2 s for handlers still open, the last refresh flush, closing the
 pool and the listener. Part of the timeout relation (deploy/README.md, "Timeouts and drain")."""
 FIVE_MINUTES = 300
-
-
-def _missing(what: str) -> NoReturn:
-    if IN_CI:
-        pytest.fail(f"{what} is missing, and CI=true requires it")
-    pytest.skip(f"{what} is not installed")
-
-
-def need_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        _missing(f"binary {name!r}")
-    return path
-
-
-def need_module(name: str, package: str) -> None:
-    if importlib.util.find_spec(name) is None:
-        _missing(f"Python package {package!r} (a dev dependency)")
 
 
 def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -203,7 +183,7 @@ def test_haproxy_config_is_valid_without_warnings() -> None:
     """`haproxy -c` with no warning: without `init-addr none`, the unresolvable `node` name
     (no Docker DNS here, none yet at container start) shows up as a warning here and as a
     fatal error when HAProxy starts."""
-    haproxy = need_binary("haproxy")
+    haproxy = require_tool("haproxy", "apt-get install haproxy")
     result = run([haproxy, "-c", "-f", str(HAPROXY_CFG)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -317,7 +297,7 @@ def test_the_timeout_relation_holds_everywhere(tmp_path: Path) -> None:
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    need_module("check_jsonschema", "check-jsonschema")
+    require_module("check_jsonschema", "check-jsonschema")
     result = run(
         [
             sys.executable,
@@ -655,7 +635,7 @@ def test_the_lock_file_is_in_sync_with_pyproject() -> None:
 def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
     """What the image's `pip install .` relies on: `affinity-node migrate` reads the SQL from
     inside the installed package, and the console script exists."""
-    need_module("hatchling", "hatchling")
+    require_module("hatchling", "hatchling")
     result = run(
         [
             sys.executable,
@@ -679,11 +659,13 @@ def test_the_wheel_ships_migrations_and_the_entry_point(tmp_path: Path) -> None:
         if n.startswith("affinity_node/store/migrations/") and n.endswith(".sql")
     )
     assert shipped == sorted(p.name for p in (REPO / "db" / "migrations").glob("*.sql"))
-    # Developer tools (benchmarks, the dashboard generator) stay in the source tree.
-    assert not [n for n in names if n.startswith("affinity_node/devtools/")]
+    # Developer tools (benchmarks, their SQL, the dashboard generator) and tests stay in the
+    # source tree.
+    assert not [n for n in names if n.startswith(("affinity_node/devtools/", "tests/"))]
     # Data files the package reads at run time (queries.sql) are in it too.
     for data in (REPO / "affinity_node").rglob("*.sql"):
-        assert data.relative_to(REPO).as_posix() in names, data
+        if "devtools" not in data.relative_to(REPO).parts:
+            assert data.relative_to(REPO).as_posix() in names, data
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "affinity-node = affinity_node.cli:main" in text
@@ -787,7 +769,7 @@ def test_kustomize_builds_what_the_files_promise(target: str, tmp_path: Path) ->
     if target == "prod":
         assert by_kind["NetworkPolicy"]
     # What the cluster would receive validates as a whole (CRDs aside).
-    need_module("kubernetes_validate", "kubernetes-validate")
+    require_module("kubernetes_validate", "kubernetes-validate")
     files = []
     for i, doc in enumerate(docs):
         if doc["kind"] in CRD_KINDS:
@@ -802,7 +784,7 @@ def test_kustomize_builds_what_the_files_promise(target: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
 def test_k8s_manifests_validate_strictly(version: str | None, tmp_path: Path) -> None:
-    need_module("kubernetes_validate", "kubernetes-validate")
+    require_module("kubernetes_validate", "kubernetes-validate")
     files = []
     overlay_docs = [
         (path, doc)
@@ -939,9 +921,7 @@ def test_k8s_dashboard_configmaps_embed_the_current_json() -> None:
     output = K8S / "grafana-dashboards.yaml"
     assert output.exists(), "run python deploy/k8s/gen_dashboards.py"
     if output.read_text() != gen.render(files):  # no 60 kB diff: the fix is one command
-        pytest.fail(
-            "deploy/k8s/grafana-dashboards.yaml is stale: run python deploy/k8s/gen_dashboards.py"
-        )
+        pytest.fail(f"{output.relative_to(REPO)} is stale: run python deploy/k8s/gen_dashboards.py")
     docs = [d for d in yaml.safe_load_all(output.read_text()) if d]
     assert len(docs) == len(files)
     for doc, path in zip(docs, files, strict=True):

@@ -15,7 +15,6 @@ import csv
 import io
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ import yaml
 from affinity_node.sim.fake_backend import FakeBackendConfig, RunningFakeBackend, serve
 from affinity_node.sim.support import free_port
 from affinity_node.store.keys import create_key
+from tests.support.tools import require_tool
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +51,7 @@ MAX_REQUESTS = 600
 
 
 def haproxy_binary() -> str:
-    path = shutil.which("haproxy")
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("haproxy is missing, and CI=true requires it (.ci/run installs it)")
-        pytest.skip("haproxy is not installed (apt-get install haproxy)")
-    return path
+    return require_tool("haproxy", "apt-get install haproxy")
 
 
 def derive_haproxy_cfg(text: str, front: int, stats: int, nodes: dict[str, tuple[int, int]]) -> str:

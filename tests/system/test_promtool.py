@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -26,13 +26,8 @@ RUNBOOK_PARTS = ("**Symptom.**", "**Likely causes.**", "**What to check.**", "**
 
 
 def require_binary(name: str) -> str:
-    """The binary's path; skips when absent, except under CI=true where that is a failure."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{name} is not installed (CI installs it: see .ci/run)")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
-    return path
+    """promtool or prometheus (tests/support/tools.py: skip, or fail under CI=true)."""
+    return require_tool(name, "apt-get install prometheus")
 
 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
