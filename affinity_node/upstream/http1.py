@@ -454,8 +454,9 @@ class ConnectionPool:
         headers: bytes,
         body: bytes | BodyParts,
         read_timeout_s: float,
+        method: str = "POST",
     ) -> Reply:
-        """Sends `POST path` with the body; returns once the answer's status and headers are
+        """Sends `method path` with the body; returns once the answer's status and headers are
         in. `headers`: extra header lines, each ending in CRLF (see `header_lines`)."""
         origin = self.origin(base_url)
         conn = await self.acquire(base_url)
@@ -464,7 +465,7 @@ class ConnectionPool:
         parts: BodyParts = (body,) if isinstance(body, bytes) else body
         length = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = b"".join((
-            b"POST ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
+            method.encode("ascii"), b" ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
             origin.head, headers, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
         conn.last_read = conn.loop.time()
