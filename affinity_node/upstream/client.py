@@ -16,9 +16,10 @@ from affinity_node.upstream.http1 import BodyParts, ConnectionPool, Reply, heade
 
 IDLE_REUSE_S = 4.0
 """How long an idle forwarding connection may be reused: under vLLM's keep-alive (uvicorn's,
-5 s by default, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the node never sends a request on a
-connection the backend is closing at that moment. That request would fail, and it would be
-retried on another backend, losing the cache."""
+5 s by default, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), counted from the answer's last byte, so the node
+rarely sends a request on a connection the backend is closing at that moment. When it does
+(before any byte of the answer), the pool tries once more on a fresh connection to the same
+backend: failing over would lose the pair's cache."""
 
 
 class UpstreamError(Exception):
@@ -54,7 +55,8 @@ class UpstreamClient:
         await self._session.close()
 
     def forget_backend(self, base_url: str) -> None:
-        """The backend left: its pooled connections go."""
+        """A backend left the fleet: its pooled forwarding connections go (idle ones now, busy
+        ones when their answers end)."""
         self._pool.drop(base_url)
 
     async def post(

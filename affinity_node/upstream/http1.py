@@ -11,9 +11,15 @@ Semantics the forwarder relies on:
 - `UpstreamTimeout`: the backend accepted the request and then sent nothing for the read
   timeout (counted while the reader waits, not while the node holds unread data).
 - `UpstreamFailed`: no connection in the connect timeout, a refused or reset connection, a
-  connection closed before the answer ended, or an answer llhttp rejects.
-- A connection goes back to the pool only after a complete answer that allows keep-alive;
-  closing an answer early (a client that went away) aborts it, so the backend stops work.
+  connection closed before the answer ended (a reset ends even a body without length), or an
+  answer llhttp rejects.
+- A connection goes back to the pool only after a complete answer that allows keep-alive and
+  nothing after it, and never paused; closing an answer early (a client that went away) aborts
+  it, so the backend stops work. Bytes on an idle connection close and discard it.
+- Idle time counts from the answer's last byte (from the pause, if the node paused it: the
+  backend's keep-alive clock may have started while its bytes waited in socket buffers).
+- A request on a reused connection that closes before any byte of an answer (the backend's
+  keep-alive close crossing the request) is sent once more on a fresh connection.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class UpstreamFailed(Exception):
 
 class UpstreamTimeout(UpstreamFailed):
     """The backend stayed silent for the read timeout."""
+
+
+class _Unanswered(UpstreamFailed):
+    """The connection closed before any byte of an answer: on a reused connection, most likely
+    the backend's keep-alive close crossing the request, so one fresh try is safe."""
 
 
 _PAUSE_AT = 256 * 1024
@@ -76,27 +87,42 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_reply",
         "_status_fields",
+        "answered",
         "closed",
+        "doomed",
         "idle_since",
         "key",
         "last_read",
         "loop",
         "parser",
         "paused",
+        "paused_at",
+        "pool",
+        "reused",
         "transport",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: str, pool: ConnectionPool) -> None:
         self.loop = loop
         self.key = key
+        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self._reply: Reply | None = None
         self._status_fields: list[tuple[str, str]] = []
         self.closed = False
         self.paused = False
+        self.reused = False
+        """It has been back in the pool: a failure before any answer may be a keep-alive race."""
+        self.doomed = False
+        """Its backend was dropped: close it when released."""
+        self.answered = False
+        """A byte of the current request's answer arrived."""
         self.idle_since = 0.0
         self.last_read = 0.0
+        """When the last bytes arrived (or the current request went out)."""
+        self.paused_at = 0.0
+        """When reading was first paused during the current answer; 0.0 if it was not."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -105,6 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
+        self.answered = True
         reply = self._reply
         if reply is None or reply.complete:  # bytes nobody asked for: never trust it again
             self.abort()
@@ -122,14 +149,27 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         reply = self._reply
-        if reply is None or reply.complete:
+        if reply is None:
+            self.pool.discard_idle(self)
             return
-        if reply.status and reply.until_eof:
+        if reply.complete:
+            return
+        if reply.status and reply.until_eof and exc is None:
             reply.finish()  # a body without length or chunking ends where the connection does
             return
-        self.fail(UpstreamFailed("backend closed the connection"))
+        if not self.answered:
+            self.fail(_Unanswered("backend closed the connection before answering"))
+        elif reply.status and reply.until_eof:
+            self.fail(UpstreamFailed("backend reset the connection: the answer is truncated"))
+        else:
+            self.fail(UpstreamFailed("backend closed the connection"))
 
     # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        reply = self._reply
+        if reply is None or reply.complete:  # bytes after the answer: never in sync again
+            self.abort()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._status_fields.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -174,12 +214,13 @@ class _Connection(asyncio.Protocol):
     def pause(self) -> None:
         if not self.paused and not self.closed and self.transport is not None:
             self.paused = True
+            if not self.paused_at:
+                self.paused_at = self.loop.time()
             self.transport.pause_reading()
 
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self.last_read = self.loop.time()
             if not self.closed and self.transport is not None:
                 self.transport.resume_reading()
 
@@ -201,6 +242,7 @@ class Reply:
         "_timer",
         "_wait_since",
         "_waiter",
+        "_whole",
         "complete",
         "headers",
         "keep_alive",
@@ -217,6 +259,8 @@ class Reply:
         self._error: UpstreamFailed | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wait_since = 0.0
+        self._whole = False
+        """read() keeps the whole body anyway: pausing the socket would only stall it."""
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.complete = False
@@ -244,13 +288,14 @@ class Reply:
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > _PAUSE_AT:
+        if self._size > _PAUSE_AT and not self._whole:
             self._conn.pause()
         self._wake()
 
     def finish(self) -> None:
         self.complete = True
         self._stop_timer()
+        self._conn.resume()  # nothing more is due: whatever arrives now spoils the connection
         self._wake()
 
     def fail(self, exc: UpstreamFailed) -> None:
@@ -270,7 +315,7 @@ class Reply:
         conn = self._conn
         loop = conn.loop
         now = loop.time()
-        if conn.paused or self._waiter is None:  # the node has not taken what it has yet
+        if self._waiter is None:  # the node is not waiting for bytes (it holds unread ones)
             self._timer = loop.call_at(now + self._timeout, self._silence_check)
             return
         due = max(conn.last_read, self._wait_since) + self._timeout
@@ -285,7 +330,9 @@ class Reply:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        loop = self._conn.loop
+        conn = self._conn
+        conn.resume()  # a reader waiting on a paused socket would wait forever
+        loop = conn.loop
         waiter = loop.create_future()
         self._waiter = waiter
         self._wait_since = loop.time()
@@ -320,9 +367,8 @@ class Reply:
 
     async def read(self) -> bytes:
         """The whole body."""
+        self._whole = True
         while not self.complete:
-            if self._size > _PAUSE_AT:
-                self._conn.resume()  # read() keeps everything: never pause for it
             await self._wait()
         chunks = self._chunks
         self._chunks = []
@@ -333,7 +379,13 @@ class Reply:
         self._stop_timer()
         conn = self._conn
         conn._reply = None
-        if self.complete and self.keep_alive and self._error is None and conn.reusable():
+        if (
+            self.complete
+            and self.keep_alive
+            and self._error is None
+            and not conn.paused
+            and conn.reusable()
+        ):
             self._pool.release(conn)
         else:
             conn.abort()
@@ -383,7 +435,7 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, base_url),
+                    lambda: _Connection(loop, base_url, self),
                     origin.host,
                     origin.port,
                     ssl=origin.ssl,
@@ -414,19 +466,15 @@ class ConnectionPool:
         return conn
 
     def release(self, conn: _Connection) -> None:
+        """Back to the pool, idle since the answer's last byte (or its first pause): that is
+        when the backend's keep-alive clock started, not when a slow client let go."""
         self._busy.discard(conn)
-        if self._closed or conn.key not in self._origins:  # closed, or its backend dropped
+        if self._closed or conn.doomed:
             conn.abort()
             return
-        conn.idle_since = conn.loop.time()
+        conn.idle_since = conn.paused_at or conn.last_read
+        conn.reused = True
         self._idle.setdefault(conn.key, []).append(conn)
-
-    def drop(self, base_url: str) -> None:
-        """The backend left: its idle connections close and its entries go (a busy one closes
-        when its answer ends)."""
-        self._origins.pop(base_url, None)
-        for conn in self._idle.pop(base_url, ()):
-            conn.abort()
 
     def has(self, base_url: str) -> bool:
         """Whether the pool holds anything for this base URL."""
@@ -434,6 +482,22 @@ class ConnectionPool:
 
     def forget(self, conn: _Connection) -> None:
         self._busy.discard(conn)
+
+    def discard_idle(self, conn: _Connection) -> None:
+        """An idle connection closed (by the backend, or for sending unasked bytes)."""
+        conns = self._idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def drop(self, base_url: str) -> None:
+        """Forgets a backend that left: closes its idle connections now and its busy ones when
+        their answers end, so nothing of it stays pooled."""
+        self._origins.pop(base_url, None)
+        for conn in self._idle.pop(base_url, ()):
+            conn.abort()
+        for conn in self._busy:
+            if conn.key == base_url:
+                conn.doomed = True
 
     def _sweep(self, now: float) -> None:
         """Closes connections idle past the keep-alive (or closed by the backend)."""
@@ -457,19 +521,34 @@ class ConnectionPool:
         method: str = "POST",
     ) -> Reply:
         """Sends `method path` with the body; returns once the answer's status and headers are
-        in. `headers`: extra header lines, each ending in CRLF (see `header_lines`)."""
+        in. `headers`: extra header lines, each ending in CRLF (see `header_lines`).
+        A reused connection that closes before any byte of the answer costs one more try on a
+        fresh connection to the same backend (its cache is there), not a backend failure."""
         origin = self.origin(base_url)
-        conn = await self.acquire(base_url)
-        transport = conn.transport
-        assert transport is not None
         parts: BodyParts = (body,) if isinstance(body, bytes) else body
         length = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = b"".join((
             method.encode("ascii"), b" ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
             origin.head, headers, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
+        conn = await self.acquire(base_url)
+        if conn.reused:
+            try:
+                return await self._send(conn, head, parts, length, read_timeout_s)
+            except _Unanswered:
+                conn = await self._connect(base_url, origin)
+                self._busy.add(conn)
+        return await self._send(conn, head, parts, length, read_timeout_s)
+
+    async def _send(
+        self, conn: _Connection, head: bytes, parts: BodyParts, length: int, timeout: float
+    ) -> Reply:
+        transport = conn.transport
+        assert transport is not None
         conn.last_read = conn.loop.time()
-        reply = Reply(self, conn, read_timeout_s)
+        conn.answered = False
+        conn.paused_at = 0.0
+        reply = Reply(self, conn, timeout)
         conn._reply = reply
         try:
             if length < 16384:  # one small write beats a writev

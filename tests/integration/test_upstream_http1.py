@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from affinity_node.sim.support import free_port
+from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.http1 import (
     ConnectionPool,
     UpstreamFailed,
@@ -435,3 +438,275 @@ async def test_https_backends_are_verified(tls_files):
             w.transport.abort()
         srv.close()
         await asyncio.gather(*server.tasks, return_exceptions=True)
+
+
+def reset(w: asyncio.StreamWriter) -> None:
+    """Closes with a TCP reset (RST), as a crashed or killed backend does: not a clean FIN."""
+    sock = w.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.transport.abort()
+
+
+async def test_a_large_answer_read_whole_leaves_a_connection_that_answers_again(pool):
+    """Issue 21 (1): a non-streamed answer past the pause threshold used to go back to the
+    pool with reading paused, and the next request on it waited forever."""
+    box: list[Server] = []
+    big = b"z" * 300_000
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with asyncio.timeout(10):
+            for n in range(3):
+                async with await pool.post(server.url, "/", NO_HEADERS, big, 5.0) as reply:
+                    assert await reply.read() == b"echo:" + big
+                async with await pool.post(server.url, "/", NO_HEADERS, b"%d" % n, 5.0) as r:
+                    assert await r.read() == b"echo:%d" % n
+        assert server.connections == 1  # every request reused the one connection
+
+
+async def test_a_stream_the_node_paused_resumes_when_its_reader_waits(pool):
+    """A slow client left more than the pause threshold unread; the rest still arrives and the
+    connection answers the next request."""
+    box: list[Server] = []
+    big = b"s" * 700_000
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with asyncio.timeout(10):
+            async with await pool.post(server.url, "/", NO_HEADERS, big, 5.0) as reply:
+                got = [await reply.readany()]
+                while chunk := await reply.readany():
+                    got.append(chunk)
+                assert b"".join(got) == b"echo:" + big
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                assert await reply.read() == b"echo:{}"
+
+
+async def test_idle_time_counts_from_the_last_byte_not_from_release():
+    """Issue 21 (4): a slow client held a finished stream past the reuse limit; the backend's
+    keep-alive clock ran all that time, so the connection is too old to reuse."""
+    box: list[Server] = []
+    pool = ConnectionPool(connect_timeout_s=2.0, keepalive_s=0.3)
+    try:
+        async with serving(keep_alive_server(box)) as server:
+            box.append(server)
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                assert await reply.read() == b"echo:{}"
+                await asyncio.sleep(0.6)  # the slow client under test, twice the limit
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                assert await reply.read() == b"echo:{}"
+            assert server.connections == 2
+    finally:
+        await pool.close()
+
+
+async def test_idle_time_of_a_paused_stream_counts_from_the_pause():
+    """The backend finished while its bytes waited in socket buffers for a slow client: its
+    keep-alive clock started then, long before the node read the last byte."""
+    big = b"p" * 2_000_000
+    sent = asyncio.Event()
+
+    async def fast(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(r)
+            w.write(answer(big))
+            await w.drain()
+            sent.set()
+
+    pool = ConnectionPool(connect_timeout_s=2.0, keepalive_s=0.3)
+    try:
+        async with serving(fast) as server:
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                await asyncio.wait_for(sent.wait(), 5)  # all of it left the backend
+                await asyncio.sleep(0.6)  # the slow client under test, twice the limit
+                got = 0
+                while chunk := await reply.readany():
+                    got += len(chunk)
+                assert got == len(big)
+            async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+                await reply.read()
+            assert server.connections == 2
+    finally:
+        await pool.close()
+
+
+def closes_the_second_request_on_first_connections(how: str, fresh_too: bool = False) -> Handler:
+    """Answers once per connection, then closes when the next request comes: the backend's
+    keep-alive close crossing a request. `fresh_too`: new connections close unanswered too."""
+    seen = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 1 or not fresh_too:
+            await read_request(r)
+            w.write(answer(b"ok"))
+            await w.drain()
+        await read_request(r)
+        if how == "reset":
+            reset(w)
+        else:
+            w.close()
+
+    return handler
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_a_reused_connection_closed_before_answering_is_retried_on_a_fresh_one(pool, how):
+    """Issue 21 (4): not a backend failure: the same backend answers on a new connection."""
+    async with serving(closes_the_second_request_on_first_connections(how)) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        assert server.connections == 2
+
+
+async def test_a_fresh_connection_closed_before_answering_is_a_failure_after_one_retry(pool):
+    handler = closes_the_second_request_on_first_connections("fin", fresh_too=True)
+    async with serving(handler) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        with pytest.raises(UpstreamFailed, match="closed the connection"):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0)
+        assert server.connections == 2  # one retry, not a loop
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_a_reused_connection_that_answered_in_part_is_not_retried(pool):
+    requests = 0
+
+    async def half(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        await read_request(r)
+        requests += 1
+        w.write(answer(b"ok"))
+        await w.drain()
+        await read_request(r)
+        requests += 1
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        await w.drain()
+        w.close()
+
+    async with serving(half) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        with pytest.raises(UpstreamFailed):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0)
+        assert (server.connections, requests) == (1, 2)
+
+
+async def test_a_timeout_on_a_reused_connection_is_not_retried(pool):
+    async def then_silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(b"ok"))
+        await w.drain()
+        await read_request(r)
+        await r.read()
+
+    async with serving(then_silent) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        with pytest.raises(UpstreamTimeout):
+            await pool.post(server.url, "/", NO_HEADERS, b"{}", 0.2)
+        assert server.connections == 1
+
+
+async def test_a_reset_during_a_body_without_length_is_a_truncated_answer(pool):
+    """Issue 21 (5): only a clean close (FIN) ends such a body; a reset (RST) cut it short."""
+    first_read = asyncio.Event()
+
+    async def resets(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
+        await w.drain()
+        await first_read.wait()
+        reset(w)
+
+    async with serving(resets) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.readany() == b"part one, "
+            first_read.set()
+            with pytest.raises(UpstreamFailed, match="truncated") as err:
+                await reply.read()
+        assert not isinstance(err.value, UpstreamTimeout)
+        assert pool.idle_count(server.url) == 0
+
+
+async def test_part_of_a_second_answer_after_a_complete_one_keeps_the_connection_out(pool):
+    """Issue 21 (5): the parser would sit mid-message and misread the next answer."""
+    box: list[Server] = []
+
+    async def trailing(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if box[0].connections == 1:
+            await read_request(r)
+            w.write(answer(b"one") + b"HTTP/1.1 2")
+            await w.drain()
+        await keep_alive_server(box)(r, w)
+
+    async with serving(trailing) as server:
+        box.append(server)
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"one"
+        assert pool.idle_count(server.url) == 0
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"echo:{}"
+        assert server.connections == 2
+
+
+async def test_bytes_on_an_idle_connection_close_and_discard_it(pool):
+    answered = asyncio.Event()
+    chatter = asyncio.Event()
+
+    async def chatty(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer(b"ok"))
+        await w.drain()
+        answered.set()
+        await chatter.wait()
+        w.write(b"HTTP/1.1 200 OK\r\n")  # nobody asked
+        await w.drain()
+        await r.read()
+
+    async with serving(chatty) as server:
+        async with await pool.post(server.url, "/", NO_HEADERS, b"{}", 5.0) as reply:
+            assert await reply.read() == b"ok"
+        assert pool.idle_count(server.url) == 1
+        chatter.set()
+        await wait_for(lambda: server.closed == 1, timeout=5, what="the node hung up")
+        await wait_for(lambda: not pool._idle.get(server.url), timeout=5, what="discarded")
+
+
+async def test_drop_closes_idle_connections_now_and_busy_ones_when_released(pool):
+    box: list[Server] = []
+    async with serving(keep_alive_server(box)) as server:
+        box.append(server)
+        async with await pool.post(server.url, "/", NO_HEADERS, b"a", 5.0) as reply:
+            await reply.read()
+        busy = await pool.post(server.url, "/", NO_HEADERS, b"b", 5.0)  # reuses the idle one
+        async with await pool.post(server.url, "/", NO_HEADERS, b"c", 5.0) as reply:
+            await reply.read()  # a second connection, idle now
+        assert (server.connections, pool.idle_count(server.url)) == (2, 1)
+        pool.drop(server.url)
+        assert pool.idle_count(server.url) == 0
+        assert server.url not in pool._origins
+        await wait_for(lambda: server.closed == 1, timeout=5, what="the idle one closed")
+        async with busy:
+            assert await busy.read() == b"echo:b"  # an answer in flight ends normally
+        assert pool.idle_count(server.url) == 0
+        await wait_for(lambda: server.closed == 2, timeout=5, what="the busy one closed")
+        async with await pool.post(server.url, "/", NO_HEADERS, b"d", 5.0) as reply:
+            assert await reply.read() == b"echo:d"  # a backend that comes back is served
+        assert pool.idle_count(server.url) == 1
+
+
+async def test_forget_backend_drops_the_forwarding_connections():
+    box: list[Server] = []
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2.0))
+    try:
+        async with serving(keep_alive_server(box)) as server:
+            box.append(server)
+            async with await client.post(server.url, "/v1/x", b"{}", {}, stream=False) as r:
+                assert await r.read() == b"echo:{}"
+            client.forget_backend(server.url)
+            await wait_for(lambda: server.closed == 1, timeout=5, what="the backend saw it go")
+    finally:
+        await client.close()
