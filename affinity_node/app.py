@@ -32,7 +32,6 @@ from affinity_node.config import DatabaseConfig, NodeConfig
 from affinity_node.http.api import handler
 from affinity_node.http.endpoints import ENDPOINTS
 from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
-from affinity_node.http.wrapper import OPS_ROUTES, RouteSpec, add_routes
 from affinity_node.http.state import (
     ACCESS_LOG,
     AFFINITY_METRICS,
@@ -51,6 +50,7 @@ from affinity_node.http.state import (
     UPSTREAM,
     NodeStatus,
 )
+from affinity_node.http.wrapper import OPS_ROUTES, RouteSpec, add_routes
 from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
 from affinity_node.observability.collector import NodeCollector, OperatorCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
@@ -531,9 +531,7 @@ def _ops_routes(cfg: NodeConfig) -> list[RouteSpec]:
 
 def api_routes() -> list[RouteSpec]:
     """The proxied API (http/endpoints.py) and the model list; a key is needed on each."""
-    routes = [
-        RouteSpec(e.method, e.path, handler(e), True, True, e.errors) for e in ENDPOINTS
-    ]
+    routes = [RouteSpec(e.method, e.path, handler(e), True, True, e.errors) for e in ENDPOINTS]
     routes.append(RouteSpec("GET", "/v1/models", models, authenticated=True))
     return routes
 

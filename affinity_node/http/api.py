@@ -110,9 +110,7 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     return await Forwarder(request, headers, started).run(route, key_id, out)
 
 
-async def _json(
-    request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing
-) -> Route:
+async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing) -> Route:
     app = request.app
     payload = Payload(out.body)
     model = app[BACKENDS].canonical(payload.model)

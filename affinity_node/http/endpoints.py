@@ -43,9 +43,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/completions", affinity=True, injects_usage=True),
     Endpoint("POST", "/v1/responses", affinity=True, stored="creates"),
     Endpoint("GET", "/v1/responses/{response_id}", "opaque", stored="names", ledger=False),
-    Endpoint(
-        "POST", "/v1/responses/{response_id}/cancel", "opaque", stored="names", ledger=False
-    ),
+    Endpoint("POST", "/v1/responses/{response_id}/cancel", "opaque", stored="names", ledger=False),
     Endpoint("POST", "/v1/messages", affinity=True, errors="anthropic", merges_usage=True),
     Endpoint("POST", "/v1/messages/count_tokens", errors="anthropic", ledger=False),
     Endpoint("POST", "/v1/embeddings"),

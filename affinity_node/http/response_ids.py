@@ -83,6 +83,4 @@ class IdTagger:
 
 def untag(body: bytes, client_id: str, stored: StoredId) -> bytes:
     """`body` with the tagged id (as a JSON string) replaced by the backend's own."""
-    return body.replace(
-        b'"' + client_id.encode() + b'"', b'"' + stored.backend_id.encode() + b'"'
-    )
+    return body.replace(b'"' + client_id.encode() + b'"', b'"' + stored.backend_id.encode() + b'"')

@@ -214,8 +214,6 @@ def add_routes(app: web.Application, routes: Iterable[RouteSpec]) -> None:
             app.router.add_route(
                 "*",
                 spec.path,
-                answered(
-                    _method_not_allowed, spec.path, spec.authenticated, errors=spec.errors
-                ),
+                answered(_method_not_allowed, spec.path, spec.authenticated, errors=spec.errors),
             )
     app.router.add_route("*", "/{tail:.*}", answered(_not_found))

@@ -73,9 +73,7 @@ class UpstreamClient:
         (the generation timeout for non-streamed answers), http1.UpstreamFailed when it cannot
         be reached or breaks the answer, ValueError on a header that could split the request."""
         timeout = self.timeouts.read_s if stream else self.timeouts.generation_s
-        return await self._pool.post(
-            base_url, path, header_lines(headers), body, timeout, method
-        )
+        return await self._pool.post(base_url, path, header_lines(headers), body, timeout, method)
 
     async def health(self, base_url: str) -> str | None:
         """None when GET /health answers 2xx in time, else why not."""

@@ -528,7 +528,8 @@ class ConnectionPool:
         parts: BodyParts = (body,) if isinstance(body, bytes) else body
         length = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = b"".join((
-            method.encode("ascii"), b" ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
+            method.encode("ascii"), b" ", (origin.prefix + path).encode("latin-1"),
+            b" HTTP/1.1\r\n",
             origin.head, headers, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
         conn = await self.acquire(base_url)
