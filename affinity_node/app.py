@@ -29,13 +29,8 @@ from prometheus_client import CollectorRegistry
 from affinity_node import __version__
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.config import DatabaseConfig, NodeConfig
-from affinity_node.http.completions import handle_completion
-from affinity_node.http.middleware import (
-    COMPLETION_ROUTES,
-    KNOWN_ROUTES,
-    add_routes,
-)
-from affinity_node.http.middleware import Handler as RouteHandler
+from affinity_node.http.api import handler
+from affinity_node.http.endpoints import ENDPOINTS
 from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
 from affinity_node.http.state import (
     ACCESS_LOG,
@@ -55,6 +50,7 @@ from affinity_node.http.state import (
     UPSTREAM,
     NodeStatus,
 )
+from affinity_node.http.wrapper import OPS_ROUTES, RouteSpec, add_routes
 from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
 from affinity_node.observability.collector import NodeCollector, OperatorCollector
 from affinity_node.observability.logs import AccessLog, RateLimitedLog
@@ -521,14 +517,21 @@ async def _start_draining(app: web.Application) -> None:
     app[STATUS].draining = True
 
 
-def _ops_routes(cfg: NodeConfig) -> list[tuple[str, str, RouteHandler]]:
-    routes: list[tuple[str, str, RouteHandler]] = [
-        ("GET", "/healthz", healthz),
-        ("GET", "/readyz", readyz),
-        ("GET", "/metrics", metrics),
+def _ops_routes(cfg: NodeConfig) -> list[RouteSpec]:
+    routes = [
+        RouteSpec("GET", "/healthz", healthz),
+        RouteSpec("GET", "/readyz", readyz),
+        RouteSpec("GET", "/metrics", metrics),
     ]
     if cfg.listen.debug_endpoints:
-        routes.append(("GET", "/debug/bindings", debug_bindings))
+        routes.append(RouteSpec("GET", "/debug/bindings", debug_bindings))
+    return routes
+
+
+def api_routes() -> list[RouteSpec]:
+    """The proxied API (http/endpoints.py) and the model list; a key is needed on each."""
+    routes = [RouteSpec(e.method, e.path, handler(e), True, True, e.errors) for e in ENDPOINTS]
+    routes.append(RouteSpec("GET", "/v1/models", models, authenticated=True))
     return routes
 
 
@@ -551,7 +554,11 @@ def build_app(
     app[STATUS] = NodeStatus()
     app[REGISTRY] = registry
     http_metrics = app[HTTP_METRICS] = HttpMetrics(registry, __version__)
-    http_metrics.init_routes(sorted(KNOWN_ROUTES), sorted(COMPLETION_ROUTES))
+    api = api_routes()
+    ops = _ops_routes(cfg) if cfg.listen.ops_port is None else []
+    http_metrics.init_routes(
+        sorted({r.path for r in api} | OPS_ROUTES), sorted(r.path for r in api if r.tracked)
+    )
     app[AFFINITY_METRICS] = AffinityMetrics(registry)
     if cfg.logging.access:
         app[ACCESS_LOG] = AccessLog(cfg.node_id)
@@ -559,14 +566,7 @@ def build_app(
         (_database, _ledger, _keys, _upstream, _backends, _engine, _router, _lifecycle)
     )
     app.on_shutdown.append(_start_draining)
-    routes: list[tuple[str, str, RouteHandler]] = [
-        ("POST", "/v1/chat/completions", handle_completion),
-        ("POST", "/v1/completions", handle_completion),
-        ("GET", "/v1/models", models),
-    ]
-    if cfg.listen.ops_port is None:
-        routes += _ops_routes(cfg)
-    add_routes(app, routes)
+    add_routes(app, [*api, *ops])
     return app
 
 

@@ -1,4 +1,5 @@
-"""OpenAI-style errors: every failure a client can cause or see has this body, never a trace."""
+"""Errors as each API shapes them: every failure a client can cause or see has its API's body
+(OpenAI's, or Anthropic's on /v1/messages), never a trace."""
 
 from __future__ import annotations
 
@@ -32,17 +33,42 @@ def error_body(message: str, type_: str, param: str | None, code: str | None) ->
     ).encode()
 
 
-def error_response(err: ApiError, headers: dict[str, str]) -> web.Response:
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """Anthropic's error shape: the type follows from the status, as its API documents."""
+    type_ = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return json.dumps({"type": "error", "error": {"type": type_, "message": message}}).encode()
+
+
+def error_response(err: ApiError, headers: dict[str, str], shape: str = "openai") -> web.Response:
+    if shape == "anthropic":
+        body = anthropic_error_body(err.status, err.message)
+    else:
+        body = error_body(err.message, err.type, err.param, err.code)
     return web.Response(
         status=err.status,
-        body=error_body(err.message, err.type, err.param, err.code),
+        body=body,
         content_type="application/json",
         headers={**headers, **err.headers},
     )
 
 
-def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
+def sse_error_event(message: str, code: str = "upstream_error", shape: str = "openai") -> bytes:
     """Ends a stream that broke after its first byte (the status line was already sent)."""
+    if shape == "anthropic":
+        return b"event: error\ndata: " + anthropic_error_body(502, message) + b"\n\n"
     return b"data: " + error_body(message, "server_error", None, code) + b"\n\n"
 
 

@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from affinity_node.http.endpoints import ErrorShape
 from affinity_node.http.errors import ApiError, sse_error_event
+from affinity_node.http.response_ids import IdTagger
 from affinity_node.http.state import (
     BACKENDS,
     CLIENT_GONE,
@@ -37,7 +40,7 @@ from affinity_node.http.state import (
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
-from affinity_node.ledger.usage import StreamUsage, usage_span
+from affinity_node.ledger.usage import StreamUsage, merged_usage, usage_span
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout
@@ -76,6 +79,30 @@ class _Silent(Exception):
     """The backend accepted the request and then said nothing for too long."""
 
 
+@dataclass(slots=True)
+class Outgoing:
+    """What one request sends upstream, and how its answer is treated."""
+
+    body: bytes
+    stream: bool
+    path: str
+    """Upstream path (the client's, or with a stored response's id untagged)."""
+    method: str = "POST"
+    content_type: str | None = "application/json"
+    usage_body: BodyParts | None = None
+    """The body that also asks for a stream's usage, for vllm backends."""
+    client_asked_usage: bool = False
+    """A stream whose usage event the client gets (asked for, or the API always sends it)."""
+    tag_ids: bool = False
+    """Response ids in the answer are tagged with their owner (Responses API)."""
+    merge_usage: bool = False
+    """A stream's usage is split over its first and last usage events (Anthropic)."""
+    record: bool = True
+    """Recorded in the usage ledger."""
+    errors: ErrorShape = "openai"
+    """How a stream that breaks says so."""
+
+
 class Forwarder:
     def __init__(self, request: web.Request, headers: dict[str, str], started: float) -> None:
         app = request.app
@@ -92,27 +119,20 @@ class Forwarder:
         self.ledger = app.get(LEDGER)
         self.broken: str | None = None
         """Why the backend broke an answer already under way (reported after the request)."""
-        self.client_asked_usage = False
-        """A stream whose client set stream_options.include_usage (its usage event stays)."""
         self.usage: bytes | None = None
         """The answer's usage object, as bytes (the ledger decodes it later)."""
 
-    async def run(
-        self,
-        route: Route,
-        key_id: uuid.UUID,
-        body: bytes,
-        stream: bool,
-        usage_body: BodyParts | None = None,
-    ) -> web.StreamResponse:
-        """`usage_body`: the body that also asks for a stream's usage, for vllm backends.
-        Where a failed request goes next is the router's decision (`after_failure`)."""
+    async def run(self, route: Route, key_id: uuid.UUID, out: Outgoing) -> web.StreamResponse:
+        """Forwards `out` where `route` says; where a failed request goes next is the router's
+        decision (`after_failure`)."""
+        self.out = out
+        body, usage_body = out.body, out.usage_body
         while True:
             backend = route.backend
             sent_body = usage_body if usage_body is not None and backend.kind == "vllm" else body
             try:
                 response, ok = await self._attempt(
-                    backend, sent_body, stream, route.affinity, asked=sent_body is not body
+                    backend, key_id, sent_body, route.affinity, asked=sent_body is not body
                 )
             except _Retryable as exc:
                 if self.router.after_failure(route, exc.reason) is None:
@@ -127,7 +147,7 @@ class Forwarder:
             except _Silent:
                 timeout = (
                     self.limits.upstream_read_timeout_seconds
-                    if stream
+                    if out.stream
                     else (self.limits.generation_timeout_seconds)
                 )
                 raise ApiError(
@@ -142,7 +162,7 @@ class Forwarder:
             self.router.succeeded(route)
         elif self.broken is not None:
             self.router.broke(route, self.broken)
-        if self.ledger is not None:
+        if self.ledger is not None and out.record:
             outcome: LedgerOutcome = route.affinity
             if outcome == "hit" and not route.first:
                 outcome = "fanout"
@@ -157,28 +177,31 @@ class Forwarder:
     async def _attempt(
         self,
         backend: Backend,
+        key_id: uuid.UUID,
         body: bytes | BodyParts,
-        stream: bool,
         affinity: AffinityHeader,
         asked: bool,
     ) -> tuple[web.StreamResponse, bool]:
         """`asked`: the node asked this backend for a stream's usage (the client did not)."""
         m = self.metrics
+        out = self.out
+        stream = out.stream
         up_headers = {
-            "Content-Type": "application/json",
             "x-request-id": self.headers["x-request-id"],
             # A stream whose usage event the node removes must come uncompressed.
             "Accept-Encoding": "identity"
             if asked
             else self.request.headers.get("Accept-Encoding", "identity"),
         }
+        if out.content_type is not None:
+            up_headers["Content-Type"] = out.content_type
         sent = time.perf_counter()
         self.request[UPSTREAM_BACKEND] = backend.id
         self.pool.acquire(backend)
         try:
             try:
                 upstream = await self.client.post(
-                    backend.id, self.request.path, body, up_headers, stream
+                    backend.id, out.path, body, up_headers, stream, out.method
                 )
             except UpstreamTimeout:
                 m.count_upstream(backend.id, "timeout")
@@ -192,12 +215,13 @@ class Forwarder:
                     raise _Retryable(f"backend answered {upstream.status}")
                 headers = passed_headers(upstream.headers, {**self.headers, "x-affinity": affinity})
                 ctype = upstream.headers.get("Content-Type", "application/json")
+                plain = upstream.headers.get("Content-Encoding", "identity") == "identity"
+                tagger = IdTagger(backend.id, key_id) if out.tag_ids and plain else None
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
                     watch = None
-                    plain = upstream.headers.get("Content-Encoding", "identity") == "identity"
-                    if self.ledger is not None and plain and (asked or self.client_asked_usage):
+                    if self.ledger is not None and plain and (asked or out.client_asked_usage):
                         watch = StreamUsage(strip=asked)
-                    return await self._stream(backend, upstream, headers, sent, watch)
+                    return await self._stream(backend, upstream, headers, sent, watch, tagger)
                 try:
                     data = await upstream.read()
                 except UpstreamTimeout:
@@ -209,12 +233,10 @@ class Forwarder:
                 self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
-                if (
-                    self.ledger is not None
-                    and upstream.status == 200
-                    and upstream.headers.get("Content-Encoding", "identity") == "identity"
-                ):
+                if self.ledger is not None and upstream.status == 200 and plain and out.record:
                     self.usage = usage_span(data)
+                if tagger is not None:
+                    data = tagger.body(data)
         finally:
             self.pool.release(backend)
         response = web.Response(status=upstream.status, body=data, headers=headers)
@@ -255,8 +277,10 @@ class Forwarder:
         headers: dict[str, str],
         sent: float,
         watch: StreamUsage | None,
+        tagger: IdTagger | None,
     ) -> tuple[web.StreamResponse, bool]:
-        """Relays the SSE stream; `watch` (ledger on) sees every chunk on its way."""
+        """Relays the SSE stream; `watch` (ledger on) sees every chunk on its way, `tagger`
+        tags the response ids in it."""
         m = self.metrics
         try:
             first = await upstream.readany()
@@ -286,6 +310,8 @@ class Forwarder:
             chunk = first
             while chunk:
                 out = chunk if watch is None else watch.feed(chunk)
+                if tagger is not None:
+                    out = tagger.feed(out)
                 if upstream.drained:
                     last = out
                     break
@@ -302,15 +328,22 @@ class Forwarder:
                         watch.discard()
                         watch = None
                     self.broken = "stream broken"
-                    last = sse_error_event(f"The backend stream broke ({exc}).")
+                    last = sse_error_event(
+                        f"The backend stream broke ({exc}).", shape=self.out.errors
+                    )
                     break
                 finally:
                     self.upstream_time += time.perf_counter() - wait
             deadline.began = deadline.now()
+            tail = b""
             if watch is not None:
                 tail = watch.finish()
                 self.usage = watch.raw
-                last = last + tail if tail else last
+                if self.out.merge_usage:
+                    self.usage = merged_usage(watch.first, watch.raw)
+            if tagger is not None:
+                tail = tagger.feed(tail) + tagger.finish()
+            last = last + tail if tail else last
             await response.write_eof(last)
         except asyncio.CancelledError:
             if not deadline.expired():

@@ -56,17 +56,55 @@ def _count(value: Any) -> int | None:
 
 
 def usage_of(obj: Any) -> Usage | None:
-    """A `usage` object -> Usage; None unless it has a usable `prompt_tokens`. Missing
-    details mean no cached tokens; cached tokens never exceed the prompt."""
+    """A `usage` object -> Usage, in any of the shapes vLLM answers with; None without a
+    usable prompt count. Missing details mean no cached tokens; cached tokens never exceed
+    the prompt.
+
+    - chat, completions, embeddings: `prompt_tokens`, `prompt_tokens_details.cached_tokens`,
+      `completion_tokens`;
+    - Responses: `input_tokens`, `input_tokens_details.cached_tokens`, `output_tokens`;
+    - Anthropic Messages: `input_tokens` counts only what was not read from the cache, so the
+      prompt is it plus `cache_read_input_tokens` (and `cache_creation_input_tokens`).
+    """
     if type(obj) is not dict:
         return None
     prompt = _count(obj.get("prompt_tokens"))
-    if prompt is None:
-        return None
-    details = obj.get("prompt_tokens_details")
+    if prompt is not None:
+        details = obj.get("prompt_tokens_details")
+        completion = _count(obj.get("completion_tokens"))
+    else:
+        prompt = _count(obj.get("input_tokens"))
+        if prompt is None:
+            return None
+        completion = _count(obj.get("output_tokens"))
+        if "cache_read_input_tokens" in obj or "cache_creation_input_tokens" in obj:
+            read = _count(obj.get("cache_read_input_tokens")) or 0
+            created = _count(obj.get("cache_creation_input_tokens")) or 0
+            total = min(prompt + read + created, MAX_TOKENS)
+            return Usage(total, read, completion or 0)
+        details = obj.get("input_tokens_details")
     cached = _count(details.get("cached_tokens")) if type(details) is dict else 0
-    completion = _count(obj.get("completion_tokens"))
     return Usage(prompt, min(cached or 0, prompt), completion or 0)
+
+
+def merged_usage(first: bytes | None, last: bytes | None) -> bytes | None:
+    """One usage object from a stream that splits it (Anthropic: input counts in
+    message_start, output in message_delta): the last event's counts win, the first's fill
+    in what it lacks."""
+    if first is None or last is None or first is last:
+        return last
+    a, b = _object(first), _object(last)
+    if a is None or b is None:
+        return last
+    return json.dumps({**a, **b}, separators=(",", ":")).encode()
+
+
+def _object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        obj, _end = _DECODER.raw_decode(raw[:_USAGE_SPAN].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return obj if type(obj) is dict else None
 
 
 _VLLM_USAGES: Final = re.compile(
@@ -209,12 +247,14 @@ class StreamUsage:
     chunk, searched from the chunk's end (a usage event is the last one before `[DONE]`).
     """
 
-    __slots__ = ("_eat_blank", "_held", "raw", "strip")
+    __slots__ = ("_eat_blank", "_held", "first", "raw", "strip")
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.raw: bytes | None = None
         """The last usage object's bytes seen so far (for `decode_usage`)."""
+        self.first: bytes | None = None
+        """The first usage object's bytes (a stream that splits its usage: `merged_usage`)."""
         self._held = b""
         self._eat_blank = False
 
@@ -273,6 +313,8 @@ class StreamUsage:
             return chunk
         end = chunk.find(b"\n", at) + 1 or len(chunk)
         self.raw = chunk[m.end() - 1 : end]
+        if self.first is None:
+            self.first = self.raw
         if not self.strip:
             return chunk
         if chunk.startswith(b"\r\n", end):

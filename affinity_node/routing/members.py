@@ -50,16 +50,40 @@ class Fields(Protocol):
 
 
 def conversation_key(payload: Fields, session: str | None) -> bytes:
-    """What identifies the conversation a request belongs to (see the module's docstring)."""
+    """What identifies the conversation a request belongs to, first found of: `prompt_cache_key`
+    (OpenAI, Responses), `previous_response_id` (Responses; such a turn goes to the response's
+    owner anyway), `metadata.user_id` (Anthropic), the `x-session-id` header, the opening of
+    the conversation (see the module's docstring)."""
     explicit = payload.get("prompt_cache_key")
     if isinstance(explicit, str) and explicit:
         return b"k:" + hashlib.blake2b(explicit.encode(), digest_size=16).digest()
+    previous = payload.get("previous_response_id")
+    if isinstance(previous, str) and previous:
+        return b"r:" + hashlib.blake2b(previous.encode(), digest_size=16).digest()
+    metadata = payload.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user, str) and user:
+        return b"u:" + hashlib.blake2b(user.encode(), digest_size=16).digest()
     if session:
         # The header's own bytes: aiohttp keeps undecodable ones as surrogate escapes.
         raw = session.encode("utf-8", "surrogateescape")
         return b"s:" + hashlib.blake2b(raw, digest_size=16).digest()
+    return b"o:" + hashlib.blake2b("\x00".join(_opening(payload)).encode(), digest_size=16).digest()
+
+
+def _opening(payload: Fields) -> list[str]:
+    """The system prompt (chat's system or developer messages, Anthropic's `system`,
+    Responses' `instructions`) and the first user message, or a completion prompt's start."""
     opening: list[str] = []
+    for key in ("system", "instructions"):
+        value = payload.get(key)
+        if value is not None:
+            opening.append(_text(value))
     messages = payload.get("messages")
+    if messages is None:
+        messages = payload.get("input")
+        if isinstance(messages, str):
+            return [*opening, messages[:OPENING_CHARS]]
     if isinstance(messages, Sequence) and not isinstance(messages, str):
         for message in messages:
             if not isinstance(message, dict):
@@ -70,10 +94,10 @@ def conversation_key(payload: Fields, session: str | None) -> bytes:
             elif role == "user":
                 opening.append(_text(message.get("content")))
                 break
-    else:
-        prompt = payload.get("prompt")
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            opening.append(prompt[:OPENING_CHARS])
-    return b"o:" + hashlib.blake2b("\x00".join(opening).encode(), digest_size=16).digest()
+        return opening
+    prompt = payload.get("prompt")
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        opening.append(prompt[:OPENING_CHARS])
+    return opening

@@ -19,6 +19,7 @@ from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolutio
 from affinity_node.routing.fanout import FanoutController
 from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.members import rendezvous
+from affinity_node.routing.owners import OwnerIndex
 from affinity_node.routing.ports import Pair
 from affinity_node.routing.strategies import Strategy
 from affinity_node.vocabulary import HEADER_OF, AffinityHeader
@@ -50,10 +51,17 @@ class Route:
     conversation: Callable[[], bytes] | None = None
     failed: tuple[Backend, ...] = ()
     """Backends this request failed on, in order."""
+    pinned: bool = False
+    """Only this backend can serve the request (it holds a stored response the request
+    names): never retried elsewhere."""
 
 
 class NoBackend(LookupError):
     """No healthy backend serves the model."""
+
+
+class OwnerGone(LookupError):
+    """The backend that stores a response has left the fleet, or cannot serve now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,7 @@ class Router:
         self._fanout = fanout if fanout is not None and fanout.enabled else None
         self._max_fanout = 1 if fanout is None or self._fanout is None else fanout.rules.max_fanout
         self._vllm: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._owners = OwnerIndex()
 
     def _choose_id(self, ids: Sequence[str]) -> str:
         """A backend for a new (or moved) binding: among those holding the fewest bindings,
@@ -137,7 +146,7 @@ class Router:
         failed = route.backend
         self._health.request_failed(failed, reason)
         route.failed += (failed,)
-        if len(route.failed) > 1:
+        if len(route.failed) > 1 or route.pinned:
             return None
         target = self._retry_target(route)
         if target is None:
@@ -207,6 +216,17 @@ class Router:
         if len(members) == 1 or conversation is None:
             return members[0]
         return rendezvous(conversation(), members)
+
+    def to_owner(self, owner: bytes, model: str) -> Route:
+        """A request naming a stored response goes to the backend that stores it, whatever the
+        pair's binding or set says, and nowhere else: no other backend has it. A draining
+        backend keeps taking them (until it is removed); a removed, disabled or unhealthy one
+        cannot, and OwnerGone says so."""
+        found = self._owners.find(owner, tuple(b.id for b in self._pool.backends))
+        backend = self._pool.get(found) if found is not None else None
+        if backend is None or not backend.healthy or backend.state == "disabled":
+            raise OwnerGone(model)
+        return Route(backend, "hit", model, pinned=True)
 
     async def route(
         self,

@@ -66,13 +66,14 @@ class UpstreamClient:
         body: bytes | BodyParts,
         headers: dict[str, str],
         stream: bool,
+        method: str = "POST",
     ) -> Reply:
         """Forwards a request; returns once the answer's head is in (use the Reply as `async
         with`). Raises http1.UpstreamTimeout when the backend stays silent for the read timeout
         (the generation timeout for non-streamed answers), http1.UpstreamFailed when it cannot
         be reached or breaks the answer, ValueError on a header that could split the request."""
         timeout = self.timeouts.read_s if stream else self.timeouts.generation_s
-        return await self._pool.post(base_url, path, header_lines(headers), body, timeout)
+        return await self._pool.post(base_url, path, header_lines(headers), body, timeout, method)
 
     async def health(self, base_url: str) -> str | None:
         """None when GET /health answers 2xx in time, else why not."""

@@ -518,8 +518,9 @@ class ConnectionPool:
         headers: bytes,
         body: bytes | BodyParts,
         read_timeout_s: float,
+        method: str = "POST",
     ) -> Reply:
-        """Sends `POST path` with the body; returns once the answer's status and headers are
+        """Sends `method path` with the body; returns once the answer's status and headers are
         in. `headers`: extra header lines, each ending in CRLF (see `header_lines`).
         A reused connection that closes before any byte of the answer costs one more try on a
         fresh connection to the same backend (its cache is there), not a backend failure."""
@@ -527,7 +528,8 @@ class ConnectionPool:
         parts: BodyParts = (body,) if isinstance(body, bytes) else body
         length = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = b"".join((
-            b"POST ", (origin.prefix + path).encode("latin-1"), b" HTTP/1.1\r\n",
+            method.encode("ascii"), b" ", (origin.prefix + path).encode("latin-1"),
+            b" HTTP/1.1\r\n",
             origin.head, headers, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
         conn = await self.acquire(base_url)

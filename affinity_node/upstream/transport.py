@@ -43,6 +43,7 @@ class Transport(Protocol):
         body: bytes | BodyParts,
         headers: dict[str, str],
         stream: bool,
+        method: str = "POST",
     ) -> Answer:
         """Sends the request; returns once the answer's head is in. Raises
         http1.UpstreamTimeout / UpstreamFailed as `Answer` does, ValueError on a header that

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.config import NodeConfig
 from affinity_node.http.errors import ApiError
-from affinity_node.http.forward import Forwarder
+from affinity_node.http.forward import Forwarder, Outgoing
 from affinity_node.http.state import BACKENDS, CONFIG, HTTP_METRICS, ROUTER, TRANSPORT
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
@@ -101,6 +101,7 @@ class ScriptedTransport:
         body: bytes | BodyParts,
         headers: dict[str, str],
         stream: bool,
+        method: str = "POST",
     ) -> Scripted:
         self.posts.append(base_url)
         step = self.script.pop(0)
@@ -156,7 +157,8 @@ class Node:
         )
         route = await self.router.route(KEY, MODEL, affinity_path=True)
         forwarder = Forwarder(request, {"x-request-id": "r1"}, 0.0)
-        return await forwarder.run(route, KEY, b"{}", stream), route
+        out = Outgoing(b"{}", stream, "/v1/chat/completions")
+        return await forwarder.run(route, KEY, out), route
 
 
 def node(*script: Scripted | Exception) -> Node:

@@ -1,4 +1,5 @@
-"""Every request: an id, an OpenAI error body when it fails, counted; an API key where needed."""
+"""The route wrapper: every request gets an id, its API's error body when it fails, counted and
+logged; an API key where needed (`Authorization: Bearer` or Anthropic's `x-api-key`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
-from affinity_node.auth.secrets import bearer_secret
+from affinity_node.auth.secrets import api_key_secret, bearer_secret
+from affinity_node.http.endpoints import ErrorShape
 from affinity_node.http.errors import ApiError, error_response, unauthorized
 from affinity_node.http.state import (
     ACCESS_LOG,
@@ -33,22 +36,29 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-AUTHENTICATED_ROUTES = COMPLETION_ROUTES | {"/v1/models"}
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes: on the API port, or on listen.ops_port when it is set."""
-KNOWN_ROUTES = AUTHENTICATED_ROUTES | OPS_ROUTES
+OTHER = "other"
+"""The route label of every path the node does not serve (labels stay bounded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    method: str
+    path: str
+    """aiohttp's path template; also the route's metric label."""
+    handler: Handler
+    authenticated: bool = False
+    tracked: bool = False
+    """Work a drain waits for (the proxied API)."""
+    errors: ErrorShape = "openai"
+
 
 _HTTP_ERRORS = {
     404: ("Unknown URL: no such route.", "invalid_request_error", "unknown_url"),
     405: ("Method not allowed for this route.", "invalid_request_error", "method_not_allowed"),
     413: ("Request body too large.", "invalid_request_error", "request_too_large"),
 }
-
-
-def _route_label(request: web.Request) -> str:
-    """Bounded: only known paths become labels."""
-    return request.path if request.path in KNOWN_ROUTES else "other"
 
 
 def _assign_request_id(request: web.Request) -> str:
@@ -66,9 +76,16 @@ def base_headers(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request[REQUEST_ID], "x-affinity-node": request.app[CONFIG].node_id}
 
 
-def answered(handler: Handler, authenticated: bool = False) -> Handler:
-    """`handler` as every request is served: an id, an OpenAI error body when it fails,
-    counted, logged; with `authenticated`, a valid key first (its id in request[API_KEY_ID]).
+def answered(
+    handler: Handler,
+    route: str = OTHER,
+    authenticated: bool = False,
+    tracked: bool = False,
+    errors: ErrorShape = "openai",
+) -> Handler:
+    """`handler` as every request is served: an id, its API's error body when it fails,
+    counted under `route`, logged; with `authenticated`, a valid key first (its id in
+    request[API_KEY_ID]); `tracked` requests are work a drain waits for.
 
     A wrapper per route, not aiohttp middlewares: a middleware chain costs every request
     three more coroutine frames (aiohttp adds one of its own per app), each resumed at every
@@ -76,8 +93,6 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         app = request.app
-        route = _route_label(request)
-        is_completion = route in COMPLETION_ROUTES
         started = time.perf_counter()
         rid = _assign_request_id(request)
         context = LOG_REQUEST_ID.set(rid)  # every log line while handling it names the request
@@ -85,7 +100,7 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
         error: str | None = None
         response: web.StreamResponse | None = None
         status = app[STATUS]
-        if is_completion:
+        if tracked:
             status.begin()
         try:
             if authenticated:
@@ -95,7 +110,7 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
             return response
         except ApiError as err:
             code, error = str(err.status), err.code
-            return error_response(err, base_headers(request))
+            return error_response(err, base_headers(request), errors)
         except web.HTTPException as exc:
             code = str(exc.status)
             if exc.status < 400:
@@ -105,7 +120,9 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
             )
             error = err_code
             return error_response(
-                ApiError(exc.status, message, type_, None, err_code), base_headers(request)
+                ApiError(exc.status, message, type_, None, err_code),
+                base_headers(request),
+                errors,
             )
         except asyncio.CancelledError:
             code = "499"  # the client went away; routine, no traceback
@@ -118,13 +135,14 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
                     500, "Internal error in the proxy.", "server_error", None, "internal_error"
                 ),
                 base_headers(request),
+                errors,
             )
         finally:
             elapsed = time.perf_counter() - started
             m = app[HTTP_METRICS]
             m.count_request(route, code)
             m.observe_duration(route, elapsed, m.duration_exemplar(route, rid))
-            if is_completion:
+            if tracked:
                 status.end()
             access = app.get(ACCESS_LOG)
             if access is not None and route not in OPS_ROUTES:
@@ -147,7 +165,12 @@ def answered(handler: Handler, authenticated: bool = False) -> Handler:
 
 async def _authenticate(request: web.Request) -> uuid.UUID:
     try:
-        secret = bearer_secret(request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        api_key = request.headers.get("x-api-key")
+        if authorization is None and api_key is not None:
+            secret = api_key_secret(api_key)
+        else:
+            secret = bearer_secret(authorization)
     except ValueError as exc:
         raise unauthorized(str(exc)) from None
     try:
@@ -173,21 +196,24 @@ async def _not_found(_request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound
 
 
-def add_routes(app: web.Application, routes: list[tuple[str, str, Handler]]) -> None:
-    """(method, path, handler) served through `answered` (a key needed on
-    AUTHENTICATED_ROUTES); any other method on those paths answers 405 (after the key check,
-    as the route would), any other path 404, both as OpenAI error bodies."""
-    paths: list[str] = []
-    for method, path, handler in routes:
-        wrapped = answered(handler, authenticated=path in AUTHENTICATED_ROUTES)
-        if method == "GET":
-            app.router.add_get(path, wrapped)
+def add_routes(app: web.Application, routes: Iterable[RouteSpec]) -> None:
+    """Each route served through `answered`; any other method on those paths answers 405
+    (after the key check, as the route would), any other path 404, in the route's error
+    shape."""
+    specs = list(routes)
+    for spec in specs:
+        wrapped = answered(spec.handler, spec.path, spec.authenticated, spec.tracked, spec.errors)
+        if spec.method == "GET":
+            app.router.add_get(spec.path, wrapped)
         else:
-            app.router.add_route(method, path, wrapped)
-        if path not in paths:
-            paths.append(path)
-    for path in paths:
-        app.router.add_route(
-            "*", path, answered(_method_not_allowed, authenticated=path in AUTHENTICATED_ROUTES)
-        )
+            app.router.add_route(spec.method, spec.path, wrapped)
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.path not in seen:
+            seen.add(spec.path)
+            app.router.add_route(
+                "*",
+                spec.path,
+                answered(_method_not_allowed, spec.path, spec.authenticated, errors=spec.errors),
+            )
     app.router.add_route("*", "/{tail:.*}", answered(_not_found))

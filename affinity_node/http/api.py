@@ -1,0 +1,190 @@
+"""The proxied API (http/endpoints.py): validate, route, forward, for every endpoint alike.
+
+The key was checked by the route wrapper. The hot path (a chat request hitting its binding)
+awaits nothing but the upstream and logs nothing per request above debug.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from affinity_node.http.body import check_forwarded_headers, read_body
+from affinity_node.http.endpoints import Endpoint
+from affinity_node.http.errors import ApiError, short
+from affinity_node.http.forward import Forwarder, Outgoing
+from affinity_node.http.multipart import form_model
+from affinity_node.http.payload import Payload
+from affinity_node.http.response_ids import StoredId, read_id, untag
+from affinity_node.http.state import API_KEY_ID, BACKENDS, LEDGER, MODEL, ROUTER, STATUS
+from affinity_node.http.wrapper import Handler, base_headers
+from affinity_node.ledger.usage import usage_request, with_usage_parts
+from affinity_node.routing.members import conversation_key
+from affinity_node.routing.router import NoBackend, OwnerGone, Route
+
+
+def handler(endpoint: Endpoint) -> Handler:
+    """The request handler of one endpoint."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, endpoint)
+
+    return handle
+
+
+def _draining() -> ApiError:
+    return ApiError(
+        503,
+        "This node is shutting down; retry on another.",
+        "service_unavailable",
+        None,
+        "draining",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+
+
+def _unknown_model(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{short(model)}' does not exist.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def _no_backend(model: str) -> ApiError:
+    return ApiError(
+        503,
+        f"No healthy backend serves '{model}' right now.",
+        "service_unavailable",
+        "model",
+        "no_healthy_backend",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _not_stored(client_id: str, param: str | None, gone: bool = False) -> ApiError:
+    """A stored response this node cannot reach: never tagged for this key (not found), or
+    its owner left the fleet or is down (no longer available: no other backend has it)."""
+    if gone:
+        message = (
+            f"The stored response '{short(client_id)}' is no longer available: the backend "
+            "that made it has left the fleet or is down."
+        )
+    else:
+        message = f"Response with id '{short(client_id)}' not found."
+    return ApiError(404, message, "invalid_request_error", param, "response_not_found")
+
+
+async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    app = request.app
+    started = time.perf_counter()
+    headers = base_headers(request)
+    if app[STATUS].draining:
+        raise _draining()
+    check_forwarded_headers(request)
+    key_id = request[API_KEY_ID]
+    body = await read_body(request)
+    router = app[ROUTER]
+    out = Outgoing(
+        body,
+        False,
+        request.path,
+        request.method,
+        record=endpoint.ledger,
+        tag_ids=endpoint.stored != "none",
+        client_asked_usage=not endpoint.injects_usage,
+        merge_usage=endpoint.merges_usage,
+        errors=endpoint.errors,
+    )
+    if endpoint.stored == "names":
+        route = _to_owner(request, router, key_id, out)
+    elif endpoint.body == "multipart":
+        route = await _multipart(request, key_id, out)
+    else:
+        route = await _json(request, endpoint, key_id, out)
+    return await Forwarder(request, headers, started).run(route, key_id, out)
+
+
+async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing) -> Route:
+    app = request.app
+    payload = Payload(out.body)
+    model = app[BACKENDS].canonical(payload.model)
+    if model is None:
+        raise _unknown_model(payload.model)
+    request[MODEL] = model
+    out.stream = payload.stream
+    # Backends serve the canonical name: an alias in the request is rewritten, nothing else.
+    out.body = payload.with_model(model)
+    if endpoint.stored == "creates":
+        previous = payload.get("previous_response_id")
+        if isinstance(previous, str) and previous:
+            stored = read_id(previous, key_id)
+            if stored is None:
+                raise _not_stored(previous, "previous_response_id")
+            out.body = untag(out.body, previous, stored)
+            return _owner_route(request, stored, previous, model, "previous_response_id")
+    if endpoint.injects_usage and payload.stream and app.get(LEDGER) is not None:
+        asks = usage_request(payload)
+        out.client_asked_usage = asks.client_asked
+        if asks.inject:
+            out.usage_body = with_usage_parts(out.body, payload)
+    conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
+    try:
+        return await app[ROUTER].route(
+            key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+        )
+    except NoBackend:
+        raise _no_backend(model) from None
+
+
+async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:
+    """Audio: the model is a form field; the form goes upstream as received (model rewritten
+    to its canonical name), with the client's boundary."""
+    app = request.app
+    content_type = request.headers.get("Content-Type", "")
+    found = form_model(out.body, content_type)
+    if found is None:
+        raise ApiError(
+            400,
+            "Expected a multipart/form-data body with a 'model' field.",
+            "invalid_request_error",
+            "model",
+            "missing_required_parameter",
+        )
+    given, (start, end) = found
+    model = app[BACKENDS].canonical(given)
+    if model is None:
+        raise _unknown_model(given)
+    request[MODEL] = model
+    if model != given:
+        out.body = out.body[:start] + model.encode() + out.body[end:]
+    out.content_type = content_type
+    try:
+        return await app[ROUTER].route(key_id, model, affinity_path=False)
+    except NoBackend:
+        raise _no_backend(model) from None
+
+
+def _to_owner(request: web.Request, router: Any, key_id: Any, out: Outgoing) -> Route:
+    """GET /v1/responses/{id} and its cancel: the path's id goes to its owner, untagged."""
+    client_id = request.match_info["response_id"]
+    stored = read_id(client_id, key_id)
+    if stored is None:
+        raise _not_stored(client_id, None)
+    out.path = request.path.replace(client_id, stored.backend_id, 1)
+    out.content_type = request.headers.get("Content-Type") if out.body else None
+    return _owner_route(request, stored, client_id, "", None)
+
+
+def _owner_route(
+    request: web.Request, stored: StoredId, client_id: str, model: str, param: str | None
+) -> Route:
+    try:
+        return request.app[ROUTER].to_owner(stored.owner, model)
+    except OwnerGone:
+        raise _not_stored(client_id, param, gone=True) from None
