@@ -16,6 +16,12 @@ phases, one fault each, applied and healed while the load goes on:
                         and TTL), forged revocations of live keys, a flood of forged creates
   reader_held           a session LISTENs and holds a transaction open (the NOTIFY queue's
                         tail) while the load notifies, then lets go
+  large_answers         non-streamed answers of 300-600 KB (past the upstream client's
+                        256 KB pause), each followed at once by a small request on the same
+                        node and backend (a reused connection); a request not done in 5 s
+                        counts as hung (a failure)
+  stalled_reader        a raw socket asks for a 16 MB answer and never reads it: the node must
+                        drop it within its write timeout (2 s here), its backend slot free
   token_flood           random bearer tokens at every node
 
 For each phase the report gives: requests; failures a healthy fleet could have served (must be
@@ -53,12 +59,20 @@ from affinity_node.argtypes import dsn as dsn_arg
 from affinity_node.argtypes import positive_float, positive_int
 from affinity_node.http.ops import pair_fingerprint
 from affinity_node.sim.chaos_fleet import (
+    CLIENT_WRITE_TIMEOUT_S,
     MODEL,
     Balancer,
     ChaosFleet,
     ChaosPostgres,
     excused_backend,
     excused_node,
+)
+from affinity_node.sim.chaos_relay import (
+    LARGE_ANSWER_BYTES,
+    REQUEST_BOUND_S,
+    Reply,
+    bounded_chat,
+    stall_reader,
 )
 from affinity_node.sim.support import (
     Processes,
@@ -71,7 +85,7 @@ from affinity_node.sim.support import (
 PHASES = (
     "baseline", "postgres_stopped", "postgres_frozen", "listeners_terminated",
     "backend_killed", "node_killed", "keys_churned", "hostile_notify", "reader_held",
-    "token_flood",
+    "large_answers", "stalled_reader", "token_flood",
 )  # fmt: skip
 MUST_BE_ZERO = ("failures", "split", "revoked_late", "flood_statements", "wrong_backend")
 FORGED_CREATES = 2000
@@ -542,6 +556,87 @@ class Soak:
             result.notes.append(f"reader held {self.hold_s:.1f} s; queue usage {usage}")
         finally:
             await reader.close()
+
+    # -- relay faults (issue 21): large answers, a reader that stalls ---------------------------
+
+    def _live(self) -> list[Tenant]:
+        now = time.monotonic()
+        return [t for t in self.load.tenants if t.revoked_at is None and t.usable_from <= now]
+
+    async def _bounded(self, tenant: Tenant, node: int, pad: int) -> Reply:
+        """One non-streamed request with a bound, recorded like the load's requests."""
+        start = time.monotonic()
+        url = self.fleet.node_urls[node]
+        reply = await bounded_chat(self.fleet.session, url, tenant.name, tenant.secret, pad)
+        self.load.records.append(
+            Record(start, time.monotonic(), tenant, node, reply.status, reply.error, reply.backend)
+        )
+        return reply
+
+    async def _large_answers(self, result: PhaseResult) -> None:
+        """Answers past the 256 KB at which the node's upstream client pauses reading, each
+        followed at once by a small request of the same tenant on the same node: that one
+        reuses the pooled connection to the same backend, which must not be left paused."""
+        deadline = time.monotonic() + self.hold_s
+        large: list[Reply] = []
+        small: list[Reply] = []
+
+        async def lane(k: int, lanes: int) -> None:
+            i = k
+            while time.monotonic() < deadline:
+                live = self._live()
+                tenant, node = live[i % len(live)], self.load.balancer.order()[0]
+                i += lanes
+                large.append(
+                    await self._bounded(tenant, node, self._rng.randint(*LARGE_ANSWER_BYTES))
+                )
+                small.append(await self._bounded(tenant, node, 0))
+
+        await asyncio.gather(*(lane(k, 4) for k in range(4)))
+        hung = sum(1 for r in large + small if r.error is not None and r.error.startswith("hung"))
+        slowest = max((r.seconds for r in large), default=0.0)
+        result.notes.append(
+            f"{len(large)} answers of 300-600 KB + {len(small)} small ones after them on the "
+            f"same node; {hung} hung past {REQUEST_BOUND_S:g} s; slowest large {slowest:.2f} s"
+        )
+
+    async def _stalled_reader(self, result: PhaseResult) -> None:
+        """A client that asks for a 16 MB answer and never reads it: the node drops it after
+        its write timeout; meanwhile the same tenant is served on the same node."""
+        tenant = self._live()[0]
+        node = self.load.balancer.order()[0]
+        pid = self.fleet.node_children[node].proc.pid
+        backend_urls = {f"b{i}": u for i, u in enumerate(self.fleet.backend_urls)}
+        during: list[Reply] = []
+
+        async def meanwhile() -> None:
+            for _ in range(5):
+                during.append(await self._bounded(tenant, node, 0))
+
+        stall = await stall_reader(
+            self.fleet.session,
+            self.fleet.node_urls[node],
+            pid,
+            tenant.name,
+            tenant.secret,
+            CLIENT_WRITE_TIMEOUT_S,
+            backend_urls,
+            meanwhile,
+        )
+        closed = "no" if stall.closed_after_s is None else f"after {stall.closed_after_s:.2f} s"
+        result.notes.append(
+            f"stalled reader on node {node} (answer {stall.status} from {stall.backend}): "
+            f"closed by the node {closed} (bound {stall.bound_s:.2f} s); backend slot free "
+            f"while stalled: {'yes' if stall.slot_free else 'no'}; 499s counted: "
+            f"{stall.dropped_counted:g}; same tenant served meanwhile: "
+            f"{sum(r.error is None for r in during)}/{len(during)}"
+        )
+        if stall.error or stall.status != 200 or stall.closed_after_s is None:
+            result.failures += 1
+            result.samples.append(f"stalled reader: {stall.error or 'not dropped in time'}")
+        if not stall.slot_free:
+            result.failures += 1
+            result.samples.append("stalled reader: its backend slot was never seen free")
 
 
 def render(results: Sequence[PhaseResult], duration: float) -> str:

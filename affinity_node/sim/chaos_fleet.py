@@ -21,6 +21,9 @@ import yaml
 from affinity_node.sim.support import Child, Processes, free_port, http_status, wait_http_ok
 
 MODEL = "llama-3.1-8b"
+CLIENT_WRITE_TIMEOUT_S = 2.0
+"""The nodes' limits.client_write_timeout_seconds: short, so the stalled-reader phase sees a
+client that reads nothing dropped within its few seconds."""
 
 
 class ChaosPostgres:
@@ -143,7 +146,8 @@ class ChaosFleet:
             "affinity": {"ttl_seconds": 900},
             "health": {"interval_seconds": 0.5, "eject_after_failures": 2,
                        "readmit_after_successes": 2},
-            "limits": {"drain_timeout_seconds": 2},
+            "limits": {"drain_timeout_seconds": 2,
+                       "client_write_timeout_seconds": CLIENT_WRITE_TIMEOUT_S},
             "logging": {"level": "WARNING"},
             "backends": [{"url": u, "models": [MODEL]} for u in self.backend_urls],
             "models": [{"name": MODEL}],

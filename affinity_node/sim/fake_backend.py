@@ -12,6 +12,9 @@ Besides chat and completions it speaks the rest of the API real clients use, eac
 module on this one's generation core: Responses with a per-server store
 (responses_routes.py), Anthropic Messages (anthropic_api.py), embeddings, rerank, score,
 tokenize and audio (extra_api.py), LoRA adapters (lora.py).
+
+A request body's `sim_pad_bytes` (simulator only) pads a non-streamed chat or completion
+answer's text with that many spaces, at no decode time: large answers for proxy tests.
 """
 
 from __future__ import annotations
@@ -393,7 +396,8 @@ class FakeBackend:
                 events.append((None, b"data: [DONE]\n\n"))
                 return await self.send_events(request, gen, events)
             await self.finish_whole(request, gen)
-            return web.json_response(full_body(job, gen.text, gen.finish, usage, fingerprint))
+            text = gen.text + " " * job.pad_bytes
+            return web.json_response(full_body(job, text, gen.finish, usage, fingerprint))
 
 
 def capacity_model(cfg: FakeBackendConfig) -> CapacityModel:

@@ -18,6 +18,11 @@ from aiohttp import web
 
 Kind = Literal["chat", "completion"]
 
+PAD_FIELD = "sim_pad_bytes"
+"""Simulator-only body field: a non-streamed answer's text gets this many more bytes (no
+decode time, usage unchanged), so proxies can be tested with large answers cheaply."""
+MAX_PAD_BYTES = 64 * 1024 * 1024
+
 Event = tuple[int | None, bytes]
 """An SSE event as sent: (output token index to pace it by, or None; its bytes)."""
 
@@ -70,6 +75,8 @@ class Job:
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    pad_bytes: int = 0
+    """`sim_pad_bytes`: padding appended to a non-streamed answer's text."""
 
 
 def _message_text(content: Any) -> str:
@@ -136,7 +143,13 @@ def parse_job(kind: Kind, body: Any, models: Sequence[str]) -> Job:
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
     ):
         raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
-    return Job(kind, model, _prompt_text(kind, body), stream, include_usage, max_tokens)
+    pad = body.get(PAD_FIELD, 0)
+    if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad <= MAX_PAD_BYTES:
+        raise ApiError(
+            400, f"{PAD_FIELD} must be an integer from 0 to {MAX_PAD_BYTES}", param=PAD_FIELD
+        )
+    text = _prompt_text(kind, body)
+    return Job(kind, model, text, stream, include_usage, max_tokens, pad)
 
 
 # -- response bodies ------------------------------------------------------------------------

@@ -262,6 +262,32 @@ async def test_completions_stream_and_non_stream() -> None:
         assert "".join(texts) == completion.choices[0].text
 
 
+async def test_sim_pad_bytes_makes_a_large_non_streamed_answer_and_is_checked() -> None:
+    """The knob behind the chaos soak's large answers: the text grows by exactly the padding,
+    the usage does not; a bad value is a 400 with an OpenAI body."""
+    async with running() as b:
+        messages: Any = [{"role": "user", "content": "pad me"}]
+        plain = await b.client.chat.completions.create(model=MODEL, messages=messages)
+        big = await b.client.chat.completions.create(
+            model=MODEL, messages=messages, extra_body={"sim_pad_bytes": 300_000}
+        )
+        text = big.choices[0].message.content or ""
+        assert len(text) == len(plain.choices[0].message.content or "") + 300_000
+        assert big.usage is not None and plain.usage is not None
+        assert big.usage.completion_tokens == plain.usage.completion_tokens
+        completion = await b.client.completions.create(
+            model=MODEL, prompt="pad", max_tokens=3, extra_body={"sim_pad_bytes": 1000}
+        )
+        assert len(completion.choices[0].text) > 1000
+        for bad in (-1, "10", True, 2**40):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await b.client.chat.completions.create(
+                    model=MODEL, messages=messages, extra_body={"sim_pad_bytes": bad}
+                )
+            assert isinstance(refused.value.body, dict)
+            assert refused.value.body["param"] == "sim_pad_bytes"
+
+
 async def test_errors_are_openai_shaped() -> None:
     async with running() as b:
         with pytest.raises(openai.NotFoundError) as not_found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_a_sixty_second_soak_loses_nothing_a_healthy_fleet_could_serve(tmp_path)
         "keys_churned",
         "hostile_notify",
         "reader_held",
+        "large_answers",
+        "stalled_reader",
         "token_flood",
     ]
     for p in phases:
@@ -48,3 +51,9 @@ def test_a_sixty_second_soak_loses_nothing_a_healthy_fleet_could_serve(tmp_path)
     assert phases[-1]["flood_statements"] == 0
     assert "listener session(s) terminated" in " ".join(phases[3]["notes"])
     assert "reader held" in " ".join(phases[8]["notes"])  # and the fleet did not notice
+    notes = {p["name"]: " ".join(p["notes"]) for p in phases}
+    # Answers past the 256 KB pause, with small requests reusing their connections: none hung.
+    assert re.search(r"\b[1-9]\d* answers of 300-600 KB .*; 0 hung past", notes["large_answers"])
+    # A client that never reads a 16 MB answer: dropped within the write timeout's bound.
+    assert "closed by the node after" in notes["stalled_reader"], notes["stalled_reader"]
+    assert "backend slot free while stalled: yes" in notes["stalled_reader"]
