@@ -87,6 +87,8 @@ PHASES = (
     "backend_killed", "node_killed", "keys_churned", "hostile_notify", "reader_held",
     "large_answers", "stalled_reader", "token_flood",
 )  # fmt: skip
+MIN_PHASE_S = 3.0
+"""The stalled reader needs its write timeout (2 s) and a margin inside one phase."""
 MUST_BE_ZERO = ("failures", "split", "revoked_late", "flood_statements", "wrong_backend")
 FORGED_CREATES = 2000
 REVOCATION_GRACE_S = 1.0
@@ -731,8 +733,12 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 async def run_chaos(args: argparse.Namespace) -> int:
-    if args.duration < 18:
-        print("error: --duration must be at least 18 seconds (9 phases)", file=sys.stderr)
+    if args.duration < MIN_PHASE_S * len(PHASES):
+        print(
+            f"error: --duration must be at least {MIN_PHASE_S * len(PHASES):g} seconds "
+            f"({len(PHASES)} phases of {MIN_PHASE_S:g} s)",
+            file=sys.stderr,
+        )
         return 2
     try:
         return await _run(args, sys.stdout)
@@ -751,7 +757,7 @@ def add_chaos_parser(subparsers: Any) -> None:
         "--duration",
         type=positive_float,
         default=60.0,
-        help="seconds in all, split over the 9 phases (default 60)",
+        help=f"seconds in all, split over the {len(PHASES)} phases (default 60)",
     )
     p.add_argument(
         "--tenants", type=positive_int, default=12, help="API keys under load (default 12)"
