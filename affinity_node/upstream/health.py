@@ -48,7 +48,8 @@ class HealthChecker:
         self._applied: dict[str, int] = {}
         """Backend id -> ticket of the latest-started discovery applied: an older answer
         arriving after a newer one (health re-admission racing the periodic round) is dropped."""
-        self._warn = RateLimitedLog(log)
+        self._warn = RateLimitedLog(log, interval=60.0)
+        """Discovery failures: one line per backend a minute, not one per round."""
 
     async def check_once(self) -> None:
         """One round of probes on every backend, concurrently; then due discoveries."""

@@ -16,6 +16,7 @@ import pytest
 from affinity_node.app import run_node
 from affinity_node.config import DiscoveryConfig, validate
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
+from affinity_node.store.registry import PostgresRegistry
 from tests.support.cluster import MODEL, Cluster, node_config
 from tests.support.waiting import wait_for
 
@@ -219,3 +220,15 @@ async def test_the_nodes_model_list_shows_adapters_with_their_parent(dsn):
         await everywhere(c, LORA, [])
         listed_after = [m.id for m in (await c.client(0, secret).models.list()).data]
         assert listed_after == [MODEL]
+
+
+async def test_a_backend_listing_many_long_adapters_still_reports_its_health(db):
+    """The registry's models column holds at most 64 names and 4000 bytes: a backend serving
+    more (many adapters) is reported with as many as fit, never refused."""
+    registry = PostgresRegistry(db)
+    names = [f"{MODEL}-tenant-{i:03d}-" + "x" * 80 for i in range(100)]
+    await registry.report_health("node-0", "http://127.0.0.1:9", True, "vllm", [MODEL, *names])
+    (view,) = (await registry.health()).values()
+    stored = list(view.models)
+    assert stored and stored == sorted([MODEL, *names])[: len(stored)]
+    assert len(" ".join(stored).encode()) <= 4000 and len(stored) <= 64
