@@ -460,11 +460,16 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     app[HEALTH] = health
     checker = HealthChecker(pool, health, app[UPSTREAM], cfg.health.interval_seconds)
     await checker.discover()
-    task = asyncio.create_task(checker.run(), name="health-checks")
+    tasks = [
+        asyncio.create_task(checker.run(), name="health-checks"),
+        asyncio.create_task(
+            checker.run_discovery(cfg.discovery.interval_seconds), name="model-discovery"
+        ),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _router(app: web.Application) -> AsyncIterator[None]:

@@ -124,7 +124,8 @@ class RebalanceConfig:
 @dataclass
 class DiscoveryConfig:
     interval_seconds: float = _range(10.0, 0, 86_400, above=True)
-    """How often `backends` entries given by DNS name are resolved again."""
+    """How often `backends` entries given by DNS name are resolved again, and every vllm
+    backend's GET /v1/models is asked again (LoRA adapters loaded or unloaded at runtime)."""
 
 
 @dataclass

@@ -75,6 +75,7 @@ async def models(request: web.Request) -> web.Response:
     app = request.app
     created = int(time.time())
     aliases: dict[str, list[str]] = {m.name: list(m.aliases) for m in app[CONFIG].models}
+    pool = app[BACKENDS]
     data = [
         {
             "id": name,
@@ -82,8 +83,9 @@ async def models(request: web.Request) -> web.Response:
             "created": created,
             "owned_by": "affinity-node",
             "aliases": aliases.get(name, []),
+            "parent": pool.parent_of(name),  # a LoRA adapter's base model, as vLLM lists it
         }
-        for name in app[BACKENDS].served_models()
+        for name in pool.served_models()
     ]
     return web.Response(
         body=json.dumps({"object": "list", "data": data}).encode(),

@@ -65,6 +65,14 @@ class BackendSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ListedModel:
+    """One entry of a backend's GET /v1/models: a LoRA adapter names its base as `parent`."""
+
+    id: str
+    parent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One `models:` entry of the config."""
 
@@ -80,9 +88,13 @@ class Backend:
     id: str
     kind: BackendKind
     models: frozenset[str] = frozenset()
-    """Canonical model names it serves."""
+    """Canonical model names it serves: its configured ones plus the adapters it lists, or
+    (configured without any) everything it lists."""
     discovers: bool = False
-    """True when its models come from GET /v1/models rather than the config."""
+    """True when GET /v1/models is asked what it serves: every vllm backend (adapters come and
+    go at runtime) and any backend configured without models."""
+    configured: frozenset[str] = frozenset()
+    """Canonical names from the config (or registry, DNS entry); empty: learn them all."""
     healthy: bool = True
     """Optimistic at start: a node serves at once; the first failed probe ejects (see health)."""
     consecutive_failures: int = 0
@@ -134,10 +146,11 @@ class BackendPool:
             bid = normalise_url(bspec.url)
             if bid in by_id:
                 raise ValueError(f"backend {bid} is listed twice")
-            served = frozenset(self._learn(m) for m in bspec.models)
-            by_id[bid] = Backend(bid, bspec.kind, served, discovers=not served)
+            by_id[bid] = self._new_backend(bid, bspec, "config")
         self._backends: tuple[Backend, ...] = tuple(by_id.values())
         self._by_id = by_id
+        self._parents: dict[str, str] = {}
+        """Canonical adapter name -> canonical base model, as backends last listed it."""
         self._candidates: dict[str, tuple[Backend, ...]] = {}
         self._candidate_ids: dict[str, tuple[str, ...]] = {}
         self._inflight_sums: dict[str, int] | None = None
@@ -145,6 +158,11 @@ class BackendPool:
         self.on_remove: Callable[[Backend], None] | None = None
         """Told when a backend leaves (registry, DNS discovery), so per-backend state kept
         elsewhere (metric series, pooled connections) leaves with it."""
+
+    def _new_backend(self, bid: str, spec: BackendSpec, origin: Origin) -> Backend:
+        served = frozenset(self._learn(m) for m in spec.models)
+        discovers = spec.kind == "vllm" or not served
+        return Backend(bid, spec.kind, served, discovers, configured=served, origin=origin)
 
     # -- model names -------------------------------------------------------------------------
 
@@ -179,9 +197,37 @@ class BackendPool:
                 names.update(backend.models)
         return sorted(names)
 
-    def set_models(self, backend: Backend, served_ids: Iterable[str]) -> bool:
-        """What discovery learned a backend serves; True when that changed its models."""
-        models = frozenset(self._learn(i) for i in served_ids)
+    def parent_of(self, model: str) -> str | None:
+        """The base model of a LoRA adapter (canonical names); None for a base model."""
+        return self._parents.get(model)
+
+    def set_models(self, backend: Backend, listed: Iterable[ListedModel | str]) -> bool:
+        """What discovery learned a backend serves now; True when that changed its models.
+
+        A backend with configured models serves those plus the listed adapters of them (a
+        base model the config left out is not routed there, nor are its adapters); one
+        without serves everything listed. Adapters missing from the list leave its set.
+        """
+        bases: list[str] = []
+        adapters: dict[str, str] = {}
+        for item in listed:
+            entry = ListedModel(item) if isinstance(item, str) else item
+            if entry.parent is None or entry.parent == entry.id:
+                bases.append(entry.id)
+            else:
+                adapters[entry.id] = self._canon.get(entry.parent, entry.parent)
+        configured = backend.configured
+        if configured:
+            adapters = {a: p for a, p in adapters.items() if p in configured}
+            served = set(configured)
+        else:
+            served = {self._learn(b) for b in bases}
+        for adapter, parent in adapters.items():
+            name = self._learn(adapter)
+            if name != parent:
+                self._parents[name] = parent
+                served.add(name)
+        models = frozenset(served)
         if models == backend.models:
             return False
         backend.models = models
@@ -238,7 +284,10 @@ class BackendPool:
         canonical = self._canon.get(model)
         if canonical is None:
             return False
-        return self._affinity.get(canonical, self._default_affinity)
+        configured = self._affinity.get(canonical)
+        if configured is None:  # an adapter not named in `models:` follows its base model
+            configured = self._affinity.get(self._parents.get(canonical, canonical))
+        return self._default_affinity if configured is None else configured
 
     # -- changes at runtime (registry, DNS discovery) ----------------------------------------
 
@@ -250,8 +299,7 @@ class BackendPool:
             return existing
         if spec.kind not in BACKEND_KINDS:
             raise ValueError(f"backend {bid}: kind must be one of {', '.join(BACKEND_KINDS)}")
-        served = frozenset(self._learn(m) for m in spec.models)
-        backend = Backend(bid, spec.kind, served, discovers=not served, origin=origin)
+        backend = self._new_backend(bid, spec, origin)
         self._by_id[bid] = backend
         self._backends = (*self._backends, backend)
         self.invalidate()

@@ -58,6 +58,25 @@ def _binding(r: asyncpg.Record) -> BindingRow:
     return BindingRow(r[0], r[1], r[2], r[3], r[4], tuple(r[5]))
 
 
+MAX_REPORTED_MODELS = 64
+MAX_REPORTED_BYTES = 4000
+"""The CHECK of affinity_backend_health.models: names, and bytes joined by spaces."""
+
+
+def reportable(models: Iterable[str]) -> list[str]:
+    """The first names (sorted) that fit the models column: a vllm backend lists every LoRA
+    adapter it holds, and a refused report would hide the backend's health from `backends
+    list`."""
+    kept: list[str] = []
+    size = -1
+    for name in sorted(models)[:MAX_REPORTED_MODELS]:
+        size += len(name.encode()) + 1
+        if size > MAX_REPORTED_BYTES:
+            break
+        kept.append(name)
+    return kept
+
+
 class PostgresRegistry:
     """Every call is one short statement; callers decide what a failure means."""
 
@@ -107,7 +126,7 @@ class PostgresRegistry:
             url,
             healthy,
             kind,
-            sorted(models)[:64],
+            reportable(models),
             inflight,
             timeout=self._timeout,
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from affinity_node.routing.backends import ListedModel
 from affinity_node.upstream.http1 import BodyParts, ConnectionPool, Reply, header_lines
 
 IDLE_REUSE_S = 4.0
@@ -103,8 +104,9 @@ class UpstreamClient:
         except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
             return None
 
-    async def models(self, base_url: str) -> list[str]:
-        """The model ids GET /v1/models lists; UpstreamError when it cannot tell."""
+    async def models(self, base_url: str) -> list[ListedModel]:
+        """The models GET /v1/models lists (LoRA adapters with their parent); UpstreamError
+        when it cannot tell."""
         try:
             async with self._session.get(
                 f"{base_url}/v1/models", timeout=self._discovery_timeout, allow_redirects=False
@@ -116,17 +118,31 @@ class UpstreamClient:
             raise UpstreamError("timed out") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamError(str(exc) or repr(exc)) from None
-        return model_ids(body)
+        return listed_models(body)
+
+
+def listed_models(body: object) -> list[ListedModel]:
+    """The entries of an OpenAI-style model list; UpstreamError on any other shape.
+
+    vLLM lists a LoRA adapter as a model of its own with `parent` = its base model (bases
+    have `parent: null`); entries without a usable id are skipped, a non-string parent is
+    taken as none.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise UpstreamError("no 'data' list in the model list")
+    listed: list[ListedModel] = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue
+        model_id, parent = item.get("id"), item.get("parent")
+        if isinstance(model_id, str) and model_id:
+            listed.append(
+                ListedModel(model_id, parent if isinstance(parent, str) and parent else None)
+            )
+    return listed
 
 
 def model_ids(body: object) -> list[str]:
     """The ids of an OpenAI-style model list; UpstreamError on any other shape."""
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, list):
-        raise UpstreamError("no 'data' list in the model list")
-    ids: list[str] = []
-    for item in data:
-        model_id = item.get("id") if isinstance(item, dict) else None
-        if isinstance(model_id, str) and model_id:
-            ids.append(model_id)
-    return ids
+    return [m.id for m in listed_models(body)]

@@ -1,17 +1,29 @@
-"""Active health checks and model discovery: asks every backend, tells routing/health.py."""
+"""Active health checks and model discovery: asks every backend, tells routing/health.py.
+
+Discovery asks each discovering backend's GET /v1/models at start (those that serve nothing
+until then), on re-admission, and every discovery interval (jittered, concurrently, in the
+background: never on the request path), so LoRA adapters loaded or unloaded at runtime join
+or leave the backend's models. A failed discovery keeps what was known.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
 from typing import Protocol
 
-from affinity_node.routing.backends import Backend, BackendPool
+from affinity_node.observability.logs import RateLimitedLog
+from affinity_node.routing.backends import Backend, BackendPool, ListedModel
 from affinity_node.routing.health import BackendHealth
 from affinity_node.upstream.client import UpstreamError
 
 log = logging.getLogger(__name__)
+
+JITTER = 0.2
+"""Discovery rounds are spread by +-20% so the nodes of a fleet do not ask in step."""
 
 
 class Prober(Protocol):
@@ -19,7 +31,7 @@ class Prober(Protocol):
 
     async def health(self, base_url: str) -> str | None: ...
 
-    async def models(self, base_url: str) -> list[str]: ...
+    async def models(self, base_url: str) -> list[ListedModel]: ...
 
 
 class HealthChecker:
@@ -32,6 +44,12 @@ class HealthChecker:
         self._health = health
         self._prober = prober
         self._interval = interval_s
+        self._tickets = itertools.count(1)
+        self._applied: dict[str, int] = {}
+        """Backend id -> ticket of the latest-started discovery applied: an older answer
+        arriving after a newer one (health re-admission racing the periodic round) is dropped."""
+        self._warn = RateLimitedLog(log, interval=60.0)
+        """Discovery failures: one line per backend a minute, not one per round."""
 
     async def check_once(self) -> None:
         """One round of probes on every backend, concurrently; then due discoveries."""
@@ -50,24 +68,54 @@ class HealthChecker:
             await asyncio.gather(*(self._discover_one(b) for b in to_discover))
 
     async def discover(self) -> None:
-        """Learn the models of backends configured without any; failures retry next round."""
+        """Learn the models of backends that serve nothing yet; failures retry next round."""
         pending = [b for b in self._pool.backends if b.discovers and not b.models]
         if pending:
             await asyncio.gather(*(self._discover_one(b) for b in pending))
 
+    async def discover_all(self) -> None:
+        """One discovery round: every discovering backend that is healthy, concurrently
+        (each bounded by the client's discovery timeout)."""
+        backends = self._pool.backends
+        for gone in self._applied.keys() - {b.id for b in backends}:
+            del self._applied[gone]
+        due = [b for b in backends if b.discovers and b.healthy]
+        if due:
+            await asyncio.gather(*(self._discover_one(b) for b in due))
+
     async def _discover_one(self, backend: Backend) -> bool:
-        """Replace the backend's models with what /v1/models lists; keep them on failure."""
+        """Replace the backend's discovered models with what /v1/models lists; keep them on
+        failure."""
+        ticket = next(self._tickets)
         try:
-            ids = await self._prober.models(backend.id)
+            listed = await self._prober.models(backend.id)
         except UpstreamError as exc:
             backend.last_error = f"/v1/models: {exc}"
-            log.warning("backend %s: model discovery failed: %s", backend.id, exc)
+            self._warn.warning(
+                backend.id, "backend %s: model discovery failed: %s", backend.id, exc
+            )
             return False
-        if self._pool.set_models(backend, ids):
+        if ticket < self._applied.get(backend.id, 0) or self._pool.get(backend.id) is not backend:
+            return False  # a newer answer is in, or the backend left meanwhile
+        self._applied[backend.id] = ticket
+        if self._pool.set_models(backend, listed):
             log.info(
                 "backend %s serves %s", backend.id, ", ".join(sorted(backend.models)) or "nothing"
             )
         return True
+
+    async def run_discovery(self, interval_s: float) -> None:
+        """A discovery round now, then every `interval_s` (jittered) until cancelled."""
+        if interval_s <= 0:
+            raise ValueError(f"discovery interval must be positive, not {interval_s}")
+        while True:
+            started = time.monotonic()
+            try:
+                await self.discover_all()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("model discovery round failed")
+            pause = interval_s * random.uniform(1 - JITTER, 1 + JITTER)
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
 
     async def run(self) -> None:
         """Check every interval until cancelled."""

@@ -27,6 +27,10 @@ class FakeServer:
 
     def __init__(self, models: list[str]) -> None:
         self.models = models
+        self.adapters: dict[str, str] = {}
+        """LoRA adapters it lists: name -> parent (vLLM's shape)."""
+        self.models_gate: asyncio.Event | None = None
+        """When set, the next /v1/models answer waits for it (then the gate is cleared)."""
         self.health_status = 200
         self.models_status = 200
         self.health_hangs: asyncio.Event | None = None
@@ -45,7 +49,14 @@ class FakeServer:
         self.models_calls += 1
         if self.models_status != 200:
             return web.Response(status=self.models_status, text="boom")
-        data = [{"id": m, "object": "model", "owned_by": "vllm"} for m in self.models]
+        listing = {m: None for m in self.models} | self.adapters  # what it serves now
+        gate, self.models_gate = self.models_gate, None
+        if gate is not None:
+            await gate.wait()
+        data: list[dict[str, Any]] = [
+            {"id": m, "object": "model", "owned_by": "vllm", "root": m, "parent": p}
+            for m, p in listing.items()
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def start(self) -> None:
@@ -128,7 +139,7 @@ async def test_discovery_maps_aliases_to_canonical_names(
     assert ba.models == {"llama-3.1-8b", "unlisted-model"}
     assert bb.models == {"llama-3.1-8b"}
     assert bq.models == {"qwen-7b"}  # configured by alias, stored canonically
-    assert bq.discovers is False
+    assert bq.configured == {"qwen-7b"} and bq.discovers  # vllm: asked for its adapters
     assert pool.canonical("meta-llama/Llama-3.1-8B-Instruct") == "llama-3.1-8b"
     assert pool.canonical("llama-3.1-8b") == "llama-3.1-8b"
     assert pool.canonical("unlisted-model") == "unlisted-model"
@@ -165,15 +176,126 @@ async def test_failed_discovery_is_retried_on_the_next_health_round(
     assert server.models_calls == calls  # known models are not asked for every round
 
 
-async def test_configured_models_are_never_discovered(
+async def test_configured_backend_serves_its_models_plus_their_listed_adapters(
     servers: StartServer, client: UpstreamClient
 ) -> None:
-    server = await servers(["something-else"])
-    pool, checker = make(client, [BackendSpec(server.url, models=["llama-3.1-8b"])], [LLAMA])
-    await checker.discover()
-    await checker.check_once()
+    server = await servers(["llama-3.1-8b", "something-else"])
+    server.adapters = {"sql-lora": "llama-3.1-8b", "other-lora": "something-else"}
+    external = await servers(["llama-3.1-8b"])
+    pool, checker = make(
+        client,
+        [
+            BackendSpec(server.url, models=["llama-3.1-8b"]),
+            BackendSpec(external.url, kind="external", models=["llama-3.1-8b"]),
+        ],
+        [LLAMA],
+    )
+    await checker.discover()  # start: nothing is waited for, both serve their configured models
     assert server.models_calls == 0
-    assert pool.backends[0].models == {"llama-3.1-8b"}
+    await checker.discover_all()
+    backend, ext = pool.backends
+    # A base the config left out is not routed there, nor its adapters.
+    assert backend.models == {"llama-3.1-8b", "sql-lora"}
+    assert pool.parent_of("sql-lora") == "llama-3.1-8b"
+    assert pool.canonical("other-lora") is None and pool.canonical("something-else") is None
+    assert external.models_calls == 0  # an external backend with configured models is not asked
+    assert ext.models == {"llama-3.1-8b"}
+
+
+# -- periodic discovery (LoRA adapters at runtime) ---------------------------------------------
+
+
+async def test_adapters_join_and_leave_with_each_discovery_round(
+    servers: StartServer, client: UpstreamClient
+) -> None:
+    a = await servers(["llama-3.1-8b"])
+    b = await servers(["meta-llama/Llama-3.1-8B-Instruct"])
+    a.adapters = {"sql-lora": "llama-3.1-8b"}
+    pool, checker = make(
+        client, [BackendSpec(a.url, models=["llama-3.1-8b"]), BackendSpec(b.url)], [LLAMA]
+    )
+    await checker.discover_all()
+    ba, bb = pool.backends
+    assert pool.candidates("sql-lora") == [ba]
+    assert pool.served_models() == ["llama-3.1-8b", "sql-lora"]
+
+    # Loaded on b (parent named by alias), unloaded from a.
+    b.adapters = {"sql-lora": "meta-llama/Llama-3.1-8B-Instruct"}
+    a.adapters = {}
+    await checker.discover_all()
+    assert pool.candidates("sql-lora") == [bb]
+    assert pool.parent_of("sql-lora") == "llama-3.1-8b"
+    assert ba.models == {"llama-3.1-8b"}
+
+    b.adapters = {}
+    await checker.discover_all()
+    assert pool.candidates("sql-lora") == []
+    assert pool.canonical("sql-lora") == "sql-lora"  # once listed: known (503, not 404)
+    assert pool.served_models() == ["llama-3.1-8b"]
+
+
+async def test_a_failed_discovery_keeps_what_was_known_and_warns_rate_limited(
+    servers: StartServer, client: UpstreamClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await servers(["llama-3.1-8b"])
+    server.adapters = {"sql-lora": "llama-3.1-8b"}
+    pool, checker = make(client, [BackendSpec(server.url)], [LLAMA])
+    await checker.discover_all()
+    (backend,) = pool.backends
+    assert backend.models == {"llama-3.1-8b", "sql-lora"}
+
+    server.models_status = 500
+    server.adapters = {}
+    with caplog.at_level("WARNING", logger="affinity_node.upstream.health"):
+        for _ in range(3):
+            await checker.discover_all()
+    assert server.models_calls == 4
+    assert backend.models == {"llama-3.1-8b", "sql-lora"}
+    assert pool.candidates("sql-lora") == [backend]
+    warnings = [r for r in caplog.records if "model discovery failed" in r.getMessage()]
+    assert len(warnings) == 1
+
+    server.models_status = 200
+    await checker.discover_all()
+    assert backend.models == {"llama-3.1-8b"}
+
+
+async def test_an_answer_older_than_the_applied_one_is_dropped(
+    servers: StartServer, client: UpstreamClient
+) -> None:
+    server = await servers(["llama-3.1-8b"])
+    server.adapters = {"old-lora": "llama-3.1-8b"}
+    pool, checker = make(client, [BackendSpec(server.url, models=["llama-3.1-8b"])], [LLAMA])
+    (backend,) = pool.backends
+    gate = server.models_gate = asyncio.Event()
+    slow = asyncio.create_task(checker.discover_all())  # listing taken: old-lora; then waits
+    await wait_for(lambda: server.models_calls == 1, what="the first discovery to arrive")
+    server.adapters = {"new-lora": "llama-3.1-8b"}
+    await checker.discover_all()  # started later, answered first
+    assert backend.models == {"llama-3.1-8b", "new-lora"}
+    gate.set()
+    await slow
+    assert backend.models == {"llama-3.1-8b", "new-lora"}
+
+
+async def test_discovery_loop_follows_adapters_until_cancelled(
+    servers: StartServer, client: UpstreamClient
+) -> None:
+    server = await servers(["llama-3.1-8b"])
+    pool, checker = make(client, [BackendSpec(server.url, models=["llama-3.1-8b"])], [LLAMA])
+    with pytest.raises(ValueError, match="interval"):
+        await checker.run_discovery(0)
+    task = asyncio.create_task(checker.run_discovery(0.02))
+    try:
+        (backend,) = pool.backends
+        server.adapters = {"sql-lora": "llama-3.1-8b"}
+        await wait_for(lambda: pool.candidates("sql-lora") == [backend], what="adapter joins")
+        server.adapters = {}
+        await wait_for(lambda: pool.candidates("sql-lora") == [], what="adapter leaves")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 # -- active health checks ----------------------------------------------------------------------

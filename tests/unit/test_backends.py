@@ -13,6 +13,7 @@ from affinity_node.routing.backends import (
     Backend,
     BackendPool,
     BackendSpec,
+    ListedModel,
     ModelSpec,
     normalise_url,
 )
@@ -109,6 +110,111 @@ def test_affinity_applies_only_to_vllm_backends_of_affinity_models() -> None:
     assert not pool.affinity_applies("qwen-7b", v)
     assert not pool.affinity_applies("x", v)  # not in the table: default_affinity
     assert not pool.affinity_applies("unknown", v)
+
+
+# -- models learned from /v1/models (LoRA adapters) --------------------------------------------
+
+
+def lora(name: str, parent: str = "llama-3.1-8b") -> ListedModel:
+    return ListedModel(name, parent)
+
+
+def test_configured_backends_serve_their_models_plus_listed_adapters_of_them() -> None:
+    pool = BackendPool(
+        [
+            BackendSpec("http://a:8000", models=["llama-3.1-8b"]),
+            BackendSpec("http://b:8000", models=["llama-3.1-8b"]),
+            BackendSpec("http://c:8000", models=["llama-3.1-8b"]),
+        ],
+        [LLAMA, QWEN],
+    )
+    a, b, c = pool.backends
+    assert all(x.discovers and x.configured == {"llama-3.1-8b"} for x in pool.backends)
+    listing = [ListedModel("llama-3.1-8b"), lora("sql-lora")]
+    assert pool.set_models(a, listing)
+    assert not pool.set_models(a, listing)  # unchanged: the candidate caches stay
+    assert pool.set_models(b, [ListedModel("meta-llama/Llama-3.1-8B-Instruct"), lora("sql-lora")])
+    # c also runs qwen (not configured there) and an adapter of it: neither is routed to c.
+    assert not pool.set_models(
+        c, [ListedModel("llama-3.1-8b"), ListedModel("Qwen/Qwen2.5-7B"), lora("q-lora", "qwen-7b")]
+    )
+    assert pool.candidates("sql-lora") == [a, b]
+    assert pool.candidates("llama-3.1-8b") == [a, b, c]
+    assert pool.candidates("qwen-7b") == [] and pool.canonical("q-lora") is None
+    assert pool.parent_of("sql-lora") == "llama-3.1-8b"
+    assert pool.parent_of("llama-3.1-8b") is None
+    assert pool.served_models() == ["llama-3.1-8b", "sql-lora"]
+    # Configured models never leave, whatever the listing says.
+    assert pool.set_models(a, [])
+    assert a.models == {"llama-3.1-8b"}
+    assert pool.candidates("sql-lora") == [b]
+
+
+def test_unconfigured_backends_serve_everything_they_list() -> None:
+    pool = BackendPool([BackendSpec("http://a:8000")], [LLAMA])
+    (a,) = pool.backends
+    assert a.discovers and a.configured == frozenset()
+    pool.set_models(
+        a,
+        [
+            ListedModel("meta-llama/Llama-3.1-8B-Instruct"),
+            ListedModel("qwen-7b", parent="qwen-7b"),  # parent = itself: a base model
+            lora("sql-lora", "meta-llama/Llama-3.1-8B-Instruct"),
+            lora("orphan-lora", "not-listed-base"),
+        ],
+    )
+    assert a.models == {"llama-3.1-8b", "qwen-7b", "sql-lora", "orphan-lora"}
+    assert pool.parent_of("sql-lora") == "llama-3.1-8b"  # parent stored canonically
+    assert pool.parent_of("qwen-7b") is None
+    pool.set_models(a, ["llama-3.1-8b"])  # plain ids are base models
+    assert a.models == {"llama-3.1-8b"}
+
+
+def test_an_adapter_that_left_every_backend_stays_known_but_has_no_candidate() -> None:
+    """Known -> 503 no_healthy_backend at the HTTP layer; never listed -> 404."""
+    pool, _health, (a, b) = static_pool(0, 0)
+    pool.set_models(a, [lora("sql-lora")])
+    pool.set_models(b, [lora("sql-lora")])
+    assert pool.candidate_ids("sql-lora") == (a.id, b.id)
+    pool.set_models(a, [])
+    assert pool.candidate_ids("sql-lora") == (b.id,)
+    pool.set_models(b, [])
+    assert pool.candidates("sql-lora") == []
+    assert pool.canonical("sql-lora") == "sql-lora"
+    assert pool.canonical("never-listed-lora") is None
+
+
+def test_an_adapter_on_an_unhealthy_backend_is_no_candidate() -> None:
+    pool, health, (a, b) = static_pool(0, 0, eject_after_failures=1)
+    pool.set_models(a, [lora("sql-lora")])
+    health.request_failed(a, "502")
+    assert pool.candidates("sql-lora") == []
+    assert pool.candidates("llama-3.1-8b") == [b]
+
+
+def test_adapters_follow_their_base_models_affinity_unless_configured() -> None:
+    pool = BackendPool(
+        [BackendSpec("http://v:8000", models=["llama-3.1-8b", "qwen-7b"])],
+        [LLAMA, QWEN, ModelSpec("pinned-q-lora", affinity=True)],
+        default_affinity=False,
+    )
+    (v,) = pool.backends
+    pool.set_models(
+        v, [lora("sql-lora"), lora("q-lora", "qwen-7b"), lora("pinned-q-lora", "qwen-7b")]
+    )
+    assert pool.affinity_applies("sql-lora", v)  # llama has affinity
+    assert not pool.affinity_applies("q-lora", v)  # qwen has not
+    assert pool.affinity_applies("pinned-q-lora", v)  # named in models: its own setting
+
+
+def test_backends_added_at_runtime_discover_like_configured_ones() -> None:
+    pool = BackendPool([], [LLAMA])
+    vllm = pool.add(BackendSpec("http://v:8000", models=["llama-3.1-8b"]), "registry")
+    ext = pool.add(BackendSpec("http://e:8000", kind="external", models=["x"]), "registry")
+    bare = pool.add(BackendSpec("http://x:8000", kind="external"), "dns")
+    assert vllm.discovers and vllm.configured == {"llama-3.1-8b"}
+    assert not ext.discovers
+    assert bare.discovers and bare.configured == frozenset()
 
 
 def test_inflight_never_goes_below_zero() -> None:
