@@ -5,21 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
 
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.health import BackendHealth
 from affinity_node.upstream.client import UpstreamError
+from affinity_node.upstream.ports import Prober
 
 log = logging.getLogger(__name__)
-
-
-class Prober(Protocol):
-    """What the checker needs from the HTTP client (UpstreamClient provides it)."""
-
-    async def health(self, base_url: str) -> str | None: ...
-
-    async def models(self, base_url: str) -> list[str]: ...
 
 
 class HealthChecker:
