@@ -40,7 +40,8 @@ from affinity_node.http.state import (
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
-from affinity_node.ledger.usage import StreamUsage, merged_usage, usage_span
+from affinity_node.http.usage_wire import StreamUsage, usage_span
+from affinity_node.ledger.usage import merged_usage
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout
