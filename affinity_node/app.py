@@ -57,7 +57,8 @@ from affinity_node.observability.logs import AccessLog, RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics, LedgerMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules

@@ -26,30 +26,16 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable
 from uuid import UUID
 
+from affinity_node.auth.ports import KeyStore
 from affinity_node.auth.secrets import hash_secret
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.vocabulary import KeyEventOp, KeyLookupReason, KeyRefusal
 
 log = logging.getLogger(__name__)
-
-
-class KeyStore(Protocol):
-    async def lookup(self, digest: bytes) -> tuple[UUID, bool] | None:
-        """hash -> (key id, revoked), or None when no such key."""
-
-    async def load(self, key_id: UUID) -> tuple[bytes, bool] | None:
-        """key id -> (hash, revoked), or None when no such key."""
-
-    async def load_many(self, key_ids: Sequence[UUID]) -> dict[UUID, tuple[bytes, bool]]:
-        """key id -> (hash, revoked) for those of `key_ids` that exist (one statement)."""
-
-    async def active(self) -> list[tuple[bytes, UUID]]:
-        """Every usable key, by hash."""
 
 
 class InvalidKey(Exception):

@@ -26,7 +26,7 @@ import asyncpg
 from affinity_node.app import EngineSpec
 from affinity_node.config import DatabaseConfig
 from affinity_node.devtools.support import EngineNode, engine_nodes, with_database
-from affinity_node.routing.engine import EngineSettings
+from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.sim.support import postgres
 from affinity_node.store.keys import create_key
 from affinity_node.store.migrate import migrate

@@ -20,8 +20,8 @@ from affinity_node.http.multipart import form_model
 from affinity_node.http.payload import Payload
 from affinity_node.http.response_ids import StoredId, read_id, untag
 from affinity_node.http.state import API_KEY_ID, BACKENDS, LEDGER, MODEL, ROUTER, STATUS
+from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
-from affinity_node.ledger.usage import usage_request, with_usage_parts
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 

@@ -11,7 +11,7 @@
 - Hop-by-hop headers (RFC 9110 section 7.6.1, and any header the Connection header names) never
   cross the proxy; the backend compresses only when the client asked for it.
 - With the usage ledger on, every answer a backend gave is recorded with its `usage` (found
-  from the end of a body, or in a stream's last usage event: ledger/usage.py). A vllm
+  from the end of a body, or in a stream's last usage event: http/usage_wire.py). A vllm
   backend is asked for a stream's usage when the client did not ask, and that event is
   removed from what the client gets.
 """
@@ -40,7 +40,8 @@ from affinity_node.http.state import (
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
 )
-from affinity_node.ledger.usage import StreamUsage, merged_usage, usage_span
+from affinity_node.http.usage_wire import StreamUsage, usage_span
+from affinity_node.ledger.usage import merged_usage
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout

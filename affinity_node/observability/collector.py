@@ -10,18 +10,66 @@ so that dashboards and `rate()` have series from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
-from affinity_node.vocabulary import BACKEND_STATES
+from affinity_node.vocabulary import BACKEND_STATES, BackendState
 
-if TYPE_CHECKING:
-    from affinity_node.routing.backends import BackendPool
-    from affinity_node.routing.cache import BindingCache
+
+class BackendView(Protocol):
+    """What a scrape reads of one backend (routing/backends.Backend): observability sits
+    below routing, so it names what it reads instead of importing it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def models(self) -> Set[str]: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    @property
+    def state(self) -> BackendState: ...
+
+    @property
+    def running(self) -> float | None: ...
+
+    @property
+    def waiting(self) -> float | None: ...
+
+    @property
+    def kv_usage(self) -> float | None: ...
+
+
+B = TypeVar("B", bound=BackendView)
+
+
+class PoolView(Protocol[B]):
+    """What a scrape reads of the backend pool (routing/backends.BackendPool)."""
+
+    @property
+    def backends(self) -> Sequence[B]: ...
+
+    def candidates(self, model: str) -> Sequence[B]: ...
+
+    def affinity_applies(self, model: str, backend: B) -> bool: ...
+
+
+class CacheView(Protocol):
+    """What a scrape reads of the binding cache (routing/cache.BindingCache)."""
+
+    def bindings_per_backend(self) -> Mapping[str, int]: ...
+
+    def set_sizes(self) -> Mapping[int, int]: ...
+
 
 OTHER_BACKEND = "other"
 """Label for cached bindings to a backend this node does not know (bounded labels)."""
@@ -52,11 +100,11 @@ _FANOUT_PAIRS = (
 MAX_SET_SIZE = 16
 
 
-class NodeCollector(Collector):
+class NodeCollector(Collector, Generic[B]):
     def __init__(
         self,
-        pool: BackendPool,
-        cache: BindingCache,
+        pool: PoolView[B],
+        cache: CacheView,
         affinity: AffinityMetrics,
         http: HttpMetrics,
         models: Iterable[str] = (),

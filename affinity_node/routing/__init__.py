@@ -1,1 +1,2 @@
-"""Routing: the binding cache, the affinity engine and the store port it needs."""
+"""Routing: the binding cache, the affinity engine (request path, coherence, upkeep) and the
+ports it needs from the adapters."""

@@ -8,18 +8,9 @@ per node, and across nodes the store's advisory lock makes one of them the creat
 Affinity is a hint: when the store fails, the request is still served by the fallback
 chooser (outcome `degraded`), and after a failure that looks like an outage a breaker keeps
 every other request from asking (routing/breaker.py), so an outage costs no per-request
-timeouts. A notification is a doorbell, never believed by itself (routing/trust.py): it makes
-the node read what changed after its watermark from the table, one coalesced read for a burst,
-and only rows read from the table move, evict or add a cached pair. Staleness is
-bounded: expired entries are swept, and while the listener is down, entries the database has
-not confirmed for `blind_max_age_s` are re-read before they are used.
-
-Resync after each LISTEN costs what changed: the listener proves a watermark (every change up
-to version W reached this node, store/listener.py), and a reconnect reads the rows changed
-after W plus the deletions the table logged after W. Only when the log no longer reaches back
-to W (or far more changed) does the node read every live binding, in pages, in the background:
-it serves meanwhile, pairs not loaded yet are read like misses, and entries from before the
-reload are re-read before use until the reload has confirmed them.
+timeouts. How the cache stays equal to the table (doorbells, watermark, resync, snapshot,
+re-reading entries while the listener is down) is routing/coherence.py; expired entries are
+swept here.
 """
 
 from __future__ import annotations
@@ -27,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -37,31 +27,28 @@ from uuid import UUID
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.breaker import StoreBreaker
-from affinity_node.routing.cache import BindingCache, Hit
+from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.coherence import Coherence, SyncStatus
+from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.routing.ports import (
     NO_MEMBERS,
     BindingEvent,
     BindingStore,
-    Changes,
     Clock,
     Members,
     Pair,
-    SnapshotPage,
     StoredBinding,
     StoreUnavailable,
 )
-from affinity_node.routing.trust import plausible_lag, read_start
+from affinity_node.routing.upkeep import Upkeep
 from affinity_node.vocabulary import (
     EVICT_REASONS,
-    NOTIFY_OPS,
     FanoutDirection,
     FanoutReason,
     MissOutcome,
     MoveReason,
     Outcome,
     RebindReason,
-    ResyncMode,
-    SnapshotState,
 )
 
 log = logging.getLogger(__name__)
@@ -71,40 +58,6 @@ Chooser = Callable[[Sequence[str]], str]
 Successor = Callable[[Pair, Sequence[str]], str]
 """Where a pair goes when its backend can no longer serve it (the same answer on every node,
 so a retry and the rebind after it agree)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    ttl_seconds: float = 1800.0
-    refresh_flush_interval_s: float = 1.0
-    cleanup_interval_s: float = 60.0
-    cleanup_batch: int = 1000
-    db_retry_after_s: float = 1.0
-    """The breaker's first pause after an outage-like failure (doubles up to 10 s)."""
-    max_degraded_pins: int = 10_000
-    sweep_interval_s: float = 0.5
-    """How often expired entries leave the cache (and the blind clock is checked)."""
-    blind_grace_s: float = 3.0
-    """A listener down longer than this makes cached entries suspect ..."""
-    blind_max_age_s: float = 5.0
-    """... and an entry not confirmed by the database for this long is re-read before use."""
-    snapshot_page_rows: int = 50_000
-    """Rows per statement of a full snapshot (each page is one short, bounded statement: ~50 ms
-    for 50,000 rows on a laptop-class server)."""
-    snapshot_retry_s: float = 0.2
-    """First pause before a failed page is read again (doubles up to 5 s; resumes, never
-    restarts)."""
-    catchup_max_rows: int = 100_000
-    """A catch-up that would read more rows than this reloads in pages instead."""
-    deletion_log_retention_s: float = 900.0
-    """How long the cleanup leader keeps deletion-log entries: a node whose listener was away
-    longer reloads in full."""
-    doorbell_batch_s: float = 0.002
-    """A doorbell waits this long before its read, so a burst of notifications shares one."""
-    doorbell_max_rows: int = 20_000
-    """A doorbell's read that would return more rows than this reloads in pages instead."""
-    doorbell_retry_s: float = 0.05
-    """First pause after a doorbell's read failed (doubles up to 2 s; it is read again)."""
 
 
 @dataclass(slots=True)
@@ -120,32 +73,6 @@ class Resolution:
     """The set's other members; a request may go to any healthy one."""
     version: int = 0
     """The binding's version (what a set change must find to succeed)."""
-
-
-@dataclass(slots=True)
-class SyncStatus:
-    """The latest resync, as /readyz reports it."""
-
-    state: SnapshotState = "waiting"
-    mode: ResyncMode | None = None
-    loaded: int = 0
-    """Bindings the current (or last) full snapshot stored."""
-    expected: int = 0
-    """About how many rows the table holds (the planner's estimate, for progress)."""
-    rows_read: int = 0
-    """Rows the latest resync read: a catch-up's changed rows and deletions, or every page."""
-    seconds: float | None = None
-    """How long the latest resync took (None while a snapshot loads)."""
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "mode": self.mode,
-            "loaded": self.loaded,
-            "expected": self.expected,
-            "rows_read": self.rows_read,
-            "seconds": None if self.seconds is None else round(self.seconds, 3),
-        }
 
 
 class NoCandidates(LookupError):
@@ -168,47 +95,25 @@ class AffinityEngine:
         self._store = store
         self._cache = cache
         self._clock = clock
-        self._wall_clock = wall_clock
         self._m = metrics
         self._s = settings = settings or EngineSettings()
-        self._db_clock_offset = db_clock_offset
         self._inflight: dict[Pair, asyncio.Task[Resolution]] = {}
-        self._refresh_queue: dict[Pair, str] = {}
         self._degraded_pins: OrderedDict[Pair, str] = OrderedDict()
         self._breaker = StoreBreaker(
             self._trial, self._breaker_changed, clock, pause_s=settings.db_retry_after_s
         )
-        self._bell_from: int | None = None
-        """The version the pending doorbell read starts after (None: no doorbell pending)."""
-        self._bell_lags: list[tuple[Pair, int, float]] = []
-        """(pair, version, sent_at) the pending doorbells claim, for the lag histogram."""
-        self._bell_task: asyncio.Task[None] | None = None
-        self._proved = 0
-        """The listener's latest proof: every change up to it was notified to this node (it
-        becomes the watermark once the doorbells rung before it are answered)."""
-        self._listener_up = False
-        self._blind_since: float | None = clock()
-        self._stale_before = -math.inf
-        """Entries the database confirmed before this are re-read before use (while blind, or
-        while a reload has not confirmed them yet)."""
-        self._stale_floor = -math.inf
-        """The start of a reload over a non-empty cache, until it completes."""
-        self._watermark = 0
-        """Every change up to this version reached the cache (proved by the listener)."""
-        self._complete = False
-        """The cache reflects the table (a snapshot completed since start): a catch-up from
-        the watermark is enough after a reconnect."""
-        self._server_started: float | None = None
-        self._loader: asyncio.Task[None] | None = None
-        self._status = SyncStatus()
+        self._sync = Coherence(
+            store, cache, metrics, settings, self._store_failed, clock, wall_clock, db_clock_offset
+        )
+        self._upkeep = Upkeep(
+            store, cache, metrics, settings, self._breaker, self._store_failed, clock
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._hit_counters: dict[str, Callable[[], None]] = {}
         self._warn = RateLimitedLog(log)
         metrics.cache_entries.set_function(lambda: len(self._cache))
         metrics.db_up.set(0)
-        self._notified = {op: metrics.notifications.labels(op).inc for op in NOTIFY_OPS}
-        """Per-op counters, bound once: a busy fleet notifies a thousand times a second."""
         evictions = {r: metrics.cache_evictions.labels(r).inc for r in EVICT_REASONS}
         cache.on_evict = lambda reason, n: evictions[reason](n)
 
@@ -222,31 +127,53 @@ class AffinityEngine:
 
     @property
     def sync_status(self) -> SyncStatus:
-        return self._status
+        return self._sync.status
 
     @property
     def watermark(self) -> int:
-        return self._watermark
+        return self._sync.watermark
 
     @property
     def doorbells_pending(self) -> bool:
         """A doorbell's read is waiting or in flight."""
-        return self._bell_task is not None or self._bell_from is not None
+        return self._sync.doorbells_pending
+
+    # -- what the listener reports (routing/coherence.py does the work) ----------------------
+
+    def doorbell(self, event: BindingEvent | None) -> None:
+        """A notification on the binding channel (None when unparseable)."""
+        self._sync.doorbell(event)
+
+    def advance_watermark(self, version: int) -> None:
+        self._sync.advance_watermark(version)
+
+    async def resync(self) -> None:
+        """Called by the listener after each LISTEN, before it reports itself up."""
+        await self._sync.resync()
+
+    def listener_state(self, up: bool) -> None:
+        """The listener connected (and synced) or lost its connection."""
+        self._m.listener_up.set(1 if up else 0)
+        self._sync.listener_changed(up)
+        if up:
+            self._breaker.succeeded()
+        else:
+            self._breaker.trip()  # whatever the store does next is proven by a trial first
+        self._publish_db_up()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start_background(self) -> None:
         for loop, name in (
-            (self._refresh_loop, "affinity-refresh"),
-            (self._cleanup_loop, "affinity-cleanup"),
+            (self._upkeep.refresh_loop, "affinity-refresh"),
+            (self._upkeep.cleanup_loop, "affinity-cleanup"),
             (self._sweep_loop, "affinity-sweep"),
         ):
             self._tasks.append(asyncio.create_task(loop(), name=name))
 
     async def stop(self) -> None:
         """Stops the loops and writes the refreshes still queued."""
-        await self._stop_loader()
-        await self._stop_doorbells()
+        await self._sync.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -273,13 +200,14 @@ class AffinityEngine:
         (default: `choose`)."""
         pair = (api_key_id, model)
         hit = self._cache.lookup(pair)
-        if (
-            hit is not None
-            and hit[2] > self._clock()
-            and hit[3] > self._stale_before
-            and hit[0] in candidates
-        ):
-            return self._hit(model, hit)
+        if hit is not None:
+            backend, version, deadline, checked, fanout = hit
+            if (
+                deadline > self._clock()
+                and checked > self._sync.stale_before
+                and backend in candidates
+            ):
+                return self._hit(model, backend, fanout, version)
         if not candidates:
             raise NoCandidates(model)
         task = self._inflight.get(pair)
@@ -295,12 +223,12 @@ class AffinityEngine:
             result = self._as_follower(pair, result, candidates, choose)
         return result
 
-    def _hit(self, model: str, hit: Hit) -> Resolution:
+    def _hit(self, model: str, backend: str, fanout: Members, version: int) -> Resolution:
         counter = self._hit_counters.get(model)
         if counter is None:
             counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
         counter()
-        return Resolution(hit[0], "hit", hit[4], hit[1])
+        return Resolution(backend, "hit", fanout, version)
 
     def _as_follower(
         self, pair: Pair, result: Resolution, candidates: Sequence[str], choose: Chooser
@@ -325,13 +253,15 @@ class AffinityEngine:
         choose: Chooser,
         successor: Successor | None = None,
     ) -> Resolution:
-        entry = self._cache.lookup(pair)
-        if entry is not None and entry[2] > self._clock():
-            backend, _version, _deadline, checked, fanout = entry
+        hit = self._cache.lookup(pair)
+        if hit is None:
+            return await self._miss(pair, candidates, choose, successor)
+        backend, version, deadline, checked, fanout = hit
+        if deadline > self._clock():
             if backend in candidates:
-                if checked > self._stale_before:
+                if checked > self._sync.stale_before:
                     # A notification landed since the caller looked: it is a hit now.
-                    return self._hit(pair[1], entry)
+                    return self._hit(pair[1], backend, fanout, version)
                 # suspect: read it again
                 return await self._miss(pair, candidates, choose, successor)
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it,
@@ -506,47 +436,26 @@ class AffinityEngine:
     def _publish_db_up(self) -> None:
         """The database is up for this node when its listener is connected and its store
         answers: a lost listener shows at once, even while every request is a hit."""
-        self._m.db_up.set(1 if self._listener_up and self._breaker.closed else 0)
-
-    def listener_state(self, up: bool) -> None:
-        """The listener connected (and synced) or lost its connection."""
-        self._m.listener_up.set(1 if up else 0)
-        self._listener_up = up
-        if up:
-            self._blind_since = None
-            self._stale_before = self._stale_floor
-            self._breaker.succeeded()
-        else:
-            if self._blind_since is None:
-                self._blind_since = self._clock()
-            self._breaker.trip()  # whatever the store does next is proven by a trial first
-        self._publish_db_up()
-
-    def _update_blindness(self, now: float) -> None:
-        since = self._blind_since
-        if since is not None and now - since > self._s.blind_grace_s:
-            self._stale_before = max(now - self._s.blind_max_age_s, self._stale_floor)
-        else:
-            self._stale_before = self._stale_floor
+        self._m.db_up.set(1 if self._sync.listener_up and self._breaker.closed else 0)
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._s.sweep_interval_s)
             now = self._clock()
             self._cache.sweep(now)
-            self._update_blindness(now)
+            self._sync.update_blindness(now)
 
-    # -- after the response ------------------------------------------------------------------
+    # -- after the response (routing/upkeep.py batches the refreshes) ------------------------
 
     def served(self, api_key_id: UUID, model: str, backend: str) -> None:
-        """A request bound to `backend` (any member of the pair's set) succeeded there:
-        extend the binding if half-spent."""
-        pair = (api_key_id, model)
-        entry = self._cache.lookup(pair)
-        if entry is None or (entry[0] != backend and backend not in entry[4]):
-            return
-        if entry[2] - self._clock() < self._s.ttl_seconds / 2:
-            self._refresh_queue[pair] = entry[0]
+        """A request bound to `backend` (any member of the pair's set) succeeded there."""
+        self._upkeep.served((api_key_id, model), backend)
+
+    async def flush_refreshes(self) -> int:
+        return await self._upkeep.flush_refreshes()
+
+    async def cleanup_expired(self) -> int:
+        return await self._upkeep.cleanup_expired()
 
     def failed_over(self, api_key_id: UUID, model: str, bound: str, served_by: str) -> None:
         """The bound backend failed and `served_by` succeeded: move the binding (CAS)."""
@@ -569,289 +478,3 @@ class AffinityEngine:
         if moved is not None:
             self._fill(pair, moved, stamp, asked_at)
             self._m.rebinds.labels(pair[1], "failover").inc()
-
-    async def flush_refreshes(self) -> int:
-        """One statement for everything queued since the last flush."""
-        if not self._refresh_queue or not self._breaker.allows():
-            return 0
-        batch, self._refresh_queue = self._refresh_queue, {}
-        items = list(batch.items())
-        asked_at = self._clock()
-        try:
-            rows = await self._store.refresh(items, self._s.ttl_seconds)
-        except StoreUnavailable as exc:
-            self._store_failed(exc)
-            return 0
-        self._store_ok()
-        self._m.refresh_writes.inc()
-        # Pairs not returned moved or vanished (a notification says so) or another node was
-        # extending them at that instant: their local deadlines stand, and past them the
-        # entry is re-read.
-        for row in rows:
-            self._cache.extend(
-                (row.api_key_id, row.model), row.backend, row.version, row.ttl, asked_at
-            )
-        return len(rows)
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.refresh_flush_interval_s)
-            await self.flush_refreshes()
-
-    async def cleanup_expired(self) -> int:
-        """Delete expired rows in batches (each its own short transaction), then trim the
-        deletion log, if this node holds the cleaner lock. Returns the expired rows deleted."""
-        total = 0
-        while self._breaker.allows():
-            try:
-                deleted = await self._store.delete_expired(self._s.cleanup_batch)
-            except StoreUnavailable as exc:
-                self._store_failed(exc)
-                return total
-            if deleted is None:
-                return total
-            total += deleted
-            if deleted < self._s.cleanup_batch:
-                break
-        while self._breaker.allows():
-            try:
-                trimmed = await self._store.trim_deletions(
-                    self._s.deletion_log_retention_s, self._s.cleanup_batch
-                )
-            except StoreUnavailable as exc:
-                self._store_failed(exc)
-                break
-            if trimmed is None or trimmed < self._s.cleanup_batch:
-                break
-        return total
-
-    async def _cleanup_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.cleanup_interval_s)
-            await self.cleanup_expired()
-
-    # -- coherence ---------------------------------------------------------------------------
-
-    def doorbell(self, event: BindingEvent | None) -> None:
-        """A notification on the binding channel (None when unparseable): something changed.
-        Nothing in it is applied; the rows read after it are (see `_answer_doorbells`)."""
-        if event is None:
-            self._m.notifications_rejected.labels("malformed").inc()
-            return
-        self._notified[event.op]()
-        start = read_start(self._watermark, self._cache.max_version, event.version)
-        pending = self._bell_from
-        self._bell_from = start if pending is None else min(pending, start)
-        if len(self._bell_lags) < 10_000:
-            self._bell_lags.append((event.pair, event.version, event.sent_at))
-        if self._bell_task is None:
-            self._bell_task = asyncio.create_task(
-                self._answer_doorbells(), name="affinity-doorbell"
-            )
-            self._bell_task.add_done_callback(self._doorbells_ended)
-
-    def _doorbells_ended(self, task: asyncio.Task[None]) -> None:
-        if self._bell_task is task:
-            self._bell_task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("doorbell reader failed", exc_info=task.exception())
-
-    async def _answer_doorbells(self) -> None:
-        """One read for every doorbell rung before it starts: the rows changed after the
-        lowest start they asked for, and the deletions logged after it. Doorbells rung during
-        a read make one more read after it; a failed read is retried (with backoff) from the
-        same start, so no change is lost to a database hiccup."""
-        pause = self._s.doorbell_retry_s
-        while self._bell_from is not None:
-            if self._s.doorbell_batch_s > 0:
-                await asyncio.sleep(self._s.doorbell_batch_s)
-            start, self._bell_from = self._bell_from, None
-            lags, self._bell_lags = self._bell_lags, []
-            proved = self._proved
-            stamp, asked_at = self._cache.stamp(), self._clock()
-            try:
-                changes = await self._store.changes_since(start, self._s.doorbell_max_rows)
-            except StoreUnavailable as exc:
-                self._store_failed(exc)
-                self._bell_from = start if self._bell_from is None else min(self._bell_from, start)
-                self._bell_lags = lags + self._bell_lags
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
-                continue
-            pause = self._s.doorbell_retry_s
-            if changes is None:
-                self._doorbell_overflow(start)
-                continue
-            self._cache.load(changes.rows, stamp, asked_at)
-            for pair, version in changes.deleted:
-                self._cache.apply_delete(pair, version)
-            self._observe_lags(lags, changes)
-            # Every doorbell rung before `proved` was reported is answered once no doorbell
-            # waits: then the whole proof holds for the cache.
-            if self._bell_from is None:
-                proved = self._proved
-            self._watermark = max(self._watermark, proved)
-
-    def _doorbell_overflow(self, start: int) -> None:
-        """More changed after `start` than a catch-up should read (or the deletion log no
-        longer reaches back): reload in pages, unless a reload runs already."""
-        if self._loader is not None and not self._loader.done():
-            return
-        self._warn.warning(
-            "doorbell-overflow", "too much changed after version %d: full snapshot", start
-        )
-        self._start_reload(self._clock())
-
-    def _observe_lags(self, lags: list[tuple[Pair, int, float]], changes: Changes) -> None:
-        """Commit to applied, for the doorbells whose change this read brought (a forged one
-        names no row that the read returns, so it is not counted)."""
-        if not lags:
-            return
-        read = {((r[0], r[1]), r[3]) for r in changes.rows}
-        read.update(changes.deleted)
-        now = self._wall_clock() + self._db_clock_offset()
-        for pair, version, sent_at in lags:
-            if (pair, version) in read:
-                lag = plausible_lag(sent_at, now)
-                if lag is not None:
-                    self._m.notify_lag.observe(lag)
-
-    def advance_watermark(self, version: int) -> None:
-        """The listener proved that every change up to `version` was notified to this node;
-        with no doorbell waiting, every one of them has been read already."""
-        if version > self._proved:
-            self._proved = version
-        if self._bell_task is None and self._bell_from is None and version > self._watermark:
-            self._watermark = version
-
-    async def _stop_doorbells(self) -> None:
-        """A resync reads from the watermark itself: doorbells rung before it are answered by
-        it (their changes committed before it began)."""
-        task, self._bell_task = self._bell_task, None
-        self._bell_from = None
-        self._bell_lags = []
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def resync(self) -> None:
-        """Called by the listener after each LISTEN, before it reports itself up.
-
-        With a complete cache, catch up: the rows changed after the watermark and the logged
-        deletions after it (one snapshot, a few statements). Otherwise, or when the store says
-        the gap is too old or too large, start a full snapshot in pages in the background and
-        return: requests are served meanwhile.
-        """
-        await self._stop_loader()
-        await self._stop_doorbells()
-        started = self._clock()
-        self._cache.begin_resync()
-        version_now = await self._store.version_now()
-        server_started = await self._store.server_started_at()
-        self._cache.seen(version_now)
-        if version_now < self._watermark or server_started != self._server_started:
-            # Restarted, restored or failed over (an asynchronous standby may lack commits this
-            # node was told of, and hand their versions out again): the watermark proves
-            # nothing any more.
-            if self._server_started is not None:
-                log.warning("the database restarted or went back in time: full snapshot")
-            self._complete = False
-            self._watermark = self._proved = 0
-        self._server_started = server_started
-        if self._complete:
-            stamp, asked_at = self._cache.stamp(), self._clock()
-            changes = await self._store.changes_since(self._watermark, self._s.catchup_max_rows)
-            if changes is not None:
-                self._cache.load(changes.rows, stamp, asked_at)
-                for pair, version in changes.deleted:
-                    self._cache.apply_delete(pair, version)
-                read = len(changes.rows) + len(changes.deleted)
-                self._status = SyncStatus(
-                    "done", "incremental", self._status.loaded, self._status.expected, read,
-                    self._clock() - started,
-                )  # fmt: skip
-                self._m.cache_resyncs.inc()
-                self._m.resync_rows.labels("incremental").inc(read)
-                return
-        self._start_reload(started)
-
-    def _start_reload(self, started: float) -> None:
-        """Every live binding, in pages, in the background: requests are served meanwhile."""
-        self._complete = False
-        # Entries from before a reload may be stale (what was missed is unknown): re-read each
-        # before use until the reload has confirmed it.
-        self._stale_floor = math.nextafter(started, -math.inf) if len(self._cache) else -math.inf
-        self._stale_before = max(self._stale_before, self._stale_floor)
-        self._status = SyncStatus("loading", "full")
-        self._loader = asyncio.create_task(self._load_snapshot(started), name="affinity-snapshot")
-        self._loader.add_done_callback(self._load_ended)
-
-    def _load_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # Left incomplete: the next resync (a reconnect) starts it again.
-            log.error("binding snapshot failed", exc_info=task.exception())
-
-    async def _stop_loader(self) -> None:
-        loader, self._loader = self._loader, None
-        if loader is not None and not loader.done():
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
-
-    async def _read_page(self, after: Pair | None) -> tuple[SnapshotPage, int, float]:
-        """One page with the stamp and time taken before it; retried until it answers (a
-        reconnect cancels the whole load)."""
-        pause = self._s.snapshot_retry_s
-        while True:
-            stamp, asked_at = self._cache.stamp(), self._clock()
-            try:
-                rows = await self._store.snapshot_page(after, self._s.snapshot_page_rows)
-            except StoreUnavailable as exc:
-                self._m.db_errors.labels(exc.operation).inc()
-                self._warn.warning("snapshot", "binding snapshot: %s (retrying)", exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
-                continue
-            return rows, stamp, asked_at
-
-    async def _load_snapshot(self, started: float, chunk: int = 5_000) -> None:
-        """Every live binding, page after page (the next page is read while one is stored),
-        then the entries no page confirmed are dropped (their rows are gone)."""
-        status, cache, size = self._status, self._cache, self._s.snapshot_page_rows
-        held_before = len(cache)  # 0 at start: nothing older to prune afterwards
-        with contextlib.suppress(StoreUnavailable):
-            status.expected = await self._store.estimate_bindings()
-        cache.reserve(status.expected)
-        pending = asyncio.create_task(self._read_page(None))
-        try:
-            while True:
-                page, stamp, asked_at = await pending
-                status.rows_read += page.rows
-                more = page.rows >= size > 0 and page.last is not None
-                if more:
-                    pending = asyncio.create_task(self._read_page(page.last))
-                for i in range(0, max(len(page.models), 1), chunk):  # others run in between
-                    status.loaded += cache.load_page(page, stamp, asked_at, i, i + chunk)
-                    await asyncio.sleep(0)
-                if not more:
-                    break
-            for start in range(0, cache.slots if held_before else 0, 50_000):
-                cache.prune_unconfirmed(start, start + 50_000)
-                await asyncio.sleep(0)
-        finally:
-            if not pending.done():
-                pending.cancel()
-        self._complete = True
-        self._stale_floor = -math.inf
-        self._update_blindness(self._clock())
-        status.state = "done"
-        status.seconds = self._clock() - started
-        self._m.cache_resyncs.inc()
-        self._m.resync_rows.labels("full").inc(status.rows_read)
-        log.info(
-            "binding snapshot loaded: %d bindings from %d rows in %.2fs",
-            status.loaded,
-            status.rows_read,
-            status.seconds,
-        )

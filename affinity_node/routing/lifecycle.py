@@ -25,23 +25,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
 from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.ports import BindingRow, Clock
-from affinity_node.vocabulary import BackendKind, BackendState, MoveReason
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryEntry:
-    url: str
-    added: bool
-    """False: the entry only holds the admin state of a backend the YAML lists."""
-    kind: BackendKind
-    models: tuple[str, ...]
-    state: BackendState
-    drain_deadline: datetime | None = None
+from affinity_node.routing.ports import Clock, MoverStore, RegistryEntry
+from affinity_node.vocabulary import MoveReason
 
 
 def apply_registry(pool: BackendPool, entries: Sequence[RegistryEntry]) -> list[str]:
@@ -71,14 +59,6 @@ def apply_registry(pool: BackendPool, entries: Sequence[RegistryEntry]) -> list[
         elif current is None and backend.origin == "config" and pool.set_state(backend, "active"):
             changes.append(f"{backend.id} active")
     return changes
-
-
-class MoverStore(Protocol):
-    async def take_move_slot(self, min_interval_s: float) -> bool: ...
-
-    async def on_backends(self, urls: Sequence[str], limit: int) -> list[BindingRow]: ...
-
-    async def idle_bindings(self, url: str, limit: int) -> list[BindingRow]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,18 @@
-"""What the affinity engine needs from a binding store, and the values that cross that line."""
+"""The routing layer's ports: what it needs from the adapters below the node (the binding store
+for the engine, the fleet-wide move slot and binding queries for the mover) and the values that
+cross that line (rows, snapshot pages, events, registry entries). Adapters implement these
+(store/postgres.py, store/memory.py, store/registry.py); routing imports no adapter."""
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from affinity_node.vocabulary import DbOperation, NotifyOp
+from affinity_node.vocabulary import BackendKind, BackendState, DbOperation, NotifyOp
 
 Pair = tuple[UUID, str]
 """(api key id, canonical model name): the unit of stickiness."""
@@ -192,3 +196,25 @@ class BindingEvent:
     sent_at: float
     """Database clock (epoch seconds) when the trigger fired."""
     fanout: Members = NO_MEMBERS
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    url: str
+    added: bool
+    """False: the entry only holds the admin state of a backend the YAML lists."""
+    kind: BackendKind
+    models: tuple[str, ...]
+    state: BackendState
+    drain_deadline: datetime | None = None
+
+
+class MoverStore(Protocol):
+    """What the mover needs from the database (store/postgres.py): the fleet's one move slot
+    and the bindings to move."""
+
+    async def take_move_slot(self, min_interval_s: float) -> bool: ...
+
+    async def on_backends(self, urls: Sequence[str], limit: int) -> list[BindingRow]: ...
+
+    async def idle_bindings(self, url: str, limit: int) -> list[BindingRow]: ...

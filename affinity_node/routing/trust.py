@@ -3,7 +3,7 @@
 Any role that can connect to the database can `pg_notify` on our channel, and a plausible
 forgery (a known backend, a real TTL, version + 1) cannot be told from the real thing. So no
 payload moves a pair, evicts one or raises a version or a watermark: a notification is a
-doorbell, and the node reads what changed from the table (engine.py). The payload only hints
+doorbell, and the node reads what changed from the table (coherence.py). The payload only hints
 where that read may start and, for the lag histogram, when the change committed; both hints
 are bounded here so that a forged one costs at most the read the node would make anyway.
 """

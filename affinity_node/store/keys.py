@@ -42,7 +42,7 @@ async def delete_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID)
 
 
 class PostgresKeyStore:
-    """What the node's key cache reads (auth.keycache.KeyStore), with bounded waits: a
+    """What the node's key cache reads (auth.ports.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""
 
     def __init__(self, pool: asyncpg.Pool, timeout_s: float = 2.0, page: int = 20_000) -> None:

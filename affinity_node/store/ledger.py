@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from affinity_node.ledger.ledger import COUNT_COLUMNS, LedgerRow, LedgerUnavailable
+from affinity_node.ledger.ports import COUNT_COLUMNS, LedgerRow, LedgerUnavailable
 from affinity_node.store.lockkeys import LEDGER_CLEANUP_LOCK
 from affinity_node.store.postgres import DB_ERRORS, is_outage
 from affinity_node.store.queries import QUERIES as Q

@@ -20,8 +20,8 @@ import asyncpg
 from affinity_node.config import HostAllowList
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import BackendPool
-from affinity_node.routing.lifecycle import RegistryEntry, apply_registry
-from affinity_node.routing.ports import BindingRow
+from affinity_node.routing.lifecycle import apply_registry
+from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.store.postgres import DB_ERRORS
 from affinity_node.store.queries import QUERIES as Q
 from affinity_node.vocabulary import BackendKind, BackendState

@@ -13,25 +13,17 @@ import itertools
 import logging
 import random
 import time
-from typing import Protocol
 
 from affinity_node.observability.logs import RateLimitedLog
-from affinity_node.routing.backends import Backend, BackendPool, ListedModel
+from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.health import BackendHealth
 from affinity_node.upstream.client import UpstreamError
+from affinity_node.upstream.ports import Prober
 
 log = logging.getLogger(__name__)
 
 JITTER = 0.2
 """Discovery rounds are spread by +-20% so the nodes of a fleet do not ask in step."""
-
-
-class Prober(Protocol):
-    """What the checker needs from the HTTP client (UpstreamClient provides it)."""
-
-    async def health(self, base_url: str) -> str | None: ...
-
-    async def models(self, base_url: str) -> list[ListedModel]: ...
 
 
 class HealthChecker:

@@ -19,7 +19,7 @@ import pytest
 
 from affinity_node.config import NodeConfig
 from affinity_node.http.state import REGISTRY
-from affinity_node.ledger.ledger import COUNT_COLUMNS
+from affinity_node.ledger.ports import COUNT_COLUMNS
 from affinity_node.sim.faultproxy import FaultProxy
 from tests.support.cluster import ALIAS, MODEL, Cluster, cluster
 from tests.support.waiting import wait_for

@@ -12,7 +12,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from affinity_node.ledger.ledger import COUNT_COLUMNS, LedgerRow
+from affinity_node.ledger.ports import COUNT_COLUMNS, LedgerRow
 from affinity_node.store.ledger import PostgresLedgerStore, usage_report
 from affinity_node.store.lockkeys import LEDGER_CLEANUP_LOCK
 from tests.support.nodes import new_key

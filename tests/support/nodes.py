@@ -13,7 +13,7 @@ import asyncpg
 from affinity_node.app import EngineSpec
 from affinity_node.config import DatabaseConfig
 from affinity_node.devtools.support import EngineNode, engine_nodes
-from affinity_node.routing.engine import EngineSettings
+from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.store.keys import create_key
 from affinity_node.store.listener import ListenerSettings
 from affinity_node.store.postgres import QueryLogger

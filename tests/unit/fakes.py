@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.engine import AffinityEngine, EngineSettings
+from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.routing.ports import CreateResult, Pair, StoredBinding, StoreUnavailable
 from affinity_node.store.memory import MemoryBindingStore
 

@@ -123,3 +123,21 @@ def test_benchmark_sql_is_run_by_the_benchmarks_and_never_by_shipped_code() -> N
     assert BENCH_QUERIES
     assert [n for n in BENCH_QUERIES if f'"{n}"' not in devtools] == []
     assert [n for n in BENCH_QUERIES if n in shipped] == []
+
+
+def test_import_contracts_count_imports_made_only_for_type_checking() -> None:
+    """A `TYPE_CHECKING` import is still a dependency: the contracts must see it."""
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert config["tool"]["importlinter"].get("exclude_type_checking_imports", False) is False
+
+
+def test_observability_imports_no_layer_above_it_even_for_type_checking() -> None:
+    below = ("affinity_node.observability", "affinity_node.config", "affinity_node.vocabulary")
+    upward = [
+        f"{module} imports {name}"
+        for module, tree in shipped_modules().items()
+        if module.startswith("affinity_node.observability")
+        for name in imported(tree)
+        if name.startswith("affinity_node") and not name.startswith(below)
+    ]
+    assert upward == []

@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from affinity_node.ledger.ledger import (
-    COUNT_COLUMNS,
-    LedgerRow,
-    LedgerSettings,
-    LedgerUnavailable,
-    UsageLedger,
-)
+from affinity_node.ledger.ledger import LedgerSettings, UsageLedger
+from affinity_node.ledger.ports import COUNT_COLUMNS, LedgerRow, LedgerUnavailable
 from affinity_node.observability.metrics import AffinityMetrics, LedgerMetrics
 from affinity_node.vocabulary import LEDGER_OUTCOMES
 

@@ -10,18 +10,14 @@ from typing import Any
 import pytest
 
 from affinity_node.http.payload import Payload
-from affinity_node.ledger.usage import (
-    MAX_TOKENS,
+from affinity_node.http.usage_wire import (
     StreamUsage,
-    Usage,
-    add_usages,
-    decode_usage,
     usage_from_body,
-    usage_of,
     usage_request,
     usage_span,
     with_usage,
 )
+from affinity_node.ledger.usage import MAX_TOKENS, Usage, add_usages, decode_usage, usage_of
 
 VLLM_USAGE = {
     "prompt_tokens": 120,

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.health import BackendHealth
-from affinity_node.routing.lifecycle import Mover, MoverRules, RegistryEntry, apply_registry
-from affinity_node.routing.ports import BindingRow
+from affinity_node.routing.lifecycle import Mover, MoverRules, apply_registry
+from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
