@@ -105,8 +105,7 @@ def notes_of(
         "the backend storing its previous response gets 404 (a chain failure, counted as an "
         "error) and the agent resends its whole conversation without previous_response_id. "
         "The nodes route a follow-up to the response's owner even with affinity disabled.",
-        f"shared columns: {args.nodes} nodes, affinity.store postgres, max_fanout 1 / 4; "
-        "turns spread round-robin over the nodes (or through haproxy)",
+        f"shared columns: {args.nodes} nodes, affinity.store postgres, max_fanout 1 / 4",
         f"workload: {sum(counts)} agent sessions over {cfg.tenants} tenants (Zipf "
         f"{cfg.zipf_exponent:g}: {'/'.join(map(str, counts))}), closed loop with a "
         f"{1000 * cfg.think_s:.0f} ms mean pause; chains of {cfg.turns_per_chain} turns on "

@@ -79,9 +79,10 @@ def test_sessions_follow_zipf_and_share_their_tenants_instructions():
     by_tenant: dict[int, set[str]] = {}
     for s in sessions:
         by_tenant.setdefault(s.tenant, set()).add(s.instructions)
-    assert all(len(v) == 1 for v in by_tenant.values()) and len(
-        {next(iter(v)) for v in by_tenant.values()}
-    ) == 4
+    assert (
+        all(len(v) == 1 for v in by_tenant.values())
+        and len({next(iter(v)) for v in by_tenant.values()}) == 4
+    )
     with pytest.raises(ValueError):
         config(tool_share=1.5)
 
