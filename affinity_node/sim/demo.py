@@ -12,6 +12,8 @@ once per column of the chosen scenario (sim/scenarios.py):
 - `--scenario skew`: Zipf tenant popularity, the top tenant needing more than one backend;
   affinity off, shared affinity with `max_fanout: 1` (one backend per pair) and shared
   affinity with `max_fanout: 4` (a hot pair's binding may grow into a set of backends).
+- `--scenario agents`: coding-agent sessions on the Responses API (sim/agents_demo.py): a
+  plain round-robin balancer with no node, shared affinity, shared affinity with fan-out.
 
 Between runs the nodes restart with the next config, the backends' prefix caches are cleared
 and each run gets API keys of its own (no binding survives from an earlier run), so each run
@@ -56,6 +58,7 @@ from affinity_node.argtypes import (
     positive_int,
 )
 from affinity_node.sim import scale
+from affinity_node.sim.agents_demo import run_agents
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
 from affinity_node.sim.ledger_view import read_ledger_tenants
@@ -202,6 +205,8 @@ def _load_notes(
 
 async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     args = resolve(args)
+    if args.scenario == "agents":
+        return await run_agents(args, backend_model(args), out, _say)
     preset = preset_of(args)
     columns = preset.columns
     haproxy = None if args.no_haproxy else find_haproxy()
@@ -442,13 +447,20 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
 def invalid(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, or None."""
     r = resolve(args)
+    if args.scenario == "agents" and (
+        args.rate is not None or args.load is not None or args.concurrency
+    ):
+        return (
+            "--scenario agents runs closed-loop agent sessions: no --rate, --load or --concurrency"
+        )
     if args.scenario == "scale" and r.backends < 2:
         return "--scenario scale needs --backends >= 2 (one joins at runtime, one drains)"
     if r.backends < 1 or r.nodes < 1 or r.keys < 1 or r.conversations < 1 or r.max_turns < 1:
         return "--backends, --nodes, --keys, --conversations and --max-turns must be >= 1"
     if r.duration <= 0 or r.concurrency < 0 or r.fleet_cache <= 0 or r.warmup < 0:
         return "--duration and --fleet-cache must be > 0, --warmup and --concurrency >= 0"
-    if not r.concurrency and (r.rate or 0) <= 0 and (r.rate is not None or r.load <= 0):
+    agents = args.scenario == "agents"
+    if not (r.concurrency or agents) and (r.rate or 0) <= 0 and (r.rate is not None or r.load <= 0):
         return "--rate and --load must be > 0"
     if r.zipf is not None and r.zipf < 0:
         return "--zipf must be >= 0"
@@ -502,7 +514,8 @@ def add_demo_parser(subparsers: Any) -> None:
     """Registers `demo` on an argparse subparsers object (`affinity-node demo ...`)."""
     p = subparsers.add_parser(
         "demo",
-        help="run a local fleet and compare routing side by side (--scenario chat|skew)",
+        help="run a local fleet and compare routing side by side "
+        "(--scenario chat|skew|scale|agents)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     configure_parser(p)
@@ -525,7 +538,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="chat (default): 40 equally busy tenants, affinity off / node-local / shared; "
         "skew: Zipf tenants, one needing more than a backend, affinity off / max_fanout 1 "
         "/ max_fanout 4; scale: 3 backends, a 4th added, one drained, against the same run "
-        "without these events",
+        "without these events; agents: coding-agent sessions on the Responses API (chained "
+        "by previous_response_id), a plain round-robin LB / shared / shared + fan-out",
     )
     p.add_argument(
         "--backends", type=positive_int, default=4, help="fake vLLM backends (default 4)"

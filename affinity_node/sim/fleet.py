@@ -42,6 +42,9 @@ class Scenario:
     -1: all but the last); the others can join at runtime (`backends add`)."""
     sections: dict[str, Any] = field(default_factory=dict)
     """More config sections for the nodes (e.g. rebalance and drain pacing)."""
+    direct: bool = False
+    """No node: the load goes round-robin straight to the backends, as a plain load
+    balancer in front of vLLM sends it (the agents scenario's baseline)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,15 @@ class Fleet:
         return [f"b{i}" for i in range(len(self.backend_ports))]
 
     async def start_backends(
-        self, cache_blocks: int, model: BackendModel, output_tokens: int, seed: int
+        self,
+        cache_blocks: int,
+        model: BackendModel,
+        output_tokens: int,
+        seed: int,
+        kv_blocks: int | None = None,
     ) -> None:
+        """`kv_blocks`: the running requests' KV pool (default: as large as the cache)."""
+        kv = [] if kv_blocks is None else ["--kv-cache-blocks", str(kv_blocks)]
         children = []
         for i, port in enumerate(self.backend_ports):
             children.append(
@@ -130,6 +140,7 @@ class Fleet:
                         str(model.max_running),
                         "--seed",
                         str(seed + i),
+                        *kv,
                     ],
                 )
             )

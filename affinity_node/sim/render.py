@@ -44,6 +44,8 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
     def row(label: str, cells: Iterable[str]) -> None:
         rows.append((label, list(cells)))
 
+    if any(r.chain_failures is not None for r in runs):
+        row("chain failures (404s)", (_n(r.chain_failures) for r in runs))
     row("requests (errors)", (f"{r.requests} ({r.errors})" for r in runs))
     row("throughput (req/s)", (f"{r.throughput_rps:.1f}" for r in runs))
     sources = {r.cache.source for r in runs if r.cache is not None}

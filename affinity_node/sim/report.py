@@ -216,6 +216,8 @@ class RunReport:
     warmup_requests: int = 0
     ledger: list[LedgerTenant] = field(default_factory=list)
     """The busiest tenants by the nodes' usage ledger (empty when not read)."""
+    chain_failures: int | None = None
+    """Requests naming a stored response answered 404 (agents scenario; None elsewhere)."""
 
     @property
     def throughput_rps(self) -> float:
@@ -258,6 +260,7 @@ class RunReport:
             "name": self.name,
             "requests": self.requests,
             "errors": self.errors,
+            "chain_failures": self.chain_failures,
             "error_samples": self.error_samples,
             "elapsed_s": self.elapsed_s,
             "throughput_rps": self.throughput_rps,

@@ -7,6 +7,13 @@
   (`max_fanout: 1`) and shared affinity that may fan a pair out over several (`max_fanout:
   4`). Open-loop arrivals at a fraction of the fleet's capacity, derived from the backend
   model below; a warm-up before each measured part lets bindings and caches settle.
+- `scale`: the chat workload while a backend joins and one drains (sim/scale.py).
+- `agents`: coding-agent sessions on the Responses API (sim/agents.py), Zipf tenants; the
+  columns compare a plain round-robin balancer straight in front of the backends (no node:
+  a follow-up naming a stored response reaches its owner by luck only), shared affinity
+  (`max_fanout: 1`) and shared affinity with fan-out (`max_fanout: 4`). Here `conversations`
+  is the agent sessions per tenant, `max_turns` the turns of a chain, `system_tokens` the
+  tenant's instructions and `output_tokens` each answer's `max_output_tokens`.
 
 A scenario fixes defaults only: every figure can be overridden on the command line.
 """
@@ -20,7 +27,7 @@ from affinity_node.sim.engine import CapacityModel
 from affinity_node.sim.fleet import BackendModel, Scenario
 from affinity_node.sim.workload import ROLE_TOKENS, WorkloadConfig
 
-SCENARIO_NAMES: Final = ("chat", "skew", "scale")
+SCENARIO_NAMES: Final = ("chat", "skew", "scale", "agents")
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,45 @@ SCALE: Final = replace(
     rate=40.0,
 )
 
-PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE)}
+# Agents: 4 tenants, Zipf 1.5 over 20 sessions (11 / 4 / 2 / 2... by popularity): the top
+# tenant's sessions keep one backend hot, so fan-out grows its set. Long instructions, chains
+# of 8 turns whose context grows by a tool output now and then. A GPU of 2000 prefill
+# tokens/s and 8 running slots: a chain's next turn prefills ~100 new tokens on its owner,
+# its whole context (1-3k tokens) anywhere else.
+AGENTS: Final = Preset(
+    name="agents",
+    columns=(
+        Scenario("off", "affinity off (plain LB)", {"enabled": False}, direct=True),
+        Scenario(
+            "shared", "shared affinity", {"enabled": True, "store": "postgres", "max_fanout": 1}
+        ),
+        Scenario(
+            "fanout",
+            "shared + fan-out",
+            {"enabled": True, "store": "postgres", "max_fanout": 4},
+        ),
+    ),
+    keys=4,
+    conversations=5,
+    max_turns=6,
+    system_tokens=(1000, 1400),
+    user_tokens=(20, 60),
+    output_tokens=32,
+    duration_s=20.0,
+    warmup_s=5.0,
+    rate=None,
+    load=0.0,
+    zipf=1.5,
+    backend=BackendModel(
+        prefill_s_per_token=0.0002,
+        ttft_base_s=0.01,
+        tokens_per_s=1000.0,
+        decode_slowdown=0.02,
+        max_running=8,
+    ),
+)
+
+PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE, AGENTS)}
 
 
 def sticky_uncached_tokens(cfg: WorkloadConfig, block_size: int = 16) -> float:

@@ -60,7 +60,7 @@ _VOCAB: Final = (
 )  # fmt: skip
 
 
-def _words(rng: random.Random, n: int) -> str:
+def filler_text(rng: random.Random, n: int) -> str:
     """n tokens of sentence-like text (words and a full stop every few words)."""
     out: list[str] = []
     count = 0
@@ -79,7 +79,7 @@ def system_prompt(seed: int, tenant: int, tokens: int) -> str:
     """The tenant's instructions: deterministic, about `tokens` tokens, unique per tenant."""
     rng = random.Random(f"{seed}:system:{tenant}")
     head = f"You are the assistant of tenant {tenant} . Follow these instructions ."
-    return head + " " + _words(rng, max(tokens - len(tokenize(head)), 1))
+    return head + " " + filler_text(rng, max(tokens - len(tokenize(head)), 1))
 
 
 def user_message(
@@ -87,7 +87,7 @@ def user_message(
 ) -> str:
     """The question of one turn: its length and words depend on nothing but its place."""
     rng = random.Random(f"{seed}:user:{tenant}:{conversation}:{turn}")
-    return f"Turn {turn} : " + _words(rng, max(rng.randint(*tokens) - 3, 1))
+    return f"Turn {turn} : " + filler_text(rng, max(rng.randint(*tokens) - 3, 1))
 
 
 @dataclass(frozen=True)
@@ -473,7 +473,7 @@ class Workload:
             record.node_id = resp.headers.get("x-affinity-node")
             if resp.status != 200:
                 raw = await resp.content.read(4096)
-                record.error = f"HTTP {resp.status}: {_error_message(raw)}"
+                record.error = f"HTTP {resp.status}: {error_message(raw)}"
                 return ""
             if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                 data = _object(await resp.json(content_type=None))
@@ -494,7 +494,7 @@ class Workload:
                     break
                 event = _object(json.loads(payload))
                 if "error" in event:
-                    record.error = f"stream error: {_error_message(payload)}"
+                    record.error = f"stream error: {error_message(payload)}"
                     return ""
                 _usage(record, event.get("usage"))
                 for choice in event.get("choices") or ():
@@ -627,7 +627,7 @@ def _usage(record: RequestRecord, usage: Any) -> None:
         record.cached_tokens = details["cached_tokens"]
 
 
-def _error_message(raw: bytes) -> str:
+def error_message(raw: bytes) -> str:
     try:
         body = json.loads(raw)
         message = body["error"]["message"]

@@ -470,3 +470,32 @@ def test_skew_demo_end_to_end_with_tiny_sizes():
         "note: Zipf 2 over 4 tenants: t0",
     ):
         assert row in stderr, row
+
+
+def test_agents_demo_end_to_end_with_tiny_sizes():
+    """Responses-API agent sessions: a plain round-robin LB loses chains (404s); through the
+    nodes no chain is lost, with or without fan-out, and no request fails (exit 0)."""
+    argv = ["--scenario", "agents", "--duration", "5", "--warmup", "1"]
+    doc, stderr = _run_demo(argv)
+    assert doc["scenario"] == "agents" and doc["ok"] is True
+    assert doc["scenarios"] == ["off", "shared", "fanout"]
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["affinity off (plain LB)", "shared affinity", "shared + fan-out"]
+    off = runs.pop("affinity off (plain LB)")
+    # Round-robin over 4 backends: most follow-ups miss their owner, each a 404 (an error).
+    assert off["chain_failures"] > 0 and off["errors"] == off["chain_failures"]
+    assert off["node_metrics"] is None and off["affinity_headers"] == {}
+    for run in runs.values():
+        assert run["chain_failures"] == 0 and run["errors"] == 0 and run["requests"] > 0
+        assert run["warmup_requests"] > 0
+        assert run["affinity_headers"].keys() == {"hit"}  # bound pairs and owners
+        assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p90"] <= run["ttft_s"]["p99"]
+        assert run["prefix_cache"]["hit_rate"] > off["prefix_cache"]["hit_rate"]
+    for row in (
+        "chain failures (404s)",
+        "TTFT p50 / p90 / p99 (ms)",
+        "largest queue b0/b1/b2/b3",
+        "busiest tenant #1: top backend / fan-out",
+        "note: affinity off (plain LB): no node",
+    ):
+        assert row in stderr, row
