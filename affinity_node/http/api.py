@@ -127,7 +127,9 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
             if stored is None:
                 raise _not_stored(previous, "previous_response_id")
             out.body = untag(out.body, previous, stored)
-            return _owner_route(request, stored, previous, model, "previous_response_id")
+            return _owner_route(
+                request, stored, previous, model, "previous_response_id", key_id
+            )
     if endpoint.injects_usage and payload.stream and app.get(LEDGER) is not None:
         asks = usage_request(payload)
         out.client_asked_usage = asks.client_asked
@@ -182,9 +184,14 @@ def _to_owner(request: web.Request, router: Any, key_id: Any, out: Outgoing) -> 
 
 
 def _owner_route(
-    request: web.Request, stored: StoredId, client_id: str, model: str, param: str | None
+    request: web.Request,
+    stored: StoredId,
+    client_id: str,
+    model: str,
+    param: str | None,
+    key_id: Any = None,
 ) -> Route:
     try:
-        return request.app[ROUTER].to_owner(stored.owner, model)
+        return request.app[ROUTER].to_owner(stored.owner, model, key_id)
     except OwnerGone:
         raise _not_stored(client_id, param, gone=True) from None

@@ -223,6 +223,15 @@ class AffinityEngine:
             result = self._as_follower(pair, result, candidates, choose)
         return result
 
+    def peek(self, pair: Pair) -> Resolution | None:
+        """The pair's live binding as cached, or None: no I/O, nothing counted (for watching a
+        pair's load when its request is routed by something else, a stored response's owner)."""
+        hit = self._cache.lookup(pair)
+        if hit is None:
+            return None
+        backend, version, deadline, _checked, fanout = hit
+        return Resolution(backend, "hit", fanout, version) if deadline > self._clock() else None
+
     def _hit(self, model: str, backend: str, fanout: Members, version: int) -> Resolution:
         counter = self._hit_counters.get(model)
         if counter is None:

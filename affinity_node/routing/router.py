@@ -217,15 +217,24 @@ class Router:
             return members[0]
         return rendezvous(conversation(), members)
 
-    def to_owner(self, owner: bytes, model: str) -> Route:
+    def to_owner(self, owner: bytes, model: str, api_key_id: UUID | None = None) -> Route:
         """A request naming a stored response goes to the backend that stores it, whatever the
         pair's binding or set says, and nowhere else: no other backend has it. A draining
         backend keeps taking them (until it is removed); a removed, disabled or unhealthy one
-        cannot, and OwnerGone says so."""
+        cannot, and OwnerGone says so.
+
+        With `api_key_id`, the pair's set still sees the request: a hot tenant whose turns
+        all follow stored responses must grow its set too, or its new conversations (the only
+        ones that can move) would keep landing on the hot members."""
         found = self._owners.find(owner, tuple(b.id for b in self._pool.backends))
         backend = self._pool.get(found) if found is not None else None
         if backend is None or not backend.healthy or backend.state == "disabled":
             raise OwnerGone(model)
+        if api_key_id is not None and self._fanout is not None and self._engine is not None:
+            pair = (api_key_id, model)
+            res = self._engine.peek(pair)
+            if res is not None:
+                self._fanout.observe(pair, res)
         return Route(backend, "hit", model, pinned=True)
 
     async def route(
