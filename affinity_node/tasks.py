@@ -101,7 +101,8 @@ def every(
     """Run `fn()` every `interval_s` (start to start, each pause jittered by +-`jitter` of it),
     until stopped. The first run is one (jittered) interval after this call, or at once with
     `now=True`. An exception ends the round only: logged with its traceback (at most every
-    LOG_EVERY_S per task, with a count of the ones not logged) and counted in `errors`. Must be called on the loop."""
+    LOG_EVERY_S per task, with a count of the ones not logged) and counted in `errors`.
+    Call it on the running loop."""
     return Periodic(interval_s, fn, name, jitter, now)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Protocol
 
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.health import BackendHealth
+from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,6 @@ class HealthChecker:
             )
         return True
 
-    async def run(self) -> None:
-        """Check every interval until cancelled."""
-        while True:
-            started = time.monotonic()
-            try:
-                await self.check_once()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("backend health round failed")
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+    def start(self) -> Periodic:
+        """A round now, then one every interval, until stopped."""
+        return every(self._interval, self.check_once, "health-checks", now=True)

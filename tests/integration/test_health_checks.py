@@ -321,7 +321,7 @@ async def test_health_loop_runs_rounds_until_cancelled(
     pool, checker = make(
         client, [BackendSpec(server.url)], [LLAMA], interval_s=0.01, eject_after_failures=2
     )
-    task = asyncio.create_task(checker.run())
+    task = checker.start()
     try:
         await wait_for(lambda: pool.backends[0].models == {"llama-3.1-8b"})
         server.health_status = 500
@@ -329,9 +329,8 @@ async def test_health_loop_runs_rounds_until_cancelled(
         server.health_status = 200
         await wait_for(lambda: pool.backends[0].healthy)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await task.stop()
+        assert task.task.cancelled()
 
 
 async def test_probe_thresholds_apply_to_request_reports_too(
@@ -343,7 +342,7 @@ async def test_probe_thresholds_apply_to_request_reports_too(
     with pytest.raises(ValueError, match="interval"):
         HealthChecker(pool, health, client, 0)
     checker = HealthChecker(pool, health, client, 60.0)
-    task = asyncio.create_task(checker.run())
+    task = checker.start()
     try:
         (backend,) = pool.backends
         await wait_for(lambda: backend.probed)
@@ -351,6 +350,5 @@ async def test_probe_thresholds_apply_to_request_reports_too(
         health.request_failed(backend, "502")
         assert not backend.healthy
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await task.stop()
+        assert task.task.cancelled()
