@@ -11,10 +11,11 @@ leaves a task running nor swallows the cancellation of the code that stops it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,7 +31,7 @@ class Periodic:
     def __init__(
         self,
         interval_s: float,
-        fn: Callable[[], Awaitable[object]],
+        fn: Callable[[], object],
         name: str,
         jitter: float,
         now: bool,
@@ -67,7 +68,9 @@ class Periodic:
 
     async def _round(self) -> None:
         try:
-            await self._fn()
+            result = self._fn()
+            if inspect.isawaitable(result):
+                await result
         except Exception as exc:  # the task must outlive any one bad round
             self.errors += 1
             self._log(exc)
@@ -92,17 +95,17 @@ class Periodic:
 
 def every(
     interval_s: float,
-    fn: Callable[[], Awaitable[object]],
+    fn: Callable[[], object],
     name: str,
     *,
     jitter: float = 0.1,
     now: bool = False,
 ) -> Periodic:
-    """Run `fn()` every `interval_s` (start to start, each pause jittered by +-`jitter` of it),
-    until stopped. The first run is one (jittered) interval after this call, or at once with
-    `now=True`. An exception ends the round only: logged with its traceback (at most every
-    LOG_EVERY_S per task, with a count of the ones not logged) and counted in `errors`.
-    Call it on the running loop."""
+    """Run `fn()` (a coroutine function, or a plain one) every `interval_s` (start to start,
+    each pause jittered by +-`jitter` of it), until stopped. The first run is one (jittered)
+    interval after this call, or at once with `now=True`. An exception ends the round only:
+    logged with its traceback (at most every LOG_EVERY_S per task, with a count of the ones
+    not logged) and counted in `errors`. Call it on the running loop."""
     return Periodic(interval_s, fn, name, jitter, now)
 
 

@@ -97,6 +97,14 @@ async def test_stop_all_lets_the_stoppers_own_cancellation_through() -> None:
     await wait_for(child.done, what="the child to end")
 
 
+async def test_a_plain_function_runs_too() -> None:
+    seen: list[int] = []
+    task = every(0.01, lambda: seen.append(1), "plain", now=True)
+    async with stopping(task):
+        await wait_for(lambda: len(seen) >= 2, what="two rounds")
+    assert task.errors == 0
+
+
 def test_bad_settings_are_refused() -> None:
     async def nothing() -> None:
         return None
