@@ -1,15 +1,15 @@
 """The composition root: the one place that builds a node from its config. It wires; what
 runs lives with its concern (periodic duties are started through affinity_node/tasks.py).
 
-The node's resources are one aiohttp cleanup context (`resources.node_resources`), started in dependency order
-and stopped in reverse: database pool -> usage ledger -> key cache -> upstream client ->
-backend pool and health checks -> affinity engine (binding store, listener, engine; the
-registry follower keeps the backend pool equal to the registry) -> router -> the node's
-fleet duties (health reports, NOTIFY queue, DNS, the mover). Each publishes what the handlers
-read under one typed key (http/state.py), so handlers read ready, non-optional state. Only
-this package and the CLI import the adapters (store/); the CLI and the tests build their pieces
-with the same builders (`database_pool`, `affinity_engine`, `postgres_bindings`,
-`usage_ledger`).
+The node's resources are one aiohttp cleanup context (`resources.node_resources`), started
+in dependency order and stopped in reverse: database pool -> usage ledger -> key cache ->
+upstream client -> backend pool and health checks -> affinity engine (binding store,
+listener, engine; the registry follower keeps the backend pool equal to the registry) ->
+router -> the node's fleet duties (health reports, NOTIFY queue, DNS, the mover). Each
+publishes what the handlers read under one typed key (http/state.py), so handlers read
+ready, non-optional state. Only this package and the CLI import the adapters (store/); the
+CLI and the tests build their pieces with the same builders (`database_pool`,
+`affinity_engine`, `postgres_bindings`, `usage_ledger`).
 """
 
 from __future__ import annotations
