@@ -33,6 +33,7 @@ from affinity_node.auth.ports import KeyStore
 from affinity_node.auth.secrets import hash_secret
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.tasks import Periodic, every, stop_all
 from affinity_node.vocabulary import KeyEventOp, KeyLookupReason, KeyRefusal
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class KeyCache:
         self._overflow = False
         """Too many keys named at once: the next check re-reads the whole active set."""
         self._checker: asyncio.Task[None] | None = None
+        self._upkeep: Periodic | None = None
         self._checked = asyncio.Event()
         """Set (and replaced) after every check: waiters look again."""
         self._check_bucket = _Bucket(checks_per_s, max(checks_per_s, 1.0))
@@ -332,13 +334,16 @@ class KeyCache:
             self._apply(op, key_id)
         self.loaded = True
 
+    def start(self, every_s: float = 1.0) -> None:
+        """`maintain` every `every_s`, until `stop` (a round that fails, the database probably
+        down, is logged and tried again next time)."""
+        self._upkeep = every(every_s, self.maintain, "keys-maintain")
+
     async def stop(self) -> None:
-        """Ends the checks in flight (the node is stopping)."""
+        """Ends the upkeep and the checks in flight (the node is stopping)."""
         task, self._checker = self._checker, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_all(self._upkeep, task)
+        self._upkeep = None
 
     def _jittered(self) -> float:
         return self._resync_interval * random.uniform(0.8, 1.2)

@@ -127,10 +127,8 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
             if stored is None:
                 raise _not_stored(previous, "previous_response_id")
             out.body = untag(out.body, previous, stored)
-            return _owner_route(
-                request, stored, previous, model, "previous_response_id", key_id
-            )
-    if endpoint.injects_usage and payload.stream and app.get(LEDGER) is not None:
+            return _owner_route(request, stored, previous, model, "previous_response_id", key_id)
+    if endpoint.injects_usage and payload.stream and app[LEDGER].enabled:
         asks = usage_request(payload)
         out.client_asked_usage = asks.client_asked
         if asks.inject:

@@ -29,17 +29,7 @@ from multidict import CIMultiDictProxy
 from affinity_node.http.endpoints import ErrorShape
 from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.response_ids import IdTagger
-from affinity_node.http.state import (
-    BACKENDS,
-    CLIENT_GONE,
-    CONFIG,
-    HTTP_METRICS,
-    LEDGER,
-    ROUTER,
-    TRANSPORT,
-    UPSTREAM_BACKEND,
-    UPSTREAM_TTFT,
-)
+from affinity_node.http.state import CLIENT_GONE, RELAY, UPSTREAM_BACKEND, UPSTREAM_TTFT
 from affinity_node.http.usage_wire import StreamUsage, usage_span
 from affinity_node.ledger.usage import merged_usage
 from affinity_node.routing.backends import Backend
@@ -106,18 +96,18 @@ class Outgoing:
 
 class Forwarder:
     def __init__(self, request: web.Request, headers: dict[str, str], started: float) -> None:
-        app = request.app
+        relay = request.app[RELAY]
         self.request = request
         self.headers = headers
         self.started = started
         self.upstream_time = 0.0
-        self.pool = app[BACKENDS]
-        self.router = app[ROUTER]
-        self.client = app[TRANSPORT]
-        self.metrics = app[HTTP_METRICS]
-        self.limits = app[CONFIG].limits
+        self.pool = relay.pool
+        self.router = relay.router
+        self.client = relay.client
+        self.metrics = relay.metrics
+        self.limits = relay.limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
-        self.ledger = app.get(LEDGER)
+        self.ledger = relay.ledger
         self.broken: str | None = None
         """Why the backend broke an answer already under way (reported after the request)."""
         self.usage: bytes | None = None
@@ -163,7 +153,7 @@ class Forwarder:
             self.router.succeeded(route)
         elif self.broken is not None:
             self.router.broke(route, self.broken)
-        if self.ledger is not None and out.record:
+        if out.record:
             outcome: LedgerOutcome = route.affinity
             if outcome == "hit" and not route.first:
                 outcome = "fanout"
@@ -220,7 +210,7 @@ class Forwarder:
                 tagger = IdTagger(backend.id, key_id) if out.tag_ids and plain else None
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
                     watch = None
-                    if self.ledger is not None and plain and (asked or out.client_asked_usage):
+                    if self.ledger.enabled and plain and (asked or out.client_asked_usage):
                         watch = StreamUsage(strip=asked)
                     return await self._stream(backend, upstream, headers, sent, watch, tagger)
                 try:
@@ -234,7 +224,7 @@ class Forwarder:
                 self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
-                if self.ledger is not None and upstream.status == 200 and plain and out.record:
+                if self.ledger.enabled and upstream.status == 200 and plain and out.record:
                     self.usage = usage_span(data)
                 if tagger is not None:
                     data = tagger.body(data)

@@ -1,5 +1,7 @@
 """What the handlers read, behind typed application keys: set by the composition root
-(app.py) before the first request, never None while requests are served."""
+(app.py) before the first request, never None while requests are served (what is switched
+off by the config is a null object: the ledger, the access log). Every key of the node is
+declared here, and only here."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from affinity_node.auth.keycache import KeyCache
-from affinity_node.config import NodeConfig
-from affinity_node.ledger.ledger import UsageLedger
-from affinity_node.observability.logs import AccessLog
+from affinity_node.config import LimitsConfig, NodeConfig
+from affinity_node.ledger.ledger import Ledger
+from affinity_node.observability.logs import AccessLog, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
@@ -43,6 +45,20 @@ class NodeStatus:
             self.idle.set()
 
 
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The node's part of forwarding a request, built once when the node starts (a request
+    reads one key, not one per part)."""
+
+    pool: BackendPool
+    router: Router
+    client: Transport
+    """How requests are forwarded (the UPSTREAM client; a scripted one in unit tests)."""
+    metrics: HttpMetrics
+    limits: LimitsConfig
+    ledger: Ledger
+
+
 # Built with the application (no I/O):
 NODE = web.AppKey("node", web.Application)
 """The node's API application; the operations app (listen.ops_port) reads its state here."""
@@ -51,19 +67,19 @@ STATUS = web.AppKey("status", NodeStatus)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
-ACCESS_LOG = web.AppKey("access_log", AccessLog)
-"""Present only when logging.access is on (the middleware looks it up once per request)."""
-# Started by cleanup contexts, in this order:
-LEDGER = web.AppKey("ledger", UsageLedger)
-"""Present only when ledger.enabled (the forwarder looks it up once per request)."""
+ACCESS_LOG: web.AppKey[AccessLog | NullAccessLog] = web.AppKey("access_log")
+"""The null one unless logging.access is on (the route wrapper reads it once per request)."""
+# Started by the node's resources (app.py), in this order:
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
+"""The null one unless ledger.enabled."""
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
-TRANSPORT = web.AppKey("transport", Transport)
-"""How requests are forwarded (the UPSTREAM client; a scripted one in unit tests)."""
 BACKENDS = web.AppKey("backends", BackendPool)
 HEALTH = web.AppKey("health", BackendHealth)
 ENGINE = web.AppKey("engine", AffinityEngine)
 ROUTER = web.AppKey("router", Router)
+RELAY = web.AppKey("relay", Relay)
+"""What the forwarder needs, in one read per request."""
 
 # Per request:
 REQUEST_ID = web.RequestKey("affinity_request_id", str)

@@ -144,8 +144,8 @@ def answered(
             m.observe_duration(route, elapsed, m.duration_exemplar(route, rid))
             if tracked:
                 status.end()
-            access = app.get(ACCESS_LOG)
-            if access is not None and route not in OPS_ROUTES:
+            access = app[ACCESS_LOG]
+            if access.enabled and route not in OPS_ROUTES:
                 access.emit(
                     request_id=rid,
                     method=request.method,

@@ -42,6 +42,7 @@ from affinity_node.ledger.ports import (
 from affinity_node.ledger.usage import add_usages
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import LedgerMetrics
+from affinity_node.tasks import Periodic, every, stop_all
 from affinity_node.vocabulary import LEDGER_OUTCOMES, LedgerOutcome
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,36 @@ class _Batch:
     rejections: int = 0
 
 
+class NullLedger:
+    """The ledger while `ledger.enabled` is off: records nothing, so the request path calls it
+    as it would the real one (no None check) and asks `enabled` before any usage work."""
+
+    enabled: Final = False
+
+    def record(
+        self,
+        api_key_id: uuid.UUID,
+        model: str,
+        backend: str,
+        outcome: LedgerOutcome,
+        usage: bytes | None,
+    ) -> None:
+        pass
+
+    def count_unreported(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 class UsageLedger:
+    enabled: Final = True
+    """Whether answers' usage is worth reading (see `NullLedger`)."""
+
     def __init__(
         self,
         store: LedgerStore,
@@ -108,7 +138,7 @@ class UsageLedger:
         self._undecoded = 0
         self._digest_soon: asyncio.Handle | None = None
         self._unsent: _Batch | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: Periodic | None = None
         self._last_cleanup = -float("inf")
         self._warn = RateLimitedLog(log)
         metrics.pending.set_function(lambda: float(self.pending_rows))
@@ -210,33 +240,27 @@ class UsageLedger:
             if n < self._s.cleanup_batch:
                 return deleted
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.flush_interval_s)
+    async def _round(self) -> None:
+        """One flush, and a cleanup when one is due (a bug ends the round, not the ledger)."""
+        await self.flush()
+        now = time.monotonic()
+        if now - self._last_cleanup >= self._s.cleanup_interval_s:
+            self._last_cleanup = now
             try:
-                await self.flush()
-                now = time.monotonic()
-                if now - self._last_cleanup >= self._s.cleanup_interval_s:
-                    self._last_cleanup = now
-                    await self.cleanup()
+                await self.cleanup()
             except LedgerUnavailable as exc:
                 self._warn.warning("ledger-cleanup", "usage ledger: cleanup failed: %s", exc)
-            except Exception:  # a bug must not end the ledger: the next round tries again
-                log.exception("usage ledger: flush round failed")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="usage-ledger")
+        self._task = every(self._s.flush_interval_s, self._round, "usage-ledger")
 
     async def stop(self) -> None:
         """Stops the loop, then writes what is left (a batch left over and the rest: two
         statements at most), within `stop_timeout_s`."""
         if self._digest_soon is not None:
             self._digest_soon.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_all(self._task)
+        self._task = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._s.stop_timeout_s):
                 if await self.flush():
@@ -248,3 +272,7 @@ class UsageLedger:
         if lost:
             self._m.dropped.labels("shutdown").inc(lost)
             log.warning("usage ledger: %d requests not written (database unreachable)", lost)
+
+
+Ledger = UsageLedger | NullLedger
+"""What the request path records to: the ledger, or the null one when it is off."""

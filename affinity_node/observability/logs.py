@@ -150,6 +150,9 @@ class AccessLog:
     fields, which `AccessFormatter` writes as one JSON object.
     """
 
+    enabled: Final = True
+    """Whether a request's fields are worth gathering (see `NullAccessLog`)."""
+
     def __init__(self, node_id: str) -> None:
         self._node = node_id
         self._logger = logging.getLogger(ACCESS_LOGGER)
@@ -192,6 +195,16 @@ class AccessLog:
             duration_s * 1000,
             extra={"access": fields, "request_id": request_id},
         )
+
+
+class NullAccessLog:
+    """The access log while `logging.access` is off: the route wrapper checks `enabled`
+    before it gathers a request's fields, as cheap as the None check it replaces."""
+
+    enabled: Final = False
+
+    def emit(self, **_fields: object) -> None:
+        pass
 
 
 class AccessFormatter(logging.Formatter):

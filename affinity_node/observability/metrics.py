@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -91,163 +92,148 @@ NOTIFY_LAG_BUCKETS = (
 )
 
 
+Kind = Literal["counter", "gauge", "histogram", "fast_counter", "fast_histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One metric: where it goes on its holder, what Prometheus calls it, and the label values
+    created at zero (so dashboards have series from the first scrape)."""
+
+    attr: str
+    kind: Kind
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    zero: tuple[tuple[str, ...], ...] = ()
+
+
+def _each(values: Iterable[str]) -> tuple[tuple[str, ...], ...]:
+    return tuple((v,) for v in values)
+
+
+def declare(holder: object, specs: Iterable[Spec], registry: CollectorRegistry) -> None:
+    """Sets one attribute of `holder` per spec (the holder's class annotates its type)."""
+    for spec in specs:
+        metric: Any
+        if spec.kind == "counter":
+            metric = Counter(spec.name, spec.help, spec.labels, registry=registry)
+        elif spec.kind == "gauge":
+            metric = Gauge(spec.name, spec.help, spec.labels, registry=registry)
+        elif spec.kind == "histogram":
+            metric = Histogram(
+                spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=registry
+            )
+        elif spec.kind == "fast_counter":
+            metric = FastCounter(spec.name, spec.help, list(spec.labels), registry=registry)
+        else:
+            metric = FastHistogram(
+                spec.name, spec.help, list(spec.labels), buckets=spec.buckets, registry=registry
+            )
+        for values in spec.zero:
+            metric.labels(*values)
+        setattr(holder, spec.attr, metric)
+
+
+AFFINITY_SPECS: Final = (
+    Spec("cache_hits", "fast_counter", "affinity_cache_hits",
+         "Resolves answered from the node's cache, no database.", ("model",)),
+    Spec("cache_misses", "counter", "affinity_cache_misses",
+         "Resolves that needed the database, by how they ended.", ("model", "outcome")),
+    Spec("lock_wait", "histogram", "affinity_lock_wait_seconds",
+         "Time a cold miss waited for the pair's advisory lock.", buckets=LOCK_WAIT_BUCKETS),
+    Spec("rebinds", "counter", "affinity_rebinds",
+         "Bindings moved to another backend, by reason.", ("model", "reason")),
+    Spec("spills", "counter", "affinity_spills",
+         "Requests served past their bound backend while the binding stayed, by reason "
+         "(load: over the load bound; failover: it failed but is not unhealthy).",
+         ("model", "reason")),
+    Spec("cache_entries", "gauge", "affinity_cache_entries",
+         "Bindings held in this node's cache."),
+    Spec("notifications", "counter", "affinity_notifications",
+         "Binding change notifications received, by operation.", ("op",),
+         zero=_each(NOTIFY_OPS)),
+    Spec("moves", "counter", "affinity_moves",
+         "Bindings the fleet's mover moved (paced fleet-wide), by reason.", ("reason",),
+         zero=_each(MOVE_REASONS)),
+    Spec("fanout_changes", "counter", "affinity_fanout_changes",
+         "Binding sets grown or shrunk (load-aware fan-out), by direction and reason.",
+         ("model", "direction", "reason")),
+    Spec("notifications_rejected", "counter", "affinity_notifications_rejected",
+         "Binding notifications not believed (treated as invalidations), by reason.",
+         ("reason",), zero=_each(REJECT_REASONS)),
+    Spec("key_lookups", "counter", "affinity_key_lookups",
+         "Database statements the API key cache ran, by why "
+         "(unknown: a token while out of sync; created: a new key's notification; "
+         "verify: a revocation checked against the table; "
+         "poll: revocations polled while the listener is down).",
+         ("reason",), zero=_each(KEY_LOOKUP_REASONS)),
+    Spec("keys_refused", "counter", "affinity_keys_refused",
+         "Bearer tokens refused, by why (unknown or revoked; rate_limited or unavailable: "
+         "not known and not checkable right now, answered 503).",
+         ("reason",), zero=_each(KEY_REFUSALS)),
+    Spec("notify_lag", "histogram", "affinity_notify_lag_seconds",
+         "From the trigger to the node's cache (database clock, offset-corrected).",
+         buckets=NOTIFY_LAG_BUCKETS),
+    Spec("listener_up", "gauge", "affinity_listener_up",
+         "1 while the LISTEN connection is healthy and synced."),
+    Spec("listener_reconnects", "counter", "affinity_listener_reconnects",
+         "Times the listener connection was re-established."),
+    Spec("listener_failures", "counter", "affinity_listener_failures",
+         "What ended a listener connection or an attempt at one, by kind (database: lost, "
+         "refused or a failed probe; internal: an exception of the node's own).",
+         ("kind",), zero=_each(("database", "internal"))),
+    Spec("cache_resyncs", "counter", "affinity_cache_resyncs",
+         "Resyncs of the cache after LISTEN (catch-ups and full snapshots)."),
+    Spec("resync_rows", "counter", "affinity_cache_resync_rows",
+         "Rows read by resyncs, by mode (incremental: what changed since the node's "
+         "watermark; full: every live binding, in pages).",
+         ("mode",), zero=_each(RESYNC_MODES)),
+    Spec("cache_evictions", "counter", "affinity_cache_evictions",
+         "Entries that left the cache on their own, by reason (size: live bindings pushed "
+         "out by affinity.cache_max_entries; expired: past their deadline).",
+         ("reason",), zero=_each(EVICT_REASONS)),
+    Spec("refresh_writes", "counter", "affinity_refresh_writes",
+         "Batched TTL refresh statements written."),
+    Spec("db_errors", "counter", "affinity_db_errors",
+         "Database operations that failed or timed out.", ("operation",),
+         zero=_each(DB_OPERATIONS)),
+    Spec("db_up", "gauge", "affinity_db_up",
+         "1 while the last database operation succeeded."),
+)  # fmt: skip
+"""The affinity engine's metrics (names fixed by the Contract in DESIGN.md)."""
+
+
 class AffinityMetrics:
-    """The affinity engine's metrics (names fixed by the Contract in DESIGN.md)."""
+    """The affinity engine's metrics: AFFINITY_SPECS on `registry`."""
+
+    cache_hits: FastCounter
+    cache_misses: Counter
+    lock_wait: Histogram
+    rebinds: Counter
+    spills: Counter
+    cache_entries: Gauge
+    notifications: Counter
+    moves: Counter
+    fanout_changes: Counter
+    notifications_rejected: Counter
+    key_lookups: Counter
+    keys_refused: Counter
+    notify_lag: Histogram
+    listener_up: Gauge
+    listener_reconnects: Counter
+    listener_failures: Counter
+    cache_resyncs: Counter
+    resync_rows: Counter
+    cache_evictions: Counter
+    refresh_writes: Counter
+    db_errors: Counter
+    db_up: Gauge
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.cache_hits = FastCounter(
-            "affinity_cache_hits",
-            "Resolves answered from the node's cache, no database.",
-            ["model"],
-            registry=registry,
-        )
-        self.cache_misses = Counter(
-            "affinity_cache_misses",
-            "Resolves that needed the database, by how they ended.",
-            ["model", "outcome"],
-            registry=registry,
-        )
-        self.lock_wait = Histogram(
-            "affinity_lock_wait_seconds",
-            "Time a cold miss waited for the pair's advisory lock.",
-            buckets=LOCK_WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.rebinds = Counter(
-            "affinity_rebinds",
-            "Bindings moved to another backend, by reason.",
-            ["model", "reason"],
-            registry=registry,
-        )
-        self.spills = Counter(
-            "affinity_spills",
-            "Requests served past their bound backend while the binding stayed, by reason "
-            "(load: over the load bound; failover: it failed but is not unhealthy).",
-            ["model", "reason"],
-            registry=registry,
-        )
-        self.cache_entries = Gauge(
-            "affinity_cache_entries",
-            "Bindings held in this node's cache.",
-            registry=registry,
-        )
-        self.notifications = Counter(
-            "affinity_notifications",
-            "Binding change notifications received, by operation.",
-            ["op"],
-            registry=registry,
-        )
-        self.moves = Counter(
-            "affinity_moves",
-            "Bindings the fleet's mover moved (paced fleet-wide), by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.fanout_changes = Counter(
-            "affinity_fanout_changes",
-            "Binding sets grown or shrunk (load-aware fan-out), by direction and reason.",
-            ["model", "direction", "reason"],
-            registry=registry,
-        )
-        self.notifications_rejected = Counter(
-            "affinity_notifications_rejected",
-            "Binding notifications not believed (treated as invalidations), by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.key_lookups = Counter(
-            "affinity_key_lookups",
-            "Database statements the API key cache ran, by why "
-            "(unknown: a token while out of sync; created: a new key's notification; "
-            "verify: a revocation checked against the table; "
-            "poll: revocations polled while the listener is down).",
-            ["reason"],
-            registry=registry,
-        )
-        self.keys_refused = Counter(
-            "affinity_keys_refused",
-            "Bearer tokens refused, by why (unknown or revoked; rate_limited or unavailable: "
-            "not known and not checkable right now, answered 503).",
-            ["reason"],
-            registry=registry,
-        )
-        self.notify_lag = Histogram(
-            "affinity_notify_lag_seconds",
-            "From the trigger to the node's cache (database clock, offset-corrected).",
-            buckets=NOTIFY_LAG_BUCKETS,
-            registry=registry,
-        )
-        self.listener_up = Gauge(
-            "affinity_listener_up",
-            "1 while the LISTEN connection is healthy and synced.",
-            registry=registry,
-        )
-        self.listener_reconnects = Counter(
-            "affinity_listener_reconnects",
-            "Times the listener connection was re-established.",
-            registry=registry,
-        )
-        self.listener_failures = Counter(
-            "affinity_listener_failures",
-            "What ended a listener connection or an attempt at one, by kind (database: lost, "
-            "refused or a failed probe; internal: an exception of the node's own).",
-            ["kind"],
-            registry=registry,
-        )
-        for kind in ("database", "internal"):
-            self.listener_failures.labels(kind)
-        self.cache_resyncs = Counter(
-            "affinity_cache_resyncs",
-            "Resyncs of the cache after LISTEN (catch-ups and full snapshots).",
-            registry=registry,
-        )
-        self.resync_rows = Counter(
-            "affinity_cache_resync_rows",
-            "Rows read by resyncs, by mode (incremental: what changed since the node's "
-            "watermark; full: every live binding, in pages).",
-            ["mode"],
-            registry=registry,
-        )
-        self.cache_evictions = Counter(
-            "affinity_cache_evictions",
-            "Entries that left the cache on their own, by reason (size: live bindings pushed "
-            "out by affinity.cache_max_entries; expired: past their deadline).",
-            ["reason"],
-            registry=registry,
-        )
-        self.refresh_writes = Counter(
-            "affinity_refresh_writes",
-            "Batched TTL refresh statements written.",
-            registry=registry,
-        )
-        self.db_errors = Counter(
-            "affinity_db_errors",
-            "Database operations that failed or timed out.",
-            ["operation"],
-            registry=registry,
-        )
-        self.db_up = Gauge(
-            "affinity_db_up",
-            "1 while the last database operation succeeded.",
-            registry=registry,
-        )
-        for op in NOTIFY_OPS:
-            self.notifications.labels(op)
-        for mode in RESYNC_MODES:
-            self.resync_rows.labels(mode)
-        for evicted in EVICT_REASONS:
-            self.cache_evictions.labels(evicted)
-        for operation in DB_OPERATIONS:
-            self.db_errors.labels(operation)
-        for reason in REJECT_REASONS:
-            self.notifications_rejected.labels(reason)
-        for move in MOVE_REASONS:
-            self.moves.labels(move)
-        for why in KEY_LOOKUP_REASONS:
-            self.key_lookups.labels(why)
-        for refusal in KEY_REFUSALS:
-            self.keys_refused.labels(refusal)
+        declare(self, AFFINITY_SPECS, registry)
         self._models: set[str] = set()
 
     def init_models(self, models: Iterable[str]) -> None:
@@ -268,39 +254,35 @@ class AffinityMetrics:
                     self.fanout_changes.labels(model, direction, why)
 
 
+LEDGER_SPECS: Final = (
+    Spec("writes", "counter", "affinity_ledger_writes",
+         "Usage ledger batches added to the database (one statement each)."),
+    Spec("dropped", "counter", "affinity_ledger_dropped_requests",
+         "Requests counted by the node that never reached the ledger table, by why "
+         "(full: memory bound reached while the database was away; rejected: the "
+         "database refused the batch; shutdown: stopped with the database unreachable).",
+         ("reason",), zero=_each(LEDGER_DROPS)),
+    Spec("unreported_family", "fast_counter", "affinity_ledger_unreported",
+         "Successful answers without a readable usage (ledgered as requests without "
+         "tokens): a backend that does not report it, a compressed or cut stream."),
+    Spec("pending", "gauge", "affinity_ledger_pending_rows",
+         "Ledger rows counted in memory and not written yet."),
+)  # fmt: skip
+
+
 class LedgerMetrics:
     """The usage ledger's own health (its figures per tenant are in the database, never in
     labels). Flush failures count in `affinity_db_errors_total{operation="ledger"}`."""
 
+    writes: Counter
+    dropped: Counter
+    unreported_family: FastCounter
+    pending: Gauge
+
     def __init__(self, registry: CollectorRegistry, db_errors: Counter) -> None:
-        self.writes = Counter(
-            "affinity_ledger_writes",
-            "Usage ledger batches added to the database (one statement each).",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "affinity_ledger_dropped_requests",
-            "Requests counted by the node that never reached the ledger table, by why "
-            "(full: memory bound reached while the database was away; rejected: the "
-            "database refused the batch; shutdown: stopped with the database unreachable).",
-            ["reason"],
-            registry=registry,
-        )
-        self.unreported = FastCounter(
-            "affinity_ledger_unreported",
-            "Successful answers without a readable usage (ledgered as requests without "
-            "tokens): a backend that does not report it, a compressed or cut stream.",
-            [],
-            registry=registry,
-        ).labels()
-        self.pending = Gauge(
-            "affinity_ledger_pending_rows",
-            "Ledger rows counted in memory and not written yet.",
-            registry=registry,
-        )
+        declare(self, LEDGER_SPECS, registry)
+        self.unreported = self.unreported_family.labels()
         self.flush_errors = db_errors.labels("ledger")
-        for reason in LEDGER_DROPS:
-            self.dropped.labels(reason)
 
 
 # Request latency and TTFT: SLO edges at 25 ms, 100 ms, 250 ms, 1 s, 2.5 s, 10 s.
@@ -339,49 +321,36 @@ OVERHEAD_BUCKETS = (
 )
 
 
+HTTP_SPECS: Final = (
+    Spec("requests", "fast_counter", "affinity_http_requests",
+         "HTTP requests answered by this node, by route and status.", ("route", "code")),
+    Spec("duration", "fast_histogram", "affinity_http_request_duration_seconds",
+         "Time to answer, last byte included.", ("route",), buckets=LATENCY_BUCKETS),
+    Spec("overhead", "fast_histogram", "affinity_proxy_overhead_seconds",
+         "Time the node adds: everything but waiting for the upstream.",
+         buckets=OVERHEAD_BUCKETS),
+    Spec("upstream_requests", "fast_counter", "affinity_upstream_requests",
+         "Requests forwarded to backends, by upstream status.", ("backend", "code")),
+    Spec("upstream_ttft", "fast_histogram", "affinity_upstream_ttft_seconds",
+         "From forwarding to the first body byte received.", ("backend",),
+         buckets=TTFT_BUCKETS),
+    Spec("build_info", "gauge", "affinity_build_info",
+         "Always 1; the version label says which build runs.", ("version",)),
+)  # fmt: skip
+
+
 class HttpMetrics:
     """The proxy's request and upstream metrics (names fixed by the Contract)."""
 
+    requests: FastCounter
+    duration: FastHistogram
+    overhead: FastHistogram
+    upstream_requests: FastCounter
+    upstream_ttft: FastHistogram
+    build_info: Gauge
+
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        self.requests = FastCounter(
-            "affinity_http_requests",
-            "HTTP requests answered by this node, by route and status.",
-            ["route", "code"],
-            registry=registry,
-        )
-        self.duration = FastHistogram(
-            "affinity_http_request_duration_seconds",
-            "Time to answer, last byte included.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.overhead = FastHistogram(
-            "affinity_proxy_overhead_seconds",
-            "Time the node adds: everything but waiting for the upstream.",
-            [],
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_requests = FastCounter(
-            "affinity_upstream_requests",
-            "Requests forwarded to backends, by upstream status.",
-            ["backend", "code"],
-            registry=registry,
-        )
-        self.upstream_ttft = FastHistogram(
-            "affinity_upstream_ttft_seconds",
-            "From forwarding to the first body byte received.",
-            ["backend"],
-            buckets=TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.build_info = Gauge(
-            "affinity_build_info",
-            "Always 1; the version label says which build runs.",
-            ["version"],
-            registry=registry,
-        )
+        declare(self, HTTP_SPECS, registry)
         self.build_info.labels(version).set(1)
         self._backends: set[str] = set()
         # Labelled children looked up once, not per request (.labels() hashes and locks).

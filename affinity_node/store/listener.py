@@ -42,6 +42,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, w
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.store.postgres import DB_ERRORS, QueryLogger
 from affinity_node.store.queries import QUERIES as Q
+from affinity_node.tasks import stop_all
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ def keep_alive(conn: asyncpg.Connection) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+class DbClockOffset:
+    """The database clock minus the local wall clock (seconds), as the listener's latest probe
+    measured it. Made before the listener and the engine: the listener writes it, the engine
+    calls it to date notifications against the database clock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
 class ChangeListener:
     def __init__(
         self,
@@ -94,9 +109,11 @@ class ChangeListener:
         on_query: QueryLogger | None = None,
         on_watermark: Callable[[int], None] | None = None,
         on_failure: Callable[[FailureKind], None] | None = None,
+        clock: DbClockOffset | None = None,
     ) -> None:
         """`on_watermark` hears the binding table's watermark as it advances (see above);
-        `on_failure` hears every failure that ends a connection or an attempt at one."""
+        `on_failure` hears every failure that ends a connection or an attempt at one; `clock`
+        receives the database clock's offset at every probe."""
         self._s = settings
         self._handlers = dict(handlers)
         self._on_synced = on_synced
@@ -116,10 +133,14 @@ class ChangeListener:
         self._conn: asyncpg.Connection | None = None
         self._warn = RateLimitedLog(log)
         self._last_internal_log = -math.inf
-        self.clock_offset = 0.0
+        self.clock = clock if clock is not None else DbClockOffset()
         """Database clock minus local wall clock, from the latest probe (seconds)."""
         self.probes = 0
         """Probes that answered (each one a step of the watermark)."""
+
+    @property
+    def clock_offset(self) -> float:
+        return self.clock.value
 
     @property
     def up(self) -> bool:
@@ -135,11 +156,8 @@ class ChangeListener:
         return self._synced.is_set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_all(self._task)
+        self._task = None
         await self._drop()
 
     async def _run(self) -> None:
@@ -241,7 +259,7 @@ class ChangeListener:
             before = time.time()
             async with asyncio.timeout(self._s.probe_timeout_s):
                 db_now: float = await conn.fetchval(Q["db_clock"])
-            self.clock_offset = db_now - (before + time.time()) / 2
+            self.clock.value = db_now - (before + time.time()) / 2
             self.probes += 1
             return
         candidate = self._candidate
@@ -251,7 +269,7 @@ class ChangeListener:
             db_now, snapshot, settled = await conn.fetchrow(
                 Q["listener_snapshot"], candidate[1] if candidate is not None else None
             )
-        self.clock_offset = db_now - (before + time.time()) / 2
+        self.clock.value = db_now - (before + time.time()) / 2
         self.probes += 1
         if self._settled is not None:
             self._on_watermark(self._settled)

@@ -9,7 +9,6 @@ on its pool every few seconds and the collector exports the last answer
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
@@ -17,6 +16,7 @@ import asyncpg
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.store.postgres import DB_ERRORS
 from affinity_node.store.queries import QUERIES as Q
+from affinity_node.tasks import Periodic, every
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class NotifyQueueMonitor:
             self.usage = float(value)
         return self.usage
 
-    async def run(self) -> None:
-        while True:
-            await self.read_once()
-            await asyncio.sleep(self.interval_s)
+    def start(self) -> Periodic:
+        """A reading now, then one every interval, until stopped."""
+        return every(self.interval_s, self.read_once, "notify-queue", now=True)

@@ -8,7 +8,6 @@ probed, routed to or fetched, whoever wrote it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from affinity_node.routing.lifecycle import apply_registry
 from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.store.postgres import DB_ERRORS
 from affinity_node.store.queries import QUERIES as Q
+from affinity_node.tasks import stop_all
 from affinity_node.vocabulary import BackendKind, BackendState
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,4 @@ class RegistryFollower:
             self._task = None
 
     async def stop(self) -> None:
-        task = self._task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_all(self._task)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from affinity_node.config import HostAllowList
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
+from affinity_node.tasks import Periodic, every
 from affinity_node.vocabulary import BackendKind
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ class DnsDiscovery:
         self._pool = pool
         self._entries = tuple(entries)
         self._resolver = resolver
-        self.is_idle = is_idle
-        """Whether a backend that left DNS may leave the pool (set once bindings are known)."""
+        self._is_idle = is_idle
+        """Whether a backend that left DNS may leave the pool."""
         self._mine: dict[DnsEntry, set[str]] = {e: set() for e in self._entries}
         self._warn = RateLimitedLog(log)
         self._allow = allow or HostAllowList()
@@ -92,7 +93,7 @@ class DnsDiscovery:
                     continue
                 if self._pool.set_state(gone, "draining"):
                     log.info("backend %s left %s: draining", url, entry.name)
-                if self.is_idle(gone):
+                if self._is_idle(gone):
                     self._pool.remove(url)
                     log.info("backend %s removed (drained)", url)
             self._mine[entry] = wanted | {
@@ -107,10 +108,6 @@ class DnsDiscovery:
             log.warning("backend %s (%s) refused: not in backends.allow", url, entry.name)
         return False
 
-    async def run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.resolve_once()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("backend discovery round failed")
+    def start(self, interval_s: float) -> Periodic:
+        """Resolve again every interval (the first resolution is the caller's, at startup)."""
+        return every(interval_s, self.resolve_once, "dns-discovery")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
-import time
 
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.health import BackendHealth
+from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamError
 from affinity_node.upstream.ports import Prober
 
@@ -96,25 +95,12 @@ class HealthChecker:
             )
         return True
 
-    async def run_discovery(self, interval_s: float) -> None:
-        """A discovery round now, then every `interval_s` (jittered) until cancelled."""
+    def start_discovery(self, interval_s: float) -> Periodic:
+        """A discovery round now, then one every `interval_s` (jittered), until stopped."""
         if interval_s <= 0:
             raise ValueError(f"discovery interval must be positive, not {interval_s}")
-        while True:
-            started = time.monotonic()
-            try:
-                await self.discover_all()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("model discovery round failed")
-            pause = interval_s * random.uniform(1 - JITTER, 1 + JITTER)
-            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
+        return every(interval_s, self.discover_all, "model-discovery", jitter=JITTER, now=True)
 
-    async def run(self) -> None:
-        """Check every interval until cancelled."""
-        while True:
-            started = time.monotonic()
-            try:
-                await self.check_once()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("backend health round failed")
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+    def start(self) -> Periodic:
+        """A round now, then one every interval, until stopped."""
+        return every(self._interval, self.check_once, "health-checks", now=True)

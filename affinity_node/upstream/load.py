@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.load import LoadView
+from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,6 @@ class LoadPoller:
         self._view.classify()
         self._on_round()
 
-    async def run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await self.poll_once()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("backend load poll failed")
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+    def start(self) -> Periodic:
+        """A poll now, then one every interval, until stopped."""
+        return every(self._interval, self.poll_once, "load-poll", now=True)

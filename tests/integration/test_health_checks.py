@@ -278,14 +278,14 @@ async def test_an_answer_older_than_the_applied_one_is_dropped(
     assert backend.models == {"llama-3.1-8b", "new-lora"}
 
 
-async def test_discovery_loop_follows_adapters_until_cancelled(
+async def test_discovery_loop_follows_adapters_until_stopped(
     servers: StartServer, client: UpstreamClient
 ) -> None:
     server = await servers(["llama-3.1-8b"])
     pool, checker = make(client, [BackendSpec(server.url, models=["llama-3.1-8b"])], [LLAMA])
     with pytest.raises(ValueError, match="interval"):
-        await checker.run_discovery(0)
-    task = asyncio.create_task(checker.run_discovery(0.02))
+        checker.start_discovery(0)
+    task = checker.start_discovery(0.02)
     try:
         (backend,) = pool.backends
         server.adapters = {"sql-lora": "llama-3.1-8b"}
@@ -293,9 +293,7 @@ async def test_discovery_loop_follows_adapters_until_cancelled(
         server.adapters = {}
         await wait_for(lambda: pool.candidates("sql-lora") == [], what="adapter leaves")
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await task.stop()
 
 
 # -- active health checks ----------------------------------------------------------------------
@@ -443,7 +441,7 @@ async def test_health_loop_runs_rounds_until_cancelled(
     pool, checker = make(
         client, [BackendSpec(server.url)], [LLAMA], interval_s=0.01, eject_after_failures=2
     )
-    task = asyncio.create_task(checker.run())
+    task = checker.start()
     try:
         await wait_for(lambda: pool.backends[0].models == {"llama-3.1-8b"})
         server.health_status = 500
@@ -451,9 +449,8 @@ async def test_health_loop_runs_rounds_until_cancelled(
         server.health_status = 200
         await wait_for(lambda: pool.backends[0].healthy)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await task.stop()
+        assert task.task.cancelled()
 
 
 async def test_probe_thresholds_apply_to_request_reports_too(
@@ -465,7 +462,7 @@ async def test_probe_thresholds_apply_to_request_reports_too(
     with pytest.raises(ValueError, match="interval"):
         HealthChecker(pool, health, client, 0)
     checker = HealthChecker(pool, health, client, 60.0)
-    task = asyncio.create_task(checker.run())
+    task = checker.start()
     try:
         (backend,) = pool.backends
         await wait_for(lambda: backend.probed)
@@ -473,6 +470,5 @@ async def test_probe_thresholds_apply_to_request_reports_too(
         health.request_failed(backend, "502")
         assert not backend.healthy
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await task.stop()
+        assert task.task.cancelled()

@@ -14,7 +14,7 @@ from collections import Counter
 import asyncpg
 import openai
 
-from affinity_node.app import FOLLOWER, run_node
+from affinity_node.app import run_node
 from affinity_node.config import BackendConfig, HostAllowList, NodeConfig
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
 from tests.integration.test_cli import cli
@@ -292,10 +292,10 @@ async def test_a_registry_backend_outside_the_allow_list_is_never_used(dsn):
             assert code == 1 and "backends.allow" in err  # the CLI refuses it ...
             await registry_add(dsn, refused_url)  # ... a row written anyway is refused by nodes
             await wait_for(
-                lambda: node.app[FOLLOWER].refused == {refused_url},
+                lambda: node.registry.get_sample_value("affinity_backends_refused") == 1,
                 what="the node to refuse the registry row",
             )
-            assert node.registry.get_sample_value("affinity_backends_refused") == 1
+            assert node.backends.get(refused_url) is None
             # An allowed backend added after it is taken, probed and served: the node read
             # the registry and ran its health checks since the refused row came.
             code, _, err = await cli(

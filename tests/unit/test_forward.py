@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from affinity_node.config import NodeConfig
 from affinity_node.http.errors import ApiError
 from affinity_node.http.forward import Forwarder, Outgoing
-from affinity_node.http.state import BACKENDS, CONFIG, HTTP_METRICS, ROUTER, TRANSPORT
+from affinity_node.http.state import RELAY, Relay
+from affinity_node.ledger.ledger import NullLedger
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.health import BackendHealth
@@ -176,11 +177,8 @@ def node(*script: Scripted | Exception) -> Node:
     )
     app = web.Application()
     transport = ScriptedTransport(list(script))
-    app[BACKENDS] = pool
-    app[ROUTER] = router
-    app[TRANSPORT] = transport
-    app[CONFIG] = NodeConfig()
-    app[HTTP_METRICS] = HttpMetrics(CollectorRegistry(), "test")
+    metrics = HttpMetrics(CollectorRegistry(), "test")
+    app[RELAY] = Relay(pool, router, transport, metrics, NodeConfig().limits, NullLedger())
     return Node(app, router, pool, transport, Wire())
 
 

@@ -1,0 +1,255 @@
+"""The node's resources: one aiohttp cleanup context (`node_resources`) that starts each in
+dependency order, hands it to the ones that need it, publishes what the handlers read
+(http/state.py) and stops them in reverse. It wires; what runs lives with its concern."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from affinity_node.app.builders import affinity_engine, database_pool, engine_spec, usage_ledger
+from affinity_node.auth.keycache import KeyCache
+from affinity_node.config import DatabaseConfig, LimitsConfig, NodeConfig
+from affinity_node.http.state import (
+    AFFINITY_METRICS,
+    BACKENDS,
+    CONFIG,
+    ENGINE,
+    HEALTH,
+    HTTP_METRICS,
+    KEYS,
+    LEDGER,
+    REGISTRY,
+    RELAY,
+    ROUTER,
+    UPSTREAM,
+    Relay,
+)
+from affinity_node.ledger.ledger import Ledger, NullLedger
+from affinity_node.observability.collector import NodeCollector, OperatorCollector
+from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.cache import BindingCache
+from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.fanout import FanoutController, FanoutRules
+from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.lifecycle import Mover, MoverRules
+from affinity_node.routing.load import LoadRules, LoadView
+from affinity_node.routing.router import AffinityRules, Router
+from affinity_node.routing.strategies import make_strategy
+from affinity_node.store.fleet import MOVE_EVERY_S, REPORT_EVERY_S, HealthReporter, MoverTurns
+from affinity_node.store.keys import PostgresKeyStore
+from affinity_node.store.notifyqueue import NotifyQueueMonitor
+from affinity_node.store.registry import PostgresRegistry, RegistryFollower
+from affinity_node.tasks import every, stopping
+from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
+from affinity_node.upstream.discovery import DnsDiscovery, DnsEntry, Resolver
+from affinity_node.upstream.health import HealthChecker
+from affinity_node.upstream.load import LoadPoller
+
+
+@dataclass(frozen=True)
+class _Backends:
+    pool: BackendPool
+    health: BackendHealth
+    discovery: DnsDiscovery
+
+
+async def node_resources(app: web.Application, resolver: Resolver) -> AsyncIterator[None]:
+    """The node's one cleanup context: each resource started in dependency order, handed to
+    the ones that need it, published for the handlers (http/state.py), and stopped in reverse.
+    The ledger stops after every request has finished, so its last flush holds them all."""
+    cfg = app[CONFIG]
+    metrics = app[AFFINITY_METRICS]
+    async with AsyncExitStack() as stack:
+        enter = stack.enter_async_context
+        db = await enter(database_pool(cfg.database, cfg.node_id))
+        ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[REGISTRY], metrics))
+        keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
+        client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
+        cache = BindingCache(max_entries=cfg.affinity.cache_max_entries)
+        backends = await enter(_backends(cfg, app[HTTP_METRICS], client, resolver, cache))
+        app[BACKENDS], app[HEALTH] = backends.pool, backends.health
+        registry = PostgresRegistry(db)
+        follower = RegistryFollower(registry, backends.pool, cfg.allow)
+        stack.push_async_callback(follower.stop)  # after the engine: its listener nudges it
+        stacked = await enter(
+            affinity_engine(engine_spec(cfg), db, metrics, keys, registry=follower, cache=cache)
+        )
+        engine = app[ENGINE] = stacked.engine
+        router = app[ROUTER] = await enter(_router(app, backends, engine, client))
+        app[RELAY] = Relay(backends.pool, router, client, app[HTTP_METRICS], cfg.limits, ledger)
+        await enter(_fleet(app, db, registry, follower, backends, engine))
+        yield
+
+
+@asynccontextmanager
+async def _ledger(
+    cfg: NodeConfig, db: asyncpg.Pool, registry: CollectorRegistry, metrics: AffinityMetrics
+) -> AsyncIterator[Ledger]:
+    ledger = usage_ledger(cfg, db, registry, metrics) if cfg.ledger.enabled else NullLedger()
+    ledger.start()
+    try:
+        yield ledger
+    finally:
+        await ledger.stop()
+
+
+@asynccontextmanager
+async def _keys(
+    db_cfg: DatabaseConfig, db: asyncpg.Pool, metrics: AffinityMetrics
+) -> AsyncIterator[KeyCache]:
+    keys = KeyCache(PostgresKeyStore(db, timeout_s=db_cfg.statement_timeout_ms / 1000), metrics)
+    keys.start()
+    try:
+        yield keys
+    finally:
+        await keys.stop()
+
+
+@asynccontextmanager
+async def _upstream(limits: LimitsConfig) -> AsyncIterator[UpstreamClient]:
+    client = UpstreamClient(
+        UpstreamTimeouts(
+            connect_s=limits.upstream_connect_timeout_seconds,
+            read_s=limits.upstream_read_timeout_seconds,
+            generation_s=limits.generation_timeout_seconds,
+        )
+    )
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _backend_left(metrics: HttpMetrics, client: UpstreamClient, backend: Backend) -> None:
+    """What the node kept per backend goes with it (DNS churn would grow it without bound)."""
+    metrics.forget_backend(backend.id)
+    client.forget_backend(backend.id)
+
+
+@asynccontextmanager
+async def _backends(
+    cfg: NodeConfig,
+    metrics: HttpMetrics,
+    client: UpstreamClient,
+    resolver: Resolver,
+    cache: BindingCache,
+) -> AsyncIterator[_Backends]:
+    """The pool with its DNS-named backends resolved and models discovered before the first
+    request, and the health checks running. A backend that left DNS leaves the pool once it
+    runs nothing and holds no binding (`cache`: empty until the engine fills it)."""
+    pool = BackendPool(
+        [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends if b.url],
+        [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
+    )
+    pool.on_remove = partial(_backend_left, metrics, client)
+    discovery = DnsDiscovery(
+        pool,
+        [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],
+        resolver,
+        is_idle=lambda b: b.inflight == 0 and cache.bindings_of(b.id) == 0,
+        allow=cfg.allow,
+    )
+    await discovery.resolve_once()
+    health = BackendHealth(
+        pool,
+        eject_after_failures=cfg.health.eject_after_failures,
+        readmit_after_successes=cfg.health.readmit_after_successes,
+    )
+    checker = HealthChecker(pool, health, client, cfg.health.interval_seconds)
+    await checker.discover()
+    async with stopping(checker.start(), checker.start_discovery(cfg.discovery.interval_seconds)):
+        yield _Backends(pool, health, discovery)
+
+
+@asynccontextmanager
+async def _router(
+    app: web.Application, backends: _Backends, engine: AffinityEngine, client: UpstreamClient
+) -> AsyncIterator[Router]:
+    """The router, with the load signal and the fan-out controller it consults."""
+    cfg = app[CONFIG]
+    aff = cfg.affinity
+    pool = backends.pool
+    load = LoadView(
+        pool,
+        LoadRules(queue_bound=aff.fanout_queue_bound, hot_factor=aff.fanout_hot_factor),
+    )
+    fanout = FanoutController(
+        engine,
+        load,
+        pool,
+        FanoutRules(
+            max_fanout=aff.max_fanout,
+            grow_after_s=aff.fanout_grow_after_seconds,
+            shrink_after_s=aff.fanout_shrink_after_seconds,
+        ),
+    )
+    router = Router(
+        pool,
+        make_strategy(cfg.routing.fallback),
+        engine,
+        AffinityRules(aff.enabled, aff.load_factor, aff.spill_min_gap),
+        app[AFFINITY_METRICS],
+        backends.health,
+        fanout,
+    )
+    poller = LoadPoller(pool, load, client, cfg.load.poll_interval_seconds, on_round=fanout.sweep)
+    collector = NodeCollector(
+        pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS], [x.name for x in cfg.models]
+    )
+    app[REGISTRY].register(collector)
+    try:
+        async with stopping(poller.start()):
+            yield router
+    finally:
+        app[REGISTRY].unregister(collector)
+        await fanout.stop()
+
+
+@asynccontextmanager
+async def _fleet(
+    app: web.Application,
+    db: asyncpg.Pool,
+    registry: PostgresRegistry,
+    follower: RegistryFollower,
+    backends: _Backends,
+    engine: AffinityEngine,
+) -> AsyncIterator[None]:
+    """The node's part in the fleet: health reports to the registry, the NOTIFY queue's fill,
+    DNS re-resolution, and the fleet's mover (drain, rebalance)."""
+    cfg = app[CONFIG]
+    reporter = HealthReporter(registry, backends.pool, cfg.node_id)
+    queue = NotifyQueueMonitor(db)
+    tasks = [
+        every(REPORT_EVERY_S, reporter.report_once, "health-report", now=True),
+        queue.start(),
+    ]
+    if backends.discovery.active:
+        tasks.append(backends.discovery.start(cfg.discovery.interval_seconds))
+    if cfg.affinity.enabled and cfg.affinity.store == "postgres":
+        turns = MoverTurns(Mover(engine, backends.pool, registry, _mover_rules(cfg)))
+        tasks.append(every(MOVE_EVERY_S, turns.tick, "mover", now=True))
+    operator = OperatorCollector(lambda: queue.usage, lambda: len(follower.refused))
+    app[REGISTRY].register(operator)
+    try:
+        async with stopping(*tasks):
+            yield
+    finally:
+        app[REGISTRY].unregister(operator)
+
+
+def _mover_rules(cfg: NodeConfig) -> MoverRules:
+    return MoverRules(
+        drain_moves_per_s=cfg.drain.moves_per_second,
+        rebalance=cfg.rebalance.enabled,
+        rebalance_moves_per_minute=cfg.rebalance.max_moves_per_minute,
+        rebalance_skew=cfg.rebalance.skew,
+        rebalance_after_s=cfg.rebalance.after_seconds,
+    )
