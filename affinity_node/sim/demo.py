@@ -94,10 +94,31 @@ def preset_of(args: argparse.Namespace) -> Preset:
     return PRESETS[args.scenario]
 
 
+LLAMACPP_DEFAULTS: dict[str, Any] = {
+    "keys": 12,
+    "conversations": 1,
+    "max_turns": 5,
+    "output_tokens": 8,
+    "duration": 20.0,
+    "rate": 4.0,
+}
+"""`--engine llamacpp`: real compute on this machine's CPUs (one thread per engine), so a
+lighter load than the simulator's: ~1,000-token system prompts at 4 req/s keep the engines
+busy but not saturated with affinity, and every conversation within the 4,096-token context."""
+LLAMACPP_SYSTEM_WORDS = (250, 400)
+LLAMACPP_USER_WORDS = (8, 20)
+"""The workload's words per system prompt and per question (the tiny model's tokenizer makes
+~3 tokens of each)."""
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fills every option left unset with the scenario's default (a copy)."""
     p = preset_of(args)
     out = argparse.Namespace(**vars(args))
+    if getattr(out, "engine", "sim") == "llamacpp":
+        for name, value in LLAMACPP_DEFAULTS.items():
+            if getattr(out, name, None) is None:
+                setattr(out, name, value)
     defaults: dict[str, Any] = {
         "keys": p.keys,
         "conversations": p.conversations,
@@ -136,6 +157,8 @@ def workload_config(
 ) -> WorkloadConfig:
     p = preset_of(args)
     rate = None if args.concurrency else (args.rate or 1.0)
+    if getattr(args, "engine", "sim") == "llamacpp":
+        p = replace(p, system_tokens=LLAMACPP_SYSTEM_WORDS, user_tokens=LLAMACPP_USER_WORDS)
     return WorkloadConfig(
         base_urls=tuple(base_urls),
         api_keys=tuple(secrets),
@@ -203,6 +226,25 @@ def _load_notes(
     return rate, notes
 
 
+async def _start_llamacpp(
+    fleet: Fleet, tmp: Path, args: argparse.Namespace, notes: list[str]
+) -> None:
+    from affinity_node.sim.llamacpp import TinyModel, make_tiny_model
+
+    shape = TinyModel()
+    _say(f"making the tiny model, starting {args.backends} llama.cpp servers ...")
+    path = await asyncio.to_thread(make_tiny_model, tmp / "tiny.gguf")
+    await fleet.start_llamacpp(path)
+    notes.append(
+        f"engines: {args.backends} real llama.cpp servers (xllamacpp), one slot and one thread "
+        f"each, a random-weight llama ({shape.layers} layers, embedding {shape.embedding}, "
+        f"vocab {shape.vocab}, context {shape.context}), restarted before each run; hit rate "
+        "and prefill saved from the engines' own /metrics (llamacpp:prompt_tokens_total, "
+        "_cached_total, prompt_seconds_total): saved = cached tokens x the engines' measured "
+        "seconds per computed prompt token"
+    )
+
+
 async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     args = resolve(args)
     if args.scenario == "agents":
@@ -245,12 +287,15 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             round(rate * span) if rate is not None else args.concurrency * 20 * math.ceil(span)
         )
         cache_blocks = cache_blocks_for(probe, args.backends, expected, args.fleet_cache)
-        _say(
-            f"starting {args.backends} fake backends (prefix cache {cache_blocks} blocks "
-            f"each, prefill {args.prefill_per_token * 1000:.2f} ms per uncached token, "
-            f"{args.max_running} running slots) ..."
-        )
-        await fleet.start_backends(cache_blocks, model, args.output_tokens, args.seed)
+        if args.engine == "llamacpp":
+            await _start_llamacpp(fleet, tmp, args, notes)
+        else:
+            _say(
+                f"starting {args.backends} fake backends (prefix cache {cache_blocks} blocks "
+                f"each, prefill {args.prefill_per_token * 1000:.2f} ms per uncached token, "
+                f"{args.max_running} running slots) ..."
+            )
+            await fleet.start_backends(cache_blocks, model, args.output_tokens, args.seed)
         if haproxy is not None:
             await fleet.start_haproxy(haproxy, args.balance)
             assert fleet.lb_url is not None
@@ -288,12 +333,14 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
             + f", system prompts {cfg.system_tokens[0]}-{cfg.system_tokens[1]} tokens, up to "
             f"{cfg.max_turns} turns, {load}, {timing}, streaming, seed {cfg.seed}"
         )
-        notes.extend(load_notes)
-        notes.append(
-            f"{args.backends} backends x {cache_blocks} cache blocks (16 tokens) = "
-            f"{args.fleet_cache:g}x the workload's estimated prefix blocks; prefix-cache hit "
-            f"rate = hit tokens / queried tokens on the backends over each run"
-        )
+        if args.engine == "sim":  # the simulator's capacity model says nothing of llama.cpp
+            notes.extend(load_notes)
+        if args.engine == "sim":
+            notes.append(
+                f"{args.backends} backends x {cache_blocks} cache blocks (16 tokens) = "
+                f"{args.fleet_cache:g}x the workload's estimated prefix blocks; prefix-cache hit "
+                f"rate = hit tokens / queried tokens on the backends over each run"
+            )
         notes.append(
             f"largest queue: the most vllm:num_requests_waiting seen on each backend, sampled "
             f"every {SAMPLE_INTERVAL_S:g} s; busiest tenants from the answers' x-backend-id: "
@@ -453,6 +500,8 @@ def invalid(args: argparse.Namespace) -> str | None:
         return (
             "--scenario agents runs closed-loop agent sessions: no --rate, --load or --concurrency"
         )
+    if getattr(args, "engine", "sim") == "llamacpp" and args.scenario != "chat":
+        return "--engine llamacpp runs the chat scenario only"
     if args.scenario == "scale" and r.backends < 2:
         return "--scenario scale needs --backends >= 2 (one joins at runtime, one drains)"
     if r.backends < 1 or r.nodes < 1 or r.keys < 1 or r.conversations < 1 or r.max_turns < 1:
@@ -540,6 +589,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "/ max_fanout 4; scale: 3 backends, a 4th added, one drained, against the same run "
         "without these events; agents: coding-agent sessions on the Responses API (chained "
         "by previous_response_id), a plain round-robin LB / shared / shared + fan-out",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["sim", "llamacpp"],
+        default="sim",
+        help="sim (default): simulated vLLM backends; llamacpp: real llama.cpp servers on a "
+        "tiny random-weight model (needs the xllamacpp and gguf packages; chat scenario, "
+        "lighter default load)",
     )
     p.add_argument(
         "--backends", type=positive_int, default=4, help="fake vLLM backends (default 4)"

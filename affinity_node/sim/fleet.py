@@ -17,6 +17,7 @@ import yaml
 
 from affinity_node.sim.engine import CapacityModel
 from affinity_node.sim.haproxy import haproxy_config, haproxy_servers_up
+from affinity_node.sim.llamacpp import EngineProcess, start_server
 from affinity_node.sim.support import (
     Child,
     Processes,
@@ -83,6 +84,9 @@ class Fleet:
     stats_url: str | None = None
     nodes: list[Child] | None = None
     node_log_level: str = "WARNING"
+    engine_model: Path | None = None
+    """The GGUF file when the backends are real llama.cpp servers (`demo --engine llamacpp`)."""
+    engines: list[EngineProcess] = field(default_factory=list)
 
     @property
     def backend_urls(self) -> list[str]:
@@ -150,6 +154,25 @@ class Fleet:
                 for url, child in zip(self.backend_urls, children, strict=True)
             )
         )
+
+    async def start_llamacpp(self, model: Path) -> None:
+        """Real llama.cpp servers on the backend ports, one thread each (sim/llamacpp.py)."""
+        self.engine_model = model
+        self.engines = list(
+            await asyncio.gather(
+                *(
+                    start_server(self.procs, self.session, f"backend-b{i}", model, port)
+                    for i, port in enumerate(self.backend_ports)
+                )
+            )
+        )
+
+    async def _restart_llamacpp(self) -> None:
+        """Fresh instances: llama.cpp keeps prompts in host RAM beyond its slots, and no
+        endpoint clears both."""
+        assert self.engine_model is not None
+        await self.procs.stop([e.child for e in self.engines])
+        await self.start_llamacpp(self.engine_model)
 
     async def start_haproxy(self, binary: str, balance: str) -> None:
         port, stats_port = free_port(), free_port()
@@ -226,6 +249,10 @@ class Fleet:
             self.nodes = None
 
     async def clear_caches(self) -> None:
+        if self.engine_model is not None:
+            await self._restart_llamacpp()
+            return
+
         async def clear(url: str) -> None:
             async with self.session.post(
                 f"{url}/admin/cache/clear", timeout=aiohttp.ClientTimeout(total=5)

@@ -37,6 +37,12 @@ def _ledger_tenant(t: LedgerTenant) -> str:
     return f"t{t.tenant}: {_pct(t.hit_rate)} on {t.backends}"
 
 
+def _saved_ms(r: RunReport) -> str:
+    saved = r.cache.prefill_saved_s if r.cache is not None else None
+    ok = r.requests - r.errors
+    return "-" if saved is None or not ok else f"{1000 * saved / ok:.1f}"
+
+
 def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
     """The runs side by side, one column each."""
     rows: list[tuple[str, list[str]]] = []
@@ -53,6 +59,8 @@ def render_table(runs: Sequence[RunReport], notes: Sequence[str] = ()) -> str:
     if sources and sources != {"backend metrics"}:
         label += " (" + ", ".join(sorted(sources)) + ")"
     row(label, (_pct(r.cache.hit_rate if r.cache else None) for r in runs))
+    if any(r.cache is not None and r.cache.prefill_saved_s is not None for r in runs):
+        row("engine prefill saved / request (ms)", (_saved_ms(r) for r in runs))
     row(
         "TTFT p50 / p90 / p99 (ms)",
         (f"{_ms(r.ttft_p50_s)} / {_ms(r.ttft_p90_s)} / {_ms(r.ttft_p99_s)}" for r in runs),

@@ -73,6 +73,9 @@ class CacheFigures:
     hits: float
     per_backend: dict[str, tuple[float, float]] = field(default_factory=dict)
     source: str = "backend metrics"
+    prefill_saved_s: float | None = None
+    """Prefill time the cache hits saved, at the engine's own measured seconds per computed
+    prompt token (llama.cpp only: the simulator's time is a model, not a measurement)."""
 
     @property
     def hit_rate(self) -> float | None:
@@ -83,7 +86,31 @@ class CacheFigures:
         return h / q if q > 0 else None
 
 
+LLAMACPP_COMPUTED = "llamacpp:prompt_tokens_total"
+LLAMACPP_CACHED = "llamacpp:prompt_tokens_cached_total"
+LLAMACPP_PREFILL_S = "llamacpp:prompt_seconds_total"
+
+
+def llamacpp_cache_figures(backend_deltas: Mapping[str, Samples]) -> CacheFigures:
+    """llama.cpp counts the prompt tokens it computed and those it found cached, and the
+    seconds it spent computing: queried = both, saved = cached x its seconds per token."""
+    per: dict[str, tuple[float, float]] = {}
+    seconds = computed = 0.0
+    for name, s in backend_deltas.items():
+        done, found = total(s, LLAMACPP_COMPUTED), total(s, LLAMACPP_CACHED)
+        per[name] = (done + found, found)
+        seconds += total(s, LLAMACPP_PREFILL_S)
+        computed += done
+    hits = sum(h for _, h in per.values())
+    saved = hits * seconds / computed if computed else None
+    return CacheFigures(
+        sum(q for q, _ in per.values()), hits, per, "llama.cpp /metrics", prefill_saved_s=saved
+    )
+
+
 def cache_figures(backend_deltas: Mapping[str, Samples]) -> CacheFigures:
+    if any(n == LLAMACPP_COMPUTED for s in backend_deltas.values() for n, _ in s):
+        return llamacpp_cache_figures(backend_deltas)
     per = {
         name: (total(s, BACKEND_QUERIES), total(s, BACKEND_HITS))
         for name, s in backend_deltas.items()
