@@ -151,12 +151,19 @@ class PgPair:
 
 
 @contextlib.contextmanager
+def service_tmpdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory the service user owns, removed after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        user = service_user()
+        if user is not None:
+            shutil.chown(tmp, user, user)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
 def pg_pair() -> Iterator[PgPair]:
     """A started primary + standby pair in a temporary directory, stopped and removed after."""
-    with tempfile.TemporaryDirectory(prefix="affinity-pgpair-") as tmp:
-        root = Path(tmp)
-        if service_user() is not None:
-            shutil.chown(root, SYSTEM_USER, SYSTEM_USER)
+    with service_tmpdir("affinity-pgpair-") as root:
         pair = PgPair(root)
         try:
             pair.start()
@@ -183,11 +190,12 @@ async def replicated(pair: PgPair, timeout_s: float = 10.0) -> None:
     standby = await asyncpg.connect(pair.standby.dsn)
     try:
         lsn = await primary.fetchval("SELECT pg_current_wal_lsn()")
-        async with asyncio.timeout(timeout_s):
-            while await standby.fetchval(
-                "SELECT pg_last_wal_replay_lsn() < $1::pg_lsn", lsn
-            ):  # fmt: skip
-                await asyncio.sleep(0.02)
+        query = "SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn"
+        for _ in range(int(timeout_s / 0.02)):
+            if await standby.fetchval(query, lsn):
+                return
+            await asyncio.sleep(0.02)
+        raise SupportError(f"the standby did not replay the primary's WAL in {timeout_s:g} s")
     finally:
         await primary.close()
         await standby.close()
