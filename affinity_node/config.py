@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -66,12 +66,25 @@ class ListenConfig:
 @dataclass
 class DatabaseConfig:
     dsn: str = ""
+    """The pool's DSN; several hosts (`postgresql://u@h1:5432,h2:5432/db`) with
+    `target_session_attrs=read-write` follow a failover to whichever host is the primary."""
+    listen_dsn: str = ""
+    """The LISTEN connection's DSN (empty: `dsn`). Always direct to Postgres: a transaction
+    pooler (PgBouncer) cannot keep a LISTEN session."""
+    statement_cache: bool = True
+    """asyncpg's prepared-statement cache. Off behind a transaction-mode pooler (PgBouncer), where
+    a statement prepared in one transaction is gone in the next; the pool then also sends no
+    session settings at connect (set the timeouts on the role: deploy/README.md)."""
     pool_max: int = _range(10, 1, 1000)
     statement_timeout_ms: int = _range(2000, 1, 3_600_000)
     lock_timeout_ms: int = _range(1000, 1, 3_600_000)
     """Longest wait for a pair's advisory lock: a busy lock is not an outage."""
     startup_wait_seconds: float = _range(5.0, 0, 3600)
     """How long a starting node waits for its first snapshot before serving (degraded)."""
+
+    @property
+    def listener_dsn(self) -> str:
+        return self.listen_dsn or self.dsn
 
 
 @dataclass
@@ -503,14 +516,53 @@ def validate(cfg: NodeConfig) -> None:
             "database.dsn is empty: set it in the config or in AFFINITY_DATABASE_DSN "
             "(API keys live in Postgres even with affinity.store: memory)"
         )
-    if urlsplit(cfg.database.dsn).scheme not in ("postgresql", "postgres"):
-        raise ConfigError("database.dsn: must start with postgresql:// (or postgres://)")
+    check_dsn(cfg.database.dsn, "database.dsn")
+    if cfg.database.listen_dsn:
+        check_dsn(cfg.database.listen_dsn, "database.listen_dsn")
+
+
+TARGET_SESSION_ATTRS: Final = (
+    "any", "primary", "standby", "prefer-standby", "read-write", "read-only"
+)  # fmt: skip
+"""What asyncpg accepts for `target_session_attrs`."""
+
+
+def dsn_hosts(dsn: str) -> list[str]:
+    """The hosts of a (multi-host) DSN's netloc, in order; empty for a socket-only DSN."""
+    netloc = urlsplit(dsn).netloc.rpartition("@")[2]
+    return [h for h in netloc.split(",") if h]
+
+
+def check_dsn(dsn: str, key: str) -> None:
+    """A postgresql:// URL whose `target_session_attrs`, when given, asyncpg knows."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid URL ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{key}: must start with postgresql:// (or postgres://)")
+    for attrs in parse_qs(parts.query).get("target_session_attrs", []):
+        if attrs not in TARGET_SESSION_ATTRS:
+            raise ConfigError(
+                f"{key}: target_session_attrs={attrs!r} is not one of "
+                f"{', '.join(TARGET_SESSION_ATTRS)}"
+            )
 
 
 def advice(cfg: NodeConfig) -> list[str]:
     """Legal but risky settings, each one line, logged by `serve` at start."""
     limits = cfg.limits
     notes = []
+    for key, dsn in (
+        ("database.dsn", cfg.database.dsn),
+        ("database.listen_dsn", cfg.database.listen_dsn),
+    ):
+        attrs = parse_qs(urlsplit(dsn).query).get("target_session_attrs", ["any"])[-1]
+        if len(dsn_hosts(dsn)) > 1 and attrs not in ("read-write", "primary"):
+            notes.append(
+                f"{key} lists several hosts without target_session_attrs=read-write: after a "
+                "failover a node may connect to a read-only standby"
+            )
     if limits.drain_timeout_seconds < limits.generation_timeout_seconds:
         notes.append(
             f"limits.drain_timeout_seconds ({limits.drain_timeout_seconds:g}) is shorter than "

@@ -53,6 +53,7 @@ async def database_pool(
             statement_timeout_ms=db.statement_timeout_ms,
             lock_timeout_ms=db.lock_timeout_ms,
             application_name=f"affinity-node:{node_id}",
+            statement_cache=db.statement_cache,
         ),
         on_query=on_query,
     )
@@ -90,7 +91,7 @@ def engine_spec(cfg: NodeConfig) -> EngineSpec:
             ttl_seconds=cfg.affinity.ttl_seconds,
             refresh_flush_interval_s=cfg.affinity.refresh_flush_interval_seconds,
         ),
-        listener=ListenerSettings(dsn=cfg.database.dsn),
+        listener=ListenerSettings(dsn=cfg.database.listener_dsn),
     )
 
 
@@ -151,7 +152,7 @@ async def affinity_engine(
     listener = ChangeListener(
         replace(
             spec.listener,
-            dsn=spec.db.dsn,
+            dsn=spec.db.listener_dsn,
             application_name=f"affinity-node-listener:{spec.node_id}",
         ),
         handlers,

@@ -14,6 +14,9 @@ once per column of the chosen scenario (sim/scenarios.py):
   affinity with `max_fanout: 4` (a hot pair's binding may grow into a set of backends).
 - `--scenario agents`: coding-agent sessions on the Responses API (sim/agents_demo.py): a
   plain round-robin balancer with no node, shared affinity, shared affinity with fan-out.
+- `--scenario db-failover`: a Postgres primary and its streaming standby, the nodes on a
+  multi-host DSN; the primary crashes under traffic, the standby is promoted
+  (sim/db_failover.py): requests, errors and degraded share per phase, time to converge.
 
 Between runs the nodes restart with the next config, the backends' prefix caches are cleared
 and each run gets API keys of its own (no binding survives from an earlier run), so each run
@@ -59,6 +62,7 @@ from affinity_node.argtypes import (
 )
 from affinity_node.sim import scale
 from affinity_node.sim.agents_demo import run_agents
+from affinity_node.sim.db_failover import run_db_failover
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
 from affinity_node.sim.ledger_view import read_ledger_tenants
@@ -249,6 +253,8 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     args = resolve(args)
     if args.scenario == "agents":
         return await run_agents(args, backend_model(args), out, _say)
+    if args.scenario == "db-failover":
+        return await run_db_failover(args, out, _say)
     preset = preset_of(args)
     columns = preset.columns
     haproxy = None if args.no_haproxy else find_haproxy()
@@ -588,7 +594,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "skew: Zipf tenants, one needing more than a backend, affinity off / max_fanout 1 "
         "/ max_fanout 4; scale: 3 backends, a 4th added, one drained, against the same run "
         "without these events; agents: coding-agent sessions on the Responses API (chained "
-        "by previous_response_id), a plain round-robin LB / shared / shared + fan-out",
+        "by previous_response_id), a plain round-robin LB / shared / shared + fan-out; "
+        "db-failover: a Postgres primary crashes under traffic and its standby is promoted "
+        "(3 nodes on a multi-host DSN): requests, errors, degraded share, time to converge",
     )
     p.add_argument(
         "--engine",

@@ -27,7 +27,7 @@ from affinity_node.sim.engine import CapacityModel
 from affinity_node.sim.fleet import BackendModel, Scenario
 from affinity_node.sim.workload import ROLE_TOKENS, WorkloadConfig
 
-SCENARIO_NAMES: Final = ("chat", "skew", "scale", "agents")
+SCENARIO_NAMES: Final = ("chat", "skew", "scale", "agents", "db-failover")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,16 @@ AGENTS: Final = Preset(
     ),
 )
 
-PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE, AGENTS)}
+# db-failover (sim/db_failover.py): one column, shared affinity, 12 tenants in a closed loop
+# on every node through a primary crash and its standby's promotion.
+DB_FAILOVER: Final = replace(
+    CHAT,
+    name="db-failover",
+    columns=(Scenario("shared", "shared affinity", {"enabled": True, "store": "postgres"}),),
+    keys=12,
+)
+
+PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE, AGENTS, DB_FAILOVER)}
 
 
 def sticky_uncached_tokens(cfg: WorkloadConfig, block_size: int = 16) -> float:

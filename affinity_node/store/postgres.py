@@ -64,6 +64,20 @@ class PoolSettings:
     lock_timeout_ms: int = 1000
     connect_timeout_s: float = 2.0
     application_name: str = "affinity-node"
+    statement_cache: bool = True
+    """False behind a transaction pooler: no prepared-statement cache, and no session settings
+    at connect (PgBouncer refuses unknown startup parameters; the role carries the timeouts)."""
+
+    @property
+    def server_settings(self) -> dict[str, str]:
+        if not self.statement_cache:
+            return {"application_name": self.application_name}
+        return {
+            "application_name": self.application_name,
+            "statement_timeout": str(self.statement_timeout_ms),
+            "lock_timeout": str(self.lock_timeout_ms),
+            "idle_in_transaction_session_timeout": str(self.statement_timeout_ms * 5),
+        }
 
     @property
     def client_timeout_s(self) -> float:
@@ -95,12 +109,8 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
         max_inactive_connection_lifetime=60.0,
         init=init,
         reset=keep_session,
-        server_settings={
-            "application_name": settings.application_name,
-            "statement_timeout": str(settings.statement_timeout_ms),
-            "lock_timeout": str(settings.lock_timeout_ms),
-            "idle_in_transaction_session_timeout": str(settings.statement_timeout_ms * 5),
-        },
+        statement_cache_size=100 if settings.statement_cache else 0,
+        server_settings=settings.server_settings,
     )
     return pool
 

@@ -228,3 +228,36 @@ def test_the_allow_list_from_the_environment(tmp_path: Path) -> None:
     everything = load(tmp_path, {"backends": {"allow": ["fd00::/8"], "list": MINIMAL["backends"]}},
                       {"AFFINITY_BACKENDS_ALLOW": ""})  # fmt: skip
     assert everything.allow.empty
+
+
+def test_listen_dsn_defaults_to_dsn_and_statement_cache_to_on(tmp_path: Path) -> None:
+    cfg = load(tmp_path, MINIMAL)
+    assert cfg.database.listener_dsn == DSN["AFFINITY_DATABASE_DSN"]
+    assert cfg.database.statement_cache is True
+    direct = "postgresql://u@pg-a:5432/affinity"
+    cfg = load(
+        tmp_path,
+        {**MINIMAL, "database": {"listen_dsn": direct, "statement_cache": False}},
+        {"AFFINITY_DATABASE_DSN": "postgresql://u@pgbouncer:6432/affinity"},
+    )
+    assert cfg.database.listener_dsn == direct
+    assert cfg.database.dsn == "postgresql://u@pgbouncer:6432/affinity"
+    assert cfg.database.statement_cache is False
+    env = {**DSN, "AFFINITY_DATABASE_STATEMENT_CACHE": "off"}
+    assert load(tmp_path, MINIMAL, env).database.statement_cache is False
+
+
+def test_dsns_are_checked_and_multi_host_without_read_write_is_advised(tmp_path: Path) -> None:
+    bad = error_of(tmp_path, {**MINIMAL, "database": {"listen_dsn": "mysql://u@db/x"}})
+    assert bad.startswith("database.listen_dsn: must start with postgresql://")
+    attrs = "postgresql://u@a,b/x?target_session_attrs=primary-ish"
+    assert "target_session_attrs='primary-ish'" in error_of(
+        tmp_path, MINIMAL, {"AFFINITY_DATABASE_DSN": attrs}
+    )
+    multi = {"AFFINITY_DATABASE_DSN": "postgresql://u@pg-a:5432,pg-b:5432/affinity"}
+    notes = advice(load(tmp_path, MINIMAL, multi))
+    assert any("database.dsn lists several hosts" in n for n in notes), notes
+    ok = {
+        "AFFINITY_DATABASE_DSN": multi["AFFINITY_DATABASE_DSN"] + "?target_session_attrs=read-write"
+    }
+    assert advice(load(tmp_path, MINIMAL, ok)) == []
