@@ -499,3 +499,24 @@ def test_agents_demo_end_to_end_with_tiny_sizes():
         "note: affinity off (plain LB): no node",
     ):
         assert row in stderr, row
+
+
+def test_db_failover_demo_loses_no_request():
+    """The primary crashes and the standby is promoted under traffic: every phase's request
+    count is served without an error, and the convergence time is printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "affinity_node.sim.demo", "--scenario", "db-failover"],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in done.stdout.splitlines()
+        if line.split()[:1] in (["before"], ["during"], ["after"])
+    }
+    assert set(rows) == {"before", "during", "after"}, done.stdout
+    assert all(int(r[0]) > 0 and r[1] == "0" for r in rows.values()), done.stdout
+    assert "time to converge" in done.stdout
