@@ -52,9 +52,10 @@ def _need_dsn(args: argparse.Namespace) -> str:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from affinity_node.store.migrate import migrate
+    from affinity_node.store.migrate import LockPolicy, migrate
 
-    applied = await migrate(_need_dsn(args))
+    policy = LockPolicy(lock_timeout_ms=args.lock_timeout_ms, attempts=args.attempts)
+    applied = await migrate(_need_dsn(args), policy=policy)
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
@@ -274,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")
     _add_dsn(p)
+    p.add_argument(
+        "--lock-timeout-ms",
+        type=positive_int,
+        default=2000,
+        help="longest wait of one statement for a table lock before it backs off and retries "
+        "(writers queue behind a waiting DDL statement) (default: 2000)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=positive_int,
+        default=30,
+        help="lock waits per file (or statement) before giving up (default: 30)",
+    )
     p.set_defaults(func=_migrate)
 
     p = sub.add_parser("keys", help="manage API keys")

@@ -247,6 +247,33 @@ SELECT name, checksum FROM affinity_schema_migrations;
 -- name: migration_record
 INSERT INTO affinity_schema_migrations (name, checksum) VALUES ($1, $2);
 
+-- Every lock wait of a migration is bounded (a DDL statement waiting for a lock queues every
+-- later writer of the table behind itself). LOCAL: one transactional file; the others: the
+-- session, while a no-transaction file runs.
+-- name: migrate_lock_timeout_local
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: migrate_lock_timeout
+SELECT set_config('lock_timeout', $1, false);
+
+-- name: migrate_lock_timeout_reset
+RESET lock_timeout;
+
+-- name: migrate_index_invalid
+SELECT EXISTS (
+    SELECT FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace
+      AND NOT i.indisvalid
+);
+
+-- The index name is quoted by the caller (an identifier cannot be a parameter).
+-- name: migrate_drop_index
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
+-- The schema a node needs (store/schema.py): the files applied so far.
+-- name: schema_applied
+SELECT name FROM affinity_schema_migrations;
+
 -- Backend registry (store/registry.py): runtime backends and admin state of any backend.
 
 -- name: registry_list
