@@ -188,9 +188,7 @@ async def _apply_in_transaction(conn: asyncpg.Connection, m: Migration, p: LockP
             await _waited(m.name, attempt, p)
 
 
-async def _apply_outside_transaction(
-    conn: asyncpg.Connection, m: Migration, p: LockPolicy
-) -> None:
+async def _apply_outside_transaction(conn: asyncpg.Connection, m: Migration, p: LockPolicy) -> None:
     """Statement by statement (each must be safe to run again: a crash reruns the file)."""
     await conn.execute(Q["migrate_lock_timeout"], str(p.lock_timeout_ms))
     try:
@@ -201,7 +199,9 @@ async def _apply_outside_transaction(
         await conn.execute(Q["migrate_lock_timeout_reset"])
 
 
-async def _run_statement(conn: asyncpg.Connection, name: str, statement: str, p: LockPolicy) -> None:
+async def _run_statement(
+    conn: asyncpg.Connection, name: str, statement: str, p: LockPolicy
+) -> None:
     index = _CONCURRENT_INDEX.match(_without_comments(statement))
     for attempt in range(1, p.attempts + 1):
         try:

@@ -434,3 +434,37 @@ WHERE u.hour_start > now() - make_interval(secs => $1::float8) - interval '1 hou
 GROUP BY u.api_key_id, k.name, u.model
 ORDER BY sum(u.prompt_tokens) - sum(u.cached_tokens) DESC, sum(u.requests) DESC,
          u.api_key_id, u.model;
+
+-- Backup and restore (store/backup.py): keys, the backend registry and the usage ledger.
+-- Bindings are soft state: not backed up; a restore empties them and makes every node reload.
+
+-- name: backup_columns
+SELECT column_name FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = $1 AND is_generated = 'NEVER'
+ORDER BY ordinal_position;
+
+-- The restore's first step, in its transaction: soft state and the ledger emptied (TRUNCATE:
+-- no per-row trigger), then keys and registry deleted row by row so that every node hears
+-- of each removed key and of the registry change (their triggers notify).
+-- name: restore_truncate
+TRUNCATE api_key_model_affinity, affinity_binding_deletions, usage_ledger, usage_ledger_writers;
+
+-- name: restore_delete_keys
+DELETE FROM api_keys;
+
+-- name: restore_delete_registry
+DELETE FROM affinity_backends;
+
+-- Every node's watermark is below the next version: the deletion log "no longer reaches
+-- back" for any of them, so their catch-up reloads in full. The doorbell wakes them now.
+-- name: restore_horizon
+WITH v AS (SELECT nextval('affinity_binding_version_seq') AS version)
+UPDATE affinity_binding_deletions_horizon SET version = v.version FROM v
+RETURNING affinity_binding_deletions_horizon.version;
+
+-- name: restore_doorbell
+SELECT pg_notify('affinity_changes', json_build_object(
+    'op', 'delete', 'api_key_id', '00000000-0000-0000-0000-000000000000',
+    'model', 'restore', 'provider_url', 'restore', 'version', $1::bigint,
+    'ttl', 0, 'sent_at', extract(epoch FROM clock_timestamp())
+)::text);
