@@ -71,7 +71,7 @@ class LockPolicy:
 
     def pause(self, attempt: int) -> float:
         """Exponential, jittered: many nodes migrating at once do not retry in step."""
-        base = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
+        base: float = min(self.backoff_s * 2.0 ** (attempt - 1), self.backoff_max_s)
         return base * random.uniform(0.5, 1.0)
 
 
