@@ -76,9 +76,9 @@ async def _backup_or_restore(args: argparse.Namespace, restoring: bool) -> int:
     conn = await asyncpg.connect(_need_dsn(args))
     try:
         if restoring:
-            counts = await backup.restore(conn, args.in_)
+            counts = await backup.restore(conn, Path(args.in_))
         else:
-            counts = await backup.backup(conn, args.out)
+            counts = await backup.backup(conn, Path(args.out))
     except (backup.BackupError, OSError, zipfile.BadZipFile) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "backup", help="export keys, backend registry and usage ledger (not bindings) to a file"
     )
-    p.add_argument("--out", type=Path, required=True, help="the backup file to write (zip)")
+    p.add_argument("--out", required=True, help="the backup file to write (zip)")
     _add_dsn(p)
     p.set_defaults(func=_backup)
 
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace keys, registry and ledger with a backup's (on a migrated database); "
         "bindings are emptied and every node reloads",
     )
-    p.add_argument("--in", dest="in_", type=Path, required=True, help="a file from `backup`")
+    p.add_argument("--in", dest="in_", required=True, help="a file from `backup`")
     _add_dsn(p)
     p.set_defaults(func=_restore)
 

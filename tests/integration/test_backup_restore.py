@@ -55,7 +55,8 @@ async def test_restore_brings_back_keys_registry_and_ledger_and_every_node_reloa
         old_key = (await db.fetchrow("SELECT id FROM api_keys"))[0]
         await _ledger_row(db, old_key, 7)
         await db.execute(
-            "INSERT INTO affinity_backends (url, added, models) VALUES ('http://127.0.0.1:9', true, $1)",
+            "INSERT INTO affinity_backends (url, added, models) "
+            "VALUES ('http://127.0.0.1:9', true, $1)",
             [MODEL],
         )
         code, out, err = await _cli("backup", "--dsn", dsn, "--out", str(dump))
