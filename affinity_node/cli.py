@@ -10,7 +10,9 @@ import os
 import signal
 import sys
 import uuid
+import zipfile
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -52,10 +54,38 @@ def _need_dsn(args: argparse.Namespace) -> str:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from affinity_node.store.migrate import migrate
+    from affinity_node.store.migrate import LockPolicy, migrate
 
-    applied = await migrate(_need_dsn(args))
+    policy = LockPolicy(lock_timeout_ms=args.lock_timeout_ms, attempts=args.attempts)
+    applied = await migrate(_need_dsn(args), policy=policy)
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+async def _backup(args: argparse.Namespace) -> int:
+    return await _backup_or_restore(args, restoring=False)
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    return await _backup_or_restore(args, restoring=True)
+
+
+async def _backup_or_restore(args: argparse.Namespace, restoring: bool) -> int:
+    from affinity_node.store import backup
+
+    conn = await asyncpg.connect(_need_dsn(args))
+    try:
+        if restoring:
+            counts = await backup.restore(conn, Path(args.in_))
+        else:
+            counts = await backup.backup(conn, Path(args.out))
+    except (backup.BackupError, OSError, zipfile.BadZipFile) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    verb = "restored" if restoring else "wrote"
+    print(f"{verb} " + ", ".join(f"{c.table} {c.rows}" for c in counts))
     return 0
 
 
@@ -274,7 +304,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply db/migrations (safe to run from many nodes)")
     _add_dsn(p)
+    p.add_argument(
+        "--lock-timeout-ms",
+        type=positive_int,
+        default=2000,
+        help="longest wait of one statement for a table lock before it backs off and retries "
+        "(writers queue behind a waiting DDL statement) (default: 2000)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=positive_int,
+        default=30,
+        help="lock waits per file (or statement) before giving up (default: 30)",
+    )
     p.set_defaults(func=_migrate)
+
+    p = sub.add_parser(
+        "backup", help="export keys, backend registry and usage ledger (not bindings) to a file"
+    )
+    p.add_argument("--out", required=True, help="the backup file to write (zip)")
+    _add_dsn(p)
+    p.set_defaults(func=_backup)
+
+    p = sub.add_parser(
+        "restore",
+        help="replace keys, registry and ledger with a backup's (on a migrated database); "
+        "bindings are emptied and every node reloads",
+    )
+    p.add_argument("--in", dest="in_", required=True, help="a file from `backup`")
+    _add_dsn(p)
+    p.set_defaults(func=_restore)
 
     p = sub.add_parser("keys", help="manage API keys")
     ks = p.add_subparsers(dest="keys_cmd", required=True)

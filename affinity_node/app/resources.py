@@ -4,6 +4,8 @@ dependency order, hands it to the ones that need it, publishes what the handlers
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from affinity_node.http.state import (
     REGISTRY,
     RELAY,
     ROUTER,
+    STATUS,
     UPSTREAM,
     Relay,
 )
@@ -47,6 +50,7 @@ from affinity_node.store.fleet import MOVE_EVERY_S, REPORT_EVERY_S, HealthReport
 from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.registry import PostgresRegistry, RegistryFollower
+from affinity_node.store.schema import SchemaWatch
 from affinity_node.tasks import every, stopping
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.discovery import DnsDiscovery, DnsEntry, Resolver
@@ -70,6 +74,7 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
     async with AsyncExitStack() as stack:
         enter = stack.enter_async_context
         db = await enter(database_pool(cfg.database, cfg.node_id))
+        await enter(_schema(app, db))
         ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[REGISTRY], metrics))
         keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
         client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
@@ -86,6 +91,29 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         router = app[ROUTER] = await enter(_router(app, backends, engine, client))
         app[RELAY] = Relay(backends.pool, router, client, app[HTTP_METRICS], cfg.limits, ledger)
         await enter(_fleet(app, db, registry, follower, backends, engine))
+        yield
+
+
+SCHEMA_CHECK_EVERY_S = 1.0
+
+
+@asynccontextmanager
+async def _schema(app: web.Application, db: asyncpg.Pool) -> AsyncIterator[None]:
+    """Readiness waits for the schema this code needs (a node may start before its migration
+    Job ran): one look now, then one a second until it is there."""
+    status = app[STATUS]
+    watch = SchemaWatch(db, timeout_s=app[CONFIG].database.statement_timeout_ms / 1000)
+
+    async def look() -> None:
+        try:
+            await watch.check()
+        finally:
+            status.schema_behind = not watch.current
+
+    status.schema_behind = True
+    with contextlib.suppress(asyncpg.PostgresError, OSError, asyncio.TimeoutError):
+        await look()
+    async with stopping(every(SCHEMA_CHECK_EVERY_S, look, "schema-check")):
         yield
 
 

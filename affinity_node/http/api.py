@@ -46,6 +46,17 @@ def _draining() -> ApiError:
     )
 
 
+def _schema_behind() -> ApiError:
+    return ApiError(
+        503,
+        "This node waits for a database migration; retry shortly.",
+        "service_unavailable",
+        None,
+        "schema_behind",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _unknown_model(model: str) -> ApiError:
     return ApiError(
         404,
@@ -86,6 +97,8 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     headers = base_headers(request)
     if app[STATUS].draining:
         raise _draining()
+    if app[STATUS].schema_behind:
+        raise _schema_behind()
     check_forwarded_headers(request)
     key_id = request[API_KEY_ID]
     body = await read_body(request)

@@ -25,7 +25,8 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """503 only when this node cannot take traffic: draining, or its key set not loaded yet.
+    """503 only when this node cannot take traffic: draining, the database lacks a migration
+    this code needs (`schema_behind`), or its key set not loaded yet.
 
     The bindings snapshot does not gate readiness either: the node serves while it loads (pairs
     not loaded yet are read like misses) and `snapshot` in the body says how far it came.
@@ -46,6 +47,8 @@ async def readyz(request: web.Request) -> web.Response:
     # key"): not ready. Once loaded, a later database loss keeps the node ready.
     if app[STATUS].draining:
         status = "draining"
+    elif app[STATUS].schema_behind:
+        status = "schema_behind"
     elif not app[KEYS].loaded:
         status = "keys_not_loaded"
     else:

@@ -30,6 +30,8 @@ class NodeStatus:
     """The node's own life: whether it takes new work, and how much is in progress."""
 
     draining: bool = False
+    schema_behind: bool = False
+    """The database lacks a migration this code needs: not ready, requests refused (503)."""
     active: int = 0
     """Completion requests in progress."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)

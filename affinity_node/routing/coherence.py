@@ -225,6 +225,9 @@ class Coherence:
         self._warn.warning(
             "doorbell-overflow", "too much changed after version %d: full snapshot", start
         )
+        # A new generation, as a resync starts one: the reload then prunes the entries it
+        # does not confirm (rows deleted in the gap, or emptied by a restore).
+        self._cache.begin_resync()
         self._start_reload(self._clock())
 
     def _observe_lags(self, lags: list[tuple[Pair, int, float]], changes: Changes) -> None:

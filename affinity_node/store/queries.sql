@@ -247,6 +247,33 @@ SELECT name, checksum FROM affinity_schema_migrations;
 -- name: migration_record
 INSERT INTO affinity_schema_migrations (name, checksum) VALUES ($1, $2);
 
+-- Every lock wait of a migration is bounded (a DDL statement waiting for a lock queues every
+-- later writer of the table behind itself). LOCAL: one transactional file; the others: the
+-- session, while a no-transaction file runs.
+-- name: migrate_lock_timeout_local
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: migrate_lock_timeout
+SELECT set_config('lock_timeout', $1, false);
+
+-- name: migrate_lock_timeout_reset
+RESET lock_timeout;
+
+-- name: migrate_index_invalid
+SELECT EXISTS (
+    SELECT FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace
+      AND NOT i.indisvalid
+);
+
+-- The index name is quoted by the caller (an identifier cannot be a parameter).
+-- name: migrate_drop_index
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
+-- The schema a node needs (store/schema.py): the files applied so far.
+-- name: schema_applied
+SELECT name FROM affinity_schema_migrations;
+
 -- Backend registry (store/registry.py): runtime backends and admin state of any backend.
 
 -- name: registry_list
@@ -407,3 +434,37 @@ WHERE u.hour_start > now() - make_interval(secs => $1::float8) - interval '1 hou
 GROUP BY u.api_key_id, k.name, u.model
 ORDER BY sum(u.prompt_tokens) - sum(u.cached_tokens) DESC, sum(u.requests) DESC,
          u.api_key_id, u.model;
+
+-- Backup and restore (store/backup.py): keys, the backend registry and the usage ledger.
+-- Bindings are soft state: not backed up; a restore empties them and makes every node reload.
+
+-- name: backup_columns
+SELECT column_name FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = $1 AND is_generated = 'NEVER'
+ORDER BY ordinal_position;
+
+-- The restore's first step, in its transaction: soft state and the ledger emptied (TRUNCATE:
+-- no per-row trigger), then keys and registry deleted row by row so that every node hears
+-- of each removed key and of the registry change (their triggers notify).
+-- name: restore_truncate
+TRUNCATE api_key_model_affinity, affinity_binding_deletions, usage_ledger, usage_ledger_writers;
+
+-- name: restore_delete_keys
+DELETE FROM api_keys;
+
+-- name: restore_delete_registry
+DELETE FROM affinity_backends;
+
+-- Every node's watermark is below the next version: the deletion log "no longer reaches
+-- back" for any of them, so their catch-up reloads in full. The doorbell wakes them now.
+-- name: restore_horizon
+WITH v AS (SELECT nextval('affinity_binding_version_seq') AS version)
+UPDATE affinity_binding_deletions_horizon SET version = v.version FROM v
+RETURNING affinity_binding_deletions_horizon.version;
+
+-- name: restore_doorbell
+SELECT pg_notify('affinity_changes', json_build_object(
+    'op', 'delete', 'api_key_id', '00000000-0000-0000-0000-000000000000',
+    'model', 'restore', 'provider_url', 'restore', 'version', $1::bigint,
+    'ttl', 0, 'sent_at', extract(epoch FROM clock_timestamp())
+)::text);
