@@ -1184,8 +1184,21 @@ def compare_table(summaries: dict[str, dict[str, Any]], a: str, b: str) -> list[
                 if any(summary["targets"][n]["saturated"] for n in (a, b))
                 else ""
             )
+            + shared_core_note(summary, a, b)
         )
     return lines
+
+
+def shared_core_note(summary: dict[str, Any], a: str, b: str) -> str:
+    """Interleaved, each target's req/s is what other work left it of the proxy core, which
+    changes from run to run: below 90% the rate ratio is noise, the CPU ratio still holds."""
+    shares = [summary["targets"][n]["proxy_cpu"] for n in (a, b)]
+    if summary["method"] != "interleaved" or any(s is None for s in shares):
+        return ""
+    low = min(shares)
+    if low >= 0.9:
+        return ""
+    return f"  (req/s noisy: a proxy got {low:.0%} of its core; read the CPU ratio)"
 
 
 def versus_rounds(

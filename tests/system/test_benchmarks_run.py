@@ -174,7 +174,14 @@ def test_rounds_summary_flags_side_by_side_pairs_and_gives_medians():
     assert "SATURATED: loadgen" in text and "cannot tell" in text
     apart = summarise_rounds("interleaved", rounds, "node", "fwd")
     assert apart["targets"]["node"]["saturated"] == []
-    assert "cannot tell" not in "\n".join(compare_table({"c": apart}, "node", "fwd"))
+    text = "\n".join(compare_table({"c": apart}, "node", "fwd"))
+    assert "cannot tell" not in text and "noisy" not in text
+    for r in rounds:
+        r["fwd"].cpu_share = 0.5  # others took half the proxy core
+    text = "\n".join(
+        compare_table({"c": summarise_rounds("interleaved", rounds, "node", "fwd")}, "node", "fwd")
+    )
+    assert "req/s noisy: a proxy got 50% of its core" in text
 
 
 def test_auto_method_interleaves_large_bodies_only():
