@@ -2,8 +2,9 @@
 
     python -m affinity_node.devtools.bench_overhead [--dsn DSN] [--duration 10] [--json PATH]
 
-Four targets get the same load, all on 127.0.0.1, with three request bodies: a tiny chat
-request (one short message), an 8 KB and a 200 KB one (many messages, as real chats send):
+Four targets get the same load, all on 127.0.0.1, with four request bodies: a tiny chat
+request (one short message), an 8 KB, a 200 KB and a 1 MB one (many messages, as real chats
+send):
   (a) direct:    nginx answering with a fixed completion (never the bottleneck);
   (b) forwarder: a bare aiohttp forwarder (devtools/bare_forwarder.py), the floor for
                  any aiohttp proxy;
@@ -24,8 +25,15 @@ after the other (a VM's speed drifts over minutes; back to back, it hits them al
 fixed-rate runs in 5 slices, the targets taking turns, medians reported. After the
 node's runs its /metrics must show cache hits and (almost) no misses: the hot path measured
 is the cache-hit path. The proxy's CPU time per request is printed too: unlike req/s it holds
-steady when something else briefly shares the core. Needs the Debian packages nginx (or
-nginx-light) and wrk.
+steady when something else briefly shares the core, and so does its CPU per KB of body.
+
+Every full-load run also shows the CPU of wrk and nginx (both on the load core) and the
+direct rate: a ratio taken while the load generator or the backend saturates measures them,
+not the proxy, so a run with wrk or nginx above 85% of a core, or a proxy above 0.85 of the
+direct rate, is marked SATURATED. The node against the forwarder is then measured again in
+rounds (`--versus-rounds`), interleaved (one at a time, the whole load core each, order
+swapped every round) from 200 KB on and side by side below, or as `--versus-method` says.
+Needs the Debian packages nginx (or nginx-light) and wrk.
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -67,8 +76,15 @@ CHAT_PATH = "/v1/chat/completions"
 SSE_PATH = "/v1/completions"
 """nginx answers SSE here: the node forwards only the path and body, so the path selects."""
 MODES = {"non-streaming": (CHAT_PATH, False), "streaming": (SSE_PATH, True)}
-SIZES = {"tiny": 0, "8k": 8 * 1024, "200k": 200 * 1024}
+SIZES = {"tiny": 0, "8k": 8 * 1024, "200k": 200 * 1024, "1m": 1024 * 1024}
 """Body sizes: "tiny" is one short message; the others many messages up to that many bytes."""
+INTERLEAVE_FROM = 200 * 1024
+"""From this body size on, two targets are compared in interleaved rounds (one at a time, the
+whole load core each) by default: side by side, two wrk processes pushing such bodies share the
+load core and can cap both targets at the same rate, so their ratio reads ~1 whatever they cost."""
+SATURATION = 0.85
+"""A load generator or backend above this share of its core, or a proxy above this share of
+the direct rate, is near its ceiling: the rate measured is theirs, not the proxy's."""
 TARGETS = ("direct", "forwarder", "forwarder_http1", "node")
 COMPARED = ("direct", "forwarder", "node")
 """The targets the summary lines compare (forwarder_http1 adds one line when present)."""
@@ -79,6 +95,9 @@ LABELS = {
     "node": "(c) affinity node",
 }
 CONNECTIONS = 64
+WRK_TIMEOUT_S = 10
+"""wrk's default (2 s) counted slow answers as errors: 64 connections of 1 MB bodies on a core
+shared with other work took over 2 s at p99 here, answered all the same."""
 FIXED_RATE = 1000.0
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -94,9 +113,14 @@ def request_body(stream: bool, size: str = "tiny") -> str:
     if target:
         messages = [{"role": "system", "content": "You are a careful assistant. " * 12}]
         turn = 0
-        while len(json.dumps(messages)) < target - 120:
+        # len(json.dumps(list)) counted incrementally (items joined by ", "): dumping the
+        # whole list every turn is quadratic, minutes at 1 MB.
+        length = len(json.dumps(messages))
+        while length < target - 120:
             role = "user" if turn % 2 == 0 else "assistant"
-            messages.append({"role": role, "content": f"turn {turn}: " + "some words " * 40})
+            message = {"role": role, "content": f"turn {turn}: " + "some words " * 40}
+            messages.append(message)
+            length += len(json.dumps(message)) + 2
             turn += 1
     return json.dumps(
         {"model": MODEL, "messages": messages, "stream": stream, "max_tokens": 64},
@@ -199,6 +223,7 @@ http {{
     access_log off;
 {temp_paths}
     keepalive_requests 1000000000;
+    client_max_body_size 64m;
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -331,7 +356,21 @@ class Run:
     """The proxy process's CPU time per request: steadier than req/s when others share the core."""
     cpu_share: float | None = None
     """Proxy CPU time over wall time; well under 1 at full load means something took its core."""
+    loadgen_cpu: float | None = None
+    """wrk's CPU time over wall time (1.0 = one core): near 1, wrk sets the rate, not the proxy."""
+    backend_cpu: float | None = None
+    """nginx's CPU time over the same window (it shares the load core with wrk)."""
+    load_core_busy: float | None = None
+    """The load core's busy share from /proc/stat: wrk, nginx and whatever else runs there."""
+    body_kb: float = 0.0
+    """The request body's size, for the proxy's CPU per KB."""
     detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_us_per_kb(self) -> float | None:
+        if self.cpu_us_per_req is None or self.body_kb < 1:
+            return None
+        return self.cpu_us_per_req / self.body_kb
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -347,20 +386,22 @@ def parse_wrk(out: str) -> Run:
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
     if rps is None:
         raise BenchError(f"no Requests/sec in wrk output:\n{out}")
-    errors = 0
+    kinds: dict[str, int] = {}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if non2xx:
-        errors += int(non2xx.group(1))
+        kinds["non-2xx"] = int(non2xx.group(1))
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
-        errors += sum(int(g) for g in sock.groups())
+        names = ("connect", "read", "write", "timeout")
+        kinds.update({n: int(g) for n, g in zip(names, sock.groups(), strict=True) if int(g)})
     count = re.search(r"^\s+(\d+) requests in", out, re.M)
     return Run(
         float(rps.group(1)),
         latency("50"),
         latency("99"),
-        errors,
+        sum(kinds.values()),
         int(count.group(1)) if count else 0,
+        detail={"statuses": kinds} if kinds else {},
     )
 
 
@@ -393,15 +434,65 @@ def wrk(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -
         "-t1",
         f"-c{CONNECTIONS}",
         f"-d{max(1, round(seconds))}s",
+        f"--timeout={WRK_TIMEOUT_S}s",
         "--latency",
         "-s",
         str(script),
         url,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    code, out, used, wall = run_with_rusage(argv, seconds + 30)
+    if code != 0:
+        raise BenchError(f"wrk failed ({code}): {out}")
+    run = parse_wrk(out)
+    run.loadgen_cpu = used / wall
+    run.body_kb = len(body.encode()) / 1024
+    return run
+
+
+def run_with_rusage(
+    argv: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+) -> tuple[int, str, float, float]:
+    """Runs a child to its end: exit code, output (stdout and stderr), its CPU seconds (from
+    wait4's rusage: exact, and still there after it exits, unlike /proc) and wall seconds.
+    taskset execs its command, so the rusage is wrk's own. Safe from several threads."""
+    started = time.perf_counter()
+    popen = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    killer = threading.Timer(timeout_s, popen.kill)
+    killer.start()
+    try:
+        assert popen.stdout is not None
+        out = popen.stdout.read().decode(errors="replace")
+        popen.stdout.close()
+        _pid, status, usage = os.wait4(popen.pid, 0)
+    finally:
+        killer.cancel()
+    wall = time.perf_counter() - started
+    popen.returncode = code = os.waitstatus_to_exitcode(status)
+    return code, out, usage.ru_utime + usage.ru_stime, wall
+
+
+class CoreClock:
+    """Busy share of one core between two reads of /proc/stat (every process on it)."""
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.start = self._ticks()
+
+    def _ticks(self) -> tuple[int, int]:
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name == f"cpu{self.cpu}":
+                ticks = [int(f) for f in fields[:8]]
+                return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, total
+        return 0, 0
+
+    def busy(self) -> float | None:
+        idle0, total0 = self.start
+        idle1, total1 = self._ticks()
+        total = total1 - total0
+        return 1.0 - (idle1 - idle0) / total if total > 0 else None
 
 
 def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: Path) -> Run:
@@ -420,20 +511,17 @@ def fixed_rate(url: str, body: str, secret: str, seconds: float, cpu: int, tmp: 
         "--body-file",
         str(body_file(tmp, body)),
     ]
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=False,
-        env={**os.environ, "BENCH_API_KEY": secret},
-    )
-    if done.returncode != 0:
-        raise BenchError(f"fixed-rate client failed ({done.returncode}): {done.stderr}")
-    res: dict[str, Any] = json.loads(done.stdout)
+    env = {**os.environ, "BENCH_API_KEY": secret}
+    code, out, used, wall = run_with_rusage(argv, seconds + 30, env)
+    if code != 0:
+        raise BenchError(f"fixed-rate client failed ({code}): {out}")
+    res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     errors = res["sent"] - res["ok"]
     detail = {k: res[k] for k in ("offered_rps", "max_ms", "lag_p99_ms", "statuses")}
-    return Run(res["rps"], res["p50_ms"], res["p99_ms"], errors, res["sent"], detail=detail)
+    run = Run(res["rps"], res["p50_ms"], res["p99_ms"], errors, res["sent"], detail=detail)
+    run.loadgen_cpu = used / wall
+    run.body_kb = len(body.encode()) / 1024
+    return run
 
 
 def cpu_seconds(pid: int) -> float:
@@ -540,6 +628,9 @@ class Options:
     sizes: tuple[str, ...] = tuple(SIZES)
     ledger_rounds: int = 3
     versus_rounds: int = 3
+    versus_method: str = "auto"
+    backend_pid: int = 0
+    """nginx's pid once it runs: its CPU is measured over every run."""
 
 
 Results = dict[str, dict[str, dict[str, Run]]]
@@ -558,17 +649,75 @@ def cases(sizes: Sequence[str]) -> dict[str, tuple[str, bool, str]]:
 def accounted(
     load: str, url: str, body: str, secret: str, opts: Options, tmp: Path, proxy: Proc | None
 ) -> Run:
-    """One measured run, with the proxy's CPU time over it when there is a proxy."""
-    cpu0, wall0 = (cpu_seconds(proxy.popen.pid) if proxy else 0.0), time.perf_counter()
+    """One measured run, with the CPU of the proxy (when there is one), nginx and the load core
+    over it."""
+    watch = Watch(proxy, opts.backend_pid, opts.load_cpu)
     if load == "full":
         run = wrk(url, body, secret, opts.duration, opts.load_cpu, tmp)
     else:
         run = fixed_rate(url, body, secret, opts.duration, opts.load_cpu, tmp)
-    if proxy is not None and run.requests:
-        used = cpu_seconds(proxy.popen.pid) - cpu0
-        run.cpu_us_per_req = used / run.requests * 1e6
-        run.cpu_share = used / (time.perf_counter() - wall0)
-    return run
+    return watch.fill(run)
+
+
+class Watch:
+    """CPU time of the proxy and the backend and the load core's busy share over one run."""
+
+    def __init__(self, proxy: Proc | None, backend_pid: int, load_cpu: int) -> None:
+        self.proxy_pid = proxy.popen.pid if proxy is not None else 0
+        self.backend_pid = backend_pid
+        self.proxy0 = cpu_seconds(self.proxy_pid) if self.proxy_pid else 0.0
+        self.backend0 = cpu_seconds(backend_pid) if backend_pid else 0.0
+        self.core = CoreClock(load_cpu)
+        self.wall0 = time.perf_counter()
+
+    def fill(self, run: Run) -> Run:
+        wall = time.perf_counter() - self.wall0
+        run.load_core_busy = self.core.busy()
+        if self.backend_pid:
+            run.backend_cpu = (cpu_seconds(self.backend_pid) - self.backend0) / wall
+        if self.proxy_pid and run.requests:
+            used = cpu_seconds(self.proxy_pid) - self.proxy0
+            run.cpu_us_per_req = used / run.requests * 1e6
+            run.cpu_share = used / wall
+        return run
+
+
+def saturation(window: Sequence[Run], direct_rps: float | None) -> list[str]:
+    """Why the rate of the runs in `window` (measured at the same moments, sharing the load
+    core) may be the load generator's or the backend's, not the proxies': empty when none.
+    Others' processes on the load core are not a flag (the scheduler still gives wrk the time
+    it asks for); `other_cpu` shows them."""
+    loadgen = sum(r.loadgen_cpu or 0.0 for r in window)
+    backend = max((r.backend_cpu or 0.0 for r in window), default=0.0)
+    flags = []
+    if loadgen > SATURATION:
+        flags.append("loadgen")
+    if backend > SATURATION:
+        flags.append("backend")
+    if direct_rps and sum(r.rps for r in window) > SATURATION * direct_rps:
+        flags.append("near the direct rate")
+    return flags
+
+
+def other_cpu(run: Run) -> float | None:
+    """The load core's busy share not spent by wrk or nginx: other processes (a shared machine)."""
+    if run.load_core_busy is None or run.loadgen_cpu is None:
+        return None
+    return max(0.0, run.load_core_busy - run.loadgen_cpu - (run.backend_cpu or 0.0))
+
+
+def flagged(window: Sequence[Run], direct_rps: float | None) -> str:
+    flags = saturation(window, direct_rps)
+    return f"  SATURATED: {', '.join(flags)}" if flags else ""
+
+
+def shares(run: Run) -> str:
+    """CPU shares of one core: load generator, backend, proxy."""
+
+    def pct(x: float | None) -> str:
+        return f"{x:4.0%}" if x is not None else "   -"
+
+    return f"wrk {pct(run.loadgen_cpu)} nginx {pct(run.backend_cpu)} proxy {pct(run.cpu_share)}"
 
 
 def measure(
@@ -604,14 +753,11 @@ def measure_case(
     if "fixed" in loads:
         runs["fixed"] = accounted("fixed", url, body, secret, opts, tmp, proxy)
     for load, run in runs.items():
-        cpu = (
-            f"  cpu {run.cpu_us_per_req:5.0f} us/req ({run.cpu_share:.0%} of core)"
-            if run.cpu_us_per_req is not None and run.cpu_share is not None
-            else ""
-        )
+        cpu = f"  {run.cpu_us_per_req:5.0f} us/req" if run.cpu_us_per_req is not None else ""
         print(
             f"  {mode:<22} {load:<5} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-            f"p99 {run.p99_ms:6.2f} ms{cpu}" + (f"  ERRORS {run.errors}" if run.errors else ""),
+            f"p99 {run.p99_ms:6.2f} ms  {shares(run)}{cpu}"
+            + (f"  ERRORS {run.errors}" if run.errors else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -619,6 +765,9 @@ def measure_case(
 
 
 FIXED_ROUNDS = 5
+FIXED_MAX_BODY = 256 * 1024
+"""Larger bodies get no fixed-rate runs: 1000 req/s of 1 MB is 1 GB/s, more than the proxies
+(and the Python client) carry, so the latency measured would be an open loop's queue."""
 
 
 def fixed_interleaved(
@@ -658,6 +807,10 @@ def merged(runs: Sequence[Run]) -> Run:
         requests=sum(r.requests for r in runs),
         cpu_us_per_req=med(cpu) if cpu else None,
         cpu_share=med(share) if share else None,
+        loadgen_cpu=_median_of(r.loadgen_cpu for r in runs),
+        backend_cpu=_median_of(r.backend_cpu for r in runs),
+        load_core_busy=_median_of(r.load_core_busy for r in runs),
+        body_kb=runs[0].body_kb if runs else 0.0,
         detail={
             "slices": len(runs),
             "p50_ms_slices": [r.p50_ms for r in runs],
@@ -665,6 +818,11 @@ def merged(runs: Sequence[Run]) -> Run:
             "statuses": [r.detail.get("statuses") for r in runs if r.errors],
         },
     )
+
+
+def _median_of(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def start_node(
@@ -733,6 +891,7 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
         )
         backend = f"http://127.0.0.1:{nginx_port}"
         wait_ready(backend + "/health", nginx)
+        opts = replace(opts, backend_pid=nginx.popen.pid)
         results: Results = {case: {} for case in cases(opts.sizes)}
         # Every target runs from the start (idle ones cost nothing), and each case measures
         # them one right after the other: this VM's speed drifted 15-40% over minutes, so
@@ -753,14 +912,14 @@ def benchmark(dsn: str, opts: Options, tmp: Path, report: dict[str, Any]) -> Res
                 results[mode][target] = measure_case(
                     mode, base, secret, opts, tmp, proc, loads=("full",)
                 )
+            if SIZES[cases(opts.sizes)[mode][2]] > FIXED_MAX_BODY:
+                continue  # the fixed rate is beyond every target there: latency of a queue
             for target, run in fixed_interleaved(mode, targets, secret, opts, tmp).items():
                 results[mode][target]["fixed"] = run
         report["node_metrics"] = asdict(node_figures(targets["node"][0]))
         procs.stop(fwd_h1)
         if opts.versus_rounds:
-            report["side_by_side"] = side_by_side(
-                {"forwarder": targets["forwarder"], "node": targets["node"]}, secret, opts, tmp
-            )
+            report["versus"] = versus_rounds(targets, secret, opts, tmp)
         for proc in (fwd, node):
             procs.stop(proc)
 
@@ -848,34 +1007,226 @@ def ledger_experiment(
     return {"runs": runs, "ledger_on_node_metrics": figures}
 
 
-def side_by_side(
-    targets: dict[str, tuple[str, Proc | None]], secret: str, opts: Options, tmp: Path
-) -> dict[str, list[float]]:
-    """Node over forwarder throughput per case, the two at full load on the proxy's core at the
-    same moments (as bench-versus does): whatever else runs hits both alike, so rounds agree
-    within a few percent where runs one after the other do not."""
-    ratios: dict[str, list[float]] = {mode: [] for mode in cases(opts.sizes)}
-    for n in range(opts.versus_rounds):
-        print(f"(b) and (c) side by side, round {n + 1}", file=sys.stderr, flush=True)
-        for mode, (path, stream, size) in cases(opts.sizes).items():
-            body = request_body(stream, size)
-            for load in ("warm-up", "full"):
-                with ThreadPoolExecutor(2) as pool:
-                    futures = {
-                        name: pool.submit(side_run, load, base + path, body, secret, opts, tmp, p)
-                        for name, (base, p) in targets.items()
-                        if p is not None
-                    }
-                    done = {name: f.result() for name, f in futures.items()}
-            fwd, node = done["forwarder"], done["node"]
-            ratios[mode].append(node.rps / fwd.rps if fwd.rps else float("nan"))
-            print(
-                f"  {mode:<22} forwarder {fwd.rps:6.0f} req/s, node {node.rps:6.0f} req/s: "
-                f"{ratios[mode][-1]:.3f}",
-                file=sys.stderr,
-                flush=True,
+@dataclass
+class Target:
+    """What wrk drives: a proxy, or nginx itself (no proxy process to watch)."""
+
+    name: str
+    base: str
+    proc: Proc | None
+    secret: str
+
+
+METHODS = ("auto", "interleaved", "side-by-side")
+
+
+def method_for(method: str, size: str) -> str:
+    """`auto`: interleaved from INTERLEAVE_FROM on (the reference there), else side by side."""
+    if method != "auto":
+        return method
+    return "interleaved" if SIZES[size] >= INTERLEAVE_FROM else "side-by-side"
+
+
+def compare_round(
+    method: str,
+    direct: Target,
+    pair: Sequence[Target],
+    url_path: str,
+    body: str,
+    seconds: float,
+    load_cpu: int,
+    backend_pid: int,
+    tmp: Path,
+    flip: bool = False,
+) -> dict[str, Run]:
+    """One round of one case at full load: the direct rate (wrk straight at nginx), then the
+    pair either interleaved (one at a time, each with the whole load core; `flip` swaps
+    the order, so rounds go A,B, B,A, ...: drift hits both alike) or side by side (both at
+    the same moments on the proxy core, each from its own wrk on the load core)."""
+    warm = max(1.0, seconds / 4)
+
+    def one(i: int, target: Target, secs: float) -> Run:
+        own = tmp / f"wrk-{i}"  # concurrent runs each write their own script
+        own.mkdir(exist_ok=True)
+        watch = Watch(target.proc, backend_pid, load_cpu)
+        return watch.fill(wrk(target.base + url_path, body, target.secret, secs, load_cpu, own))
+
+    runs = {"direct": one(0, direct, seconds)}
+    order = list(enumerate(pair, start=1))
+    if flip:
+        order.reverse()
+    if method == "interleaved":
+        for i, target in order:
+            one(i, target, warm)
+            runs[target.name] = one(i, target, seconds)
+        return runs
+    with ThreadPoolExecutor(len(order)) as pool:
+        for secs in (warm, seconds):
+            futures = {t.name: pool.submit(one, i, t, secs) for i, t in order}
+            done = {name: f.result() for name, f in futures.items()}
+    runs.update(done)
+    return runs
+
+
+def round_flags(method: str, runs: dict[str, Run], names: Sequence[str]) -> dict[str, list[str]]:
+    """Saturation flags per target: side by side, the pair shares the load core, so its wrk
+    processes' CPU and its rates add up (and both targets get the pair's flags)."""
+    direct = runs["direct"].rps
+    if method == "side-by-side":
+        flags = saturation([runs[n] for n in names], direct)
+        return {n: flags for n in names}
+    return {n: saturation([runs[n]], direct) for n in names}
+
+
+def summarise_rounds(
+    method: str, rounds: Sequence[dict[str, Run]], a: str, b: str
+) -> dict[str, Any]:
+    """Medians over rounds of one case: rates, CPU per request and per KB, CPU shares, the
+    ratio a / b per round (median and range), and every saturation flag any round raised."""
+    med = statistics.median
+
+    def figure(name: str, get: Any) -> float | None:
+        values = [v for r in rounds if (v := get(r[name])) is not None]
+        return med(values) if values else None
+
+    ratios = [r[a].rps / r[b].rps if r[b].rps else float("nan") for r in rounds]
+    # b's CPU per request over a's: the throughput ratio if each had the proxy core to itself;
+    # it holds when others take part of the core, which req/s does not.
+    cpu_ratios = [
+        cb / ca
+        for r in rounds
+        if (ca := r[a].cpu_us_per_req) and (cb := r[b].cpu_us_per_req) is not None
+    ]
+    out: dict[str, Any] = {
+        "method": method,
+        "rounds": len(rounds),
+        "ratio": med(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "cpu_ratio": med(cpu_ratios) if cpu_ratios else None,
+        "targets": {},
+    }
+    for name in ("direct", a, b):
+        flags: list[str] = []
+        for r in rounds:
+            if name != "direct":
+                flags += [f for f in round_flags(method, r, (a, b))[name] if f not in flags]
+        out["targets"][name] = {
+            "rps": figure(name, lambda r: r.rps),
+            "cpu_us_per_req": figure(name, lambda r: r.cpu_us_per_req),
+            "cpu_us_per_kb": figure(name, lambda r: r.cpu_us_per_kb),
+            "loadgen_cpu": figure(name, lambda r: r.loadgen_cpu),
+            "backend_cpu": figure(name, lambda r: r.backend_cpu),
+            "proxy_cpu": figure(name, lambda r: r.cpu_share),
+            "load_core_busy": figure(name, lambda r: r.load_core_busy),
+            "other_cpu": figure(name, other_cpu),
+            "errors": sum(r[name].errors for r in rounds),
+            "saturated": flags,
+        }
+    return out
+
+
+def round_line(case: str, method: str, runs: dict[str, Run], a: str, b: str) -> str:
+    """One round's figures, as the run goes."""
+    flags = round_flags(method, runs, (a, b))
+    cells = [f"direct {runs['direct'].rps:6.0f}"]
+    for name in (a, b):
+        r = runs[name]
+        cells.append(
+            f"{name} {r.rps:6.0f} req/s {r.cpu_us_per_req or 0:5.0f} us/req "
+            f"(wrk {r.loadgen_cpu or 0:.0%}, nginx {r.backend_cpu or 0:.0%}, "
+            f"others {other_cpu(r) or 0:.0%}; proxy {r.cpu_share or 0:.0%})"
+            + (f" SATURATED: {', '.join(flags[name])}" if flags[name] else "")
+            + (f" ERRORS {r.errors} {r.detail.get('statuses', '')}" if r.errors else "")
+        )
+    ratio = runs[a].rps / runs[b].rps if runs[b].rps else float("nan")
+    return f"  {case:<20} {method:<12} " + ";  ".join(cells) + f";  ratio {ratio:.3f}"
+
+
+COMPARE_HEAD = (
+    f"{'case':<20} {'method':<12} {'target':<18}{'req/s':>8}{'us/req':>8}{'us/KB':>8}"
+    f"{'wrk':>6}{'nginx':>7}{'others':>7}{'proxy':>7}"
+)
+
+
+def compare_table(summaries: dict[str, dict[str, Any]], a: str, b: str) -> list[str]:
+    """Per case: the direct rate and both targets (medians; CPU shares are of one core: wrk
+    and nginx share the load core), the ratio a / b, and saturation flags."""
+
+    def num(x: float | None, fmt: str) -> str:
+        return format(x, fmt) if x is not None else "-"
+
+    lines = [COMPARE_HEAD]
+    for case, summary in summaries.items():
+        first = True
+        for name, t in summary["targets"].items():
+            lead = f"{case:<20} {summary['method']:<12} " if first else " " * 34
+            first = False
+            lines.append(
+                f"{lead}{name:<18}{num(t['rps'], '.0f'):>8}{num(t['cpu_us_per_req'], '.0f'):>8}"
+                f"{num(t['cpu_us_per_kb'], '.1f'):>8}{num(t['loadgen_cpu'], '.0%'):>6}"
+                f"{num(t['backend_cpu'], '.0%'):>7}{num(t['other_cpu'], '.0%'):>7}"
+                f"{num(t['proxy_cpu'], '.0%'):>7}"
+                + (f"  SATURATED: {', '.join(t['saturated'])}" if t["saturated"] else "")
+                + (f"  ERRORS {t['errors']}" if t["errors"] else "")
             )
-    return ratios
+        lines.append(
+            " " * 34 + f"{a} / {b}: x{summary['ratio']:.3f} "
+            f"({summary['ratio_min']:.3f}..{summary['ratio_max']:.3f}, "
+            f"{summary['rounds']} rounds)"
+            + (
+                f"; by CPU per request x{summary['cpu_ratio']:.3f}"
+                if summary["cpu_ratio"] is not None
+                else ""
+            )
+            + (
+                "  (cannot tell: a side near saturation)"
+                if any(summary["targets"][n]["saturated"] for n in (a, b))
+                else ""
+            )
+            + shared_core_note(summary, a, b)
+        )
+    return lines
+
+
+def shared_core_note(summary: dict[str, Any], a: str, b: str) -> str:
+    """Interleaved, each target's req/s is what other work left it of the proxy core, which
+    changes from run to run: below 90% the rate ratio is noise, the CPU ratio still holds."""
+    shares = [summary["targets"][n]["proxy_cpu"] for n in (a, b)]
+    if summary["method"] != "interleaved" or any(s is None for s in shares):
+        return ""
+    low = min(shares)
+    if low >= 0.9:
+        return ""
+    return f"  (req/s noisy: a proxy got {low:.0%} of its core; read the CPU ratio)"
+
+
+def versus_rounds(
+    targets: dict[str, tuple[str, Proc | None]], secret: str, opts: Options, tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """Node over forwarder throughput per case, over `versus_rounds` rounds, interleaved or
+    side by side (`versus_method`), with the direct rate measured in each round."""
+    direct = Target("direct", targets["direct"][0], None, secret)
+    pair = [Target(n, targets[n][0], targets[n][1], secret) for n in ("node", "forwarder")]
+    rounds: dict[str, list[dict[str, Run]]] = {case: [] for case in cases(opts.sizes)}
+    methods = {case: method_for(opts.versus_method, size) for case, (_p, _s, size) in
+               cases(opts.sizes).items()}  # fmt: skip
+    for n in range(opts.versus_rounds):
+        print(f"(b) and (c) compared, round {n + 1}", file=sys.stderr, flush=True)
+        for case, (path, stream, size) in cases(opts.sizes).items():
+            runs = compare_round(
+                methods[case], direct, pair, path, request_body(stream, size), opts.duration,
+                opts.load_cpu, opts.backend_pid, tmp, flip=n % 2 == 1,
+            )  # fmt: skip
+            rounds[case].append(runs)
+            print(round_line(case, methods[case], runs, "node", "forwarder"), file=sys.stderr)
+    return {
+        case: {
+            "summary": summarise_rounds(methods[case], rs, "node", "forwarder"),
+            "rounds": [{name: asdict(run) for name, run in r.items()} for r in rs],
+        }
+        for case, rs in rounds.items()
+    }
 
 
 def wait_first_flush(base: str, timeout_s: float = 30.0) -> None:
@@ -941,22 +1292,36 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
         "(b) and (c) run uvloop when importable ((c) is `affinity-node serve` as shipped)",
         "",
     ]
-    head = f"{'':<22}{'full load':^36}  {'fixed ' + str(int(FIXED_RATE)) + ' req/s':^36}"
-    sub = f"{'':<22}" + f"{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>9}  " * 2
+    head = (
+        f"{'':<22}{'full load':^36}  {'fixed ' + str(int(FIXED_RATE)) + ' req/s':^36}  "
+        f"{'full load: cpu of one core':^28}"
+    )
+    sub = (
+        f"{'':<22}"
+        + f"{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>9}  " * 2
+        + f"{'us/KB':>7}{'wrk':>7}{'nginx':>7}{'proxy':>7}"
+    )
     problems = []
     for mode, by_target in results.items():
         lines += [f"{mode}", head, sub]
+        direct = by_target.get("direct", {}).get("full")
         for target in TARGETS:
             runs = by_target.get(target)
             if runs is None:
                 continue
+            full = runs["full"]
             lines.append(
                 f"  {LABELS[target]:<20}"
                 + "  ".join(
                     f"{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
                     + (f"{r.cpu_us_per_req:>9.0f}" if r.cpu_us_per_req is not None else f"{'-':>9}")
-                    for r in (runs["full"], runs["fixed"])
+                    if r is not None
+                    else f"{'-':>9}" * 4
+                    for r in (full, runs.get("fixed"))
                 )
+                + f"  {_cell(full.cpu_us_per_kb, '.1f')}{_cell(full.loadgen_cpu, '.0%')}"
+                f"{_cell(full.backend_cpu, '.0%')}{_cell(full.cpu_share, '.0%')}"
+                + (flagged([full], direct.rps if direct else None) if target != "direct" else "")
             )
             for load, run in runs.items():
                 if load == "full" and run.cpu_share is not None and run.cpu_share < 0.9:
@@ -983,19 +1348,13 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                 f"(forwarder / direct {f['full'].rps / d['full'].rps:.2f})"
                 + cpu_ratio(n["full"], f["full"])
             )
-            lines.append(
-                f"  added p50 at {FIXED_RATE:.0f} req/s vs direct: node "
-                f"{n['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms, forwarder "
-                f"{f['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms; p99: node "
-                f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
-                f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms"
-            )
-            side = report.get("side_by_side", {}).get(mode)
-            if side:
+            if "fixed" in n:
                 lines.append(
-                    f"  node / forwarder throughput side by side (same core, same moments), "
-                    f"median of {len(side)}: {statistics.median(side):.2f} "
-                    f"({min(side):.2f}..{max(side):.2f})"
+                    f"  added p50 at {FIXED_RATE:.0f} req/s vs direct: node "
+                    f"{n['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms, forwarder "
+                    f"{f['fixed'].p50_ms - d['fixed'].p50_ms:+.3f} ms; p99: node "
+                    f"{n['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms, forwarder "
+                    f"{f['fixed'].p99_ms - d['fixed'].p99_ms:+.3f} ms"
                 )
             h = by_target.get("forwarder_http1")
             if h is not None:
@@ -1004,6 +1363,15 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
                     f"{n['full'].rps / h['full'].rps:.2f} (what the node does besides relaying)"
                     + cpu_ratio(n["full"], h["full"])
                 )
+        lines.append("")
+    versus = report.get("versus")
+    if versus:
+        lines.append(
+            "node / forwarder at full load, in rounds (fresh direct rate each round; "
+            "interleaved: one target at a time, the whole load core each; side by side: "
+            "both at once, each from its own wrk; medians):"
+        )
+        lines += compare_table({c: v["summary"] for c, v in versus.items()}, "node", "forwarder")
         lines.append("")
     nm = report.get("node_metrics")
     if nm:
@@ -1083,6 +1451,10 @@ def table(results: Results, report: dict[str, Any], opts: Options) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _cell(x: float | None, fmt: str, width: int = 7) -> str:
+    return f"{format(x, fmt) if x is not None else '-':>{width}}"
+
+
 def cpu_ratio(node: Run, forwarder: Run) -> str:
     if node.cpu_us_per_req is None or forwarder.cpu_us_per_req is None:
         return ""
@@ -1102,15 +1474,24 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
             summary[mode] = {
                 "node_over_forwarder_rps": n["full"].rps / f["full"].rps,
                 "forwarder_over_direct_rps": f["full"].rps / d["full"].rps,
-                "node_added_p50_ms": n["fixed"].p50_ms - d["fixed"].p50_ms,
-                "forwarder_added_p50_ms": f["fixed"].p50_ms - d["fixed"].p50_ms,
-                "node_added_p99_ms": n["fixed"].p99_ms - d["fixed"].p99_ms,
                 "node_cpu_us_per_req": n["full"].cpu_us_per_req,
                 "forwarder_cpu_us_per_req": f["full"].cpu_us_per_req,
+                "node_cpu_us_per_kb": n["full"].cpu_us_per_kb,
+                "forwarder_cpu_us_per_kb": f["full"].cpu_us_per_kb,
+                "loadgen_cpu": {t: by[t]["full"].loadgen_cpu for t in COMPARED},
+                "backend_cpu": {t: by[t]["full"].backend_cpu for t in COMPARED},
+                "saturated": {t: saturation([by[t]["full"]], d["full"].rps) for t in COMPARED[1:]},
             }
-            side = report.get("side_by_side", {}).get(mode)
-            if side:
-                summary[mode]["node_over_forwarder_side_by_side"] = statistics.median(side)
+            if "fixed" in n:
+                summary[mode].update(
+                    node_added_p50_ms=n["fixed"].p50_ms - d["fixed"].p50_ms,
+                    forwarder_added_p50_ms=f["fixed"].p50_ms - d["fixed"].p50_ms,
+                    node_added_p99_ms=n["fixed"].p99_ms - d["fixed"].p99_ms,
+                )
+            versus = report.get("versus", {}).get(mode)
+            if versus:
+                summary[mode]["node_over_forwarder_rounds"] = versus["summary"]["ratio"]
+                summary[mode]["rounds_method"] = versus["summary"]["method"]
             if "forwarder_http1" in by:
                 summary[mode]["node_over_forwarder_http1_rps"] = (
                     n["full"].rps / by["forwarder_http1"]["full"].rps
@@ -1127,7 +1508,7 @@ def to_json(results: Results, report: dict[str, Any], opts: Options) -> dict[str
         },
         "summary": summary,
         "node_metrics": report.get("node_metrics"),
-        "side_by_side": report.get("side_by_side"),
+        "versus": report.get("versus"),
         "busy_before": report.get("busy_before"),
     }
     exp = report.get("uvloop_experiment")
@@ -1212,7 +1593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--versus-rounds",
         type=non_negative_int,
         default=3,
-        help="rounds of the node and the forwarder side by side at full load (default 3; 0 skips)",
+        help="rounds of the node against the forwarder at full load (default 3; 0 skips)",
+    )
+    p.add_argument(
+        "--versus-method",
+        choices=METHODS,
+        default="auto",
+        help="how those rounds run: interleaved (one target at a time, the reference), "
+        "side-by-side (both at once), auto (default: interleaved from 200k on)",
     )
     p.add_argument(
         "--ledger-rounds",
@@ -1257,7 +1645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     opts = Options(
         args.duration, args.proxy_cpu, args.load_cpu, args.compare_uvloop, sizes,
-        args.ledger_rounds, args.versus_rounds,
+        args.ledger_rounds, args.versus_rounds, args.versus_method,
     )  # fmt: skip
     report: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _terminate)

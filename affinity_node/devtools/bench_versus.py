@@ -1,15 +1,23 @@
-"""Two proxies side by side on one core: the node against the bare forwarder, or against the
-node at another git revision.
+"""Two proxies on one core: the node against the bare forwarder, or against the node at
+another git revision.
 
     python -m affinity_node.devtools.bench_versus [--against forwarder|forwarder-http1|REV]
-        [--rounds 3]
-        [--duration 8] [--sizes tiny,8k,200k]
+        [--rounds 3] [--method auto|interleaved|side-by-side]
+        [--duration 8] [--sizes tiny,8k,200k,1m]
 
-Both proxies run pinned to the proxy core at the same moments, each at full load from its own
-wrk on the other core (with nginx), so whatever else runs on the machine hits both alike: the
-ratio of their throughputs is the inverse ratio of their CPU cost per request. Runs one after
-the other (bench-overhead) drifted by 15-40% on a shared VM; side by side, rounds agree within
-a few percent. Fresh processes every round; prints each round and the median ratio per case.
+Each round measures, per case, the direct rate (wrk straight at nginx) and then the two
+proxies pinned to the proxy core, each at full load from wrk on the other core (with nginx):
+- interleaved (the reference; the default from 200 KB on): one proxy at a time, each with the
+  whole load core, the order swapped every round (A,B, B,A, ...), medians over rounds;
+- side by side (the default below 200 KB): both at the same moments, each from its own wrk,
+  so whatever else runs on the machine hits both alike and the ratio of their throughputs is
+  the inverse ratio of their CPU cost per request, but only while the load core keeps up: two
+  wrk processes pushing 200 KB bodies may saturate it, and then both proxies are capped at the
+  same rate and the ratio reads ~1 whatever they cost.
+Every run reports the CPU of wrk, nginx and the proxy, the proxy's CPU per request and per KB
+of body, and is marked SATURATED when wrk or nginx is above 85% of a core or the proxies' rate
+above 0.85 of the direct rate: such a ratio measures the load side, not the proxies.
+Fresh processes every round.
 
 A revision runs from a git worktree of this repository, on its own database migrated by its
 own code, with a config that sets no key it may not know. Needs nginx, wrk and taskset.
@@ -19,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -38,14 +44,6 @@ from affinity_node.sim.support import free_port, postgres
 
 REPO = Path(__file__).resolve().parents[2]
 FORWARDERS = ("forwarder", "forwarder-http1")
-
-
-@dataclass
-class Side:
-    name: str
-    proc: bench.Proc
-    base: str
-    secret: str
 
 
 def _worktree(rev: str, under: Path) -> Path:
@@ -93,7 +91,7 @@ def _prepare_with(tree: Path, dsn: str) -> str:
 
 def _start_node(
     procs: bench.Procs, tmp: Path, tree: Path, dsn: str, secret: str, backend: str, cpu: int
-) -> Side:
+) -> bench.Target:
     port = free_port()
     config = tmp / f"node-{port}.yaml"
     config.write_text(bench.node_yaml(dsn, port, backend, ledger=None))  # each its default
@@ -107,23 +105,15 @@ def _start_node(
         status, _headers, body = bench.post(base + path, bench.request_body(stream), secret)
         if status != 200:
             raise bench.BenchError(f"node answered {status}: {body[:300]!r}")
-    return Side(f"node {tree.name}", proc, base, secret)
+    return bench.Target(f"node {tree.name}", base, proc, secret)
 
 
-def _run(side: Side, url_path: str, body: str, seconds: float, cpu: int, tmp: Path) -> bench.Run:
-    own = tmp / f"wrk-{side.proc.popen.pid}"
-    own.mkdir(exist_ok=True)
-    cpu0 = bench.cpu_seconds(side.proc.popen.pid)
-    run = bench.wrk(side.base + url_path, body, side.secret, seconds, cpu, own)
-    if run.requests:
-        used = bench.cpu_seconds(side.proc.popen.pid) - cpu0
-        run.cpu_us_per_req = used / run.requests * 1e6
-    return run
-
-
-def versus(args: argparse.Namespace) -> dict[str, list[float]]:
+def versus(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per case: the summary of its rounds (bench_overhead.summarise_rounds)."""
     cases = [(s, m) for s in args.sizes for m in bench.MODES]
-    ratios: dict[str, list[float]] = {f"{s} {m}": [] for s, m in cases}
+    rounds: dict[str, list[dict[str, bench.Run]]] = {f"{s} {m}": [] for s, m in cases}
+    methods = {f"{s} {m}": bench.method_for(args.method, s) for s, m in cases}
+    names = ("", "")
     with tempfile.TemporaryDirectory(prefix="affinity-versus-") as t, postgres(None) as admin:
         tmp = Path(t)
         procs = bench.Procs(tmp)
@@ -138,6 +128,7 @@ def versus(args: argparse.Namespace) -> dict[str, list[float]]:
             )
             backend = f"http://127.0.0.1:{port}"
             bench.wait_ready(backend + "/health", nginx)
+            direct = bench.Target("direct", backend, None, "unused")
             here = REPO
             here_dsn = asyncio.run(_create_database(admin, "versus_here"))
             here_secret = _prepare_with(here, here_dsn)
@@ -149,48 +140,44 @@ def versus(args: argparse.Namespace) -> dict[str, list[float]]:
                 other = (tree, dsn, _prepare_with(tree, dsn))
             for n in range(args.rounds):
                 a = _start_node(procs, tmp, here, here_dsn, here_secret, backend, args.proxy_cpu)
+                a.name = "this node"
                 if other is None:
                     proc, base = bench.start_forwarder(
                         procs, backend, args.proxy_cpu, http1=args.against == "forwarder-http1"
                     )
-                    b = Side(args.against, proc, base, "unused")
+                    b = bench.Target(args.against, base, proc, "unused")
                 else:
                     b = _start_node(procs, tmp, *other, backend, args.proxy_cpu)
+                names = (a.name, b.name)
                 for size, mode in cases:
+                    case = f"{size} {mode}"
                     url_path, stream = bench.MODES[mode]
-                    body = bench.request_body(stream, size)
-                    runs: list[bench.Run] = []
-                    for seconds in (max(1.0, args.duration / 4), args.duration):  # warm, then
-                        with ThreadPoolExecutor(2) as pool:
-                            futures = [
-                                pool.submit(_run, s, url_path, body, seconds, args.load_cpu, tmp)
-                                for s in (a, b)
-                            ]
-                            runs = [f.result() for f in futures]
-                    ra, rb = runs
-                    ratio = ra.rps / rb.rps if rb.rps else float("nan")
-                    ratios[f"{size} {mode}"].append(ratio)
-                    print(
-                        f"round {n + 1}  {size:>4} {mode:<14} this node {ra.rps:6.0f} req/s "
-                        f"{ra.cpu_us_per_req or 0:5.0f} us/req;  {b.name} {rb.rps:6.0f} req/s "
-                        f"{rb.cpu_us_per_req or 0:5.0f} us/req;  ratio {ratio:.3f}",
-                        flush=True,
-                    )
+                    runs = bench.compare_round(
+                        methods[case], direct, (a, b), url_path,
+                        bench.request_body(stream, size), args.duration, args.load_cpu,
+                        nginx.popen.pid, tmp, flip=n % 2 == 1,
+                    )  # fmt: skip
+                    rounds[case].append(runs)
+                    print(f"round {n + 1}" + bench.round_line(case, methods[case], runs, *names))
+                    sys.stdout.flush()
+                assert a.proc is not None and b.proc is not None
                 procs.stop(a.proc)
                 procs.stop(b.proc)
         finally:
             procs.close()
             for tree in trees:
                 _remove_worktree(tree)
-    return ratios
+    return {case: bench.summarise_rounds(methods[case], rs, *names) for case, rs in rounds.items()}
 
 
-def table(ratios: dict[str, list[float]], against: str) -> str:
-    lines = [f"this checkout's node over {against}, throughput side by side (median, range):"]
-    for case, values in ratios.items():
-        lines.append(
-            f"  {case:<22} x{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
-        )
+def table(summaries: dict[str, dict[str, Any]], against: str) -> str:
+    names = next(iter(summaries.values()))["targets"]
+    a, b = (n for n in names if n != "direct")
+    lines = [
+        f"this checkout's node over {against}, full load, medians over rounds; CPU shares are "
+        "of one core (wrk and nginx share the load core):"
+    ]
+    lines += bench.compare_table(summaries, a, b)
     return "\n".join(lines)
 
 
@@ -204,7 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--duration", type=positive_float, default=8.0, help="seconds per run")
-    p.add_argument("--sizes", default="tiny,200k", help=f"of {','.join(bench.SIZES)}")
+    p.add_argument("--sizes", default="tiny,200k,1m", help=f"of {','.join(bench.SIZES)}")
+    p.add_argument(
+        "--method",
+        choices=bench.METHODS,
+        default="auto",
+        help="interleaved (one proxy at a time: the reference), side-by-side (both at once), "
+        "auto (default: interleaved from 200k on)",
+    )
     p.add_argument("--proxy-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     args = p.parse_args(argv)
@@ -217,11 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
     try:
-        ratios = versus(args)
+        summaries = versus(args)
     except (bench.BenchError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(table(ratios, args.against))
+    print(table(summaries, args.against))
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from typing import Any
 
 import pytest
 
@@ -113,15 +115,138 @@ async def test_profile_runs_when_its_tools_are_installed():
     assert "affinity_node" in out and "aiohttp" in out and "req/s" in out
 
 
-@pytest.mark.parametrize("against", ["forwarder", "forwarder-http1"])
-async def test_versus_runs_when_its_tools_are_installed(against):
+@pytest.mark.parametrize(
+    ("against", "size", "method"),
+    [("forwarder", "1m", "interleaved"), ("forwarder-http1", "tiny", "side-by-side")],
+)
+async def test_versus_runs_when_its_tools_are_installed(against, size, method):
+    """Each round shows the direct rate and wrk's and nginx's CPU beside the proxies'; the
+    1 MB body goes through both proxies without a failed request."""
     import shutil
 
     if not all(shutil.which(t) for t in ("nginx", "wrk", "taskset", "env")):
         missing("one of nginx, wrk and taskset")
     code, out = await run(
         "affinity_node.devtools.bench_versus",
-        *("--rounds", "1", "--duration", "1", "--sizes", "tiny", "--against", against),
+        *("--rounds", "1", "--duration", "1", "--sizes", size, "--against", against),
     )
     assert code == 0, out
-    assert f"over {against}" in out and "tiny non-streaming" in out and "ratio" in out
+    assert f"over {against}" in out, out
+    assert re.search(rf"^{size} non-streaming +{method} +direct", out, re.M), out
+    assert "ratio" in out and "direct" in out and "wrk" in out and "nginx" in out
+    assert "ERRORS" not in out, out
+
+
+def run_of(rps: float, loadgen: float, backend: float = 0.1, us: float = 100.0) -> Any:
+    from affinity_node.devtools.bench_overhead import Run
+
+    return Run(
+        rps, 1.0, 2.0, requests=int(rps), cpu_us_per_req=us, cpu_share=1.0,
+        loadgen_cpu=loadgen, backend_cpu=backend, load_core_busy=loadgen + backend,
+        body_kb=200.0,
+    )  # fmt: skip
+
+
+def test_saturation_adds_up_the_load_generators_that_ran_together():
+    """Side by side, two wrk processes at 45% each saturate the load core between them: the
+    pair is flagged though neither run alone would be."""
+    from affinity_node.devtools.bench_overhead import saturation
+
+    a, b = run_of(1000, 0.45), run_of(1000, 0.45)
+    assert saturation([a], 10_000) == []
+    assert saturation([a, b], 10_000) == ["loadgen"]
+    assert saturation([run_of(1000, 0.2, backend=0.9)], 10_000) == ["backend"]
+    assert saturation([run_of(900, 0.2)], 1000) == ["near the direct rate"]
+
+
+def test_rounds_summary_flags_side_by_side_pairs_and_gives_medians():
+    from affinity_node.devtools.bench_overhead import compare_table, summarise_rounds
+
+    rounds = [
+        {"direct": run_of(10_000, 0.9), "node": run_of(2400, 0.5, us=200), "fwd": run_of(2400, 0.5)}
+        for _ in range(3)
+    ]
+    side = summarise_rounds("side-by-side", rounds, "node", "fwd")
+    assert side["ratio"] == 1.0 and side["cpu_ratio"] == 0.5
+    assert side["targets"]["node"]["saturated"] == ["loadgen"]
+    assert side["targets"]["fwd"]["cpu_us_per_kb"] == 0.5
+    text = "\n".join(compare_table({"200k non-streaming": side}, "node", "fwd"))
+    assert "SATURATED: loadgen" in text and "cannot tell" in text
+    apart = summarise_rounds("interleaved", rounds, "node", "fwd")
+    assert apart["targets"]["node"]["saturated"] == []
+    text = "\n".join(compare_table({"c": apart}, "node", "fwd"))
+    assert "cannot tell" not in text and "noisy" not in text
+    for r in rounds:
+        r["fwd"].cpu_share = 0.5  # others took half the proxy core
+    text = "\n".join(
+        compare_table({"c": summarise_rounds("interleaved", rounds, "node", "fwd")}, "node", "fwd")
+    )
+    assert "req/s noisy: a proxy got 50% of its core" in text
+
+
+def test_auto_method_interleaves_large_bodies_only():
+    from affinity_node.devtools.bench_overhead import method_for
+
+    assert [method_for("auto", s) for s in ("tiny", "8k", "200k", "1m")] == [
+        "side-by-side", "side-by-side", "interleaved", "interleaved"
+    ]  # fmt: skip
+    assert method_for("side-by-side", "1m") == "side-by-side"
+
+
+def test_request_bodies_reach_their_sizes():
+    import json
+
+    from affinity_node.devtools.bench_overhead import SIZES, request_body
+
+    for size, target in SIZES.items():
+        body = request_body(True, size)
+        assert json.loads(body)["stream"] is True
+        assert 0.98 * target <= len(body) <= 1.02 * target or size == "tiny"
+
+
+@pytest.mark.parametrize("http1", [False, True])
+async def test_bare_forwarder_relays_bodies_over_a_mebibyte(http1):
+    """aiohttp's default client_max_size (1 MiB) would answer 413 to a body the node takes
+    (its limit is 8 MiB): the "1m" body is just under it (1,040,087 bytes), a larger size
+    would not be."""
+    from aiohttp import ClientSession, web
+
+    from affinity_node.devtools.bare_forwarder import build_app, build_http1_app
+    from affinity_node.devtools.bench_overhead import request_body
+
+    seen: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(len(await request.read()))
+        return web.json_response({"ok": True})
+
+    upstream = web.Application(client_max_size=64 * 1024 * 1024)
+    upstream.router.add_post("/v1/chat/completions", answer)
+    runners = []
+    try:
+        up = web.AppRunner(upstream)
+        runners.append(up)
+        await up.setup()
+        up_site = web.TCPSite(up, "127.0.0.1", 0)
+        await up_site.start()
+        up_port = up_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        build = build_http1_app if http1 else build_app
+        fwd = web.AppRunner(build(f"http://127.0.0.1:{up_port}"))
+        runners.append(fwd)
+        await fwd.setup()
+        fwd_site = web.TCPSite(fwd, "127.0.0.1", 0)
+        await fwd_site.start()
+        port = fwd_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        body = request_body(False, "1m").encode()
+        assert len(body) > 1_000_000
+        body = body.replace(b'"max_tokens":64', b'"max_tokens":64,"pad":"' + b"x" * 2**20 + b'"')
+        async with (
+            ClientSession() as client,
+            client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            assert await resp.json() == {"ok": True}
+        assert seen == [len(body)]
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
