@@ -18,7 +18,6 @@ request; shrinking is checked after each load poll over the few pairs that have 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine, Resolution
 from affinity_node.routing.load import LoadView
 from affinity_node.routing.ports import Clock, Members, Pair
+from affinity_node.tasks import Pending
 from affinity_node.vocabulary import FanoutDirection, FanoutReason
 
 MAX_TRACKED = 100_000
@@ -56,7 +56,7 @@ class FanoutController:
         self._hot_since: dict[Pair, float] = {}
         self._cool_since: dict[Pair, float] = {}
         self._changing: set[Pair] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._changes = Pending()
 
     @property
     def enabled(self) -> bool:
@@ -133,11 +133,9 @@ class FanoutController:
         reason: FanoutReason,
     ) -> None:
         self._changing.add(pair)
-        task = asyncio.get_running_loop().create_task(
-            self._run_change(pair, version, fanout, direction, reason)
+        self._changes.start(
+            self._run_change(pair, version, fanout, direction, reason), "fanout-change"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _run_change(
         self,
@@ -153,5 +151,5 @@ class FanoutController:
             self._changing.discard(pair)
 
     async def stop(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Lets the set changes under way finish."""
+        await self._changes.finish()
