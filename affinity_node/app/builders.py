@@ -125,7 +125,7 @@ async def affinity_engine(
         postgres_bindings(pool) if spec.store == "postgres" else MemoryBindingStore()
     )
     if cache is None:
-        cache = BindingCache(max_entries=spec.cache_max_entries)
+        cache = BindingCache(spec.cache_max_entries, on_evict=metrics.evicted)
     clock = DbClockOffset()  # the listener measures it, the engine dates notifications with it
     engine = AffinityEngine(store, cache, metrics, spec.engine, db_clock_offset=clock)
     handlers: dict[str, Handler] = {}

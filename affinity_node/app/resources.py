@@ -73,7 +73,7 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[REGISTRY], metrics))
         keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
         client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
-        cache = BindingCache(max_entries=cfg.affinity.cache_max_entries)
+        cache = BindingCache(cfg.affinity.cache_max_entries, on_evict=metrics.evicted)
         backends = await enter(_backends(cfg, app[HTTP_METRICS], client, resolver, cache))
         app[BACKENDS], app[HEALTH] = backends.pool, backends.health
         registry = PostgresRegistry(db)

@@ -35,6 +35,7 @@ from affinity_node.vocabulary import (
     REJECT_REASONS,
     RESYNC_MODES,
     SPILL_REASONS,
+    EvictReason,
 )
 
 # `_created` series double the series count of every counter and histogram, and nothing here
@@ -235,6 +236,11 @@ class AffinityMetrics:
         self.registry = registry
         declare(self, AFFINITY_SPECS, registry)
         self._models: set[str] = set()
+        self._evictions = {r: self.cache_evictions.labels(r).inc for r in EVICT_REASONS}
+
+    def evicted(self, reason: EvictReason, n: int) -> None:
+        """The binding cache's `on_evict` (given when the cache is built)."""
+        self._evictions[reason](n)
 
     def init_models(self, models: Iterable[str]) -> None:
         """Create the per-model series at zero (idempotent; cheap when nothing is new)."""

@@ -42,7 +42,6 @@ from affinity_node.routing.ports import (
 from affinity_node.routing.upkeep import Upkeep
 from affinity_node.tasks import Pending, Periodic, every, stop_all
 from affinity_node.vocabulary import (
-    EVICT_REASONS,
     FanoutDirection,
     FanoutReason,
     MissOutcome,
@@ -114,8 +113,6 @@ class AffinityEngine:
         self._warn = RateLimitedLog(log)
         metrics.cache_entries.set_function(lambda: len(self._cache))
         metrics.db_up.set(0)
-        evictions = {r: metrics.cache_evictions.labels(r).inc for r in EVICT_REASONS}
-        cache.on_evict = lambda reason, n: evictions[reason](n)
 
     @property
     def cache(self) -> BindingCache:
