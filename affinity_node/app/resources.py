@@ -148,8 +148,8 @@ async def _backends(
     pool = BackendPool(
         [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends if b.url],
         [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
+        on_remove=partial(_backend_left, metrics, client),
     )
-    pool.on_remove = partial(_backend_left, metrics, client)
     discovery = DnsDiscovery(
         pool,
         [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],
