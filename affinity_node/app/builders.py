@@ -26,7 +26,7 @@ from affinity_node.store.events import (
     parse_binding_event,
     parse_key_event,
 )
-from affinity_node.store.ledger import PostgresLedgerStore
+from affinity_node.store.ledger_store import PostgresLedgerStore
 from affinity_node.store.listener import ChangeListener, DbClockOffset, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (

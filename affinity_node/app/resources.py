@@ -38,20 +38,25 @@ from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, Mo
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules
-from affinity_node.routing.load import LoadRules, LoadView
+from affinity_node.routing.load_view import LoadRules, LoadView
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
-from affinity_node.store.fleet import MOVE_EVERY_S, REPORT_EVERY_S, HealthReporter, MoverTurns
+from affinity_node.store.fleet_duties import (
+    MOVE_EVERY_S,
+    REPORT_EVERY_S,
+    HealthReporter,
+    MoverTurns,
+)
 from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.registry import PostgresRegistry, RegistryFollower
 from affinity_node.tasks import every, stopping
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.discovery import DnsDiscovery, DnsEntry, Resolver
-from affinity_node.upstream.health import HealthChecker
-from affinity_node.upstream.load import LoadPoller
+from affinity_node.upstream.load_poll import LoadPoller
+from affinity_node.upstream.probes import HealthChecker
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from affinity_node.observability.logs import AccessLog, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.router import Router
 from affinity_node.upstream.client import UpstreamClient
 from affinity_node.upstream.transport import Transport

@@ -5,8 +5,8 @@ which candidate is least busy, so both are cheap: the healthy backends of each c
 are cached as tuples and the cache is dropped only when health or a model list changes.
 
 Backend identity is the normalised URL (never an object address): it is what bindings store in
-Postgres and what every node must spell the same way. Health decisions are routing/health.py's;
-talking to backends is upstream/'s.
+Postgres and what every node must spell the same way. Health decisions are
+routing/health_state.py's; talking to backends is upstream/'s.
 """
 
 from __future__ import annotations

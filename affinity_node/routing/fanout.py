@@ -1,6 +1,6 @@
 """When a pair's backend set grows and shrinks (load-aware fan-out).
 
-Grow: for `grow_after_s` some member of the set has been hot (routing/load.py) and none cool,
+Grow: for `grow_after_s` some member of the set has been hot (routing/load_view.py) and none cool,
 and the set is below `max_fanout`: the least-loaded eligible backend joins. Not "every member
 hot": conversations stay on their member, so one member can queue while the others are busy
 but not saturated, and waiting for all of them left it queueing (skew demo: 2 runs in 5 with
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine, Resolution
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from affinity_node.routing.ports import Clock, Members, Pair
 from affinity_node.tasks import Pending
 from affinity_node.vocabulary import FanoutDirection, FanoutReason

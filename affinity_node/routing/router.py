@@ -17,7 +17,7 @@ from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolution
 from affinity_node.routing.fanout import FanoutController
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.members import rendezvous
 from affinity_node.routing.owners import OwnerIndex
 from affinity_node.routing.ports import Pair

@@ -8,7 +8,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from affinity_node.sim.engine import Engine
+from affinity_node.sim.capacity import Engine
 
 TTFT_BUCKETS: Final = (
     0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,

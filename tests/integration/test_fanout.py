@@ -15,7 +15,7 @@ from affinity_node.app import run_node
 from affinity_node.config import NodeConfig
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from tests.support.cluster import MODEL, cluster, node_config
 from tests.support.nodes import BACKENDS, new_key, nodes
 from tests.support.waiting import wait_for

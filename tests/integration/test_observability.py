@@ -31,7 +31,7 @@ from affinity_node.observability.metrics import (
 )
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     MISS_OUTCOMES,

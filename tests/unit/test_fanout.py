@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.health import BackendHealth
-from affinity_node.routing.load import LoadRules, LoadView
+from affinity_node.routing.health_state import BackendHealth
+from affinity_node.routing.load_view import LoadRules, LoadView
 from affinity_node.routing.members import conversation_key, rendezvous
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy

@@ -25,7 +25,7 @@ from affinity_node.http.state import RELAY, Relay
 from affinity_node.ledger.ledger import NullLedger
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.members import rendezvous
 from affinity_node.routing.router import AffinityRules, Route, Router
 from affinity_node.routing.strategies import make_strategy

@@ -1,6 +1,6 @@
 """The health state machine of every backend: when to eject, when to re-admit.
 
-Two kinds of evidence arrive. Probe results (upstream/health.py asks GET /health every
+Two kinds of evidence arrive. Probe results (upstream/probes.py asks GET /health every
 interval) eject a backend after N consecutive failures and re-admit it after M consecutive
 successes; request reports from the proxy (connection errors, 5xx) eject it after N consecutive
 failures without waiting for the next round. Re-admission is only ever decided by probes, so a

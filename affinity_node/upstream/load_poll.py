@@ -3,7 +3,7 @@
 Only the few lines needed are looked at. Samples of one metric are summed over their label
 sets (vLLM labels them by model and engine; data-parallel engines each report their own);
 KV usage takes the highest engine. A backend that does not answer or exports none of these is
-judged by the node's own in-flight count until it does (routing/load.py).
+judged by the node's own in-flight count until it does (routing/load_view.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from affinity_node.routing.backends import BackendPool
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamClient
 

@@ -1,6 +1,6 @@
 """How busy each backend is, the same on every node.
 
-Every node polls each vLLM backend's own /metrics (upstream/load.py): running and waiting
+Every node polls each vLLM backend's own /metrics (upstream/load_poll.py): running and waiting
 requests count every node's traffic, so all nodes agree on which backend is hot without talking
 to each other. Between polls a node adds its own in-flight changes for freshness. A backend
 that exports no such metrics is judged by this node's in-flight count alone.

@@ -1,4 +1,4 @@
-"""Active health checks and model discovery: asks every backend, tells routing/health.py.
+"""Active health checks and model discovery: asks every backend, tells routing/health_state.py.
 
 Discovery asks each discovering backend's GET /v1/models at start (those that serve nothing
 until then), on re-admission, and every discovery interval (jittered, concurrently, in the
@@ -14,7 +14,7 @@ import logging
 
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import Backend, BackendPool
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamError
 from affinity_node.upstream.ports import Prober
