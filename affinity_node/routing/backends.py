@@ -1,4 +1,4 @@
-"""The backend registry: which backends exist, what models they serve, how busy they are.
+"""The backend pool: which backends exist, what models they serve, how busy they are.
 
 The request path asks two things per request, `candidates(model)` and (through a strategy)
 which candidate is least busy, so both are cheap: the healthy backends of each canonical model

@@ -44,13 +44,13 @@ class FanoutController:
         self,
         engine: AffinityEngine,
         load: LoadView,
-        pool: BackendPool,
+        backends: BackendPool,
         rules: FanoutRules,
         clock: Clock = time.monotonic,
     ) -> None:
         self._engine = engine
         self._load = load
-        self._pool = pool
+        self._backends = backends
         self.rules = rules
         self._clock = clock
         self._hot_since: dict[Pair, float] = {}
@@ -101,7 +101,7 @@ class FanoutController:
             if pair in self._changing or entry.deadline <= now:
                 continue
             model = pair[1]
-            healthy = self._pool.candidate_ids(model)
+            healthy = self._backends.candidate_ids(model)
             gone = [m for m in entry.fanout if m not in healthy]
             if gone:
                 kept = tuple(m for m in entry.fanout if m in healthy)

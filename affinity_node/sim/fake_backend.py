@@ -338,7 +338,7 @@ class FakeBackend:
         # turns "vllm:x" into "vllm_x" (client_python#1177), and the names must be vLLM's.
         # content_type= would reject the charset part, hence the raw header.
         headers = {"Content-Type": CONTENT_TYPE_LATEST}
-        return web.Response(body=generate_latest(self.metrics.registry), headers=headers)
+        return web.Response(body=generate_latest(self.metrics.metrics_registry), headers=headers)
 
     async def admin_fail(self, request: web.Request) -> web.Response:
         """Replaces the failure mode: {"status": 503}, {"drop_after_chunks": 2}, {} heals."""

@@ -54,7 +54,7 @@ def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
 class LoadPoller:
     def __init__(
         self,
-        pool: BackendPool,
+        backends: BackendPool,
         view: LoadView,
         client: UpstreamClient,
         interval_s: float,
@@ -62,14 +62,14 @@ class LoadPoller:
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"load poll interval must be positive, not {interval_s}")
-        self._pool = pool
+        self._backends = backends
         self._view = view
         self._client = client
         self._interval = interval_s
         self._on_round = on_round
 
     async def poll_once(self) -> None:
-        backends = [b for b in self._pool.backends if b.kind == "vllm" and b.healthy]
+        backends = [b for b in self._backends.backends if b.kind == "vllm" and b.healthy]
         texts = await asyncio.gather(
             *(self._client.metrics_text(b.id, self._interval) for b in backends)
         )

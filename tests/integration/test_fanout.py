@@ -133,9 +133,9 @@ async def test_a_set_shrinks_back_when_the_load_stops(dsn):
                 lambda node=node: node.engine.cache.get((c.key_ids["alice"], MODEL)).fanout == (),
                 what="every node to follow",
             )
-        reg = c.nodes[0].registry
+        reg = c.nodes[0].metrics_registry
         shrinks = sum(
-            n.registry.get_sample_value(
+            n.metrics_registry.get_sample_value(
                 "affinity_fanout_changes_total",
                 {"model": MODEL, "direction": "shrink", "reason": "cool"},
             )

@@ -148,7 +148,7 @@ class Wire(AbstractStreamWriter):
 class Node:
     app: web.Application
     router: Router
-    pool: BackendPool
+    backends: BackendPool
     transport: ScriptedTransport
     wire: Wire
 
@@ -193,7 +193,7 @@ async def test_a_refused_bound_backend_is_retried_once_on_the_pairs_successor() 
     others = [u for u in URLS if u != bound]
     assert n.transport.posts[1] == rendezvous(KEY.bytes + MODEL.encode(), others)
     assert response.headers["x-affinity"] == "spill"  # one error: the binding stays
-    pool_bound = n.pool.get(bound)
+    pool_bound = n.backends.get(bound)
     assert pool_bound is not None and pool_bound.consecutive_failures == 1
 
 
