@@ -147,8 +147,8 @@ async def _bindings(args: argparse.Namespace) -> int:
     from affinity_node.config import DatabaseConfig
 
     db = DatabaseConfig(dsn=_need_dsn(args), pool_max=2)
-    async with database_pool(db, "cli") as pool:
-        store = postgres_bindings(pool)
+    async with database_pool(db, "cli") as db_pool:
+        store = postgres_bindings(db_pool)
         api_key_id: uuid.UUID | None = args.api_key_id
         if args.bindings_cmd == "list":
             rows = await store.list_bindings(args.model, api_key_id)

@@ -39,10 +39,10 @@ def _allow_list(config: str | None) -> HostAllowList:
     return HostAllowList.parse(env_allow_list(os.environ), "AFFINITY_BACKENDS_ALLOW")
 
 
-async def _list(registry: PostgresRegistry, as_json: bool, allow: HostAllowList) -> int:
-    rows = {r.url: r for r in await registry.rows()}
-    seen = await registry.health()
-    bindings = await registry.bindings()
+async def _list(backend_registry: PostgresRegistry, as_json: bool, allow: HostAllowList) -> int:
+    rows = {r.url: r for r in await backend_registry.rows()}
+    seen = await backend_registry.health()
+    bindings = await backend_registry.bindings()
     urls = sorted(set(seen) | {u for u, r in rows.items() if r.added})
     out: list[dict[str, Any]] = []
     for url in urls:
@@ -99,36 +99,36 @@ async def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         return 1
     conn: asyncpg.Connection = await connect()
     try:
-        registry = PostgresRegistry(conn)
+        backend_registry = PostgresRegistry(conn)
         if cmd == "list":
-            return await _list(registry, args.json, allow)
+            return await _list(backend_registry, args.json, allow)
         if cmd == "add":
-            await registry.add(args.url, args.kind, args.model or [])
+            await backend_registry.add(args.url, args.kind, args.model or [])
             print(f"added {args.url} ({args.kind}); every node serves it within a second")
         elif cmd == "drain":
             deadline = (
                 datetime.now(UTC) + timedelta(seconds=args.deadline) if args.deadline else None
             )
-            await registry.set_state(args.url, "draining", deadline)
+            await backend_registry.set_state(args.url, "draining", deadline)
             print(
                 f"draining {args.url}: no new bindings; its bindings move off"
                 + (f" by {deadline:%H:%M:%S} UTC" if deadline else "")
             )
             print("wait until `affinity-node backends list` shows it drained")
         elif cmd == "undrain":
-            await registry.set_state(args.url, "active")
+            await backend_registry.set_state(args.url, "active")
             print(f"{args.url} is active again")
         elif cmd == "remove":
-            held = (await registry.bindings()).get(args.url, 0)
+            held = (await backend_registry.bindings()).get(args.url, 0)
             if held and not args.force:
                 print(
                     f"{args.url} still holds {held} binding(s): drain it first, or --force",
                     file=sys.stderr,
                 )
                 return 1
-            added = await registry.remove(args.url)
+            added = await backend_registry.remove(args.url)
             if added is False or added is None:
-                await registry.set_state(args.url, "disabled")
+                await backend_registry.set_state(args.url, "disabled")
                 print(
                     f"{args.url} is listed in the nodes' config: disabled (remove it from "
                     "the config to forget it)"

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from affinity_node.argtypes import duration, non_empty
-from affinity_node.store.ledger import usage_report
+from affinity_node.store.ledger_store import usage_report
 from affinity_node.vocabulary import LEDGER_OUTCOMES
 
 

@@ -5,7 +5,8 @@ mover, health reports) runs through `every`, so each has the same shape: jittere
 started together do not hit Postgres or the backends in step), an exception ends one round,
 never the task (logged rate-limited, counted on the task), and `stop()` cancels and awaits.
 `stop_all` / `stopping` are the one cancel-and-await for any task, so a node's stop never
-leaves a task running nor swallows the cancellation of the code that stops it.
+leaves a task running nor swallows the cancellation of the code that stops it. One-shot
+writes that a stop must let finish (a rebind after a failover, a set change) go in `Pending`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -137,3 +138,26 @@ async def stopping(*tasks: Stoppable) -> AsyncIterator[None]:
         yield
     finally:
         await stop_all(*tasks)
+
+
+class Pending:
+    """One-shot background tasks that a stop lets finish rather than cancels (a write the
+    request path started and must not wait for). Held here while they run: the event loop
+    keeps only weak references to tasks."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, coro: Coroutine[Any, Any, object], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Return once every task started so far ended (what they raised is dropped: each
+        one reports its own failures)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

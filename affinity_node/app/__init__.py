@@ -50,8 +50,8 @@ from affinity_node.http.state import (
     ENGINE,
     HTTP_METRICS,
     KEYS,
+    METRICS_REGISTRY,
     NODE,
-    REGISTRY,
     STATUS,
     NodeStatus,
 )
@@ -112,13 +112,13 @@ def api_routes() -> list[RouteSpec]:
 
 def build_app(
     cfg: NodeConfig,
-    registry: CollectorRegistry | None = None,
+    metrics_registry: CollectorRegistry | None = None,
     resolver: Resolver = system_resolver,
 ) -> web.Application:
     """The node's API application; with `listen.ops_port` unset it serves the probes and
     /metrics too (else `build_ops_app` does, on that port). `resolver` resolves DNS-named
     backends."""
-    registry = registry or CollectorRegistry()
+    metrics_registry = metrics_registry or CollectorRegistry()
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_headers": 64},
@@ -126,14 +126,14 @@ def build_app(
     app[NODE] = app
     app[CONFIG] = cfg
     app[STATUS] = NodeStatus()
-    app[REGISTRY] = registry
-    http_metrics = app[HTTP_METRICS] = HttpMetrics(registry, __version__)
+    app[METRICS_REGISTRY] = metrics_registry
+    http_metrics = app[HTTP_METRICS] = HttpMetrics(metrics_registry, __version__)
     api = api_routes()
     ops = _ops_routes(cfg) if cfg.listen.ops_port is None else []
     http_metrics.init_routes(
         sorted({r.path for r in api} | OPS_ROUTES), sorted(r.path for r in api if r.tracked)
     )
-    app[AFFINITY_METRICS] = AffinityMetrics(registry)
+    app[AFFINITY_METRICS] = AffinityMetrics(metrics_registry)
     app[ACCESS_LOG] = AccessLog(cfg.node_id) if cfg.logging.access else NullAccessLog()
     app.cleanup_ctx.append(partial(node_resources, resolver=resolver))
     app.on_shutdown.append(_start_draining)
@@ -184,8 +184,8 @@ class RunningNode:
         return self.app[BACKENDS]
 
     @property
-    def registry(self) -> CollectorRegistry:
-        return self.app[REGISTRY]
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.app[METRICS_REGISTRY]
 
     @property
     def keys(self) -> KeyCache:

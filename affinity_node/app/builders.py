@@ -26,7 +26,7 @@ from affinity_node.store.events import (
     parse_binding_event,
     parse_key_event,
 )
-from affinity_node.store.ledger import PostgresLedgerStore
+from affinity_node.store.ledger_store import PostgresLedgerStore
 from affinity_node.store.listener import ChangeListener, DbClockOffset, Handler, ListenerSettings
 from affinity_node.store.memory import MemoryBindingStore
 from affinity_node.store.postgres import (
@@ -43,28 +43,28 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def database_pool(
-    db: DatabaseConfig, node_id: str, on_query: QueryLogger | None = None
+    db_cfg: DatabaseConfig, node_id: str, on_query: QueryLogger | None = None
 ) -> AsyncIterator[asyncpg.Pool]:
     """A lazy pool (no connection until first use), so a node starts while Postgres is down."""
-    pool = await create_pool(
+    db = await create_pool(
         PoolSettings(
-            dsn=db.dsn,
-            pool_max=db.pool_max,
-            statement_timeout_ms=db.statement_timeout_ms,
-            lock_timeout_ms=db.lock_timeout_ms,
+            dsn=db_cfg.dsn,
+            pool_max=db_cfg.pool_max,
+            statement_timeout_ms=db_cfg.statement_timeout_ms,
+            lock_timeout_ms=db_cfg.lock_timeout_ms,
             application_name=f"affinity-node:{node_id}",
-            statement_cache=db.statement_cache,
+            statement_cache=db_cfg.statement_cache,
         ),
         on_query=on_query,
     )
     try:
-        yield pool
+        yield db
     finally:
-        await pool.close()
+        await db.close()
 
 
-def postgres_bindings(pool: asyncpg.Pool) -> PostgresBindingStore:
-    return PostgresBindingStore(pool)
+def postgres_bindings(db: asyncpg.Pool) -> PostgresBindingStore:
+    return PostgresBindingStore(db)
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,11 @@ class EngineStack:
 @asynccontextmanager
 async def affinity_engine(
     spec: EngineSpec,
-    pool: asyncpg.Pool,
+    db: asyncpg.Pool,
     metrics: AffinityMetrics,
     keys: KeyCache | None = None,
     *,
-    registry: RegistryFollower | None = None,
+    follower: RegistryFollower | None = None,
     on_query: QueryLogger | None = None,
     background: bool = True,
     cache: BindingCache | None = None,
@@ -123,10 +123,10 @@ async def affinity_engine(
     `cache`: one made earlier (the node's DNS discovery asks it which backends hold bindings).
     """
     store: BindingStore = (
-        postgres_bindings(pool) if spec.store == "postgres" else MemoryBindingStore()
+        postgres_bindings(db) if spec.store == "postgres" else MemoryBindingStore()
     )
     if cache is None:
-        cache = BindingCache(max_entries=spec.cache_max_entries)
+        cache = BindingCache(spec.cache_max_entries, on_evict=metrics.evicted)
     clock = DbClockOffset()  # the listener measures it, the engine dates notifications with it
     engine = AffinityEngine(store, cache, metrics, spec.engine, db_clock_offset=clock)
     handlers: dict[str, Handler] = {}
@@ -134,14 +134,14 @@ async def affinity_engine(
         handlers[BINDINGS_CHANNEL] = lambda p: engine.doorbell(parse_binding_event(p))
     if keys is not None:
         handlers[KEYS_CHANNEL] = partial(_key_event, keys)
-    if registry is not None:
-        handlers[REGISTRY_CHANNEL] = registry.nudge
+    if follower is not None:
+        handlers[REGISTRY_CHANNEL] = follower.nudge
 
     async def on_synced() -> None:
         if keys is not None:
             await keys.resync()
-        if registry is not None:  # before the bindings: it says which backends exist
-            await registry.reload()
+        if follower is not None:  # before the bindings: it says which backends exist
+            await follower.reload()
         await engine.resync()
 
     def on_state(up: bool) -> None:
@@ -183,13 +183,17 @@ def _key_event(keys: KeyCache, payload: str) -> None:
 
 
 def usage_ledger(
-    cfg: NodeConfig, pool: asyncpg.Pool, registry: CollectorRegistry, metrics: AffinityMetrics
+    cfg: NodeConfig,
+    db: asyncpg.Pool,
+    metrics_registry: CollectorRegistry,
+    metrics: AffinityMetrics,
 ) -> UsageLedger:
-    """The ledger on the node's pool, its metrics on `registry` (not started yet)."""
+    """The ledger on the node's database pool, its metrics on `metrics_registry` (not
+    started yet)."""
     led = cfg.ledger
     return UsageLedger(
-        PostgresLedgerStore(pool),
-        LedgerMetrics(registry, metrics.db_errors),
+        PostgresLedgerStore(db),
+        LedgerMetrics(metrics_registry, metrics.db_errors),
         cfg.node_id,
         LedgerSettings(
             flush_interval_s=led.flush_interval_seconds,

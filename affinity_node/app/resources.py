@@ -27,7 +27,7 @@ from affinity_node.http.state import (
     HTTP_METRICS,
     KEYS,
     LEDGER,
-    REGISTRY,
+    METRICS_REGISTRY,
     RELAY,
     ROUTER,
     STATUS,
@@ -41,12 +41,17 @@ from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, Mo
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules
-from affinity_node.routing.load import LoadRules, LoadView
+from affinity_node.routing.load_view import LoadRules, LoadView
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
-from affinity_node.store.fleet import MOVE_EVERY_S, REPORT_EVERY_S, HealthReporter, MoverTurns
+from affinity_node.store.fleet_duties import (
+    MOVE_EVERY_S,
+    REPORT_EVERY_S,
+    HealthReporter,
+    MoverTurns,
+)
 from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.registry import PostgresRegistry, RegistryFollower
@@ -54,13 +59,13 @@ from affinity_node.store.schema import SchemaWatch
 from affinity_node.tasks import every, stopping
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
 from affinity_node.upstream.discovery import DnsDiscovery, DnsEntry, Resolver
-from affinity_node.upstream.health import HealthChecker
-from affinity_node.upstream.load import LoadPoller
+from affinity_node.upstream.load_poll import LoadPoller
+from affinity_node.upstream.probes import HealthChecker
 
 
 @dataclass(frozen=True)
-class _Backends:
-    pool: BackendPool
+class _BackendParts:
+    backends: BackendPool
     health: BackendHealth
     discovery: DnsDiscovery
 
@@ -75,22 +80,23 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         enter = stack.enter_async_context
         db = await enter(database_pool(cfg.database, cfg.node_id))
         await enter(_schema(app, db))
-        ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[REGISTRY], metrics))
+        ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[METRICS_REGISTRY], metrics))
         keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
         client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
-        cache = BindingCache(max_entries=cfg.affinity.cache_max_entries)
-        backends = await enter(_backends(cfg, app[HTTP_METRICS], client, resolver, cache))
-        app[BACKENDS], app[HEALTH] = backends.pool, backends.health
-        registry = PostgresRegistry(db)
-        follower = RegistryFollower(registry, backends.pool, cfg.allow)
+        cache = BindingCache(cfg.affinity.cache_max_entries, on_evict=metrics.evicted)
+        parts = await enter(_backends(cfg, app[HTTP_METRICS], client, resolver, cache))
+        backends = app[BACKENDS] = parts.backends
+        app[HEALTH] = parts.health
+        backend_registry = PostgresRegistry(db)
+        follower = RegistryFollower(backend_registry, backends, cfg.allow)
         stack.push_async_callback(follower.stop)  # after the engine: its listener nudges it
         stacked = await enter(
-            affinity_engine(engine_spec(cfg), db, metrics, keys, registry=follower, cache=cache)
+            affinity_engine(engine_spec(cfg), db, metrics, keys, follower=follower, cache=cache)
         )
         engine = app[ENGINE] = stacked.engine
-        router = app[ROUTER] = await enter(_router(app, backends, engine, client))
-        app[RELAY] = Relay(backends.pool, router, client, app[HTTP_METRICS], cfg.limits, ledger)
-        await enter(_fleet(app, db, registry, follower, backends, engine))
+        router = app[ROUTER] = await enter(_router(app, parts, engine, client))
+        app[RELAY] = Relay(backends, router, client, app[HTTP_METRICS], cfg.limits, ledger)
+        await enter(_fleet(app, db, backend_registry, follower, parts, engine))
         yield
 
 
@@ -119,9 +125,14 @@ async def _schema(app: web.Application, db: asyncpg.Pool) -> AsyncIterator[None]
 
 @asynccontextmanager
 async def _ledger(
-    cfg: NodeConfig, db: asyncpg.Pool, registry: CollectorRegistry, metrics: AffinityMetrics
+    cfg: NodeConfig,
+    db: asyncpg.Pool,
+    metrics_registry: CollectorRegistry,
+    metrics: AffinityMetrics,
 ) -> AsyncIterator[Ledger]:
-    ledger = usage_ledger(cfg, db, registry, metrics) if cfg.ledger.enabled else NullLedger()
+    ledger = (
+        usage_ledger(cfg, db, metrics_registry, metrics) if cfg.ledger.enabled else NullLedger()
+    )
     ledger.start()
     try:
         yield ledger
@@ -169,17 +180,17 @@ async def _backends(
     client: UpstreamClient,
     resolver: Resolver,
     cache: BindingCache,
-) -> AsyncIterator[_Backends]:
-    """The pool with its DNS-named backends resolved and models discovered before the first
+) -> AsyncIterator[_BackendParts]:
+    """The backend pool with its DNS-named backends resolved and models discovered before the first
     request, and the health checks running. A backend that left DNS leaves the pool once it
     runs nothing and holds no binding (`cache`: empty until the engine fills it)."""
-    pool = BackendPool(
+    backends = BackendPool(
         [BackendSpec(b.url, b.kind, tuple(b.models)) for b in cfg.backends if b.url],
         [ModelSpec(x.name, tuple(x.aliases), x.affinity) for x in cfg.models],
+        on_remove=partial(_backend_left, metrics, client),
     )
-    pool.on_remove = partial(_backend_left, metrics, client)
     discovery = DnsDiscovery(
-        pool,
+        backends,
         [DnsEntry(b.dns, b.port, b.scheme, b.kind, tuple(b.models)) for b in cfg.backends if b.dns],
         resolver,
         is_idle=lambda b: b.inflight == 0 and cache.bindings_of(b.id) == 0,
@@ -187,32 +198,32 @@ async def _backends(
     )
     await discovery.resolve_once()
     health = BackendHealth(
-        pool,
+        backends,
         eject_after_failures=cfg.health.eject_after_failures,
         readmit_after_successes=cfg.health.readmit_after_successes,
     )
-    checker = HealthChecker(pool, health, client, cfg.health.interval_seconds)
+    checker = HealthChecker(backends, health, client, cfg.health.interval_seconds)
     await checker.discover()
     async with stopping(checker.start(), checker.start_discovery(cfg.discovery.interval_seconds)):
-        yield _Backends(pool, health, discovery)
+        yield _BackendParts(backends, health, discovery)
 
 
 @asynccontextmanager
 async def _router(
-    app: web.Application, backends: _Backends, engine: AffinityEngine, client: UpstreamClient
+    app: web.Application, parts: _BackendParts, engine: AffinityEngine, client: UpstreamClient
 ) -> AsyncIterator[Router]:
     """The router, with the load signal and the fan-out controller it consults."""
     cfg = app[CONFIG]
     aff = cfg.affinity
-    pool = backends.pool
+    backends = parts.backends
     load = LoadView(
-        pool,
+        backends,
         LoadRules(queue_bound=aff.fanout_queue_bound, hot_factor=aff.fanout_hot_factor),
     )
     fanout = FanoutController(
         engine,
         load,
-        pool,
+        backends,
         FanoutRules(
             max_fanout=aff.max_fanout,
             grow_after_s=aff.fanout_grow_after_seconds,
@@ -220,24 +231,30 @@ async def _router(
         ),
     )
     router = Router(
-        pool,
+        backends,
         make_strategy(cfg.routing.fallback),
         engine,
         AffinityRules(aff.enabled, aff.load_factor, aff.spill_min_gap),
         app[AFFINITY_METRICS],
-        backends.health,
+        parts.health,
         fanout,
     )
-    poller = LoadPoller(pool, load, client, cfg.load.poll_interval_seconds, on_round=fanout.sweep)
-    collector = NodeCollector(
-        pool, engine.cache, app[AFFINITY_METRICS], app[HTTP_METRICS], [x.name for x in cfg.models]
+    poller = LoadPoller(
+        backends, load, client, cfg.load.poll_interval_seconds, on_round=fanout.sweep
     )
-    app[REGISTRY].register(collector)
+    collector = NodeCollector(
+        backends,
+        engine.cache,
+        app[AFFINITY_METRICS],
+        app[HTTP_METRICS],
+        [x.name for x in cfg.models],
+    )
+    app[METRICS_REGISTRY].register(collector)
     try:
         async with stopping(poller.start()):
             yield router
     finally:
-        app[REGISTRY].unregister(collector)
+        app[METRICS_REGISTRY].unregister(collector)
         await fanout.stop()
 
 
@@ -245,32 +262,33 @@ async def _router(
 async def _fleet(
     app: web.Application,
     db: asyncpg.Pool,
-    registry: PostgresRegistry,
+    backend_registry: PostgresRegistry,
     follower: RegistryFollower,
-    backends: _Backends,
+    parts: _BackendParts,
     engine: AffinityEngine,
 ) -> AsyncIterator[None]:
     """The node's part in the fleet: health reports to the registry, the NOTIFY queue's fill,
     DNS re-resolution, and the fleet's mover (drain, rebalance)."""
     cfg = app[CONFIG]
-    reporter = HealthReporter(registry, backends.pool, cfg.node_id)
+    reporter = HealthReporter(backend_registry, parts.backends, cfg.node_id)
     queue = NotifyQueueMonitor(db)
     tasks = [
         every(REPORT_EVERY_S, reporter.report_once, "health-report", now=True),
         queue.start(),
     ]
-    if backends.discovery.active:
-        tasks.append(backends.discovery.start(cfg.discovery.interval_seconds))
+    if parts.discovery.active:
+        tasks.append(parts.discovery.start(cfg.discovery.interval_seconds))
     if cfg.affinity.enabled and cfg.affinity.store == "postgres":
-        turns = MoverTurns(Mover(engine, backends.pool, registry, _mover_rules(cfg)))
+        mover = Mover(engine, parts.backends, backend_registry, _mover_rules(cfg))
+        turns = MoverTurns(mover)
         tasks.append(every(MOVE_EVERY_S, turns.tick, "mover", now=True))
     operator = OperatorCollector(lambda: queue.usage, lambda: len(follower.refused))
-    app[REGISTRY].register(operator)
+    app[METRICS_REGISTRY].register(operator)
     try:
         async with stopping(*tasks):
             yield
     finally:
-        app[REGISTRY].unregister(operator)
+        app[METRICS_REGISTRY].unregister(operator)
 
 
 def _mover_rules(cfg: NodeConfig) -> MoverRules:

@@ -113,7 +113,7 @@ async def bench_hits(dsn: str, n_pairs: int, calls: int) -> None:
         for i in range(len(timer)):
             t0 = clock()
             timer[i] = clock() - t0
-        hits = node.registry.get_sample_value("affinity_cache_hits_total", {"model": MODEL})
+        hits = node.metrics_registry.get_sample_value("affinity_cache_hits_total", {"model": MODEL})
         print(f"1. hit latency (in-process, per call, {calls} calls over {n_pairs} pairs)")
         print(
             f"   resolve() hit : p50 {pct(hit_ns, 0.5) / 1000:6.2f} us   "
@@ -172,7 +172,7 @@ async def bench_notify(dsn: str) -> None:
                     raise RuntimeError("notification did not arrive within 2 s")
                 await asyncio.sleep(0)
             lat.append(time.perf_counter() - t0)
-        h = b.registry
+        h = b.metrics_registry
         count = h.get_sample_value("affinity_notify_lag_seconds_count") or 0
         total = h.get_sample_value("affinity_notify_lag_seconds_sum") or 0
         print("3. rebind on node A until node B's cache shows it (includes A's UPDATE round trip)")
@@ -212,7 +212,7 @@ async def bench_statements(
         steady = counter.count
         outcomes = {
             o: sum(
-                n.registry.get_sample_value(
+                n.metrics_registry.get_sample_value(
                     "affinity_cache_misses_total", {"model": MODEL, "outcome": o}
                 )
                 or 0
@@ -221,7 +221,7 @@ async def bench_statements(
             for o in ("created", "found_in_db", "found_after_lock", "degraded")
         }
         refreshes = sum(
-            n.registry.get_sample_value("affinity_refresh_writes_total") or 0 for n in nodes
+            n.metrics_registry.get_sample_value("affinity_refresh_writes_total") or 0 for n in nodes
         )
     per_1000 = steady / resolves * 1000
     print(

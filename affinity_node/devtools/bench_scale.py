@@ -284,9 +284,9 @@ class Bench:
 
     async def _time_snapshot(self, stack: AsyncExitStack, dsn: str, fig: Figures) -> None:
         """The snapshot query as a node runs it: every page, in key order."""
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-        stack.push_async_callback(pool.close)
-        store = postgres_bindings(pool)
+        db = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        stack.push_async_callback(db.close)
+        store = postgres_bindings(db)
         times: list[float] = []
         after = None
         t0 = time.perf_counter()
@@ -465,9 +465,9 @@ class Bench:
         note("cleanup")
         rows = max(1, fig.bindings // 10)
         await db.execute(B["bench_expire"], uuid.UUID(int=0), rows)
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        db = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         try:
-            store = postgres_bindings(pool)
+            store = postgres_bindings(db)
             batches: list[float] = []
             deleted = 0
             t0 = time.perf_counter()
@@ -489,7 +489,7 @@ class Bench:
                 time.perf_counter() - t0,
             )
         finally:
-            await pool.close()
+            await db.close()
 
 
 def table(small: Figures, big: Figures, args: argparse.Namespace) -> str:
@@ -583,8 +583,8 @@ async def write(args: argparse.Namespace, keys: list[uuid.UUID]) -> None:
     models = MODELS[: args.models]
     total = min(len(keys), int(args.rate * args.duration))
     # The node's own pool (its timeouts, no reset round trip on release): a node's miss costs.
-    pool = await create_pool(PoolSettings(dsn=args.dsn, pool_max=10))
-    store = PostgresBindingStore(pool, acquire_timeout_s=10.0)  # measure lag, not drops
+    db = await create_pool(PoolSettings(dsn=args.dsn, pool_max=10))
+    store = PostgresBindingStore(db, acquire_timeout_s=10.0)  # measure lag, not drops
     errors: dict[str, int] = {}
 
     async def create(i: int) -> None:
@@ -609,7 +609,7 @@ async def write(args: argparse.Namespace, keys: list[uuid.UUID]) -> None:
         await asyncio.sleep(max(0.0, start + sent / args.rate - time.monotonic()))
     await asyncio.gather(*inflight)
     elapsed = time.monotonic() - start
-    await pool.close()
+    await db.close()
     failed = sum(errors.values())
     print(
         json.dumps({"written": total - failed, "errors": failed, "why": errors, "elapsed": elapsed})

@@ -33,13 +33,14 @@ def with_database(dsn: str, database: str) -> str:
 
 @dataclass
 class EngineNode:
-    """One node's affinity engine with its own pool, listener and registry, built by the
-    composition root's builders (tests and benchmarks run several in one process)."""
+    """One node's affinity engine with its own database pool, listener and metrics registry,
+    built by the composition root's builders (tests and benchmarks run several in one
+    process)."""
 
     engine: AffinityEngine
     listener: ChangeListener
-    pool: asyncpg.Pool
-    registry: CollectorRegistry
+    db: asyncpg.Pool
+    metrics_registry: CollectorRegistry
     store: BindingStore
 
 
@@ -68,14 +69,20 @@ async def engine_nodes(
     async with AsyncExitStack() as stack:
         started = []
         for spec in specs:
-            registry = CollectorRegistry()
-            pool = await stack.enter_async_context(database_pool(spec.db, spec.node_id, on_query))
+            metrics_registry = CollectorRegistry()
+            db = await stack.enter_async_context(database_pool(spec.db, spec.node_id, on_query))
             built = await stack.enter_async_context(
                 affinity_engine(
-                    spec, pool, AffinityMetrics(registry), on_query=on_query, background=background
+                    spec,
+                    db,
+                    AffinityMetrics(metrics_registry),
+                    on_query=on_query,
+                    background=background,
                 )
             )
             if wait_loaded:
                 await wait_snapshot(built.engine, spec.db.startup_wait_seconds)
-            started.append(EngineNode(built.engine, built.listener, pool, registry, built.store))
+            started.append(
+                EngineNode(built.engine, built.listener, db, metrics_registry, built.store)
+            )
         yield started

@@ -101,7 +101,7 @@ class Forwarder:
         self.headers = headers
         self.started = started
         self.upstream_time = 0.0
-        self.pool = relay.pool
+        self.backends = relay.backends
         self.router = relay.router
         self.client = relay.client
         self.metrics = relay.metrics
@@ -188,7 +188,7 @@ class Forwarder:
             up_headers["Content-Type"] = out.content_type
         sent = time.perf_counter()
         self.request[UPSTREAM_BACKEND] = backend.id
-        self.pool.acquire(backend)
+        self.backends.acquire(backend)
         try:
             try:
                 upstream = await self.client.post(
@@ -229,7 +229,7 @@ class Forwarder:
                 if tagger is not None:
                     data = tagger.body(data)
         finally:
-            self.pool.release(backend)
+            self.backends.release(backend)
         response = web.Response(status=upstream.status, body=data, headers=headers)
         return await self._send(response), upstream.status < 400
 

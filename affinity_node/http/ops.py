@@ -15,7 +15,7 @@ from uuid import UUID
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from affinity_node.http.state import BACKENDS, CONFIG, ENGINE, KEYS, NODE, REGISTRY, STATUS
+from affinity_node.http.state import BACKENDS, CONFIG, ENGINE, KEYS, METRICS_REGISTRY, NODE, STATUS
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -37,12 +37,12 @@ async def readyz(request: web.Request) -> web.Response:
     clients would get the balancer's bare 503 instead.
     """
     app = request.app[NODE]
-    pool = app[BACKENDS]
+    backends = app[BACKENDS]
     engine = app[ENGINE]
-    registry = app[REGISTRY]
-    healthy = sum(1 for b in pool.backends if b.healthy)
-    db_up = registry.get_sample_value("affinity_db_up") == 1
-    listener_up = registry.get_sample_value("affinity_listener_up") == 1
+    metrics_registry = app[METRICS_REGISTRY]
+    healthy = sum(1 for b in backends.backends if b.healthy)
+    db_up = metrics_registry.get_sample_value("affinity_db_up") == 1
+    listener_up = metrics_registry.get_sample_value("affinity_listener_up") == 1
     # Until the first key snapshot, every request would be answered 503 ("cannot verify the
     # key"): not ready. Once loaded, a later database loss keeps the node ready.
     if app[STATUS].draining:
@@ -53,15 +53,15 @@ async def readyz(request: web.Request) -> web.Response:
         status = "keys_not_loaded"
     else:
         status = "ready"
-    models = {m.name for m in app[CONFIG].models} | {m for b in pool.backends for m in b.models}
+    models = {m.name for m in app[CONFIG].models} | {m for b in backends.backends for m in b.models}
     body = {
         "status": status,
         "node_id": app[CONFIG].node_id,
         "database": "up" if db_up else "down",
         "listener": "up" if listener_up else "down",
         "healthy_backends": healthy,
-        "backends": len(pool.backends),
-        "models_without_healthy_backend": sorted(m for m in models if not pool.candidates(m)),
+        "backends": len(backends.backends),
+        "models_without_healthy_backend": sorted(m for m in models if not backends.candidates(m)),
         "snapshot": {**engine.sync_status.as_dict(), "watermark": engine.watermark},
     }
     return web.json_response(body, status=200 if status == "ready" else 503)
@@ -69,8 +69,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    registry = request.app[NODE][REGISTRY]
-    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+    metrics_registry = request.app[NODE][METRICS_REGISTRY]
+    return web.Response(body=encoder(metrics_registry), headers={"Content-Type": content_type})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -78,7 +78,7 @@ async def models(request: web.Request) -> web.Response:
     app = request.app
     created = int(time.time())
     aliases: dict[str, list[str]] = {m.name: list(m.aliases) for m in app[CONFIG].models}
-    pool = app[BACKENDS]
+    backends = app[BACKENDS]
     data = [
         {
             "id": name,
@@ -86,9 +86,9 @@ async def models(request: web.Request) -> web.Response:
             "created": created,
             "owned_by": "affinity-node",
             "aliases": aliases.get(name, []),
-            "parent": pool.parent_of(name),  # a LoRA adapter's base model, as vLLM lists it
+            "parent": backends.parent_of(name),  # a LoRA adapter's base model, as vLLM lists it
         }
-        for name in pool.served_models()
+        for name in backends.served_models()
     ]
     return web.Response(
         body=json.dumps({"object": "list", "data": data}).encode(),

@@ -19,7 +19,7 @@ from affinity_node.observability.logs import AccessLog, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.router import Router
 from affinity_node.upstream.client import UpstreamClient
 from affinity_node.upstream.transport import Transport
@@ -52,7 +52,7 @@ class Relay:
     """The node's part of forwarding a request, built once when the node starts (a request
     reads one key, not one per part)."""
 
-    pool: BackendPool
+    backends: BackendPool
     router: Router
     client: Transport
     """How requests are forwarded (the UPSTREAM client; a scripted one in unit tests)."""
@@ -66,7 +66,7 @@ NODE = web.AppKey("node", web.Application)
 """The node's API application; the operations app (listen.ops_port) reads its state here."""
 CONFIG = web.AppKey("config", NodeConfig)
 STATUS = web.AppKey("status", NodeStatus)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
 ACCESS_LOG: web.AppKey[AccessLog | NullAccessLog] = web.AppKey("access_log")

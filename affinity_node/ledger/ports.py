@@ -1,4 +1,4 @@
-"""The ledger's port: what it needs from the database (store/ledger.py implements it), and the
+"""The ledger's port: what it needs from the database (store/ledger_store.py implements it), and the
 rows that cross that line (a key and its counts, in the table's column order)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class LedgerUnavailable(Exception):
 
 
 class LedgerStore(Protocol):
-    """What the ledger needs from the database (store/ledger.py implements it)."""
+    """What the ledger needs from the database (store/ledger_store.py implements it)."""
 
     async def add(
         self, writer: uuid.UUID, node_id: str, seq: int, rows: Sequence[LedgerRow]

@@ -1,7 +1,7 @@
 """Metrics computed when Prometheus scrapes, from state the node keeps anyway.
 
 Nothing here runs per request: bindings per backend are read from the counts the engine's
-cache keeps as it changes, and healthy backends per model from the pool, once per scrape.
+cache keeps as it changes, and healthy backends per model from the backend pool, once per scrape.
 
 The same pass creates the per-model and per-backend series of the request metrics at zero as
 soon as a model or backend becomes known (configured, or learned from a backend's /v1/models),
@@ -103,7 +103,7 @@ MAX_SET_SIZE = 16
 class NodeCollector(Collector, Generic[B]):
     def __init__(
         self,
-        pool: PoolView[B],
+        backends: PoolView[B],
         cache: CacheView,
         affinity: AffinityMetrics,
         http: HttpMetrics,
@@ -111,7 +111,7 @@ class NodeCollector(Collector, Generic[B]):
     ) -> None:
         """`models` are the configured canonical names (a model whose backends are all down is
         still listed)."""
-        self._pool = pool
+        self._backends = backends
         self._cache = cache
         self._affinity = affinity
         self._http = http
@@ -130,8 +130,7 @@ class NodeCollector(Collector, Generic[B]):
 
     def collect(self) -> Iterator[Metric]:
         self._init_series()
-        pool = self._pool
-        counts = dict.fromkeys((b.id for b in pool.backends), 0)
+        counts = dict.fromkeys((b.id for b in self._backends.backends), 0)
         for backend, n in self._cache.bindings_per_backend().items():
             key = backend if backend in counts else OTHER_BACKEND
             counts[key] = counts.get(key, 0) + n
@@ -142,13 +141,13 @@ class NodeCollector(Collector, Generic[B]):
 
         healthy = GaugeMetricFamily(*_HEALTHY, labels=["model"])
         for model in sorted(self._all_models()):
-            healthy.add_metric([model], len(pool.candidates(model)))
+            healthy.add_metric([model], len(self._backends.candidates(model)))
         yield healthy
 
         inflight = GaugeMetricFamily(*_INFLIGHT, labels=["backend"])
         up = GaugeMetricFamily(*_HEALTHY_BACKEND, labels=["backend"])
         state = GaugeMetricFamily(*_STATE, labels=["backend", "state"])
-        for b in pool.backends:
+        for b in self._backends.backends:
             inflight.add_metric([b.id], b.inflight)
             up.add_metric([b.id], 1 if b.healthy else 0)
             for name in BACKEND_STATES:
@@ -158,7 +157,7 @@ class NodeCollector(Collector, Generic[B]):
         yield state
 
         load = GaugeMetricFamily(*_LOAD, labels=["backend", "kind"])
-        for polled in pool.backends:
+        for polled in self._backends.backends:
             for kind, value in (("running", polled.running), ("waiting", polled.waiting),
                                 ("kv_usage", polled.kv_usage)):  # fmt: skip
                 if value is not None:
@@ -173,22 +172,24 @@ class NodeCollector(Collector, Generic[B]):
 
     def _all_models(self) -> set[str]:
         models = set(self._models)
-        for backend in self._pool.backends:
+        for backend in self._backends.backends:
             models.update(backend.models)
         return models
 
     def _init_series(self) -> None:
-        pool = self._pool
-        backends = frozenset(b.id for b in pool.backends)
+        ids = frozenset(b.id for b in self._backends.backends)
         affinity_models = frozenset(
-            m for b in pool.backends for m in b.models if pool.affinity_applies(m, b)
+            m
+            for b in self._backends.backends
+            for m in b.models
+            if self._backends.affinity_applies(m, b)
         )
-        known = (backends, affinity_models)
+        known = (ids, affinity_models)
         if known == self._known:
             return
         self._known = known
         self._affinity.init_models(sorted(affinity_models))
-        self._http.init_backends(sorted(backends))
+        self._http.init_backends(sorted(ids))
 
 
 _QUEUE = (

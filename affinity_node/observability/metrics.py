@@ -35,6 +35,7 @@ from affinity_node.vocabulary import (
     REJECT_REASONS,
     RESYNC_MODES,
     SPILL_REASONS,
+    EvictReason,
 )
 
 # `_created` series double the series count of every counter and histogram, and nothing here
@@ -113,23 +114,27 @@ def _each(values: Iterable[str]) -> tuple[tuple[str, ...], ...]:
     return tuple((v,) for v in values)
 
 
-def declare(holder: object, specs: Iterable[Spec], registry: CollectorRegistry) -> None:
+def declare(holder: object, specs: Iterable[Spec], metrics_registry: CollectorRegistry) -> None:
     """Sets one attribute of `holder` per spec (the holder's class annotates its type)."""
     for spec in specs:
         metric: Any
         if spec.kind == "counter":
-            metric = Counter(spec.name, spec.help, spec.labels, registry=registry)
+            metric = Counter(spec.name, spec.help, spec.labels, registry=metrics_registry)
         elif spec.kind == "gauge":
-            metric = Gauge(spec.name, spec.help, spec.labels, registry=registry)
+            metric = Gauge(spec.name, spec.help, spec.labels, registry=metrics_registry)
         elif spec.kind == "histogram":
             metric = Histogram(
-                spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=registry
+                spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=metrics_registry
             )
         elif spec.kind == "fast_counter":
-            metric = FastCounter(spec.name, spec.help, list(spec.labels), registry=registry)
+            metric = FastCounter(spec.name, spec.help, list(spec.labels), registry=metrics_registry)
         else:
             metric = FastHistogram(
-                spec.name, spec.help, list(spec.labels), buckets=spec.buckets, registry=registry
+                spec.name,
+                spec.help,
+                list(spec.labels),
+                buckets=spec.buckets,
+                registry=metrics_registry,
             )
         for values in spec.zero:
             metric.labels(*values)
@@ -206,7 +211,7 @@ AFFINITY_SPECS: Final = (
 
 
 class AffinityMetrics:
-    """The affinity engine's metrics: AFFINITY_SPECS on `registry`."""
+    """The affinity engine's metrics: AFFINITY_SPECS on `metrics_registry`."""
 
     cache_hits: FastCounter
     cache_misses: Counter
@@ -231,10 +236,15 @@ class AffinityMetrics:
     db_errors: Counter
     db_up: Gauge
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        declare(self, AFFINITY_SPECS, registry)
+    def __init__(self, metrics_registry: CollectorRegistry) -> None:
+        self.metrics_registry = metrics_registry
+        declare(self, AFFINITY_SPECS, metrics_registry)
         self._models: set[str] = set()
+        self._evictions = {r: self.cache_evictions.labels(r).inc for r in EVICT_REASONS}
+
+    def evicted(self, reason: EvictReason, n: int) -> None:
+        """The binding cache's `on_evict` (given when the cache is built)."""
+        self._evictions[reason](n)
 
     def init_models(self, models: Iterable[str]) -> None:
         """Create the per-model series at zero (idempotent; cheap when nothing is new)."""
@@ -279,8 +289,8 @@ class LedgerMetrics:
     unreported_family: FastCounter
     pending: Gauge
 
-    def __init__(self, registry: CollectorRegistry, db_errors: Counter) -> None:
-        declare(self, LEDGER_SPECS, registry)
+    def __init__(self, metrics_registry: CollectorRegistry, db_errors: Counter) -> None:
+        declare(self, LEDGER_SPECS, metrics_registry)
         self.unreported = self.unreported_family.labels()
         self.flush_errors = db_errors.labels("ledger")
 
@@ -349,8 +359,8 @@ class HttpMetrics:
     upstream_ttft: FastHistogram
     build_info: Gauge
 
-    def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        declare(self, HTTP_SPECS, registry)
+    def __init__(self, metrics_registry: CollectorRegistry, version: str) -> None:
+        declare(self, HTTP_SPECS, metrics_registry)
         self.build_info.labels(version).set(1)
         self._backends: set[str] = set()
         # Labelled children looked up once, not per request (.labels() hashes and locks).

@@ -1,12 +1,12 @@
-"""The backend registry: which backends exist, what models they serve, how busy they are.
+"""The backend pool: which backends exist, what models they serve, how busy they are.
 
 The request path asks two things per request, `candidates(model)` and (through a strategy)
 which candidate is least busy, so both are cheap: the healthy backends of each canonical model
 are cached as tuples and the cache is dropped only when health or a model list changes.
 
 Backend identity is the normalised URL (never an object address): it is what bindings store in
-Postgres and what every node must spell the same way. Health decisions are routing/health.py's;
-talking to backends is upstream/'s.
+Postgres and what every node must spell the same way. Health decisions are
+routing/health_state.py's; talking to backends is upstream/'s.
 """
 
 from __future__ import annotations
@@ -129,8 +129,12 @@ class BackendPool:
         models: Iterable[ModelSpec] = (),
         *,
         default_affinity: bool = True,
+        on_remove: Callable[[Backend], None] | None = None,
     ) -> None:
+        """`on_remove` is told when a backend leaves (registry, DNS discovery), so per-backend
+        state kept elsewhere (metric series, pooled connections) leaves with it."""
         self._default_affinity = default_affinity
+        self._on_remove = on_remove
         self._canon: dict[str, str] = {}
         self._affinity: dict[str, bool] = {}
         for spec in models:
@@ -155,9 +159,6 @@ class BackendPool:
         self._candidate_ids: dict[str, tuple[str, ...]] = {}
         self._inflight_sums: dict[str, int] | None = None
         """Canonical model -> in-flight requests on its candidates, for `overloaded` in O(1)."""
-        self.on_remove: Callable[[Backend], None] | None = None
-        """Told when a backend leaves (registry, DNS discovery), so per-backend state kept
-        elsewhere (metric series, pooled connections) leaves with it."""
 
     def _new_backend(self, bid: str, spec: BackendSpec, origin: Origin) -> Backend:
         served = frozenset(self._learn(m) for m in spec.models)
@@ -311,8 +312,8 @@ class BackendPool:
         if backend is not None:
             self._backends = tuple(b for b in self._backends if b is not backend)
             self.invalidate()
-            if self.on_remove is not None:
-                self.on_remove(backend)
+            if self._on_remove is not None:
+                self._on_remove(backend)
         return backend
 
     def set_state(self, backend: Backend, state: BackendState) -> bool:

@@ -11,10 +11,10 @@ once, whatever the store does (a frozen host answers nothing and resets nothing)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from affinity_node.routing.ports import Clock, StoreUnavailable
+from affinity_node.tasks import stop_all
 
 
 class StoreBreaker:
@@ -81,7 +81,4 @@ class StoreBreaker:
 
     async def stop(self) -> None:
         trial, self._trial = self._trial, None
-        if trial is not None:
-            trial.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await trial
+        await stop_all(trial)

@@ -128,8 +128,7 @@ class BindingCache:
         self._max = max_entries
         self._max_tombstones = max_tombstones
         self._clock = clock
-        self.on_evict = on_evict
-        """Hears of live entries evicted for size and of expired ones swept (a metric)."""
+        self._on_evict = on_evict
         # per slot
         self._hi = array("Q")
         self._lo = array("Q")
@@ -428,8 +427,8 @@ class BindingCache:
             s = bucket.pop()
             if model[s] != _FREE and int(deadline[s]) + 1 == second:
                 self._drop(s)
-                if self.on_evict is not None:
-                    self.on_evict("size", 1)
+                if self._on_evict is not None:
+                    self._on_evict("size", 1)
                 return
 
     # -- writes ------------------------------------------------------------------------------
@@ -673,8 +672,8 @@ class BindingCache:
                 if model[s] != _FREE and deadline[s] <= now:
                     self._drop(s)
                     removed += 1
-        if removed and self.on_evict is not None:
-            self.on_evict("expired", removed)
+        if removed and self._on_evict is not None:
+            self._on_evict("expired", removed)
         return removed
 
     # -- resync ------------------------------------------------------------------------------

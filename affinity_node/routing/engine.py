@@ -16,7 +16,6 @@ swept here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -41,8 +40,8 @@ from affinity_node.routing.ports import (
     StoreUnavailable,
 )
 from affinity_node.routing.upkeep import Upkeep
+from affinity_node.tasks import Pending, Periodic, every, stop_all
 from affinity_node.vocabulary import (
-    EVICT_REASONS,
     FanoutDirection,
     FanoutReason,
     MissOutcome,
@@ -108,14 +107,12 @@ class AffinityEngine:
         self._upkeep = Upkeep(
             store, cache, metrics, settings, self._breaker, self._store_failed, clock
         )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._tasks: list[Periodic] = []
+        self._background = Pending()
         self._hit_counters: dict[str, Callable[[], None]] = {}
         self._warn = RateLimitedLog(log)
         metrics.cache_entries.set_function(lambda: len(self._cache))
         metrics.db_up.set(0)
-        evictions = {r: metrics.cache_evictions.labels(r).inc for r in EVICT_REASONS}
-        cache.on_evict = lambda reason, n: evictions[reason](n)
 
     @property
     def cache(self) -> BindingCache:
@@ -164,24 +161,21 @@ class AffinityEngine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start_background(self) -> None:
-        for loop, name in (
-            (self._upkeep.refresh_loop, "affinity-refresh"),
-            (self._upkeep.cleanup_loop, "affinity-cleanup"),
-            (self._sweep_loop, "affinity-sweep"),
-        ):
-            self._tasks.append(asyncio.create_task(loop(), name=name))
+        """The periodic duties: refresh writes, expired rows, the cache's sweep (an error
+        ends one round, not the duty)."""
+        s = self._s
+        self._tasks = [
+            every(s.refresh_flush_interval_s, self.flush_refreshes, "affinity-refresh"),
+            every(s.cleanup_interval_s, self.cleanup_expired, "affinity-cleanup"),
+            every(s.sweep_interval_s, self._sweep_once, "affinity-sweep"),
+        ]
 
     async def stop(self) -> None:
         """Stops the loops and writes the refreshes still queued."""
         await self._sync.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        tasks, self._tasks = self._tasks, []
+        await stop_all(*tasks)
+        await self._background.finish()
         await self._breaker.stop()
         await self.flush_refreshes()
 
@@ -447,12 +441,10 @@ class AffinityEngine:
         answers: a lost listener shows at once, even while every request is a hit."""
         self._m.db_up.set(1 if self._sync.listener_up and self._breaker.closed else 0)
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.sweep_interval_s)
-            now = self._clock()
-            self._cache.sweep(now)
-            self._sync.update_blindness(now)
+    def _sweep_once(self) -> None:
+        now = self._clock()
+        self._cache.sweep(now)
+        self._sync.update_blindness(now)
 
     # -- after the response (routing/upkeep.py batches the refreshes) ------------------------
 
@@ -469,9 +461,7 @@ class AffinityEngine:
     def failed_over(self, api_key_id: UUID, model: str, bound: str, served_by: str) -> None:
         """The bound backend failed and `served_by` succeeded: move the binding (CAS)."""
         pair = (api_key_id, model)
-        task = asyncio.create_task(self._failover(pair, bound, served_by))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.start(self._failover(pair, bound, served_by), "affinity-failover")
 
     async def _failover(self, pair: Pair, bound: str, served_by: str) -> None:
         if not self._breaker.allows():

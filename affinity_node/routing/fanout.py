@@ -1,6 +1,6 @@
 """When a pair's backend set grows and shrinks (load-aware fan-out).
 
-Grow: for `grow_after_s` some member of the set has been hot (routing/load.py) and none cool,
+Grow: for `grow_after_s` some member of the set has been hot (routing/load_view.py) and none cool,
 and the set is below `max_fanout`: the least-loaded eligible backend joins. Not "every member
 hot": conversations stay on their member, so one member can queue while the others are busy
 but not saturated, and waiting for all of them left it queueing (skew demo: 2 runs in 5 with
@@ -18,14 +18,14 @@ request; shrinking is checked after each load poll over the few pairs that have 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine, Resolution
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from affinity_node.routing.ports import Clock, Members, Pair
+from affinity_node.tasks import Pending
 from affinity_node.vocabulary import FanoutDirection, FanoutReason
 
 MAX_TRACKED = 100_000
@@ -44,19 +44,19 @@ class FanoutController:
         self,
         engine: AffinityEngine,
         load: LoadView,
-        pool: BackendPool,
+        backends: BackendPool,
         rules: FanoutRules,
         clock: Clock = time.monotonic,
     ) -> None:
         self._engine = engine
         self._load = load
-        self._pool = pool
+        self._backends = backends
         self.rules = rules
         self._clock = clock
         self._hot_since: dict[Pair, float] = {}
         self._cool_since: dict[Pair, float] = {}
         self._changing: set[Pair] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._changes = Pending()
 
     @property
     def enabled(self) -> bool:
@@ -101,7 +101,7 @@ class FanoutController:
             if pair in self._changing or entry.deadline <= now:
                 continue
             model = pair[1]
-            healthy = self._pool.candidate_ids(model)
+            healthy = self._backends.candidate_ids(model)
             gone = [m for m in entry.fanout if m not in healthy]
             if gone:
                 kept = tuple(m for m in entry.fanout if m in healthy)
@@ -133,11 +133,9 @@ class FanoutController:
         reason: FanoutReason,
     ) -> None:
         self._changing.add(pair)
-        task = asyncio.get_running_loop().create_task(
-            self._run_change(pair, version, fanout, direction, reason)
+        self._changes.start(
+            self._run_change(pair, version, fanout, direction, reason), "fanout-change"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _run_change(
         self,
@@ -153,5 +151,5 @@ class FanoutController:
             self._changing.discard(pair)
 
     async def stop(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Lets the set changes under way finish."""
+        await self._changes.finish()

@@ -2,7 +2,7 @@
 
 The registry (a table every node follows) adds backends at runtime and holds the admin state of
 any backend: `active`, `draining` (no new bindings or set membership; its bindings are moved off)
-or `disabled` (serves nothing). `apply_registry` makes a node's pool match it.
+or `disabled` (serves nothing). `apply_registry` makes a node's backend pool match it.
 
 The mover runs on every node, but moves are paced fleet-wide: before each move a node must take
 the one move slot in the database (one per interval for the whole fleet), so however many nodes
@@ -32,8 +32,8 @@ from affinity_node.routing.ports import Clock, MoverStore, RegistryEntry
 from affinity_node.vocabulary import MoveReason
 
 
-def apply_registry(pool: BackendPool, entries: Sequence[RegistryEntry]) -> list[str]:
-    """Make the pool match the registry; returns what changed, for the log."""
+def apply_registry(backends: BackendPool, entries: Sequence[RegistryEntry]) -> list[str]:
+    """Make the backend pool match the registry; returns what changed, for the log."""
     changes: list[str] = []
     wanted: dict[str, RegistryEntry] = {}
     for entry in entries:
@@ -42,21 +42,23 @@ def apply_registry(pool: BackendPool, entries: Sequence[RegistryEntry]) -> list[
         except ValueError:
             continue  # not a URL this node can use: ignore the row, keep serving
     for url, entry in wanted.items():
-        backend = pool.get(url)
+        backend = backends.get(url)
         if backend is None and entry.added:
-            backend = pool.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            backend = backends.add(BackendSpec(url, entry.kind, entry.models), "registry")
             changes.append(f"{url} added")
         if backend is None:
             continue
         backend.drain_deadline = entry.drain_deadline
-        if pool.set_state(backend, entry.state):
+        if backends.set_state(backend, entry.state):
             changes.append(f"{url} {entry.state}")
-    for backend in pool.backends:
+    for backend in backends.backends:
         current = wanted.get(backend.id)
         if backend.origin == "registry" and (current is None or not current.added):
-            pool.remove(backend.id)
+            backends.remove(backend.id)
             changes.append(f"{backend.id} removed")
-        elif current is None and backend.origin == "config" and pool.set_state(backend, "active"):
+        elif (
+            current is None and backend.origin == "config" and backends.set_state(backend, "active")
+        ):
             changes.append(f"{backend.id} active")
     return changes
 
@@ -75,13 +77,13 @@ class Mover:
     def __init__(
         self,
         engine: AffinityEngine,
-        pool: BackendPool,
+        backends: BackendPool,
         store: MoverStore,
         rules: MoverRules,
         clock: Clock = time.monotonic,
     ) -> None:
         self._engine = engine
-        self._pool = pool
+        self._backends = backends
         self._store = store
         self.rules = rules
         self._clock = clock
@@ -93,7 +95,7 @@ class Mover:
 
     async def tick(self) -> MoveReason | None:
         """At most one move, when one is due and this node took the fleet's slot."""
-        draining = [b for b in self._pool.backends if b.state == "draining"]
+        draining = [b for b in self._backends.backends if b.state == "draining"]
         if draining:
             return await self._drain(draining)
         if self.rules.rebalance:
@@ -133,16 +135,16 @@ class Mover:
         return "drain" if ok else None
 
     def _serves(self, backend_id: str, model: str) -> bool:
-        backend = self._pool.get(backend_id)
+        backend = self._backends.get(backend_id)
         return (
             backend is not None
             and backend.state == "active"
-            and backend in (self._pool.candidates(model))
+            and backend in (self._backends.candidates(model))
         )
 
     def _least_bound(self, model: str, exclude: set[str]) -> str | None:
         choices = [
-            b for b in self._pool.candidates(model)
+            b for b in self._backends.candidates(model)
             if b.kind == "vllm" and b.state == "active" and b.id not in exclude
         ]  # fmt: skip
         if not choices:
@@ -153,7 +155,7 @@ class Mover:
         """(busiest, least busy, busiest over mean) over the active vllm backends."""
         active = [
             b
-            for b in self._pool.backends
+            for b in self._backends.backends
             if b.kind == "vllm" and b.state == "active" and b.healthy and b.models
         ]
         if len(active) < 2:
@@ -192,7 +194,7 @@ class Mover:
         if not await self._store.take_move_slot(60.0 / self.rules.rebalance_moves_per_minute):
             return None
         for row in await self._store.idle_bindings(busiest.id, 5):
-            if idlest in self._pool.candidates(row.model):
+            if idlest in self._backends.candidates(row.model):
                 pair = (row.api_key_id, row.model)
                 ok = await self._engine.move(pair, busiest.id, idlest.id, "rebalance")
                 return "rebalance" if ok else None

@@ -17,7 +17,7 @@ from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolution
 from affinity_node.routing.fanout import FanoutController
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.members import rendezvous
 from affinity_node.routing.owners import OwnerIndex
 from affinity_node.routing.ports import Pair
@@ -74,7 +74,7 @@ class AffinityRules:
 class Router:
     def __init__(
         self,
-        pool: BackendPool,
+        backends: BackendPool,
         strategy: Strategy,
         engine: AffinityEngine | None,
         rules: AffinityRules,
@@ -82,7 +82,7 @@ class Router:
         health: BackendHealth,
         fanout: FanoutController | None = None,
     ) -> None:
-        self._pool = pool
+        self._backends = backends
         self._health = health
         self._strategy = strategy
         self._engine = engine if rules.enabled else None
@@ -101,7 +101,7 @@ class Router:
         prefix caches and long-run load; in-flight counts alone tie at low load and scatter
         bindings unevenly (the demo saw 59 vs 276 requests on two backends).
         """
-        known = [b for b in map(self._pool.get, ids) if b is not None]
+        known = [b for b in map(self._backends.get, ids) if b is not None]
         # New bindings only on active backends (a draining one is giving its own away).
         backends = [b for b in known if b.state == "active"] or known
         engine = self._engine
@@ -113,21 +113,21 @@ class Router:
 
     def _affinity_candidates(self, model: str) -> tuple[str, ...]:
         """The model's healthy vllm backends, recomputed only when the pool's list changes."""
-        ids = self._pool.candidate_ids(model)
+        ids = self._backends.candidate_ids(model)
         cached = self._vllm.get(model)
         if cached is not None and cached[0] is ids:
             return cached[1]
         vllm: list[str] = []
         for i in ids:
-            b = self._pool.get(i)
-            if b is not None and self._pool.affinity_applies(model, b):
+            b = self._backends.get(i)
+            if b is not None and self._backends.affinity_applies(model, b):
                 vllm.append(i)
         result = tuple(vllm)
         self._vllm[model] = (ids, result)
         return result
 
     def fallback(self, model: str, exclude: Sequence[Backend] = ()) -> Backend | None:
-        candidates = [b for b in self._pool.candidates(model) if b not in exclude]
+        candidates = [b for b in self._backends.candidates(model) if b not in exclude]
         return self._strategy.choose(candidates) if candidates else None
 
     def _successor(self, pair: Pair, ids: Sequence[str]) -> str:
@@ -135,7 +135,7 @@ class Router:
         node for the same candidates (rendezvous hashing of the pair), so the retry of a
         request whose bound backend failed and the rebind that follows land on one backend,
         and the fleet warms one cache. New bindings only on active backends."""
-        known = [b for b in map(self._pool.get, ids) if b is not None]
+        known = [b for b in map(self._backends.get, ids) if b is not None]
         active = [b.id for b in known if b.state == "active"] or [b.id for b in known]
         return rendezvous(pair[0].bytes + pair[1].encode(), active or ids)
 
@@ -173,9 +173,9 @@ class Router:
             members = [m for m in route.members if m in eligible]
             if members:
                 key = route.conversation() if route.conversation is not None else b""
-                return self._pool.get(rendezvous(key, members) if key else members[0])
+                return self._backends.get(rendezvous(key, members) if key else members[0])
             if eligible:
-                return self._pool.get(self._successor(pair, eligible))
+                return self._backends.get(self._successor(pair, eligible))
         return self.fallback(route.model, exclude=failed)
 
     def _retry_header(self, route: Route, failed: Backend) -> AffinityHeader:
@@ -199,7 +199,7 @@ class Router:
             return
         api_key_id, model = pair
         if bound in route.failed:
-            if route.moves and self._pool.affinity_applies(model, served_by):
+            if route.moves and self._backends.affinity_applies(model, served_by):
                 engine.failed_over(api_key_id, model, bound.id, served_by.id)
             else:
                 self._m.spills.labels(model, "failover").inc()
@@ -226,8 +226,8 @@ class Router:
         With `api_key_id`, the pair's set still sees the request: a hot tenant whose turns
         all follow stored responses must grow its set too, or its new conversations (the only
         ones that can move) would keep landing on the hot members."""
-        found = self._owners.find(owner, tuple(b.id for b in self._pool.backends))
-        backend = self._pool.get(found) if found is not None else None
+        found = self._owners.find(owner, tuple(b.id for b in self._backends.backends))
+        backend = self._backends.get(found) if found is not None else None
         if backend is None or not backend.healthy or backend.state == "disabled":
             raise OwnerGone(model)
         if api_key_id is not None and self._fanout is not None and self._engine is not None:
@@ -259,7 +259,7 @@ class Router:
                     res = None
                 if res is not None:
                     member = self._member(res, ids, conversation)
-                    backend = self._pool.get(member)
+                    backend = self._backends.get(member)
                     if backend is not None:
                         if res.outcome == "degraded":
                             return Route(backend, "degraded", model)
@@ -269,14 +269,16 @@ class Router:
                             if self._fanout is not None:
                                 self._fanout.observe(pair, res)
                             # Past the set only when it cannot grow any more.
-                            if len(res.fanout) + 1 >= self._max_fanout and self._pool.overloaded(
+                            if len(
+                                res.fanout
+                            ) + 1 >= self._max_fanout and self._backends.overloaded(
                                 backend, model, self._rules.load_factor, self._rules.spill_min_gap
                             ):
                                 other = self.fallback(
                                     model,
                                     exclude=[
                                         b
-                                        for b in map(self._pool.get, members or (res.backend,))
+                                        for b in map(self._backends.get, members or (res.backend,))
                                         if b
                                     ],
                                 )

@@ -8,7 +8,6 @@ deletion log that catch-ups read (routing/coherence.py).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from affinity_node.observability.metrics import AffinityMetrics
@@ -76,11 +75,6 @@ class Upkeep:
             )
         return len(rows)
 
-    async def refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.refresh_flush_interval_s)
-            await self.flush_refreshes()
-
     async def cleanup_expired(self) -> int:
         """Delete expired rows in batches (each its own short transaction), then trim the
         deletion log, if this node holds the cleaner lock. Returns the expired rows deleted."""
@@ -107,8 +101,3 @@ class Upkeep:
             if trimmed is None or trimmed < self._s.cleanup_batch:
                 break
         return total
-
-    async def cleanup_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._s.cleanup_interval_s)
-            await self.cleanup_expired()

@@ -8,7 +8,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from affinity_node.sim.engine import Engine
+from affinity_node.sim.capacity import Engine
 
 TTFT_BUCKETS: Final = (
     0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -25,58 +25,58 @@ class BackendMetrics:
     """
 
     def __init__(self, models: Sequence[str], engine: Engine) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         self.queries = Counter(
             "vllm:prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",
             labels,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.hits = Counter(
             "vllm:prefix_cache_hits",
             "Prompt tokens found in the prefix cache.",
             labels,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.running = Gauge(
             "vllm:num_requests_running",
             "Requests holding a running slot (prefilling or decoding).",
             labels,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.waiting = Gauge(
             "vllm:num_requests_waiting",
             "Requests queued for a slot (FIFO).",
             labels,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.kv_usage = Gauge(
             "vllm:kv_cache_usage_perc",
             "KV-cache usage: blocks held by running requests over the cache, 0..1.",
             labels,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time from arrival to the first output token.",
             labels,
             buckets=TTFT_BUCKETS,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.queue_time = Histogram(
             "vllm:request_queue_time_seconds",
             "Time a request waited for a running slot.",
             labels,
             buckets=TTFT_BUCKETS,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Time from arrival to the last output token.",
             labels,
             buckets=TTFT_BUCKETS,
-            registry=self.registry,
+            registry=self.metrics_registry,
         )
         for model in models:  # every series exists from the first scrape
             for metric in (self.queries, self.hits, self.ttft, self.queue_time, self.e2e):

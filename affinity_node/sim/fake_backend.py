@@ -3,7 +3,7 @@
 It lets the demo, the benchmarks and the tests run a fleet on one machine without GPUs while
 keeping what matters to affinity routing: time to first token grows with the prompt tokens
 that miss the prefix cache, the cache is per backend and bounded, and a backend given more
-than it can do queues (engine.py: running slots, a FIFO queue, shared prefill compute, decode
+than it can do queues (capacity.py: running slots, a FIFO queue, shared prefill compute, decode
 slowing with the batch, KV blocks). Each backend tags its answers (`x-backend-id` header,
 `system_fingerprint`) so a caller can see who served it, and faults can be injected at start
 or at runtime through `POST /admin/fail`. Every metric carries vLLM's own name.
@@ -33,7 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from affinity_node.sim.anthropic_api import MessagesRoutes
 from affinity_node.sim.backend_metrics import BackendMetrics
-from affinity_node.sim.engine import CapacityModel, Engine
+from affinity_node.sim.capacity import CapacityModel, Engine
 from affinity_node.sim.extra_api import ExtraRoutes
 from affinity_node.sim.lora import LoraRoutes, ServedModels
 from affinity_node.sim.prefix_cache import PrefixCache, stable_hash, tokenize
@@ -338,7 +338,7 @@ class FakeBackend:
         # turns "vllm:x" into "vllm_x" (client_python#1177), and the names must be vLLM's.
         # content_type= would reject the charset part, hence the raw header.
         headers = {"Content-Type": CONTENT_TYPE_LATEST}
-        return web.Response(body=generate_latest(self.metrics.registry), headers=headers)
+        return web.Response(body=generate_latest(self.metrics.metrics_registry), headers=headers)
 
     async def admin_fail(self, request: web.Request) -> web.Response:
         """Replaces the failure mode: {"status": 503}, {"drop_after_chunks": 2}, {} heals."""

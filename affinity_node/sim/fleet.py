@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import yaml
 
-from affinity_node.sim.engine import CapacityModel
+from affinity_node.sim.capacity import CapacityModel
 from affinity_node.sim.haproxy import haproxy_config, haproxy_servers_up
 from affinity_node.sim.llamacpp import EngineProcess, start_server
 from affinity_node.sim.support import (
@@ -50,7 +50,7 @@ class Scenario:
 
 @dataclass(frozen=True)
 class BackendModel:
-    """The fake backends' capacity flags (one simulated GPU each; see sim/engine.py)."""
+    """The fake backends' capacity flags (one simulated GPU each; see sim/capacity.py)."""
 
     prefill_s_per_token: float
     ttft_base_s: float

@@ -10,7 +10,7 @@ from datetime import timedelta
 import asyncpg
 
 from affinity_node.sim.report import LedgerTenant, ledger_tenants
-from affinity_node.store.ledger import usage_report
+from affinity_node.store.ledger_store import usage_report
 
 
 async def read_ledger_tenants(

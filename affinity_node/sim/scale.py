@@ -55,7 +55,7 @@ async def _cli(*args: str, dsn: str) -> str:
 
 
 async def _running(session: aiohttp.ClientSession, url: str) -> float | None:
-    from affinity_node.upstream.load import parse_load
+    from affinity_node.upstream.load_poll import parse_load
 
     try:
         async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:

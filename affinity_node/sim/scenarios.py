@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final
 
-from affinity_node.sim.engine import CapacityModel
+from affinity_node.sim.capacity import CapacityModel
 from affinity_node.sim.fleet import BackendModel, Scenario
 from affinity_node.sim.workload import ROLE_TOKENS, WorkloadConfig
 

@@ -1,7 +1,7 @@
 """vLLM's OpenAI-compatible surface as the simulator speaks it: request parsing with
 OpenAI error bodies, and the response bodies and SSE events of a completion.
 
-Kept apart from the server (fake_backend.py) and its capacity model (engine.py) so that each
+Kept apart from the server (fake_backend.py) and its capacity model (capacity.py) so that each
 stays readable; nothing here knows about time or state.
 """
 

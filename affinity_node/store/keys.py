@@ -45,24 +45,24 @@ class PostgresKeyStore:
     """What the node's key cache reads (auth.ports.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 2.0, page: int = 20_000) -> None:
-        self._pool = pool
+    def __init__(self, db: asyncpg.Pool, timeout_s: float = 2.0, page: int = 20_000) -> None:
+        self._db = db
         self._timeout = timeout_s
         self._page = page
 
     async def lookup(self, digest: bytes) -> tuple[uuid.UUID, bool] | None:
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        async with self._db.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(Q["key_lookup"], digest, timeout=self._timeout)
         return None if row is None else (row["id"], row["revoked"])
 
     async def load(self, key_id: uuid.UUID) -> tuple[bytes, bool] | None:
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        async with self._db.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(Q["key_by_id"], key_id, timeout=self._timeout)
         return None if row is None else (bytes(row["key_hash"]), row["revoked"])
 
     async def load_many(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[bytes, bool]]:
         """The keys named by notifications, in one statement (a flood costs one per batch)."""
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        async with self._db.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(Q["key_by_ids"], list(key_ids), timeout=self._timeout)
         return {r["id"]: (bytes(r["key_hash"]), r["revoked"]) for r in rows}
 
@@ -73,7 +73,7 @@ class PostgresKeyStore:
         out: list[tuple[bytes, uuid.UUID]] = []
         after = uuid.UUID(int=0)
         while True:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with self._db.acquire(timeout=self._timeout) as conn:
                 rows = await conn.fetch(
                     Q["key_active_page"], after, self._page, timeout=self._timeout
                 )

@@ -3,7 +3,7 @@
 Every node's coherence rides on NOTIFY. The queue is trimmed only up to the slowest listening
 session: one that LISTENs and then sits in a transaction holds its tail, and once the queue is
 full every notifying commit fails, fleet-wide. The node reads `pg_notification_queue_usage()`
-on its pool every few seconds and the collector exports the last answer
+on its database pool every few seconds and the collector exports the last answer
 (`affinity_notify_queue_usage`), so an alert fires long before that.
 """
 
@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 class NotifyQueueMonitor:
     def __init__(
         self,
-        pool: asyncpg.Pool | asyncpg.Connection,
+        db: asyncpg.Pool | asyncpg.Connection,
         interval_s: float = 5.0,
         timeout_s: float = 2.0,
     ) -> None:
-        self._db = pool
+        self._db = db
         self.interval_s = interval_s
         self._timeout = timeout_s
         self._warn = RateLimitedLog(log)

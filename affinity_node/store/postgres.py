@@ -100,7 +100,7 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
         only transaction-scoped locks), and asyncpg still rolls back an open transaction.
         The default reset would cost one more round trip on every release."""
 
-    pool: asyncpg.Pool = await asyncpg.create_pool(
+    db: asyncpg.Pool = await asyncpg.create_pool(
         settings.dsn,
         min_size=0,
         max_size=settings.pool_max,
@@ -112,7 +112,7 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
         statement_cache_size=100 if settings.statement_cache else 0,
         server_settings=settings.server_settings,
     )
-    return pool
+    return db
 
 
 def _binding(row: asyncpg.Record) -> StoredBinding:
@@ -137,11 +137,11 @@ class PostgresBindingStore:
     """Implements routing.ports.BindingStore. Every failure surfaces as StoreUnavailable."""
 
     def __init__(
-        self, pool: asyncpg.Pool, acquire_timeout_s: float = 0.5, snapshot_timeout_s: float = 30.0
+        self, db: asyncpg.Pool, acquire_timeout_s: float = 0.5, snapshot_timeout_s: float = 30.0
     ) -> None:
         """`snapshot_timeout_s`: the deadline of one snapshot page (not the pool's statement
         timeout, which is the request path's)."""
-        self._pool = pool
+        self._db = db
         self._acquire_timeout = acquire_timeout_s
         self._snapshot_timeout = snapshot_timeout_s
         self.rows_read = 0
@@ -152,7 +152,7 @@ class PostgresBindingStore:
         """A pooled connection. Waiting for a free one is bounded and is not an outage (the
         pool is busy); failing to connect is."""
         try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            conn = await self._db.acquire(timeout=self._acquire_timeout)
         except TimeoutError as exc:
             raise StoreUnavailable(operation, exc, down=False) from exc
         except DB_ERRORS as exc:
@@ -163,7 +163,7 @@ class PostgresBindingStore:
             raise StoreUnavailable(operation, exc, down=is_outage(exc)) from exc
         finally:
             try:
-                await self._pool.release(conn)
+                await self._db.release(conn)
             except DB_ERRORS as exc:  # a frozen server cannot even take the cancellation
                 raise StoreUnavailable(operation, exc, down=True) from exc
 

@@ -344,7 +344,7 @@ WHERE expires_at > now() AND provider_url = $1 AND fanout_urls = '{}'
 ORDER BY expires_at
 LIMIT $2;
 
--- Usage ledger (store/ledger.py). Counts arrive as parallel arrays, one element per row, in
+-- Usage ledger (store/ledger_store.py). Counts arrive as parallel arrays, one element per row, in
 -- the column order of ledger.COUNT_COLUMNS.
 
 -- name: ledger_add

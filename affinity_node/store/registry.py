@@ -80,8 +80,8 @@ def reportable(models: Iterable[str]) -> list[str]:
 class PostgresRegistry:
     """Every call is one short statement; callers decide what a failure means."""
 
-    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, timeout_s: float = 2.0) -> None:
-        self._db = pool
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, timeout_s: float = 2.0) -> None:
+        self._db = db
         self._timeout = timeout_s
 
     async def rows(self) -> list[RegistryEntry]:
@@ -168,10 +168,13 @@ class RegistryFollower:
     host outside `allow` are left out (warned once each, counted in `refused`)."""
 
     def __init__(
-        self, registry: PostgresRegistry, pool: BackendPool, allow: HostAllowList | None = None
+        self,
+        backend_registry: PostgresRegistry,
+        backends: BackendPool,
+        allow: HostAllowList | None = None,
     ) -> None:
-        self._registry = registry
-        self._pool = pool
+        self._backend_registry = backend_registry
+        self._backends = backends
         self._allow = allow or HostAllowList()
         self._task: asyncio.Task[None] | None = None
         self._again = False
@@ -180,12 +183,12 @@ class RegistryFollower:
         """Registry backends this node will not use (their host is not in backends.allow)."""
 
     async def reload(self) -> None:
-        rows = await self._registry.rows()
+        rows = await self._backend_registry.rows()
         refused = frozenset(r.url for r in rows if r.added and not self._allow.allows_url(r.url))
         for url in sorted(refused - self.refused):
             log.warning("backend registry: %s refused: its host is not in backends.allow", url)
         self.refused = refused
-        changes = apply_registry(self._pool, [r for r in rows if r.url not in refused])
+        changes = apply_registry(self._backends, [r for r in rows if r.url not in refused])
         for change in changes:
             log.info("backend registry: %s", change)
 

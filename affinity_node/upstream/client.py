@@ -49,16 +49,16 @@ class UpstreamClient:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_read=t.read_s),
         )
-        self._pool = ConnectionPool(t.connect_s, keepalive_s=IDLE_REUSE_S)
+        self._connections = ConnectionPool(t.connect_s, keepalive_s=IDLE_REUSE_S)
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._connections.close()
         await self._session.close()
 
     def forget_backend(self, base_url: str) -> None:
         """A backend left the fleet: its pooled forwarding connections go (idle ones now, busy
         ones when their answers end)."""
-        self._pool.drop(base_url)
+        self._connections.drop(base_url)
 
     async def post(
         self,
@@ -74,7 +74,9 @@ class UpstreamClient:
         (the generation timeout for non-streamed answers), http1.UpstreamFailed when it cannot
         be reached or breaks the answer, ValueError on a header that could split the request."""
         timeout = self.timeouts.read_s if stream else self.timeouts.generation_s
-        return await self._pool.post(base_url, path, header_lines(headers), body, timeout, method)
+        return await self._connections.post(
+            base_url, path, header_lines(headers), body, timeout, method
+        )
 
     async def health(self, base_url: str) -> str | None:
         """None when GET /health answers 2xx in time, else why not."""

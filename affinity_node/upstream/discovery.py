@@ -49,13 +49,13 @@ def _url(entry: DnsEntry, address: str) -> str:
 class DnsDiscovery:
     def __init__(
         self,
-        pool: BackendPool,
+        backends: BackendPool,
         entries: Sequence[DnsEntry],
         resolver: Resolver = system_resolver,
         is_idle: Callable[[Backend], bool] = lambda b: b.inflight == 0,
         allow: HostAllowList | None = None,
     ) -> None:
-        self._pool = pool
+        self._backends = backends
         self._entries = tuple(entries)
         self._resolver = resolver
         self._is_idle = is_idle
@@ -80,24 +80,24 @@ class DnsDiscovery:
             wanted = {u for u in (_url(entry, a) for a in addresses) if self._allowed(u, entry)}
             known = self._mine[entry]
             for url in sorted(wanted - known):
-                backend = self._pool.add(BackendSpec(url, entry.kind, entry.models), "dns")
-                self._pool.set_state(backend, "active")
+                backend = self._backends.add(BackendSpec(url, entry.kind, entry.models), "dns")
+                self._backends.set_state(backend, "active")
                 log.info("backend %s joined (%s)", url, entry.name)
             for url in sorted(wanted & known):
-                back = self._pool.get(url)
+                back = self._backends.get(url)
                 if back is not None and back.state == "draining":
-                    self._pool.set_state(back, "active")  # it came back
+                    self._backends.set_state(back, "active")  # it came back
             for url in sorted(known - wanted):
-                gone = self._pool.get(url)
+                gone = self._backends.get(url)
                 if gone is None:
                     continue
-                if self._pool.set_state(gone, "draining"):
+                if self._backends.set_state(gone, "draining"):
                     log.info("backend %s left %s: draining", url, entry.name)
                 if self._is_idle(gone):
-                    self._pool.remove(url)
+                    self._backends.remove(url)
                     log.info("backend %s removed (drained)", url)
             self._mine[entry] = wanted | {
-                url for url in known - wanted if self._pool.get(url) is not None
+                url for url in known - wanted if self._backends.get(url) is not None
             }
 
     def _allowed(self, url: str, entry: DnsEntry) -> bool:

@@ -15,7 +15,7 @@ import asyncpg
 import openai
 import pytest
 
-from affinity_node.http.state import REGISTRY
+from affinity_node.http.state import METRICS_REGISTRY
 from tests.support.cluster import ALIAS, MODEL, Cluster, cluster
 from tests.support.waiting import wait_for
 
@@ -260,7 +260,7 @@ async def test_embeddings_audio_and_vllm_extras_through_a_node(dsn):
                     assert r.status == 200, await r.text()
             async with http.post(f"{base}/v1/embeddings", data=b"{not json") as r:
                 assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
-        registry = c.nodes[1].app[REGISTRY]
+        registry = c.nodes[1].app[METRICS_REGISTRY]
         assert registry.get_sample_value(
             "affinity_http_requests_total", {"route": "/v1/embeddings", "code": "200"}
         )

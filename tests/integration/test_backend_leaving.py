@@ -23,7 +23,7 @@ async def scrape(node: RunningNode) -> str:
 
 
 def pooled(node: RunningNode, url: str) -> bool:
-    return node.app[UPSTREAM]._pool.has(url)  # what the forwarding pool keeps per backend
+    return node.app[UPSTREAM]._connections.has(url)  # what the forwarding pool keeps per backend
 
 
 def upstream_lines(text: str, url: str) -> list[str]:

@@ -21,7 +21,7 @@ DETECT_S = 2.5
 
 
 def metric(node, name: str, **labels: str) -> float:
-    return node.registry.get_sample_value(name, labels or None) or 0.0
+    return node.metrics_registry.get_sample_value(name, labels or None) or 0.0
 
 
 async def test_a_stopped_database_shows_at_once_even_when_every_request_hits(dsn, db):
@@ -197,7 +197,7 @@ async def test_a_random_token_flood_costs_the_database_nothing(dsn):
     async with cluster(dsn, nodes=1, backends=1) as c:
         secret = await c.new_key("alice")
         node = c.nodes[0]
-        lookups_before = node.registry.get_sample_value(
+        lookups_before = node.metrics_registry.get_sample_value(
             "affinity_key_lookups_total", {"reason": "unknown"}
         )
         bad = [c.client(0, f"sk-random-{i:04d}-xxxxxxxxxxxxxxxx") for i in range(200)]
@@ -205,7 +205,9 @@ async def test_a_random_token_flood_costs_the_database_nothing(dsn):
         odd = [r for r in results if getattr(r, "status_code", None) != 401]
         assert not odd, {repr(r)[:200] for r in odd}
         assert (
-            node.registry.get_sample_value("affinity_key_lookups_total", {"reason": "unknown"})
+            node.metrics_registry.get_sample_value(
+                "affinity_key_lookups_total", {"reason": "unknown"}
+            )
             == lookups_before
             == 0
         )

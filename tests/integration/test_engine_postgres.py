@@ -17,7 +17,7 @@ MODEL = "llama-3.1-8b"
 
 
 def metric(node, name: str, **labels: str) -> float:
-    value = node.registry.get_sample_value(name, labels or None)
+    value = node.metrics_registry.get_sample_value(name, labels or None)
     return value or 0.0
 
 

@@ -15,7 +15,7 @@ from affinity_node.app import run_node
 from affinity_node.config import NodeConfig
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from tests.support.cluster import MODEL, cluster, node_config
 from tests.support.nodes import BACKENDS, new_key, nodes
 from tests.support.waiting import wait_for
@@ -133,9 +133,9 @@ async def test_a_set_shrinks_back_when_the_load_stops(dsn):
                 lambda node=node: node.engine.cache.get((c.key_ids["alice"], MODEL)).fanout == (),
                 what="every node to follow",
             )
-        reg = c.nodes[0].registry
+        reg = c.nodes[0].metrics_registry
         shrinks = sum(
-            n.registry.get_sample_value(
+            n.metrics_registry.get_sample_value(
                 "affinity_fanout_changes_total",
                 {"model": MODEL, "direction": "shrink", "reason": "cool"},
             )

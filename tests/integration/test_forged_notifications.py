@@ -27,7 +27,7 @@ async def forger(dsn: str) -> asyncpg.Connection:
 
 
 def metric(c: Cluster, node: int, name: str, **labels: str) -> float:
-    return c.nodes[node].registry.get_sample_value(name, labels or None) or 0.0
+    return c.nodes[node].metrics_registry.get_sample_value(name, labels or None) or 0.0
 
 
 async def settle(c: Cluster, db: asyncpg.Connection) -> None:

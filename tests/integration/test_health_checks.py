@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
-from affinity_node.upstream.health import HealthChecker
+from affinity_node.upstream.probes import HealthChecker
 from tests.support.waiting import wait_for
 
 LLAMA = ModelSpec("llama-3.1-8b", aliases=("meta-llama/Llama-3.1-8B-Instruct",), affinity=True)
@@ -246,7 +246,7 @@ async def test_a_failed_discovery_keeps_what_was_known_and_warns_rate_limited(
 
     server.models_status = 500
     server.adapters = {}
-    with caplog.at_level("WARNING", logger="affinity_node.upstream.health"):
+    with caplog.at_level("WARNING", logger="affinity_node.upstream.probes"):
         for _ in range(3):
             await checker.discover_all()
     assert server.models_calls == 4

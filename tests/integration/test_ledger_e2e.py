@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from affinity_node.config import NodeConfig
-from affinity_node.http.state import REGISTRY
+from affinity_node.http.state import METRICS_REGISTRY
 from affinity_node.ledger.ports import COUNT_COLUMNS
 from affinity_node.sim.faultproxy import FaultProxy
 from tests.support.cluster import ALIAS, MODEL, Cluster, cluster
@@ -179,7 +179,7 @@ async def test_the_ledger_holds_what_clients_received_across_nodes(dsn):
         }
         assert per_backend == expected
         for node in c.nodes:
-            registry = node.app[REGISTRY]
+            registry = node.app[METRICS_REGISTRY]
             assert registry.get_sample_value("affinity_ledger_unreported_total") == 0
             assert registry.get_sample_value("affinity_ledger_writes_total")
 
@@ -261,7 +261,7 @@ async def test_a_database_outage_fails_no_request_and_loses_no_count(dsn, fault)
             def flush_failed() -> bool:
                 return all(
                     (
-                        n.app[REGISTRY].get_sample_value(
+                        n.app[METRICS_REGISTRY].get_sample_value(
                             "affinity_db_errors_total", {"operation": "ledger"}
                         )
                         or 0

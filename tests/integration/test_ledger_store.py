@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from affinity_node.ledger.ports import COUNT_COLUMNS, LedgerRow
-from affinity_node.store.ledger import PostgresLedgerStore, usage_report
+from affinity_node.store.ledger_store import PostgresLedgerStore, usage_report
 from affinity_node.store.lockkeys import LEDGER_CLEANUP_LOCK
 from tests.support.nodes import new_key
 

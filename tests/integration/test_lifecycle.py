@@ -120,7 +120,7 @@ async def test_a_drain_reaches_every_node_within_a_second_and_moves_at_the_fleet
         # Three nodes run the mover; the fleet still moves one binding per 1/rate seconds.
         assert elapsed >= (held - 1) / rate * 0.9, (held, elapsed)
         moves = sum(
-            n.registry.get_sample_value("affinity_moves_total", {"reason": "drain"})
+            n.metrics_registry.get_sample_value("affinity_moves_total", {"reason": "drain"})
             for n in c.nodes
         )
         assert moves == held
@@ -200,7 +200,7 @@ async def test_rebalance_after_a_scale_up_converges_and_stops(dsn):
 
             await wait_for(balanced, timeout=30, interval=0.2, what="rebalance to converge")
             moves = sum(
-                n.registry.get_sample_value("affinity_moves_total", {"reason": "rebalance"})
+                n.metrics_registry.get_sample_value("affinity_moves_total", {"reason": "rebalance"})
                 for n in c.nodes
             )
             assert moves == 4  # exactly what was needed
@@ -209,7 +209,7 @@ async def test_rebalance_after_a_scale_up_converges_and_stops(dsn):
                 assert await balanced()
                 await asyncio.sleep(0.2)
             after = sum(
-                n.registry.get_sample_value("affinity_moves_total", {"reason": "rebalance"})
+                n.metrics_registry.get_sample_value("affinity_moves_total", {"reason": "rebalance"})
                 for n in c.nodes
             )
             assert after == moves
@@ -292,7 +292,7 @@ async def test_a_registry_backend_outside_the_allow_list_is_never_used(dsn):
             assert code == 1 and "backends.allow" in err  # the CLI refuses it ...
             await registry_add(dsn, refused_url)  # ... a row written anyway is refused by nodes
             await wait_for(
-                lambda: node.registry.get_sample_value("affinity_backends_refused") == 1,
+                lambda: node.metrics_registry.get_sample_value("affinity_backends_refused") == 1,
                 what="the node to refuse the registry row",
             )
             assert node.backends.get(refused_url) is None

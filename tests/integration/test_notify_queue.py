@@ -22,7 +22,7 @@ async def test_a_held_listener_transaction_makes_the_queue_usage_metric_rise(dsn
     async with cluster(dsn, nodes=1, backends=1) as c:
         node = c.nodes[0]
         await wait_for(
-            lambda: node.registry.get_sample_value("affinity_notify_queue_usage") == 0.0,
+            lambda: node.metrics_registry.get_sample_value("affinity_notify_queue_usage") == 0.0,
             what="the first reading (an empty queue)",
         )
         holder = await asyncpg.connect(dsn)
@@ -34,7 +34,7 @@ async def test_a_held_listener_transaction_makes_the_queue_usage_metric_rise(dsn
             await notify(writer, 40)
 
             def usage() -> float:
-                return node.registry.get_sample_value("affinity_notify_queue_usage") or 0.0
+                return node.metrics_registry.get_sample_value("affinity_notify_queue_usage") or 0.0
 
             await wait_for(lambda: usage() > 0, timeout=20, interval=0.1, what="usage above 0")
             held = usage()

@@ -20,7 +20,7 @@ from affinity_node.config import (
     NodeConfig,
     validate,
 )
-from affinity_node.http.state import BACKENDS, ENGINE, REGISTRY
+from affinity_node.http.state import BACKENDS, ENGINE, METRICS_REGISTRY
 from affinity_node.observability.collector import OTHER_BACKEND, NodeCollector
 from affinity_node.observability.metrics import (
     COMPLETION_CODES,
@@ -31,7 +31,7 @@ from affinity_node.observability.metrics import (
 )
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.vocabulary import (
     DB_OPERATIONS,
     MISS_OUTCOMES,
@@ -99,7 +99,7 @@ def has(found: dict, name: str, **labels: str) -> bool:
 
 async def test_label_sets_known_up_front_exist_at_zero_before_any_traffic():
     async with started(build_app(config())) as app:
-        found = samples(app[REGISTRY])
+        found = samples(app[METRICS_REGISTRY])
     for outcome in MISS_OUTCOMES:
         assert (
             found[
@@ -143,7 +143,9 @@ async def test_collector_counts_bindings_per_backend_at_scrape_time():
     cfg = config()
     async with started(build_app(cfg)) as app:
         pool = app[BACKENDS]
-        assert app[REGISTRY].get_sample_value("affinity_cache_bindings", {"backend": B1}) == 0
+        assert (
+            app[METRICS_REGISTRY].get_sample_value("affinity_cache_bindings", {"backend": B1}) == 0
+        )
         assert app[ENGINE].cache is not None
     registry = CollectorRegistry()
     cache = BindingCache()

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from affinity_node.app import run_node
-from affinity_node.http.state import REGISTRY
+from affinity_node.http.state import METRICS_REGISTRY
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
 from affinity_node.sim.faultproxy import FaultProxy
 from affinity_node.store.keys import revoke_key
@@ -75,7 +75,7 @@ async def test_one_pair_sticks_to_one_backend_across_nodes(dsn):
 
 
 def metric(node, name: str, **labels: str) -> float:
-    return node.app[REGISTRY].get_sample_value(name, labels or None) or 0.0
+    return node.app[METRICS_REGISTRY].get_sample_value(name, labels or None) or 0.0
 
 
 async def bound_row(dsn: str) -> list[str]:

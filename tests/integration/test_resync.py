@@ -28,7 +28,7 @@ from tests.support.waiting import wait_for
 
 
 def metric(node: EngineNode, name: str, **labels: str) -> float:
-    return node.registry.get_sample_value(name, labels or None) or 0.0
+    return node.metrics_registry.get_sample_value(name, labels or None) or 0.0
 
 
 async def version_now(db: asyncpg.Connection) -> int:

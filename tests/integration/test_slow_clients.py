@@ -39,7 +39,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict]:
 
 
 def served(node: Cluster, code: str) -> float:
-    value = node.nodes[0].registry.get_sample_value(
+    value = node.nodes[0].metrics_registry.get_sample_value(
         "affinity_http_requests_total", {"route": ROUTE, "code": code}
     )
     return value or 0.0

@@ -36,7 +36,7 @@ def short_timeouts(cfg: NodeConfig) -> None:
 
 
 def upstream_count(c: Any, code: str) -> float:
-    reg = c.nodes[0].registry
+    reg = c.nodes[0].metrics_registry
     return sum(
         reg.get_sample_value("affinity_upstream_requests_total", {"backend": b.id, "code": code})
         or 0.0
@@ -115,7 +115,7 @@ async def test_a_client_that_stops_reading_frees_the_backend_slot(dsn):
             what="the backend to see the upstream request cancelled",
         )
         writer.close()
-        reg = node.registry
+        reg = node.metrics_registry
         assert (
             reg.get_sample_value(
                 "affinity_http_requests_total", {"route": "/v1/chat/completions", "code": "499"}

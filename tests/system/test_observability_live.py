@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_node.devtools import dashboards
-from affinity_node.http.state import REGISTRY
+from affinity_node.http.state import METRICS_REGISTRY
 from affinity_node.sim.support import free_port
 from tests.support.cluster import MODEL, Cluster, cluster
 from tests.support.waiting import wait_for
@@ -344,7 +344,7 @@ async def test_dashboards_and_rules_evaluate_live(dsn, tmp_path):
                 local = sum(
                     s.value
                     for n in c.nodes
-                    for fam in n.app[REGISTRY].collect()
+                    for fam in n.app[METRICS_REGISTRY].collect()
                     for s in fam.samples
                     if s.name == name
                 )

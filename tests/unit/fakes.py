@@ -98,10 +98,11 @@ def make_engine(
     store: MemoryBindingStore, clock: Clock, max_entries: int = 0, **settings: float
 ) -> tuple[AffinityEngine, CollectorRegistry]:
     registry = CollectorRegistry()
+    metrics = AffinityMetrics(registry)
     engine = AffinityEngine(
         store,
-        BindingCache(max_entries=max_entries, clock=clock),
-        AffinityMetrics(registry),
+        BindingCache(max_entries=max_entries, clock=clock, on_evict=metrics.evicted),
+        metrics,
         EngineSettings(**settings),  # type: ignore[arg-type]
         clock=clock,
         wall_clock=clock,

@@ -17,7 +17,7 @@ from affinity_node.routing.backends import (
     ModelSpec,
     normalise_url,
 )
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.strategies import (
     LeastOutstanding,
     RandomChoice,

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
-from affinity_node.routing.health import BackendHealth
-from affinity_node.routing.load import LoadRules, LoadView
+from affinity_node.routing.health_state import BackendHealth
+from affinity_node.routing.load_view import LoadRules, LoadView
 from affinity_node.routing.members import conversation_key, rendezvous
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
@@ -39,19 +39,19 @@ class Fleet:
     """One node's pool, load view, engine and controller over a shared store and clock."""
 
     def __init__(self, store: MemoryBindingStore, clock: Clock, **rules: float) -> None:
-        self.pool = pool()
-        self.view = LoadView(self.pool, LoadRules(queue_bound=4))
-        self.engine, self.registry = make_engine(store, clock)
+        self.backends = pool()
+        self.view = LoadView(self.backends, LoadRules(queue_bound=4))
+        self.engine, self.metrics_registry = make_engine(store, clock)
         self.fanout = FanoutController(
-            self.engine, self.view, self.pool, FanoutRules(**rules), clock
+            self.engine, self.view, self.backends, FanoutRules(**rules), clock
         )  # type: ignore[arg-type]
         self.router = Router(
-            self.pool,
+            self.backends,
             make_strategy("round_robin"),
             self.engine,
             AffinityRules(),
             AffinityMetrics(CollectorRegistry()),
-            BackendHealth(self.pool),
+            BackendHealth(self.backends),
             self.fanout,
         )
 
@@ -60,7 +60,7 @@ async def test_a_hot_set_grows_by_the_least_loaded_backend_after_the_streak() ->
     clock, store = Clock(), MemoryBindingStore()
     f = Fleet(store, clock, max_fanout=4, grow_after_s=2.0)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
-    set_load(f.pool, f.view, b1=(8, 6), b2=(3, 0), b3=(1, 0), b4=(2, 0))
+    set_load(f.backends, f.view, b1=(8, 6), b2=(3, 0), b3=(1, 0), b4=(2, 0))
     for advance in (0.0, 1.0, 0.9):  # hot, but not for 2 s yet
         clock.advance(advance)
         await f.router.route(KEY, MODEL, affinity_path=True)
@@ -74,7 +74,11 @@ async def test_a_hot_set_grows_by_the_least_loaded_backend_after_the_streak() ->
     assert f.engine.cache.get(PAIR).fanout == (B3,)  # type: ignore[union-attr]
     assert (
         sample(
-            f.registry, "affinity_fanout_changes_total", model=MODEL, direction="grow", reason="hot"
+            f.metrics_registry,
+            "affinity_fanout_changes_total",
+            model=MODEL,
+            direction="grow",
+            reason="hot",
         )
         == 1
     )
@@ -84,12 +88,12 @@ async def test_a_streak_broken_by_a_cool_poll_starts_over() -> None:
     clock, store = Clock(), MemoryBindingStore()
     f = Fleet(store, clock, grow_after_s=2.0)
     await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
-    set_load(f.pool, f.view, b1=(8, 6))
+    set_load(f.backends, f.view, b1=(8, 6))
     await f.router.route(KEY, MODEL, affinity_path=True)
     clock.advance(1.5)
-    set_load(f.pool, f.view, b1=(2, 0))  # not hot any more
+    set_load(f.backends, f.view, b1=(2, 0))  # not hot any more
     await f.router.route(KEY, MODEL, affinity_path=True)
-    set_load(f.pool, f.view, b1=(8, 6))
+    set_load(f.backends, f.view, b1=(8, 6))
     clock.advance(1.5)
     await f.router.route(KEY, MODEL, affinity_path=True)  # the new streak is 0 s old
     clock.advance(1.0)
@@ -103,7 +107,7 @@ async def test_many_nodes_deciding_at_once_grow_the_set_by_exactly_one() -> None
     nodes = [Fleet(store, clock, grow_after_s=1.0) for _ in range(3)]
     for n in nodes:
         await n.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
-        set_load(n.pool, n.view, b1=(8, 6), b2=(9, 5))
+        set_load(n.backends, n.view, b1=(8, 6), b2=(9, 5))
         await n.router.route(KEY, MODEL, affinity_path=True)
     clock.advance(1.5)
     for n in nodes:  # all three see the same load and decide together
@@ -114,7 +118,11 @@ async def test_many_nodes_deciding_at_once_grow_the_set_by_exactly_one() -> None
     assert stored is not None and len(stored.fanout) == 1
     grows = sum(
         sample(
-            n.registry, "affinity_fanout_changes_total", model=MODEL, direction="grow", reason="hot"
+            n.metrics_registry,
+            "affinity_fanout_changes_total",
+            model=MODEL,
+            direction="grow",
+            reason="hot",
         )
         for n in nodes
     )
@@ -126,11 +134,11 @@ async def test_a_set_at_its_largest_does_not_grow_nor_one_with_a_cool_member() -
     f = Fleet(store, clock, max_fanout=2, grow_after_s=0.5)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
     assert await f.engine.set_members(PAIR, res.version, (B2,), "grow", "hot")
-    set_load(f.pool, f.view, b1=(8, 6))  # b2 is idle (cool): the set still has room
+    set_load(f.backends, f.view, b1=(8, 6))  # b2 is idle (cool): the set still has room
     for _ in range(3):
         await f.router.route(KEY, MODEL, affinity_path=True)
         clock.advance(1.0)
-    set_load(f.pool, f.view, b1=(8, 6), b2=(8, 6))  # all hot, but max_fanout is 2
+    set_load(f.backends, f.view, b1=(8, 6), b2=(8, 6))  # all hot, but max_fanout is 2
     for _ in range(3):
         await f.router.route(KEY, MODEL, affinity_path=True)
         clock.advance(1.0)
@@ -145,7 +153,7 @@ async def test_one_hot_member_grows_the_set_when_no_member_is_cool() -> None:
     f = Fleet(store, clock, max_fanout=4, grow_after_s=0.5)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
     assert await f.engine.set_members(PAIR, res.version, (B2,), "grow", "hot")
-    set_load(f.pool, f.view, b1=(8, 6), b2=(6, 0))  # b1 queues; b2 above the mean, no queue
+    set_load(f.backends, f.view, b1=(8, 6), b2=(6, 0))  # b1 queues; b2 above the mean, no queue
     assert B2 not in f.view.hot(MODEL) and B2 not in f.view.cool(MODEL)
     for _ in range(3):
         await f.router.route(KEY, MODEL, affinity_path=True)
@@ -160,13 +168,13 @@ async def test_a_cool_set_shrinks_by_its_newest_member_after_the_hysteresis() ->
     f = Fleet(store, clock, shrink_after_s=120.0)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
     assert await f.engine.set_members(PAIR, res.version, (B2, B3), "grow", "hot")
-    set_load(f.pool, f.view)  # everything idle: cool
+    set_load(f.backends, f.view)  # everything idle: cool
     f.fanout.sweep()
     clock.advance(100.0)
     f.fanout.sweep()
-    set_load(f.pool, f.view, b2=(9, 6))  # a hot moment resets the cool streak
+    set_load(f.backends, f.view, b2=(9, 6))  # a hot moment resets the cool streak
     f.fanout.sweep()
-    set_load(f.pool, f.view)
+    set_load(f.backends, f.view)
     f.fanout.sweep()
     clock.advance(100.0)
     f.fanout.sweep()
@@ -179,7 +187,7 @@ async def test_a_cool_set_shrinks_by_its_newest_member_after_the_hysteresis() ->
     assert stored is not None and stored.fanout == (B2,)  # the newest member left
     assert (
         sample(
-            f.registry,
+            f.metrics_registry,
             "affinity_fanout_changes_total",
             model=MODEL,
             direction="shrink",
@@ -195,8 +203,8 @@ async def test_an_unhealthy_member_leaves_the_set_at_once() -> None:
     f = Fleet(store, clock)
     res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
     assert await f.engine.set_members(PAIR, res.version, (B2, B3), "grow", "hot")
-    BackendHealth(f.pool, eject_after_failures=1).request_failed(f.pool.get(B2), "down")  # type: ignore[arg-type]
-    set_load(f.pool, f.view, b1=(5, 0), b3=(5, 0))
+    BackendHealth(f.backends, eject_after_failures=1).request_failed(f.backends.get(B2), "down")  # type: ignore[arg-type]
+    set_load(f.backends, f.view, b1=(5, 0), b3=(5, 0))
     f.fanout.sweep()
     await f.fanout.stop()
     assert (await store.read(PAIR)).fanout == (B3,)  # type: ignore[union-attr]

@@ -43,9 +43,8 @@ def test_forget_backend_removes_every_series_of_that_backend_only() -> None:
 
 
 def test_the_pool_tells_who_left() -> None:
-    pool = BackendPool([BackendSpec(A, "vllm", ("m",))])
     left: list[Backend] = []
-    pool.on_remove = left.append
+    pool = BackendPool([BackendSpec(A, "vllm", ("m",))], on_remove=left.append)
     pool.add(BackendSpec(B, "vllm", ("m",)), "dns")
     assert pool.remove("http://10.0.0.9:8000") is None
     assert left == []

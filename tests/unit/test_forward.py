@@ -25,7 +25,7 @@ from affinity_node.http.state import RELAY, Relay
 from affinity_node.ledger.ledger import NullLedger
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.members import rendezvous
 from affinity_node.routing.router import AffinityRules, Route, Router
 from affinity_node.routing.strategies import make_strategy
@@ -148,7 +148,7 @@ class Wire(AbstractStreamWriter):
 class Node:
     app: web.Application
     router: Router
-    pool: BackendPool
+    backends: BackendPool
     transport: ScriptedTransport
     wire: Wire
 
@@ -193,7 +193,7 @@ async def test_a_refused_bound_backend_is_retried_once_on_the_pairs_successor() 
     others = [u for u in URLS if u != bound]
     assert n.transport.posts[1] == rendezvous(KEY.bytes + MODEL.encode(), others)
     assert response.headers["x-affinity"] == "spill"  # one error: the binding stays
-    pool_bound = n.pool.get(bound)
+    pool_bound = n.backends.get(bound)
     assert pool_bound is not None and pool_bound.consecutive_failures == 1
 
 

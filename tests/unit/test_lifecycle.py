@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules, apply_registry
 from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.routing.router import AffinityRules, Router

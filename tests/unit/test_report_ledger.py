@@ -16,7 +16,7 @@ KEYS = [uuid.UUID(int=i) for i in range(7)]
 def usage_row(
     key: int, requests: int, prompt: int, cached: int, *backends: str
 ) -> dict[str, object]:
-    """A row as `affinity-node usage` reads it (store.ledger.usage_report)."""
+    """A row as `affinity-node usage` reads it (store.ledger_store.usage_report)."""
     return {
         "api_key_id": KEYS[key] if key >= 0 else uuid.uuid4(),
         "requests": requests,

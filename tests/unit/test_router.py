@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.router import AffinityRules, NoBackend, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
@@ -25,9 +25,9 @@ EXTERNAL = "http://ext:8000"
 @dataclass
 class Parts:
     router: Router
-    pool: BackendPool
+    backends: BackendPool
     health: BackendHealth
-    registry: CollectorRegistry
+    metrics_registry: CollectorRegistry
     """The engine's metrics."""
     store: MemoryBindingStore
     engine: AffinityEngine
@@ -196,7 +196,7 @@ async def test_failover_never_binds_to_an_external_backend() -> None:
     route = await router.route(KEY, MODEL, affinity_path=True)
     bound = route.backend
     parts.health.request_failed(bound, "connect refused")
-    external = parts.pool.get(EXTERNAL)
+    external = parts.backends.get(EXTERNAL)
     assert external is not None
     assert router.after_failure(route, "connect refused") is not None
     assert route.affinity == "rebind"
@@ -233,7 +233,7 @@ async def test_affinity_off_or_no_vllm_backend_bypasses() -> None:
 async def test_no_healthy_backend_is_an_error() -> None:
     parts = setup()
     router = parts.router
-    for backend in parts.pool.backends:
+    for backend in parts.backends.backends:
         parts.health.request_failed(backend, "down")
     with pytest.raises(NoBackend):
         await router.route(KEY, MODEL, affinity_path=True)
@@ -244,4 +244,4 @@ async def test_hits_are_counted_per_model() -> None:
     router = parts.router
     for _ in range(3):
         await router.route(KEY, MODEL, affinity_path=True)
-    assert sample(parts.registry, "affinity_cache_hits_total", model=MODEL) == 2
+    assert sample(parts.metrics_registry, "affinity_cache_hits_total", model=MODEL) == 2

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from affinity_node.sim.engine import CapacityModel
+from affinity_node.sim.capacity import CapacityModel
 from affinity_node.sim.scenarios import (
     CHAT,
     PRESETS,

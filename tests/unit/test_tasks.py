@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from affinity_node.tasks import every, stop_all, stopping
+from affinity_node.tasks import Pending, every, stop_all, stopping
 from tests.support.waiting import wait_for
 
 
@@ -115,3 +115,27 @@ def test_bad_settings_are_refused() -> None:
     for interval, jitter in ((0.0, 0.1), (1.0, 1.0), (1.0, -0.1)):
         with pytest.raises(ValueError):
             asyncio.run(make(interval, jitter))
+
+
+async def test_pending_tasks_are_let_finish_not_cancelled() -> None:
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def write(name: str) -> None:
+        await release.wait()
+        done.append(name)
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    pending = Pending()
+    pending.start(write("a"), "write-a")
+    pending.start(write("b"), "write-b")
+    pending.start(broken(), "broken")
+    await wait_for(lambda: len(pending) == 2, what="the broken one to end")
+    finishing = asyncio.create_task(pending.finish())
+    await asyncio.sleep(0)
+    assert not finishing.done()  # it waits for the writes, it does not cancel them
+    release.set()
+    await asyncio.wait_for(finishing, 5)
+    assert sorted(done) == ["a", "b"] and len(pending) == 0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from affinity_node.sim.engine import CapacityModel, Engine, PrefillPool, Scheduler, Ticket
+from affinity_node.sim.capacity import CapacityModel, Engine, PrefillPool, Scheduler, Ticket
 from tests.unit.virtual_time import run_virtual
 
 # -- the model's arithmetic ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """How busy each backend is, the same on every node.
 
-Every node polls each vLLM backend's own /metrics (upstream/load.py): running and waiting
+Every node polls each vLLM backend's own /metrics (upstream/load_poll.py): running and waiting
 requests count every node's traffic, so all nodes agree on which backend is hot without talking
 to each other. Between polls a node adds its own in-flight changes for freshness. A backend
 that exports no such metrics is judged by this node's in-flight count alone.
@@ -27,8 +27,8 @@ class LoadRules:
 
 
 class LoadView:
-    def __init__(self, pool: BackendPool, rules: LoadRules | None = None) -> None:
-        self._pool = pool
+    def __init__(self, backends: BackendPool, rules: LoadRules | None = None) -> None:
+        self._backends = backends
         self._rules = rules or LoadRules()
         self._hot: dict[str, frozenset[str]] = {}
         self._cool: dict[str, frozenset[str]] = {}
@@ -56,9 +56,9 @@ class LoadView:
         rules = self._rules
         hot: dict[str, frozenset[str]] = {}
         cool: dict[str, frozenset[str]] = {}
-        models = {m for b in self._pool.backends for m in b.models}
+        models = {m for b in self._backends.backends for m in b.models}
         for model in models:
-            peers = [b for b in self._pool.candidates(model) if b.kind == "vllm"]
+            peers = [b for b in self._backends.candidates(model) if b.kind == "vllm"]
             if not peers:
                 continue
             loads = {b.id: self.load(b) for b in peers}
@@ -84,7 +84,7 @@ class LoadView:
         """The healthy vllm backend of `model` with the least load, outside `exclude`."""
         best: Backend | None = None
         best_load = 0.0
-        for backend in self._pool.candidates(model):
+        for backend in self._backends.candidates(model):
             if backend.kind != "vllm" or backend.id in exclude or backend.state != "active":
                 continue
             load = self.load(backend)

@@ -3,7 +3,7 @@
 Only the few lines needed are looked at. Samples of one metric are summed over their label
 sets (vLLM labels them by model and engine; data-parallel engines each report their own);
 KV usage takes the highest engine. A backend that does not answer or exports none of these is
-judged by the node's own in-flight count until it does (routing/load.py).
+judged by the node's own in-flight count until it does (routing/load_view.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from affinity_node.routing.backends import BackendPool
-from affinity_node.routing.load import LoadView
+from affinity_node.routing.load_view import LoadView
 from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamClient
 
@@ -54,7 +54,7 @@ def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
 class LoadPoller:
     def __init__(
         self,
-        pool: BackendPool,
+        backends: BackendPool,
         view: LoadView,
         client: UpstreamClient,
         interval_s: float,
@@ -62,14 +62,14 @@ class LoadPoller:
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"load poll interval must be positive, not {interval_s}")
-        self._pool = pool
+        self._backends = backends
         self._view = view
         self._client = client
         self._interval = interval_s
         self._on_round = on_round
 
     async def poll_once(self) -> None:
-        backends = [b for b in self._pool.backends if b.kind == "vllm" and b.healthy]
+        backends = [b for b in self._backends.backends if b.kind == "vllm" and b.healthy]
         texts = await asyncio.gather(
             *(self._client.metrics_text(b.id, self._interval) for b in backends)
         )

@@ -29,13 +29,13 @@ class HealthReporter:
 
     def __init__(
         self,
-        registry: PostgresRegistry,
-        pool: BackendPool,
+        backend_registry: PostgresRegistry,
+        backends: BackendPool,
         node_id: str,
         full_every_s: float = 15.0,
     ) -> None:
-        self._registry = registry
-        self._pool = pool
+        self._backend_registry = backend_registry
+        self._backends = backends
         self._node_id = node_id
         self._full_every = full_every_s
         self._seen: dict[str, tuple[bool, bool]] = {}
@@ -47,11 +47,11 @@ class HealthReporter:
         now = time.monotonic()
         due = now - self._last_full >= self._full_every
         seen = self._seen
-        for backend in self._pool.backends:
+        for backend in self._backends.backends:
             state = (backend.healthy, backend.inflight > 0)
             if due or seen.get(backend.id) != state:
                 try:
-                    await self._registry.report_health(
+                    await self._backend_registry.report_health(
                         self._node_id,
                         backend.id,
                         backend.healthy,
@@ -65,7 +65,7 @@ class HealthReporter:
                     break
         if due:
             self._last_full = now
-            for gone in seen.keys() - {b.id for b in self._pool.backends}:
+            for gone in seen.keys() - {b.id for b in self._backends.backends}:
                 del seen[gone]
 
 

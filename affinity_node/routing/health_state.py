@@ -1,6 +1,6 @@
 """The health state machine of every backend: when to eject, when to re-admit.
 
-Two kinds of evidence arrive. Probe results (upstream/health.py asks GET /health every
+Two kinds of evidence arrive. Probe results (upstream/probes.py asks GET /health every
 interval) eject a backend after N consecutive failures and re-admit it after M consecutive
 successes; request reports from the proxy (connection errors, 5xx) eject it after N consecutive
 failures without waiting for the next round. Re-admission is only ever decided by probes, so a
@@ -25,7 +25,7 @@ HealthCallback = Callable[[str, bool], None]
 class BackendHealth:
     def __init__(
         self,
-        pool: BackendPool,
+        backends: BackendPool,
         *,
         eject_after_failures: int = 3,
         readmit_after_successes: int = 2,
@@ -35,7 +35,7 @@ class BackendHealth:
             raise ValueError(f"eject_after_failures must be >= 1, not {eject_after_failures}")
         if readmit_after_successes < 1:
             raise ValueError(f"readmit_after_successes must be >= 1, not {readmit_after_successes}")
-        self._pool = pool
+        self._backends = backends
         self._eject_after = eject_after_failures
         self._readmit_after = readmit_after_successes
         self.on_change = on_change
@@ -83,7 +83,7 @@ class BackendHealth:
     def _set(self, backend: Backend, healthy: bool, reason: str) -> None:
         backend.healthy = healthy
         backend.consecutive_successes = 0
-        self._pool.invalidate()
+        self._backends.invalidate()
         if healthy:
             log.warning("backend %s re-admitted: %s", backend.id, reason)
         else:

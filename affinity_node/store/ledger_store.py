@@ -23,10 +23,10 @@ def _unavailable(exc: BaseException) -> LedgerUnavailable:
 
 
 class PostgresLedgerStore:
-    """Implements ledger.LedgerStore on an asyncpg pool."""
+    """Implements ledger.LedgerStore on the database pool."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 2.0) -> None:
-        self._pool = pool
+    def __init__(self, db: asyncpg.Pool, acquire_timeout_s: float = 2.0) -> None:
+        self._db = db
         self._acquire_timeout = acquire_timeout_s
 
     async def add(
@@ -38,7 +38,7 @@ class PostgresLedgerStore:
             for column, value in zip(columns, (key_id, model, backend, hour, *counts), strict=True):
                 column.append(value)
         try:
-            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            async with self._db.acquire(timeout=self._acquire_timeout) as conn:
                 row = await conn.fetchrow(Q["ledger_add"], writer, node_id, seq, *columns)
         except DB_ERRORS as exc:
             raise _unavailable(exc) from exc
@@ -49,7 +49,7 @@ class PostgresLedgerStore:
     async def delete_expired(self, older_than_s: float, batch: int) -> int | None:
         try:
             async with (
-                self._pool.acquire(timeout=self._acquire_timeout) as conn,
+                self._db.acquire(timeout=self._acquire_timeout) as conn,
                 conn.transaction(),
             ):
                 if not await conn.fetchval(Q["binding_cleanup_lock"], LEDGER_CLEANUP_LOCK):

@@ -1,4 +1,4 @@
-"""Active health checks and model discovery: asks every backend, tells routing/health.py.
+"""Active health checks and model discovery: asks every backend, tells routing/health_state.py.
 
 Discovery asks each discovering backend's GET /v1/models at start (those that serve nothing
 until then), on re-admission, and every discovery interval (jittered, concurrently, in the
@@ -14,7 +14,7 @@ import logging
 
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.routing.backends import Backend, BackendPool
-from affinity_node.routing.health import BackendHealth
+from affinity_node.routing.health_state import BackendHealth
 from affinity_node.tasks import Periodic, every
 from affinity_node.upstream.client import UpstreamError
 from affinity_node.upstream.ports import Prober
@@ -27,11 +27,11 @@ JITTER = 0.2
 
 class HealthChecker:
     def __init__(
-        self, pool: BackendPool, health: BackendHealth, prober: Prober, interval_s: float
+        self, backends: BackendPool, health: BackendHealth, prober: Prober, interval_s: float
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"health interval must be positive, not {interval_s}")
-        self._pool = pool
+        self._backends = backends
         self._health = health
         self._prober = prober
         self._interval = interval_s
@@ -44,7 +44,7 @@ class HealthChecker:
 
     async def check_once(self) -> None:
         """One round of probes on every backend, concurrently; then due discoveries."""
-        backends = self._pool.backends
+        backends = self._backends.backends
         results = await asyncio.gather(*(self._prober.health(b.id) for b in backends))
         to_discover: list[Backend] = []
         for backend, error in zip(backends, results, strict=True):
@@ -60,14 +60,14 @@ class HealthChecker:
 
     async def discover(self) -> None:
         """Learn the models of backends that serve nothing yet; failures retry next round."""
-        pending = [b for b in self._pool.backends if b.discovers and not b.models]
+        pending = [b for b in self._backends.backends if b.discovers and not b.models]
         if pending:
             await asyncio.gather(*(self._discover_one(b) for b in pending))
 
     async def discover_all(self) -> None:
         """One discovery round: every discovering backend that is healthy, concurrently
         (each bounded by the client's discovery timeout)."""
-        backends = self._pool.backends
+        backends = self._backends.backends
         for gone in self._applied.keys() - {b.id for b in backends}:
             del self._applied[gone]
         due = [b for b in backends if b.discovers and b.healthy]
@@ -86,10 +86,13 @@ class HealthChecker:
                 backend.id, "backend %s: model discovery failed: %s", backend.id, exc
             )
             return False
-        if ticket < self._applied.get(backend.id, 0) or self._pool.get(backend.id) is not backend:
+        if (
+            ticket < self._applied.get(backend.id, 0)
+            or self._backends.get(backend.id) is not backend
+        ):
             return False  # a newer answer is in, or the backend left meanwhile
         self._applied[backend.id] = ticket
-        if self._pool.set_models(backend, listed):
+        if self._backends.set_models(backend, listed):
             log.info(
                 "backend %s serves %s", backend.id, ", ".join(sorted(backend.models)) or "nothing"
             )
