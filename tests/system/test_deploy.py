@@ -545,6 +545,13 @@ def test_dockerfile_shape() -> None:
     )
     assert "COPY deploy/requirements.lock ./" in instructions
     assert any(re.search(r"pip wheel --no-deps .* \.(\s|$)", line) for line in instructions)
+    # The build backend comes from its own lock (hashes), never from an isolated build env.
+    assert "COPY deploy/build-requirements.lock ./" in instructions
+    assert any(
+        "pip install --require-hashes --only-binary=:all: -r build-requirements.lock" in line
+        for line in instructions
+    )
+    assert any("pip wheel --no-deps --no-build-isolation" in line for line in instructions)
     assert any(
         "pip install --no-deps /wheels/" in line and "pip check" in line for line in instructions
     )
@@ -565,6 +572,7 @@ def test_dockerfile_shape() -> None:
         "db/",
         "deploy/config/node.yaml",
         "deploy/requirements.lock",
+        "deploy/build-requirements.lock",
     ):
         assert f"!{copied}" in ignore, copied
         assert (REPO / copied).exists(), copied
