@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale bench-versus profile-overhead dashboards clean
+.PHONY: test test-fast lint format demo chaos bench-engine bench-overhead bench-faults bench-scale bench-versus profile-overhead dashboards sbom clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -64,6 +64,14 @@ profile-overhead: $(STAMP)
 
 dashboards: $(STAMP)
 	$(PY) -m affinity_node.devtools.dashboards
+
+# A CycloneDX SBOM of the image's Python packages, from the lock the image installs
+# (deploy/requirements.lock); tests/system/test_sbom.py checks it against the lock and pip.
+SBOM ?= build/sbom.cdx.json
+sbom: $(STAMP)
+	@mkdir -p $(dir $(SBOM))
+	$(VENV)/bin/cyclonedx-py requirements --pyproject pyproject.toml --of JSON \
+		--output-reproducible --validate -o $(SBOM) deploy/requirements.lock
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,8 @@ fails when it differs from what this module builds, and the live test evaluates 
 below through a real Prometheus.
 
 Conventions: every panel reads the `${datasource}` template variable (never `${DS_...}`
-inputs, which provisioning does not resolve); `$node` filters the proxy nodes by instance and
+inputs, which provisioning does not resolve); `$cluster` and `$namespace` scope every query
+(SCOPE), `$node` filters the proxy nodes by instance and
 `$model` by canonical model; rates and quantiles aggregate across nodes with `sum by`, so the
 panels stay right with any number of nodes. Gauges that every node reports about the same
 thing (bindings per backend: every node caches the same table) take the `max` over nodes.
@@ -30,7 +31,11 @@ DATASOURCE_UID = "prometheus"
 """The uid pinned in grafana/provisioning/datasources/prometheus.yml (the default choice)."""
 
 TAG = "affinity-node"
-NODE = 'instance=~"$node"'
+SCOPE = 'cluster=~"$cluster",namespace=~"$namespace"'
+"""On every query: environments (clusters, namespaces) sharing one Prometheus never blend.
+Both variables default to All (`.*`), which also matches series without the label (compose,
+one Prometheus per cluster: `cluster` is an external label there, absent from queries)."""
+NODE = SCOPE + ',instance=~"$node"'
 RATE = "$__rate_interval"
 SCHEMA_VERSION = 39
 
@@ -207,7 +212,11 @@ def _query_variable(name: str, label: str, query: str) -> Json:
     }
 
 
-NODE_VARIABLE_QUERY = "label_values(affinity_build_info, instance)"
+CLUSTER_VARIABLE_QUERY = "label_values(affinity_build_info, cluster)"
+NAMESPACE_VARIABLE_QUERY = 'label_values(affinity_build_info{cluster=~"$cluster"}, namespace)'
+NODE_VARIABLE_QUERY = (
+    'label_values(affinity_build_info{cluster=~"$cluster",namespace=~"$namespace"}, instance)'
+)
 MODEL_VARIABLE_QUERY = "label_values(affinity_cache_hits_total, model)"
 
 
@@ -224,6 +233,8 @@ def dashboard(
     if variables is None:
         variables = [
             _datasource_variable(),
+            _query_variable("cluster", "Cluster", CLUSTER_VARIABLE_QUERY),
+            _query_variable("namespace", "Namespace", NAMESPACE_VARIABLE_QUERY),
             _query_variable("node", "Node", NODE_VARIABLE_QUERY),
             _query_variable("model", "Model", MODEL_VARIABLE_QUERY),
         ]
@@ -615,7 +626,9 @@ def overview() -> Json:
 
 
 REQUESTS = rate("affinity_http_requests_total", NODE, API)
-VLLM = 'model_name=~"$model"'
+VLLM = SCOPE + ',model_name=~"$model"'
+"""vLLM backends are filtered by the proxies' namespace too: pick All when they run in
+another one."""
 
 
 def vllm(metric: str) -> str:

@@ -189,3 +189,25 @@ def test_grafana_macros_are_expanded_as_grafana_does():
     )
     sent = d.expand_sql("x IN ($tenant)", "a", "b", {"tenant": ["o'k", "b"]})
     assert sent == "x IN ('o''k','b')"
+
+
+@pytest.mark.parametrize("name", sorted(PROMETHEUS_BOARDS))
+def test_every_query_is_scoped_by_cluster_and_namespace(name: str):
+    """Environments sharing one Prometheus never blend: every series selector (the node's,
+    vLLM's) and every variable query below the scope carries both matchers."""
+    board = PROMETHEUS_BOARDS[name]
+    for title, ref, expr in d.expressions(board):
+        selectors = re.findall(r"\{([^{}]*)\}", expr.replace("{{", "").replace("}}", ""))
+        assert selectors, f"{title}/{ref}: {expr}"
+        for body in selectors:
+            assert 'cluster=~"$cluster"' in body, f"{title}/{ref}: no $cluster: {expr}"
+            assert 'namespace=~"$namespace"' in body, f"{title}/{ref}: no $namespace: {expr}"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    names = list(variables)
+    assert names.index("cluster") < names.index("namespace") < names.index("node")
+    for scope in ("cluster", "namespace"):
+        # Defaults to All = `.*`, which also matches series without the label (compose).
+        assert variables[scope]["includeAll"] and variables[scope]["allValue"] == ".*"
+        assert variables[scope]["current"]["value"] == ["$__all"]
+    assert 'cluster=~"$cluster"' in variables["namespace"]["definition"]
+    assert 'namespace=~"$namespace"' in variables["node"]["definition"]

@@ -43,12 +43,13 @@ K8S_DIR = DEPLOY / "k8s"
 K8S = K8S_DIR / "base"
 OVERLAYS = {p.name: p for p in sorted((K8S_DIR / "overlays").iterdir()) if p.is_dir()}
 K8S_NODE_YAML = K8S / "config" / "node.yaml"
+EXAMPLES = K8S_DIR / "examples"
 DOCKERFILE = DEPLOY / "Dockerfile"
 GRAFANA = REPO / "grafana"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 
 IMAGE = "affinity-node:local"
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "HTTPRoute"}
 """Kinds without a schema in kubernetes-validate: shape-checked here instead."""
 K8S_VERSIONS = ("1.27.0", None)
 """The oldest Kubernetes the manifests target, and kubernetes-validate's newest."""
@@ -545,6 +546,13 @@ def test_dockerfile_shape() -> None:
     )
     assert "COPY deploy/requirements.lock ./" in instructions
     assert any(re.search(r"pip wheel --no-deps .* \.(\s|$)", line) for line in instructions)
+    # The build backend comes from its own lock (hashes), never from an isolated build env.
+    assert "COPY deploy/build-requirements.lock ./" in instructions
+    assert any(
+        "pip install --require-hashes --only-binary=:all: -r build-requirements.lock" in line
+        for line in instructions
+    )
+    assert any("pip wheel --no-deps --no-build-isolation" in line for line in instructions)
     assert any(
         "pip install --no-deps /wheels/" in line and "pip check" in line for line in instructions
     )
@@ -565,6 +573,7 @@ def test_dockerfile_shape() -> None:
         "db/",
         "deploy/config/node.yaml",
         "deploy/requirements.lock",
+        "deploy/build-requirements.lock",
     ):
         assert f"!{copied}" in ignore, copied
         assert (REPO / copied).exists(), copied
@@ -794,7 +803,13 @@ def test_k8s_manifests_validate_strictly(version: str | None, tmp_path: Path) ->
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
         if doc
     ]
-    for i, (path, doc) in enumerate([*k8s_docs(), *overlay_docs]):
+    example_docs = [
+        (path, doc)
+        for path in sorted(EXAMPLES.rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if doc
+    ]
+    for i, (path, doc) in enumerate([*k8s_docs(), *overlay_docs, *example_docs]):
         if doc["kind"] in CRD_KINDS:
             continue
         single = tmp_path / f"{i:02d}-{path.stem}-{doc['kind'].lower()}.yaml"
@@ -970,3 +985,60 @@ def test_readme_documents_the_commands_it_relies_on() -> None:
         "edit-last-applied",
     ):
         assert needle in text, needle
+
+
+def example(kind: str) -> dict[str, Any]:
+    (doc,) = [
+        d
+        for path in sorted(EXAMPLES.rglob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if d and d["kind"] == kind
+    ]
+    return doc
+
+
+def test_ingress_examples_are_sse_safe_and_wait_for_a_whole_generation(tmp_path: Path) -> None:
+    """No buffering (chunks pass as they come), waits as long as the node's generation
+    timeout (vLLM is silent until a non-streamed answer ends), the node's body limit."""
+    prod = load_node_config((OVERLAYS["prod"] / "node.yaml").read_text(), tmp_path, "prod.yaml")
+    generation = prod.limits.generation_timeout_seconds
+    api = k8s("Service", "affinity-node")
+    (api_port,) = api["spec"]["ports"]
+    ingress = example("Ingress")
+    notes = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert notes[prefix + "proxy-buffering"] == "off"
+    assert notes[prefix + "proxy-request-buffering"] == "off"
+    assert int(notes[prefix + "proxy-read-timeout"]) >= generation
+    assert int(notes[prefix + "proxy-send-timeout"]) >= generation
+    assert notes[prefix + "proxy-body-size"] == f"{prod.limits.max_body_bytes // 2**20}m"
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "affinity-node", "port": {"name": "http"}}
+    assert api_port["name"] == "http"
+    route = example("HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": "affinity-node", "port": api_port["port"]}]
+    assert rule["timeouts"]["request"] == "0s"  # no cap on a whole stream
+    assert rule["timeouts"]["backendRequest"] == f"{generation:g}s"
+
+
+def test_resources_request_cpu_without_a_limit_and_cap_memory() -> None:
+    """One event loop: a CPU limit only throttles it (stalls streams); memory is capped (the
+    cache holds the whole table), and the HPA keeps CPU with in-flight as an option."""
+    dep = k8s("Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    resources = container["resources"]
+    assert "cpu" in resources["requests"] and "cpu" not in resources.get("limits", {})
+    assert resources["limits"]["memory"] and resources["requests"]["memory"]
+    hpa = k8s("HorizontalPodAutoscaler")
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "affinity_inflight_requests" in (K8S / "hpa.yaml").read_text(encoding="utf-8")
+
+
+def test_prod_overlay_deploys_by_digest() -> None:
+    prod = kustomization(OVERLAYS["prod"])
+    (image,) = prod["images"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]), image
+    assert "newTag" not in image
