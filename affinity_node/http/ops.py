@@ -45,12 +45,13 @@ async def readyz(request: web.Request) -> web.Response:
     listener_up = metrics_registry.get_sample_value("affinity_listener_up") == 1
     # Until the first key snapshot, every request would be answered 503 ("cannot verify the
     # key"): not ready. Once loaded, a later database loss keeps the node ready.
+    # A node that never reached the database says so first (it cannot know the schema yet).
     if app[STATUS].draining:
         status = "draining"
-    elif app[STATUS].schema_behind:
-        status = "schema_behind"
     elif not app[KEYS].loaded:
         status = "keys_not_loaded"
+    elif app[STATUS].schema_behind:
+        status = "schema_behind"
     else:
         status = "ready"
     models = {m.name for m in app[CONFIG].models} | {m for b in backends.backends for m in b.models}

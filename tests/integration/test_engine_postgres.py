@@ -59,6 +59,12 @@ async def test_hit_touches_no_database_and_takes_no_lock(dsn, db):
         first = await node.engine.resolve(key, MODEL, BACKENDS, chooser)
         assert first.outcome == "created"
         await wait_for(lambda: len(node.engine.cache) == 1, what="binding cached")
+        # The creation's own notification rings this node's doorbell (one read of the table,
+        # in the background, not caused by any hit): let it be answered before counting.
+        await wait_for(
+            lambda: node.engine.watermark >= first.version and not node.engine.doorbells_pending,
+            what="the node's own notification answered",
+        )
         counter.armed = True
         # Another session holds this pair's advisory lock: a hit must not care.
         async with db.transaction():

@@ -31,6 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_node.devtools import dashboards
+from affinity_node.http.endpoints import ENDPOINTS
 from affinity_node.http.state import METRICS_REGISTRY
 from affinity_node.sim.support import free_port
 from tests.support.cluster import MODEL, Cluster, cluster
@@ -459,9 +460,7 @@ async def test_live_metrics_pass_promtool_carry_exemplars_and_no_secrets(dsn):
                 if "backend" in labels:
                     assert labels["backend"] in backend_ids, sample
                 if "route" in labels:
-                    assert labels["route"] in {
-                        "/v1/chat/completions",
-                        "/v1/completions",
+                    assert labels["route"] in {e.path for e in ENDPOINTS} | {
                         "/v1/models",
                         "/healthz",
                         "/readyz",
