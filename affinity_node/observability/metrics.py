@@ -28,6 +28,7 @@ from affinity_node.vocabulary import (
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
     LEDGER_DROPS,
+    LIMIT_KINDS,
     MISS_OUTCOMES,
     MOVE_REASONS,
     NOTIFY_OPS,
@@ -35,6 +36,7 @@ from affinity_node.vocabulary import (
     REJECT_REASONS,
     RESYNC_MODES,
     SPILL_REASONS,
+    LimitKind,
 )
 
 # `_created` series double the series count of every counter and histogram, and nothing here
@@ -201,6 +203,9 @@ AFFINITY_SPECS: Final = (
          zero=_each(DB_OPERATIONS)),
     Spec("db_up", "gauge", "affinity_db_up",
          "1 while the last database operation succeeded."),
+    Spec("ratelimited", "counter", "affinity_ratelimited",
+         "Requests refused (429) by a fleet-wide per-key limit, by model and limit "
+         "(rpm, tpm, concurrent).", ("model", "limit")),
 )  # fmt: skip
 """The affinity engine's metrics (names fixed by the Contract in DESIGN.md)."""
 
@@ -230,6 +235,7 @@ class AffinityMetrics:
     refresh_writes: Counter
     db_errors: Counter
     db_up: Gauge
+    ratelimited: Counter
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -252,6 +258,11 @@ class AffinityMetrics:
             for direction in FANOUT_DIRECTIONS:
                 for why in FANOUT_REASONS:
                     self.fanout_changes.labels(model, direction, why)
+            for kind in LIMIT_KINDS:
+                self.ratelimited.labels(model, kind)
+
+    def count_ratelimited(self, model: str, kind: LimitKind) -> None:
+        self.ratelimited.labels(model, kind).inc()
 
 
 LEDGER_SPECS: Final = (
