@@ -11,10 +11,11 @@ lately keeps a small floor, so it admits a little at once when traffic moves to 
 
 Requests and tokens are token buckets per node: `limit * share / 60` a second, holding at most
 one second of it (rate limits are quantised to the second, as OpenAI's are: a key limited to
-600 a minute is not given 600 at once). A request is admitted while the bucket is above zero
-and charged in full, so a large token estimate drives it below zero (debt) rather than never
-passing. Tokens are charged from an estimate up front (prompt bytes / 4 + the answer's bound)
-and corrected from the answer's usage. Concurrency: at most `max_concurrent * share` (at least
+600 a minute is not given 600 at once). A request is admitted while its request bucket holds
+one and its token bucket is above zero; it is charged in full, so a large token estimate
+drives the token bucket below zero (debt) rather than never passing. Tokens are charged from
+an estimate up front (prompt bytes / 4 + the answer's bound) and corrected from the answer's
+usage. Concurrency: at most `max_concurrent * share` (at least
 one) in flight on this node.
 
 A database outage keeps the last shares: the limits stay enforced locally, nothing fails for
@@ -72,12 +73,15 @@ class Limits:
 
 
 class _Bucket:
-    """`rate` a second, at most `cap` saved; admits while above zero (may go into debt)."""
+    """`rate` a second, at most `cap` saved. A request bucket admits while it holds a whole
+    request; a token bucket while it is above zero (a large estimate then takes it into debt,
+    rather than never passing)."""
 
-    __slots__ = ("at", "cap", "level", "rate")
+    __slots__ = ("at", "cap", "level", "need", "rate")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, need: float) -> None:
         self.rate = rate
+        self.need = need
         self.cap = max(1.0, rate * BURST_S)
         self.level = self.cap
         self.at = now
@@ -92,11 +96,14 @@ class _Bucket:
         self.cap = max(1.0, rate * BURST_S)
         self.level = min(self.level, self.cap)
 
+    def short(self) -> bool:
+        return self.level < self.need
+
     def wait_s(self) -> float:
         """Seconds until it admits again."""
-        if self.level > 0 or self.rate <= 0:
-            return 0.0 if self.level > 0 else 60.0
-        return -self.level / self.rate + 1e-3
+        if not self.short():
+            return 0.0
+        return 60.0 if self.rate <= 0 else (self.need - self.level) / self.rate
 
     def reset_s(self) -> float:
         """Seconds until it is full again."""
@@ -141,8 +148,8 @@ class Scope:
     def apply(self, now: float) -> None:
         """Rates and caps from the limits and the current shares."""
         lim = self.limits
-        self.requests = _rated(self.requests, lim.rpm, self.share_requests, now)
-        self.tokens = _rated(self.tokens, lim.tpm, self.share_tokens, now)
+        self.requests = _rated(self.requests, lim.rpm, self.share_requests, now, 1.0 - 1e-9)
+        self.tokens = _rated(self.tokens, lim.tpm, self.share_tokens, now, 1e-9)
         if lim.max_concurrent is not None:
             self.max_inflight = max(1, round(lim.max_concurrent * self.share_requests))
 
@@ -150,11 +157,11 @@ class Scope:
         """Which limit refuses a request now, and seconds until it would not."""
         if self.requests is not None:
             self.requests.refill(now)
-            if self.requests.level <= 0:
+            if self.requests.short():
                 return "rpm", self.requests.wait_s()
         if self.tokens is not None:
             self.tokens.refill(now)
-            if self.tokens.level <= 0:
+            if self.tokens.short():
                 return "tpm", self.tokens.wait_s()
         if self.limits.max_concurrent is not None and self.inflight >= self.max_inflight:
             return "concurrent", 1.0
@@ -165,12 +172,14 @@ class Scope:
         return max(0, min(limit, int(bucket.level / max(share, 1e-9))))
 
 
-def _rated(bucket: _Bucket | None, limit: int | None, share: float, now: float) -> _Bucket | None:
+def _rated(
+    bucket: _Bucket | None, limit: int | None, share: float, now: float, need: float
+) -> _Bucket | None:
     if limit is None:
         return None
     rate = limit * share / 60.0
     if bucket is None:
-        return _Bucket(rate, now)
+        return _Bucket(rate, now, need)
     bucket.set_rate(rate, now)
     return bucket
 

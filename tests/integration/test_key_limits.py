@@ -199,4 +199,3 @@ async def test_removed_limits_free_the_key(dsn: str) -> None:
             timeout=5.0,
             what="the limits gone everywhere",
         )
-
