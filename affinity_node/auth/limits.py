@@ -44,7 +44,7 @@ HEARTBEAT = UUID(int=0)
 """The scope every node writes each round (model ''): how many nodes are alive."""
 
 BURST_S = 1.0
-"""A bucket holds this many seconds of its rate (at least one request)."""
+"""A bucket holds this many seconds of its rate (at least two requests)."""
 
 FLOOR = 0.05
 """A node's smallest share of a scope, divided by the nodes alive."""
@@ -75,14 +75,16 @@ class Limits:
 class _Bucket:
     """`rate` a second, at most `cap` saved. A request bucket admits while it holds a whole
     request; a token bucket while it is above zero (a large estimate then takes it into debt,
-    rather than never passing)."""
+    rather than never passing). It saves at least one admission more than it needs: a bucket
+    that could only just hold one would drop the refill of any gap between arrivals (a node
+    offered 4 a second for a share of 0.67 would admit 0.5)."""
 
     __slots__ = ("at", "cap", "level", "need", "rate")
 
     def __init__(self, rate: float, now: float, need: float) -> None:
         self.rate = rate
         self.need = need
-        self.cap = max(1.0, rate * BURST_S)
+        self.cap = max(need + 1.0, rate * BURST_S)
         self.level = self.cap
         self.at = now
 
@@ -93,7 +95,7 @@ class _Bucket:
     def set_rate(self, rate: float, now: float) -> None:
         self.refill(now)
         self.rate = rate
-        self.cap = max(1.0, rate * BURST_S)
+        self.cap = max(self.need + 1.0, rate * BURST_S)
         self.level = min(self.level, self.cap)
 
     def short(self) -> bool:

@@ -55,8 +55,8 @@ async def test_a_key_without_limits_has_no_scopes_and_a_limited_one_is_refused_p
     assert limiter.of(uuid.uuid4()) is None
     scopes = limiter.of(KEY)
     assert scopes is not None
-    ticket = limiter.admit(scopes, "m", 10)  # 60 a minute, alone: 1 a second, 1 saved
-    limiter.finish(ticket, None)
+    for _ in range(2):  # 60 a minute, alone: 1 a second, 2 saved at most
+        limiter.finish(limiter.admit(scopes, "m", 10), None)
     with pytest.raises(Refused) as refused:
         limiter.admit(scopes, "m", 10)
     assert refused.value.kind == "rpm"
