@@ -43,7 +43,9 @@ from affinity_node.vocabulary import (
 # reads them. (Process-wide: prometheus-client keeps this switch global.)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-COMPLETION_CODES: Final = ("200", "400", "401", "404", "413", "499", "500", "502", "503")
+COMPLETION_CODES: Final = (
+    "200", "400", "401", "404", "413", "429", "499", "500", "502", "503"
+)  # fmt: skip
 """What the completion routes answer (the proxy's own errors and the usual upstream ones)."""
 
 EXEMPLAR_EVERY: Final = 16

@@ -126,3 +126,31 @@ def test_reset_durations_read_like_openais():
     assert duration(0.25) == "250ms"
     assert duration(1.5) == "1.5s"
     assert duration(360) == "6m0s"
+
+
+class BrokenTable(SharedTable):
+    """The database went away after the first round."""
+
+    broken = False
+
+    async def exchange(
+        self, node_id: str, mine: Sequence[tuple[uuid.UUID, str, float, float]], fresh_s: float
+    ) -> list[DemandRow]:
+        if self.broken:
+            raise ConnectionError("database unreachable")
+        return await super().exchange(node_id, mine, fresh_s)
+
+
+async def test_a_database_outage_keeps_the_last_shares_and_the_limit():
+    table = BrokenTable([(KEY, "", 60, None, None)])
+    limiter = Limiter(table, "a")
+    await limiter.round()
+    table.broken = True
+    with pytest.raises(ConnectionError):
+        await limiter.round()
+    scopes = limiter.of(KEY) or {}
+    assert scopes[""].share_requests == 1.0
+    for _ in range(2):
+        limiter.finish(limiter.admit(scopes, "m", 0), None)
+    with pytest.raises(Refused):
+        limiter.admit(scopes, "m", 0)
