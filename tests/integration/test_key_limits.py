@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import asyncpg
 import openai
+import pytest
 
 from affinity_node.http.state import AFFINITY_METRICS, LIMITER
 from affinity_node.store.limits import set_limits
@@ -44,7 +46,7 @@ async def _limit(c: Cluster, key: uuid.UUID, **limits: Any) -> None:
     def everywhere() -> bool:
         for node in c.nodes:
             scopes = node.app[LIMITER].of(key)
-            if scopes is None or scopes[""].limits.rpm != limits.get("rpm"):
+            if scopes is None or scopes[""].limits.rpm != (limits.get("rpm") or None):
                 return False
         return True
 
@@ -199,3 +201,43 @@ async def test_removed_limits_free_the_key(dsn: str) -> None:
             timeout=5.0,
             what="the limits gone everywhere",
         )
+
+
+async def test_messages_get_anthropics_429_and_streams_are_charged_their_usage(dsn: str) -> None:
+    """/v1/messages refuses in Anthropic's shape. A stream's tokens are corrected from the
+    usage the node asks the backend for (the client did not ask and sees no usage event)."""
+    async with cluster(dsn, nodes=1, backends=1) as c:
+        secret = await c.new_key("anth")
+        key = c.key_ids["anth"]
+        await _limit(c, key, rpm=1, tpm=100_000)
+        claude = anthropic.AsyncAnthropic(
+            base_url=c.nodes[0].url, api_key=secret, max_retries=0, timeout=30.0
+        )
+        c.stack.push_async_callback(claude.close)
+        messages: Any = [{"role": "user", "content": "hello"}]
+        for _ in range(2):  # alone on the key: 2 saved up
+            await claude.messages.create(model=MODEL, max_tokens=4, messages=messages)
+        with pytest.raises(anthropic.RateLimitError) as err:
+            await claude.messages.create(model=MODEL, max_tokens=4, messages=messages)
+        assert err.value.status_code == 429
+        assert isinstance(err.value.body, dict)
+        assert err.value.body["error"]["type"] == "rate_limit_error"
+        assert int(err.value.response.headers["Retry-After"]) >= 1
+
+        await _limit(c, key, rpm=0, tpm=60_000)  # 1000 tokens a second, 1000 saved
+        scope = c.nodes[0].app[LIMITER].of(key)
+        assert scope is not None
+        tokens = scope[""].tokens
+        assert tokens is not None
+        client = c.client(0, secret)
+        before = tokens.level
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=900,  # charged ~900 up front; the answer has 16 tokens
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+        assert all(ch.usage is None for ch in chunks)  # not asked for: not shown
+        # Corrected to what the backend reported (well under the 900 charged up front).
+        assert before - tokens.level < 100, (before, tokens.level)
