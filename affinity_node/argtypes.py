@@ -49,6 +49,21 @@ def non_negative_int(text: str) -> int:
     return int(_number(int, 0, None, False, "a whole number")(text))
 
 
+def rate_limit(high: int) -> Callable[[str], int]:
+    """A per-key limit, 0 (remove it) to `high` (the database's CHECK)."""
+
+    def parse(text: str) -> int:
+        return int(_number(int, 0, high, False, "a whole number")(text))
+
+    parse.__name__ = "rate_limit"
+    return parse
+
+
+requests_limit = rate_limit(100_000_000)
+tokens_limit = rate_limit(100_000_000_000)
+concurrency_limit = rate_limit(1_000_000)
+
+
 def positive_float(text: str) -> float:
     return float(_number(float, 0, None, True, "a number")(text))
 
@@ -125,6 +140,9 @@ CHECKED_TYPES = frozenset(
         port,
         positive_int,
         non_negative_int,
+        requests_limit,
+        tokens_limit,
+        concurrency_limit,
         positive_float,
         non_negative_float,
         key_id,

@@ -18,9 +18,7 @@ from typing import Any
 import asyncpg
 
 from affinity_node.argtypes import (
-    dsn as dsn_arg,
-)
-from affinity_node.argtypes import (
+    concurrency_limit,
     key_id,
     lora_adapter,
     non_empty,
@@ -29,12 +27,29 @@ from affinity_node.argtypes import (
     port,
     positive_float,
     positive_int,
+    requests_limit,
+    tokens_limit,
+)
+from affinity_node.argtypes import (
+    dsn as dsn_arg,
 )
 
 DSN_ENV = "AFFINITY_DATABASE_DSN"
 EVENT_LOOP_ENV = "AFFINITY_EVENT_LOOP"
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """Fleet-wide per-key limits (0 removes one); with --model, that model's own."""
+    p.add_argument("--rpm", type=requests_limit, help="requests a minute (0: no limit)")
+    p.add_argument("--tpm", type=tokens_limit, help="tokens a minute (0: no limit)")
+    p.add_argument(
+        "--max-concurrent", type=concurrency_limit, help="requests at once (0: no limit)"
+    )
+    p.add_argument(
+        "--model", type=non_empty, help="limit this model only (default: every model together)"
+    )
 
 
 def _add_dsn(p: argparse.ArgumentParser) -> None:
@@ -95,12 +110,19 @@ async def _keys(args: argparse.Namespace) -> int:
     conn = await asyncpg.connect(_need_dsn(args))
     try:
         if args.keys_cmd == "create":
-            key, secret = await keys.create_key(conn, args.name)
+            async with conn.transaction():
+                key, secret = await keys.create_key(conn, args.name)
+                limits = await _set_limits(conn, key.id, args)
             if args.json:
-                print(json.dumps({"id": str(key.id), "name": key.name, "secret": secret}))
+                out = {"id": str(key.id), "name": key.name, "secret": secret}
+                print(json.dumps({**out, **_limits_json(limits)}))
             else:
                 print(f"id:     {key.id}\nname:   {key.name}\nsecret: {secret}")
+                if limits is not None:
+                    print(f"limits: {_limits_text(limits)}")
                 print("(the secret is shown only once; only its SHA-256 is stored)")
+        elif args.keys_cmd == "update":
+            return await _update_limits(conn, args)
         elif args.keys_cmd == "list":
             items = await keys.list_keys(conn)
             if args.json:
@@ -117,6 +139,44 @@ async def _keys(args: argparse.Namespace) -> int:
         return 0
     finally:
         await conn.close()
+
+
+async def _set_limits(conn: asyncpg.Connection, key: uuid.UUID, args: argparse.Namespace) -> Any:
+    """The limits given on the command line (None when none was)."""
+    from affinity_node.store.limits import set_limits
+
+    if args.rpm is None and args.tpm is None and args.max_concurrent is None:
+        return None
+    model = args.model or ""
+    return await set_limits(conn, key, model, args.rpm, args.tpm, args.max_concurrent)
+
+
+async def _update_limits(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from affinity_node.store import keys
+
+    if not any(k.id == args.id and k.revoked_at is None for k in await keys.list_keys(conn)):
+        print(f"no active key {args.id}", file=sys.stderr)
+        return 1
+    limits = await _set_limits(conn, args.id, args)
+    if limits is None:
+        print("nothing to change: give --rpm, --tpm or --max-concurrent", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"id": str(args.id), **_limits_json(limits)}))
+    else:
+        print(f"updated {args.id}: {_limits_text(limits)}")
+    return 0
+
+
+def _limits_json(limits: Any) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+
+
+def _limits_text(limits: Any) -> str:
+    parts = [f"{k}={v}" for k, v in _limits_json(limits).items() if v is not None]
+    return " ".join(parts) or "none"
 
 
 def _key_json(k: Any) -> dict[str, Any]:
@@ -340,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = ks.add_parser("create", help="create a key; prints its id and secret once")
     c.add_argument("--name", type=non_empty, required=True)
     c.add_argument("--json", action="store_true")
+    _add_limits(c)
+    _add_dsn(c)
+    c = ks.add_parser("update", help="change a key's fleet-wide limits (every node within 1 s)")
+    c.add_argument("id", type=key_id, help="the key id (keys list shows it)")
+    c.add_argument("--json", action="store_true")
+    _add_limits(c)
     _add_dsn(c)
     c = ks.add_parser("list", help="list keys")
     c.add_argument("--json", action="store_true")

@@ -18,8 +18,11 @@ RebindReason = Literal["unhealthy", "failover", "drain", "rebalance"]
 NotifyOp = Literal["insert", "update", "delete"]
 """Operations the binding table's trigger announces."""
 
-KeyEventOp = Literal["create", "revoke", "restore", "delete"]
-"""Operations the api_keys trigger announces."""
+KeyEventOp = Literal["create", "revoke", "restore", "delete", "limits"]
+"""Operations the api_keys trigger announces (limits: api_key_limits changed for the key)."""
+
+LimitKind = Literal["rpm", "tpm", "concurrent"]
+"""Which per-key limit refused a request (label `limit` of affinity_ratelimited_total)."""
 
 StrategyName = Literal["least_outstanding", "round_robin", "random"]
 """`routing.fallback`: who picks a backend when affinity does not decide."""
@@ -101,6 +104,7 @@ FANOUT_REASONS: Final[tuple[FanoutReason, ...]] = get_args(FanoutReason)
 KEY_LOOKUP_REASONS: Final[tuple[KeyLookupReason, ...]] = get_args(KeyLookupReason)
 KEY_REFUSALS: Final[tuple[KeyRefusal, ...]] = get_args(KeyRefusal)
 KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
+LIMIT_KINDS: Final[tuple[LimitKind, ...]] = get_args(LimitKind)
 STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
 BACKEND_STATES: Final[tuple[BackendState, ...]] = get_args(BackendState)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from affinity_node.app.builders import affinity_engine, database_pool, engine_spec, usage_ledger
 from affinity_node.auth.keycache import KeyCache
+from affinity_node.auth.limits import EXCHANGE_EVERY_S, Limiter
 from affinity_node.config import DatabaseConfig, LimitsConfig, NodeConfig
 from affinity_node.http.state import (
     AFFINITY_METRICS,
@@ -27,6 +28,7 @@ from affinity_node.http.state import (
     HTTP_METRICS,
     KEYS,
     LEDGER,
+    LIMITER,
     METRICS_REGISTRY,
     RELAY,
     ROUTER,
@@ -53,6 +55,7 @@ from affinity_node.store.fleet_duties import (
     MoverTurns,
 )
 from affinity_node.store.keys import PostgresKeyStore
+from affinity_node.store.limits import PostgresLimitStore
 from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.registry import PostgresRegistry, RegistryFollower
 from affinity_node.store.schema import SchemaWatch
@@ -82,6 +85,7 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         await enter(_schema(app, db))
         ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[METRICS_REGISTRY], metrics))
         keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
+        app[LIMITER] = await enter(_limiter(cfg, db, keys, metrics))
         client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
         cache = BindingCache(cfg.affinity.cache_max_entries, on_evict=metrics.evicted)
         parts = await enter(_backends(cfg, app[HTTP_METRICS], client, resolver, cache))
@@ -150,6 +154,24 @@ async def _keys(
         yield keys
     finally:
         await keys.stop()
+
+
+@asynccontextmanager
+async def _limiter(
+    cfg: NodeConfig, db: asyncpg.Pool, keys: KeyCache, metrics: AffinityMetrics
+) -> AsyncIterator[Limiter]:
+    """Per-key limits: loaded, then exchanged with the other nodes about once a second; the
+    key cache's doorbells name the keys whose limits to re-read."""
+    store = PostgresLimitStore(db, timeout_s=cfg.database.statement_timeout_ms / 1000)
+    limiter = Limiter(store, cfg.node_id, metrics.count_ratelimited)
+    keys.on_change = limiter.key_changed
+    try:
+        async with stopping(every(EXCHANGE_EVERY_S, limiter.round, "limits-exchange", now=True)):
+            yield limiter
+    finally:
+        keys.on_change = None
+        with contextlib.suppress(Exception):
+            await limiter.leave()
 
 
 @asynccontextmanager

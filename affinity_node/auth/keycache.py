@@ -125,6 +125,9 @@ class KeyCache:
         self._blind_grace = blind_grace_s
         self.loaded = False
         """True once a snapshot of the active keys has been loaded."""
+        self.on_change: Callable[[UUID | None], None] | None = None
+        """Told of every key a notification names (None: all of them, after a resync), so
+        the limiter re-reads their limits."""
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -194,6 +197,10 @@ class KeyCache:
 
     def on_event(self, op: KeyEventOp, key_id: UUID) -> None:
         """A committed change to api_keys, in commit order."""
+        if self.on_change is not None:
+            self.on_change(key_id)
+        if op == "limits":  # the key's limit rows changed, not the key
+            return
         self._seq += 1
         if self._during_snapshot is not None:
             self._during_snapshot.append((op, key_id))
@@ -333,6 +340,8 @@ class KeyCache:
         for op, key_id in seen or ():
             self._apply(op, key_id)
         self.loaded = True
+        if self.on_change is not None:
+            self.on_change(None)
 
     def start(self, every_s: float = 1.0) -> None:
         """`maintain` every `every_s`, until `stop` (a round that fails, the database probably

@@ -21,3 +21,32 @@ class KeyStore(Protocol):
 
     async def active(self) -> list[tuple[bytes, UUID]]:
         """Every usable key, by hash."""
+
+
+LimitRow = tuple[UUID, str, int | None, int | None, int | None]
+"""(key id, model or '' for every model, rpm, tpm, max_concurrent): one api_key_limits row."""
+
+DemandRow = tuple[UUID, str, str, float, float]
+"""(key id, model, node id, requests/s, tokens/s): another node's demand on a scope."""
+
+
+class LimitStore(Protocol):
+    """What the limiter needs from the database (store/limits.py implements it)."""
+
+    async def all_limits(self) -> list[LimitRow]:
+        """Every active key's limit rows."""
+
+    async def limits_of(self, key_ids: Sequence[UUID]) -> list[LimitRow]:
+        """The limit rows of `key_ids` (none for a revoked or deleted key)."""
+
+    async def exchange(
+        self, node_id: str, mine: Sequence[tuple[UUID, str, float, float]], fresh_s: float
+    ) -> list[DemandRow]:
+        """Write this node's demand per scope, read the other nodes' rows on the same scopes
+        updated within `fresh_s` (one statement)."""
+
+    async def expire(self) -> None:
+        """Delete rows nobody has written for a while."""
+
+    async def leave(self, node_id: str) -> None:
+        """Delete this node's rows (it stops)."""

@@ -6,7 +6,10 @@
 2. cold-miss latency with 1, 10 and 100 concurrent misses on one pair, over 3 nodes;
 3. notification latency: a rebind on one node until another node's cache shows it;
 4. database statements per 1000 resolves on a steady workload of 1000 pairs, against the
-   original design's one read per request plus one write per completion.
+   original design's one read per request plus one write per completion;
+5. per-key limits: an admission of a limited key (3 limiters exchanging through Postgres
+   once a second) against an unlimited key's lookup, and the statements of the run: the
+   exchange's, none per request.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from typing import Any
 import asyncpg
 
 from affinity_node.app import EngineSpec
+from affinity_node.auth.limits import Limiter
 from affinity_node.config import DatabaseConfig
 from affinity_node.devtools.support import EngineNode, engine_nodes, with_database
 from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.sim.support import postgres
 from affinity_node.store.keys import create_key
+from affinity_node.store.limits import PostgresLimitStore, set_limits
 from affinity_node.store.migrate import migrate
+from affinity_node.tasks import every, stopping
 
 BACKENDS = ("http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000")
 MODEL = "llama-3.1-8b"
@@ -239,6 +245,72 @@ async def bench_statements(
     )
 
 
+async def bench_limits(dsn: str, duration: float, rate: float) -> None:
+    counter = StatementCounter()
+
+    async def logged(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(counter)
+
+    key = (await make_keys(dsn, 1))[0]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await set_limits(conn, key, "", 6_000_000, None, None)  # never refuses here
+    finally:
+        await conn.close()
+    pools = [await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=logged) for _ in "abc"]
+    limiters = [Limiter(PostgresLimitStore(p), f"bench-{i}") for i, p in enumerate(pools)]
+    try:
+        for limiter in limiters:
+            await limiter.round()
+        counter.count = 0
+        free = uuid.uuid4()
+        clock = time.perf_counter_ns
+        admit_ns: list[int] = []
+        lookup_ns: list[int] = []
+        admits = during = 0
+        async with stopping(*(every(1.0, x.round, "bench-limits", now=True) for x in limiters)):
+            start = time.perf_counter()
+            next_at = start
+            while (now := time.perf_counter()) - start < duration:
+                if now < next_at:
+                    await asyncio.sleep(next_at - now)
+                next_at += 100 / rate
+                before = counter.count
+                for i in range(100):  # no await in here: nothing else runs meanwhile
+                    limiter = limiters[i % 3]
+                    t0 = clock()
+                    scopes = limiter.of(key)
+                    assert scopes is not None
+                    ticket = limiter.admit(scopes, MODEL, 100)
+                    limiter.finish(ticket, 90)
+                    admit_ns.append(clock() - t0)
+                    t0 = clock()
+                    limiter.of(free)
+                    lookup_ns.append(clock() - t0)
+                    admits += 1
+                during += counter.count - before
+        rounds = sum(x.exchanged for x in limiters) - 3
+    finally:
+        for limiter in limiters:
+            await limiter.leave()
+        for pool in pools:
+            await pool.close()
+    print(f"5. per-key limits: {admits} admissions over 3 limiters in {duration:.0f} s")
+    print(
+        f"   limited key, admit + finish : p50 {pct(admit_ns, 0.5) / 1000:6.2f} us   "
+        f"p99 {pct(admit_ns, 0.99) / 1000:6.2f} us"
+    )
+    print(
+        f"   unlimited key, one lookup   : p50 {pct(lookup_ns, 0.5) / 1000:6.2f} us   "
+        f"p99 {pct(lookup_ns, 0.99) / 1000:6.2f} us   (what every request pays)"
+    )
+    print(
+        f"   statements: {during} during the admissions; {counter.count} in the run, for "
+        f"{rounds} exchange rounds (3 nodes, 1 s each; asyncpg's type introspection on a "
+        "connection's first use included)"
+    )
+
+
 async def run(args: argparse.Namespace, dsn: str) -> None:
     admin = await asyncpg.connect(dsn)
     name = f"affinity_bench_{uuid.uuid4().hex[:8]}"
@@ -253,6 +325,7 @@ async def run(args: argparse.Namespace, dsn: str) -> None:
         await bench_cold_misses(db, args.rounds)
         await bench_notify(db)
         await bench_statements(db, args.pairs, args.duration, args.rate, args.ttl)
+        await bench_limits(db, min(args.duration, 10.0), args.rate)
     finally:
         admin = await asyncpg.connect(dsn)
         try:

@@ -818,6 +818,18 @@ def traffic() -> Json:
             "Requests queued (vllm:num_requests_waiting) and running on each backend "
             "(from the backends).",
         ),
+        timeseries(
+            "Refused by per-key limits",
+            [
+                target(
+                    f"sum by (limit) ({rate('affinity_ratelimited_total', NODE, MODEL)})",
+                    "{{limit}}",
+                ),
+            ],
+            "reqps",
+            "Requests answered 429 by a fleet-wide per-key limit (keys create|update --rpm, "
+            "--tpm, --max-concurrent), by the limit that refused them, summed over the nodes.",
+        ),
     ]
     return dashboard(
         "affinity-traffic",

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from affinity_node.auth.limits import Refused, Ticket
 from affinity_node.http.body import check_forwarded_headers, read_body
 from affinity_node.http.endpoints import Endpoint
 from affinity_node.http.errors import ApiError, short
@@ -19,9 +20,18 @@ from affinity_node.http.forward import Forwarder, Outgoing
 from affinity_node.http.multipart import form_model
 from affinity_node.http.payload import Payload
 from affinity_node.http.response_ids import StoredId, read_id, untag
-from affinity_node.http.state import API_KEY_ID, BACKENDS, LEDGER, MODEL, ROUTER, STATUS
+from affinity_node.http.state import (
+    API_KEY_ID,
+    BACKENDS,
+    LEDGER,
+    LIMITER,
+    MODEL,
+    ROUTER,
+    STATUS,
+)
 from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
+from affinity_node.ledger.usage import decode_usage
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 
@@ -114,13 +124,83 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         merge_usage=endpoint.merges_usage,
         errors=endpoint.errors,
     )
-    if endpoint.stored == "names":
-        route = _to_owner(request, router, key_id, out)
-    elif endpoint.body == "multipart":
-        route = await _multipart(request, key_id, out)
-    else:
-        route = await _json(request, endpoint, key_id, out)
-    return await Forwarder(request, headers, started).run(route, key_id, out)
+    try:
+        if endpoint.stored == "names":
+            route = _to_owner(request, router, key_id, out)
+        elif endpoint.body == "multipart":
+            route = await _multipart(request, key_id, out)
+        else:
+            route = await _json(request, endpoint, key_id, out)
+    except BaseException:
+        if out.ticket is not None:  # admitted, then not routable: the slot and tokens back
+            app[LIMITER].finish(out.ticket, 0)
+        raise
+    if out.ticket is None:
+        return await Forwarder(request, headers, started).run(route, key_id, out)
+    return await _limited(request, headers, started, route, key_id, out, out.ticket)
+
+
+async def _limited(
+    request: web.Request,
+    headers: dict[str, str],
+    started: float,
+    route: Route,
+    key_id: Any,
+    out: Outgoing,
+    ticket: Ticket,
+) -> web.StreamResponse:
+    """A limited key's request: its x-ratelimit-* headers, and its charge settled from the
+    answer's usage once done (the slot freed however it ended)."""
+    headers.update(ticket.headers)
+    forwarder = Forwarder(request, headers, started)
+    try:
+        return await forwarder.run(route, key_id, out)
+    finally:
+        used = None if forwarder.usage is None else decode_usage(forwarder.usage)
+        tokens = None if used is None else used.prompt + used.completion
+        request.app[LIMITER].finish(ticket, tokens)
+
+
+DEFAULT_MAX_TOKENS = 256
+"""The answer's size charged up front when the request bounds none (usage corrects it)."""
+
+
+def _admit(request: web.Request, key_id: Any, model: str, out: Outgoing, estimate: int) -> None:
+    """Before routing: a limited key's request is charged or refused (429) from memory."""
+    limiter = request.app[LIMITER]
+    scopes = limiter.of(key_id)
+    if scopes is None:
+        return
+    try:
+        out.ticket = limiter.admit(scopes, model, estimate)
+    except Refused as refused:
+        raise _rate_limited(refused) from None
+
+
+def _rate_limited(refused: Refused) -> ApiError:
+    what = {"rpm": "requests per minute (RPM)", "tpm": "tokens per minute (TPM)"}.get(
+        refused.kind, "concurrent requests"
+    )
+    return ApiError(
+        429,
+        f"Rate limit reached for {what}: limit {refused.limit}. "
+        f"Please try again in {refused.retry_after_s:.3g}s.",
+        "tokens" if refused.kind == "tpm" else "requests",
+        None,
+        "rate_limit_exceeded",
+        headers=refused.headers,
+    )
+
+
+def _estimate(payload: Payload, body: bytes) -> int:
+    """Tokens charged up front: prompt bytes / 4 and the answer's bound."""
+    bound = DEFAULT_MAX_TOKENS
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = payload.get(name)
+        if type(value) is int and value >= 0:
+            bound = value
+            break
+    return len(body) // 4 + bound
 
 
 async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing) -> Route:
@@ -133,6 +213,8 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
     out.stream = payload.stream
     # Backends serve the canonical name: an alias in the request is rewritten, nothing else.
     out.body = payload.with_model(model)
+    if app[LIMITER].of(key_id) is not None:
+        _admit(request, key_id, model, out, _estimate(payload, out.body))
     if endpoint.stored == "creates":
         previous = payload.get("previous_response_id")
         if isinstance(previous, str) and previous:
@@ -141,7 +223,7 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
                 raise _not_stored(previous, "previous_response_id")
             out.body = untag(out.body, previous, stored)
             return _owner_route(request, stored, previous, model, "previous_response_id", key_id)
-    if endpoint.injects_usage and payload.stream and app[LEDGER].enabled:
+    if endpoint.injects_usage and payload.stream and (app[LEDGER].enabled or out.ticket):
         asks = usage_request(payload)
         out.client_asked_usage = asks.client_asked
         if asks.inject:
@@ -177,6 +259,7 @@ async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:
     if model != given:
         out.body = out.body[:start] + model.encode() + out.body[end:]
     out.content_type = content_type
+    _admit(request, key_id, model, out, 0)
     try:
         return await app[ROUTER].route(key_id, model, affinity_path=False)
     except NoBackend:

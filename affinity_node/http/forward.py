@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from affinity_node.auth.limits import Ticket
 from affinity_node.http.endpoints import ErrorShape
 from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.response_ids import IdTagger
@@ -92,6 +93,8 @@ class Outgoing:
     """Recorded in the usage ledger."""
     errors: ErrorShape = "openai"
     """How a stream that breaks says so."""
+    ticket: Ticket | None = None
+    """A limited key's charge: its answer's usage is read (tpm) even without the ledger."""
 
 
 class Forwarder:
@@ -112,11 +115,14 @@ class Forwarder:
         """Why the backend broke an answer already under way (reported after the request)."""
         self.usage: bytes | None = None
         """The answer's usage object, as bytes (the ledger decodes it later)."""
+        self.wants_usage = self.ledger.enabled
+        """The answer's usage is looked for (the ledger, or a limited key's tokens)."""
 
     async def run(self, route: Route, key_id: uuid.UUID, out: Outgoing) -> web.StreamResponse:
         """Forwards `out` where `route` says; where a failed request goes next is the router's
         decision (`after_failure`)."""
         self.out = out
+        self.wants_usage = self.ledger.enabled or out.ticket is not None
         body, usage_body = out.body, out.usage_body
         while True:
             backend = route.backend
@@ -210,7 +216,7 @@ class Forwarder:
                 tagger = IdTagger(backend.id, key_id) if out.tag_ids and plain else None
                 if stream and upstream.status == 200 and ctype.startswith("text/event-stream"):
                     watch = None
-                    if self.ledger.enabled and plain and (asked or out.client_asked_usage):
+                    if self.wants_usage and plain and (asked or out.client_asked_usage):
                         watch = StreamUsage(strip=asked)
                     return await self._stream(backend, upstream, headers, sent, watch, tagger)
                 try:
@@ -224,7 +230,7 @@ class Forwarder:
                 self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
-                if self.ledger.enabled and upstream.status == 200 and plain and out.record:
+                if self.wants_usage and upstream.status == 200 and plain and out.record:
                     self.usage = usage_span(data)
                 if tagger is not None:
                     data = tagger.body(data)

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from affinity_node.auth.keycache import KeyCache
+from affinity_node.auth.limits import Limiter
 from affinity_node.config import LimitsConfig, NodeConfig
 from affinity_node.ledger.ledger import Ledger
 from affinity_node.observability.logs import AccessLog, NullAccessLog
@@ -75,6 +76,8 @@ ACCESS_LOG: web.AppKey[AccessLog | NullAccessLog] = web.AppKey("access_log")
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
 """The null one unless ledger.enabled."""
 KEYS = web.AppKey("keys", KeyCache)
+LIMITER = web.AppKey("limiter", Limiter)
+"""Fleet-wide per-key limits (a key without any costs one lookup)."""
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 BACKENDS = web.AppKey("backends", BackendPool)
 HEALTH = web.AppKey("health", BackendHealth)

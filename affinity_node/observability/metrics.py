@@ -28,6 +28,7 @@ from affinity_node.vocabulary import (
     KEY_LOOKUP_REASONS,
     KEY_REFUSALS,
     LEDGER_DROPS,
+    LIMIT_KINDS,
     MISS_OUTCOMES,
     MOVE_REASONS,
     NOTIFY_OPS,
@@ -36,13 +37,16 @@ from affinity_node.vocabulary import (
     RESYNC_MODES,
     SPILL_REASONS,
     EvictReason,
+    LimitKind,
 )
 
 # `_created` series double the series count of every counter and histogram, and nothing here
 # reads them. (Process-wide: prometheus-client keeps this switch global.)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-COMPLETION_CODES: Final = ("200", "400", "401", "404", "413", "499", "500", "502", "503")
+COMPLETION_CODES: Final = (
+    "200", "400", "401", "404", "413", "429", "499", "500", "502", "503"
+)  # fmt: skip
 """What the completion routes answer (the proxy's own errors and the usual upstream ones)."""
 
 EXEMPLAR_EVERY: Final = 16
@@ -206,6 +210,9 @@ AFFINITY_SPECS: Final = (
          zero=_each(DB_OPERATIONS)),
     Spec("db_up", "gauge", "affinity_db_up",
          "1 while the last database operation succeeded."),
+    Spec("ratelimited", "counter", "affinity_ratelimited",
+         "Requests refused (429) by a fleet-wide per-key limit, by model and limit "
+         "(rpm, tpm, concurrent).", ("model", "limit")),
 )  # fmt: skip
 """The affinity engine's metrics (names fixed by the Contract in DESIGN.md)."""
 
@@ -235,6 +242,7 @@ class AffinityMetrics:
     refresh_writes: Counter
     db_errors: Counter
     db_up: Gauge
+    ratelimited: Counter
 
     def __init__(self, metrics_registry: CollectorRegistry) -> None:
         self.metrics_registry = metrics_registry
@@ -262,6 +270,11 @@ class AffinityMetrics:
             for direction in FANOUT_DIRECTIONS:
                 for why in FANOUT_REASONS:
                     self.fanout_changes.labels(model, direction, why)
+            for kind in LIMIT_KINDS:
+                self.ratelimited.labels(model, kind)
+
+    def count_ratelimited(self, model: str, kind: LimitKind) -> None:
+        self.ratelimited.labels(model, kind).inc()
 
 
 LEDGER_SPECS: Final = (

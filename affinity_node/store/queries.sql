@@ -468,3 +468,59 @@ SELECT pg_notify('affinity_changes', json_build_object(
     'model', 'restore', 'provider_url', 'restore', 'version', $1::bigint,
     'ttl', 0, 'sent_at', extract(epoch FROM clock_timestamp())
 )::text);
+-- name: key_limits_all
+-- Every active key's limit rows (the nodes' snapshot; few rows: only limited keys have any).
+SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent
+FROM api_key_limits AS l
+JOIN api_keys AS k ON k.id = l.api_key_id
+WHERE k.revoked_at IS NULL;
+
+-- name: key_limits_of
+-- The limit rows of the keys named by notifications (a revoked key has none that count).
+SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent
+FROM api_key_limits AS l
+JOIN api_keys AS k ON k.id = l.api_key_id
+WHERE l.api_key_id = ANY($1::uuid[]) AND k.revoked_at IS NULL;
+
+-- name: key_limits_get
+SELECT rpm, tpm, max_concurrent FROM api_key_limits
+WHERE api_key_id = $1 AND model = $2
+FOR UPDATE;
+
+-- name: key_limits_put
+INSERT INTO api_key_limits AS l (api_key_id, model, rpm, tpm, max_concurrent)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (api_key_id, model) DO UPDATE
+SET rpm = excluded.rpm, tpm = excluded.tpm, max_concurrent = excluded.max_concurrent,
+    updated_at = now();
+
+-- name: key_limits_clear
+DELETE FROM api_key_limits WHERE api_key_id = $1 AND model = $2;
+
+-- name: key_limits_list
+SELECT api_key_id, model, rpm, tpm, max_concurrent FROM api_key_limits
+ORDER BY api_key_id, model;
+
+-- name: limit_exchange
+-- One statement a second per node: upsert this node's demand for its active scopes (and its
+-- heartbeat, the nil key), then read the other nodes' fresh rows for the same scopes. The
+-- CTE's writes are not visible to the SELECT (one snapshot): the node knows its own figures.
+WITH mine AS (
+    INSERT INTO affinity_limit_demand AS d (api_key_id, model, node_id, requests, tokens)
+    SELECT u.k, u.m, $1, u.r, u.t
+    FROM unnest($2::uuid[], $3::text[], $4::float8[], $5::float8[]) AS u (k, m, r, t)
+    ON CONFLICT (api_key_id, model, node_id) DO UPDATE
+    SET requests = excluded.requests, tokens = excluded.tokens, updated_at = now()
+)
+SELECT d.api_key_id, d.model, d.node_id, d.requests, d.tokens
+FROM affinity_limit_demand AS d
+JOIN unnest($2::uuid[], $3::text[]) AS u (k, m) ON d.api_key_id = u.k AND d.model = u.m
+WHERE d.node_id <> $1 AND d.updated_at > now() - make_interval(secs => $6::float8);
+
+-- name: limit_demand_expire
+-- Rows of nodes gone (or scopes gone quiet) for a minute; any node may run it.
+DELETE FROM affinity_limit_demand WHERE updated_at < now() - interval '60 seconds';
+
+-- name: limit_demand_leave
+-- A stopping node's rows go with it, so the others' shares grow at once.
+DELETE FROM affinity_limit_demand WHERE node_id = $1;

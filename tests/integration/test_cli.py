@@ -117,3 +117,36 @@ async def test_env_overrides_config(tmp_path):
         "postgresql://env/db",
         "memory",
     )
+
+
+async def test_keys_limits_create_update_and_the_database_checks(dsn):
+    code, out, _ = await cli(
+        "keys", "create", "--name", "lim", "--rpm", "600", "--tpm", "9000", "--json", dsn=dsn
+    )
+    assert code == 0
+    created = json.loads(out)
+    assert (created["rpm"], created["tpm"], created["max_concurrent"]) == (600, 9000, None)
+    key = created["id"]
+    code, out, _ = await cli("keys", "update", key, "--max-concurrent", "4", "--json", dsn=dsn)
+    assert code == 0
+    assert json.loads(out) == {"id": key, "rpm": 600, "tpm": 9000, "max_concurrent": 4}
+    code, out, _ = await cli("keys", "update", key, "--rpm", "30", "--model", "m1", dsn=dsn)
+    assert code == 0 and "rpm=30" in out
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT model, rpm, tpm, max_concurrent FROM api_key_limits "
+            "WHERE api_key_id = $1::uuid ORDER BY model",
+            key,
+        )
+        assert [tuple(r) for r in rows] == [("", 600, 9000, 4), ("m1", 30, None, None)]
+    finally:
+        await conn.close()
+    code, out, _ = await cli("keys", "update", key, "--rpm", "0", "--model", "m1", dsn=dsn)
+    assert code == 0 and "none" in out  # every limit of that scope removed: its row goes
+    code, _, err = await cli("keys", "update", key, "--rpm", "-1", dsn=dsn)
+    assert code == 2 and "Traceback" not in err
+    code, _, err = await cli("keys", "update", str(uuid.uuid4()), "--rpm", "5", dsn=dsn)
+    assert code == 1 and "no active key" in err
+    code, _, err = await cli("keys", "update", key, dsn=dsn)
+    assert code == 2 and "nothing to change" in err

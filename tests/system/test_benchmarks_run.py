@@ -47,6 +47,7 @@ async def test_engine_benchmark_runs_end_to_end(pg_admin_dsn):
         "2. cold-miss latency",
         "3. rebind on node A",
         "4. statements per 1000 resolves",
+        "5. per-key limits",
     ):
         assert section in out
     assert "chooser ran once each" in out
