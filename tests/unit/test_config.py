@@ -27,7 +27,8 @@ def load(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None
     """The DSN from the environment, as in deployments, unless the data sets one."""
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    base = {} if "dsn" in data.get("database", {}) else DSN
+    database = data.get("database", {})
+    base = {} if "dsn" in database or "dsn_file" in database else DSN
     return load_config(path, env={**base, **(env or {})})
 
 
@@ -261,3 +262,33 @@ def test_dsns_are_checked_and_multi_host_without_read_write_is_advised(tmp_path:
         "AFFINITY_DATABASE_DSN": multi["AFFINITY_DATABASE_DSN"] + "?target_session_attrs=read-write"
     }
     assert advice(load(tmp_path, MINIMAL, ok)) == []
+
+
+def test_dsn_file_is_read_at_every_call_and_never_quoted_in_errors(tmp_path: Path) -> None:
+    secret_dsn = "postgresql://u:hunter2@db/affinity"
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(secret_dsn + "\n", encoding="utf-8")
+    env = {"AFFINITY_DATABASE_DSN_FILE": str(dsn_file)}
+    cfg = load_config(_yaml(tmp_path, MINIMAL), env=env)
+    source = cfg.database.dsn_source
+    assert callable(source) and source() == secret_dsn
+    assert cfg.database.listener_dsn is not None and callable(cfg.database.listener_dsn)
+    dsn_file.write_text("postgresql://u:rotated@db/affinity", encoding="utf-8")
+    assert source() == "postgresql://u:rotated@db/affinity"
+    dsn_file.write_text("", encoding="utf-8")
+    with pytest.raises(OSError, match="empty"):
+        source()
+    both = error_of(tmp_path, MINIMAL, {**DSN, **env})
+    assert both.startswith("database.dsn and database.dsn_file are both set")
+    dsn_file.write_text("mysql://u:hunter2@db/x", encoding="utf-8")
+    bad = error_of(tmp_path, {**MINIMAL, "database": {"dsn_file": str(dsn_file)}})
+    assert bad.startswith("database.dsn_file: must start with postgresql://")
+    assert "hunter2" not in bad
+    missing = error_of(tmp_path, {**MINIMAL, "database": {"dsn_file": str(tmp_path / "absent")}})
+    assert missing.startswith("database.dsn_file") and "cannot read" in missing
+
+
+def _yaml(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
