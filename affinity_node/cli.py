@@ -255,7 +255,7 @@ async def _serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging.level, cfg.logging.json, access=cfg.logging.access)
     for note in advice(cfg):
         logging.getLogger("affinity_node.config").warning("%s", note)
-    await serve(cfg)
+    await serve(cfg, args.config)
     return 0
 
 

@@ -16,7 +16,9 @@ and the cross-key rules, and every error is one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -628,3 +630,77 @@ def advice(cfg: NodeConfig) -> list[str]:
             f"({limits.generation_timeout_seconds:g}): a silent stream outlives any generation"
         )
     return notes
+
+
+# -- reload (SIGHUP) -------------------------------------------------------------------------
+
+RELOADABLE: Final = frozenset(
+    {
+        "logging.level",
+        "logging.json",
+        "logging.access",
+        "limits.upstream_read_timeout_seconds",
+        "limits.generation_timeout_seconds",
+        "limits.client_write_timeout_seconds",
+        "limits.client_body_read_timeout_seconds",
+        "limits.drain_timeout_seconds",
+        "backends",
+    }
+)
+"""What a running node applies on SIGHUP: each is read per request (or at the drain), or is
+the static backend list (joined and left as the registry's). Anything else needs a rollout."""
+
+
+def _flat(cfg: NodeConfig) -> dict[str, Any]:
+    """`section.key` -> value for every key; `backends` whole (it is compared entry by entry)."""
+    out: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def unreloadable_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """The keys `new` changes that a running node cannot apply (names only: a value may be a
+    secret). In `backends`, only whole `url` entries may come and go: a changed entry or a DNS
+    entry needs a restart."""
+    before, after = _flat(old), _flat(new)
+    refused = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k not in RELOADABLE)  # fmt: skip
+    if [b for b in old.backends if b.dns] != [b for b in new.backends if b.dns]:
+        refused.append("backends (dns entries)")
+    old_urls = {b.url: b for b in old.backends if b.url}
+    for b in new.backends:
+        if b.url in old_urls and old_urls[b.url] != b:
+            refused.append(f"backends ({b.url}: models or kind)")
+    return refused
+
+
+def _without_password(dsn: str) -> str:
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return ""
+    user, _, hosts = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}@{hosts}" if user else hosts
+    query = "&".join(p for p in parts.query.split("&") if not p.startswith("password="))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def config_summary(cfg: NodeConfig) -> dict[str, Any]:
+    """Every key's value, passwords left out (fit for a debug log line and for the hash)."""
+    flat = _flat(cfg)
+    for key in ("database.dsn", "database.listen_dsn"):
+        flat[key] = _without_password(flat[key])
+    return flat
+
+
+def config_hash(cfg: NodeConfig) -> str:
+    """12 hex digits naming the configuration in effect, the same on every node that loaded
+    the same file and environment (node_id and passwords left out: it is shown in a metric)."""
+    flat = config_summary(cfg)
+    flat.pop("node_id", None)
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -15,7 +16,10 @@ from affinity_node.config import (
     HostAllowList,
     NodeConfig,
     advice,
+    config_hash,
+    config_summary,
     load_config,
+    unreloadable_changes,
     validate,
 )
 
@@ -292,3 +296,47 @@ def _yaml(tmp_path: Path, data: dict[str, Any]) -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+def test_reload_refuses_keys_that_need_a_restart_and_names_no_value(tmp_path: Path) -> None:
+    old = load(tmp_path, MINIMAL)
+    safe = load(
+        tmp_path,
+        {
+            "backends": [*MINIMAL["backends"], {"url": "http://10.0.0.8:8000", "models": ["m"]}],
+            "logging": {"level": "debug", "access": True},
+            "limits": {"generation_timeout_seconds": 60, "drain_timeout_seconds": 90},
+        },
+    )
+    assert unreloadable_changes(old, safe) == []
+    assert config_hash(safe) != config_hash(old)
+    secret = {"AFFINITY_DATABASE_DSN": "postgresql://u:hunter2@db/affinity"}
+    restart = load(
+        tmp_path, {**MINIMAL, "database": {"pool_max": 3}, "listen": {"port": 9}}, secret
+    )
+    refused = unreloadable_changes(old, restart)
+    assert refused == ["database.dsn", "database.pool_max", "listen.port"]
+    changed_models = load(
+        tmp_path, {"backends": [{"url": "http://10.0.0.7:8000", "models": ["x"]}]}
+    )
+    assert unreloadable_changes(old, changed_models) == [
+        "backends (http://10.0.0.7:8000: models or kind)"
+    ]
+    dns = load(tmp_path, {"backends": [*MINIMAL["backends"], {"dns": "vllm.svc", "port": 8000}]})
+    assert unreloadable_changes(old, dns) == ["backends (dns entries)"]
+
+
+def test_the_config_hash_leaves_out_node_id_and_passwords(tmp_path: Path) -> None:
+    a = load(
+        tmp_path, {**MINIMAL, "node_id": "a"}, {"AFFINITY_DATABASE_DSN": "postgresql://u:p1@db/x"}
+    )
+    b = load(
+        tmp_path,
+        {**MINIMAL, "node_id": "b"},
+        {"AFFINITY_DATABASE_DSN": "postgresql://u:p2@db/x?password=z"},
+    )
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 12
+    assert "p1" not in json.dumps(config_summary(a), default=str)
+    other_db = load(tmp_path, MINIMAL, {"AFFINITY_DATABASE_DSN": "postgresql://u:p1@db2/x"})
+    assert config_hash(other_db) != config_hash(a)
