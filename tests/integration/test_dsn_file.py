@@ -8,6 +8,8 @@ stops working, as a rotated password does in production."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
@@ -18,6 +20,7 @@ from affinity_node.app import run_node
 from affinity_node.config import load_config
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
 from affinity_node.store.keys import create_key
+from tests.integration.test_cli import cli
 from tests.support.cluster import MODEL
 from tests.support.postgres import unique_name
 from tests.support.waiting import wait_for
@@ -101,3 +104,23 @@ async def test_a_rotated_dsn_file_is_read_again_when_connections_are_cut(dsn, tm
             )
             await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_commands_read_the_dsn_file_when_no_dsn_is_given(dsn, tmp_path):
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    env = {"AFFINITY_DATABASE_DSN": "", "AFFINITY_DATABASE_DSN_FILE": str(dsn_file)}
+    code, out, err = await cli("keys", "create", "--name", "from-file", "--json", env=env)
+    assert code == 0, err
+    created = json.loads(out)
+    conn = await asyncpg.connect(dsn)
+    try:
+        name = await conn.fetchval(
+            "SELECT name FROM api_keys WHERE id = $1", uuid.UUID(created["id"])
+        )
+    finally:
+        await conn.close()
+    assert name == "from-file"
+    env["AFFINITY_DATABASE_DSN_FILE"] = str(tmp_path / "absent")
+    code, _, err = await cli("keys", "list", env=env)
+    assert code != 0 and "cannot read" in err and "Traceback" not in err
