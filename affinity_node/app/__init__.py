@@ -251,6 +251,8 @@ async def serve(cfg: NodeConfig, config_path: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until the node runs, a SIGHUP (whose default action ends the process) is only noted.
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP while starting: ignored")
     async with run_node(cfg) as node:
         loop.add_signal_handler(signal.SIGHUP, reload_config, node.app, config_path)
         log.info("node %s listening on %s:%d", cfg.node_id, cfg.listen.host, node.port)

@@ -20,6 +20,8 @@ import asyncpg
 import openai
 import yaml
 
+from affinity_node.app import run_node
+from affinity_node.app.reload import reload_config
 from affinity_node.config import config_hash, load_config
 from affinity_node.sim.fake_backend import FakeBackendConfig, serve
 from affinity_node.sim.support import free_port
@@ -152,3 +154,41 @@ async def test_sighup_applies_the_safe_subset_and_refuses_the_rest(dsn, tmp_path
 
 async def _eq(value: Any, expected: Any) -> bool:
     return (await value) == expected
+
+
+async def test_a_reloaded_generation_timeout_applies_to_the_next_request(dsn, tmp_path):
+    slow = await serve(
+        FakeBackendConfig(backend_id="slow", models=[MODEL], tokens_per_s=25.0, output_tokens=25)
+    )
+    path = tmp_path / "node.yaml"
+    cfg: dict[str, Any] = {
+        "node_id": "reload-b",
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "database": {"dsn": dsn},
+        "backends": [{"url": slow.url, "models": [MODEL]}],
+        "models": [{"name": MODEL}],
+        "limits": {"upstream_read_timeout_seconds": 0.5},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    conn = await asyncpg.connect(dsn)
+    try:
+        _, secret = await create_key(conn, "bob")
+    finally:
+        await conn.close()
+    try:
+        async with run_node(load_config(path, env={})) as node:
+            client = openai.AsyncOpenAI(base_url=f"{node.url}/v1", api_key=secret, max_retries=0)
+            answer = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            assert answer.system_fingerprint == "slow"  # about 1 s of generation: allowed
+            cfg["limits"]["generation_timeout_seconds"] = 0.5
+            path.write_text(yaml.safe_dump(cfg))
+            assert reload_config(node.app, path)
+            try:
+                await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+                raise AssertionError("a generation outlived the reloaded timeout")
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 504
+                assert exc.body["code"] == "upstream_timeout"
+            await client.close()
+    finally:
+        await slow.close()
