@@ -35,6 +35,7 @@ from affinity_node.argtypes import (
 )
 
 DSN_ENV = "AFFINITY_DATABASE_DSN"
+DSN_FILE_ENV = "AFFINITY_DATABASE_DSN_FILE"
 EVENT_LOOP_ENV = "AFFINITY_EVENT_LOOP"
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -62,8 +63,17 @@ def _add_dsn(p: argparse.ArgumentParser) -> None:
 
 
 def _need_dsn(args: argparse.Namespace) -> str:
+    """--dsn, else $AFFINITY_DATABASE_DSN, else the file $AFFINITY_DATABASE_DSN_FILE names (a
+    mounted Secret: a Job then has no DSN in its spec or its command line)."""
+    if not args.dsn and os.environ.get(DSN_FILE_ENV):
+        from affinity_node.config import read_dsn_file
+
+        try:
+            args.dsn = dsn_arg(read_dsn_file(os.environ[DSN_FILE_ENV]))
+        except (OSError, argparse.ArgumentTypeError) as exc:
+            raise SystemExit(f"error: {exc}") from None
     if not args.dsn:
-        raise SystemExit(f"error: no database: pass --dsn or set {DSN_ENV}")
+        raise SystemExit(f"error: no database: pass --dsn or set {DSN_ENV} or {DSN_FILE_ENV}")
     dsn: str = args.dsn
     return dsn
 
@@ -255,7 +265,7 @@ async def _serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging.level, cfg.logging.json, access=cfg.logging.access)
     for note in advice(cfg):
         logging.getLogger("affinity_node.config").warning("%s", note)
-    await serve(cfg)
+    await serve(cfg, args.config)
     return 0
 
 

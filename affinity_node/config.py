@@ -2,7 +2,9 @@
 
 Every scalar key can be overridden by `AFFINITY_<SECTION>_<KEY>` (for example
 `AFFINITY_LISTEN_PORT=9000`, `AFFINITY_AFFINITY_TTL_SECONDS=600`); top-level keys by
-`AFFINITY_<KEY>` (`AFFINITY_NODE_ID`). The DSN is `AFFINITY_DATABASE_DSN`.
+`AFFINITY_<KEY>` (`AFFINITY_NODE_ID`). The DSN is `AFFINITY_DATABASE_DSN`, or the content of
+the file `AFFINITY_DATABASE_DSN_FILE` names (read again at every new connection, so a rotated
+password needs no restart).
 
 `backends` is either the list of backends or a mapping `{allow: [...], list: [...]}`; the
 allow-list (`backends.allow`) is also `AFFINITY_BACKENDS_ALLOW` (comma-separated).
@@ -14,13 +16,16 @@ and the cross-key rules, and every error is one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import UnionType
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
@@ -68,6 +73,10 @@ class DatabaseConfig:
     dsn: str = ""
     """The pool's DSN; several hosts (`postgresql://u@h1:5432,h2:5432/db`) with
     `target_session_attrs=read-write` follow a failover to whichever host is the primary."""
+    dsn_file: str = ""
+    """Instead of `dsn`: a file holding it (a mounted Secret), read at start and again whenever
+    a connection is made (the pool's and the listener's), so a rotated password is picked up
+    by the next connection."""
     listen_dsn: str = ""
     """The LISTEN connection's DSN (empty: `dsn`). Always direct to Postgres: a transaction
     pooler (PgBouncer) cannot keep a LISTEN session."""
@@ -83,8 +92,35 @@ class DatabaseConfig:
     """How long a starting node waits for its first snapshot before serving (degraded)."""
 
     @property
-    def listener_dsn(self) -> str:
-        return self.listen_dsn or self.dsn
+    def dsn_source(self) -> DsnSource:
+        """The pool's DSN, or what reads it from `dsn_file` at each connection."""
+        return partial(read_dsn_file, self.dsn_file) if self.dsn_file else self.dsn
+
+    @property
+    def listener_dsn(self) -> DsnSource:
+        return self.listen_dsn or self.dsn_source
+
+    def startup_dsn(self) -> str:
+        """The DSN as it is now (`dsn_file` read once): for checks and advice."""
+        return read_dsn_file(self.dsn_file) if self.dsn_file else self.dsn
+
+
+DsnSource = str | Callable[[], str]
+"""A DSN, or a function giving the current one (called at every new connection)."""
+
+
+def read_dsn_file(path: str) -> str:
+    """The DSN in `path` (surrounding whitespace dropped). Raises OSError, never with the
+    file's content in the message: it holds a password."""
+    try:
+        dsn = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise OSError(f"database.dsn_file {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise OSError(f"database.dsn_file {path}: not UTF-8 text") from None
+    if not dsn:
+        raise OSError(f"database.dsn_file {path}: empty")
+    return dsn
 
 
 @dataclass
@@ -511,14 +547,25 @@ def validate(cfg: NodeConfig) -> None:
     for i, model_cfg in enumerate(cfg.models):
         if not model_cfg.name.strip():
             raise ConfigError(f"models[{i}].name: must not be empty")
-    if not cfg.database.dsn:
-        raise ConfigError(
-            "database.dsn is empty: set it in the config or in AFFINITY_DATABASE_DSN "
-            "(API keys live in Postgres even with affinity.store: memory)"
-        )
-    check_dsn(cfg.database.dsn, "database.dsn")
+    _check_database_dsn(cfg.database)
     if cfg.database.listen_dsn:
         check_dsn(cfg.database.listen_dsn, "database.listen_dsn")
+
+
+def _check_database_dsn(db: DatabaseConfig) -> None:
+    if db.dsn and db.dsn_file:
+        raise ConfigError("database.dsn and database.dsn_file are both set: give one of them")
+    if not db.dsn and not db.dsn_file:
+        raise ConfigError(
+            "database.dsn is empty: set it in the config or in AFFINITY_DATABASE_DSN "
+            "(or name a file holding it in AFFINITY_DATABASE_DSN_FILE; API keys live in "
+            "Postgres even with affinity.store: memory)"
+        )
+    try:
+        dsn = db.startup_dsn()
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
+    check_dsn(dsn, "database.dsn_file" if db.dsn_file else "database.dsn")
 
 
 TARGET_SESSION_ATTRS: Final = (
@@ -549,12 +596,19 @@ def check_dsn(dsn: str, key: str) -> None:
             )
 
 
+def _quiet_dsn(db: DatabaseConfig) -> str:
+    try:
+        return db.startup_dsn()
+    except OSError:
+        return ""
+
+
 def advice(cfg: NodeConfig) -> list[str]:
     """Legal but risky settings, each one line, logged by `serve` at start."""
     limits = cfg.limits
     notes = []
     for key, dsn in (
-        ("database.dsn", cfg.database.dsn),
+        ("database.dsn", _quiet_dsn(cfg.database)),
         ("database.listen_dsn", cfg.database.listen_dsn),
     ):
         attrs = parse_qs(urlsplit(dsn).query).get("target_session_attrs", ["any"])[-1]
@@ -576,3 +630,77 @@ def advice(cfg: NodeConfig) -> list[str]:
             f"({limits.generation_timeout_seconds:g}): a silent stream outlives any generation"
         )
     return notes
+
+
+# -- reload (SIGHUP) -------------------------------------------------------------------------
+
+RELOADABLE: Final = frozenset(
+    {
+        "logging.level",
+        "logging.json",
+        "logging.access",
+        "limits.upstream_read_timeout_seconds",
+        "limits.generation_timeout_seconds",
+        "limits.client_write_timeout_seconds",
+        "limits.client_body_read_timeout_seconds",
+        "limits.drain_timeout_seconds",
+        "backends",
+    }
+)
+"""What a running node applies on SIGHUP: each is read per request (or at the drain), or is
+the static backend list (joined and left as the registry's). Anything else needs a rollout."""
+
+
+def _flat(cfg: NodeConfig) -> dict[str, Any]:
+    """`section.key` -> value for every key; `backends` whole (it is compared entry by entry)."""
+    out: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def unreloadable_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """The keys `new` changes that a running node cannot apply (names only: a value may be a
+    secret). In `backends`, only whole `url` entries may come and go: a changed entry or a DNS
+    entry needs a restart."""
+    before, after = _flat(old), _flat(new)
+    refused = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k not in RELOADABLE)  # fmt: skip
+    if [b for b in old.backends if b.dns] != [b for b in new.backends if b.dns]:
+        refused.append("backends (dns entries)")
+    old_urls = {b.url: b for b in old.backends if b.url}
+    for b in new.backends:
+        if b.url in old_urls and old_urls[b.url] != b:
+            refused.append(f"backends ({b.url}: models or kind)")
+    return refused
+
+
+def _without_password(dsn: str) -> str:
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return ""
+    user, _, hosts = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}@{hosts}" if user else hosts
+    query = "&".join(p for p in parts.query.split("&") if not p.startswith("password="))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def config_summary(cfg: NodeConfig) -> dict[str, Any]:
+    """Every key's value, passwords left out (fit for a debug log line and for the hash)."""
+    flat = _flat(cfg)
+    for key in ("database.dsn", "database.listen_dsn"):
+        flat[key] = _without_password(flat[key])
+    return flat
+
+
+def config_hash(cfg: NodeConfig) -> str:
+    """12 hex digits naming the configuration in effect, the same on every node that loaded
+    the same file and environment (node_id and passwords left out: it is shown in a metric)."""
+    flat = config_summary(cfg)
+    flat.pop("node_id", None)
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

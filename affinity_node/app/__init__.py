@@ -36,9 +36,10 @@ from affinity_node.app.builders import (
     postgres_bindings,
     usage_ledger,
 )
+from affinity_node.app.reload import reload_config
 from affinity_node.app.resources import node_resources
 from affinity_node.auth.keycache import KeyCache
-from affinity_node.config import NodeConfig
+from affinity_node.config import NodeConfig, config_hash
 from affinity_node.http.api import handler
 from affinity_node.http.endpoints import ENDPOINTS
 from affinity_node.http.ops import debug_bindings, healthz, metrics, models, readyz
@@ -134,7 +135,8 @@ def build_app(
         sorted({r.path for r in api} | OPS_ROUTES), sorted(r.path for r in api if r.tracked)
     )
     app[AFFINITY_METRICS] = AffinityMetrics(metrics_registry)
-    app[ACCESS_LOG] = AccessLog(cfg.node_id) if cfg.logging.access else NullAccessLog()
+    app[ACCESS_LOG] = AccessLog(cfg.node_id, enabled=cfg.logging.access)
+    http_metrics.show_config(config_hash(cfg))
     app.cleanup_ctx.append(partial(node_resources, resolver=resolver))
     app.on_shutdown.append(_start_draining)
     add_routes(app, [*api, *ops])
@@ -242,13 +244,17 @@ async def run_node(
             await ops_runner.cleanup()
 
 
-async def serve(cfg: NodeConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain: refuse new work, finish streams, flush."""
+async def serve(cfg: NodeConfig, config_path: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain: refuse new work, finish streams, flush. SIGHUP
+    reloads `config_path`'s safe subset (app/reload.py)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until the node runs, a SIGHUP (whose default action ends the process) is only noted.
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP while starting: ignored")
     async with run_node(cfg) as node:
+        loop.add_signal_handler(signal.SIGHUP, reload_config, node.app, config_path)
         log.info("node %s listening on %s:%d", cfg.node_id, cfg.listen.host, node.port)
         if node.ops_port is not None:
             log.info("probes and metrics on %s:%d", cfg.listen.host, node.ops_port)

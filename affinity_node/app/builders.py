@@ -48,7 +48,7 @@ async def database_pool(
     """A lazy pool (no connection until first use), so a node starts while Postgres is down."""
     db = await create_pool(
         PoolSettings(
-            dsn=db_cfg.dsn,
+            dsn=db_cfg.dsn_source,
             pool_max=db_cfg.pool_max,
             statement_timeout_ms=db_cfg.statement_timeout_ms,
             lock_timeout_ms=db_cfg.lock_timeout_ms,

@@ -150,10 +150,10 @@ class AccessLog:
     fields, which `AccessFormatter` writes as one JSON object.
     """
 
-    enabled: Final = True
-    """Whether a request's fields are worth gathering (see `NullAccessLog`)."""
-
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        """Whether a request's fields are worth gathering (see `NullAccessLog`); switched by
+        a config reload (`logging.access`)."""
         self._node = node_id
         self._logger = logging.getLogger(ACCESS_LOGGER)
 

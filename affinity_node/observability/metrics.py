@@ -359,6 +359,9 @@ HTTP_SPECS: Final = (
          buckets=TTFT_BUCKETS),
     Spec("build_info", "gauge", "affinity_build_info",
          "Always 1; the version label says which build runs.", ("version",)),
+    Spec("config_info", "gauge", "affinity_config_info",
+         "Always 1; the hash label names the configuration in effect (a reload changes it).",
+         ("hash",)),
 )  # fmt: skip
 
 
@@ -371,10 +374,12 @@ class HttpMetrics:
     upstream_requests: FastCounter
     upstream_ttft: FastHistogram
     build_info: Gauge
+    config_info: Gauge
 
     def __init__(self, metrics_registry: CollectorRegistry, version: str) -> None:
         declare(self, HTTP_SPECS, metrics_registry)
         self.build_info.labels(version).set(1)
+        self._config_hash: str | None = None
         self._backends: set[str] = set()
         # Labelled children looked up once, not per request (.labels() hashes and locks).
         self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
@@ -383,6 +388,13 @@ class HttpMetrics:
         self._ttft_children: dict[str, FastHistogramChild] = {}
         self._duration_samples: dict[str, itertools.count[int]] = {}
         self._ttft_sample = itertools.count()
+
+    def show_config(self, config_hash: str) -> None:
+        """One series at a time: the previous hash's goes (so the label stays bounded)."""
+        if self._config_hash is not None and self._config_hash != config_hash:
+            self.config_info.remove(self._config_hash)
+        self._config_hash = config_hash
+        self.config_info.labels(config_hash).set(1)
 
     def duration_exemplar(self, route: str, request_id: str) -> dict[str, str] | None:
         """An exemplar for 1 request in EXEMPLAR_EVERY per route (the first included): each

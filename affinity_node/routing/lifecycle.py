@@ -63,6 +63,23 @@ def apply_registry(backends: BackendPool, entries: Sequence[RegistryEntry]) -> l
     return changes
 
 
+def apply_static(backends: BackendPool, specs: Sequence[BackendSpec]) -> list[str]:
+    """Make the config's backends (origin `config`) match a reloaded `backends:` list, as the
+    registry's are: new ones join, gone ones leave (their bindings move on the next hit);
+    backends from the registry or DNS are not touched. Returns what changed, for the log."""
+    wanted = {normalise_url(s.url): s for s in specs}
+    changes: list[str] = []
+    for url, spec in wanted.items():
+        if backends.get(url) is None:
+            backends.add(BackendSpec(url, spec.kind, tuple(spec.models)), "config")
+            changes.append(f"{url} added")
+    for backend in backends.backends:
+        if backend.origin == "config" and backend.id not in wanted:
+            backends.remove(backend.id)
+            changes.append(f"{backend.id} removed")
+    return changes
+
+
 @dataclass(frozen=True, slots=True)
 class MoverRules:
     drain_moves_per_s: float = 2.0

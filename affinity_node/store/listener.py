@@ -39,6 +39,7 @@ from typing import Literal
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
+from affinity_node.config import DsnSource
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.store.postgres import DB_ERRORS, QueryLogger
 from affinity_node.store.queries import QUERIES as Q
@@ -55,7 +56,8 @@ exception of ours (a bug in a hook), logged with its traceback."""
 
 @dataclass(frozen=True, slots=True)
 class ListenerSettings:
-    dsn: str
+    dsn: DsnSource
+    """A DSN, or a function called at every (re)connect (`database.dsn_file`)."""
     probe_interval_s: float = 0.75
     probe_timeout_s: float = 1.0
     """Together: a frozen server is noticed within ~2 s even when nothing is notified."""
@@ -224,8 +226,9 @@ class ChangeListener:
     async def _connect_and_sync(self) -> asyncio.Event:
         await self._drop()
         lost = asyncio.Event()
+        dsn = self._s.dsn
         conn = await asyncpg.connect(
-            self._s.dsn,
+            dsn() if callable(dsn) else dsn,
             timeout=self._s.connect_timeout_s,
             server_settings={"application_name": self._s.application_name},
         )

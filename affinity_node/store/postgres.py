@@ -14,6 +14,7 @@ from uuid import UUID
 
 import asyncpg
 
+from affinity_node.config import DsnSource
 from affinity_node.routing.ports import (
     BindingRow,
     Changes,
@@ -58,7 +59,8 @@ def is_outage(exc: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    dsn: str
+    dsn: DsnSource
+    """A DSN, or a function called for every new connection (`database.dsn_file`)."""
     pool_max: int = 10
     statement_timeout_ms: int = 2000
     lock_timeout_ms: int = 1000
@@ -100,8 +102,16 @@ async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = Non
         only transaction-scoped locks), and asyncpg still rolls back an open transaction.
         The default reset would cost one more round trip on every release."""
 
+    dsn = settings.dsn
+
+    async def connect(*_args: object, **kwargs: Any) -> asyncpg.Connection:
+        """Each new connection reads the DSN again (a rotated password needs no restart)."""
+        assert callable(dsn)
+        return await asyncpg.connect(dsn(), **kwargs)
+
     db: asyncpg.Pool = await asyncpg.create_pool(
-        settings.dsn,
+        None if callable(dsn) else dsn,
+        connect=connect if callable(dsn) else None,
         min_size=0,
         max_size=settings.pool_max,
         timeout=settings.connect_timeout_s,

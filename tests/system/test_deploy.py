@@ -1042,3 +1042,40 @@ def test_prod_overlay_deploys_by_digest() -> None:
     (image,) = prod["images"]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]), image
     assert "newTag" not in image
+
+
+def test_the_keys_job_reads_its_dsn_from_a_mounted_secret_and_verifies_the_server() -> None:
+    """No DSN in a pod spec or on a command line: the file of a mounted Secret
+    (AFFINITY_DATABASE_DSN_FILE), TLS checked against a mounted CA (sslmode=verify-full); the
+    Deployment patch that deploy/README.md gives has the same mounts."""
+    pod = example("Job")["spec"]["template"]["spec"]
+    (keys,) = pod["containers"]
+    assert keys["args"][:2] == ["keys", "create"]
+    build_parser().parse_args(keys["args"])
+    env = {e["name"]: e for e in keys["env"]}
+    assert "AFFINITY_DATABASE_DSN" not in env
+    mounts = {m["mountPath"]: m["name"] for m in keys["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def secret_holding(path: str) -> dict[str, Any]:
+        secret: dict[str, Any] = volumes[mounts[path.rsplit("/", 1)[0]]]["secret"]
+        assert secret["defaultMode"] & 0o040, "readable by the pod's fsGroup"
+        return secret
+
+    dsn_file = env["AFFINITY_DATABASE_DSN_FILE"]["value"]
+    assert secret_holding(dsn_file)["secretName"].endswith("-db")
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (dsn,) = re.findall(
+        r"--from-literal=dsn='(postgresql://[^']*sslmode=verify-full[^']*)'", readme
+    )
+    query = dict(p.split("=", 1) for p in urlsplit(dsn).query.split("&"))
+    assert secret_holding(query["sslrootcert"])["secretName"] == "postgres-ca"
+    (patch_text,) = re.findall(
+        r"```yaml\n(# spec.template.spec of the Deployment\n.*?)```", readme, re.S
+    )
+    patch = yaml.safe_load(patch_text)
+    (node,) = patch["containers"]
+    assert node["volumeMounts"] == keys["volumeMounts"]
+    assert {"name": "AFFINITY_DATABASE_DSN_FILE", "value": dsn_file} in node["env"]
+    assert {v["name"] for v in patch["volumes"]} == set(volumes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -15,7 +16,10 @@ from affinity_node.config import (
     HostAllowList,
     NodeConfig,
     advice,
+    config_hash,
+    config_summary,
     load_config,
+    unreloadable_changes,
     validate,
 )
 
@@ -27,7 +31,8 @@ def load(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None
     """The DSN from the environment, as in deployments, unless the data sets one."""
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    base = {} if "dsn" in data.get("database", {}) else DSN
+    database = data.get("database", {})
+    base = {} if "dsn" in database or "dsn_file" in database else DSN
     return load_config(path, env={**base, **(env or {})})
 
 
@@ -261,3 +266,77 @@ def test_dsns_are_checked_and_multi_host_without_read_write_is_advised(tmp_path:
         "AFFINITY_DATABASE_DSN": multi["AFFINITY_DATABASE_DSN"] + "?target_session_attrs=read-write"
     }
     assert advice(load(tmp_path, MINIMAL, ok)) == []
+
+
+def test_dsn_file_is_read_at_every_call_and_never_quoted_in_errors(tmp_path: Path) -> None:
+    secret_dsn = "postgresql://u:hunter2@db/affinity"
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(secret_dsn + "\n", encoding="utf-8")
+    env = {"AFFINITY_DATABASE_DSN_FILE": str(dsn_file)}
+    cfg = load_config(_yaml(tmp_path, MINIMAL), env=env)
+    source = cfg.database.dsn_source
+    assert callable(source) and source() == secret_dsn
+    assert cfg.database.listener_dsn is not None and callable(cfg.database.listener_dsn)
+    dsn_file.write_text("postgresql://u:rotated@db/affinity", encoding="utf-8")
+    assert source() == "postgresql://u:rotated@db/affinity"
+    dsn_file.write_text("", encoding="utf-8")
+    with pytest.raises(OSError, match="empty"):
+        source()
+    both = error_of(tmp_path, MINIMAL, {**DSN, **env})
+    assert both.startswith("database.dsn and database.dsn_file are both set")
+    dsn_file.write_text("mysql://u:hunter2@db/x", encoding="utf-8")
+    bad = error_of(tmp_path, {**MINIMAL, "database": {"dsn_file": str(dsn_file)}})
+    assert bad.startswith("database.dsn_file: must start with postgresql://")
+    assert "hunter2" not in bad
+    missing = error_of(tmp_path, {**MINIMAL, "database": {"dsn_file": str(tmp_path / "absent")}})
+    assert missing.startswith("database.dsn_file") and "cannot read" in missing
+
+
+def _yaml(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_reload_refuses_keys_that_need_a_restart_and_names_no_value(tmp_path: Path) -> None:
+    old = load(tmp_path, MINIMAL)
+    safe = load(
+        tmp_path,
+        {
+            "backends": [*MINIMAL["backends"], {"url": "http://10.0.0.8:8000", "models": ["m"]}],
+            "logging": {"level": "debug", "access": True},
+            "limits": {"generation_timeout_seconds": 60, "drain_timeout_seconds": 90},
+        },
+    )
+    assert unreloadable_changes(old, safe) == []
+    assert config_hash(safe) != config_hash(old)
+    secret = {"AFFINITY_DATABASE_DSN": "postgresql://u:hunter2@db/affinity"}
+    restart = load(
+        tmp_path, {**MINIMAL, "database": {"pool_max": 3}, "listen": {"port": 9}}, secret
+    )
+    refused = unreloadable_changes(old, restart)
+    assert refused == ["database.dsn", "database.pool_max", "listen.port"]
+    changed_models = load(
+        tmp_path, {"backends": [{"url": "http://10.0.0.7:8000", "models": ["x"]}]}
+    )
+    assert unreloadable_changes(old, changed_models) == [
+        "backends (http://10.0.0.7:8000: models or kind)"
+    ]
+    dns = load(tmp_path, {"backends": [*MINIMAL["backends"], {"dns": "vllm.svc", "port": 8000}]})
+    assert unreloadable_changes(old, dns) == ["backends (dns entries)"]
+
+
+def test_the_config_hash_leaves_out_node_id_and_passwords(tmp_path: Path) -> None:
+    a = load(
+        tmp_path, {**MINIMAL, "node_id": "a"}, {"AFFINITY_DATABASE_DSN": "postgresql://u:p1@db/x"}
+    )
+    b = load(
+        tmp_path,
+        {**MINIMAL, "node_id": "b"},
+        {"AFFINITY_DATABASE_DSN": "postgresql://u:p2@db/x?password=z"},
+    )
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 12
+    assert "p1" not in json.dumps(config_summary(a), default=str)
+    other_db = load(tmp_path, MINIMAL, {"AFFINITY_DATABASE_DSN": "postgresql://u:p1@db2/x"})
+    assert config_hash(other_db) != config_hash(a)

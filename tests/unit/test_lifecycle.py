@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.health_state import BackendHealth
-from affinity_node.routing.lifecycle import Mover, MoverRules, apply_registry
+from affinity_node.routing.lifecycle import Mover, MoverRules, apply_registry, apply_static
 from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
@@ -229,3 +229,26 @@ async def test_dns_discovery_adds_drains_and_removes_backends() -> None:
     busy.clear()
     await discovery.resolve_once()
     assert [b.id for b in p.backends] == ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+
+
+def test_a_reloaded_static_list_adds_and_removes_only_config_backends() -> None:
+    removed: list[str] = []
+    pool = BackendPool(
+        [BackendSpec(B1, models=(MODEL,)), BackendSpec(B2, models=(MODEL,))],
+        on_remove=lambda b: removed.append(b.id),
+    )
+    pool.add(BackendSpec("http://10.9.9.9:8000", models=(MODEL,)), "registry")
+    kept = pool.get(B1)
+    changes = apply_static(
+        pool, [BackendSpec(B1, models=(MODEL,)), BackendSpec(B3, models=(MODEL,))]
+    )
+    assert sorted(changes) == sorted([f"{B3} added", f"{B2} removed"])
+    assert removed == [B2]
+    assert pool.get(B1) is kept  # an entry kept keeps its identity and health state
+    assert {b.id for b in pool.backends} == {B1, B3, "http://10.9.9.9:8000"}
+    assert pool.get(B3) is not None and pool.get(B3).origin == "config"  # type: ignore[union-attr]
+    assert {b.id for b in pool.candidates(MODEL)} == {B1, B3, "http://10.9.9.9:8000"}
+    assert (
+        apply_static(pool, [BackendSpec(B1, models=(MODEL,)), BackendSpec(B3, models=(MODEL,))])
+        == []
+    )

@@ -21,6 +21,7 @@ def declared() -> list[list[object]]:
     affinity.init_models(["model-a"])
     LedgerMetrics(registry, affinity.db_errors)
     http = HttpMetrics(registry, "1.2.3")
+    http.show_config("0123456789ab")
     http.init_routes(["/v1/chat/completions", "/metrics"], ["/v1/chat/completions"])
     http.init_backends(["http://10.0.0.1:8000"])
     rows: list[list[object]] = []
@@ -38,6 +39,20 @@ def test_the_table_declares_what_the_contract_names() -> None:
     got = json.loads(json.dumps(declared()))
     assert [r[:5] for r in got] == [r[:5] for r in want]
     assert got == want
+
+
+def test_the_config_hash_has_one_series_at_a_time() -> None:
+    registry = CollectorRegistry()
+    http = HttpMetrics(registry, "1.2.3")
+    for digest in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "bbbbbbbbbbbb"):
+        http.show_config(digest)
+    series = [
+        (s.labels, s.value)
+        for family in registry.collect()
+        if family.name == "affinity_config_info"
+        for s in family.samples
+    ]
+    assert series == [({"hash": "bbbbbbbbbbbb"}, 1.0)]
 
 
 if __name__ == "__main__":  # regenerate: python -m tests.unit.test_metric_table
