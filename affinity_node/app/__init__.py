@@ -53,11 +53,13 @@ from affinity_node.http.state import (
     METRICS_REGISTRY,
     NODE,
     STATUS,
+    TRACING,
     NodeStatus,
 )
 from affinity_node.http.wrapper import OPS_ROUTES, RouteSpec, add_routes
-from affinity_node.observability.logs import AccessLog, NullAccessLog
+from affinity_node.observability.logs import AccessLog, KeyRefs, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.observability.tracing import NullTracing, make_tracing
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.upstream.discovery import Resolver, system_resolver
@@ -134,11 +136,25 @@ def build_app(
         sorted({r.path for r in api} | OPS_ROUTES), sorted(r.path for r in api if r.tracked)
     )
     app[AFFINITY_METRICS] = AffinityMetrics(metrics_registry)
-    app[ACCESS_LOG] = AccessLog(cfg.node_id) if cfg.logging.access else NullAccessLog()
+    app[ACCESS_LOG] = _access_log(cfg)
+    tracing = app[TRACING] = make_tracing(
+        cfg.tracing.otlp_endpoint,
+        cfg.tracing.sample_ratio,
+        cfg.tracing.flush_interval_seconds,
+        cfg.node_id,
+    )
+    app.on_cleanup.append(lambda _app: tracing.close())
     app.cleanup_ctx.append(partial(node_resources, resolver=resolver))
     app.on_shutdown.append(_start_draining)
     add_routes(app, [*api, *ops])
     return app
+
+
+def _access_log(cfg: NodeConfig) -> AccessLog | NullAccessLog:
+    if not cfg.logging.access:
+        return NullAccessLog()
+    secret = cfg.logging.key_ref_secret if cfg.logging.key_ref == "hmac" else ""
+    return AccessLog(cfg.node_id, KeyRefs(secret), cfg.listen.trusted_proxies)
 
 
 def build_ops_app(node: web.Application) -> web.Application:
@@ -151,6 +167,7 @@ def build_ops_app(node: web.Application) -> web.Application:
     ops[STATUS] = node[STATUS]
     ops[HTTP_METRICS] = node[HTTP_METRICS]
     ops[ACCESS_LOG] = NullAccessLog()  # the access log is the API's
+    ops[TRACING] = NullTracing()  # and so are the spans
     add_routes(ops, _ops_routes(node[CONFIG]))
     return ops
 

@@ -99,7 +99,9 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         )
         engine = app[ENGINE] = stacked.engine
         router = app[ROUTER] = await enter(_router(app, parts, engine, client))
-        app[RELAY] = Relay(backends, router, client, app[HTTP_METRICS], cfg.limits, ledger)
+        app[RELAY] = Relay(
+            backends, router, client, app[HTTP_METRICS], cfg.limits, ledger, cfg.logging.access
+        )
         await enter(_fleet(app, db, backend_registry, follower, parts, engine))
         yield
 
