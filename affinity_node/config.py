@@ -14,6 +14,7 @@ and the cross-key rules, and every error is one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -518,6 +519,11 @@ def validate(cfg: NodeConfig) -> None:
             ) from None
     if cfg.tracing.otlp_endpoint:
         _check_url(cfg.tracing.otlp_endpoint, "tracing.otlp_endpoint", path_ok=True)
+        if importlib.util.find_spec("opentelemetry") is None:
+            raise ConfigError(
+                "tracing.otlp_endpoint is set but OpenTelemetry is not installed "
+                "(pip install 'affinity-node[otel]')"
+            )
     level = cfg.logging.level.upper()
     if level not in LOG_LEVELS:
         raise ConfigError(

@@ -153,8 +153,11 @@ def build_app(
 def _access_log(cfg: NodeConfig) -> AccessLog | NullAccessLog:
     if not cfg.logging.access:
         return NullAccessLog()
-    secret = cfg.logging.key_ref_secret if cfg.logging.key_ref == "hmac" else ""
-    return AccessLog(cfg.node_id, KeyRefs(secret), cfg.listen.trusted_proxies)
+    if cfg.logging.key_ref == "name":
+        refs = KeyRefs.by_name()
+    else:
+        refs = KeyRefs(cfg.logging.key_ref_secret)
+    return AccessLog(cfg.node_id, refs, cfg.listen.trusted_proxies)
 
 
 def build_ops_app(node: web.Application) -> web.Application:

@@ -207,6 +207,20 @@ class KeyRefs:
         self._names = names
         self._refs: dict[UUID, str] = {}
 
+    @classmethod
+    def by_name(cls) -> KeyRefs:
+        """Names, as last read by `set_names` (a key created since reads null until then)."""
+        refs = cls("")
+        refs.set_names({})
+        return refs
+
+    @property
+    def wants_names(self) -> bool:
+        return self._names is not None
+
+    def set_names(self, names: dict[UUID, str]) -> None:
+        self._names = names.get
+
     def __call__(self, key_id: UUID | None) -> str | None:
         if key_id is None:
             return None

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -25,10 +26,11 @@ import pytest
 
 from affinity_node.app import RunningNode, run_node
 from affinity_node.config import NodeConfig
+from affinity_node.http.state import ACCESS_LOG
 from affinity_node.observability.logs import ACCESS_FIELDS, ACCESS_LOGGER, configure_logging
 from affinity_node.sim.fake_backend import FakeBackendConfig, RunningFakeBackend, serve
 from affinity_node.store.keys import create_key
-from tests.support.cluster import ALIAS, MODEL, node_config
+from tests.support.cluster import ALIAS, MODEL, cluster, knows, node_config
 from tests.support.nodes import bulk_bindings
 from tests.support.waiting import wait_for
 
@@ -320,3 +322,29 @@ async def test_access_log_off_by_default(dsn):
         async with one_node(dsn) as n:
             await n.client().chat.completions.create(model=MODEL, messages=MESSAGES)
     assert not [line for line in buf.getvalue().splitlines() if '"route"' in line]
+
+
+async def test_access_log_names_the_key_when_the_operator_opts_in(dsn):
+    conn = await asyncpg.connect(dsn)
+    try:
+        key, secret = await create_key(conn, "team-a")
+    finally:
+        await conn.close()
+
+    def by_name(cfg: NodeConfig) -> None:
+        cfg.logging.access = True
+        cfg.logging.key_ref = "name"
+
+    with captured(access=True) as buf:
+        async with cluster(dsn, nodes=1, backends=1, configure=by_name) as c:
+            node = c.nodes[0]
+            refs = node.app[ACCESS_LOG].key_ref  # type: ignore[union-attr]
+            await wait_for(lambda: refs(key.id) == "team-a", timeout=10, what="names read")
+            await wait_for(partial(knows, node, secret), timeout=10, what="the key")
+            await c.client(0, secret).chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": "named-1"}
+            )
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    (line,) = [line for line in lines if line.get("request_id") == "named-1" and "route" in line]
+    assert line["key_ref"] == "team-a"
+    assert str(key.id) not in buf.getvalue()
