@@ -34,7 +34,6 @@ from affinity_node.http.state import (
     CLIENT_GONE,
     RELAY,
     STREAM,
-    TRACE,
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
     UPSTREAM_USAGE,
@@ -42,6 +41,7 @@ from affinity_node.http.state import (
 from affinity_node.http.usage_wire import StreamUsage, usage_span
 from affinity_node.ledger.usage import merged_usage
 from affinity_node.observability.metrics import add_trace_id
+from affinity_node.observability.tracing import current as current_trace
 from affinity_node.observability.tracing import trace_context, trace_id_of
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
@@ -122,7 +122,7 @@ class Forwarder:
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
         self.ledger = relay.ledger
         self.access_log = relay.access_log
-        self.trace = request.get(TRACE)
+        self.trace = current_trace()
         """The request's span (tracing on): each attempt is its child, and says so upstream."""
         self.trace_headers: dict[str, str] | None = None
         """The client's valid traceparent/tracestate, passed upstream as received."""

@@ -161,16 +161,19 @@ def answered(
             m.observe_duration(route, elapsed, exemplar)
             if tracked:
                 status.end()
-            affinity = response.headers.get("x-affinity") if response is not None else None
             if trace is not None:
-                _end_trace(request, trace, int(code), affinity)
+                _end_trace(request, trace, int(code), _affinity(response))
             access = app[ACCESS_LOG]
             if access.enabled and route not in OPS_ROUTES:
-                line = (route, int(code), elapsed, affinity, error)
+                line = (route, int(code), elapsed, _affinity(response), error)
                 _log_access(request, cast(AccessLog, access), *line, trace)
             LOG_REQUEST_ID.reset(context)
 
     return answer
+
+
+def _affinity(response: web.StreamResponse | None) -> str | None:
+    return response.headers.get("x-affinity") if response is not None else None
 
 
 def _begin_trace(request: web.Request, route: str) -> RequestTrace:
