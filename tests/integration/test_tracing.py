@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import aiohttp
 import pytest
 
 from affinity_node.config import NodeConfig
@@ -128,6 +129,10 @@ async def test_spans_per_request_reach_the_collector(dsn, receiver):
             await wait_for(
                 lambda: len(receiver.named("server")) >= 3, timeout=10, what="3 server spans"
             )
+            async with aiohttp.ClientSession() as http:
+                accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+                async with http.get(f"{c.nodes[0].url}/metrics", headers=accept) as r:
+                    scraped = await r.text()
     servers = receiver.named("server")
     assert sorted(s.name for s in servers) == [
         "POST /v1/chat/completions",
@@ -152,6 +157,10 @@ async def test_spans_per_request_reach_the_collector(dsn, receiver):
     lines = [json.loads(line) for line in log.getvalue().splitlines()]
     access = {line["request_id"]: line for line in lines if "route" in line}
     assert access["traced-1"]["trace_id"] == client_trace
+    # the first request of a route carries the latency exemplars: they name its trace
+    exemplars = [line for line in scraped.splitlines() if f'trace_id="{client_trace}"' in line]
+    assert any(line.startswith("affinity_http_request_duration_seconds") for line in exemplars)
+    assert any(line.startswith("affinity_upstream_ttft_seconds") for line in exemplars)
     by_request = {s.attributes["affinity.request_id"]: s.trace_id for s in servers}
     assert access["t-2"]["trace_id"] == by_request["t-2"]
     assert access["t-3"]["trace_id"] == by_request["t-3"]
