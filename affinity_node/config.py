@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -63,6 +64,9 @@ class ListenConfig:
     ops_port: int | None = _range(None, 0, 65535)
     """When set, /metrics, /healthz and /readyz are served on this port instead of `port`,
     which then serves the API only."""
+    trusted_proxies: list[str] = field(default_factory=list)
+    """Addresses or CIDRs of load balancers whose X-Forwarded-For the access log believes
+    (`AFFINITY_LISTEN_TRUSTED_PROXIES`, comma-separated); empty: the peer is the client."""
     debug_endpoints: bool = False
     """GET /debug/bindings: this node's cached bindings, pairs hashed (for the chaos soak);
     on the ops port when `ops_port` is set."""
@@ -237,6 +241,22 @@ class LoggingConfig:
     json: bool = False
     access: bool = False
     """One JSON access-log line per API request (probes and scrapes are not logged)."""
+    key_ref: Literal["hmac", "name"] = "hmac"
+    """How the access log names the tenant: `hmac` (of the key id with `key_ref_secret`: stable
+    across nodes and restarts, not reversible) or `name` (the key's public name, opt-in)."""
+    key_ref_secret: str = ""
+    """The HMAC secret (`AFFINITY_LOGGING_KEY_REF_SECRET`); empty: no key_ref in the log."""
+
+
+@dataclass
+class TracingConfig:
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector (`http://collector:4318`, or its full `/v1/traces` URL): spans per
+    request, with the `otel` extra installed. Empty: no spans (traceparent is passed anyway)."""
+    sample_ratio: float = _range(1.0, 0.0, 1.0)
+    """Share of new traces recorded; a client's sampled traceparent is always followed."""
+    flush_interval_seconds: float = _range(2.0, 0.01, 60.0)
+    """How often finished spans are sent in one batch."""
 
 
 @dataclass
@@ -334,6 +354,7 @@ class NodeConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     models: list[ModelConfig] = field(default_factory=list)
     backends_allow: list[str] = field(default_factory=list, init=False)
@@ -431,7 +452,10 @@ def _apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> None:
             for sf in dataclasses.fields(section):
                 var = f"AFFINITY_{f.name}_{sf.name}".upper()
                 if var in env:
-                    setattr(section, sf.name, _coerce(env[var], sub_hints[sf.name], var))
+                    raw: Any = env[var]
+                    if get_origin(sub_hints[sf.name]) is list:  # comma-separated
+                        raw = [e for e in re.split(r"[,\s]+", raw) if e]
+                    setattr(section, sf.name, _coerce(raw, sub_hints[sf.name], var))
         elif hint is str:
             var = f"AFFINITY_{f.name}".upper()
             if var in env:
@@ -486,7 +510,7 @@ def _check_ranges(section: Any, where: str) -> None:
             raise ConfigError(f"{key}: must be at most {high:g}, got {value!r}")
 
 
-def _check_url(url: str, where: str) -> None:
+def _check_url(url: str, where: str, path_ok: bool = False) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises on a port that is not a number or out of range)
@@ -494,6 +518,8 @@ def _check_url(url: str, where: str) -> None:
         raise ConfigError(f"{where}: {url!r} is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: {url!r} must be an http:// or https:// URL with a host")
+    if path_ok:
+        return
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(
             f"{where}: {url!r} must be the server's base URL (no path: the node appends /v1/...)"
@@ -520,6 +546,20 @@ def validate(cfg: NodeConfig) -> None:
             "database.lock_timeout_ms must be below database.statement_timeout_ms "
             "(a busy lock must end as a lock timeout, not be taken for a database outage)"
         )
+    for i, entry in enumerate(cfg.listen.trusted_proxies):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"listen.trusted_proxies[{i}]: {entry!r} is not an address or CIDR"
+            ) from None
+    if cfg.tracing.otlp_endpoint:
+        _check_url(cfg.tracing.otlp_endpoint, "tracing.otlp_endpoint", path_ok=True)
+        if importlib.util.find_spec("opentelemetry") is None:
+            raise ConfigError(
+                "tracing.otlp_endpoint is set but OpenTelemetry is not installed "
+                "(pip install 'affinity-node[otel]')"
+            )
     level = cfg.logging.level.upper()
     if level not in LOG_LEVELS:
         raise ConfigError(
@@ -628,6 +668,11 @@ def advice(cfg: NodeConfig) -> list[str]:
             f"limits.upstream_read_timeout_seconds ({limits.upstream_read_timeout_seconds:g}) "
             f"is longer than limits.generation_timeout_seconds "
             f"({limits.generation_timeout_seconds:g}): a silent stream outlives any generation"
+        )
+    if cfg.logging.access and cfg.logging.key_ref == "hmac" and not cfg.logging.key_ref_secret:
+        notes.append(
+            "logging.access is on without logging.key_ref_secret: access lines name no tenant "
+            "(set the secret, the same on every node, or logging.key_ref: name)"
         )
     return notes
 

@@ -54,11 +54,13 @@ from affinity_node.http.state import (
     METRICS_REGISTRY,
     NODE,
     STATUS,
+    TRACING,
     NodeStatus,
 )
 from affinity_node.http.wrapper import OPS_ROUTES, RouteSpec, add_routes
-from affinity_node.observability.logs import AccessLog, NullAccessLog
+from affinity_node.observability.logs import AccessLog, KeyRefs, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.observability.tracing import NullTracing, make_tracing
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.upstream.discovery import Resolver, system_resolver
@@ -135,12 +137,29 @@ def build_app(
         sorted({r.path for r in api} | OPS_ROUTES), sorted(r.path for r in api if r.tracked)
     )
     app[AFFINITY_METRICS] = AffinityMetrics(metrics_registry)
-    app[ACCESS_LOG] = AccessLog(cfg.node_id, enabled=cfg.logging.access)
+    app[ACCESS_LOG] = _access_log(cfg)
     http_metrics.show_config(config_hash(cfg))
+    tracing = app[TRACING] = make_tracing(
+        cfg.tracing.otlp_endpoint,
+        cfg.tracing.sample_ratio,
+        cfg.tracing.flush_interval_seconds,
+        cfg.node_id,
+    )
+    app.on_cleanup.append(lambda _app: tracing.close())
     app.cleanup_ctx.append(partial(node_resources, resolver=resolver))
     app.on_shutdown.append(_start_draining)
     add_routes(app, [*api, *ops])
     return app
+
+
+def _access_log(cfg: NodeConfig) -> AccessLog:
+    """Built even while `logging.access` is off (then `enabled` is False and the wrapper
+    gathers nothing), so a config reload can switch it on."""
+    if cfg.logging.key_ref == "name":
+        refs = KeyRefs.by_name()
+    else:
+        refs = KeyRefs(cfg.logging.key_ref_secret)
+    return AccessLog(cfg.node_id, refs, cfg.listen.trusted_proxies, enabled=cfg.logging.access)
 
 
 def build_ops_app(node: web.Application) -> web.Application:
@@ -153,6 +172,7 @@ def build_ops_app(node: web.Application) -> web.Application:
     ops[STATUS] = node[STATUS]
     ops[HTTP_METRICS] = node[HTTP_METRICS]
     ops[ACCESS_LOG] = NullAccessLog()  # the access log is the API's
+    ops[TRACING] = NullTracing()  # and so are the spans
     add_routes(ops, _ops_routes(node[CONFIG]))
     return ops
 

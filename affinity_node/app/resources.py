@@ -20,6 +20,7 @@ from affinity_node.auth.keycache import KeyCache
 from affinity_node.auth.limits import EXCHANGE_EVERY_S, Limiter
 from affinity_node.config import DatabaseConfig, LimitsConfig, NodeConfig
 from affinity_node.http.state import (
+    ACCESS_LOG,
     AFFINITY_METRICS,
     BACKENDS,
     CONFIG,
@@ -38,6 +39,7 @@ from affinity_node.http.state import (
 )
 from affinity_node.ledger.ledger import Ledger, NullLedger
 from affinity_node.observability.collector import NodeCollector, OperatorCollector
+from affinity_node.observability.logs import AccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
@@ -54,7 +56,7 @@ from affinity_node.store.fleet_duties import (
     HealthReporter,
     MoverTurns,
 )
-from affinity_node.store.keys import PostgresKeyStore
+from affinity_node.store.keys import PostgresKeyStore, key_names
 from affinity_node.store.limits import PostgresLimitStore
 from affinity_node.store.notifyqueue import NotifyQueueMonitor
 from affinity_node.store.registry import PostgresRegistry, RegistryFollower
@@ -85,6 +87,7 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         await enter(_schema(app, db))
         ledger = app[LEDGER] = await enter(_ledger(cfg, db, app[METRICS_REGISTRY], metrics))
         keys = app[KEYS] = await enter(_keys(cfg.database, db, metrics))
+        await enter(_key_names(app, db))
         app[LIMITER] = await enter(_limiter(cfg, db, keys, metrics))
         client = app[UPSTREAM] = await enter(_upstream(cfg.limits))
         cache = BindingCache(cfg.affinity.cache_max_entries, on_evict=metrics.evicted)
@@ -99,8 +102,29 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         )
         engine = app[ENGINE] = stacked.engine
         router = app[ROUTER] = await enter(_router(app, parts, engine, client))
-        app[RELAY] = Relay(backends, router, client, app[HTTP_METRICS], cfg.limits, ledger)
+        app[RELAY] = Relay(
+            backends, router, client, app[HTTP_METRICS], cfg.limits, ledger, cfg.logging.access
+        )
         await enter(_fleet(app, db, backend_registry, follower, parts, engine))
+        yield
+
+
+KEY_NAMES_EVERY_S = 10.0
+
+
+@asynccontextmanager
+async def _key_names(app: web.Application, db: asyncpg.Pool) -> AsyncIterator[None]:
+    """Keys' names for the access log, re-read periodically, when `logging.key_ref: name`."""
+    access = app[ACCESS_LOG]
+    if not isinstance(access, AccessLog) or not access.key_ref.wants_names:
+        yield
+        return
+    refs = access.key_ref
+
+    async def load() -> None:
+        refs.set_names(await key_names(db))
+
+    async with stopping(every(KEY_NAMES_EVERY_S, load, "key-names", now=True)):
         yield
 
 

@@ -26,12 +26,14 @@ from affinity_node.http.state import (
     LEDGER,
     LIMITER,
     MODEL,
+    RELAY,
     ROUTER,
     STATUS,
 )
 from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
 from affinity_node.ledger.usage import decode_usage
+from affinity_node.observability.tracing import traced
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 
@@ -223,15 +225,22 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
                 raise _not_stored(previous, "previous_response_id")
             out.body = untag(out.body, previous, stored)
             return _owner_route(request, stored, previous, model, "previous_response_id", key_id)
-    if endpoint.injects_usage and payload.stream and (app[LEDGER].enabled or out.ticket):
+    if (
+        endpoint.injects_usage
+        and payload.stream
+        and (app[LEDGER].enabled or out.ticket or app[RELAY].access_log)
+    ):
         asks = usage_request(payload)
         out.client_asked_usage = asks.client_asked
         if asks.inject:
             out.usage_body = with_usage_parts(out.body, payload)
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
-        return await app[ROUTER].route(
-            key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+        return await traced(
+            "route",
+            app[ROUTER].route(
+                key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+            ),
         )
     except NoBackend:
         raise _no_backend(model) from None

@@ -30,9 +30,19 @@ from affinity_node.auth.limits import Ticket
 from affinity_node.http.endpoints import ErrorShape
 from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.response_ids import IdTagger
-from affinity_node.http.state import CLIENT_GONE, RELAY, UPSTREAM_BACKEND, UPSTREAM_TTFT
+from affinity_node.http.state import (
+    CLIENT_GONE,
+    RELAY,
+    STREAM,
+    UPSTREAM_BACKEND,
+    UPSTREAM_TTFT,
+    UPSTREAM_USAGE,
+)
 from affinity_node.http.usage_wire import StreamUsage, usage_span
 from affinity_node.ledger.usage import merged_usage
+from affinity_node.observability.metrics import add_trace_id
+from affinity_node.observability.tracing import current as current_trace
+from affinity_node.observability.tracing import trace_context, trace_id_of
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout
@@ -111,6 +121,17 @@ class Forwarder:
         self.limits = relay.limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
         self.ledger = relay.ledger
+        self.access_log = relay.access_log
+        self.trace = current_trace()
+        """The request's span (tracing on): each attempt is its child, and says so upstream."""
+        self.trace_headers: dict[str, str] | None = None
+        """The client's valid traceparent/tracestate, passed upstream as received."""
+        if self.trace is None and "traceparent" in request.headers:
+            self.trace_headers = trace_context(
+                request.headers.getall("traceparent"), request.headers.getall("tracestate", ())
+            )
+        if self.exemplar is not None:
+            self._trace_exemplar(self.exemplar)
         self.broken: str | None = None
         """Why the backend broke an answer already under way (reported after the request)."""
         self.usage: bytes | None = None
@@ -122,7 +143,7 @@ class Forwarder:
         """Forwards `out` where `route` says; where a failed request goes next is the router's
         decision (`after_failure`)."""
         self.out = out
-        self.wants_usage = self.ledger.enabled or out.ticket is not None
+        self.wants_usage = self.ledger.enabled or out.ticket is not None or self.access_log
         body, usage_body = out.body, out.usage_body
         while True:
             backend = route.backend
@@ -169,7 +190,21 @@ class Forwarder:
         self.metrics.overhead.observe(
             max(time.perf_counter() - self.started - self.upstream_time, 0.0)
         )
+        if self.access_log:
+            self.request[STREAM] = out.stream
+            if self.usage is not None:
+                self.request[UPSTREAM_USAGE] = self.usage
         return response
+
+    def _trace_exemplar(self, exemplar: dict[str, str]) -> None:
+        trace = self.trace
+        trace_id = (
+            trace.trace_id
+            if trace is not None
+            else trace_id_of(self.trace_headers.get("traceparent") if self.trace_headers else None)
+        )
+        if trace_id is not None:
+            add_trace_id(exemplar, trace_id)
 
     async def _attempt(
         self,
@@ -192,6 +227,9 @@ class Forwarder:
         }
         if out.content_type is not None:
             up_headers["Content-Type"] = out.content_type
+        if self.trace_headers:
+            up_headers.update(self.trace_headers)
+        span = None if self.trace is None else self.trace.upstream(backend.id, up_headers)
         sent = time.perf_counter()
         self.request[UPSTREAM_BACKEND] = backend.id
         self.backends.acquire(backend)
@@ -236,6 +274,8 @@ class Forwarder:
                     data = tagger.body(data)
         finally:
             self.backends.release(backend)
+            if span is not None:
+                span.end()
         response = web.Response(status=upstream.status, body=data, headers=headers)
         return await self._send(response), upstream.status < 400
 

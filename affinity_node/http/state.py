@@ -18,6 +18,7 @@ from affinity_node.config import LimitsConfig, NodeConfig
 from affinity_node.ledger.ledger import Ledger
 from affinity_node.observability.logs import AccessLog, NullAccessLog
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
+from affinity_node.observability.tracing import NullTracing, RequestTrace, Tracing
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.health_state import BackendHealth
@@ -60,6 +61,8 @@ class Relay:
     metrics: HttpMetrics
     limits: LimitsConfig
     ledger: Ledger
+    access_log: bool = False
+    """The access log is on: answers' usage is read for its token counts."""
 
 
 # Built with the application (no I/O):
@@ -72,6 +75,8 @@ HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 AFFINITY_METRICS = web.AppKey("affinity_metrics", AffinityMetrics)
 ACCESS_LOG: web.AppKey[AccessLog | NullAccessLog] = web.AppKey("access_log")
 """The null one unless logging.access is on (the route wrapper reads it once per request)."""
+TRACING: web.AppKey[Tracing | NullTracing] = web.AppKey("tracing")
+"""The null one unless tracing.otlp_endpoint is set."""
 # Started by the node's resources (app.py), in this order:
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
 """The null one unless ledger.enabled."""
@@ -99,3 +104,9 @@ UPSTREAM_BACKEND = web.RequestKey("affinity_upstream_backend", str)
 """The backend of the latest upstream attempt, set by the forwarder (access log)."""
 UPSTREAM_TTFT = web.RequestKey("affinity_upstream_ttft", float)
 """Seconds from forwarding to the first byte of the answer that was relayed (access log)."""
+STREAM = web.RequestKey("affinity_stream", bool)
+"""Whether the client asked for a stream (set by the forwarder when the access log is on)."""
+UPSTREAM_USAGE = web.RequestKey("affinity_upstream_usage", bytes)
+"""The relayed answer's usage object, as bytes (set when the access log is on)."""
+TRACE = web.RequestKey("affinity_trace", RequestTrace)
+"""The request's span while tracing is on."""

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
@@ -27,10 +28,18 @@ from affinity_node.http.state import (
     MODEL,
     REQUEST_ID,
     STATUS,
+    STREAM,
+    TRACE,
+    TRACING,
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
+    UPSTREAM_USAGE,
 )
+from affinity_node.ledger.usage import decode_usage
 from affinity_node.observability.logs import REQUEST_ID as LOG_REQUEST_ID
+from affinity_node.observability.logs import AccessLog, client_address
+from affinity_node.observability.metrics import add_trace_id
+from affinity_node.observability.tracing import RequestTrace, Tracing, trace_context, trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,8 @@ def answered(
     three more coroutine frames (aiohttp adds one of its own per app), each resumed at every
     await of the request (bench-overhead: ~4% of the node's throughput)."""
 
+    traced = route not in OPS_ROUTES  # probes and scrapes make no spans
+
     async def answer(request: web.Request) -> web.StreamResponse:
         app = request.app
         started = time.perf_counter()
@@ -102,9 +113,14 @@ def answered(
         status = app[STATUS]
         if tracked:
             status.begin()
+        trace = _begin_trace(request, route) if traced and app[TRACING].enabled else None
         try:
             if authenticated:
-                request[API_KEY_ID] = await _authenticate(request)
+                if trace is None:
+                    request[API_KEY_ID] = await _authenticate(request)
+                else:
+                    with trace.child("authenticate"):
+                        request[API_KEY_ID] = await _authenticate(request)
             response = await handler(request)
             code = "499" if request.get(CLIENT_GONE) else str(response.status)
             return response
@@ -141,26 +157,97 @@ def answered(
             elapsed = time.perf_counter() - started
             m = app[HTTP_METRICS]
             m.count_request(route, code)
-            m.observe_duration(route, elapsed, m.duration_exemplar(route, rid))
+            exemplar = m.duration_exemplar(route, rid)
+            if exemplar is not None:
+                _with_trace_id(exemplar, request, trace)
+            m.observe_duration(route, elapsed, exemplar)
             if tracked:
                 status.end()
+            if trace is not None:
+                _end_trace(request, trace, int(code), _affinity(response))
             access = app[ACCESS_LOG]
             if access.enabled and route not in OPS_ROUTES:
-                access.emit(
-                    request_id=rid,
-                    method=request.method,
-                    route=route,
-                    status=int(code),
-                    duration_s=elapsed,
-                    model=request.get(MODEL),
-                    backend=request.get(UPSTREAM_BACKEND),
-                    ttft_s=request.get(UPSTREAM_TTFT),
-                    affinity=response.headers.get("x-affinity") if response is not None else None,
-                    error=error,
-                )
+                line = (route, int(code), elapsed, _affinity(response), error)
+                _log_access(request, cast(AccessLog, access), *line, trace)
             LOG_REQUEST_ID.reset(context)
 
     return answer
+
+
+def _affinity(response: web.StreamResponse | None) -> str | None:
+    return response.headers.get("x-affinity") if response is not None else None
+
+
+def _begin_trace(request: web.Request, route: str) -> RequestTrace:
+    headers = request.headers
+    incoming = trace_context(headers.getall("traceparent", ()), headers.getall("tracestate", ()))
+    tracing = cast(Tracing, request.app[TRACING])  # the caller checked `enabled`
+    trace = request[TRACE] = tracing.begin(request.method, route, incoming)
+    return trace
+
+
+def _end_trace(
+    request: web.Request, trace: RequestTrace, status: int, affinity: str | None
+) -> None:
+    trace.end(
+        status,
+        {
+            "affinity.outcome": affinity,
+            "affinity.model": request.get(MODEL),
+            "affinity.backend": request.get(UPSTREAM_BACKEND),
+            "affinity.request_id": request[REQUEST_ID],
+        },
+    )
+
+
+def _trace_id(request: web.Request, trace: RequestTrace | None) -> str | None:
+    """The node's span's trace id, else the client's (it continues upstream)."""
+    if trace is not None:
+        return trace.trace_id
+    return trace_id_of(request.headers.get("traceparent"))
+
+
+def _with_trace_id(
+    exemplar: dict[str, str], request: web.Request, trace: RequestTrace | None
+) -> None:
+    """An exemplar names the request's trace when there is one."""
+    trace_id = _trace_id(request, trace)
+    if trace_id is not None:
+        add_trace_id(exemplar, trace_id)
+
+
+def _log_access(
+    request: web.Request,
+    access: AccessLog,
+    route: str,
+    status: int,
+    elapsed: float,
+    affinity: str | None,
+    error: str | None,
+    trace: RequestTrace | None,
+) -> None:
+    """The access line's fields, gathered only when it is on."""
+    usage = request.get(UPSTREAM_USAGE)
+    used = None if usage is None else decode_usage(usage)
+    access.emit(
+        request_id=request[REQUEST_ID],
+        method=request.method,
+        route=route,
+        status=status,
+        duration_s=elapsed,
+        model=request.get(MODEL),
+        backend=request.get(UPSTREAM_BACKEND),
+        ttft_s=request.get(UPSTREAM_TTFT),
+        affinity=affinity,
+        error=error,
+        key_ref=access.key_ref(request.get(API_KEY_ID)),
+        client=client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), access.trusted
+        ),
+        stream=request.get(STREAM),
+        tokens=None if used is None else (used.prompt, used.cached, used.completion),
+        trace_id=_trace_id(request, trace),
+    )
 
 
 async def _authenticate(request: web.Request) -> uuid.UUID:

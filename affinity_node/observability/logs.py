@@ -15,13 +15,18 @@ logger `affinity_node.access`, whatever `logging.json` says: see `AccessLog`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import IO, Any, Final
+from uuid import UUID
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("affinity_request_id", default=None)
 """The id of the request being handled by the current task, if any."""
@@ -138,9 +143,99 @@ ACCESS_FIELDS: Final = (
     "ttft_ms",
     "affinity",
     "error",
+    "key_ref",
+    "client",
+    "stream",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "trace_id",
 )
 """The keys of every access line, in this order (null when not known for the request).
-Never an API key or a key id."""
+Never an API key or a key id: the tenant is `key_ref` (an HMAC of the key id, or the key's
+name when the operator opts in)."""
+
+KEY_REF_CHARS: Final = 24
+"""Hex characters of the HMAC kept: 96 bits, no collision among any real number of keys."""
+_KEY_REFS_MAX: Final = 100_000
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: Sequence[str]) -> tuple[Network, ...]:
+    """listen.trusted_proxies (checked by the config) as networks."""
+    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: tuple[Network, ...]
+) -> str | None:
+    """The client: the peer, unless it is a trusted proxy; then X-Forwarded-For read from the
+    right, skipping trusted hops (what a client writes on the left is not believed)."""
+    if not trusted or peer is None or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for line in forwarded_for for h in line.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop if _is_address(hop) else None
+    return hops[0] if hops and _is_address(hops[0]) else peer
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+class KeyRefs:
+    """`key_ref` of the access log: HMAC-SHA256 of the key id with the configured secret (the
+    same secret on every node gives the same ref everywhere; without it the id cannot be
+    recovered), or the key's name from `names` when the operator opts in."""
+
+    def __init__(self, secret: str, names: Callable[[UUID], str | None] | None = None) -> None:
+        self._secret = secret.encode()
+        self._names = names
+        self._refs: dict[UUID, str] = {}
+
+    @classmethod
+    def by_name(cls) -> KeyRefs:
+        """Names, as last read by `set_names` (a key created since reads null until then)."""
+        refs = cls("")
+        refs.set_names({})
+        return refs
+
+    @property
+    def wants_names(self) -> bool:
+        return self._names is not None
+
+    def set_names(self, names: dict[UUID, str]) -> None:
+        self._names = names.get
+
+    def __call__(self, key_id: UUID | None) -> str | None:
+        if key_id is None:
+            return None
+        if self._names is not None:
+            return self._names(key_id)
+        if not self._secret:
+            return None
+        ref = self._refs.get(key_id)
+        if ref is None:
+            digest = hmac.new(self._secret, key_id.bytes, hashlib.sha256).hexdigest()
+            ref = digest[:KEY_REF_CHARS]
+            if len(self._refs) >= _KEY_REFS_MAX:
+                self._refs.clear()
+            self._refs[key_id] = ref
+        return ref
 
 
 class AccessLog:
@@ -150,12 +245,20 @@ class AccessLog:
     fields, which `AccessFormatter` writes as one JSON object.
     """
 
-    def __init__(self, node_id: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        key_refs: KeyRefs | None = None,
+        trusted_proxies: Sequence[str] = (),
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         """Whether a request's fields are worth gathering (see `NullAccessLog`); switched by
         a config reload (`logging.access`)."""
         self._node = node_id
         self._logger = logging.getLogger(ACCESS_LOGGER)
+        self.key_ref = key_refs or KeyRefs("")
+        self.trusted = trusted_networks(trusted_proxies)
 
     def emit(
         self,
@@ -170,7 +273,13 @@ class AccessLog:
         ttft_s: float | None,
         affinity: str | None,
         error: str | None,
+        key_ref: str | None = None,
+        client: str | None = None,
+        stream: bool | None = None,
+        tokens: tuple[int, int, int] | None = None,
+        trace_id: str | None = None,
     ) -> None:
+        """`tokens`: prompt, cached, completion, as the backend reported them."""
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
@@ -186,6 +295,13 @@ class AccessLog:
             "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
             "affinity": affinity,
             "error": error,
+            "key_ref": key_ref,
+            "client": client,
+            "stream": stream,
+            "prompt_tokens": None if tokens is None else tokens[0],
+            "cached_tokens": None if tokens is None else tokens[1],
+            "completion_tokens": None if tokens is None else tokens[2],
+            "trace_id": trace_id,
         }
         logger.info(
             "%s %s %d %.1fms",

@@ -61,6 +61,17 @@ def exemplar(request_id: str) -> dict[str, str]:
     return {"request_id": request_id[:EXEMPLAR_MAX_ID]}
 
 
+EXEMPLAR_MAX_TRACED_ID: Final = 128 - len("trace_id") - 32 - len("request_id")
+"""The request id's part kept beside a trace id."""
+
+
+def add_trace_id(exemplar: dict[str, str], trace_id: str) -> None:
+    """The exemplar names its trace too (Grafana links `trace_id` to the trace); the request id
+    is cut so the labels stay within 128 characters."""
+    exemplar["trace_id"] = trace_id
+    exemplar["request_id"] = exemplar["request_id"][:EXEMPLAR_MAX_TRACED_ID]
+
+
 # 100 us .. 5 s: lock waits are normally sub-millisecond; the SLO edges are 1, 10, 100 ms.
 LOCK_WAIT_BUCKETS = (
     0.0001,

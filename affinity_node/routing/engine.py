@@ -25,6 +25,7 @@ from uuid import UUID
 
 from affinity_node.observability.logs import RateLimitedLog
 from affinity_node.observability.metrics import AffinityMetrics
+from affinity_node.observability.tracing import traced
 from affinity_node.routing.breaker import StoreBreaker
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.coherence import Coherence, SyncStatus
@@ -207,9 +208,9 @@ class AffinityEngine:
         task = self._inflight.get(pair)
         leader = task is None
         if task is None:
-            task = asyncio.create_task(
-                self._resolve_slow(pair, tuple(candidates), choose, successor)
-            )
+            slow = self._resolve_slow(pair, tuple(candidates), choose, successor)
+            # the database's part of a request's trace (tracing on)
+            task = asyncio.create_task(traced("affinity.store", slow))
             self._inflight[pair] = task
             task.add_done_callback(lambda _t: self._inflight.pop(pair, None))
         result = await asyncio.shield(task)

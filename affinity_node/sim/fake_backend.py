@@ -127,6 +127,8 @@ class FakeBackendStats:
     """The longest queue seen since start."""
     last_body: bytes = b""
     """The last completion request's body as received (what a proxy forwarded)."""
+    last_headers: dict[str, str] = field(default_factory=dict)
+    """The last completion request's headers as received (names lowercased)."""
 
 
 @dataclass
@@ -198,6 +200,7 @@ class FakeBackend:
     async def read_body(self, request: web.Request) -> Any:
         """The request's JSON, counted; raises ApiError for bad JSON or an injected fault."""
         self.stats.requests += 1
+        self.stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
         self.stats.last_body = await request.read()
         try:
             body = json.loads(self.stats.last_body)

@@ -41,6 +41,13 @@ async def delete_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: uuid.UUID)
     return await conn.fetchval(Q["key_delete"], key_id) is not None
 
 
+async def key_names(db: asyncpg.Pool, timeout_s: float = 5.0) -> dict[uuid.UUID, str]:
+    """Every usable key's public name (the access log's `key_ref: name`)."""
+    async with db.acquire(timeout=timeout_s) as conn:
+        rows = await conn.fetch(Q["key_names"], timeout=timeout_s)
+    return {r["id"]: r["name"] for r in rows}
+
+
 class PostgresKeyStore:
     """What the node's key cache reads (auth.ports.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""

@@ -215,6 +215,10 @@ DELETE FROM api_keys WHERE id = $1 RETURNING id;
 -- few hundred thousand keys never make one statement long).
 SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL AND id > $1 ORDER BY id LIMIT $2;
 
+-- name: key_names
+-- The access log's key references when logging.key_ref is `name` (operator opt-in).
+SELECT id, name FROM api_keys WHERE revoked_at IS NULL;
+
 -- name: key_lookup
 SELECT id, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1;
 

@@ -6,6 +6,8 @@ Real nodes on loopback, fake vLLM backends, real Postgres, the openai SDK as the
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -23,14 +26,24 @@ import pytest
 
 from affinity_node.app import RunningNode, run_node
 from affinity_node.config import NodeConfig
+from affinity_node.http.state import ACCESS_LOG
 from affinity_node.observability.logs import ACCESS_FIELDS, ACCESS_LOGGER, configure_logging
 from affinity_node.sim.fake_backend import FakeBackendConfig, RunningFakeBackend, serve
 from affinity_node.store.keys import create_key
-from tests.support.cluster import ALIAS, MODEL, node_config
+from tests.support.cluster import ALIAS, MODEL, cluster, knows, node_config
 from tests.support.nodes import bulk_bindings
 from tests.support.waiting import wait_for
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+KEY_REF_SECRET = "log-secret"
+
+
+def key_ref(key_id: str) -> str:
+    """What the access log should name a key by: the HMAC an operator can recompute."""
+    mac = hmac.new(KEY_REF_SECRET.encode(), uuid.UUID(key_id).bytes, hashlib.sha256)
+    return mac.hexdigest()[:24]
+
+
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -72,6 +85,8 @@ async def one_node(dsn: str, **changes: object) -> AsyncIterator[Node]:
         cfg: NodeConfig = node_config(dsn, fakes, "ops-node")
         cfg.listen.ops_port = changes.get("ops_port")  # type: ignore[assignment]
         cfg.logging.access = bool(changes.get("access", False))
+        cfg.logging.key_ref_secret = KEY_REF_SECRET
+        cfg.listen.trusted_proxies = list(changes.get("trusted_proxies", []))  # type: ignore[call-overload]
         node = await stack.enter_async_context(run_node(cfg))
         conn = await asyncpg.connect(dsn)
         try:
@@ -209,8 +224,8 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
             stream = await client.chat.completions.create(
                 model=MODEL, messages=MESSAGES, stream=True, extra_headers={"x-request-id": "acc-2"}
             )
-            async for _ in stream:
-                pass
+            chunks = [chunk async for chunk in stream]
+            assert chunks and all(chunk.usage is None for chunk in chunks)
             await client.models.list(extra_headers={"x-request-id": "acc-3"})
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(
@@ -243,6 +258,20 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
     assert second["backend"] == first["backend"] and second["status"] == 200
     assert 0 < first["ttft_ms"] <= first["duration_ms"] and second["ttft_ms"] > 0
     assert first["error"] is None
+    # the tenant and the tokens: the key by its HMAC, the counts the backend reported
+    assert first["key_ref"] == second["key_ref"] == key_ref(n.key_id)
+    usage = json.loads(raw.http_response.text)["usage"]
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    assert first["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
+    assert (first["stream"], second["stream"]) == (False, True)
+    # a stream's usage is asked of vLLM for the log (the client did not ask: it saw none)
+    assert second["prompt_tokens"] == usage["prompt_tokens"] and second["completion_tokens"] > 0
+    assert second["cached_tokens"] == 0  # "hello" fills no 16-token cache block
+    assert first["client"] == second["client"] == "127.0.0.1"
+    assert (access["acc-5"]["key_ref"], access["acc-4"]["key_ref"]) == (None, first["key_ref"])
     assert access["acc-3"] | {"ts": 0, "duration_ms": 0} == {
         "ts": 0,
         "node": "ops-node",
@@ -256,6 +285,13 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
         "ttft_ms": None,
         "affinity": None,
         "error": None,
+        "key_ref": key_ref(n.key_id),
+        "client": "127.0.0.1",
+        "stream": None,
+        "prompt_tokens": None,
+        "cached_tokens": None,
+        "completion_tokens": None,
+        "trace_id": None,
     }
     assert (access["acc-4"]["status"], access["acc-4"]["error"]) == (404, "model_not_found")
     assert (access["acc-5"]["status"], access["acc-5"]["error"]) == (401, "invalid_api_key")
@@ -264,8 +300,51 @@ async def test_access_log_one_line_per_api_request_without_key_ids(dsn):
     assert n.secret not in text and "sk-xxxx" not in text
 
 
+async def test_access_log_client_behind_a_trusted_proxy(dsn):
+    forwarded = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9, 127.0.0.1"}
+    with captured(access=True) as buf:
+        async with one_node(dsn, access=True, trusted_proxies=["127.0.0.0/8"]) as n:
+            await n.client().chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_headers={**forwarded, "x-request-id": "p-1"}
+            )
+        async with one_node(dsn, access=True) as n:  # no trusted proxy: the header is not believed
+            await n.client().chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_headers={**forwarded, "x-request-id": "p-2"}
+            )
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    access = {line["request_id"]: line for line in lines if "route" in line}
+    # the nearest hop the trusted proxies did not add; what the client wrote left of it is not
+    assert (access["p-1"]["client"], access["p-2"]["client"]) == ("203.0.113.9", "127.0.0.1")
+
+
 async def test_access_log_off_by_default(dsn):
     with captured(access=False) as buf:
         async with one_node(dsn) as n:
             await n.client().chat.completions.create(model=MODEL, messages=MESSAGES)
     assert not [line for line in buf.getvalue().splitlines() if '"route"' in line]
+
+
+async def test_access_log_names_the_key_when_the_operator_opts_in(dsn):
+    conn = await asyncpg.connect(dsn)
+    try:
+        key, secret = await create_key(conn, "team-a")
+    finally:
+        await conn.close()
+
+    def by_name(cfg: NodeConfig) -> None:
+        cfg.logging.access = True
+        cfg.logging.key_ref = "name"
+
+    with captured(access=True) as buf:
+        async with cluster(dsn, nodes=1, backends=1, configure=by_name) as c:
+            node = c.nodes[0]
+            refs = node.app[ACCESS_LOG].key_ref  # type: ignore[union-attr]
+            await wait_for(lambda: refs(key.id) == "team-a", timeout=10, what="names read")
+            await wait_for(partial(knows, node, secret), timeout=10, what="the key")
+            await c.client(0, secret).chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_headers={"x-request-id": "named-1"}
+            )
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    (line,) = [line for line in lines if line.get("request_id") == "named-1" and "route" in line]
+    assert line["key_ref"] == "team-a"
+    assert str(key.id) not in buf.getvalue()

@@ -141,3 +141,30 @@ def test_observability_imports_no_layer_above_it_even_for_type_checking() -> Non
         if name.startswith("affinity_node") and not name.startswith(below)
     ]
     assert upward == []
+
+
+def test_the_node_runs_without_opentelemetry() -> None:
+    """The otel extra is optional: imported only when tracing.otlp_endpoint is set."""
+    modules = loaded_after("import affinity_node.app")
+    assert not [m for m in modules if m.startswith("opentelemetry")]
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None  # as if not installed\n"
+        "from affinity_node.app import build_app\n"
+        "from affinity_node import config as c\n"
+        "from affinity_node.http.state import TRACING\n"
+        "cfg = c.NodeConfig(database=c.DatabaseConfig(dsn='postgresql://u@db/a'),\n"
+        "    backends=[c.BackendConfig(url='http://10.0.0.7:8000')])\n"
+        "c.validate(cfg)\n"
+        "print(type(build_app(cfg)[TRACING]).__name__)\n"
+        "cfg.tracing.otlp_endpoint = 'http://collector:4318'\n"
+        "try:\n"
+        "    c.validate(cfg)\n"
+        "except c.ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "NullTracing", out.stdout
+    assert "tracing.otlp_endpoint" in out.stdout

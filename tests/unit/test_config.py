@@ -340,3 +340,48 @@ def test_the_config_hash_leaves_out_node_id_and_passwords(tmp_path: Path) -> Non
     assert "p1" not in json.dumps(config_summary(a), default=str)
     other_db = load(tmp_path, MINIMAL, {"AFFINITY_DATABASE_DSN": "postgresql://u:p1@db2/x"})
     assert config_hash(other_db) != config_hash(a)
+
+
+def test_tracing_and_access_log_keys(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        {
+            **MINIMAL,
+            "listen": {"trusted_proxies": ["10.0.0.0/8", "fd00::1"]},
+            "logging": {"access": True, "key_ref": "name"},
+            "tracing": {"otlp_endpoint": "http://collector:4318", "sample_ratio": 0.1},
+        },
+        env={
+            "AFFINITY_LOGGING_KEY_REF_SECRET": "s3cret",
+            "AFFINITY_TRACING_FLUSH_INTERVAL_SECONDS": "0.5",
+        },
+    )
+    assert cfg.listen.trusted_proxies == ["10.0.0.0/8", "fd00::1"]
+    assert (cfg.logging.key_ref, cfg.logging.key_ref_secret) == ("name", "s3cret")
+    assert (cfg.tracing.sample_ratio, cfg.tracing.flush_interval_seconds) == (0.1, 0.5)
+    env = {"AFFINITY_LISTEN_TRUSTED_PROXIES": "10.1.0.0/16, 192.0.2.1"}  # comma-separated
+    assert load(tmp_path, MINIMAL, env).listen.trusted_proxies == ["10.1.0.0/16", "192.0.2.1"]
+    assert load(tmp_path, MINIMAL).tracing.otlp_endpoint == ""  # off by default
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"listen": {"trusted_proxies": ["10.0.0.0/33"]}}, "listen.trusted_proxies[0]"),
+        ({"listen": {"trusted_proxies": ["lb.local"]}}, "listen.trusted_proxies[0]"),
+        ({"logging": {"key_ref": "id"}}, "logging.key_ref"),
+        ({"tracing": {"otlp_endpoint": "collector:4318"}}, "tracing.otlp_endpoint"),
+        ({"tracing": {"sample_ratio": 1.5}}, "tracing.sample_ratio"),
+    ],
+)
+def test_tracing_and_access_log_bad_values(
+    tmp_path: Path, data: dict[str, Any], fragment: str
+) -> None:
+    assert fragment in error_of(tmp_path, {**MINIMAL, **data})
+
+
+def test_access_log_without_a_key_ref_secret_is_advised(tmp_path: Path) -> None:
+    cfg = load(tmp_path, {**MINIMAL, "logging": {"access": True}})
+    assert any("key_ref_secret" in note for note in advice(cfg))
+    cfg.logging.key_ref_secret = "s"
+    assert not any("key_ref_secret" in note for note in advice(cfg))

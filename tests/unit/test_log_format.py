@@ -80,6 +80,13 @@ def test_access_lines_are_json_whatever_the_main_format(restore_logging: None) -
         "ttft_ms": 4.0,
         "affinity": "hit",
         "error": None,
+        "key_ref": None,
+        "client": None,
+        "stream": None,
+        "prompt_tokens": None,
+        "cached_tokens": None,
+        "completion_tokens": None,
+        "trace_id": None,
     }
 
 
