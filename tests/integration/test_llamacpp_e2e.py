@@ -1,6 +1,7 @@
 """Real engines end to end: llama.cpp servers (the tiny random-weight model, one child
-process and one thread each) behind three proxy nodes sharing Postgres, driven with the
-official openai SDK. Every cached-token count here is the engine's own report."""
+process and one thread each, `kind: llamacpp`) behind three proxy nodes sharing Postgres,
+driven with the official openai SDK. Every cached-token count here is the engine's own report,
+and the load the nodes poll is the engine's own /metrics."""
 
 from __future__ import annotations
 
@@ -229,3 +230,38 @@ async def test_a_killed_engine_fails_over_and_the_tenant_rebuilds_its_cache(dsn,
         back = await chat.say(a[0], "Once more?")
         assert back.affinity == "hit" and back.cached >= moved.prompt - 8
         assert await fleet.bound_to("alice") == survivor
+
+
+@pytest.mark.timeout(60)
+async def test_the_load_poller_reads_the_engine_s_busy_slots_and_queue(dsn, tiny_model):
+    # One engine, one slot: of three long generations one runs and two wait in its queue.
+    async with llama_fleet(dsn, tiny_model, engines=1, nodes=1) as fleet:
+        client = fleet.client(0, await fleet.new_key("alice"))
+        engine = fleet.nodes[0].backends.get(fleet.engines[0].url)
+        assert engine is not None and engine.kind == "llamacpp"
+        await wait_for(lambda: engine.running == 0.0, timeout=10, what="a poll of the idle engine")
+        assert engine.waiting == 0.0
+
+        async def generate(i: int) -> None:
+            await client.completions.create(
+                model=MODEL,
+                prompt=f"Tell me a long story, number {i}.",
+                max_tokens=3000,
+                extra_body={"ignore_eos": True},  # the random model may end early otherwise
+            )
+
+        calls = [asyncio.create_task(generate(i)) for i in range(3)]
+        try:
+            # Read from the engine's llamacpp:requests_processing / _deferred, not the node's
+            # own in-flight count (which would say 3 running).
+            await wait_for(
+                lambda: engine.running == 1.0 and engine.waiting == 2.0,
+                timeout=10,
+                interval=0.05,
+                what="a poll that sees one request running and two deferred",
+            )
+            assert engine.inflight == 3
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
