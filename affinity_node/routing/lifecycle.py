@@ -44,7 +44,10 @@ def apply_registry(backends: BackendPool, entries: Sequence[RegistryEntry]) -> l
     for url, entry in wanted.items():
         backend = backends.get(url)
         if backend is None and entry.added:
-            backend = backends.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            try:
+                backend = backends.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            except ValueError:
+                continue  # a kind from a newer version (mid-upgrade): the rest still applies
             changes.append(f"{url} added")
         if backend is None:
             continue
