@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import psutil
 import pytest
 
-from affinity_node.sim.llamacpp import make_tiny_model
+from affinity_node.sim.llamacpp import make_tiny_model, start_server
+from affinity_node.sim.support import Processes, free_port
 from tests.integration.test_ledger_e2e import ledger_by_key
 from tests.support.llamacpp import MODEL, LlamaFleet, llama_fleet
 from tests.support.waiting import wait_for
@@ -265,3 +267,43 @@ async def test_the_load_poller_reads_the_engine_s_busy_slots_and_queue(dsn, tiny
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
+
+
+@pytest.mark.timeout(60)
+async def test_an_engine_started_with_a_backend_id_names_itself_in_every_answer(
+    tiny_model, tmp_path
+):
+    """The demo's engines (llama.cpp sends no x-backend-id): the relay in the engine's process
+    adds it and passes the answer through unchanged, streams chunk by chunk included."""
+    processes = Processes(tmp_path)
+    try:
+        async with aiohttp.ClientSession() as http:
+            engine = await start_server(
+                processes, http, "engine", tiny_model, free_port(), backend_id="b7"
+            )
+            client = openai.AsyncOpenAI(
+                base_url=f"{engine.url}/v1", api_key="unused", max_retries=0, timeout=30.0
+            )
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+                )
+                assert raw.headers["x-backend-id"] == "b7"
+                assert raw.parse().usage is not None
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=3,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                assert raw.headers["x-backend-id"] == "b7"
+                chunks = [chunk async for chunk in raw.parse()]
+                assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
+            finally:
+                await client.close()
+            async with http.get(f"{engine.url}/metrics") as resp:
+                assert resp.headers["x-backend-id"] == "b7"
+                assert "llamacpp:requests_processing" in await resp.text()
+    finally:
+        await processes.close()
