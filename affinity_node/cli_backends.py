@@ -3,7 +3,7 @@ second, without a restart).
 
     backends list [--json]                  url, kind, models, state, health as the nodes see it,
                                             bindings, the nodes' requests in flight to it
-    backends add URL [--model M ...] [--kind vllm|external]
+    backends add URL [--model M ...] [--kind vllm|llamacpp|external]
     backends drain URL [--deadline 10m]     no new bindings; its bindings move off, paced
     backends undrain URL
     backends remove URL [--force]           refused while it holds bindings, unless --force
@@ -30,6 +30,7 @@ import asyncpg
 from affinity_node.argtypes import backend_url, duration, non_empty
 from affinity_node.config import ConfigError, HostAllowList, env_allow_list, load_config
 from affinity_node.store.registry import PostgresRegistry
+from affinity_node.vocabulary import BACKEND_KINDS
 
 
 def _allow_list(config: str | None) -> HostAllowList:
@@ -162,7 +163,7 @@ def add_parser(sub: Any, add_dsn: Callable[[argparse.ArgumentParser], None]) -> 
         type=non_empty,
         help="a model it serves (repeatable; default: learn from /v1/models)",
     )
-    c.add_argument("--kind", choices=["vllm", "external"], default="vllm")
+    c.add_argument("--kind", choices=BACKEND_KINDS, default="vllm")
     _add_config(c)
     add_dsn(c)
     c = bs.add_parser("drain", help="no new bindings; move its bindings off, paced")

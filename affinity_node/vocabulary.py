@@ -30,8 +30,9 @@ StrategyName = Literal["least_outstanding", "round_robin", "random"]
 StoreKind = Literal["postgres", "memory"]
 """`affinity.store`: bindings shared through Postgres, or kept by each node alone."""
 
-BackendKind = Literal["vllm", "external"]
-"""vllm: affinity may apply (it has a prefix cache to reuse); external: never."""
+BackendKind = Literal["vllm", "llamacpp", "external"]
+"""vllm, llamacpp: affinity may apply (each has a prefix cache to reuse, reports its load on
+/metrics and answers `stream_options.include_usage`); external: never."""
 
 BackendState = Literal["active", "draining", "disabled"]
 """Admin state (the registry): draining takes no new bindings and gives its own away;
@@ -107,6 +108,8 @@ KEY_EVENT_OPS: Final[tuple[KeyEventOp, ...]] = get_args(KeyEventOp)
 LIMIT_KINDS: Final[tuple[LimitKind, ...]] = get_args(LimitKind)
 STRATEGY_NAMES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
 BACKEND_KINDS: Final[tuple[BackendKind, ...]] = get_args(BackendKind)
+CACHE_KINDS: Final[frozenset[BackendKind]] = frozenset(("vllm", "llamacpp"))
+"""The engines affinity serves: a prefix cache, load on /metrics, usage asked for."""
 BACKEND_STATES: Final[tuple[BackendState, ...]] = get_args(BackendState)
 MOVE_REASONS: Final[tuple[MoveReason, ...]] = get_args(MoveReason)
 EVICT_REASONS: Final[tuple[EvictReason, ...]] = get_args(EvictReason)

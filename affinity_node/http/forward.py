@@ -47,7 +47,7 @@ from affinity_node.routing.backends import Backend
 from affinity_node.routing.router import Route
 from affinity_node.upstream.http1 import BodyParts, UpstreamFailed, UpstreamTimeout
 from affinity_node.upstream.transport import Answer
-from affinity_node.vocabulary import AffinityHeader, LedgerOutcome
+from affinity_node.vocabulary import CACHE_KINDS, AffinityHeader, LedgerOutcome
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -92,7 +92,7 @@ class Outgoing:
     method: str = "POST"
     content_type: str | None = "application/json"
     usage_body: BodyParts | None = None
-    """The body that also asks for a stream's usage, for vllm backends."""
+    """The body that also asks for a stream's usage, for vllm and llamacpp backends."""
     client_asked_usage: bool = False
     """A stream whose usage event the client gets (asked for, or the API always sends it)."""
     tag_ids: bool = False
@@ -147,7 +147,9 @@ class Forwarder:
         body, usage_body = out.body, out.usage_body
         while True:
             backend = route.backend
-            sent_body = usage_body if usage_body is not None and backend.kind == "vllm" else body
+            sent_body = (
+                usage_body if usage_body is not None and backend.kind in CACHE_KINDS else body
+            )
             try:
                 response, ok = await self._attempt(
                     backend, key_id, sent_body, route.affinity, asked=sent_body is not body

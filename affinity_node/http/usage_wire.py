@@ -9,8 +9,8 @@ later: ledger/usage.py).
   could not use it before). Only a line with a usage object is looked at more closely.
 - When the client did not ask for usage, the node asks the backend for it (`with_usage`) and
   the watcher removes that event, so the client gets the stream it would get from vLLM
-  directly. Only vllm backends are asked: other servers may reject the field or add
-  `"usage": null` to every chunk.
+  directly. Only vllm and llamacpp backends are asked (both answer with one final usage
+  event): other servers may reject the field or add `"usage": null` to every chunk.
 """
 
 from __future__ import annotations

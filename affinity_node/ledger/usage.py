@@ -5,10 +5,10 @@ vLLM reports per answer how many prompt tokens came from its prefix cache:
 extra event before `data: [DONE]` when the request set `stream_options.include_usage`.
 
 The request path only finds the usage object and copies its bytes (http/usage_wire.py). The
-ledger decodes them later, a batch at a time (`add_usages`: one regex scan over vLLM's compact
-objects, sums in C). Decoding each one on the request path, even from the end of the body only,
-cost the node 4% of its throughput (bench-overhead: Python work is dearer in a busy node than
-in a tight loop).
+ledger decodes them later, a batch at a time (`add_usages`: one regex scan over vLLM's or
+llama.cpp's compact objects, sums in C). Decoding each one on the request path, even from the
+end of the body only, cost the node 4% of its throughput (bench-overhead: Python work is
+dearer in a busy node than in a tight loop).
 """
 
 from __future__ import annotations
@@ -95,29 +95,52 @@ def _object(raw: bytes) -> dict[str, Any] | None:
 
 
 _VLLM_USAGES: Final = re.compile(
-    rb'(?:^|\x00)\{"prompt_tokens":(\d{1,9}),"total_tokens":\d{1,10},"completion_tokens":(\d{1,9})'
+    rb'\x00\{"prompt_tokens":(\d{1,9}),"total_tokens":\d{1,10},"completion_tokens":(\d{1,9})'
     rb'(?:,"prompt_tokens_details":(?:null|\{"cached_tokens":(?:null|(\d{1,9}))\}))?\}'
 )
 """vLLM's usage object as its pydantic model (UsageInfo) writes it: compact, fields in this
 order, details with `cached_tokens` only when the server runs with
-`--enable-prompt-tokens-details`; at the start of each NUL-separated record (JSON text holds
-no NUL byte). Anything else (OpenAI's field order, spaces, other fields) is decoded as JSON,
-and so are counts of ten digits or more (clamped to MAX_TOKENS)."""
+`--enable-prompt-tokens-details`; at the start of each record, each preceded by a NUL (JSON
+text holds none; a literal first byte lets the scan skip ahead, 3x faster than matching
+`(?:^|\x00)` at every byte). Anything else (OpenAI's field order, spaces, other fields) is
+decoded as JSON, and so are counts of ten digits or more (clamped to MAX_TOKENS)."""
+
+
+_LLAMACPP_USAGES: Final = re.compile(
+    rb'\x00\{"completion_tokens":(\d{1,9}),"prompt_tokens":(\d{1,9}),"total_tokens":\d{1,10}'
+    rb'(?:,"prompt_tokens_details":\{"cached_tokens":(\d{1,9})\})?\}'
+)
+"""llama.cpp's usage object (chat and completions, streamed or not), as its server writes it:
+compact, keys in alphabetical order (nlohmann::json), `prompt_tokens_details.cached_tokens`
+always there. Its Responses and Messages usages take the JSON path."""
+
+_FAST_PATHS: Final = (
+    (b'{"prompt_tokens":', _VLLM_USAGES, 0, 1),
+    (b'{"completion_tokens":', _LLAMACPP_USAGES, 1, 0),
+)
+"""Each engine's first bytes, its pattern, the groups of its prompt and completion counts
+(cached is the third). A batch holds one backend's answers (one ledger row), so one engine's
+spelling: the first object picks the pattern; a batch it does not read whole is decoded object
+by object."""
 
 
 def add_usages(counts: list[int], usages: list[bytes]) -> int:
     """Adds the usage objects' prompt, cached and completion tokens to counts[1:4]; returns how
-    many could not be read. When each is vLLM's compact form, one scan over them all and sums
-    in C; otherwise each is decoded as JSON. Cached tokens never exceed the prompt tokens
-    (per object when decoded one by one, per batch on the fast path)."""
-    found = _VLLM_USAGES.findall(b"\x00".join(usages))
-    if found and len(found) == len(usages):
-        prompt, completion, cached = zip(*found, strict=True)
-        p = sum(map(int, prompt))
-        counts[1] += p
-        counts[2] += min(sum(map(int, filter(None, cached))), p)
-        counts[3] += sum(map(int, completion))
-        return 0
+    many could not be read. When each is vLLM's or llama.cpp's compact form, one scan over them
+    all and sums in C; otherwise each is decoded as JSON. Cached tokens never exceed the prompt
+    tokens (per object when decoded one by one, per batch on the fast path)."""
+    for start, pattern, prompt_at, completion_at in _FAST_PATHS:
+        if not usages or not usages[0].startswith(start):
+            continue
+        found = pattern.findall(b"\x00" + b"\x00".join(usages))
+        if len(found) == len(usages):
+            groups = tuple(zip(*found, strict=True))
+            prompt, completion, cached = groups[prompt_at], groups[completion_at], groups[2]
+            p = sum(map(int, prompt))
+            counts[1] += p
+            counts[2] += min(sum(map(int, filter(None, cached))), p)
+            counts[3] += sum(map(int, completion))
+            return 0
     unreadable = 0
     for raw in usages:
         usage = decode_usage(raw)

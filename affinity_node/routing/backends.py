@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-from affinity_node.vocabulary import BACKEND_KINDS, BackendKind, BackendState
+from affinity_node.vocabulary import BACKEND_KINDS, CACHE_KINDS, BackendKind, BackendState
 
 Origin = Literal["config", "registry", "dns"]
 """Where a backend came from: the YAML, the registry (`backends add`), or DNS discovery."""
@@ -91,8 +91,8 @@ class Backend:
     """Canonical model names it serves: its configured ones plus the adapters it lists, or
     (configured without any) everything it lists."""
     discovers: bool = False
-    """True when GET /v1/models is asked what it serves: every vllm backend (adapters come and
-    go at runtime) and any backend configured without models."""
+    """True when GET /v1/models is asked what it serves: every vllm or llamacpp backend
+    (adapters come and go at runtime) and any backend configured without models."""
     configured: frozenset[str] = frozenset()
     """Canonical names from the config (or registry, DNS entry); empty: learn them all."""
     healthy: bool = True
@@ -162,7 +162,7 @@ class BackendPool:
 
     def _new_backend(self, bid: str, spec: BackendSpec, origin: Origin) -> Backend:
         served = frozenset(self._learn(m) for m in spec.models)
-        discovers = spec.kind == "vllm" or not served
+        discovers = spec.kind in CACHE_KINDS or not served
         return Backend(bid, spec.kind, served, discovers, configured=served, origin=origin)
 
     # -- model names -------------------------------------------------------------------------
@@ -279,8 +279,8 @@ class BackendPool:
         return ids
 
     def affinity_applies(self, model: str, backend: Backend) -> bool:
-        """Affinity only pays where there is a prefix cache to reuse: vllm backends."""
-        if backend.kind != "vllm":
+        """Affinity only pays where there is a prefix cache to reuse: vllm and llama.cpp."""
+        if backend.kind not in CACHE_KINDS:
             return False
         canonical = self._canon.get(model)
         if canonical is None:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
 from affinity_node.routing.engine import AffinityEngine
 from affinity_node.routing.ports import Clock, MoverStore, RegistryEntry
-from affinity_node.vocabulary import MoveReason
+from affinity_node.vocabulary import CACHE_KINDS, MoveReason
 
 
 def apply_registry(backends: BackendPool, entries: Sequence[RegistryEntry]) -> list[str]:
@@ -44,7 +44,10 @@ def apply_registry(backends: BackendPool, entries: Sequence[RegistryEntry]) -> l
     for url, entry in wanted.items():
         backend = backends.get(url)
         if backend is None and entry.added:
-            backend = backends.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            try:
+                backend = backends.add(BackendSpec(url, entry.kind, entry.models), "registry")
+            except ValueError:
+                continue  # a kind from a newer version (mid-upgrade): the rest still applies
             changes.append(f"{url} added")
         if backend is None:
             continue
@@ -162,18 +165,18 @@ class Mover:
     def _least_bound(self, model: str, exclude: set[str]) -> str | None:
         choices = [
             b for b in self._backends.candidates(model)
-            if b.kind == "vllm" and b.state == "active" and b.id not in exclude
+            if b.kind in CACHE_KINDS and b.state == "active" and b.id not in exclude
         ]  # fmt: skip
         if not choices:
             return None
         return min(choices, key=self._bindings).id
 
     def skew(self) -> tuple[Backend, Backend, float] | None:
-        """(busiest, least busy, busiest over mean) over the active vllm backends."""
+        """(busiest, least busy, busiest over mean) over the active vllm and llamacpp backends."""
         active = [
             b
             for b in self._backends.backends
-            if b.kind == "vllm" and b.state == "active" and b.healthy and b.models
+            if b.kind in CACHE_KINDS and b.state == "active" and b.healthy and b.models
         ]
         if len(active) < 2:
             return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from affinity_node.routing.backends import Backend, BackendPool
+from affinity_node.vocabulary import CACHE_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ class LoadView:
         cool: dict[str, frozenset[str]] = {}
         models = {m for b in self._backends.backends for m in b.models}
         for model in models:
-            peers = [b for b in self._backends.candidates(model) if b.kind == "vllm"]
+            peers = [b for b in self._backends.candidates(model) if b.kind in CACHE_KINDS]
             if not peers:
                 continue
             loads = {b.id: self.load(b) for b in peers}
@@ -81,11 +82,15 @@ class LoadView:
         return self._cool.get(model, frozenset())
 
     def least_loaded(self, model: str, exclude: frozenset[str] | set[str]) -> Backend | None:
-        """The healthy vllm backend of `model` with the least load, outside `exclude`."""
+        """The healthy cache-kind backend of `model` with the least load, outside `exclude`."""
         best: Backend | None = None
         best_load = 0.0
         for backend in self._backends.candidates(model):
-            if backend.kind != "vllm" or backend.id in exclude or backend.state != "active":
+            if (
+                backend.kind not in CACHE_KINDS
+                or backend.id in exclude
+                or backend.state != "active"
+            ):
                 continue
             load = self.load(backend)
             if best is None or load < best_load:

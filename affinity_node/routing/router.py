@@ -1,9 +1,10 @@
 """Per request: which backend, and what affinity said about it.
 
 Combines the backend pool (health, load), the fallback strategy, the affinity engine and the
-fan-out controller. The engine only ever sees vllm backends as candidates: external ones are
-never bound. A pair bound to a set of backends is served by the member its conversation hashes
-to (routing/members.py); a request goes past its set (a spill) only when the set cannot grow.
+fan-out controller. The engine only ever sees vllm and llamacpp backends as candidates:
+external ones are never bound. A pair bound to a set of backends is served by the member its
+conversation hashes to (routing/members.py); a request goes past its set (a spill) only when
+the set cannot grow.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Router:
         return self._strategy.choose(backends).id
 
     def _affinity_candidates(self, model: str) -> tuple[str, ...]:
-        """The model's healthy vllm backends, recomputed only when the pool's list changes."""
+        """The model's healthy cache-kind backends, recomputed only when the pool's list changes."""
         ids = self._backends.candidate_ids(model)
         cached = self._vllm.get(model)
         if cached is not None and cached[0] is ids:

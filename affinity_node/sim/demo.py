@@ -109,6 +109,29 @@ LLAMACPP_DEFAULTS: dict[str, Any] = {
 """`--engine llamacpp`: real compute on this machine's CPUs (one thread per engine), so a
 lighter load than the simulator's: ~1,000-token system prompts at 4 req/s keep the engines
 busy but not saturated with affinity, and every conversation within the 4,096-token context."""
+LLAMACPP_SKEW_DEFAULTS: dict[str, Any] = {
+    "keys": 8,
+    "conversations": 6,
+    "max_turns": 3,
+    "output_tokens": 8,
+    "duration": 30.0,
+    "warmup": 10.0,
+    "rate": 4.0,
+}
+"""`--scenario skew --engine llamacpp`: Zipf 2.0 over 8 tenants at 4 req/s puts ~2.6 req/s on
+the top tenant, about what its one engine (one slot, one thread, ~1,000-token prompts) serves
+from its cache. At 6 req/s this 2-core machine (4 engines, 3 nodes, HAProxy, Postgres and the
+load generator) keeps up neither without affinity nor with it at fan-out 1 or 4."""
+LLAMACPP_CACHE_MIB: dict[str, int] = {"skew": 4}
+"""Each engine's prompt cache beyond its slot, per scenario (else llama.cpp's default, which
+holds every tenant of these workloads). The tiny model's KV takes ~2 KB a token: 4 MiB keeps
+about two ~1,000-token prompts, so the fleet holds the working set about once, as the
+simulator's skew fleet does, and where a tenant's requests go matters."""
+LLAMACPP_SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "chat": LLAMACPP_DEFAULTS,
+    "skew": LLAMACPP_SKEW_DEFAULTS,
+}
+"""The scenarios `--engine llamacpp` runs, with their lighter defaults."""
 LLAMACPP_SYSTEM_WORDS = (250, 400)
 LLAMACPP_USER_WORDS = (8, 20)
 """The workload's words per system prompt and per question (the tiny model's tokenizer makes
@@ -120,7 +143,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     p = preset_of(args)
     out = argparse.Namespace(**vars(args))
     if getattr(out, "engine", "sim") == "llamacpp":
-        for name, value in LLAMACPP_DEFAULTS.items():
+        for name, value in LLAMACPP_SCENARIO_DEFAULTS.get(args.scenario, {}).items():
             if getattr(out, name, None) is None:
                 setattr(out, name, value)
     defaults: dict[str, Any] = {
@@ -230,6 +253,10 @@ def _load_notes(
     return rate, notes
 
 
+def _cache_words(mib: int) -> str:
+    return "llama.cpp's default" if mib < 0 else f"{mib} MiB"
+
+
 async def _start_llamacpp(
     fleet: Fleet, tmp: Path, args: argparse.Namespace, notes: list[str]
 ) -> None:
@@ -238,14 +265,17 @@ async def _start_llamacpp(
     shape = TinyModel()
     _say(f"making the tiny model, starting {args.backends} llama.cpp servers ...")
     path = await asyncio.to_thread(make_tiny_model, tmp / "tiny.gguf")
-    await fleet.start_llamacpp(path)
+    await fleet.start_llamacpp(path, LLAMACPP_CACHE_MIB.get(args.scenario, -1))
     notes.append(
         f"engines: {args.backends} real llama.cpp servers (xllamacpp), one slot and one thread "
         f"each, a random-weight llama ({shape.layers} layers, embedding {shape.embedding}, "
-        f"vocab {shape.vocab}, context {shape.context}), restarted before each run; hit rate "
+        f"vocab {shape.vocab}, context {shape.context}), prompt cache beyond the slot "
+        f"{_cache_words(fleet.engine_cache_mib)}, restarted before each run; hit rate "
         "and prefill saved from the engines' own /metrics (llamacpp:prompt_tokens_total, "
         "_cached_total, prompt_seconds_total): saved = cached tokens x the engines' measured "
-        "seconds per computed prompt token"
+        "seconds per computed prompt token; nodes run them as `kind: llamacpp` (load polled "
+        "from llamacpp:requests_processing and _deferred); x-backend-id comes from a small "
+        "relay in each engine's process (llama.cpp sends none)"
     )
 
 
@@ -348,10 +378,10 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                 f"rate = hit tokens / queried tokens on the backends over each run"
             )
         notes.append(
-            f"largest queue: the most vllm:num_requests_waiting seen on each backend, sampled "
-            f"every {SAMPLE_INTERVAL_S:g} s; busiest tenants from the answers' x-backend-id: "
-            f"share of a tenant's requests on its most-used backend / fan-out = backends that "
-            f"served at least {FANOUT_MIN_SHARE:.0%} of them"
+            f"largest queue: the most vllm:num_requests_waiting (llamacpp:requests_deferred) "
+            f"seen on each backend, sampled every {SAMPLE_INTERVAL_S:g} s; busiest tenants "
+            f"from the answers' x-backend-id: share of a tenant's requests on its most-used "
+            f"backend / fan-out = backends that served at least {FANOUT_MIN_SHARE:.0%} of them"
         )
         notes.append(
             "ledger tenants: the 5 tenants with the most requests in the nodes' usage ledger "
@@ -506,8 +536,10 @@ def invalid(args: argparse.Namespace) -> str | None:
         return (
             "--scenario agents runs closed-loop agent sessions: no --rate, --load or --concurrency"
         )
-    if getattr(args, "engine", "sim") == "llamacpp" and args.scenario != "chat":
-        return "--engine llamacpp runs the chat scenario only"
+    if getattr(args, "engine", "sim") == "llamacpp" and args.scenario not in (
+        LLAMACPP_SCENARIO_DEFAULTS
+    ):
+        return f"--engine llamacpp runs the {' and '.join(LLAMACPP_SCENARIO_DEFAULTS)} scenarios"
     if args.scenario == "scale" and r.backends < 2:
         return "--scenario scale needs --backends >= 2 (one joins at runtime, one drains)"
     if r.backends < 1 or r.nodes < 1 or r.keys < 1 or r.conversations < 1 or r.max_turns < 1:
@@ -603,8 +635,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         choices=["sim", "llamacpp"],
         default="sim",
         help="sim (default): simulated vLLM backends; llamacpp: real llama.cpp servers on a "
-        "tiny random-weight model (needs the xllamacpp and gguf packages; chat scenario, "
-        "lighter default load)",
+        "tiny random-weight model (needs the xllamacpp and gguf packages; chat and skew "
+        "scenarios, lighter default loads)",
     )
     p.add_argument(
         "--backends", type=positive_int, default=4, help="fake vLLM backends (default 4)"

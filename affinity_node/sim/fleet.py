@@ -87,10 +87,16 @@ class Fleet:
     engine_model: Path | None = None
     """The GGUF file when the backends are real llama.cpp servers (`demo --engine llamacpp`)."""
     engines: list[EngineProcess] = field(default_factory=list)
+    engine_cache_mib: int = -1
+    """llama.cpp's host-RAM prompt cache per engine (-1: its default, several GiB)."""
 
     @property
     def backend_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.backend_ports]
+
+    @property
+    def backend_kind(self) -> str:
+        return "vllm" if self.engine_model is None else "llamacpp"
 
     @property
     def node_urls(self) -> list[str]:
@@ -155,13 +161,24 @@ class Fleet:
             )
         )
 
-    async def start_llamacpp(self, model: Path) -> None:
-        """Real llama.cpp servers on the backend ports, one thread each (sim/llamacpp.py)."""
+    async def start_llamacpp(self, model: Path, cache_ram_mib: int | None = None) -> None:
+        """Real llama.cpp servers on the backend ports, one thread each (sim/llamacpp.py);
+        `cache_ram_mib`: their prompt cache beyond the slot (None: as before, -1: theirs)."""
         self.engine_model = model
+        if cache_ram_mib is not None:
+            self.engine_cache_mib = cache_ram_mib
         self.engines = list(
             await asyncio.gather(
                 *(
-                    start_server(self.procs, self.session, f"backend-b{i}", model, port)
+                    start_server(
+                        self.procs,
+                        self.session,
+                        f"backend-b{i}",
+                        model,
+                        port,
+                        cache_ram_mib=self.engine_cache_mib,
+                        backend_id=f"b{i}",
+                    )
                     for i, port in enumerate(self.backend_ports)
                 )
             )
@@ -207,7 +224,7 @@ class Fleet:
             "limits": {"drain_timeout_seconds": 5},
             "logging": {"level": self.node_log_level, "json": False},
             "backends": [
-                {"url": u, "models": [MODEL], "kind": "vllm"}
+                {"url": u, "models": [MODEL], "kind": self.backend_kind}
                 for u in self.backend_urls[: scenario.configured_backends]
             ],
             "models": [{"name": MODEL, "affinity": True}],

@@ -19,6 +19,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from affinity_node.sim.support import Child, Processes, wait_http_ok
+from affinity_node.sim.support import Child, Processes, free_port, wait_http_ok
 
 MODEL_NAME = "tiny-llama"
 """The id each server lists on /v1/models (its alias), whatever the file is called."""
@@ -158,6 +159,11 @@ class ServerOptions:
     threads: int = 1
     cache_ram_mib: int = -1
     """llama.cpp's host-RAM prompt cache beyond the slots (-1: its default, 0: off)."""
+    backend_id: str | None = None
+    """When set, answers carry `x-backend-id` (as the vLLM simulator's do), so the demo can
+    tell which engine served: llama.cpp then listens on a private port behind a relay in
+    this process. llama.cpp itself sends no such header, and the same `system_fingerprint`
+    from every instance."""
 
 
 def serve_forever(opts: ServerOptions) -> None:
@@ -168,7 +174,7 @@ def serve_forever(opts: ServerOptions) -> None:
     params.model.path = str(opts.model)
     params.model_alias = {MODEL_NAME}
     params.hostnames = [opts.host]
-    params.port = opts.port
+    params.port = opts.port if opts.backend_id is None else free_port()
     params.n_parallel = opts.slots
     params.n_ctx = opts.context * opts.slots  # each slot holds a whole context
     params.cpuparams.n_threads = opts.threads
@@ -182,9 +188,55 @@ def serve_forever(opts: ServerOptions) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server's threads exist
     server = xllamacpp.Server(params)
     print(f"llama.cpp serving {opts.model} at {server.listening_address}", flush=True)
+    if opts.backend_id is not None:
+        engine = f"http://{opts.host}:{params.port}"
+        relay = threading.Thread(
+            target=asyncio.run,
+            args=(_relay(opts.host, opts.port, engine, opts.backend_id),),
+            name="relay",
+            daemon=True,
+        )
+        relay.start()
     signal.sigwait(stop)
     # Nothing to flush: leave at once, not after the server's threads wind down (~1.5 s).
     os._exit(0)
+
+
+_RELAYED_HEADERS = frozenset({"content-type", "accept", "authorization"})
+
+
+async def _relay(host: str, port: int, engine: str, backend_id: str) -> None:
+    """Passes every request to the engine and its answer back as it comes (SSE included),
+    adding `x-backend-id`. Runs until the process exits; a client that leaves cancels the
+    engine's request (its connection is closed)."""
+    from aiohttp import web
+
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=600), auto_decompress=False
+    )
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _RELAYED_HEADERS}
+        async with session.request(
+            request.method, engine + request.path_qs, data=await request.read(), headers=headers
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status)
+            for name in ("Content-Type", "Content-Length", "Cache-Control"):
+                if name in upstream.headers:
+                    response.headers[name] = upstream.headers[name]
+            response.headers["x-backend-id"] = backend_id
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    await asyncio.Event().wait()
 
 
 # -- starting servers as child processes -------------------------------------------------------
@@ -210,6 +262,7 @@ async def start_server(
     port: int,
     slots: int = 1,
     cache_ram_mib: int = -1,
+    backend_id: str | None = None,
 ) -> EngineProcess:
     """Starts one server and waits until /health says the model is loaded."""
     argv = [
@@ -222,6 +275,8 @@ async def start_server(
         f"--slots={slots}",
         f"--cache-ram-mib={cache_ram_mib}",
     ]
+    if backend_id is not None:
+        argv.append(f"--backend-id={backend_id}")
     child = await processes.start(name, argv)
     engine = EngineProcess(child, port)
     await wait_http_ok(session, f"{engine.url}/health", child, f"{name} (llama.cpp) to load")
@@ -260,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--context", type=int, default=4096)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--cache-ram-mib", type=int, default=-1)
+    run.add_argument(
+        "--backend-id", help="answer with this x-backend-id (through a relay in this process)"
+    )
     return parser
 
 
@@ -277,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             context=args.context,
             threads=args.threads,
             cache_ram_mib=args.cache_ram_mib,
+            backend_id=args.backend_id,
         )
     )
 

@@ -1,7 +1,8 @@
 """The largest queue each backend had during a run, read from its /metrics while it goes.
 
 Counters can be read before and after a run; a queue cannot: it grows and drains within the
-run. So the sampler reads every backend's `vllm:num_requests_waiting` (and running, KV usage)
+run. So the sampler reads every backend's `vllm:num_requests_waiting` (and running, KV usage;
+llama.cpp's `llamacpp:requests_deferred` and `_processing`)
 a few times a second and keeps the maxima. It reads the lines it needs instead of parsing the
 whole page: it runs next to the load it measures, on the same cores.
 """
@@ -18,17 +19,21 @@ import aiohttp
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
+ALIASES = {"llamacpp:requests_processing": RUNNING, "llamacpp:requests_deferred": WAITING}
+"""llama.cpp's names for the same gauges (its busy slots and its queue), read as vLLM's."""
 
 
 def read_gauges(
     text: str, names: tuple[str, ...] = (WAITING, RUNNING, KV_USAGE)
 ) -> dict[str, float]:
-    """Sums of the named gauges over their series, from Prometheus text (other lines skipped)."""
+    """Sums of the named gauges over their series, from Prometheus text (other lines skipped);
+    llama.cpp's gauges count under vLLM's names (ALIASES)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        if not line.startswith(("vllm:", "llamacpp:")):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
+        name = ALIASES.get(name, name)
         if name not in names:
             continue
         try:

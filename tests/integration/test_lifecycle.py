@@ -182,6 +182,36 @@ async def test_backends_added_and_removed_at_runtime(dsn):
         await extra.close()
 
 
+async def test_a_llamacpp_backend_joins_by_the_registry_and_takes_bindings(dsn):
+    """`--kind llamacpp` passes the registry's CHECKs (migration 0008): its row and every
+    node's health report of it; affinity applies to it as to a vllm backend."""
+    extra = await serve(FakeBackendConfig(backend_id="x9", models=[MODEL]))
+    try:
+        async with cluster(dsn, nodes=2, backends=1, configure=paced(50.0)) as c:
+            code, _, err = await cli(
+                "backends", "add", extra.url, "--model", MODEL, "--kind", "llamacpp", dsn=dsn
+            )
+            assert code == 0, err
+
+            def added() -> bool:
+                found = [n.backends.get(extra.url) for n in c.nodes]
+                return all(b is not None and b.kind == "llamacpp" for b in found)
+
+            await wait_for(added, timeout=1.0, interval=0.01, what="every node to add it")
+            await bind_tenants(c, 8)
+            assert (await bound_counts(dsn))[extra.url] > 0
+
+            async def reported() -> bool:
+                code, out, _ = await cli("backends", "list", "--json", dsn=dsn)
+                listed = {b["url"]: b for b in json.loads(out)} if code == 0 else {}
+                row = listed.get(extra.url.rstrip("/"), {})
+                return row.get("kind") == "llamacpp" and row.get("nodes") == 2
+
+            await wait_for(reported, timeout=20, interval=0.5, what="both nodes' health reports")
+    finally:
+        await extra.close()
+
+
 async def test_rebalance_after_a_scale_up_converges_and_stops(dsn):
     def fast(cfg: NodeConfig) -> None:
         cfg.rebalance.after_seconds = 0.5

@@ -1,6 +1,7 @@
 """Real engines end to end: llama.cpp servers (the tiny random-weight model, one child
-process and one thread each) behind three proxy nodes sharing Postgres, driven with the
-official openai SDK. Every cached-token count here is the engine's own report."""
+process and one thread each, `kind: llamacpp`) behind three proxy nodes sharing Postgres,
+driven with the official openai SDK. Every cached-token count here is the engine's own report,
+and the load the nodes poll is the engine's own /metrics."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import psutil
 import pytest
 
-from affinity_node.sim.llamacpp import make_tiny_model
+from affinity_node.sim.llamacpp import make_tiny_model, start_server
+from affinity_node.sim.support import Processes, free_port
 from tests.integration.test_ledger_e2e import ledger_by_key
 from tests.support.llamacpp import MODEL, LlamaFleet, llama_fleet
 from tests.support.waiting import wait_for
@@ -229,3 +232,78 @@ async def test_a_killed_engine_fails_over_and_the_tenant_rebuilds_its_cache(dsn,
         back = await chat.say(a[0], "Once more?")
         assert back.affinity == "hit" and back.cached >= moved.prompt - 8
         assert await fleet.bound_to("alice") == survivor
+
+
+@pytest.mark.timeout(60)
+async def test_the_load_poller_reads_the_engine_s_busy_slots_and_queue(dsn, tiny_model):
+    # One engine, one slot: of three long generations one runs and two wait in its queue.
+    async with llama_fleet(dsn, tiny_model, engines=1, nodes=1) as fleet:
+        client = fleet.client(0, await fleet.new_key("alice"))
+        engine = fleet.nodes[0].backends.get(fleet.engines[0].url)
+        assert engine is not None and engine.kind == "llamacpp"
+        await wait_for(lambda: engine.running == 0.0, timeout=10, what="a poll of the idle engine")
+        assert engine.waiting == 0.0
+
+        async def generate(i: int) -> None:
+            await client.completions.create(
+                model=MODEL,
+                prompt=f"Tell me a long story, number {i}.",
+                max_tokens=3000,
+                extra_body={"ignore_eos": True},  # the random model may end early otherwise
+            )
+
+        calls = [asyncio.create_task(generate(i)) for i in range(3)]
+        try:
+            # Read from the engine's llamacpp:requests_processing / _deferred, not the node's
+            # own in-flight count (which would say 3 running).
+            await wait_for(
+                lambda: engine.running == 1.0 and engine.waiting == 2.0,
+                timeout=10,
+                interval=0.05,
+                what="a poll that sees one request running and two deferred",
+            )
+            assert engine.inflight == 3
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+
+@pytest.mark.timeout(60)
+async def test_an_engine_started_with_a_backend_id_names_itself_in_every_answer(
+    tiny_model, tmp_path
+):
+    """The demo's engines (llama.cpp sends no x-backend-id): the relay in the engine's process
+    adds it and passes the answer through unchanged, streams chunk by chunk included."""
+    processes = Processes(tmp_path)
+    try:
+        async with aiohttp.ClientSession() as http:
+            engine = await start_server(
+                processes, http, "engine", tiny_model, free_port(), backend_id="b7"
+            )
+            client = openai.AsyncOpenAI(
+                base_url=f"{engine.url}/v1", api_key="unused", max_retries=0, timeout=30.0
+            )
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+                )
+                assert raw.headers["x-backend-id"] == "b7"
+                assert raw.parse().usage is not None
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=3,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                assert raw.headers["x-backend-id"] == "b7"
+                chunks = [chunk async for chunk in raw.parse()]
+                assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
+            finally:
+                await client.close()
+            async with http.get(f"{engine.url}/metrics") as resp:
+                assert resp.headers["x-backend-id"] == "b7"
+                assert "llamacpp:requests_processing" in await resp.text()
+    finally:
+        await processes.close()

@@ -115,9 +115,7 @@ def node_config(
         load=LoadConfig(poll_interval_seconds=every or 1.0),
         discovery=DiscoveryConfig(interval_seconds=every or 10.0),
         ledger=LedgerConfig(flush_interval_seconds=0.1),
-        # llama.cpp accepts `stream_options.include_usage` (and answers it with the final
-        # usage event, `choices: []`), so the node may treat it as a vllm backend.
-        backends=[BackendConfig(url=e.url, models=[MODEL], kind="vllm") for e in engines],
+        backends=[BackendConfig(url=e.url, models=[MODEL], kind="llamacpp") for e in engines],
         models=[ModelConfig(name=MODEL)],
     )
     validate(cfg)

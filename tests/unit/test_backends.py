@@ -399,7 +399,7 @@ def test_invalid_config_is_rejected() -> None:
         BackendPool([], [ModelSpec("a", aliases=("x",)), ModelSpec("b", aliases=("x",))])
     with pytest.raises(ValueError, match="belongs to both"):
         BackendPool([], [ModelSpec("a"), ModelSpec("b", aliases=("a",))])
-    with pytest.raises(ValueError, match="kind must be one of vllm, external"):
+    with pytest.raises(ValueError, match="kind must be one of vllm, llamacpp, external"):
         BackendPool([BackendSpec("http://h", kind="sglang")])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eject_after_failures"):
         BackendHealth(BackendPool([]), eject_after_failures=0)

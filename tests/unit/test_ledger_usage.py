@@ -17,6 +17,7 @@ from affinity_node.http.usage_wire import (
     usage_span,
     with_usage,
 )
+from affinity_node.ledger import usage as usage_module
 from affinity_node.ledger.usage import MAX_TOKENS, Usage, add_usages, decode_usage, usage_of
 
 VLLM_USAGE = {
@@ -106,6 +107,41 @@ def test_a_batch_of_vllm_usages_is_added_in_one_scan_or_one_by_one() -> None:
     counts = [0, 0, 0, 0]
     assert add_usages(counts, [compact(10**12, 1, 10**12)]) == 0
     assert counts == [0, MAX_TOKENS, MAX_TOKENS, 1]
+
+
+LLAMACPP_BODY = (
+    b'{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant",'
+    b'"content":"4 m"}}],"created":1796587638,"model":"tiny-llama","system_fingerprint":'
+    b'"b0-unknown","object":"chat.completion","usage":{"completion_tokens":4,"prompt_tokens":49,'
+    b'"total_tokens":53,"prompt_tokens_details":{"cached_tokens":48}},"id":"chatcmpl-X",'
+    b'"timings":{"cache_n":48,"prompt_n":1}}'
+)
+"""A llama.cpp answer as its server wrote it (xllamacpp 2026.10): keys in alphabetical order."""
+
+
+def llamacpp(prompt: int, completion: int, cached: int) -> bytes:
+    raw = usage_span(LLAMACPP_BODY.replace(b":49,", b":%d," % prompt))
+    assert raw is not None
+    raw = raw.replace(b'"completion_tokens":4', b'"completion_tokens":%d' % completion)
+    return raw.replace(b'"cached_tokens":48', b'"cached_tokens":%d' % cached)
+
+
+def test_a_batch_of_llama_cpp_usages_is_added_in_one_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert usage_from_body(LLAMACPP_BODY) == Usage(49, 48, 4)
+    batch = [llamacpp(49, 4, 48), llamacpp(120, 16, 96), llamacpp(7, 1, 0)]
+    decoded: list[bytes] = []
+    monkeypatch.setattr(usage_module, "decode_usage", lambda raw: decoded.append(raw))
+    counts = [0, 0, 0, 0]
+    assert add_usages(counts, batch) == 0
+    assert counts == [0, 176, 144, 21]
+    assert decoded == []  # none decoded one by one
+    monkeypatch.undo()
+    # with one object in another spelling, every one is decoded: the same sums
+    counts = [0, 0, 0, 0]
+    assert add_usages(counts, [*batch, json.dumps({"prompt_tokens": 3}).encode()]) == 0
+    assert counts == [0, 179, 144, 21]
 
 
 def test_no_usage_or_no_prompt_tokens() -> None:

@@ -73,6 +73,18 @@ def test_the_registry_adds_sets_states_and_removes_what_it_added() -> None:
     assert [b.id for b in p.candidates(MODEL)] == [B2]  # disabled serves nothing
 
 
+def test_a_registry_row_of_a_kind_this_node_does_not_know_is_skipped_not_fatal() -> None:
+    """Mid-upgrade, a newer node may add a backend of a kind older nodes lack (as llamacpp was):
+    they leave that row out and still apply the others."""
+    p = pool(B1, B2)
+    entries = [
+        RegistryEntry(B3, True, "sglang", (MODEL,), "active"),  # type: ignore[arg-type]
+        RegistryEntry(B2, False, "vllm", (), "draining"),
+    ]
+    assert apply_registry(p, entries) == [f"{B2} draining"]
+    assert p.get(B3) is None and p.get(B2).state == "draining"  # type: ignore[union-attr]
+
+
 async def test_no_new_binding_lands_on_a_draining_backend() -> None:
     clock = Clock()
     p = pool(*ALL)

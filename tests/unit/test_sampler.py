@@ -28,3 +28,14 @@ def test_reads_and_sums_the_gauges_it_needs():
 def test_an_empty_page_reads_as_nothing():
     assert read_gauges("") == {}
     assert read_gauges("# only comments\n") == {}
+
+
+def test_llama_cpp_gauges_read_as_vllm_s():
+    """llama.cpp's /metrics (recorded from a server with two slots and three requests)."""
+    page = (
+        "# TYPE llamacpp:requests_processing gauge\n"
+        "llamacpp:requests_processing 2\n"
+        "llamacpp:requests_deferred 1\n"
+        "llamacpp:n_busy_slots_per_decode 1.94577\n"
+    )
+    assert read_gauges(page) == {RUNNING: 2.0, WAITING: 1.0}

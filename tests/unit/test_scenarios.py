@@ -3,11 +3,13 @@ that set up what issue #11 describes."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
 
 from affinity_node.sim.capacity import CapacityModel
+from affinity_node.sim.demo import configure_parser, invalid, resolve
 from affinity_node.sim.scenarios import (
     CHAT,
     PRESETS,
@@ -70,3 +72,19 @@ def test_the_skew_preset_is_the_issues_setup():
     # chat stays today's default: three columns, the last one shared affinity.
     assert [c.key for c in CHAT.columns] == ["off", "node_local", "shared"]
     assert set(PRESETS) == {"chat", "skew", "scale", "agents", "db-failover"}
+
+
+def test_llamacpp_engines_run_chat_and_skew_at_their_own_lighter_defaults():
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+
+    def args(*extra: str) -> argparse.Namespace:
+        return parser.parse_args(["--engine", "llamacpp", *extra])
+
+    assert invalid(args("--scenario", "skew")) is None
+    skew = resolve(args("--scenario", "skew"))
+    assert (skew.rate, skew.zipf, skew.keys, skew.warmup) == (4.0, SKEW.zipf, 8, 10.0)
+    assert resolve(args("--scenario", "skew", "--rate", "3")).rate == 3.0
+    assert resolve(args()).rate == 4.0  # chat keeps its own
+    refused = invalid(args("--scenario", "agents"))
+    assert refused is not None and "chat and skew" in refused
