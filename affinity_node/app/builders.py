@@ -33,6 +33,7 @@ from affinity_node.store.postgres import (
     PoolSettings,
     PostgresBindingStore,
     QueryLogger,
+    close_pool,
     create_pool,
 )
 from affinity_node.store.registry import REGISTRY_CHANNEL, RegistryFollower
@@ -60,7 +61,7 @@ async def database_pool(
     try:
         yield db
     finally:
-        await db.close()
+        await close_pool(db)
 
 
 def postgres_bindings(db: asyncpg.Pool) -> PostgresBindingStore:

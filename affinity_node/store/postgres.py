@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -88,6 +89,21 @@ class PoolSettings:
         fires when the server cannot answer at all (a frozen host)."""
         server_ms = max(self.statement_timeout_ms, self.lock_timeout_ms)
         return (server_ms + max(500, server_ms // 4)) / 1000
+
+
+POOL_CLOSE_S = 5.0
+
+
+async def close_pool(db: asyncpg.Pool, timeout_s: float = POOL_CLOSE_S) -> None:
+    """Closes the pool, bounded: a graceful close waits for every connection's goodbye, which a
+    frozen or overloaded server may never send; past the bound the connections are cut. A
+    node's shutdown must not fail on its database."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await db.close()
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        log.warning("database pool did not close cleanly (%s): connections cut", type(exc).__name__)
+        db.terminate()
 
 
 async def create_pool(settings: PoolSettings, on_query: QueryLogger | None = None) -> asyncpg.Pool:

@@ -6,6 +6,7 @@ never fails a request it could serve and never waits on a database it knows is g
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 
@@ -248,3 +249,26 @@ async def test_a_listener_hook_that_raises_is_counted_and_the_listener_reconnect
         await wait_for(lambda: heard == ["after"], what="a change after the failure")
     finally:
         await listener.stop()
+
+
+async def test_a_node_stops_in_bounded_time_while_its_database_is_frozen(dsn):
+    """Shutdown must not fail or hang on the database: a graceful pool close waits for every
+    connection's goodbye, which a frozen host never sends; past the bound they are cut."""
+    proxy = FaultProxy(dsn)
+    await proxy.start()
+    started = 0.0
+    try:
+        async with cluster(dsn, nodes=1, backends=1, node_dsn=proxy.dsn) as c:
+            secret = await c.new_key("alice")
+            assert (await c.client(0, secret).models.list()).data
+            node = c.nodes[0]
+            await wait_for(
+                lambda: node.metrics_registry.get_sample_value("affinity_db_up") == 1,
+                what="the database up",
+            )
+            proxy.freeze()
+            started = time.monotonic()
+        # Leaving the cluster stopped the node: within the pool's close bound and the drain.
+        assert time.monotonic() - started < 30
+    finally:
+        await proxy.close()

@@ -50,7 +50,7 @@ async def _limit(c: Cluster, key: uuid.UUID, **limits: Any) -> None:
                 return False
         return True
 
-    await wait_for(everywhere, timeout=5.0, what="the limits on every node")
+    await wait_for(everywhere, timeout=15.0, what="the limits on every node")
 
 
 async def _offer(
