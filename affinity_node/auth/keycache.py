@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from uuid import UUID
 
-from affinity_node.auth.keytable import KeyTable
+from affinity_node.auth.keytable import KeyTable, KeyTableLoad
 from affinity_node.auth.ports import KeyStore
 from affinity_node.auth.secrets import hash_secret
 from affinity_node.observability.logs import RateLimitedLog
@@ -377,15 +377,14 @@ class KeyCache:
         return True
 
     async def _read_active(self) -> KeyTable:
-        """The active set, page by page into a new table (sized like the current one) while
-        the current one serves."""
-        table = KeyTable(capacity=len(self._keys))
+        """The active set, page by page into a new table while the current one serves."""
+        load = KeyTableLoad()
         after = UUID(int=0)
         while True:
             page = await self._store.active_page(after, self._page)
-            table.add_packed(page.digests, page.ids)
+            load.add_page(page.digests, page.ids)
             if page.rows < self._page or page.last is None:
-                return table
+                return load.table()
             after = page.last
 
     def _without_revoked(self, table: KeyTable, started: int) -> KeyTable:

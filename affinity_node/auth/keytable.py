@@ -199,13 +199,15 @@ class KeyTable:
             bits += 1
         if bits == self._bits:
             return
-        live = [e for e in self._by_digest if e != _EMPTY]
+        old = self._by_digest  # walked as it is (a list of its entries would be an int each)
         self._bits, self._mask = bits, (1 << bits) - 1
         self._by_digest = array("i", [_EMPTY]) * (1 << bits)
         self._by_id = array("i", [_EMPTY]) * (1 << bits)
         by_digest, by_id, dw, iw = self._by_digest, self._by_id, self._dw, self._iw
         mask, shift = self._mask, 64 - bits
-        for e in live:
+        for e in old:
+            if e == _EMPTY:
+                continue
             i = dw[4 * e] & mask
             while by_digest[i] != _EMPTY:
                 i = (i + 1) & mask
@@ -268,3 +270,38 @@ class KeyTable:
             index[i] = e
             i = j
         index[i] = _EMPTY
+
+
+class KeyTableLoad:
+    """A snapshot being read: its pages appended as they arrive (one copy each), indexed once
+    after the last, sized for what arrived, so the index is built once and never regrown
+    (regrowth costs time and leaves freed blocks behind in the process)."""
+
+    __slots__ = ("_dw", "_iw", "_top")
+
+    def __init__(self) -> None:
+        self._dw = array("Q")
+        self._iw = array("Q")
+        self._top = b""
+
+    def add_page(self, digests: bytes, ids: bytes) -> None:
+        """A page of the store's snapshot: ids ascending, all above the previous page's."""
+        rows = len(ids) // ID
+        if len(ids) != rows * ID or len(digests) != rows * DIGEST:
+            raise ValueError("a packed page holds 32 digest bytes and 16 id bytes per key")
+        if not rows:
+            return
+        if ids[:ID] <= self._top or ids[-ID:] < ids[:ID]:
+            raise ValueError("key snapshot pages must come in ascending id order")
+        self._dw.frombytes(digests)
+        self._iw.frombytes(ids)
+        self._top = ids[-ID:]
+
+    def table(self) -> KeyTable:
+        """The loaded keys, indexed (the load's arrays move into the table)."""
+        rows = len(self._iw) // 2
+        table = KeyTable(capacity=rows)
+        table._dw, table._iw, table._top = self._dw, self._iw, self._top
+        self._dw, self._iw, self._top = array("Q"), array("Q"), b""
+        table._index_new(0, rows)
+        return table

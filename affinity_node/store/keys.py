@@ -46,9 +46,14 @@ class PostgresKeyStore:
     """What the node's key cache reads (auth.ports.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""
 
-    def __init__(self, db: asyncpg.Pool, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, db: asyncpg.Pool, timeout_s: float = 2.0, snapshot_timeout_s: float = 30.0
+    ) -> None:
+        """`snapshot_timeout_s`: the deadline of one snapshot page (a page of 50,000 keys on a
+        busy server can take longer than a request's statement timeout)."""
         self._db = db
         self._timeout = timeout_s
+        self._snapshot_timeout = snapshot_timeout_s
 
     async def lookup(self, digest: bytes) -> tuple[uuid.UUID, bool] | None:
         async with self._db.acquire(timeout=self._timeout) as conn:
@@ -70,8 +75,12 @@ class PostgresKeyStore:
         """One page of the snapshot, packed by the database (two byte strings): a million keys
         load without a row object each. Ids are uuid4: none is the nil UUID the first page
         starts after."""
-        async with self._db.acquire(timeout=self._timeout) as conn:
-            row = await conn.fetchrow(Q["key_active_page"], after, limit, timeout=self._timeout)
+        timeout_ms = str(int(self._snapshot_timeout * 1000))
+        async with self._db.acquire(timeout=self._timeout) as conn, conn.transaction(readonly=True):
+            await conn.execute(Q["snapshot_statement_timeout"], timeout_ms)
+            row = await conn.fetchrow(
+                Q["key_active_page"], after, limit, timeout=self._snapshot_timeout + 1
+            )
         assert row is not None  # an aggregate: one row, even for an empty page
         page = KeyPage(bytes(row[0] or b""), bytes(row[1] or b""))
         if len(page.digests) != 2 * len(page.ids):

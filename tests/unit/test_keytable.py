@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from affinity_node.auth.keycache import KeyCache
-from affinity_node.auth.keytable import KeyTable
+from affinity_node.auth.keytable import KeyTable, KeyTableLoad
 from affinity_node.auth.ports import KeyPage
 from affinity_node.auth.secrets import hash_secret
 from tests.unit.fakes import MemoryKeyStore
@@ -76,6 +76,24 @@ def test_a_packed_page_loads_in_order_and_a_bad_one_is_refused() -> None:
     with pytest.raises(ValueError, match="packed page"):
         table.add_packed(_digest(0), ids[0].bytes + b"x")
     assert table.get(b"short") is None
+
+
+def test_a_snapshot_load_indexes_once_keeps_the_newer_of_a_repeated_digest_and_wants_order() -> (
+    None
+):
+    """A key deleted and re-created with the same secret between two pages shows up twice:
+    the later row (the newer id's page) wins. Pages out of id order are a store bug: refused."""
+    ids = sorted(uuid.uuid4() for _ in range(6))
+    load = KeyTableLoad()
+    load.add_page(b"".join(_digest(i) for i in (0, 1, 2)), b"".join(k.bytes for k in ids[:3]))
+    load.add_page(b"".join(_digest(i) for i in (3, 1, 5)), b"".join(k.bytes for k in ids[3:]))
+    with pytest.raises(ValueError, match="ascending id order"):
+        load.add_page(_digest(9), ids[0].bytes)
+    table = load.table()
+    assert len(table) == 5
+    assert table.get(_digest(1)) == ids[4]
+    assert ids[1] not in table and ids[4] in table
+    assert [table.get(_digest(i)) for i in (0, 2, 3, 5)] == [ids[0], ids[2], ids[3], ids[5]]
 
 
 class _PagedKeys(MemoryKeyStore):
