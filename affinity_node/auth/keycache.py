@@ -130,6 +130,8 @@ class KeyCache:
         self._blind_grace = blind_grace_s
         self.loaded = False
         """True once a snapshot of the active keys has been loaded."""
+        self.resyncs = 0
+        """Snapshots of the active keys loaded so far (the first, then the periodic ones)."""
         self.on_change: Callable[[UUID | None], None] | None = None
         """Told of every key a notification names (None: all of them, after a resync), so
         the limiter re-reads their limits."""
@@ -341,6 +343,7 @@ class KeyCache:
         for op, key_id in seen or ():
             self._apply(op, key_id)
         self.loaded = True
+        self.resyncs += 1
         if self.on_change is not None:
             self.on_change(None)
 
