@@ -63,6 +63,7 @@ async def test_scale_benchmark_runs_end_to_end_at_a_small_size(pg_admin_dsn):
         "2000",
         "--keys",
         "2000",
+        "--no-key-resync",
         "--changes",
         "30",
         "--outage",
