@@ -16,6 +16,9 @@ one batched read after its notification. Revocation still wins every race: a loo
 snapshot that was in flight when a key's change was notified does not add it unless the check
 after that notification found it active. A periodic resync (jittered) bounds how long any
 missed change can last; while the listener is down the active set is re-read every poll.
+
+The set is a `KeyTable` (auth/keytable.py: packed digests and ids, no object per key), read in
+pages of packed rows into a new table while the old one serves, then swapped in.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from uuid import UUID
 
+from affinity_node.auth.keytable import KeyTable, KeyTableLoad
 from affinity_node.auth.ports import KeyStore
 from affinity_node.auth.secrets import hash_secret
 from affinity_node.observability.logs import RateLimitedLog
@@ -88,11 +92,12 @@ class KeyCache:
         max_pending: int = 10_000,
         retry_s: float = 0.05,
         resync_interval_s: float = 45.0,
+        page: int = 50_000,
     ) -> None:
         self._store = store
         self._m = metrics
-        self._by_hash: dict[bytes, UUID] = {}
-        self._hash_of: dict[UUID, bytes] = {}
+        self._keys = KeyTable()
+        self._page = page
         self._unknown: OrderedDict[bytes, float] = OrderedDict()
         self._max_unknown = max_unknown
         self._unknown_ttl = unknown_ttl_s
@@ -125,12 +130,14 @@ class KeyCache:
         self._blind_grace = blind_grace_s
         self.loaded = False
         """True once a snapshot of the active keys has been loaded."""
+        self.resyncs = 0
+        """Snapshots of the active keys loaded so far (the first, then the periodic ones)."""
         self.on_change: Callable[[UUID | None], None] | None = None
         """Told of every key a notification names (None: all of them, after a resync), so
         the limiter re-reads their limits."""
 
     def __len__(self) -> int:
-        return len(self._by_hash)
+        return len(self._keys)
 
     @property
     def in_sync(self) -> bool:
@@ -141,12 +148,12 @@ class KeyCache:
 
     async def authenticate(self, secret: str) -> UUID:
         digest = hash_secret(secret)
-        key_id = self._by_hash.get(digest)
+        key_id = self._keys.get(digest)
         if key_id is not None:
             return key_id
         if self._pending:  # a key created a moment ago may be being read: let it land first
-            await self._wait_checks(lambda: digest in self._by_hash, 1.0)
-            key_id = self._by_hash.get(digest)
+            await self._wait_checks(lambda: self._keys.get(digest) is not None, 1.0)
+            key_id = self._keys.get(digest)
             if key_id is not None:
                 return key_id
         if self.in_sync:
@@ -277,20 +284,19 @@ class KeyCache:
         named = dict(self._pending)
         self._count("poll")
         try:
-            rows = await self._store.active()
+            active = await self._read_active()
         except BaseException:
             self._overflow = True
             raise
-        active = {k: d for d, k in rows}
         for key_id, seq in named.items():
-            digest = active.get(key_id)
+            digest = active.digest_of(key_id)
             if digest is None:
                 self._remove(key_id, seq)
             elif not self._revoked_since(key_id, seq):
                 self._add(digest, key_id)
             if self._pending.get(key_id) == seq and key_id not in self._to_read:
                 del self._pending[key_id]
-        self._replace([(d, k) for d, k in rows if not self._revoked_since(k, started)])
+        self._replace(self._without_revoked(active, started))
 
     def _remove(self, key_id: UUID, seq: int) -> None:
         """The table says the key is revoked or gone (as of a read after notification
@@ -300,9 +306,7 @@ class KeyCache:
             self._revoked_at.move_to_end(key_id)
             if len(self._revoked_at) > self._max_revoked:
                 self._revoked_at.popitem(last=False)
-        digest = self._hash_of.pop(key_id, None)
-        if digest is not None:
-            self._by_hash.pop(digest, None)
+        self._keys.remove(key_id)
 
     async def _wait_checks(self, done: Callable[[], bool], timeout: float) -> None:
         """Until `done()` or no check is pending, at most `timeout` seconds."""
@@ -322,8 +326,7 @@ class KeyCache:
         return self._revoked_at.get(key_id, -1) > seq
 
     def _add(self, digest: bytes, key_id: UUID) -> None:
-        self._by_hash[digest] = key_id
-        self._hash_of[key_id] = digest
+        self._keys.add(digest, key_id)
 
     # -- snapshots and the listener ----------------------------------------------------------
 
@@ -333,13 +336,14 @@ class KeyCache:
         started = self._seq
         self._during_snapshot = []
         try:
-            rows = await self._store.active()
+            active = await self._read_active()
         finally:
             seen, self._during_snapshot = self._during_snapshot, None
-        self._replace([(d, k) for d, k in rows if not self._revoked_since(k, started)])
+        self._replace(self._without_revoked(active, started))
         for op, key_id in seen or ():
             self._apply(op, key_id)
         self.loaded = True
+        self.resyncs += 1
         if self.on_change is not None:
             self.on_change(None)
 
@@ -375,9 +379,28 @@ class KeyCache:
             raise
         return True
 
-    def _replace(self, rows: list[tuple[bytes, UUID]]) -> None:
-        self._by_hash = dict(rows)
-        self._hash_of = {key_id: digest for digest, key_id in rows}
+    async def _read_active(self) -> KeyTable:
+        """The active set, page by page into a new table while the current one serves."""
+        load = KeyTableLoad()
+        after = UUID(int=0)
+        while True:
+            page = await self._store.active_page(after, self._page)
+            load.add_page(page.digests, page.ids)
+            if page.rows < self._page or page.last is None:
+                return load.table()
+            after = page.last
+
+    def _without_revoked(self, table: KeyTable, started: int) -> KeyTable:
+        """`table` less the keys revoked or deleted after notification `started`: the read may
+        have seen them before their change committed. The revocation log is bounded, the
+        table is not: the log is walked, not the table."""
+        for key_id, seq in self._revoked_at.items():
+            if seq > started:
+                table.remove(key_id)
+        return table
+
+    def _replace(self, table: KeyTable) -> None:
+        self._keys = table
         self._unknown.clear()
 
     def listener_state(self, up: bool) -> None:
@@ -394,10 +417,10 @@ class KeyCache:
             return False
         started = self._seq
         self._count("poll")
-        rows = await self._store.active()
+        active = await self._read_active()
         if self._listener_up:  # the listener came back meanwhile: its snapshot is newer
             return False
-        self._replace([(d, k) for d, k in rows if not self._revoked_since(k, started)])
+        self._replace(self._without_revoked(active, started))
         return True
 
     # -- metrics -----------------------------------------------------------------------------

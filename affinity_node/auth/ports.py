@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    """Usable keys in id order, packed as the database sent them: `digests` 32 bytes a key
+    (SHA-256), `ids` 16 (the UUID, big-endian), so a page is two byte strings, not an object
+    per key."""
+
+    digests: bytes
+    ids: bytes
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) // 16
+
+    @property
+    def last(self) -> UUID | None:
+        """The page's greatest id: the next page starts after it."""
+        return UUID(bytes=self.ids[-16:]) if self.ids else None
 
 
 class KeyStore(Protocol):
@@ -19,8 +39,8 @@ class KeyStore(Protocol):
     async def load_many(self, key_ids: Sequence[UUID]) -> dict[UUID, tuple[bytes, bool]]:
         """key id -> (hash, revoked) for those of `key_ids` that exist (one statement)."""
 
-    async def active(self) -> list[tuple[bytes, UUID]]:
-        """Every usable key, by hash."""
+    async def active_page(self, after: UUID, limit: int) -> KeyPage:
+        """At most `limit` usable keys with ids above `after`, in id order (one statement)."""
 
 
 LimitRow = tuple[UUID, str, int | None, int | None, int | None]

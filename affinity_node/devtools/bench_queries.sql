@@ -56,3 +56,14 @@ SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 
 
 -- name: bench_queue_usage
 SELECT pg_notification_queue_usage();
+
+-- name: bench_keys_settle
+VACUUM ANALYZE api_keys;
+
+-- name: bench_keys_size
+-- The api_keys table with its indexes (primary key, key_hash unique).
+SELECT pg_total_relation_size('api_keys');
+
+-- name: bench_keys_last
+-- The greatest key id: its secret (the id as text, see bench_keys) is in the last page.
+SELECT id FROM api_keys ORDER BY id DESC LIMIT 1;

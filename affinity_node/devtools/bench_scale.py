@@ -1,7 +1,12 @@
-"""Scale benchmark: a node against a big binding table, each figure next to the same figure for
-a table ten times smaller, measured in the same run.
+"""Scale benchmark: a node against a big binding table and a big key table, each figure next to
+the same figure for a table ten times smaller, measured in the same run.
 
-    python -m affinity_node.devtools.bench_scale [--dsn DSN] [--bindings 1000000]
+    python -m affinity_node.devtools.bench_scale [--dsn DSN] [--bindings 1000000] [--keys 1000000]
+
+Keys first (K/10, then K, `--keys`; 0 skips them): the key snapshot query (every page), and a
+node's start until it holds every key (its /readyz), its RSS against the same node with no key
+(bytes per key), a request authenticated by the last key read (so it is held) and one refused.
+Then bindings (`--bindings`; 0 skips them).
 
 For each size (N/10, then N; keys x `--models` models, in an embedded Postgres unless --dsn):
 
@@ -58,6 +63,7 @@ from affinity_node.sim.support import (
     postgres,
     scrape,
 )
+from affinity_node.store.keys import PostgresKeyStore
 from affinity_node.store.migrate import migrate
 from affinity_node.store.postgres import PoolSettings, PostgresBindingStore, create_pool
 from affinity_node.store.queries import QUERIES as Q
@@ -145,12 +151,40 @@ class Figures:
         return (self.rss_mib - self.rss_keys_mib) * MiB / max(self.bindings, 1)
 
 
+@dataclass
+class KeyFigures:
+    keys: int
+    build_s: float = math.nan
+    table_mib: float = math.nan
+    snapshot_s: float = math.nan
+    start_empty_s: float = math.nan
+    start_s: float = math.nan
+    start_cpu_s: float = math.nan
+    held: int = 0
+    rss_empty_mib: float = math.nan
+    rss_mib: float = math.nan
+    rss_resynced_mib: float = math.nan
+    """After the node's first periodic resync (a new table built beside the old, then swapped):
+    what it holds in the long run."""
+    statuses: tuple[int, int] = (0, 0)
+    """What the last key and an unknown one were answered (200, 401 expected)."""
+
+    @property
+    def rss_per_key(self) -> float:
+        return (self.rss_mib - self.rss_empty_mib) * MiB / max(self.keys, 1)
+
+    @property
+    def rss_per_key_resynced(self) -> float:
+        return (self.rss_resynced_mib - self.rss_empty_mib) * MiB / max(self.keys, 1)
+
+
 class Node:
     """One `affinity-node serve` process with its ops port."""
 
-    def __init__(self, child: Child, ops_url: str) -> None:
+    def __init__(self, child: Child, ops_url: str, url: str = "") -> None:
         self.child = child
         self.ops_url = ops_url
+        self.url = url
 
     @property
     def cpu_s(self) -> float:
@@ -200,7 +234,7 @@ class Bench:
         argv = [sys.executable, "-m", "affinity_node", "serve", "--config", str(path)]
         child = await self.procs.start(name, argv)
         stack.push_async_callback(self.procs.stop, [child])
-        return Node(child, f"http://127.0.0.1:{ops}")
+        return Node(child, f"http://127.0.0.1:{ops}", f"http://127.0.0.1:{port}")
 
     async def until_loaded(
         self, http: aiohttp.ClientSession, node: Node, expected: int, timeout_s: float = 300
@@ -215,6 +249,100 @@ class Bench:
 
         await poll(done, node.child, f"{node.child.name} to hold {expected} bindings", timeout_s)
         return body
+
+    async def run_keys(self, n: int) -> KeyFigures:
+        """A node against `n` keys (no bindings) in a database of its own."""
+        fig = KeyFigures(keys=n)
+        name = f"bench_keys_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(self.admin_dsn)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = with_database(self.admin_dsn, name)
+        try:
+            await migrate(dsn)
+            async with AsyncExitStack() as stack:
+                await self._measure_keys(stack, dsn, fig)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
+        return fig
+
+    async def _measure_keys(self, stack: AsyncExitStack, dsn: str, fig: KeyFigures) -> None:
+        db = await asyncpg.connect(dsn)
+        stack.push_async_callback(db.close)
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        note(f"{fig.keys:,} keys: a node with none")
+        async with AsyncExitStack() as first:
+            t0 = time.perf_counter()
+            empty = await self.node(first, dsn, "keys-empty")
+            await self.until_keys(http, empty, 0)
+            fig.start_empty_s = time.perf_counter() - t0
+            fig.rss_empty_mib = empty.rss_mib
+        note("keys")
+        t0 = time.perf_counter()
+        async with db.transaction():
+            await db.execute(B["bench_triggers_off"])  # no notification per key
+            await db.execute(B["bench_keys"], fig.keys, "bench")
+        await db.execute(B["bench_keys_settle"])
+        fig.build_s = time.perf_counter() - t0
+        await db.execute(B["bench_checkpoint"])
+        fig.table_mib = await db.fetchval(B["bench_keys_size"]) / MiB
+        fig.snapshot_s = await self._time_key_snapshot(dsn)
+        note("a node starts")
+        t0 = time.perf_counter()
+        node = await self.node(stack, dsn, "keys-all")
+        body = await self.until_keys(http, node, fig.keys)
+        fig.start_s = time.perf_counter() - t0
+        fig.start_cpu_s = node.cpu_s
+        fig.rss_mib = node.rss_mib
+        fig.held = int(body["keys"])
+        last = await db.fetchval(B["bench_keys_last"])
+        fig.statuses = (
+            await self._models_status(http, node, str(last)),
+            await self._models_status(http, node, f"sk-{uuid.uuid4()}"),
+        )
+        if not self.args.no_key_resync:
+            note("its first periodic key resync (about 45 s)")
+            await self.until_keys(http, node, fig.keys, resyncs=2)
+            fig.rss_resynced_mib = node.rss_mib
+
+    async def until_keys(
+        self,
+        http: aiohttp.ClientSession,
+        node: Node,
+        expected: int,
+        timeout_s: float = 300,
+        resyncs: int = 1,
+    ) -> dict[str, Any]:
+        """Until the node is ready, holds `expected` keys and has loaded `resyncs` snapshots."""
+        body: dict[str, Any] = {}
+
+        async def done() -> bool:
+            nonlocal body
+            body = await node.ready(http)
+            return (
+                body.get("status") == "ready"
+                and body.get("keys", -1) >= expected
+                and body.get("key_resyncs", 0) >= resyncs
+            )
+
+        await poll(done, node.child, f"{node.child.name} to hold {expected} keys", timeout_s)
+        return body
+
+    async def _time_key_snapshot(self, dsn: str) -> float:
+        """The key snapshot as a node reads it: every page, in id order."""
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as db:
+            store = PostgresKeyStore(db, timeout_s=60.0)
+            after = uuid.UUID(int=0)
+            t0 = time.perf_counter()
+            while (page := await store.active_page(after, PAGE)).rows == PAGE and page.last:
+                after = page.last
+            return time.perf_counter() - t0
+
+    @staticmethod
+    async def _models_status(http: aiohttp.ClientSession, node: Node, secret: str) -> int:
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with http.get(f"{node.url}/v1/models", headers=headers) as r:
+            return r.status
 
     async def run_size(self, n: int) -> Figures:
         models = MODELS[: self.args.models]
@@ -561,6 +689,48 @@ def table(small: Figures, big: Figures, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def key_table(small: KeyFigures, big: KeyFigures) -> str:
+    rows: list[tuple[str, str, str]] = []
+
+    def row(label: str, fmt: str, key: Any) -> None:
+        rows.append((label, fmt.format(*key(small)), fmt.format(*key(big))))
+
+    row("keys (no bindings)", "{:,}", lambda f: (f.keys,))
+    row("build: bulk insert + vacuum analyze (s)", "{:.1f}", lambda f: (f.build_s,))
+    row("api_keys with its indexes (MiB)", "{:.0f}", lambda f: (f.table_mib,))
+    row(f"key snapshot query: all pages of {PAGE:,} (s)", "{:.2f}", lambda f: (f.snapshot_s,))
+    row(
+        "node start -> ready: no key / every key (s)",
+        "{:.2f} / {:.2f}",
+        lambda f: (f.start_empty_s, f.start_s),
+    )
+    row("  node CPU with every key (s)", "{:.2f}", lambda f: (f.start_cpu_s,))
+    row("keys held (its /readyz)", "{:,}", lambda f: (f.held,))
+    row("RSS: no key / every key (MiB)", "{:.0f} / {:.0f}", lambda f: (f.rss_empty_mib, f.rss_mib))
+    row(
+        "RSS per key: loaded / after a periodic resync (bytes)",
+        "{:.0f} / {:.0f}",
+        lambda f: (f.rss_per_key, f.rss_per_key_resynced),
+    )
+    row("last key read / unknown key: HTTP status", "{} / {}", lambda f: f.statuses)
+    width = max(len(r[0]) for r in rows)
+    head = f"{'':<{width}}  {'K/10':>22}  {'K':>22}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{label:<{width}}  {a:>22}  {b:>22}" for label, a, b in rows]
+    return "\n".join(lines)
+
+
+def key_checks(big: KeyFigures) -> list[str]:
+    held = big.held >= big.keys and big.statuses == (200, 401)
+    worst = max(big.rss_per_key, big.rss_per_key_resynced)
+    return [
+        f"holds {big.keys:,} keys, under 100 bytes of RSS each: "
+        f"{'yes' if held and worst < 100 else 'NO'} "
+        f"({big.held:,} held, {big.rss_per_key:.0f} / {big.rss_per_key_resynced:.0f} bytes "
+        f"loaded / after a resync, answers {big.statuses})",
+    ]
+
+
 def checks(big: Figures) -> list[str]:
     """The issue's targets, for the larger size."""
     incremental = big.resync_mode == "incremental" and big.resync_rows < 2 * big.changes
@@ -619,9 +789,19 @@ async def write(args: argparse.Namespace, keys: list[uuid.UUID]) -> None:
 async def run(args: argparse.Namespace, admin_dsn: str) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         bench = Bench(args, admin_dsn, Path(tmp))
+        keys: tuple[KeyFigures, KeyFigures] | None = None
+        bindings: tuple[Figures, Figures] | None = None
         try:
-            small = await bench.run_size(max(1, args.bindings // 10))
-            big = await bench.run_size(args.bindings)
+            if args.keys:
+                keys = (
+                    await bench.run_keys(max(1, args.keys // 10)),
+                    await bench.run_keys(args.keys),
+                )
+            if args.bindings:
+                bindings = (
+                    await bench.run_size(max(1, args.bindings // 10)),
+                    await bench.run_size(args.bindings),
+                )
         finally:
             await bench.procs.close()
     load = os.getloadavg()
@@ -630,9 +810,16 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
         f"{args.rate:g} new bindings/s for {args.duration:g} s; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cores"
     )
-    print(table(small, big, args))
+    lines: list[str] = []
+    if bindings is not None:
+        print(table(*bindings, args))
+        print()
+        lines += checks(bindings[1])
+    if keys is not None:
+        print(key_table(*keys))
+        lines += key_checks(keys[1])
     print()
-    for line in checks(big):
+    for line in lines:
         print(line)
 
 
@@ -643,7 +830,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dsn", help="Postgres superuser DSN (default: an embedded Postgres)")
-    p.add_argument("--bindings", type=int, default=1_000_000, help="N (N/10 runs first)")
+    p.add_argument("--bindings", type=int, default=1_000_000, help="N (N/10 runs first; 0: none)")
+    p.add_argument("--keys", type=int, default=1_000_000, help="K (K/10 runs first; 0: none)")
+    p.add_argument(
+        "--no-key-resync",
+        action="store_true",
+        help="do not wait for a node's periodic key resync (its RSS after one is not measured)",
+    )
     p.add_argument("--models", type=int, default=5, choices=range(1, len(MODELS) + 1))
     p.add_argument("--changes", type=int, default=1000, help="changes during the outage")
     p.add_argument("--outage", type=float, default=10.0, help="listener outage seconds")

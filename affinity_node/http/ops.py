@@ -63,6 +63,8 @@ async def readyz(request: web.Request) -> web.Response:
         "healthy_backends": healthy,
         "backends": len(backends.backends),
         "models_without_healthy_backend": sorted(m for m in models if not backends.candidates(m)),
+        "keys": len(app[KEYS]),
+        "key_resyncs": app[KEYS].resyncs,
         "snapshot": {**engine.sync_status.as_dict(), "watermark": engine.watermark},
     }
     return web.json_response(body, status=200 if status == "ready" else 503)

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
+from affinity_node.auth.ports import KeyPage
 from affinity_node.auth.secrets import hash_secret, new_secret
 from affinity_node.store.queries import QUERIES as Q
 
@@ -52,10 +53,14 @@ class PostgresKeyStore:
     """What the node's key cache reads (auth.ports.KeyStore), with bounded waits: a
     saturated pool or a slow database ends the lookup with an error, never a hang."""
 
-    def __init__(self, db: asyncpg.Pool, timeout_s: float = 2.0, page: int = 20_000) -> None:
+    def __init__(
+        self, db: asyncpg.Pool, timeout_s: float = 2.0, snapshot_timeout_s: float = 30.0
+    ) -> None:
+        """`snapshot_timeout_s`: the deadline of one snapshot page (a page of 50,000 keys on a
+        busy server can take longer than a request's statement timeout)."""
         self._db = db
         self._timeout = timeout_s
-        self._page = page
+        self._snapshot_timeout = snapshot_timeout_s
 
     async def lookup(self, digest: bytes) -> tuple[uuid.UUID, bool] | None:
         async with self._db.acquire(timeout=self._timeout) as conn:
@@ -73,18 +78,18 @@ class PostgresKeyStore:
             rows = await conn.fetch(Q["key_by_ids"], list(key_ids), timeout=self._timeout)
         return {r["id"]: (bytes(r["key_hash"]), r["revoked"]) for r in rows}
 
-    async def active(self) -> list[tuple[bytes, uuid.UUID]]:
-        """Every usable key, read in pages (each one short statement; the key cache replays
-        what was notified meanwhile). Ids are uuid4: none is the nil UUID the first page
+    async def active_page(self, after: uuid.UUID, limit: int) -> KeyPage:
+        """One page of the snapshot, packed by the database (two byte strings): a million keys
+        load without a row object each. Ids are uuid4: none is the nil UUID the first page
         starts after."""
-        out: list[tuple[bytes, uuid.UUID]] = []
-        after = uuid.UUID(int=0)
-        while True:
-            async with self._db.acquire(timeout=self._timeout) as conn:
-                rows = await conn.fetch(
-                    Q["key_active_page"], after, self._page, timeout=self._timeout
-                )
-            out.extend((bytes(r[0]), r[1]) for r in rows)
-            if len(rows) < self._page:
-                return out
-            after = rows[-1][1]
+        timeout_ms = str(int(self._snapshot_timeout * 1000))
+        async with self._db.acquire(timeout=self._timeout) as conn, conn.transaction(readonly=True):
+            await conn.execute(Q["snapshot_statement_timeout"], timeout_ms)
+            row = await conn.fetchrow(
+                Q["key_active_page"], after, limit, timeout=self._snapshot_timeout + 1
+            )
+        assert row is not None  # an aggregate: one row, even for an empty page
+        page = KeyPage(bytes(row[0] or b""), bytes(row[1] or b""))
+        if len(page.digests) != 2 * len(page.ids):
+            raise ValueError("key snapshot page: digests and ids do not line up")
+        return page

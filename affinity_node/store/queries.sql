@@ -211,9 +211,18 @@ RETURNING id;
 DELETE FROM api_keys WHERE id = $1 RETURNING id;
 
 -- name: key_active_page
--- What a node loads after LISTEN: every usable key, by hash, in pages of the primary key (a
--- few hundred thousand keys never make one statement long).
-SELECT key_hash, id FROM api_keys WHERE revoked_at IS NULL AND id > $1 ORDER BY id LIMIT $2;
+-- What a node loads after LISTEN: every usable key, in pages of the primary key (a million
+-- keys never make one statement long), like the binding snapshot returned as two packed
+-- columns in one row (hashes are CHECKed 32 bytes, uuid_send 16), both aggregates in id
+-- order so they line up and the last id is the page's greatest.
+WITH page AS (
+    SELECT id, key_hash FROM api_keys
+    WHERE revoked_at IS NULL AND id > $1
+    ORDER BY id
+    LIMIT $2
+)
+SELECT string_agg(key_hash, '' ORDER BY id), string_agg(uuid_send(id), '' ORDER BY id)
+FROM page;
 
 -- name: key_names
 -- The access log's key references when logging.key_ref is `name` (operator opt-in).

@@ -61,6 +61,9 @@ async def test_scale_benchmark_runs_end_to_end_at_a_small_size(pg_admin_dsn):
         pg_admin_dsn,
         "--bindings",
         "2000",
+        "--keys",
+        "2000",
+        "--no-key-resync",
         "--changes",
         "30",
         "--outage",
@@ -81,6 +84,10 @@ async def test_scale_benchmark_runs_end_to_end_at_a_small_size(pg_admin_dsn):
         assert row in out, out
     assert "30 -> incremental" in out  # the outage's changes, caught up
     assert "holds 2,000 within 10 s of starting: yes" in out
+    for row in ("keys held (its /readyz)", "RSS per key: loaded / after a periodic resync"):
+        assert row in out, out
+    assert "200 / 401" in out  # the last key read is held, an unknown one refused
+    assert "holds 2,000 keys, under 100 bytes of RSS each:" in out
 
 
 async def test_overhead_benchmark_explains_itself():

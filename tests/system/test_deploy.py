@@ -49,7 +49,7 @@ GRAFANA = REPO / "grafana"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 
 IMAGE = "affinity-node:local"
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "HTTPRoute"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "HTTPRoute", "Cluster", "Pooler"}
 """Kinds without a schema in kubernetes-validate: shape-checked here instead."""
 K8S_VERSIONS = ("1.27.0", None)
 """The oldest Kubernetes the manifests target, and kubernetes-validate's newest."""
@@ -1079,3 +1079,52 @@ def test_the_keys_job_reads_its_dsn_from_a_mounted_secret_and_verifies_the_serve
     assert node["volumeMounts"] == keys["volumeMounts"]
     assert {"name": "AFFINITY_DATABASE_DSN_FILE", "value": dsn_file} in node["env"]
     assert {v["name"] for v in patch["volumes"]} == set(volumes)
+
+
+def test_cloudnativepg_example_pools_in_transaction_mode_and_listens_direct(
+    tmp_path: Path,
+) -> None:
+    """CRDs kubernetes-validate has no schema for: their YAML and shape, and the wiring the
+    README gives (pool through the Pooler, LISTEN and migrations on the -rw Service, the
+    statement cache off), through the node's own loader and the Deployment's env names."""
+    cluster, pooler = example("Cluster"), example("Pooler")
+    assert cluster["apiVersion"] == pooler["apiVersion"] == "postgresql.cnpg.io/v1"
+    assert cluster["spec"]["instances"] >= 3  # a primary and standbys to fail over to
+    assert pooler["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
+    assert pooler["metadata"]["name"] != cluster["metadata"]["name"]
+    assert pooler["spec"]["type"] == "rw"
+    assert pooler["spec"]["pgbouncer"]["poolMode"] == "transaction"
+    assert cluster["spec"]["bootstrap"]["initdb"]["owner"] == "affinity_migrator"
+    managed = {r["name"] for r in cluster["spec"]["managed"]["roles"]}
+    assert {"affinity_node", "affinity_admin"} <= managed
+    init_sql = " ".join(cluster["spec"]["bootstrap"]["initdb"]["postInitApplicationSQL"])
+    assert "affinity_node SET statement_timeout" in init_sql
+    assert "affinity_node SET lock_timeout" in init_sql
+
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Postgres on Kubernetes with CloudNativePG", 1)[1]
+    command = section.split("secret generic affinity-node-db", 1)[1].split("kubectl", 1)[0]
+    rw, pool = f"{cluster['metadata']['name']}-rw", pooler["metadata"]["name"]
+    secret = {
+        m.group(1): m.group(2).replace("${NODE_PW}", "pw")
+        for m in re.finditer(r'--from-literal=(\w+)="?([^"\s]*)"?', command)
+    }
+    assert f"@{pool}:5432/" in secret["dsn"], secret
+    assert f"@{rw}:5432/" in secret["listen_dsn"] and "read-write" in secret["listen_dsn"]
+    assert secret["statement_cache"] == "false"
+    dep = k8s("Deployment", "affinity-node")
+    env = {e["name"]: e for e in container(dep["spec"]["template"]["spec"], "node")["env"]}
+    wired = {
+        name: env[name]["valueFrom"]["secretKeyRef"]["key"]
+        for name in (
+            "AFFINITY_DATABASE_DSN",
+            "AFFINITY_DATABASE_LISTEN_DSN",
+            "AFFINITY_DATABASE_STATEMENT_CACHE",
+        )
+    }
+    path = tmp_path / "node.yaml"
+    path.write_text(k8s_node_yaml(), encoding="utf-8")
+    cfg = load_config(path, env={name: secret[key] for name, key in wired.items()})
+    assert cfg.database.dsn == secret["dsn"]
+    assert cfg.database.listen_dsn == secret["listen_dsn"]
+    assert cfg.database.statement_cache is False

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from prometheus_client import CollectorRegistry
 
+from affinity_node.auth.ports import KeyPage
 from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine
@@ -151,6 +152,10 @@ class MemoryKeyStore:
         await self._enter()
         return {k: self.rows[k] for k in key_ids if k in self.rows}
 
-    async def active(self) -> list[tuple[bytes, UUID]]:
+    async def active_page(self, after: UUID, limit: int) -> KeyPage:
+        """Packed in id order, as store/keys.py returns them."""
         await self._enter()
-        return [(d, k) for k, (d, revoked) in self.rows.items() if not revoked]
+        page = sorted(
+            (k, d) for k, (d, revoked) in self.rows.items() if not revoked and k.int > after.int
+        )[:limit]
+        return KeyPage(b"".join(d for _k, d in page), b"".join(k.bytes for k, _d in page))
