@@ -8,22 +8,19 @@ body itself is forwarded as received.
 That check is one pass over every byte, and msgspec's pass was the node's main cost per KB
 beyond a bare forwarder (~0.4 us/KB). From `SIMD_FROM` bytes on, simdjson checks the body first
 (SIMD, ~3x faster at 200 KB): a body it accepts as one object with no key twice is served from
-its parse; anything else (not an object, a repeated key, a number beyond 64 bits, invalid UTF-8
-anywhere, a leading BOM, nesting past 1024) goes through msgspec as before, so every refusal
-and every value read is the one msgspec gives. One known difference: simdjson nests to 1024
-levels, msgspec to Python's recursion limit (~950 in a handler); a body between the two is now
-forwarded, and the backend judges it, as it judges everything inside values.
-
-A top-level key given twice is refused: parsers disagree on which one wins, so the proxy and
-the backend could read different models from one body. Inside values (messages, tools, ...)
-the backend judges, as it does everything else the proxy does not read.
+its parse (top-level arrays are still read through msgspec, when asked). Anything else (not an
+object, a repeated key, a number beyond 64 bits, invalid UTF-8 anywhere, a leading BOM, nesting
+past 1024) goes through msgspec as before, so every refusal and every value read is the one
+msgspec gives. One known difference: simdjson nests to 1024 levels, msgspec to Python's
+recursion limit (~950 in a handler); a body between the two is now forwarded, and the backend
+judges it, as it judges everything inside values.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
 import msgspec
@@ -62,22 +59,12 @@ def _decode(raw: msgspec.Raw) -> Any:
         return None
 
 
-def _unbox(value: Any) -> Any:
-    """A simdjson value as the plain Python value msgspec would decode (arrays lazily)."""
-    if isinstance(value, simdjson.Object):
-        return value.as_dict()
-    if isinstance(value, simdjson.Array):
-        return LazyList(value, _unbox)
-    return value
-
-
 class LazyList(Sequence[Any]):
     """A JSON array whose elements are decoded when read (a conversation key reads the first
     few messages of hundreds); an element that cannot be decoded reads as None."""
 
-    def __init__(self, items: Sequence[Any], decode: Callable[[Any], Any] = _decode) -> None:
+    def __init__(self, items: list[msgspec.Raw]) -> None:
         self._items = items
-        self._decode = decode
 
     def __len__(self) -> int:
         return len(self._items)
@@ -88,26 +75,27 @@ class LazyList(Sequence[Any]):
     def __getitem__(self, index: slice) -> Sequence[Any]: ...
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return [self._decode(self._items[i]) for i in range(len(self._items))[index]]
-        return self._decode(self._items[index])
+            return [_decode(item) for item in self._items[index]]
+        return _decode(self._items[index])
 
     def __iter__(self) -> Iterator[Any]:
-        return (self._decode(self._items[i]) for i in range(len(self._items)))
+        return (_decode(item) for item in self._items)
 
 
 class Payload:
     """A request body: its bytes, its top-level values undecoded, `model` and `stream`."""
 
-    __slots__ = ("_doc", "_fields_", "_model_at", "body", "model", "stream")
+    __slots__ = ("_fields_", "_model_at", "_values", "body", "model", "stream")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self._model_at = -2  # not looked for yet
         self._fields_: dict[str, msgspec.Raw] | None = None
-        self._doc = _simd_object(body) if len(body) >= SIMD_FROM else None
-        if self._doc is not None:
-            self.model = _checked_model(self._doc.get("model"))
-            self.stream = _checked_stream(self._doc.get("stream", False))
+        self._values = _simd_values(body) if len(body) >= SIMD_FROM else None
+        """simdjson's top-level values (arrays: `_ARRAY`, read through msgspec when asked)."""
+        if self._values is not None:
+            self.model = _checked_model(self._values.get("model"))
+            self.stream = _checked_stream(self._values.get("stream"))
             return
         fields = self._fields_ = _decode_top(body)
         if len(body) != _compact_size(fields):
@@ -125,8 +113,10 @@ class Payload:
     def get(self, key: str, default: Any = None) -> Any:
         """A top-level value, decoded now (arrays lazily, see LazyList); `default` when it is
         absent or cannot be decoded (the backend will say what is wrong with it)."""
-        if self._doc is not None:
-            return _unbox(self._doc[key]) if key in self._doc else default
+        if self._values is not None:
+            value = self._values.get(key, default)
+            if value is not _ARRAY:
+                return value
         raw = self._fields().get(key)
         if raw is None:
             return default
@@ -138,8 +128,8 @@ class Payload:
             return default
 
     def __contains__(self, key: str) -> bool:
-        if self._doc is not None:
-            return key in self._doc
+        if self._values is not None:
+            return key in self._values
         return key in self._fields()
 
     def with_model(self, model: str) -> bytes:
@@ -150,22 +140,45 @@ class Payload:
             self._model_at = _check_unique_keys(self.body, self._fields())
         start = self._model_at
         end = start + len(self._fields()["model"])
-        return self.body[:start] + json.dumps(model).encode() + self.body[end:]
+        view = memoryview(self.body)  # one copy of the body, not three (slices, then +)
+        return b"".join((view[:start], json.dumps(model).encode(), view[end:]))
 
 
-def _simd_object(body: bytes) -> simdjson.Object | None:
-    """The body parsed by simdjson when it is one object with no key given twice; None when
-    msgspec must judge it (whatever simdjson refuses, a leading BOM it would skip, a key that
-    reads twice: its keys are listed up to a NUL, so `"a\\u0000b"` reads as `"a"`)."""
+_PARSER = simdjson.Parser()
+"""One parser for every body, its buffers kept warm: a parser per request allocates ~3x the
+body (slower than msgspec at 200 KB). No proxy into its document outlives `_simd_values`."""
+_ARRAY: Any = object()
+"""A top-level array: read when asked, through msgspec (one element at a time)."""
+
+
+def _simd_values(body: bytes) -> dict[str, Any] | None:
+    """The top-level values of a body simdjson accepts as one object with no key twice, as
+    msgspec would decode them (arrays left as `_ARRAY`); None when msgspec must judge the body:
+    whatever simdjson refuses, a leading BOM (it would skip it), a key listed twice (keys are
+    listed up to a NUL, so `"a\\u0000b"` and `"a\\u0000c"` both read `"a"`)."""
     if _OBJECT_START.match(body) is None:
         return None
     try:
-        doc = simdjson.Parser().parse(body)
+        doc = _PARSER.parse(body)
     except (ValueError, RuntimeError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(doc, simdjson.Object) or len(set(doc)) != len(doc):
+    try:
+        if not isinstance(doc, simdjson.Object):
+            return None
+        values = {key: _plain(doc[key]) for key in doc}
+        return values if len(values) == len(doc) else None
+    except KeyError:  # a key listed up to its NUL is not found under that name
         return None
-    return doc
+    finally:
+        del doc  # the parser is reusable once no proxy points into its document
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Array):
+        return _ARRAY
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    return value
 
 
 def _decode_top(body: bytes) -> dict[str, msgspec.Raw]:
