@@ -158,9 +158,15 @@ def _simd_values(body: bytes) -> dict[str, Any] | None:
     listed up to a NUL, so `"a\\u0000b"` and `"a\\u0000c"` both read `"a"`)."""
     if _OBJECT_START.match(body) is None:
         return None
+    global _PARSER
     try:
         doc = _PARSER.parse(body)
-    except (ValueError, RuntimeError):  # UnicodeDecodeError is a ValueError
+    except RuntimeError as exc:  # too deep, a number past 64 bits, or the parser is held
+        if not str(exc).startswith("Tried to re-use"):
+            return None
+        _PARSER = simdjson.Parser()  # something kept a proxy: never stay on msgspec for it
+        return None
+    except ValueError:  # UnicodeDecodeError is a ValueError
         return None
     try:
         if not isinstance(doc, simdjson.Object):

@@ -241,3 +241,12 @@ def test_a_large_valid_body_is_read_from_simdjsons_parse() -> None:
         lazy = p.get("messages")
         assert isinstance(lazy, LazyList) and len(lazy) == 2
         assert lazy[1] == messages[1] and lazy[0:2] == messages and list(lazy) == messages
+
+
+def test_a_proxy_kept_by_mistake_costs_one_body_the_fast_path_not_all_later_ones() -> None:
+    body = json.dumps({"model": "m", "pad": PAD}).encode()
+    kept = payload_module._PARSER.parse(body)  # a proxy into the shared parser's document
+    held = Payload(body)
+    assert held._values is None and held.model == "m"  # msgspec read it: same answer
+    assert Payload(body)._values is not None  # a fresh parser took over
+    del kept
