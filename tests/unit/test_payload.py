@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from affinity_node.http import payload as payload_module
 from affinity_node.http.errors import ApiError
 from affinity_node.http.payload import LazyList, Payload
 
@@ -133,3 +134,119 @@ def test_messages_decode_one_at_a_time() -> None:
     lazy = p.get("messages")
     assert isinstance(lazy, LazyList) and len(lazy) == 51
     assert lazy[0] == messages[0] and lazy[1:3] == messages[1:3] and list(lazy) == messages
+
+
+# Large bodies: simdjson checks them first; every answer must be the one msgspec gives.
+
+PAD = "x" * payload_module.SIMD_FROM
+
+
+def outcome(body: bytes, simd: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """What the node learns from a body, through one checker: the refusal, or the fields."""
+    monkeypatch.setattr(payload_module, "SIMD_FROM", 0 if simd else 1 << 62)
+    try:
+        p = Payload(body)
+    except ApiError as err:
+        return ("refused", err.status, err.code, err.message, err.param)
+    assert simd or p._values is None  # (with simd on, msgspec may still be handed the body)
+    values = {}
+    for key in ("messages", "n", "pad", "stream_options", "absent", "a", "model"):
+        got = p.get(key, "default")
+        values[key] = list(got) if isinstance(got, LazyList) else got
+    return ("read", p.model, p.stream, values, "a" in p, p.with_model("canonical"))
+
+
+def both(body: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    fast, full = outcome(body, True, monkeypatch), outcome(body, False, monkeypatch)
+    assert fast == full, body[:200]
+    return fast
+
+
+LARGE_CASES = [
+    b'{"model": "m", "pad": "' + PAD.encode() + b'", "model": "m"}',
+    b'{"model": "m", "mod\\u0065l": "n", "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "a\\u0000b": 1, "a\\u0000c": 2, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "a\\u0000": 1, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "x": NaN, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "pad": "' + PAD.encode() + b'", "a": ' + b"[" * 100_000,
+    b'{"model": "m", "pad": "' + PAD.encode() + b'", "a": ' + b"[" * 1100 + b"]" * 1100 + b"}",
+    b'{"model": "m", "pad": "' + PAD.encode() + b'", "v": "\xff\xfe"}',
+    b'{"model": "\xff", "pad": "' + PAD.encode() + b'"}',
+    b'\xef\xbb\xbf{"model": "m", "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "n": 1e400, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "n": 1' + b"0" * 5000 + b', "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "n": 18446744073709551615, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "n": -0, "a": -0.0, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "pad": "' + PAD.encode() + b'"} trailing',
+    b'{"model": "m", "pad": "' + PAD.encode() + b'",}',
+    b'[{"model": "m", "pad": "' + PAD.encode() + b'"}]',
+    b'{"model": 7, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": null, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "' + b"m" * 300 + b'", "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "stream": 1, "pad": "' + PAD.encode() + b'"}',
+    b'{"model": "m", "stream": null, "pad": "' + PAD.encode() + b'"}',
+    b' \n{"model": "m", "stream": true, "pad": "' + PAD.encode() + b'"} \n',
+    b'{"model": "m", "pad": "\\ud800' + PAD.encode() + b'"}',
+    b'{"model": "m", "pad": "' + PAD.encode() + b'\n"}',
+]
+
+
+@pytest.mark.parametrize("body", LARGE_CASES, ids=range(len(LARGE_CASES)))
+def test_large_bodies_get_msgspecs_answers(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    both(body, monkeypatch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    extra=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
+    stream=st.none() | st.booleans() | st.integers(0, 1),
+    compact=st.booleans(),
+    ascii_only=st.booleans(),
+    cut=st.integers(0, 2**16),
+    byte=st.integers(0, 255),
+)
+def test_simdjson_and_msgspec_agree_on_any_large_body(
+    extra: dict[str, Any],
+    stream: bool | int | None,
+    compact: bool,
+    ascii_only: bool,
+    cut: int,
+    byte: int,
+) -> None:
+    """A valid body, then the same body with one byte changed: the same refusal or the same
+    fields either way."""
+    doc = {"model": "m-é", **extra, "messages": [{"role": "user", "content": PAD}]}
+    if stream is not None:
+        doc["stream"] = stream
+    separators = (",", ":") if compact else None
+    body = json.dumps(doc, separators=separators, ensure_ascii=ascii_only).encode()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        both(body, monkeypatch)
+        # A change near either end, away from the padding: where it can break the structure.
+        at = cut % 200 if cut % 2 else len(body) - 1 - cut % 200
+        both(body[:at] + bytes([byte]) + body[at + 1 :], monkeypatch)
+
+
+def test_a_large_valid_body_is_read_from_simdjsons_parse() -> None:
+    """The fast path is taken (no msgspec pass until an array is asked for), body after body:
+    the shared parser is free again once each body is read."""
+    messages = [{"role": "user", "content": PAD}, {"role": "assistant", "content": "a"}]
+    options = {"include_usage": False, "x": [1, {"y": None}]}
+    body = json.dumps({"model": "m", "messages": messages, "stream": True, "o": options})
+    for _ in range(3):
+        p = Payload(body.encode())
+        assert p._values is not None and p._fields_ is None
+        assert p.model == "m" and p.stream is True and p.get("o") == options and "o" in p
+        assert p._fields_ is None
+        lazy = p.get("messages")
+        assert isinstance(lazy, LazyList) and len(lazy) == 2
+        assert lazy[1] == messages[1] and lazy[0:2] == messages and list(lazy) == messages
+
+
+def test_a_proxy_kept_by_mistake_costs_one_body_the_fast_path_not_all_later_ones() -> None:
+    body = json.dumps({"model": "m", "pad": PAD}).encode()
+    kept = payload_module._PARSER.parse(body)  # a proxy into the shared parser's document
+    held = Payload(body)
+    assert held._values is None and held.model == "m"  # msgspec read it: same answer
+    assert Payload(body)._values is not None  # a fresh parser took over
+    del kept
