@@ -137,9 +137,12 @@ class FairQueue:
             running, waiting = backend.running, backend.waiting
             if running is None:
                 continue
+            # With a queue of its own it runs at its slots. The largest such reading counts: a
+            # poll between a request's arrival and its scheduling reads a queue below the
+            # slots, and a capacity set too low would idle the backend while requests wait
+            # here (one too high only lets vLLM queue, as without this queue).
             known = self._capacity.get(backend.id)
-            queued = bool(waiting) and running > 0  # at its slots: running is its capacity
-            if queued or (known is not None and running > known):
+            if (waiting or known is not None) and running > (known or 0.0):
                 self._capacity[backend.id] = running
         models = {m for b in self._backends.backends for m in b.models}
         self._saturated = frozenset(m for m in models if self._free(m) is None)
