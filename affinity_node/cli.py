@@ -156,7 +156,10 @@ async def _set_limits(conn: asyncpg.Connection, key: uuid.UUID, args: argparse.N
     if all(v is None for v in given):
         return None
     if args.priority is not None and args.model:
-        raise SystemExit("--priority is the key's class on every model: give it without --model")
+        print(
+            "--priority is the key's class on every model: give it without --model", file=sys.stderr
+        )
+        raise SystemExit(2)
     model = args.model or ""
     return await set_limits(conn, key, model, *given)
 

@@ -154,3 +154,17 @@ async def test_a_database_outage_keeps_the_last_shares_and_the_limit():
         limiter.finish(limiter.admit(scopes, "m", 0), None)
     with pytest.raises(Refused):
         limiter.admit(scopes, "m", 0)
+
+
+async def test_priority_class_is_learned_without_making_the_key_limited() -> None:
+    other = uuid.uuid4()
+    table = SharedTable([(KEY, "", None, None, None, 7), (other, "", 60, None, None, None)])
+    limiter = Limiter(table, "n1")
+    await limiter.round()
+    assert limiter.priority(KEY) == 7
+    assert limiter.of(KEY) is None, "a class alone costs the request path nothing"
+    assert limiter.priority(other) == 0
+    table.rows = [(KEY, "", None, None, None, None)]  # the class removed, a doorbell rings
+    limiter.key_changed(KEY)
+    await limiter.round()
+    assert limiter.priority(KEY) == 0
