@@ -69,4 +69,4 @@ def test_the_skew_preset_is_the_issues_setup():
     assert not p.columns[0].affinity["enabled"]
     # chat stays today's default: three columns, the last one shared affinity.
     assert [c.key for c in CHAT.columns] == ["off", "node_local", "shared"]
-    assert set(PRESETS) == {"chat", "skew", "scale", "agents", "db-failover"}
+    assert set(PRESETS) == {"chat", "skew", "scale", "agents", "db-failover", "noisy"}
