@@ -102,6 +102,8 @@ class ColumnResult:
     mixed: Tally
     mixed_s: float
     max_depth: int
+    vllm_waiting: float
+    """Mean requests waiting in the backends' own queues over the measured window."""
 
 
 def _capacity(backends: int) -> float:
@@ -155,10 +157,12 @@ async def _open_loop(
     stop: asyncio.Event,
     send: Callable[[int], Coroutine[None, None, None]],
     max_open: int,
+    offset_s: float = 0.0,
 ) -> None:
-    """`rate` requests a second until `stop`, each on schedule; at most `max_open` open."""
+    """`rate` requests a second until `stop`, each on schedule (the first after `offset_s`);
+    at most `max_open` open."""
     open_: set[asyncio.Task[None]] = set()
-    start = time.monotonic()
+    start = time.monotonic() + offset_s
     i = 0
     while not stop.is_set():
         delay = start + i / rate - time.monotonic()
@@ -247,7 +251,9 @@ async def _column(
                     node = nodes[i % len(nodes)]
                     await _one(session, node.url, secret, name, tally, i)
 
-                loops.append(_open_loop(SMALL_RATE, stop, send_small, 50))
+                # Tenants out of step: in step, 7 arrivals at once would queue behind each other.
+                offset = (t - 1) / (SMALL_TENANTS * SMALL_RATE)
+                loops.append(_open_loop(SMALL_RATE, stop, send_small, 50, offset))
             if flood:
 
                 async def send_flood(i: int) -> None:
@@ -270,19 +276,23 @@ async def _column(
         await phase(solo, False, SOLO_S, 1.0)
         mixed = Tally()
         depth = [0]
+        vllm_waiting: list[int] = []
 
         async def watch() -> None:
             while True:
                 d = sum(n.app[FAIRQ].depth(MODEL) for n in nodes)
                 depth[0] = max(depth[0], d)
-                await asyncio.sleep(0.1)  # sampling the queue depth for the report
+                if mixed.measuring:
+                    vllm_waiting.append(sum(f.backend.engine.waiting for f in fakes))
+                await asyncio.sleep(0.1)  # sampling the queue lengths for the report
 
         watcher = asyncio.create_task(watch())
         try:
             mixed_s = await phase(mixed, True, MIXED_S, SETTLE_S)
         finally:
             watcher.cancel()
-        return ColumnResult(column, capacity, solo, mixed, mixed_s, depth[0])
+        mean_waiting = sum(vllm_waiting) / max(len(vllm_waiting), 1)
+        return ColumnResult(column, capacity, solo, mixed, mixed_s, depth[0], mean_waiting)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -348,6 +358,8 @@ def render(results: list[ColumnResult], out: IO[str]) -> None:
     out.write(f"{'affinity hit rate':<24}" + "".join(f"{c:>{w}}" for c in cells) + "\n")
     cells = [str(r.max_depth) for r in results]
     out.write(f"{'max fair-queue depth':<24}" + "".join(f"{c:>{w}}" for c in cells) + "\n")
+    cells = [f"{r.vllm_waiting:.1f}" for r in results]
+    out.write(f"{'mean vLLM queue':<24}" + "".join(f"{c:>{w}}" for c in cells) + "\n")
     out.write(
         "\nTTFT: with the flood (solo baseline of the same run). Flood throughput: successful "
         "requests a second, of the capacity the small tenants leave.\n"
