@@ -62,6 +62,8 @@ def rate_limit(high: int) -> Callable[[str], int]:
 requests_limit = rate_limit(100_000_000)
 tokens_limit = rate_limit(100_000_000_000)
 concurrency_limit = rate_limit(1_000_000)
+priority_class = rate_limit(9)
+"""A key's fair-queueing class, 0 (the default) to 9 (served first)."""
 
 
 def positive_float(text: str) -> float:
@@ -143,6 +145,7 @@ CHECKED_TYPES = frozenset(
         requests_limit,
         tokens_limit,
         concurrency_limit,
+        priority_class,
         positive_float,
         non_negative_float,
         key_id,

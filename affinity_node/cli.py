@@ -27,6 +27,7 @@ from affinity_node.argtypes import (
     port,
     positive_float,
     positive_int,
+    priority_class,
     requests_limit,
     tokens_limit,
 )
@@ -50,6 +51,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model", type=non_empty, help="limit this model only (default: every model together)"
+    )
+    p.add_argument(
+        "--priority",
+        type=priority_class,
+        help="fair-queueing class, 0 (default) to 9: while a model's backends are all "
+        "saturated, higher classes leave the queue first (the key's, not a model's)",
     )
 
 
@@ -155,10 +162,16 @@ async def _set_limits(conn: asyncpg.Connection, key: uuid.UUID, args: argparse.N
     """The limits given on the command line (None when none was)."""
     from affinity_node.store.limits import set_limits
 
-    if args.rpm is None and args.tpm is None and args.max_concurrent is None:
+    given = (args.rpm, args.tpm, args.max_concurrent, args.priority)
+    if all(v is None for v in given):
         return None
+    if args.priority is not None and args.model:
+        print(
+            "--priority is the key's class on every model: give it without --model", file=sys.stderr
+        )
+        raise SystemExit(2)
     model = args.model or ""
-    return await set_limits(conn, key, model, args.rpm, args.tpm, args.max_concurrent)
+    return await set_limits(conn, key, model, *given)
 
 
 async def _update_limits(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
@@ -169,7 +182,10 @@ async def _update_limits(conn: asyncpg.Connection, args: argparse.Namespace) -> 
         return 1
     limits = await _set_limits(conn, args.id, args)
     if limits is None:
-        print("nothing to change: give --rpm, --tpm or --max-concurrent", file=sys.stderr)
+        print(
+            "nothing to change: give --rpm, --tpm, --max-concurrent or --priority",
+            file=sys.stderr,
+        )
         return 2
     if args.json:
         print(json.dumps({"id": str(args.id), **_limits_json(limits)}))
@@ -181,7 +197,12 @@ async def _update_limits(conn: asyncpg.Connection, args: argparse.Namespace) -> 
 def _limits_json(limits: Any) -> dict[str, Any]:
     if limits is None:
         return {}
-    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+    return {
+        "rpm": limits.rpm,
+        "tpm": limits.tpm,
+        "max_concurrent": limits.max_concurrent,
+        "priority": limits.priority,
+    }
 
 
 def _limits_text(limits: Any) -> str:

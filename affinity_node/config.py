@@ -235,6 +235,23 @@ class LimitsConfig:
 
 
 @dataclass
+class FairnessConfig:
+    """Fair queueing under saturation (routing/fairq.py): while every backend of a model is
+    full, new requests wait in the node by fairness instead of in a vLLM FIFO queue. Costs
+    one set lookup per request while nothing saturates, hence on by default."""
+
+    enabled: bool = True
+    max_queue: int = _range(1000, 1, 1_000_000)
+    """Requests one model's queue holds on this node; past it the heaviest tenant's last
+    queued request is refused (429)."""
+    max_wait_seconds: float = _range(30.0, 0, 3600, above=True)
+    """Longest wait in the queue: then 429 (a tenant holding more than its share of the
+    queue) or 503 (the fleet is out of room), both with Retry-After."""
+    half_life_seconds: float = _range(10.0, 0, 86_400, above=True)
+    """A tenant's recent service (tokens) halves in this long."""
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
@@ -353,6 +370,7 @@ class NodeConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     backends: list[BackendConfig] = field(default_factory=list)

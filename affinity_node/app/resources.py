@@ -25,6 +25,7 @@ from affinity_node.http.state import (
     BACKENDS,
     CONFIG,
     ENGINE,
+    FAIRQ,
     HEALTH,
     HTTP_METRICS,
     KEYS,
@@ -44,6 +45,7 @@ from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.fairq import FairQueue, FairRules
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules
@@ -285,9 +287,14 @@ async def _router(
         parts.health,
         fanout,
     )
-    poller = LoadPoller(
-        backends, load, client, cfg.load.poll_interval_seconds, on_round=fanout.sweep
-    )
+    fairq = app[FAIRQ] = _fair_queue(app, backends, load)
+
+    def after_poll() -> None:
+        fanout.sweep()
+        if fairq.rules.enabled:
+            fairq.learn()
+
+    poller = LoadPoller(backends, load, client, cfg.load.poll_interval_seconds, after_poll)
     collector = NodeCollector(
         backends,
         engine.cache,
@@ -302,6 +309,19 @@ async def _router(
     finally:
         app[METRICS_REGISTRY].unregister(collector)
         await fanout.stop()
+
+
+def _fair_queue(app: web.Application, backends: BackendPool, load: LoadView) -> FairQueue:
+    """Fair queueing under saturation; switched off, it never learns and never holds one."""
+    fair = app[CONFIG].fairness
+    metrics = app[AFFINITY_METRICS]
+    return FairQueue(
+        backends,
+        load,
+        FairRules(fair.enabled, fair.max_queue, fair.max_wait_seconds, fair.half_life_seconds),
+        on_depth=metrics.queue_changed,
+        on_wait=metrics.queue_waited,
+    )
 
 
 @asynccontextmanager

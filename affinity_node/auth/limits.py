@@ -70,6 +70,8 @@ class Limits:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    priority: int | None = None
+    """The key's fair-queueing class (routing/fairq.py; on its model '' row), not a limit."""
 
 
 class _Bucket:
@@ -225,6 +227,7 @@ class Limiter:
         self._store = store
         self._node_id = node_id
         self._keys: dict[UUID, KeyScopes] = {}
+        self._priority: dict[UUID, int] = {}
         self._pending: set[UUID] = set()
         self._reload_all = True
         self._next_resync = 0.0
@@ -240,6 +243,10 @@ class Limiter:
     def of(self, key_id: UUID) -> KeyScopes | None:
         """The key's scopes, None when it has no limits (the one lookup every request pays)."""
         return self._keys.get(key_id)
+
+    def priority(self, key_id: UUID) -> int:
+        """The key's fair-queueing class (0 unless set); asked only while a model saturates."""
+        return self._priority.get(key_id, 0)
 
     def admit(self, scopes: KeyScopes, model: str, estimate: int) -> Ticket:
         """Charge one request of `estimate` tokens on the key's scopes for `model`, or raise
@@ -300,13 +307,27 @@ class Limiter:
         on when its limits change."""
         now = time.monotonic()
         wanted: dict[UUID, dict[str, Limits]] = {}
-        for key_id, model, rpm, tpm, conc in rows:
+        classes: dict[UUID, int] = {}
+        for key_id, model, rpm, tpm, conc, priority in rows:
+            if priority and not model:
+                classes[key_id] = priority
             if rpm is None and tpm is None and conc is None:
                 continue
             wanted.setdefault(key_id, {})[model] = Limits(rpm, tpm, conc)
+        self._set_classes(classes, only)
         names = list(self._keys) if only is None else list(only)
         for key_id in set(names) | (set(wanted) if only is None else set()):
             self._set_key(key_id, wanted.get(key_id), now)
+
+    def _set_classes(self, classes: dict[UUID, int], only: Iterable[UUID] | None) -> None:
+        if only is None:
+            self._priority = classes
+            return
+        for key_id in only:
+            if key_id in classes:
+                self._priority[key_id] = classes[key_id]
+            else:
+                self._priority.pop(key_id, None)
 
     def _set_key(self, key_id: UUID, limits: dict[str, Limits] | None, now: float) -> None:
         if not limits:

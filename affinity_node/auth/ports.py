@@ -43,8 +43,9 @@ class KeyStore(Protocol):
         """At most `limit` usable keys with ids above `after`, in id order (one statement)."""
 
 
-LimitRow = tuple[UUID, str, int | None, int | None, int | None]
-"""(key id, model or '' for every model, rpm, tpm, max_concurrent): one api_key_limits row."""
+LimitRow = tuple[UUID, str, int | None, int | None, int | None, int | None]
+"""(key id, model or '' for every model, rpm, tpm, max_concurrent, priority class): one
+api_key_limits row."""
 
 DemandRow = tuple[UUID, str, str, float, float]
 """(key id, model, node id, requests/s, tokens/s): another node's demand on a scope."""

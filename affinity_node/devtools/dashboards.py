@@ -830,6 +830,33 @@ def traffic() -> Json:
             "Requests answered 429 by a fleet-wide per-key limit (keys create|update --rpm, "
             "--tpm, --max-concurrent), by the limit that refused them, summed over the nodes.",
         ),
+        timeseries(
+            "Fair queue depth",
+            [
+                target(
+                    f"sum by (priority) (affinity_queue_depth{{{NODE}, {MODEL}}})",
+                    "class {{priority}}",
+                ),
+            ],
+            "short",
+            "Requests waiting in the nodes' fair queues (every backend of the model saturated), "
+            "by priority class (keys update --priority), summed over the nodes.",
+        ),
+        timeseries(
+            "Fair queue wait",
+            [
+                target(
+                    quantile(0.5, "affinity_queue_wait_seconds", "model", NODE, MODEL),
+                    "p50 {{model}}",
+                ),
+                target(
+                    quantile(0.99, "affinity_queue_wait_seconds", "model", NODE, MODEL),
+                    "p99 {{model}}",
+                ),
+            ],
+            "s",
+            "How long requests released from the fair queue waited in it (part of their TTFT).",
+        ),
     ]
     return dashboard(
         "affinity-traffic",

@@ -6,6 +6,7 @@ awaits nothing but the upstream and logs nothing per request above debug.
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from affinity_node.http.response_ids import StoredId, read_id, untag
 from affinity_node.http.state import (
     API_KEY_ID,
     BACKENDS,
+    FAIRQ,
     LEDGER,
     LIMITER,
     MODEL,
@@ -34,6 +36,8 @@ from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
 from affinity_node.ledger.usage import decode_usage
 from affinity_node.observability.tracing import traced
+from affinity_node.routing.backends import Backend
+from affinity_node.routing.fairq import FairQueue, QueueRefused
 from affinity_node.routing.members import conversation_key
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 
@@ -137,15 +141,34 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         if out.ticket is not None:  # admitted, then not routable: the slot and tokens back
             app[LIMITER].finish(out.ticket, 0)
         raise
-    if out.ticket is None:
-        return await Forwarder(request, headers, started).run(route, key_id, out)
-    return await _limited(request, headers, started, route, key_id, out, out.ticket)
+    forwarder = Forwarder(request, headers, started)
+    try:
+        if out.ticket is None:
+            return await forwarder.run(route, key_id, out)
+        return await _limited(request, headers, forwarder, route, key_id, out, out.ticket)
+    finally:
+        fairq = app[FAIRQ]
+        if fairq.busy:  # something saturates: this request's end may release a queued one
+            _fair_done(fairq, route.model, key_id, out, forwarder)
+
+
+def _fair_done(
+    fairq: FairQueue, model: str, key_id: Any, out: Outgoing, forwarder: Forwarder
+) -> None:
+    """A request that did not queue counts its tokens as its tenant's service; any end frees
+    room for the next queued request."""
+    if out.queued:
+        fairq.release(model)
+        return
+    used = None if forwarder.usage is None else decode_usage(forwarder.usage)
+    tokens = len(out.body) // 4 if used is None else used.prompt + used.completion
+    fairq.served(model, key_id, tokens)
 
 
 async def _limited(
     request: web.Request,
     headers: dict[str, str],
-    started: float,
+    forwarder: Forwarder,
     route: Route,
     key_id: Any,
     out: Outgoing,
@@ -154,7 +177,6 @@ async def _limited(
     """A limited key's request: its x-ratelimit-* headers, and its charge settled from the
     answer's usage once done (the slot freed however it ended)."""
     headers.update(ticket.headers)
-    forwarder = Forwarder(request, headers, started)
     try:
         return await forwarder.run(route, key_id, out)
     finally:
@@ -234,6 +256,9 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
         out.client_asked_usage = asks.client_asked
         if asks.inject:
             out.usage_body = with_usage_parts(out.body, payload)
+    fairq = app[FAIRQ]
+    if fairq.busy and model in fairq.busy:
+        return await _queued(request, endpoint, key_id, model, out, payload)
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
         return await traced(
@@ -244,6 +269,76 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
         )
     except NoBackend:
         raise _no_backend(model) from None
+
+
+async def _queued(
+    request: web.Request,
+    endpoint: Endpoint,
+    key_id: Any,
+    model: str,
+    out: Outgoing,
+    payload: Payload,
+) -> Route:
+    """Every backend of the model is saturated: wait in the fair queue, then route. The
+    released request goes to its own target when that has room, else to the backend whose
+    room released it (a spill: the binding stays)."""
+    app = request.app
+    fairq = app[FAIRQ]
+    priority = app[LIMITER].priority(key_id)
+    try:
+        released = await fairq.wait(key_id, model, priority, _estimate(payload, out.body))
+    except QueueRefused as refused:
+        raise _queue_refused(refused, model) from None
+    out.queued = released is not None
+    conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
+    try:
+        route = await app[ROUTER].route(
+            key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+        )
+    except NoBackend:
+        raise _no_backend(model) from None
+    finally:
+        if released is not None:
+            fairq.sent(released)
+    if released is not None and _elsewhere(fairq, route, released):
+        route.backend = released
+        if route.affinity != "bypass":
+            route.affinity = "spill"
+    return route
+
+
+def _elsewhere(fairq: FairQueue, route: Route, released: Backend) -> bool:
+    """Whether a released request goes to the backend whose room released it: its own target
+    is another one, with no room (never a request pinned to a stored response)."""
+    return (
+        route.backend is not released
+        and not route.pinned
+        and not fairq.has_room(route.backend)
+        and route.model in released.models
+    )
+
+
+def _queue_refused(refused: QueueRefused, model: str) -> ApiError:
+    retry = max(1, math.ceil(refused.retry_after_s))
+    headers = {"Retry-After": str(retry), "retry-after-ms": str(retry * 1000)}
+    if refused.status == 429:
+        return ApiError(
+            429,
+            f"Too many of this key's requests are waiting for '{short(model)}', whose backends "
+            f"are all busy. Please try again in {retry}s.",
+            "requests",
+            None,
+            "rate_limit_exceeded",
+            headers=headers,
+        )
+    return ApiError(
+        503,
+        f"Every backend of '{short(model)}' is busy; the request waited too long for room.",
+        "service_unavailable",
+        None,
+        "overloaded",
+        headers=headers,
+    )
 
 
 async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:

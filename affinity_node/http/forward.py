@@ -105,6 +105,8 @@ class Outgoing:
     """How a stream that breaks says so."""
     ticket: Ticket | None = None
     """A limited key's charge: its answer's usage is read (tpm) even without the ledger."""
+    queued: bool = False
+    """Went through the fair queue (charged there): its end only releases the next."""
 
 
 class Forwarder:

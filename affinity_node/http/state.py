@@ -21,6 +21,7 @@ from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.observability.tracing import NullTracing, RequestTrace, Tracing
 from affinity_node.routing.backends import BackendPool
 from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.fairq import FairQueue
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.router import Router
 from affinity_node.upstream.client import UpstreamClient
@@ -88,6 +89,8 @@ BACKENDS = web.AppKey("backends", BackendPool)
 HEALTH = web.AppKey("health", BackendHealth)
 ENGINE = web.AppKey("engine", AffinityEngine)
 ROUTER = web.AppKey("router", Router)
+FAIRQ = web.AppKey("fairq", FairQueue)
+"""Fair queueing under saturation (fairness.enabled off: one whose `busy` stays empty)."""
 RELAY = web.AppKey("relay", Relay)
 """What the forwarder needs, in one read per request."""
 

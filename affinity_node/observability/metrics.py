@@ -108,6 +108,9 @@ NOTIFY_LAG_BUCKETS = (
 )
 
 
+# Queue waits: part of the time to first token, so the same SLO edges (25 ms up) and longer.
+QUEUE_WAIT_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 Kind = Literal["counter", "gauge", "histogram", "fast_counter", "fast_histogram"]
 
 
@@ -224,6 +227,12 @@ AFFINITY_SPECS: Final = (
     Spec("ratelimited", "counter", "affinity_ratelimited",
          "Requests refused (429) by a fleet-wide per-key limit, by model and limit "
          "(rpm, tpm, concurrent).", ("model", "limit")),
+    Spec("queue_depth", "gauge", "affinity_queue_depth",
+         "Requests waiting in this node's fair queue (every backend of the model saturated), "
+         "by model and priority class.", ("model", "priority")),
+    Spec("queue_wait", "histogram", "affinity_queue_wait_seconds",
+         "Time requests released from the fair queue waited in it.", ("model",),
+         buckets=QUEUE_WAIT_BUCKETS),
 )  # fmt: skip
 """The affinity engine's metrics (names fixed by the Contract in DESIGN.md)."""
 
@@ -254,6 +263,8 @@ class AffinityMetrics:
     db_errors: Counter
     db_up: Gauge
     ratelimited: Counter
+    queue_depth: Gauge
+    queue_wait: Histogram
 
     def __init__(self, metrics_registry: CollectorRegistry) -> None:
         self.metrics_registry = metrics_registry
@@ -283,9 +294,19 @@ class AffinityMetrics:
                     self.fanout_changes.labels(model, direction, why)
             for kind in LIMIT_KINDS:
                 self.ratelimited.labels(model, kind)
+            self.queue_depth.labels(model, "0")
+            self.queue_wait.labels(model)
 
     def count_ratelimited(self, model: str, kind: LimitKind) -> None:
         self.ratelimited.labels(model, kind).inc()
+
+    def queue_changed(self, model: str, priority: int, change: int) -> None:
+        """The fair queue's `on_depth`."""
+        self.queue_depth.labels(model, str(priority)).inc(change)
+
+    def queue_waited(self, model: str, seconds: float) -> None:
+        """The fair queue's `on_wait`."""
+        self.queue_wait.labels(model).observe(seconds)
 
 
 LEDGER_SPECS: Final = (

@@ -66,6 +66,7 @@ from affinity_node.sim.db_failover import run_db_failover
 from affinity_node.sim.fleet import MODEL, BackendModel, Fleet, create_keys, delete_keys
 from affinity_node.sim.haproxy import find_haproxy
 from affinity_node.sim.ledger_view import read_ledger_tenants
+from affinity_node.sim.noisy import run_noisy
 from affinity_node.sim.render import ProgressLine, render_table, report_json
 from affinity_node.sim.report import FANOUT_MIN_SHARE, RunReport, build_report, deltas
 from affinity_node.sim.sampler import LoadSampler
@@ -285,6 +286,8 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
         return await run_agents(args, backend_model(args), out, _say)
     if args.scenario == "db-failover":
         return await run_db_failover(args, out, _say)
+    if args.scenario == "noisy":
+        return await run_noisy(args, out, _say)
     preset = preset_of(args)
     columns = preset.columns
     haproxy = None if args.no_haproxy else find_haproxy()

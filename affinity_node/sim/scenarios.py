@@ -27,7 +27,7 @@ from affinity_node.sim.capacity import CapacityModel
 from affinity_node.sim.fleet import BackendModel, Scenario
 from affinity_node.sim.workload import ROLE_TOKENS, WorkloadConfig
 
-SCENARIO_NAMES: Final = ("chat", "skew", "scale", "agents", "db-failover")
+SCENARIO_NAMES: Final = ("chat", "skew", "scale", "agents", "db-failover", "noisy")
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,16 @@ DB_FAILOVER: Final = replace(
     keys=12,
 )
 
-PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE, AGENTS, DB_FAILOVER)}
+# One tenant floods at 3x the fleet's capacity (sim/noisy.py runs it: its own fleet and
+# columns, fairness off / on / on with a limit on the flood key).
+NOISY: Final = replace(
+    CHAT,
+    name="noisy",
+    columns=(Scenario("shared", "shared affinity", {"enabled": True, "store": "postgres"}),),
+    keys=8,
+)
+
+PRESETS: Final = {p.name: p for p in (CHAT, SKEW, SCALE, AGENTS, DB_FAILOVER, NOISY)}
 
 
 def sticky_uncached_tokens(cfg: WorkloadConfig, block_size: int = 16) -> float:

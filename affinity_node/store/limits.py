@@ -30,7 +30,7 @@ class PostgresLimitStore:
     async def _rows(self, name: str, *args: object) -> list[LimitRow]:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(Q[name], *args, timeout=self._timeout)
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     async def exchange(
         self, node_id: str, mine: Sequence[tuple[uuid.UUID, str, float, float]], fresh_s: float
@@ -65,20 +65,30 @@ async def set_limits(
     rpm: int | None,
     tpm: int | None,
     max_concurrent: int | None,
+    priority: int | None = None,
 ) -> Limits:
-    """Change the given limits of a key (None: keep; 0: remove that limit); the trigger rings
-    every node. Returns the limits now in force on that scope."""
+    """Change the given limits of a key (None: keep; 0: remove that limit, or class 0); the
+    trigger rings every node. Returns the limits now in force on that scope."""
     async with conn.transaction():
         row = await conn.fetchrow(Q["key_limits_get"], key_id, model)
-        old = Limits() if row is None else Limits(row[0], row[1], row[2])
+        old = Limits() if row is None else Limits(row[0], row[1], row[2], row[3])
         new = Limits(
-            _merge(old.rpm, rpm), _merge(old.tpm, tpm), _merge(old.max_concurrent, max_concurrent)
+            _merge(old.rpm, rpm),
+            _merge(old.tpm, tpm),
+            _merge(old.max_concurrent, max_concurrent),
+            _merge(old.priority, priority),
         )
         if new == Limits():
             await conn.execute(Q["key_limits_clear"], key_id, model)
         else:
             await conn.execute(
-                Q["key_limits_put"], key_id, model, new.rpm, new.tpm, new.max_concurrent
+                Q["key_limits_put"],
+                key_id,
+                model,
+                new.rpm,
+                new.tpm,
+                new.max_concurrent,
+                new.priority,
             )
     return new
 
@@ -92,5 +102,5 @@ def _merge(old: int | None, given: int | None) -> int | None:
 async def list_limits(conn: asyncpg.Connection) -> dict[uuid.UUID, dict[str, Limits]]:
     out: dict[uuid.UUID, dict[str, Limits]] = {}
     for r in await conn.fetch(Q["key_limits_list"]):
-        out.setdefault(r[0], {})[r[1]] = Limits(r[2], r[3], r[4])
+        out.setdefault(r[0], {})[r[1]] = Limits(r[2], r[3], r[4], r[5])
     return out

@@ -483,35 +483,35 @@ SELECT pg_notify('affinity_changes', json_build_object(
 )::text);
 -- name: key_limits_all
 -- Every active key's limit rows (the nodes' snapshot; few rows: only limited keys have any).
-SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent
+SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent, l.priority
 FROM api_key_limits AS l
 JOIN api_keys AS k ON k.id = l.api_key_id
 WHERE k.revoked_at IS NULL;
 
 -- name: key_limits_of
 -- The limit rows of the keys named by notifications (a revoked key has none that count).
-SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent
+SELECT l.api_key_id, l.model, l.rpm, l.tpm, l.max_concurrent, l.priority
 FROM api_key_limits AS l
 JOIN api_keys AS k ON k.id = l.api_key_id
 WHERE l.api_key_id = ANY($1::uuid[]) AND k.revoked_at IS NULL;
 
 -- name: key_limits_get
-SELECT rpm, tpm, max_concurrent FROM api_key_limits
+SELECT rpm, tpm, max_concurrent, priority FROM api_key_limits
 WHERE api_key_id = $1 AND model = $2
 FOR UPDATE;
 
 -- name: key_limits_put
-INSERT INTO api_key_limits AS l (api_key_id, model, rpm, tpm, max_concurrent)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO api_key_limits AS l (api_key_id, model, rpm, tpm, max_concurrent, priority)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (api_key_id, model) DO UPDATE
 SET rpm = excluded.rpm, tpm = excluded.tpm, max_concurrent = excluded.max_concurrent,
-    updated_at = now();
+    priority = excluded.priority, updated_at = now();
 
 -- name: key_limits_clear
 DELETE FROM api_key_limits WHERE api_key_id = $1 AND model = $2;
 
 -- name: key_limits_list
-SELECT api_key_id, model, rpm, tpm, max_concurrent FROM api_key_limits
+SELECT api_key_id, model, rpm, tpm, max_concurrent, priority FROM api_key_limits
 ORDER BY api_key_id, model;
 
 -- name: limit_exchange

@@ -129,17 +129,29 @@ async def test_keys_limits_create_update_and_the_database_checks(dsn):
     key = created["id"]
     code, out, _ = await cli("keys", "update", key, "--max-concurrent", "4", "--json", dsn=dsn)
     assert code == 0
-    assert json.loads(out) == {"id": key, "rpm": 600, "tpm": 9000, "max_concurrent": 4}
+    assert json.loads(out) == {
+        "id": key,
+        "rpm": 600,
+        "tpm": 9000,
+        "max_concurrent": 4,
+        "priority": None,
+    }
+    code, out, _ = await cli("keys", "update", key, "--priority", "7", "--json", dsn=dsn)
+    assert code == 0 and json.loads(out)["priority"] == 7 and json.loads(out)["rpm"] == 600
+    code, _, err = await cli("keys", "update", key, "--priority", "10", dsn=dsn)
+    assert code == 2 and "Traceback" not in err
+    code, _, err = await cli("keys", "update", key, "--priority", "1", "--model", "m1", dsn=dsn)
+    assert code == 2 and "without --model" in err
     code, out, _ = await cli("keys", "update", key, "--rpm", "30", "--model", "m1", dsn=dsn)
     assert code == 0 and "rpm=30" in out
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT model, rpm, tpm, max_concurrent FROM api_key_limits "
+            "SELECT model, rpm, tpm, max_concurrent, priority FROM api_key_limits "
             "WHERE api_key_id = $1::uuid ORDER BY model",
             key,
         )
-        assert [tuple(r) for r in rows] == [("", 600, 9000, 4), ("m1", 30, None, None)]
+        assert [tuple(r) for r in rows] == [("", 600, 9000, 4, 7), ("m1", 30, None, None, None)]
     finally:
         await conn.close()
     code, out, _ = await cli("keys", "update", key, "--rpm", "0", "--model", "m1", dsn=dsn)

@@ -49,7 +49,7 @@ class SharedTable:
 
 
 async def test_a_key_without_limits_has_no_scopes_and_a_limited_one_is_refused_past_its_share():
-    table = SharedTable([(KEY, "", 60, None, None)])
+    table = SharedTable([(KEY, "", 60, None, None, None)])
     limiter = Limiter(table, "a")
     await limiter.round()
     assert limiter.of(uuid.uuid4()) is None
@@ -65,7 +65,7 @@ async def test_a_key_without_limits_has_no_scopes_and_a_limited_one_is_refused_p
 
 
 async def test_the_share_follows_the_demand():
-    table = SharedTable([(KEY, "", 6000, None, None)])
+    table = SharedTable([(KEY, "", 6000, None, None, None)])
     a, b = Limiter(table, "a"), Limiter(table, "b")
     for _ in range(3):  # a is offered 9 requests for each of b's
         for limiter, offers in ((a, 9), (b, 1)):
@@ -82,7 +82,7 @@ async def test_the_share_follows_the_demand():
 
 
 async def test_tokens_charged_up_front_are_corrected_by_the_usage():
-    table = SharedTable([(KEY, "", None, 600, None)])  # 10 tokens a second, 10 saved
+    table = SharedTable([(KEY, "", None, 600, None, None)])  # 10 tokens a second, 10 saved
     limiter = Limiter(table, "a")
     await limiter.round()
     scopes = limiter.of(KEY) or {}
@@ -95,7 +95,7 @@ async def test_tokens_charged_up_front_are_corrected_by_the_usage():
 
 
 async def test_concurrency_and_a_model_scope_are_both_checked():
-    table = SharedTable([(KEY, "", None, None, 2), (KEY, "m1", None, None, 1)])
+    table = SharedTable([(KEY, "", None, None, 2, None), (KEY, "m1", None, None, 1, None)])
     limiter = Limiter(table, "a")
     await limiter.round()
     scopes = limiter.of(KEY) or {}
@@ -112,7 +112,7 @@ async def test_concurrency_and_a_model_scope_are_both_checked():
 
 
 async def test_limits_removed_by_a_doorbell_free_the_key():
-    table = SharedTable([(KEY, "", 5, None, None)])
+    table = SharedTable([(KEY, "", 5, None, None, None)])
     limiter = Limiter(table, "a")
     await limiter.round()
     assert limiter.of(KEY) is not None
@@ -142,7 +142,7 @@ class BrokenTable(SharedTable):
 
 
 async def test_a_database_outage_keeps_the_last_shares_and_the_limit():
-    table = BrokenTable([(KEY, "", 60, None, None)])
+    table = BrokenTable([(KEY, "", 60, None, None, None)])
     limiter = Limiter(table, "a")
     await limiter.round()
     table.broken = True
@@ -154,3 +154,17 @@ async def test_a_database_outage_keeps_the_last_shares_and_the_limit():
         limiter.finish(limiter.admit(scopes, "m", 0), None)
     with pytest.raises(Refused):
         limiter.admit(scopes, "m", 0)
+
+
+async def test_priority_class_is_learned_without_making_the_key_limited() -> None:
+    other = uuid.uuid4()
+    table = SharedTable([(KEY, "", None, None, None, 7), (other, "", 60, None, None, None)])
+    limiter = Limiter(table, "n1")
+    await limiter.round()
+    assert limiter.priority(KEY) == 7
+    assert limiter.of(KEY) is None, "a class alone costs the request path nothing"
+    assert limiter.priority(other) == 0
+    table.rows = [(KEY, "", None, None, None, None)]  # the class removed, a doorbell rings
+    limiter.key_changed(KEY)
+    await limiter.round()
+    assert limiter.priority(KEY) == 0

@@ -71,7 +71,7 @@ def test_the_skew_preset_is_the_issues_setup():
     assert not p.columns[0].affinity["enabled"]
     # chat stays today's default: three columns, the last one shared affinity.
     assert [c.key for c in CHAT.columns] == ["off", "node_local", "shared"]
-    assert set(PRESETS) == {"chat", "skew", "scale", "agents", "db-failover"}
+    assert set(PRESETS) == {"chat", "skew", "scale", "agents", "db-failover", "noisy"}
 
 
 def test_llamacpp_engines_run_chat_and_skew_at_their_own_lighter_defaults():

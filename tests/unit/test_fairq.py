@@ -1,0 +1,180 @@
+"""The fair queue's discipline (routing/fairq.py): who leaves first, the bound, the wait limit
+and its 429/503, and that no backend with room idles while a request waits."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID, uuid4
+
+import pytest
+
+from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
+from affinity_node.routing.fairq import FairQueue, FairRules, QueueRefused
+from affinity_node.routing.load_view import LoadView
+from tests.support.waiting import wait_for
+
+MODEL = "m"
+URLS = ("http://a:1", "http://b:1")
+SLOTS = 2
+
+
+def _setup(**rules: float) -> tuple[FairQueue, list[Backend]]:
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in URLS], [ModelSpec(MODEL)])
+    view = LoadView(pool)
+    fq = FairQueue(pool, view, FairRules(**rules))  # type: ignore[arg-type]
+    return fq, [b for u in URLS if (b := pool.get(u)) is not None]
+
+
+def _saturate(fq: FairQueue, backends: list[Backend]) -> None:
+    """Every backend running at its slots with a queue of its own, as a poll reads it."""
+    for b in backends:
+        LoadView.record(b, SLOTS, 1, 0.5)
+    fq.learn()
+
+
+def _free_one(fq: FairQueue, backend: Backend) -> None:
+    """This node's request on `backend` finished: one slot frees."""
+    backend.inflight -= 1
+
+
+async def _queued(
+    fq: FairQueue, key: UUID, n: int = 1, priority: int = 0
+) -> list[asyncio.Task[Backend | None]]:
+    """`n` requests of tenant `key`, once they are queued (or refused)."""
+    before = fq.depth(MODEL)
+    tasks = [asyncio.create_task(fq.wait(key, MODEL, priority, 100)) for _ in range(n)]
+    await wait_for(
+        lambda: (
+            fq.depth(MODEL) + sum(t.done() for t in tasks) >= min(before + n, 10**9)
+            or fq.depth(MODEL) == fq.rules.max_queue
+        ),
+        timeout=2.0,
+        what="requests queued",
+    )
+    return tasks
+
+
+async def _done(*tasks: asyncio.Task[Backend | None]) -> None:
+    await wait_for(lambda: all(t.done() for t in tasks), timeout=2.0, what="released")
+
+
+async def test_nothing_saturated_costs_nothing() -> None:
+    fq, backends = _setup()
+    for b in backends:
+        LoadView.record(b, 1, 0, 0.1)
+    fq.learn()
+    assert fq.busy == set()
+    assert await fq.wait(uuid4(), MODEL, 0, 100) is None
+
+
+async def test_least_served_tenant_leaves_first() -> None:
+    fq, backends = _setup()
+    _saturate(fq, backends)
+    assert MODEL in fq.busy
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)  # it has been served lately; the small tenant has not
+    flood_tasks = await _queued(fq, flood, 5)
+    small_task = (await _queued(fq, small))[0]
+    assert fq.depth(MODEL) == 6
+    backends[0].waiting = 0  # its own queue emptied: a completion frees room
+    _free_one(fq, backends[0])
+    fq.served(MODEL, uuid4(), 10)
+    assert fq.depth(MODEL) == 5, "one slot freed: one request released"
+    await _done(small_task)  # the small tenant arrived last but has the least service
+    assert await small_task is backends[0]
+    assert not any(t.done() for t in flood_tasks)
+    for t in flood_tasks:
+        t.cancel()
+
+
+async def test_priority_class_first() -> None:
+    fq, backends = _setup()
+    _saturate(fq, backends)
+    low, high = uuid4(), uuid4()
+    fq.charge(high, 10_000)  # much more recent service, but a higher class
+    low_task = (await _queued(fq, low))[0]
+    high_task = (await _queued(fq, high, priority=5))[0]
+    backends[1].waiting = 0
+    _free_one(fq, backends[1])
+    fq.release(MODEL)
+    assert fq.depth(MODEL) == 1
+    await _done(high_task)
+    assert not low_task.done()
+    low_task.cancel()
+
+
+async def test_full_queue_pushes_out_the_heaviest() -> None:
+    fq, backends = _setup(max_queue=3)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    flood_tasks = await _queued(fq, flood, 3)
+    small_task = (await _queued(fq, small))[0]
+    assert fq.depth(MODEL) == 3
+    await wait_for(lambda: any(t.done() for t in flood_tasks), timeout=2.0, what="pushed out")
+    pushed = [t for t in flood_tasks if t.done()]
+    assert len(pushed) == 1
+    with pytest.raises(QueueRefused) as refused:
+        await pushed[0]
+    assert refused.value.status == 429  # the flooder holds more than its share
+    assert refused.value.retry_after_s >= 1
+    # The flooder's next request sorts behind everything queued: refused at once.
+    with pytest.raises(QueueRefused) as again:
+        await fq.wait(flood, MODEL, 0, 100)
+    assert again.value.status == 429
+    assert not small_task.done()
+    for t in [*flood_tasks, small_task]:
+        t.cancel()
+
+
+async def test_wait_past_bound_503_for_a_light_tenant() -> None:
+    fq, backends = _setup(max_wait_s=0.05)
+    _saturate(fq, backends)
+    with pytest.raises(QueueRefused) as refused:
+        await fq.wait(uuid4(), MODEL, 0, 100)
+    assert refused.value.status == 503
+    assert refused.value.retry_after_s >= 1
+    assert fq.depth(MODEL) == 0
+    assert fq.busy == {MODEL}  # still saturated by the last poll
+
+
+async def test_wait_past_bound_429_for_the_flooder() -> None:
+    fq, backends = _setup(max_wait_s=0.05)
+    _saturate(fq, backends)
+    flood = uuid4()
+    tasks = await _queued(fq, flood, 3)
+    small = (await _queued(fq, uuid4()))[0]
+    results = await asyncio.gather(*tasks, small, return_exceptions=True)
+    assert all(isinstance(r, QueueRefused) for r in results)
+    codes = [r.status for r in results if isinstance(r, QueueRefused)]
+    assert codes[-1] == 503
+    assert 429 in codes[:3]
+    service_after = fq.service(flood)
+    assert service_after < 1.0, "a refused request's charge is given back"
+
+
+async def test_work_conserving_every_free_slot_takes_a_waiter() -> None:
+    fq, backends = _setup()
+    _saturate(fq, backends)
+    tasks = await _queued(fq, uuid4(), 4)
+    assert not any(t.done() for t in tasks), "no backend has room: nothing released"
+    for b in backends:  # both queues drain and one slot frees on each
+        b.waiting = 0
+        _free_one(fq, b)
+    fq.served(MODEL, uuid4(), 0)
+    assert fq.depth(MODEL) == 2, "one release per free slot, not more"
+    await wait_for(lambda: sum(t.done() for t in tasks) == 2, timeout=2.0, what="released")
+    done = [t for t in tasks if t.done()]
+    assert {await t for t in done} == set(backends)
+    for t in done:  # sent: counted in flight now, the promise ends
+        b = t.result()
+        assert b is not None
+        b.inflight += 1
+        fq.sent(b)
+    fq.release(MODEL)
+    assert fq.depth(MODEL) == 2, "sent requests fill the room they were promised"
+    for b in backends:  # a poll that finds room releases the rest
+        LoadView.record(b, 0, 0, 0.0)
+    fq.learn()
+    assert fq.depth(MODEL) == 0
+    await _done(*tasks)
+    assert fq.busy == set(), "nothing saturated, nothing queued: the hot path is free again"
