@@ -32,7 +32,7 @@ from affinity_node.http.state import (
 from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
 from affinity_node.ledger.usage import decode_usage
-from affinity_node.routing.members import conversation_key
+from affinity_node.routing.members import conversation_key, first_turn
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 
 
@@ -231,7 +231,11 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
         return await app[ROUTER].route(
-            key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+            key_id,
+            model,
+            affinity_path=endpoint.affinity,
+            conversation=conversation,
+            opens=partial(first_turn, payload),
         )
     except NoBackend:
         raise _no_backend(model) from None

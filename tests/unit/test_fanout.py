@@ -13,7 +13,14 @@ from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.load_view import LoadRules, LoadView
-from affinity_node.routing.members import conversation_key, rendezvous
+from affinity_node.routing.members import (
+    PLACEMENT_MARGIN,
+    Placements,
+    conversation_key,
+    first_turn,
+    place,
+    rendezvous,
+)
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
@@ -278,3 +285,99 @@ async def test_spill_is_left_only_when_the_set_cannot_grow() -> None:
     bound = (await fixed.router.route(KEY, MODEL, affinity_path=True)).backend
     bound.inflight = 20
     assert (await fixed.router.route(KEY, MODEL, affinity_path=True)).affinity == "spill"
+
+
+def chat(i: int, answered: bool = False) -> dict[str, object]:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "shared prompt"},
+        {"role": "user", "content": f"conversation {i}"},
+    ]
+    if answered:
+        messages += [{"role": "assistant", "content": "sure"}, {"role": "user", "content": "and?"}]
+    return {"messages": messages}
+
+
+async def route_turn(f: Fleet, payload: dict[str, object]) -> str:
+    route = await f.router.route(
+        KEY,
+        MODEL,
+        True,
+        lambda: conversation_key(payload, None),
+        lambda: first_turn(payload),
+    )
+    return route.backend.id
+
+
+async def a_set_of_three(f: Fleet) -> None:
+    res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
+    assert await f.engine.set_members(PAIR, res.version, (B2, B3), "grow", "hot")
+
+
+async def test_a_new_conversation_goes_to_the_least_loaded_member_and_stays_there() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    f = Fleet(store, clock)
+    await a_set_of_three(f)
+    set_load(f.backends, f.view, b1=(12, 3), b2=(6, 0), b3=(1, 0))
+    placed = {i: await route_turn(f, chat(i)) for i in range(60)}
+    assert set(placed.values()) == {B3}  # every new one on the least-loaded member
+    set_load(f.backends, f.view, b1=(1, 0), b2=(1, 0), b3=(14, 2))
+    for i, member in placed.items():  # later turns stay, whatever the load says now
+        assert await route_turn(f, chat(i, answered=True)) == member
+    # Existing conversations this node did not place keep their rendezvous member.
+    for i in range(100, 160):
+        later = chat(i, answered=True)
+        expected = rendezvous(conversation_key(later, None), (B1, B2, B3))
+        assert await route_turn(f, later) == expected
+
+
+async def test_near_ties_go_by_rendezvous_order_so_every_node_agrees() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    a, b = Fleet(store, clock), Fleet(store, clock)
+    await a_set_of_three(a)
+    set_load(a.backends, a.view, b1=(3, 0), b2=(2, 0), b3=(1, 0))  # within the margin
+    set_load(b.backends, b.view, b1=(9, 0), b2=(9, 0), b3=(9, 0))
+    spread = Counter()
+    for i in range(120):
+        member = await route_turn(a, chat(i))
+        spread[member] += 1
+        assert member == rendezvous(conversation_key(chat(i), None), (B1, B2, B3))
+        assert await route_turn(b, chat(i, answered=True)) == member  # the other node finds it
+    assert len(a.router._placements) == 0  # nothing to remember
+    assert set(spread) == {B1, B2, B3}
+
+
+async def test_a_member_below_the_least_load_plus_the_margin_is_a_tie_and_beyond_it_is_not() -> (
+    None
+):
+    members = (B1, B2, B3)
+    key = next(k for k in (uuid.uuid4().bytes for _ in range(100)) if rendezvous(k, members) == B1)
+    loads = {B1: 1.0 + PLACEMENT_MARGIN, B2: 1.0, B3: 5.0}
+    assert place(key, members, loads.__getitem__) == B1
+    loads[B1] += 0.5
+    assert place(key, members, loads.__getitem__) == B2
+
+
+def test_only_an_opening_turn_counts_as_a_new_conversation() -> None:
+    assert first_turn(chat(1))
+    assert not first_turn(chat(1, answered=True))
+    two_users = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    assert not first_turn(two_users)
+    tool = {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}]}
+    assert not first_turn(tool)
+    assert first_turn({"input": "hello"})
+    assert not first_turn({"input": "hello", "previous_response_id": "resp_1"})
+    items = {"input": [{"role": "user", "content": "a"}, {"type": "function_call_output"}]}
+    assert not first_turn(items)
+    assert not first_turn({"prompt": "a completion cannot tell"})
+    assert not first_turn({"messages": "not a list"})
+
+
+def test_placements_are_bounded_and_forget_the_oldest() -> None:
+    memory = Placements(capacity=2)
+    memory.put(b"a", B1)
+    memory.put(b"b", B2)
+    assert memory.get(b"a") == B1  # now the most recent
+    memory.put(b"c", B3)
+    assert memory.get(b"b") is None and memory.get(b"a") == B1 and memory.get(b"c") == B3
+    memory.put(b"a", None)
+    assert memory.get(b"a") is None and len(memory) == 1
