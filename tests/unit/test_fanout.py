@@ -381,3 +381,26 @@ def test_placements_are_bounded_and_forget_the_oldest() -> None:
     assert memory.get(b"b") is None and memory.get(b"a") == B1 and memory.get(b"c") == B3
     memory.put(b"a", None)
     assert memory.get(b"a") is None and len(memory) == 1
+
+
+async def requests_at(f: Fleet, clock: Clock, per_s: float, seconds: float) -> None:
+    for _ in range(int(per_s * seconds)):
+        clock.advance(1.0 / per_s)
+        await f.router.route(KEY, MODEL, affinity_path=True)
+        f.fanout.sweep()
+
+
+async def test_a_set_shrinks_when_its_pairs_own_rate_falls_though_its_members_stay_busy() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    f = Fleet(store, clock, max_fanout=4, shrink_after_s=30.0)
+    await a_set_of_three(f)
+    set_load(f.backends, f.view, b1=(6, 0), b2=(6, 0), b3=(6, 0), b4=(2, 0))  # busy, not hot
+    await requests_at(f, clock, 5.0, 120.0)  # steady: the set stays
+    assert (await store.read(PAIR)).fanout == (B2, B3)  # type: ignore[union-attr]
+    await requests_at(f, clock, 1.0, 25.0)  # quiet, not yet for long enough
+    assert (await store.read(PAIR)).fanout == (B2, B3)  # type: ignore[union-attr]
+    await requests_at(f, clock, 1.0, 40.0)
+    await f.fanout.stop()
+    assert (await store.read(PAIR)).fanout == (B2,)  # type: ignore[union-attr]
+    assert sample(f.metrics_registry, "affinity_fanout_changes_total", model=MODEL,
+                  direction="shrink", reason="quiet") == 1  # fmt: skip
