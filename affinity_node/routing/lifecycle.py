@@ -15,7 +15,8 @@ binding (reason `drain` or `rebalance`), so every node follows it by notificatio
 - Rebalance evens load, not binding counts: when the active backends' load has been skewed for
   `rebalance_after_s` (one above `rebalance_skew` x the mean, or below the mean /
   `rebalance_skew`, and at least `REBALANCE_MIN_GAP` requests from the other end), the binding
-  idle the longest on the busiest backend moves to the least busy one, at
+  idle the longest on the busiest backend (and not served for `REBALANCE_IDLE_S`: a busy
+  pair's move costs its cache, and its set grows if it is hot) moves to the least busy one, at
   `rebalance_moves_per_minute`, until half of the threshold's excess is left (1.125 for a
   threshold of 1.25). Load is what every node reads alike (routing/load_view.py: each
   backend's running and waiting requests), smoothed over `LOAD_SMOOTHING_S` so a burst moves
@@ -77,6 +78,11 @@ REBALANCE_MIN_LOAD = 2.0
 """Mean requests per backend below which binding counts stand in for the load."""
 REBALANCE_MIN_GAP = 4.0
 """Requests between the busiest and the least busy backend below which no load is skewed."""
+REBALANCE_IDLE_S = 30.0
+"""Under load only pairs this node has not served for this long move: moving a busy pair
+costs its whole prefix cache (the TTL's refresh time says nothing within minutes)."""
+REBALANCE_CANDIDATES = 20
+"""Bindings idle the longest (by TTL) looked at per move."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +250,11 @@ class Mover:
         if not await self._store.take_move_slot(60.0 / self.rules.rebalance_moves_per_minute):
             return None
         busiest, idlest = found.busiest, found.idlest
-        for row in await self._store.idle_bindings(busiest.id, 5):
+        for row in await self._store.idle_bindings(busiest.id, REBALANCE_CANDIDATES):
+            pair = (row.api_key_id, row.model)
+            if found.by_load and self._engine.idle_for(pair) < REBALANCE_IDLE_S:
+                continue
             if idlest in self._backends.candidates(row.model):
-                pair = (row.api_key_id, row.model)
                 ok = await self._engine.move(pair, busiest.id, idlest.id, "rebalance")
                 return "rebalance" if ok else None
         return None

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 OPENING_CHARS = 400
 """How much of a completion prompt (or of each opening chat message) names a conversation."""
 
-PLACEMENT_MARGIN = 2.0
+PLACEMENT_MARGIN = 4.0
 """Requests (running and waiting) above the least-loaded member that still count as a tie."""
 
 PLACEMENTS_KEPT = 65_536

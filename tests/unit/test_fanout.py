@@ -351,7 +351,7 @@ async def test_a_member_below_the_least_load_plus_the_margin_is_a_tie_and_beyond
 ):
     members = (B1, B2, B3)
     key = next(k for k in (uuid.uuid4().bytes for _ in range(100)) if rendezvous(k, members) == B1)
-    loads = {B1: 1.0 + PLACEMENT_MARGIN, B2: 1.0, B3: 5.0}
+    loads = {B1: 1.0 + PLACEMENT_MARGIN, B2: 1.0, B3: 2.0 + PLACEMENT_MARGIN}
     assert place(key, members, loads.__getitem__) == B1
     loads[B1] += 0.5
     assert place(key, members, loads.__getitem__) == B2

@@ -308,3 +308,27 @@ async def test_a_load_spike_or_a_lone_hot_pair_is_not_rebalanced() -> None:
     for _ in range(20):
         clock.advance(1.0)
         assert await mover2.tick() is None
+
+
+async def test_under_load_only_pairs_this_node_has_not_served_lately_move() -> None:
+    """The busy pair on the busiest backend stays (moving it costs its cache); an idle one on
+    the same backend moves."""
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    busy, idle = uuid.uuid4(), uuid.uuid4()
+    for key in (busy, idle):
+        await engine.resolve(key, MODEL, (B1, B2, B3), lambda c: B1)
+    for target in (B2, B3):
+        await engine.resolve(uuid.uuid4(), MODEL, (B1, B2, B3), lambda c, t=target: t)
+    loaded(p, b1=14.0, b2=5.0, b3=1.0)
+    rules = MoverRules(rebalance_moves_per_minute=600.0, rebalance_after_s=0.0)
+    mover = Mover(engine, p, SlotStore(store, clock), rules, clock)
+    moves = 0
+    for _ in range(40):
+        clock.advance(1.0)
+        engine.served(busy, MODEL, B1)
+        moves += (await mover.tick()) == "rebalance"
+    assert moves == 1
+    assert engine.cache.lookup((busy, MODEL))[0] == B1  # type: ignore[index]
+    assert engine.cache.lookup((idle, MODEL))[0] == B3  # type: ignore[index]
