@@ -10,18 +10,20 @@ The conversation key is what the client says identifies the conversation (OpenAI
 first user message for chat, the first characters of a completion prompt. Every turn of a chat
 starts with the same opening, so a conversation keeps its member without any state.
 
-Placement of a new conversation (its first turn: `first_turn`) is load-aware: it goes to the
-set's least-loaded member, the rendezvous order breaking ties (`place`). Every other turn
-must find that member again, on any node, and the choice depended on the load of one moment
-on one node. Trade-off chosen: whenever the conversation's rendezvous member is within
-`PLACEMENT_MARGIN` of the least load, it is the choice (reproducible everywhere, no state);
-only a conversation diverted off a busy member is remembered, in this node's bounded
+Placement of a new conversation (its first turn: `first_turn`) is load-aware (`place`): when
+its rendezvous member has a queue, it goes to the least-loaded member, the rendezvous order
+breaking ties (within `PLACEMENT_MARGIN`). Every other turn must find that member again, on
+any node, and the choice depended on the load of one moment on one node. Trade-off chosen:
+a member without a queue keeps its new conversations (reproducible everywhere, no state);
+only a conversation diverted off a queueing member is remembered, in this node's bounded
 `Placements` (no database write, no NOTIFY: NOTIFY must stay rare). A later turn of a
 diverted conversation that lands on another node goes to its rendezvous member: it loses
 that conversation's own history from the cache (the tenant's shared prefix is cached on every
-member), and the request goes to the member that was busy when the conversation began.
-Sharing diversions fleet-wide (a table read on a later turn's miss) would make that exact,
-at a database round trip on such turns: left for when the measurements ask for it.
+member). Skew-demo runs (3 nodes) diverting on load alone (margin 2 or 4 requests, no queue
+needed) cost 0.5-1 point of prefix-cache hit rate for that reason, and nodes placing from the
+same 1 s load poll herded new conversations onto one member; hence the queue condition.
+Sharing diversions fleet-wide (a table read on a later turn's miss) would make them exact, at
+a database round trip on such turns: not done.
 """
 
 from __future__ import annotations
@@ -58,12 +60,20 @@ def _score(key: bytes, member: str) -> int:
     )
 
 
-def place(key: bytes, members: Sequence[str], load: Callable[[str], float]) -> str:
-    """A new conversation's member: the first in its rendezvous order whose load is within
-    `PLACEMENT_MARGIN` of the least-loaded member's; `members` must not be empty."""
+def place(
+    key: bytes,
+    members: Sequence[str],
+    load: Callable[[str], float],
+    queued: Callable[[str], bool],
+) -> str:
+    """A new conversation's member: its rendezvous member unless that one has a queue; then
+    the first in its rendezvous order whose load is within `PLACEMENT_MARGIN` of the least
+    loaded member's. `members` must not be empty."""
+    ranked = sorted(members, key=lambda m: _score(key, m), reverse=True)
+    if not queued(ranked[0]):
+        return ranked[0]
     loads = {m: load(m) for m in members}
     bound = min(loads.values()) + PLACEMENT_MARGIN
-    ranked = sorted(members, key=lambda m: _score(key, m), reverse=True)
     return next(m for m in ranked if loads[m] <= bound)
 
 

@@ -216,7 +216,8 @@ class Router:
         opens: Callable[[], bool] | None,
     ) -> str:
         """The set member for this request, among the healthy members: a new conversation's
-        is the least loaded (routing/members.py `place`); a later turn's is where its
+        is the least loaded when its own has a queue (routing/members.py `place`); a later
+        turn's is where its
         conversation was placed, when this node diverted it, else its rendezvous member."""
         if not res.fanout:
             return res.backend
@@ -226,11 +227,15 @@ class Router:
         key = conversation()
         usual = rendezvous(key, members)
         if opens is not None and opens():
-            chosen = place(key, members, self._load_of)
+            chosen = place(key, members, self._load_of, self._queued)
             self._placements.put(key, None if chosen == usual else chosen)
             return chosen
         placed = self._placements.get(key)
         return placed if placed is not None and placed in members else usual
+
+    def _queued(self, backend_id: str) -> bool:
+        backend = self._backends.get(backend_id)
+        return backend is None or bool(backend.waiting)
 
     def _load_of(self, backend_id: str) -> float:
         backend = self._backends.get(backend_id)

@@ -317,9 +317,9 @@ async def test_a_new_conversation_goes_to_the_least_loaded_member_and_stays_ther
     clock, store = Clock(), MemoryBindingStore()
     f = Fleet(store, clock)
     await a_set_of_three(f)
-    set_load(f.backends, f.view, b1=(12, 3), b2=(6, 0), b3=(1, 0))
+    set_load(f.backends, f.view, b1=(16, 3), b2=(16, 1), b3=(9, 0))
     placed = {i: await route_turn(f, chat(i)) for i in range(60)}
-    assert set(placed.values()) == {B3}  # every new one on the least-loaded member
+    assert set(placed.values()) == {B3}  # off the queueing members, to the least loaded
     set_load(f.backends, f.view, b1=(1, 0), b2=(1, 0), b3=(14, 2))
     for i, member in placed.items():  # later turns stay, whatever the load says now
         assert await route_turn(f, chat(i, answered=True)) == member
@@ -330,11 +330,13 @@ async def test_a_new_conversation_goes_to_the_least_loaded_member_and_stays_ther
         assert await route_turn(f, later) == expected
 
 
-async def test_near_ties_go_by_rendezvous_order_so_every_node_agrees() -> None:
+async def test_without_a_queue_new_conversations_keep_their_rendezvous_member_on_every_node() -> (
+    None
+):
     clock, store = Clock(), MemoryBindingStore()
     a, b = Fleet(store, clock), Fleet(store, clock)
     await a_set_of_three(a)
-    set_load(a.backends, a.view, b1=(3, 0), b2=(2, 0), b3=(1, 0))  # within the margin
+    set_load(a.backends, a.view, b1=(15, 0), b2=(8, 0), b3=(1, 0))  # no queue anywhere
     set_load(b.backends, b.view, b1=(9, 0), b2=(9, 0), b3=(9, 0))
     spread = Counter()
     for i in range(120):
@@ -352,9 +354,10 @@ async def test_a_member_below_the_least_load_plus_the_margin_is_a_tie_and_beyond
     members = (B1, B2, B3)
     key = next(k for k in (uuid.uuid4().bytes for _ in range(100)) if rendezvous(k, members) == B1)
     loads = {B1: 1.0 + PLACEMENT_MARGIN, B2: 1.0, B3: 2.0 + PLACEMENT_MARGIN}
-    assert place(key, members, loads.__getitem__) == B1
+    assert place(key, members, loads.__getitem__, lambda m: True) == B1
     loads[B1] += 0.5
-    assert place(key, members, loads.__getitem__) == B2
+    assert place(key, members, loads.__getitem__, lambda m: True) == B2
+    assert place(key, members, loads.__getitem__, lambda m: m != B1) == B1  # no queue: stays
 
 
 def test_only_an_opening_turn_counts_as_a_new_conversation() -> None:
