@@ -122,7 +122,8 @@ def first_turn(payload: Fields) -> bool:
     if not isinstance(messages, Sequence) or isinstance(messages, str):
         return False
     users = 0
-    for message in messages:  # a later turn stops at its first answer: few decoded
+    for i in range(len(messages) - 1, -1, -1):  # from the end: a later turn's answer is near
+        message = messages[i]
         if not isinstance(message, dict):
             return False
         role = message.get("role")

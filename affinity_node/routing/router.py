@@ -226,11 +226,15 @@ class Router:
             return members[0]
         key = conversation()
         usual = rendezvous(key, members)
+        placed = self._placements.get(key) if len(self._placements) else None
+        # Whether the request opens its conversation is asked only when it could matter: its
+        # member has a queue, or this node placed a conversation with this key elsewhere.
+        if placed is None and not self._queued(usual):
+            return usual
         if opens is not None and opens():
             chosen = place(key, members, self._load_of, self._queued)
             self._placements.put(key, None if chosen == usual else chosen)
             return chosen
-        placed = self._placements.get(key)
         return placed if placed is not None and placed in members else usual
 
     def _queued(self, backend_id: str) -> bool:
