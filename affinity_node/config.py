@@ -168,8 +168,8 @@ class RebalanceConfig:
     max_moves_per_minute: float = _range(30.0, 0, 60_000, above=True)
     """Fleet-wide pace of rebalancing moves."""
     skew: float = _range(1.25, 1, 100)
-    """Bindings over the mean (busiest) or the mean over bindings (idlest) that start a
-    rebalance; it then goes on until half this excess is left."""
+    """Load over the mean (busiest) or the mean over load (idlest) that starts a rebalance
+    (binding counts when the fleet is idle); it then goes on until half this excess is left."""
     after_seconds: float = _range(10.0, 0, 86_400)
     """How long the skew must last before bindings move."""
 

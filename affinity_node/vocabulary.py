@@ -78,8 +78,9 @@ KeyRefusal = Literal["unknown", "rate_limited", "unavailable"]
 """Why a bearer token was refused."""
 
 FanoutDirection = Literal["grow", "shrink"]
-FanoutReason = Literal["hot", "cool", "unhealthy", "drain"]
-"""Why a set grew (a member hot, none cool) or shrank (every member cool, or a member unhealthy)."""
+FanoutReason = Literal["hot", "cool", "quiet", "unhealthy", "drain"]
+"""Why a set grew (a member hot, none cool) or shrank (every member cool, the pair's own
+request rate down to what fewer members carried, or a member unhealthy)."""
 
 SpillReason = Literal["load", "failover"]
 """Why a request went past its bound backend while the binding stayed: the bound backend was

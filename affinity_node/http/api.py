@@ -38,7 +38,7 @@ from affinity_node.ledger.usage import decode_usage
 from affinity_node.observability.tracing import traced
 from affinity_node.routing.backends import Backend
 from affinity_node.routing.fairq import FairQueue, QueueRefused
-from affinity_node.routing.members import conversation_key
+from affinity_node.routing.members import conversation_key, first_turn
 from affinity_node.routing.router import NoBackend, OwnerGone, Route
 
 
@@ -264,7 +264,11 @@ async def _json(request: web.Request, endpoint: Endpoint, key_id: Any, out: Outg
         return await traced(
             "route",
             app[ROUTER].route(
-                key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+                key_id,
+                model,
+                affinity_path=endpoint.affinity,
+                conversation=conversation,
+                opens=partial(first_turn, payload),
             ),
         )
     except NoBackend:
@@ -293,7 +297,11 @@ async def _queued(
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
         route = await app[ROUTER].route(
-            key_id, model, affinity_path=endpoint.affinity, conversation=conversation
+            key_id,
+            model,
+            affinity_path=endpoint.affinity,
+            conversation=conversation,
+            opens=partial(first_turn, payload),
         )
     except NoBackend:
         raise _no_backend(model) from None

@@ -453,6 +453,11 @@ class AffinityEngine:
         """A request bound to `backend` (any member of the pair's set) succeeded there."""
         self._upkeep.served((api_key_id, model), backend)
 
+    def idle_for(self, pair: Pair) -> float:
+        """Seconds since this node last served the pair (a load balancer spreads every busy
+        pair over all nodes, so each node's figure is the fleet's, give or take)."""
+        return self._upkeep.idle_for(pair)
+
     async def flush_refreshes(self) -> int:
         return await self._upkeep.flush_refreshes()
 

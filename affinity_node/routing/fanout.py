@@ -6,8 +6,14 @@ hot": conversations stay on their member, so one member can queue while the othe
 but not saturated, and waiting for all of them left it queueing (skew demo: 2 runs in 5 with
 a queue of 27 on one member and TTFT p90 1.7 s instead of 0.3-0.5 s). Growing moves ~1/k of
 each member's conversations, the hot one's too. Shrink: every member has been cool
-for `shrink_after_s` (minutes, not seconds: hysteresis), and the newest member leaves; a member
-that is no longer a healthy candidate leaves at once. Each change is a compare-and-set on the
+for `shrink_after_s` (minutes, not seconds: hysteresis), and the newest member leaves; or
+the pair's own request rate has stayed below what its set minus one member carried
+(`QUIET_SHARE` x (k-1)/k of the rate it had at size k) for as long, and the newest member
+leaves though the members are busy with other pairs (a busy fleet is never all cool, so sets
+grown for a burst stayed forever); a member that is no longer a healthy candidate leaves at
+once. The rate is this node's count of the pair's requests (an exponential moving average over
+`RATE_WINDOW_S`): a load balancer spreads each tenant alike over the nodes, so its ratio to
+the rate at size k is the fleet's on every node. Each change is a compare-and-set on the
 binding's version under the pair's lock (the engine's `set_members`), so when every node
 reaches the same decision at once, which they do since they read the same load signal, the set
 changes by exactly one member.
@@ -18,6 +24,7 @@ request; shrinking is checked after each load poll over the few pairs that have 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,6 +37,35 @@ from affinity_node.vocabulary import FanoutDirection, FanoutReason
 
 MAX_TRACKED = 100_000
 """Pairs whose hot or cool streak is remembered; beyond, the oldest are forgotten."""
+RATE_WINDOW_S = 10.0
+"""Time constant of a set pair's request rate (exponential moving average)."""
+QUIET_SHARE = 0.75
+"""A set of k shrinks once the pair's rate stays under this x (k-1)/k of its rate at size k."""
+
+
+@dataclass(slots=True)
+class PairRate:
+    """A set pair's request rate on this node, and its highest since the set reached `size`."""
+
+    size: int
+    since: float
+    at: float
+    rate: float = 0.0
+    peak: float = 0.0
+
+    def now(self, now: float) -> float:
+        return self.rate * math.exp(-(now - self.at) / RATE_WINDOW_S)
+
+    def count(self, now: float) -> None:
+        self.rate = self.now(now) + 1.0 / RATE_WINDOW_S
+        self.at = now
+        if now - self.since >= RATE_WINDOW_S:  # the average has seen a whole window
+            self.peak = max(self.peak, self.rate)
+
+    def quiet(self, now: float) -> bool:
+        """Whether the pair's rate fits in one member fewer."""
+        share = QUIET_SHARE * (self.size - 1) / self.size
+        return self.peak > 0 and self.now(now) < share * self.peak
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +91,7 @@ class FanoutController:
         self._clock = clock
         self._hot_since: dict[Pair, float] = {}
         self._cool_since: dict[Pair, float] = {}
+        self._rates: dict[Pair, PairRate] = {}
         self._changing: set[Pair] = set()
         self._changes = Pending()
 
@@ -67,6 +104,8 @@ class FanoutController:
         model = pair[1]
         hot = self._load.hot(model)
         fanout = res.fanout
+        if fanout:
+            self._count(pair, len(fanout) + 1)
         if (
             not hot  # the usual case, kept to one check per request
             or len(fanout) + 1 >= self.rules.max_fanout
@@ -89,6 +128,17 @@ class FanoutController:
         self._hot_since.pop(pair, None)
         self._change(pair, res.version, (*fanout, new.id), "grow", "hot")
 
+    def _count(self, pair: Pair, size: int) -> None:
+        now = self._clock()
+        rate = self._rates.get(pair)
+        if rate is None or rate.size != size:
+            fresh = PairRate(size, now, now, rate.now(now) if rate is not None else 0.0)
+            self._rates[pair] = fresh
+            if len(self._rates) > MAX_TRACKED:
+                del self._rates[next(iter(self._rates))]
+            rate = fresh
+        rate.count(now)
+
     def _any_cool(self, model: str, res: Resolution) -> bool:
         cool = self._load.cool(model)
         return res.backend in cool or any(m in cool for m in res.fanout)
@@ -108,13 +158,16 @@ class FanoutController:
                 self._change(pair, entry.version, kept, "shrink", "unhealthy")
                 continue
             cool = self._load.cool(model)
-            if entry.backend in cool and all(m in cool for m in entry.fanout):
+            rate = self._rates.get(pair)
+            quiet = rate is not None and rate.size == len(entry.fanout) + 1 and rate.quiet(now)
+            if quiet or (entry.backend in cool and all(m in cool for m in entry.fanout)):
                 since = self._cool_since.get(pair)
                 if since is None:
                     self._remember(self._cool_since, pair, now)
                 elif now - since >= self.rules.shrink_after_s:
                     del self._cool_since[pair]
-                    self._change(pair, entry.version, entry.fanout[:-1], "shrink", "cool")
+                    reason: FanoutReason = "quiet" if quiet else "cool"
+                    self._change(pair, entry.version, entry.fanout[:-1], "shrink", reason)
             else:
                 self._cool_since.pop(pair, None)
 

@@ -12,15 +12,23 @@ binding (reason `drain` or `rebalance`), so every node follows it by notificatio
 - Drain: bindings that hold a draining backend are moved to the active backend holding the
   fewest bindings (or, when the pair has a set, to another member), at `drain_moves_per_s`, faster
   when a deadline needs it. In-flight requests finish where they are.
-- Rebalance: when bindings have been skewed across active backends for `rebalance_after_s` (one
-  holds more than `rebalance_skew` x the mean, or fewer than the mean / `rebalance_skew`: a
-  backend added or undrained, placement drifted), the binding idle the longest on the busiest
-  backend moves to the least busy one, at `rebalance_moves_per_minute`, until half of the
-  threshold's excess is left (1.125 for a threshold of 1.25).
+- Rebalance evens load, not binding counts: when the active backends' load has been skewed for
+  `rebalance_after_s` (one above `rebalance_skew` x the mean, or below the mean /
+  `rebalance_skew`, and at least `REBALANCE_MIN_GAP` requests from the other end), the binding
+  idle the longest on the busiest backend (and not served for `REBALANCE_IDLE_S`: a busy
+  pair's move costs its cache, and its set grows if it is hot) moves to the least busy one, at
+  `rebalance_moves_per_minute`, until half of the threshold's excess is left (1.125 for a
+  threshold of 1.25). Load is what every node reads alike (routing/load_view.py: each
+  backend's running and waiting requests), smoothed over `LOAD_SMOOTHING_S` so a burst moves
+  nothing. A backend holding a single binding is not evened by moves (its pair's set grows
+  instead, routing/fanout.py). Below `REBALANCE_MIN_LOAD` requests per backend the load says
+  nothing about where the next load lands, and binding counts stand in for it (a backend
+  added to an idle fleet is filled with bindings before the traffic comes).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ from datetime import UTC, datetime
 
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, normalise_url
 from affinity_node.routing.engine import AffinityEngine
+from affinity_node.routing.load_view import LoadView
 from affinity_node.routing.ports import Clock, MoverStore, RegistryEntry
 from affinity_node.vocabulary import CACHE_KINDS, MoveReason
 
@@ -83,6 +92,31 @@ def apply_static(backends: BackendPool, specs: Sequence[BackendSpec]) -> list[st
     return changes
 
 
+LOAD_SMOOTHING_S = 5.0
+"""Time constant of the load the rebalance compares (an exponential moving average)."""
+REBALANCE_MIN_LOAD = 2.0
+"""Mean requests per backend below which binding counts stand in for the load."""
+REBALANCE_MIN_GAP = 4.0
+"""Requests between the busiest and the least busy backend below which no load is skewed."""
+REBALANCE_IDLE_S = 30.0
+"""Under load only pairs this node has not served for this long move: moving a busy pair
+costs its whole prefix cache (the TTL's refresh time says nothing within minutes)."""
+REBALANCE_CANDIDATES = 20
+"""Bindings idle the longest (by TTL) looked at per move."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skew:
+    """The active backends' spread, by load (or, when idle, by binding count)."""
+
+    busiest: Backend
+    idlest: Backend
+    most: float
+    least: float
+    mean: float
+    by_load: bool
+
+
 @dataclass(frozen=True, slots=True)
 class MoverRules:
     drain_moves_per_s: float = 2.0
@@ -109,6 +143,8 @@ class Mover:
         self._clock = clock
         self._skewed_since: float | None = None
         self._moving = False
+        self._smoothed: dict[str, float] = {}
+        self._smoothed_at: float | None = None
 
     def _bindings(self, backend: Backend) -> int:
         return self._engine.cache.bindings_of(backend.id)
@@ -171,38 +207,58 @@ class Mover:
             return None
         return min(choices, key=self._bindings).id
 
-    def skew(self) -> tuple[Backend, Backend, float] | None:
-        """(busiest, least busy, busiest over mean) over the active vllm and llamacpp backends."""
+    def _loads(self, active: Sequence[Backend]) -> dict[str, float]:
+        """Each backend's load, smoothed over LOAD_SMOOTHING_S of this mover's ticks."""
+        now = self._clock()
+        last, self._smoothed_at = self._smoothed_at, now
+        weight = 1.0 if last is None else 1.0 - math.exp(-(now - last) / LOAD_SMOOTHING_S)
+        smoothed: dict[str, float] = {}
+        for backend in active:
+            load = LoadView.load(backend)
+            before = self._smoothed.get(backend.id)
+            smoothed[backend.id] = load if before is None else before + weight * (load - before)
+        self._smoothed = smoothed
+        return smoothed
+
+    def skew(self) -> Skew | None:
+        """Busiest and least busy of the active vllm and llamacpp backends: by load, or by
+        bindings when the fleet is too idle for its load to say anything."""
         active = [
             b
             for b in self._backends.backends
             if b.kind in CACHE_KINDS and b.state == "active" and b.healthy and b.models
         ]
         if len(active) < 2:
+            self._smoothed_at = None
             return None
-        counts = {b.id: self._bindings(b) for b in active}
-        mean = sum(counts.values()) / len(active)
+        values = self._loads(active)
+        by_load = sum(values.values()) / len(active) >= REBALANCE_MIN_LOAD
+        if not by_load:
+            values = {b.id: float(self._bindings(b)) for b in active}
+        mean = sum(values.values()) / len(active)
         if mean <= 0:
             return None
-        busiest = max(active, key=lambda b: counts[b.id])
-        idlest = min(active, key=lambda b: counts[b.id])
-        return busiest, idlest, counts[busiest.id] / mean
+        busiest = max(active, key=lambda b: values[b.id])
+        idlest = min(active, key=lambda b: values[b.id])
+        return Skew(busiest, idlest, values[busiest.id], values[idlest.id], mean, by_load)
+
+    def _skewed(self, found: Skew) -> bool:
+        """Whether a move would narrow a gap the threshold calls skewed. Once moving, go on
+        until half the threshold's excess is left: no flapping at the threshold, and an added
+        backend ends near the mean rather than at the edge."""
+        skew = self.rules.rebalance_skew
+        limit = 1 + (skew - 1) / 2 if self._moving else skew
+        gap = REBALANCE_MIN_GAP if found.by_load else 2.0
+        if found.most - found.least < gap:
+            return False
+        if found.by_load and self._bindings(found.busiest) < 2:
+            return False  # one pair: its set grows instead
+        return found.most > limit * found.mean or found.least < found.mean / limit
 
     async def _rebalance(self) -> MoveReason | None:
         found = self.skew()
         now = self._clock()
-        if found is None:
-            self._skewed_since = None
-            return None
-        busiest, idlest, ratio = found
-        mean = self._bindings(busiest) / ratio
-        most, least = self._bindings(busiest), self._bindings(idlest)
-        # Skewed: one backend well above or below the mean, and a move that narrows the gap.
-        # Once moving, go on until half the threshold's excess is left: no flapping at the
-        # threshold, and an added backend ends near the mean rather than at the edge.
-        skew = self.rules.rebalance_skew
-        limit = 1 + (skew - 1) / 2 if self._moving else skew
-        if most - least < 2 or (ratio <= limit and least >= mean / limit):
+        if found is None or not self._skewed(found):
             self._skewed_since = None
             self._moving = False
             return None
@@ -213,9 +269,12 @@ class Mover:
         self._moving = True
         if not await self._store.take_move_slot(60.0 / self.rules.rebalance_moves_per_minute):
             return None
-        for row in await self._store.idle_bindings(busiest.id, 5):
+        busiest, idlest = found.busiest, found.idlest
+        for row in await self._store.idle_bindings(busiest.id, REBALANCE_CANDIDATES):
+            pair = (row.api_key_id, row.model)
+            if found.by_load and self._engine.idle_for(pair) < REBALANCE_IDLE_S:
+                continue
             if idlest in self._backends.candidates(row.model):
-                pair = (row.api_key_id, row.model)
                 ok = await self._engine.move(pair, busiest.id, idlest.id, "rebalance")
                 return "rebalance" if ok else None
         return None

@@ -19,7 +19,8 @@ from affinity_node.routing.backends import Backend, BackendPool
 from affinity_node.routing.engine import AffinityEngine, NoCandidates, Resolution
 from affinity_node.routing.fanout import FanoutController
 from affinity_node.routing.health_state import BackendHealth
-from affinity_node.routing.members import rendezvous
+from affinity_node.routing.load_view import LoadView
+from affinity_node.routing.members import Placements, place, rendezvous
 from affinity_node.routing.owners import OwnerIndex
 from affinity_node.routing.ports import Pair
 from affinity_node.routing.strategies import Strategy
@@ -93,6 +94,7 @@ class Router:
         self._max_fanout = 1 if fanout is None or self._fanout is None else fanout.rules.max_fanout
         self._vllm: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._owners = OwnerIndex()
+        self._placements = Placements()
 
     def _choose_id(self, ids: Sequence[str]) -> str:
         """A backend for a new (or moved) binding: among those holding the fewest bindings,
@@ -208,15 +210,41 @@ class Router:
             engine.served(api_key_id, model, served_by.id)
 
     def _member(
-        self, res: Resolution, ids: Sequence[str], conversation: Callable[[], bytes] | None
+        self,
+        res: Resolution,
+        ids: Sequence[str],
+        conversation: Callable[[], bytes] | None,
+        opens: Callable[[], bool] | None,
     ) -> str:
-        """The set member for this request: its conversation's, among the healthy members."""
+        """The set member for this request, among the healthy members: a new conversation's
+        is the least loaded when its own has a queue (routing/members.py `place`); a later
+        turn's is where its
+        conversation was placed, when this node diverted it, else its rendezvous member."""
         if not res.fanout:
             return res.backend
         members = [m for m in (res.backend, *res.fanout) if m in ids]
         if len(members) == 1 or conversation is None:
             return members[0]
-        return rendezvous(conversation(), members)
+        key = conversation()
+        usual = rendezvous(key, members)
+        placed = self._placements.get(key) if len(self._placements) else None
+        # Whether the request opens its conversation is asked only when it could matter: its
+        # member has a queue, or this node placed a conversation with this key elsewhere.
+        if placed is None and not self._queued(usual):
+            return usual
+        if opens is not None and opens():
+            chosen = place(key, members, self._load_of, self._queued)
+            self._placements.put(key, None if chosen == usual else chosen)
+            return chosen
+        return placed if placed is not None and placed in members else usual
+
+    def _queued(self, backend_id: str) -> bool:
+        backend = self._backends.get(backend_id)
+        return backend is None or bool(backend.waiting)
+
+    def _load_of(self, backend_id: str) -> float:
+        backend = self._backends.get(backend_id)
+        return LoadView.load(backend) if backend is not None else float("inf")
 
     def to_owner(self, owner: bytes, model: str, api_key_id: UUID | None = None) -> Route:
         """A request naming a stored response goes to the backend that stores it, whatever the
@@ -244,9 +272,11 @@ class Router:
         model: str,
         affinity_path: bool,
         conversation: Callable[[], bytes] | None = None,
+        opens: Callable[[], bool] | None = None,
     ) -> Route:
         """`model` is canonical; `affinity_path` is False for routes affinity never applies to;
-        `conversation` gives the request's conversation key (asked only for a set)."""
+        `conversation` gives the request's conversation key and `opens` whether the request
+        opens its conversation (both asked only for a set)."""
         engine = self._engine
         if engine is not None and affinity_path:
             ids = self._affinity_candidates(model)
@@ -259,7 +289,7 @@ class Router:
                 except NoCandidates:
                     res = None
                 if res is not None:
-                    member = self._member(res, ids, conversation)
+                    member = self._member(res, ids, conversation, opens)
                     backend = self._backends.get(member)
                     if backend is not None:
                         if res.outcome == "degraded":

@@ -16,6 +16,9 @@ from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine_settings import EngineSettings
 from affinity_node.routing.ports import BindingStore, Clock, Pair, StoreUnavailable
 
+SERVED_KEPT = 100_000
+"""Pairs whose last success this node remembers (most recent last); beyond, the oldest go."""
+
 
 class Upkeep:
     """The engine's half that writes after the fact; it asks the store only while the
@@ -39,6 +42,7 @@ class Upkeep:
         self._store_failed = store_failed
         self._clock = clock
         self._refresh_queue: dict[Pair, str] = {}
+        self._served_at: dict[Pair, float] = {}
 
     def served(self, pair: Pair, backend: str) -> None:
         """A request bound to `backend` (any member of the pair's set) succeeded there:
@@ -49,8 +53,20 @@ class Upkeep:
         bound, _version, deadline, _checked, fanout = hit
         if bound != backend and backend not in fanout:
             return
-        if deadline - self._clock() < self._s.ttl_seconds / 2:
+        now = self._clock()
+        served = self._served_at
+        served.pop(pair, None)
+        served[pair] = now
+        if len(served) > SERVED_KEPT:
+            del served[next(iter(served))]
+        if deadline - now < self._s.ttl_seconds / 2:
             self._refresh_queue[pair] = bound
+
+    def idle_for(self, pair: Pair) -> float:
+        """Seconds since this node last served the pair (infinite when it does not remember):
+        the binding's TTL says when it was last refreshed, which is minutes, not seconds."""
+        at = self._served_at.get(pair)
+        return float("inf") if at is None else self._clock() - at
 
     async def flush_refreshes(self) -> int:
         """One statement for everything queued since the last flush."""

@@ -13,7 +13,14 @@ from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.load_view import LoadRules, LoadView
-from affinity_node.routing.members import conversation_key, rendezvous
+from affinity_node.routing.members import (
+    PLACEMENT_MARGIN,
+    Placements,
+    conversation_key,
+    first_turn,
+    place,
+    rendezvous,
+)
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
 from affinity_node.store.memory import MemoryBindingStore
@@ -278,3 +285,125 @@ async def test_spill_is_left_only_when_the_set_cannot_grow() -> None:
     bound = (await fixed.router.route(KEY, MODEL, affinity_path=True)).backend
     bound.inflight = 20
     assert (await fixed.router.route(KEY, MODEL, affinity_path=True)).affinity == "spill"
+
+
+def chat(i: int, answered: bool = False) -> dict[str, object]:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "shared prompt"},
+        {"role": "user", "content": f"conversation {i}"},
+    ]
+    if answered:
+        messages += [{"role": "assistant", "content": "sure"}, {"role": "user", "content": "and?"}]
+    return {"messages": messages}
+
+
+async def route_turn(f: Fleet, payload: dict[str, object]) -> str:
+    route = await f.router.route(
+        KEY,
+        MODEL,
+        True,
+        lambda: conversation_key(payload, None),
+        lambda: first_turn(payload),
+    )
+    return route.backend.id
+
+
+async def a_set_of_three(f: Fleet) -> None:
+    res = await f.engine.resolve(KEY, MODEL, ALL, lambda c: B1)
+    assert await f.engine.set_members(PAIR, res.version, (B2, B3), "grow", "hot")
+
+
+async def test_a_new_conversation_goes_to_the_least_loaded_member_and_stays_there() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    f = Fleet(store, clock)
+    await a_set_of_three(f)
+    set_load(f.backends, f.view, b1=(16, 3), b2=(16, 1), b3=(9, 0))
+    placed = {i: await route_turn(f, chat(i)) for i in range(60)}
+    assert set(placed.values()) == {B3}  # off the queueing members, to the least loaded
+    set_load(f.backends, f.view, b1=(1, 0), b2=(1, 0), b3=(14, 2))
+    for i, member in placed.items():  # later turns stay, whatever the load says now
+        assert await route_turn(f, chat(i, answered=True)) == member
+    # Existing conversations this node did not place keep their rendezvous member.
+    for i in range(100, 160):
+        later = chat(i, answered=True)
+        expected = rendezvous(conversation_key(later, None), (B1, B2, B3))
+        assert await route_turn(f, later) == expected
+
+
+async def test_without_a_queue_new_conversations_keep_their_rendezvous_member_on_every_node() -> (
+    None
+):
+    clock, store = Clock(), MemoryBindingStore()
+    a, b = Fleet(store, clock), Fleet(store, clock)
+    await a_set_of_three(a)
+    set_load(a.backends, a.view, b1=(15, 0), b2=(8, 0), b3=(1, 0))  # no queue anywhere
+    set_load(b.backends, b.view, b1=(9, 0), b2=(9, 0), b3=(9, 0))
+    spread = Counter()
+    for i in range(120):
+        member = await route_turn(a, chat(i))
+        spread[member] += 1
+        assert member == rendezvous(conversation_key(chat(i), None), (B1, B2, B3))
+        assert await route_turn(b, chat(i, answered=True)) == member  # the other node finds it
+    assert len(a.router._placements) == 0  # nothing to remember
+    assert set(spread) == {B1, B2, B3}
+
+
+async def test_a_member_below_the_least_load_plus_the_margin_is_a_tie_and_beyond_it_is_not() -> (
+    None
+):
+    members = (B1, B2, B3)
+    key = next(k for k in (uuid.uuid4().bytes for _ in range(100)) if rendezvous(k, members) == B1)
+    loads = {B1: 1.0 + PLACEMENT_MARGIN, B2: 1.0, B3: 2.0 + PLACEMENT_MARGIN}
+    assert place(key, members, loads.__getitem__, lambda m: True) == B1
+    loads[B1] += 0.5
+    assert place(key, members, loads.__getitem__, lambda m: True) == B2
+    assert place(key, members, loads.__getitem__, lambda m: m != B1) == B1  # no queue: stays
+
+
+def test_only_an_opening_turn_counts_as_a_new_conversation() -> None:
+    assert first_turn(chat(1))
+    assert not first_turn(chat(1, answered=True))
+    two_users = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    assert not first_turn(two_users)
+    tool = {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}]}
+    assert not first_turn(tool)
+    assert first_turn({"input": "hello"})
+    assert not first_turn({"input": "hello", "previous_response_id": "resp_1"})
+    items = {"input": [{"role": "user", "content": "a"}, {"type": "function_call_output"}]}
+    assert not first_turn(items)
+    assert not first_turn({"prompt": "a completion cannot tell"})
+    assert not first_turn({"messages": "not a list"})
+
+
+def test_placements_are_bounded_and_forget_the_oldest() -> None:
+    memory = Placements(capacity=2)
+    memory.put(b"a", B1)
+    memory.put(b"b", B2)
+    assert memory.get(b"a") == B1  # now the most recent
+    memory.put(b"c", B3)
+    assert memory.get(b"b") is None and memory.get(b"a") == B1 and memory.get(b"c") == B3
+    memory.put(b"a", None)
+    assert memory.get(b"a") is None and len(memory) == 1
+
+
+async def requests_at(f: Fleet, clock: Clock, per_s: float, seconds: float) -> None:
+    for _ in range(int(per_s * seconds)):
+        clock.advance(1.0 / per_s)
+        await f.router.route(KEY, MODEL, affinity_path=True)
+        f.fanout.sweep()
+
+
+async def test_a_set_shrinks_when_its_pairs_own_rate_falls_though_its_members_stay_busy() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    f = Fleet(store, clock, max_fanout=4, shrink_after_s=30.0)
+    await a_set_of_three(f)
+    set_load(f.backends, f.view, b1=(6, 0), b2=(6, 0), b3=(6, 0), b4=(2, 0))  # busy, not hot
+    await requests_at(f, clock, 5.0, 120.0)  # steady: the set stays
+    assert (await store.read(PAIR)).fanout == (B2, B3)  # type: ignore[union-attr]
+    await requests_at(f, clock, 1.0, 25.0)  # quiet, not yet for long enough
+    assert (await store.read(PAIR)).fanout == (B2, B3)  # type: ignore[union-attr]
+    await requests_at(f, clock, 1.0, 40.0)
+    await f.fanout.stop()
+    assert (await store.read(PAIR)).fanout == (B2,)  # type: ignore[union-attr]
+    assert sample(f.metrics_registry, "affinity_fanout_changes_total", model=MODEL,
+                  direction="shrink", reason="quiet") == 1  # fmt: skip

@@ -14,6 +14,7 @@ from affinity_node.observability.metrics import AffinityMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules, apply_registry, apply_static
+from affinity_node.routing.load_view import LoadView
 from affinity_node.routing.ports import BindingRow, RegistryEntry
 from affinity_node.routing.router import AffinityRules, Router
 from affinity_node.routing.strategies import make_strategy
@@ -264,3 +265,105 @@ def test_a_reloaded_static_list_adds_and_removes_only_config_backends() -> None:
         apply_static(pool, [BackendSpec(B1, models=(MODEL,)), BackendSpec(B3, models=(MODEL,))])
         == []
     )
+
+
+def loaded(p: BackendPool, **running: float) -> None:
+    """Each backend's polled running requests (b1=..., b2=..., b3=...; the rest idle)."""
+    for i, backend in enumerate(p.backends, 1):
+        LoadView.record(backend, running.get(f"b{i}", 0.0), 0.0, 0.1)
+
+
+async def bound_evenly(engine: object, per_backend: int) -> None:
+    for target in (B1, B2, B3) * per_backend:
+        await engine.resolve(uuid.uuid4(), MODEL, (B1, B2, B3), lambda c, t=target: t)  # type: ignore[attr-defined]
+
+
+async def test_rebalance_evens_load_not_binding_counts() -> None:
+    """Four bindings on each backend but the load on one: bindings move from the most to the
+    least loaded backend, though their counts were even."""
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    await bound_evenly(engine, 4)
+    loaded(p, b1=14.0, b2=5.0, b3=0.0)
+    rules = MoverRules(rebalance_moves_per_minute=60.0, rebalance_after_s=2.0)
+    mover = Mover(engine, p, SlotStore(store, clock), rules, clock)
+    moved = []
+    for _ in range(4):
+        clock.advance(1.0)
+        moved.append(await mover.tick())
+    assert moved[:2] == [None, None] and "rebalance" in moved  # after the streak
+    assert engine.cache.bindings_of(B1) < 4 < engine.cache.bindings_of(B3)
+    assert engine.cache.bindings_of(B2) == 4
+
+
+async def test_even_load_moves_nothing_whatever_the_binding_counts() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    for target in [B1] * 10 + [B2] * 2 + [B3] * 2:  # counts skewed 2.1x
+        await engine.resolve(uuid.uuid4(), MODEL, (B1, B2, B3), lambda c, t=target: t)
+    loaded(p, b1=6.0, b2=7.0, b3=6.0)
+    mover = Mover(engine, p, SlotStore(store, clock), MoverRules(rebalance_after_s=1.0), clock)
+    for _ in range(20):
+        clock.advance(1.0)
+        assert await mover.tick() is None
+    loaded(p)  # idle: the counts stand in for the load, and they are skewed
+    moves = 0
+    for _ in range(20):
+        clock.advance(1.0)
+        moves += (await mover.tick()) == "rebalance"
+    assert moves > 0
+
+
+async def test_a_load_spike_or_a_lone_hot_pair_is_not_rebalanced() -> None:
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    await bound_evenly(engine, 2)
+    rules = MoverRules(rebalance_moves_per_minute=600.0, rebalance_after_s=0.0)
+    mover = Mover(engine, p, SlotStore(store, clock), rules, clock)
+    loaded(p, b1=3.0, b2=3.0, b3=3.0)
+    for _ in range(10):
+        clock.advance(0.2)
+        assert await mover.tick() is None
+    loaded(p, b1=13.0, b2=3.0, b3=3.0)  # a spike of 0.4 s: smoothed away
+    for _ in range(2):
+        clock.advance(0.2)
+        assert await mover.tick() is None
+    loaded(p, b1=3.0, b2=3.0, b3=3.0)
+    for _ in range(20):
+        clock.advance(0.2)
+        assert await mover.tick() is None
+    lone = pool(B1, B2)
+    engine2, _ = make_engine(MemoryBindingStore(), clock)
+    await engine2.resolve(uuid.uuid4(), MODEL, (B1, B2), lambda c: B1)  # one pair on B1
+    loaded(lone, b1=20.0, b2=0.0)
+    mover2 = Mover(engine2, lone, SlotStore(MemoryBindingStore(), clock), rules, clock)
+    for _ in range(20):
+        clock.advance(1.0)
+        assert await mover2.tick() is None
+
+
+async def test_under_load_only_pairs_this_node_has_not_served_lately_move() -> None:
+    """The busy pair on the busiest backend stays (moving it costs its cache); an idle one on
+    the same backend moves."""
+    clock, store = Clock(), MemoryBindingStore()
+    p = pool(B1, B2, B3)
+    engine, _reg = make_engine(store, clock)
+    busy, idle = uuid.uuid4(), uuid.uuid4()
+    for key in (busy, idle):
+        await engine.resolve(key, MODEL, (B1, B2, B3), lambda c: B1)
+    for target in (B2, B3):
+        await engine.resolve(uuid.uuid4(), MODEL, (B1, B2, B3), lambda c, t=target: t)
+    loaded(p, b1=14.0, b2=5.0, b3=1.0)
+    rules = MoverRules(rebalance_moves_per_minute=600.0, rebalance_after_s=0.0)
+    mover = Mover(engine, p, SlotStore(store, clock), rules, clock)
+    moves = 0
+    for _ in range(40):
+        clock.advance(1.0)
+        engine.served(busy, MODEL, B1)
+        moves += (await mover.tick()) == "rebalance"
+    assert moves == 1
+    assert engine.cache.lookup((busy, MODEL))[0] == B1  # type: ignore[index]
+    assert engine.cache.lookup((idle, MODEL))[0] == B3  # type: ignore[index]
