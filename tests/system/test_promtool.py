@@ -231,13 +231,14 @@ def test_the_runbook_base_is_one_setting_that_every_rule_test_sets():
 
 
 def test_burn_rate_alerts_use_two_windows_each():
-    """Multi-window burn rates: each threshold on a long window is confirmed by a short one."""
+    """Multi-window burn rates: each threshold on a long window is confirmed by a short one
+    (the short window first: its ratio is the alert's value, the error rate now)."""
     rules = {r["alert"]: r for r in alert_rules()}
     fast = rules["AffinityErrorBudgetBurnFast"]["expr"]
     slow = rules["AffinityErrorBudgetBurnSlow"]["expr"]
-    assert re.findall(r"ratio_rate(\w+) > \(14\.4 \* 0\.001\)", fast) == ["1h", "5m"]
-    assert re.findall(r"ratio_rate(\w+) > \(6 \* 0\.001\)", fast) == ["6h", "30m"]
-    assert re.findall(r"ratio_rate(\w+) > \(3 \* 0\.001\)", slow) == ["1d", "2h"]
+    assert re.findall(r"ratio_rate(\w+) > \(14\.4 \* 0\.001\)", fast) == ["5m", "1h"]
+    assert re.findall(r"ratio_rate(\w+) > \(6 \* 0\.001\)", fast) == ["30m", "6h"]
+    assert re.findall(r"ratio_rate(\w+) > \(3 \* 0\.001\)", slow) == ["2h", "1d"]
     assert rules["AffinityErrorBudgetBurnFast"]["labels"]["severity"] == "critical"
     assert rules["AffinityErrorBudgetBurnSlow"]["labels"]["severity"] == "warning"
 
