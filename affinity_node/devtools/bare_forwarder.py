@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from affinity_node.upstream.http1 import ConnectionPool, header_lines
+from affinity_node.upstream.keepalive import ConnectionPool, header_lines
 
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 POOL: web.AppKey[ConnectionPool] = web.AppKey("pool", ConnectionPool)

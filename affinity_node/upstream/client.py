@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from affinity_node.routing.backends import ListedModel
-from affinity_node.upstream.http1 import BodyParts, ConnectionPool, Reply, header_lines
+from affinity_node.upstream.http1 import BodyParts, Reply
+from affinity_node.upstream.keepalive import ConnectionPool, header_lines
 
 IDLE_REUSE_S = 4.0
 """How long an idle forwarding connection may be reused: under vLLM's keep-alive (uvicorn's,

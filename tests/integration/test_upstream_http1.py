@@ -17,12 +17,8 @@ import pytest
 
 from affinity_node.sim.support import free_port
 from affinity_node.upstream.client import UpstreamClient, UpstreamTimeouts
-from affinity_node.upstream.http1 import (
-    ConnectionPool,
-    UpstreamFailed,
-    UpstreamTimeout,
-    header_lines,
-)
+from affinity_node.upstream.http1 import UpstreamFailed, UpstreamTimeout
+from affinity_node.upstream.keepalive import ConnectionPool, header_lines
 from tests.support.tools import require_tool
 from tests.support.waiting import wait_for
 

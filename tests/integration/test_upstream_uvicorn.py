@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from affinity_node.upstream.http1 import ConnectionPool, UpstreamTimeout, header_lines
+from affinity_node.upstream.http1 import UpstreamTimeout
+from affinity_node.upstream.keepalive import ConnectionPool, header_lines
 from tests.support.waiting import wait_for
 
 Scope = dict[str, Any]
