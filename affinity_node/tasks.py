@@ -113,17 +113,26 @@ def every(
 Stoppable = asyncio.Task[Any] | asyncio.Future[Any] | Periodic | None
 
 
-async def stop_all(*tasks: Stoppable) -> None:
-    """Cancel each task, then wait until all ended. What a task raised is logged, not raised;
-    a cancellation of the caller itself still propagates (the tasks are cancelled anyway)."""
+STOP_GRACE_S = 5.0
+"""How long a cancelled task may take to end. A task cancelled inside a database call can
+wait on the driver's own cancellation, which a frozen server never answers: a stop does not
+wait for that forever (the task is left cancelling; the process is stopping anyway)."""
+
+
+async def stop_all(*tasks: Stoppable, grace_s: float = STOP_GRACE_S) -> None:
+    """Cancel each task, then wait until all ended, up to `grace_s`. What a task raised is
+    logged, not raised; a cancellation of the caller itself still propagates (the tasks are
+    cancelled anyway)."""
     live = [t.task if isinstance(t, Periodic) else t for t in tasks if t is not None]
     for task in live:
         task.cancel()
     if not live:
         return
-    await asyncio.wait(live)
+    _done, stuck = await asyncio.wait(live, timeout=grace_s)
+    for task in stuck:
+        log.warning("task %s did not end within %g s of its cancellation", _name(task), grace_s)
     for task in live:
-        if not task.cancelled() and task.exception() is not None:
+        if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", _name(task), exc_info=task.exception())
 
 

@@ -37,6 +37,7 @@ from affinity_node.routing.ports import (
     StoreUnavailable,
 )
 from affinity_node.routing.trust import plausible_lag, read_start
+from affinity_node.tasks import stop_all
 from affinity_node.vocabulary import NOTIFY_OPS, ResyncMode, SnapshotState
 
 log = logging.getLogger(__name__)
@@ -258,10 +259,7 @@ class Coherence:
         task, self._bell_task = self._bell_task, None
         self._bell_from = None
         self._bell_lags = []
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_all(task)
 
     # -- resync ------------------------------------------------------------------------------
 
@@ -324,10 +322,7 @@ class Coherence:
 
     async def _stop_loader(self) -> None:
         loader, self._loader = self._loader, None
-        if loader is not None and not loader.done():
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+        await stop_all(loader)
 
     async def _read_page(self, after: Pair | None) -> tuple[SnapshotPage, int, float]:
         """One page with the stamp and time taken before it; retried until it answers (a

@@ -5,6 +5,7 @@ swallowing the stopper's own cancellation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -139,3 +140,25 @@ async def test_pending_tasks_are_let_finish_not_cancelled() -> None:
     release.set()
     await asyncio.wait_for(finishing, 5)
     assert sorted(done) == ["a", "b"] and len(pending) == 0
+
+
+async def test_stop_all_does_not_wait_past_its_grace_for_a_task_stuck_in_its_cancellation() -> None:
+    """A task cancelled inside a database call may wait on the driver's own cancellation, which
+    a frozen server never confirms: a node's stop must not wait for it forever."""
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await release.wait()  # the driver waiting for the server to confirm the cancel
+            raise
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    await stop_all(task, grace_s=0.05)
+    assert not task.done()  # left cancelling; the stop went on
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
