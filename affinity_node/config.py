@@ -237,10 +237,12 @@ class LimitsConfig:
 @dataclass
 class FairnessConfig:
     """Fair queueing under saturation (routing/fairq.py): while every backend of a model is
-    full, new requests wait in the node by fairness instead of in a vLLM FIFO queue. Costs
-    one set lookup per request while nothing saturates, hence on by default."""
+    full, new requests wait in the node by fairness instead of in a vLLM FIFO queue. Off by
+    default until its release is work-conserving whatever the load poll's pace (a queued
+    request can wait for a poll that is a minute away: seen on single-slot llama.cpp
+    engines) and the noisy demo meets its p99 target."""
 
-    enabled: bool = True
+    enabled: bool = False
     max_queue: int = _range(1000, 1, 1_000_000)
     """Requests one model's queue holds on this node; past it the heaviest tenant's last
     queued request is refused (429)."""
