@@ -30,6 +30,8 @@ import aiohttp
 from affinity_node.sim.support import Child, Processes, free_port, wait_http_ok
 
 MODEL_NAME = "tiny-llama"
+HTTP_THREADS = 32
+"""Connections llama.cpp serves at once (see `serve`): nodes x 2 and the requests in flight."""
 """The id each server lists on /v1/models (its alias), whatever the file is called."""
 
 SEED = 28
@@ -182,6 +184,11 @@ def serve_forever(opts: ServerOptions) -> None:
     params.endpoint_metrics = True
     params.endpoint_slots = True
     params.warmup = False
+    # llama.cpp's HTTP server keeps one thread per open connection, max(slots + 2, cores - 1)
+    # of them by default: the idle keep-alive connections of a few nodes' health checks and
+    # load polls took them all, and a request waited for one to time out (5 s each, a first
+    # request timing out at 30 s now and then). Every node holds about two.
+    params.n_threads_http = HTTP_THREADS
     if opts.cache_ram_mib >= 0:
         params.cache_ram_mib = opts.cache_ram_mib
     stop = {signal.SIGTERM, signal.SIGINT}
