@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -35,12 +36,41 @@ class SupportError(RuntimeError):
 # -- ports -----------------------------------------------------------------------------------
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _below_ephemeral() -> range:
+    """Ports the kernel never picks for an outgoing connection: a port handed out from the
+    ephemeral range can be taken by any connect() before the child binds it (the scale
+    demo's node once lost its port that way)."""
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(max(10_000, low - 12_000), low) if low > 11_000 else range(0)
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now."""
+    """A loopback port nothing listens on right now, outside the ephemeral range when the
+    platform says where that is, and not one this process handed out before."""
+    candidates = _below_ephemeral()
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
 
 
 # -- Postgres --------------------------------------------------------------------------------
