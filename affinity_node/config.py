@@ -236,11 +236,9 @@ class LimitsConfig:
 
 @dataclass
 class FairnessConfig:
-    """Fair queueing under saturation (routing/fairq.py): while every backend of a model is
+    """Fair queueing under saturation (routing/fairq.py): while a model's backends are nearly
     full, new requests wait in the node by fairness instead of in a vLLM FIFO queue. Off by
-    default until its release is work-conserving whatever the load poll's pace (a queued
-    request can wait for a poll that is a minute away: seen on single-slot llama.cpp
-    engines) and the noisy demo meets its p99 target."""
+    default until the noisy demo meets its latency target (small tenants' p99)."""
 
     enabled: bool = False
     max_queue: int = _range(1000, 1, 1_000_000)
@@ -251,6 +249,10 @@ class FairnessConfig:
     queue) or 503 (the fleet is out of room), both with Retry-After."""
     half_life_seconds: float = _range(10.0, 0, 86_400, above=True)
     """A tenant's recent service (tokens) halves in this long."""
+    reserve_slots: int = _range(1, 0, 100_000)
+    """Slots of a nearly full model kept for tenants at or under their fair share: their
+    requests start at once instead of after the next completion. A flood waits while these
+    idle; 0 is strictly work-conserving."""
 
 
 @dataclass

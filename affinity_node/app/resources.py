@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from affinity_node.app.builders import affinity_engine, database_pool, engine_spec, usage_ledger
 from affinity_node.auth.keycache import KeyCache
 from affinity_node.auth.limits import EXCHANGE_EVERY_S, Limiter
+from affinity_node.auth.limits import FRESH_S as LIMITS_FRESH_S
 from affinity_node.config import DatabaseConfig, LimitsConfig, NodeConfig
 from affinity_node.http.state import (
     ACCESS_LOG,
@@ -45,7 +46,7 @@ from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
 from affinity_node.routing.cache import BindingCache
 from affinity_node.routing.engine import AffinityEngine
-from affinity_node.routing.fairq import FairQueue, FairRules
+from affinity_node.routing.fairq import DEMAND_KEY, SERVICE_SCOPE, FairQueue, FairRules
 from affinity_node.routing.fanout import FanoutController, FanoutRules
 from affinity_node.routing.health_state import BackendHealth
 from affinity_node.routing.lifecycle import Mover, MoverRules
@@ -103,7 +104,7 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
             affinity_engine(engine_spec(cfg), db, metrics, keys, follower=follower, cache=cache)
         )
         engine = app[ENGINE] = stacked.engine
-        router = app[ROUTER] = await enter(_router(app, parts, engine, client))
+        router = app[ROUTER] = await enter(_router(app, db, parts, engine, client))
         app[RELAY] = Relay(
             backends, router, client, app[HTTP_METRICS], cfg.limits, ledger, cfg.logging.access
         )
@@ -258,7 +259,11 @@ async def _backends(
 
 @asynccontextmanager
 async def _router(
-    app: web.Application, parts: _BackendParts, engine: AffinityEngine, client: UpstreamClient
+    app: web.Application,
+    db: asyncpg.Pool,
+    parts: _BackendParts,
+    engine: AffinityEngine,
+    client: UpstreamClient,
 ) -> AsyncIterator[Router]:
     """The router, with the load signal and the fan-out controller it consults."""
     cfg = app[CONFIG]
@@ -288,6 +293,14 @@ async def _router(
         fanout,
     )
     fairq = app[FAIRQ] = _fair_queue(app, backends, load)
+    fair_store = PostgresLimitStore(db, timeout_s=cfg.database.statement_timeout_ms / 1000)
+
+    async def fair_exchange() -> None:
+        """The fair queue's service and demand, with the other nodes (as the limits')."""
+        rows = await fair_store.fair_exchange(
+            cfg.node_id, fairq.fleet_rows(), LIMITS_FRESH_S, SERVICE_SCOPE, DEMAND_KEY
+        )
+        fairq.fleet_update(rows)
 
     def after_poll() -> None:
         fanout.sweep()
@@ -303,8 +316,11 @@ async def _router(
         [x.name for x in cfg.models],
     )
     app[METRICS_REGISTRY].register(collector)
+    tasks = [poller.start()]
+    if fairq.rules.enabled:
+        tasks.append(every(EXCHANGE_EVERY_S, fair_exchange, "fair-exchange", now=True))
     try:
-        async with stopping(poller.start()):
+        async with stopping(*tasks):
             yield router
     finally:
         app[METRICS_REGISTRY].unregister(collector)
@@ -318,9 +334,16 @@ def _fair_queue(app: web.Application, backends: BackendPool, load: LoadView) -> 
     return FairQueue(
         backends,
         load,
-        FairRules(fair.enabled, fair.max_queue, fair.max_wait_seconds, fair.half_life_seconds),
+        FairRules(
+            fair.enabled,
+            fair.max_queue,
+            fair.max_wait_seconds,
+            fair.half_life_seconds,
+            fair.reserve_slots,
+        ),
         on_depth=metrics.queue_changed,
         on_wait=metrics.queue_waited,
+        nodes=lambda: app[LIMITER].alive,
     )
 
 

@@ -238,6 +238,11 @@ class Limiter:
         self.exchanged = 0
         """Rounds whose exchange with the other nodes succeeded."""
 
+    @property
+    def alive(self) -> int:
+        """Nodes alive as of the last exchange (this one included)."""
+        return self._alive
+
     # -- the request path ----------------------------------------------------------------------
 
     def of(self, key_id: UUID) -> KeyScopes | None:

@@ -1,19 +1,38 @@
 """Fair queueing under saturation (issue 25, item 2).
 
-When every candidate backend of a model is saturated, a new request waits here, in this node's
-queue, instead of in a vLLM FIFO queue where a flooding tenant's backlog would sit ahead of
-everyone else. Requests leave by fairness: higher priority class first, then the tenant with
-the least recent service in tokens (decayed; a queued request is charged when it queues, so a
-tenant's tenth queued request sorts behind another tenant's first), then arrival.
+When the backends of a model are full, a new request waits here, in this node's queue, instead
+of in a vLLM FIFO queue where a flooding tenant's backlog would sit ahead of everyone else.
+Requests leave by fairness: higher priority class first, then the tenant with the least recent
+service in tokens (decayed; a queued request is charged when it queues, so a tenant's tenth
+queued request sorts behind another tenant's first), then arrival.
 
-Saturated: a backend whose own queue was seen non-empty holds at most the running count it
-had then (its slots, as learned from /metrics); it is saturated while its load (running +
-waiting + this node's changes since the poll, routing/load_view.py) plus the requests released
-to it and not yet sent reaches that capacity. A backend never seen queueing is never saturated.
+Capacity: a backend whose own queue was seen non-empty holds at most the running count it had
+then (its slots, as learned from /metrics). Its room is that capacity less its load (running +
+waiting at the last poll, plus this node's changes since, routing/load_view.py) less the
+requests released to it and not yet sent. A backend never seen queueing has unlimited room.
 
-Work-conserving: a queued request is released whenever some candidate has room, at each of this
-node's completions on the model and after each load poll. The request path pays one set lookup
-(`model in queue.busy`) while nothing saturates: `busy` is empty.
+Guarded: once a poll finds a model's room nearly gone, every request of it passes through
+`wait` (which sends it at once while there is room) until a poll finds the model half empty.
+A model that was only checked at poll time would let a whole poll interval of a flood into
+the vLLM queues each time a poll saw room. The request path of an unguarded model pays one set
+lookup (`model in queue.busy`).
+
+Reserve: `reserve` slots of each guarded model are kept for tenants at or under their fair
+share of recent service (the mean over the tenants served lately); a tenant above it (the one
+flooding) only takes room beyond the reserve. A small tenant's request then starts at once
+instead of waiting for the next completion, which is what keeps its time to first token at its
+solo value; the price is `reserve` idle slots while a flood waits. With one tenant, or tenants
+sharing equally, nobody is above the mean and the queue is work-conserving.
+
+Releases happen at each of this node's completions on the model and after each load poll.
+Room a poll shows is seen by every node at once: filled by all of them, it went into the vLLM
+queues (a small tenant then waited behind the surplus). So a heavy tenant's request is admitted
+only while this node holds fewer than its quota of the model's slots: the capacity less the
+reserve, times this node's share of the fleet's demand (queued and in flight, exchanged about
+once a second; 1/nodes alive before the first exchange). The node counts its own requests
+exactly, the quotas add up to the capacity less the reserve, and no poll's staleness can
+over-commit the model. Recent service is exchanged the same way: a tenant's service is its
+service on every node, so a node that sees only the flood still knows it is the heavy one.
 
 A request that waits longer than `max_wait_s`, or is pushed out of a full queue, gets 429 when
 its tenant holds more than its share of the queue (it is the one flooding), else 503: the
@@ -44,6 +63,15 @@ class FairRules:
     """Longest wait in the queue before the request is refused."""
     half_life_s: float = 10.0
     """Recent service halves in this long: what counts as recent."""
+    reserve: int = 1
+    """Slots of a guarded model that only tenants at or under their fair share may take."""
+
+
+SERVICE_SCOPE = "~fair-service"
+"""The scope of a tenant's recent-service row in the nodes' exchange (not a model name)."""
+DEMAND_KEY = UUID(int=1)
+"""The key of a node's demand rows in the exchange (one per model; UUID(int=0) is the
+limiter's heartbeat)."""
 
 
 class QueueRefused(Exception):
@@ -89,38 +117,65 @@ class FairQueue:
         on_depth: Observer | None = None,
         on_wait: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        nodes: Callable[[], int] = lambda: 1,
     ) -> None:
+        """`nodes`: how many nodes are alive (the limits exchange's heartbeats)."""
         self._backends = backends
         self._view = view
         self.rules = rules
         self._on_depth = on_depth
         self._on_wait = on_wait
         self._clock = clock
+        self._nodes = nodes
         self._queues: dict[str, _ModelQueue] = {}
         self._service: dict[UUID, tuple[float, float]] = {}
+        self._fleet_service: dict[UUID, float] = {}
+        """Other nodes' recent service per tenant, as of `_fleet_at`."""
+        self._fleet_demand: dict[str, list[float]] = {}
+        """Other nodes' demands (queued + in flight) per guarded model."""
+        self._fleet_at: float | None = None
+        self._published: dict[str, float] = {}
+        """This node's demand as last told to the others: its share is taken from figures of
+        the same moment as theirs (with its current demand against their older figures,
+        every node's share grew while queues grew, and the quotas ate the reserve)."""
         self._capacity: dict[str, float] = {}
         self._reserved: dict[str, int] = {}
-        self._saturated: frozenset[str] = frozenset()
+        self._guarded: frozenset[str] = frozenset()
+        self._share = math.inf
+        """The fair share of recent service (the mean over tenants served lately), as of the
+        last poll: a tenant above it is heavy and does not take the reserve."""
         self._seq = itertools.count()
         self._round_at = clock()
         self.busy: set[str] = set()
-        """Models whose requests must queue: saturated, or with a queue already (a newcomer
-        must not pass the ones waiting). Empty while nothing saturates."""
+        """Models whose requests pass through `wait`: guarded, or with a queue (a newcomer
+        must not pass the ones waiting). Empty while nothing is near saturation."""
 
     # -- service -----------------------------------------------------------------------------
 
-    def service(self, key_id: UUID) -> float:
-        """The tenant's recent service in tokens, decayed to now."""
+    def _decay(self, since: float) -> float:
+        decay: float = 0.5 ** ((self._clock() - since) / self.rules.half_life_s)
+        return decay
+
+    def local_service(self, key_id: UUID) -> float:
+        """The tenant's recent service on this node in tokens, decayed to now."""
         found = self._service.get(key_id)
         if found is None:
             return 0.0
         value, at = found
-        decay: float = 0.5 ** ((self._clock() - at) / self.rules.half_life_s)
-        return value * decay
+        return value * self._decay(at)
+
+    def service(self, key_id: UUID) -> float:
+        """The tenant's recent service fleet-wide: this node's, and the others' as of the
+        last exchange."""
+        mine = self.local_service(key_id)
+        theirs = self._fleet_service.get(key_id)
+        if theirs is None or self._fleet_at is None:
+            return mine
+        return mine + theirs * self._decay(self._fleet_at)
 
     def charge(self, key_id: UUID, tokens: float) -> None:
         """Add served (or promised) tokens to the tenant's recent service."""
-        self._service[key_id] = (max(0.0, self.service(key_id) + tokens), self._clock())
+        self._service[key_id] = (max(0.0, self.local_service(key_id) + tokens), self._clock())
 
     def served(self, model: str, key_id: UUID, tokens: float) -> None:
         """A request that did not queue finished while the model was busy: its tokens count,
@@ -132,7 +187,7 @@ class FairQueue:
 
     def learn(self) -> None:
         """After a load poll: each backend's capacity (running, when it had a queue), which
-        models are saturated, and release whatever fits now."""
+        models are guarded, the fair share, and release whatever fits now."""
         for backend in self._backends.backends:
             running, waiting = backend.running, backend.waiting
             if running is None:
@@ -145,7 +200,8 @@ class FairQueue:
             if (waiting or known is not None) and running > (known or 0.0):
                 self._capacity[backend.id] = running
         models = {m for b in self._backends.backends for m in b.models}
-        self._saturated = frozenset(m for m in models if self._free(m) is None)
+        self._guarded = frozenset(m for m in models if self._guard(m))
+        self._share = self._fair_share()
         self._round_at = self._clock()
         for q in self._queues.values():
             q.released = 0
@@ -153,39 +209,129 @@ class FairQueue:
         for model in list(self._queues):
             self.release(model)
 
+    def _guard(self, model: str) -> bool:
+        """Guarded from when the room of the backends with a known capacity falls under a
+        quarter of it (plus the reserve) until their load falls under half of it: between
+        polls, requests of a guarded model are admitted one by one against the room left. A
+        member never seen queueing does not count, and takes what the others cannot (its
+        room is unlimited): one backend flooded through a tenant's binding guards the model
+        while its peer is idle, and the queue spills the flood to the peer."""
+        capacity = load = 0.0
+        for backend in self._members(model):
+            cap = self._capacity.get(backend.id)
+            if cap is not None:
+                capacity += cap
+                load += self._view.load(backend) + self._reserved.get(backend.id, 0)
+        if capacity <= 0:
+            return False
+        if model in self._guarded:
+            return load >= capacity / 2
+        return capacity - load < capacity / 4 + self.rules.reserve + 1
+
+    def _fair_share(self) -> float:
+        for key, (value, at) in list(self._service.items()):
+            if value * self._decay(at) < 1.0:
+                del self._service[key]  # forgotten: nothing recent
+        values = [self.service(k) for k in self._service.keys() | self._fleet_service.keys()]
+        values = [v for v in values if v >= 1.0]
+        return sum(values) / len(values) if values else math.inf
+
+    # -- the fleet (about once a second, through the database) --------------------------------
+
+    def fleet_rows(self) -> list[tuple[UUID, str, float, float]]:
+        """What this node tells the others: (key, SERVICE_SCOPE, 0, recent service) per tenant
+        served lately, (DEMAND_KEY, model, demand, 0) per guarded or queueing model."""
+        rows = [
+            (key, SERVICE_SCOPE, 0.0, value * self._decay(at))
+            for key, (value, at) in self._service.items()
+        ]
+        rows = [r for r in rows if r[3] >= 1.0]
+        self._published = {
+            m: float(self._demand(m))
+            for m in self._guarded | {m for m, q in self._queues.items() if q.entries}
+        }
+        rows.extend((DEMAND_KEY, m, d, 0.0) for m, d in sorted(self._published.items()))
+        return rows
+
+    def fleet_update(self, rows: list[tuple[UUID, str, str, float, float]]) -> None:
+        """The other nodes' rows (key, scope, node, requests, tokens), fresh ones only."""
+        service: dict[UUID, float] = {}
+        demand: dict[str, list[float]] = {}
+        for key, scope, _node, requests, tokens in rows:
+            if key == DEMAND_KEY:
+                demand.setdefault(scope, []).append(requests)
+            elif scope == SERVICE_SCOPE:
+                service[key] = service.get(key, 0.0) + tokens
+        self._fleet_service, self._fleet_demand = service, demand
+        self._fleet_at = self._clock()
+
+    def _demand(self, model: str) -> int:
+        return self.depth(model) + self._held(model)
+
+    def _held(self, model: str) -> int:
+        """This node's requests on the model's backends: in flight, or released and not sent."""
+        return sum(b.inflight + self._reserved.get(b.id, 0) for b in self._members(model))
+
+    def quota(self, model: str) -> float:
+        """Slots of the model this node's heavy requests may hold: a max-min fair split of the
+        capacity less the reserve over the nodes' demands as published (every node computes
+        the same split from the same rows; under a flood every node's demand exceeds its
+        part and each gets an equal one)."""
+        caps = [self._capacity.get(b.id) for b in self._members(model)]
+        if None in caps:
+            return math.inf  # a member of unknown capacity: nothing to divide
+        room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
+        if self._fleet_at is None:
+            return room / max(self._nodes(), 1)
+        mine = self._published.get(model, 0.0)
+        return _water_fill(room, mine, self._fleet_demand.get(model, []))
+
+    def heavy(self, key_id: UUID) -> bool:
+        """Above its fair share of recent service: the reserve is not for this tenant."""
+        return self.service(key_id) > self._share * 1.05
+
+    def _members(self, model: str) -> list[Backend]:
+        return [
+            b for b in self._backends.candidates(model) if b.kind == "vllm" and b.state == "active"
+        ]
+
     def _room(self, backend: Backend) -> float:
         cap = self._capacity.get(backend.id)
         if cap is None:
             return math.inf
         return cap - self._view.load(backend) - self._reserved.get(backend.id, 0)
 
-    def _free(self, model: str) -> Backend | None:
-        """The candidate with the most room, or None when all are saturated."""
+    def _free(self, model: str, heavy: bool = False) -> Backend | None:
+        """The candidate with the most room, or None when none has room for this request (a
+        heavy tenant's request needs this node under its quota, and the model's reserve left
+        over after it)."""
         best: Backend | None = None
-        best_room = 0.0
-        for backend in self._backends.candidates(model):
-            if backend.kind != "vllm" or backend.state != "active":
-                continue
+        best_room = total = 0.0
+        for backend in self._members(model):
             room = self._room(backend)
+            total += max(room, 0.0)
             if room >= 1.0 and (best is None or room > best_room):
                 best, best_room = backend, room
-        return best
+        over = heavy and (
+            total - 1.0 < self.rules.reserve or self._held(model) + 1 > self.quota(model)
+        )
+        return None if over else best
 
     def has_room(self, backend: Backend) -> bool:
         return self._room(backend) >= 1.0
 
     def _update_busy(self) -> None:
-        self.busy = set(self._saturated) | {m for m, q in self._queues.items() if q.entries}
+        self.busy = set(self._guarded) | {m for m, q in self._queues.items() if q.entries}
 
     # -- the queue -----------------------------------------------------------------------------
 
     async def wait(self, key_id: UUID, model: str, priority: int, estimate: int) -> Backend | None:
-        """Wait for room, fairly. Returns the backend with room that released the request
-        (None: the model turned out not to be saturated); raises QueueRefused."""
-        if model not in self._saturated and not self._queues.get(model, _ModelQueue()).entries:
-            return None
-        free = self._free(model)
+        """Wait for room, fairly. Returns the backend with room that admitted the request
+        (None: the model is not guarded, it goes where routing sends it); raises QueueRefused."""
         q = self._queues.setdefault(model, _ModelQueue())
+        if model not in self._guarded and not q.entries:
+            return None
+        free = self._free(model, self.heavy(key_id))
         if free is not None and not q.entries:
             self.charge(key_id, estimate)
             return self._reserve(free)
@@ -253,7 +399,7 @@ class FairQueue:
             q.per_key.pop(entry.key_id, None)
         if self._on_depth is not None:
             self._on_depth(model, entry.priority, -1)
-        if not q.entries and model not in self._saturated:
+        if not q.entries and model not in self._guarded:
             self.busy.discard(model)
 
     def _refusal(
@@ -284,17 +430,40 @@ class FairQueue:
         if q is None or not q.entries:
             return
         while q.entries:
-            free = self._free(model)
-            if free is None:
-                break
-            entry = heapq.heappop(q.entries)
-            if entry.future.done():
+            head = q.entries[0]
+            if head.future.done():
+                heapq.heappop(q.entries)
                 continue
+            free = self._free(model, self.heavy(head.key_id))
+            if free is not None:
+                entry = heapq.heappop(q.entries)
+            else:
+                # A heavy head over its quota: the best light request behind it may still go
+                # (one queued while the flood's tag was low would otherwise block them all).
+                found = self._best_light(q)
+                free = None if found is None else self._free(model)
+                if found is None or free is None:
+                    break
+                entry = found
+                q.entries.remove(entry)
+                heapq.heapify(q.entries)
             self._left(model, q, entry)
             q.released += 1
             if self._on_wait is not None:
                 self._on_wait(model, self._clock() - entry.arrived)
             entry.future.set_result(self._reserve(free))
+
+    def _best_light(self, q: _ModelQueue) -> _Entry | None:
+        heavy: dict[UUID, bool] = {}
+        best: _Entry | None = None
+        for e in q.entries:
+            if e.future.done() or (best is not None and e.sort >= best.sort):
+                continue
+            if e.key_id not in heavy:
+                heavy[e.key_id] = self.heavy(e.key_id)
+            if not heavy[e.key_id]:
+                best = e
+        return best
 
     def _reserve(self, backend: Backend) -> Backend:
         """Room promised to a released request until it is sent (its in-flight count)."""
@@ -318,3 +487,20 @@ def _result(future: asyncio.Future[Backend]) -> Backend | None:
     if future.done() and not future.cancelled() and future.exception() is None:
         return future.result()
     return None
+
+
+def _water_fill(room: float, mine: float, others: list[float]) -> float:
+    """This node's part of `room` in a max-min fair split over the demands: a node asking
+    less than an equal part gets what it asks, the rest is split among the others. A node
+    with no demand yet keeps one slot, so its first requests need not wait a round."""
+    demands = sorted([*others, mine])
+    left, n = room, len(demands)
+    for d in demands:
+        part = left / n
+        if d >= part:
+            return part if mine >= part else max(mine, 1.0)
+        if d == mine:
+            return max(mine, 1.0)
+        left -= d
+        n -= 1
+    return max(mine, 1.0)

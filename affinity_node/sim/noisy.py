@@ -8,11 +8,13 @@ with the flood. Rows: each small tenant's TTFT p50/p99 against its solo baseline
 throughput against the capacity the small tenants leave, 429s by tenant, the affinity hit
 rate, and the nodes' fair-queue depth.
 
-The fleet: 2 backends of 2 slots, a request holds a slot ~0.4 s (16 tokens at 40 tokens/s):
-about 10 requests a second, small enough that the load generator, the nodes and the backends
-share one event loop on a 2-core machine without it becoming the bottleneck. Small tenants send
-0.4 a second each (about 28% of it together); the flood offers 3x the capacity, open loop, at
-most FLOOD_MAX_OPEN outstanding (a client pool).
+The fleet: 2 backends of 16 slots, a request holds a slot 3.2 s (64 tokens at 20 tokens/s,
+no batch slowdown) after a 30 ms first step: about 10 requests a second, small enough that the
+load generator, the nodes and the backends share one event loop on a 2-core machine without it
+becoming the bottleneck, with batches wide enough that the fair queue's reserve (one slot)
+costs the flood a few percent, as on vLLM's batches of hundreds. Small tenants send 0.4 a
+second each (about 28% of it together); the flood offers 3x the capacity, open loop, at most
+FLOOD_MAX_OPEN outstanding (a client pool).
 """
 
 from __future__ import annotations
@@ -53,16 +55,18 @@ from affinity_node.store.migrate import migrate
 MODEL = "llama-3.1-8b"
 NODES = 2
 BACKENDS = 2
-SLOTS = 2
-TOKENS_PER_S = 40.0
-OUTPUT_TOKENS = 16
+SLOTS = 16
+TOKENS_PER_S = 20.0
+OUTPUT_TOKENS = 64
+FIRST_STEP_S = 0.03
+"""A vLLM step for an 8B model: what a short prompt's first token costs at the least."""
 SMALL_TENANTS = 7
 SMALL_RATE = 0.4
 """Requests a second of each small tenant."""
 FLOOD_FACTOR = 3.0
 FLOOD_MAX_OPEN = 200
-SOLO_S = 6.0
-MIXED_S = 14.0
+SOLO_S = 10.0
+MIXED_S = 20.0
 SETTLE_S = 3.0
 """The mixed phase's first seconds are not measured: what the flood sent before any node saw
 saturation sits in the vLLM queues (no node can recall it)."""
@@ -209,6 +213,8 @@ async def _column(
                     max_running=SLOTS,
                     tokens_per_s=TOKENS_PER_S,
                     output_tokens=OUTPUT_TOKENS,
+                    ttft_base_s=FIRST_STEP_S,
+                    decode_slowdown=0.0,
                 )
             )
             for i in range(n_backends)

@@ -35,16 +35,38 @@ class PostgresLimitStore:
     async def exchange(
         self, node_id: str, mine: Sequence[tuple[uuid.UUID, str, float, float]], fresh_s: float
     ) -> list[DemandRow]:
+        return await self._upsert_read("limit_exchange", node_id, mine, fresh_s)
+
+    async def fair_exchange(
+        self,
+        node_id: str,
+        mine: Sequence[tuple[uuid.UUID, str, float, float]],
+        fresh_s: float,
+        service_scope: str,
+        demand_key: uuid.UUID,
+    ) -> list[DemandRow]:
+        """The fair queue's rows: write this node's, read every other node's fresh ones."""
+        return await self._upsert_read(
+            "fair_exchange", node_id, mine, fresh_s, service_scope, demand_key
+        )
+
+    async def _upsert_read(
+        self,
+        name: str,
+        node_id: str,
+        mine: Sequence[tuple[uuid.UUID, str, float, float]],
+        *args: object,
+    ) -> list[DemandRow]:
         ordered = sorted(mine)  # the same row order on every node: no lock-order surprises
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                Q["limit_exchange"],
+                Q[name],
                 node_id,
                 [m[0] for m in ordered],
                 [m[1] for m in ordered],
                 [m[2] for m in ordered],
                 [m[3] for m in ordered],
-                fresh_s,
+                *args,
                 timeout=self._timeout,
             )
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]

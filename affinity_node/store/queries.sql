@@ -537,3 +537,20 @@ DELETE FROM affinity_limit_demand WHERE updated_at < now() - interval '60 second
 -- name: limit_demand_leave
 -- A stopping node's rows go with it, so the others' shares grow at once.
 DELETE FROM affinity_limit_demand WHERE node_id = $1;
+
+-- name: fair_exchange
+-- The fair queue's exchange (routing/fairq.py), once a second per node while fairness is on:
+-- upsert this node's rows (a tenant's recent service on scope $7; the node's demand per model
+-- on key $8), read every other node's fresh rows of both kinds. Same table and expiry as the
+-- limits exchange.
+WITH mine AS (
+    INSERT INTO affinity_limit_demand AS d (api_key_id, model, node_id, requests, tokens)
+    SELECT u.k, u.m, $1, u.r, u.t
+    FROM unnest($2::uuid[], $3::text[], $4::float8[], $5::float8[]) AS u (k, m, r, t)
+    ON CONFLICT (api_key_id, model, node_id) DO UPDATE
+    SET requests = excluded.requests, tokens = excluded.tokens, updated_at = now()
+)
+SELECT d.api_key_id, d.model, d.node_id, d.requests, d.tokens
+FROM affinity_limit_demand AS d
+WHERE d.node_id <> $1 AND d.updated_at > now() - make_interval(secs => $6::float8)
+  AND (d.model = $7 OR d.api_key_id = $8);

@@ -91,55 +91,51 @@ def _accepted(results: list[tuple[float, int, Any]]) -> list[tuple[float, int, A
     return [r for r in results if r[0] >= WARMUP_S and not isinstance(r[2], Exception)]
 
 
-async def _rpm_case(dsn: str, pick: Callable[[int], int]) -> list[tuple[float, int, Any]]:
+async def test_rpm_and_tpm_hold_fleet_wide(dsn: str) -> None:
+    """Three keys at once on one 3-node fleet (each key's shares are its own): 120 rpm offered
+    round-robin, 120 rpm offered 90 % to node 0, and 3000 tpm. Tokens are charged from an
+    estimate (prompt bytes / 4 + max_tokens) and corrected from the answer's usage; what the
+    accepted answers used must match the token limit within 15 %."""
+    tpm = 3000  # 50 tokens a second
     async with cluster(dsn, nodes=3, backends=2) as c:
-        secret = await c.new_key("limited")
-        await _limit(c, c.key_ids["limited"], rpm=120)
-        clients = [c.client(i, secret) for i in range(3)]
-        # 2x the limit: 240 a minute = 4 a second.
-        results = await _offer(clients, pick, 4.0, WARMUP_S + WINDOW_S, max_tokens=4)
+        secrets = {name: await c.new_key(name) for name in ("round", "skewed", "tokens")}
+        await _limit(c, c.key_ids["round"], rpm=120)
+        await _limit(c, c.key_ids["skewed"], rpm=120)
+        await _limit(c, c.key_ids["tokens"], tpm=tpm)
+        clients = {name: [c.client(i, s) for i in range(3)] for name, s in secrets.items()}
+        duration = WARMUP_S + WINDOW_S
+        # 2x the request limits (240 a minute = 4 a second); each answer uses about 35 tokens
+        # (prompt ~20, 16 out), so 3 a second offers ~2x the token limit.
+        round_robin, skewed, tokens = await asyncio.gather(
+            _offer(clients["round"], lambda i: i % 3, 4.0, duration, max_tokens=4),
+            _offer(
+                clients["skewed"],
+                lambda i: 0 if i % 20 < 18 else 1 + i % 2,
+                4.0,
+                duration,
+                max_tokens=4,
+            ),
+            _offer(clients["tokens"], lambda i: i % 3, 3.0, duration, max_tokens=64),
+        )
+    expected = 120 * WINDOW_S / 60  # 40
+    for results in (round_robin, skewed):
         refused = [r for r in results if isinstance(r[2], openai.RateLimitError)]
         assert refused, "twice the limit offered, nothing refused"
         assert {r[2].code for r in refused} == {"rate_limit_exceeded"}
-        return results
-
-
-async def test_rpm_round_robin_holds_fleet_wide(dsn: str) -> None:
-    results = await _rpm_case(dsn, lambda i: i % 3)
-    accepted = _accepted(results)
-    expected = 120 * WINDOW_S / 60  # 40
-    assert abs(len(accepted) - expected) <= 0.1 * expected, len(accepted)
-
-
-async def test_rpm_share_follows_skewed_traffic(dsn: str) -> None:
-    # 90 % of the offers to node 0, 5 % to each other node.
-    results = await _rpm_case(dsn, lambda i: 0 if i % 20 < 18 else 1 + i % 2)
-    accepted = _accepted(results)
-    expected = 120 * WINDOW_S / 60  # 40
-    assert abs(len(accepted) - expected) <= 0.1 * expected, len(accepted)
+        accepted = _accepted(results)
+        assert abs(len(accepted) - expected) <= 0.1 * expected, len(accepted)
+    # The share follows the traffic: equal shares would cap node 0 at 40 / 3 ~ 13.
+    accepted = _accepted(skewed)
     on_first = sum(1 for r in accepted if r[1] == 0)
-    # Equal shares would cap node 0 at 40 / 3 ~ 13 of them.
     assert on_first >= 0.8 * len(accepted), (on_first, len(accepted))
 
-
-async def test_tpm_holds_within_15_percent(dsn: str) -> None:
-    """Tokens are charged from an estimate (prompt bytes / 4 + max_tokens) and corrected from
-    the answer's usage; what the accepted answers used must match the limit."""
-    tpm = 3000  # 50 tokens a second
-    async with cluster(dsn, nodes=3, backends=2) as c:
-        secret = await c.new_key("tokens")
-        await _limit(c, c.key_ids["tokens"], tpm=tpm)
-        clients = [c.client(i, secret) for i in range(3)]
-        # Each answer uses about 35 tokens (prompt ~20, 16 out): 3 a second offers ~2x.
-        results = await _offer(clients, lambda i: i % 3, 3.0, WARMUP_S + WINDOW_S, max_tokens=64)
-        accepted = _accepted(results)
-        used = sum(r[2].parse().usage.total_tokens for r in accepted)
-        expected = tpm * WINDOW_S / 60  # 1000
-        assert any(isinstance(r[2], openai.RateLimitError) for r in results)
-        assert abs(used - expected) <= 0.15 * expected, used
-        first_ok = next(r[2] for r in results if not isinstance(r[2], Exception))
-        assert first_ok.headers["x-ratelimit-limit-tokens"] == str(tpm)
-        assert 0 <= int(first_ok.headers["x-ratelimit-remaining-tokens"]) <= tpm
+    used = sum(r[2].parse().usage.total_tokens for r in _accepted(tokens))
+    expected_tokens = tpm * WINDOW_S / 60  # 1000
+    assert any(isinstance(r[2], openai.RateLimitError) for r in tokens)
+    assert abs(used - expected_tokens) <= 0.15 * expected_tokens, used
+    first_ok = next(r[2] for r in tokens if not isinstance(r[2], Exception))
+    assert first_ok.headers["x-ratelimit-limit-tokens"] == str(tpm)
+    assert 0 <= int(first_ok.headers["x-ratelimit-remaining-tokens"]) <= tpm
 
 
 async def test_max_concurrent_and_headers(dsn: str) -> None:

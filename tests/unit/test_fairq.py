@@ -9,7 +9,13 @@ from uuid import UUID, uuid4
 import pytest
 
 from affinity_node.routing.backends import Backend, BackendPool, BackendSpec, ModelSpec
-from affinity_node.routing.fairq import FairQueue, FairRules, QueueRefused
+from affinity_node.routing.fairq import (
+    DEMAND_KEY,
+    SERVICE_SCOPE,
+    FairQueue,
+    FairRules,
+    QueueRefused,
+)
 from affinity_node.routing.load_view import LoadView
 from tests.support.waiting import wait_for
 
@@ -178,3 +184,137 @@ async def test_work_conserving_every_free_slot_takes_a_waiter() -> None:
     assert fq.depth(MODEL) == 0
     await _done(*tasks)
     assert fq.busy == set(), "nothing saturated, nothing queued: the hot path is free again"
+
+
+def _poll(fq: FairQueue, backends: list[Backend], running: list[int]) -> None:
+    """A poll round reading `running` on each backend and no queue."""
+    for b, r in zip(backends, running, strict=True):
+        LoadView.record(b, r, 0, 0.5)
+    fq.learn()
+
+
+async def test_a_light_tenant_takes_the_reserve_a_heavy_one_waits() -> None:
+    fq, backends = _setup(reserve=1)
+    _saturate(fq, backends)  # 2 slots each learned
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    _poll(fq, backends, [2, 1])  # one slot left in the model: the reserve
+    assert MODEL in fq.busy
+    assert fq.heavy(flood) and not fq.heavy(small)
+    flood_task = (await _queued(fq, flood))[0]
+    assert fq.depth(MODEL) == 1, "the heavy tenant does not take the last slot"
+    assert await fq.wait(small, MODEL, 0, 100) is backends[1], "the light one starts at once"
+    assert fq.depth(MODEL) == 1
+    backends[1].inflight += 1  # the small request is sent
+    fq.sent(backends[1])
+    _poll(fq, backends, [1, 2])  # one slot free: the reserve, still not the flood's
+    assert fq.depth(MODEL) == 1
+    _poll(fq, backends, [0, 2])  # two free: one beyond the reserve
+    await _done(flood_task)
+    assert await flood_task is backends[0]
+
+
+async def test_with_no_reserve_the_heavy_tenant_takes_the_last_slot() -> None:
+    fq, backends = _setup(reserve=0)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    _poll(fq, backends, [2, 1])
+    assert await fq.wait(flood, MODEL, 0, 100) is backends[1]
+
+
+async def test_a_lone_tenant_is_never_heavy() -> None:
+    fq, backends = _setup(reserve=1)
+    _saturate(fq, backends)
+    only = uuid4()
+    fq.charge(only, 1000)
+    _poll(fq, backends, [2, 1])
+    assert not fq.heavy(only)
+    assert await fq.wait(only, MODEL, 0, 100) is backends[1], "work-conserving for one tenant"
+
+
+async def test_a_guarded_model_admits_between_polls_only_the_room_it_has() -> None:
+    """A model checked only at polls let a poll interval of a flood into the vLLM queues each
+    time a poll saw room; guarded, each request takes room until none is left."""
+    fq, backends = _setup(reserve=0)
+    _saturate(fq, backends)
+    _poll(fq, backends, [2, 0])  # two slots free, no new poll until the end
+    tenant = uuid4()
+    admitted = [await fq.wait(tenant, MODEL, 0, 100) for _ in range(2)]
+    assert admitted == [backends[1], backends[1]]
+    for b in admitted:
+        assert b is not None
+        b.inflight += 1  # sent
+        fq.sent(b)
+    third = (await _queued(fq, tenant))[0]
+    assert fq.depth(MODEL) == 1 and not third.done()
+    third.cancel()
+
+
+async def test_the_guard_lifts_when_a_poll_finds_the_model_half_empty() -> None:
+    fq, backends = _setup()
+    _saturate(fq, backends)
+    _poll(fq, backends, [1, 1])  # half full: still guarded (hysteresis)
+    assert MODEL in fq.busy
+    _poll(fq, backends, [1, 0])
+    assert fq.busy == set()
+    assert await fq.wait(uuid4(), MODEL, 0, 100) is None
+
+
+def test_quota_is_a_max_min_fair_split_of_the_nodes_demands() -> None:
+    from affinity_node.routing.fairq import _water_fill
+
+    assert _water_fill(31, 100, [100]) == 15.5  # both flooded: equal parts
+    assert _water_fill(31, 100, [5]) == 26  # the other asks little: the rest is ours
+    assert _water_fill(31, 5, [100]) == 5
+    assert _water_fill(31, 0, [100]) == 1  # no demand yet: one slot, not none
+
+
+async def test_a_tenant_heavy_on_other_nodes_is_heavy_here() -> None:
+    """A node that sees only the flood would take it for a lone tenant: the others' rows say
+    the small tenants exist."""
+    fq, backends = _setup(reserve=1)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    _poll(fq, backends, [2, 1])
+    assert not fq.heavy(flood), "alone on this node"
+    fq.fleet_update(
+        [(small, SERVICE_SCOPE, "node-b", 0.0, 50.0), (flood, SERVICE_SCOPE, "node-b", 0.0, 900.0)]
+    )
+    _poll(fq, backends, [2, 1])
+    assert fq.heavy(flood) and not fq.heavy(small)
+    assert fq.service(flood) > 1000, "its service here and there"
+
+
+async def test_a_node_holding_its_quota_admits_no_heavy_request() -> None:
+    fq, backends = _setup(reserve=0)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    fq.fleet_rows()  # publishes this node's demand (nothing yet)
+    fq.fleet_update([(DEMAND_KEY, MODEL, "node-b", 50.0, 0.0)])
+    backends[0].inflight = 2  # this node holds 2 of the 4 slots: its half
+    _poll(fq, backends, [2, 0])  # the poll shows two free: the other node's, not ours
+    assert fq.quota(MODEL) == 1.0  # no published demand here yet: one slot
+    flood_task = (await _queued(fq, flood))[0]
+    assert not flood_task.done()
+    assert await fq.wait(small, MODEL, 0, 100) is backends[1], "a light request still goes"
+    flood_task.cancel()
+
+
+async def test_a_light_request_passes_a_heavy_head_that_cannot_go() -> None:
+    fq, backends = _setup(reserve=1)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    fq.charge(small, 10)
+    flood_task = (await _queued(fq, flood))[0]  # queued while the flood was not yet heavy
+    fq.charge(flood, 1000)
+    small_task = (await _queued(fq, small))[0]
+    _poll(fq, backends, [2, 1])  # one slot: the reserve
+    await _done(small_task)
+    assert not flood_task.done()
+    flood_task.cancel()
