@@ -308,20 +308,21 @@ async def _queued(
     finally:
         if released is not None:
             fairq.sent(released)
-    if released is not None and _elsewhere(fairq, route, released):
+    if released is not None and _elsewhere(fairq, route, released, key_id):
         route.backend = released
         if route.affinity != "bypass":
             route.affinity = "spill"
     return route
 
 
-def _elsewhere(fairq: FairQueue, route: Route, released: Backend) -> bool:
+def _elsewhere(fairq: FairQueue, route: Route, released: Backend, key_id: Any) -> bool:
     """Whether a released request goes to the backend whose room released it: its own target
-    is another one, with no room (never a request pinned to a stored response)."""
+    is another one, with no room for this tenant (never a request pinned to a stored
+    response)."""
     return (
         route.backend is not released
         and not route.pinned
-        and not fairq.has_room(route.backend)
+        and not fairq.has_room(route.backend, route.model, key_id)
         and route.model in released.models
     )
 

@@ -9,7 +9,9 @@ queued request sorts behind another tenant's first), then arrival.
 Capacity: a backend whose own queue was seen non-empty holds at most the running count it had
 then (its slots, as learned from /metrics). Its room is that capacity less its load (running +
 waiting at the last poll, plus this node's changes since, routing/load_view.py) less the
-requests released to it and not yet sent. A backend never seen queueing has unlimited room.
+requests released to it and not yet sent. A backend never seen queueing is taken for as large
+as its largest peer that did (and one more than the most it ran, so a larger one is found);
+with no such peer its room is unlimited.
 
 Guarded: once a poll finds a model's room nearly gone, every request of it passes through
 `wait` (which sends it at once while there is room) until a poll finds the model half empty.
@@ -139,6 +141,11 @@ class FairQueue:
         the same moment as theirs (with its current demand against their older figures,
         every node's share grew while queues grew, and the quotas ate the reserve)."""
         self._capacity: dict[str, float] = {}
+        """Confirmed: the running count of a backend seen with a queue of its own."""
+        self._estimated: dict[str, float] = {}
+        """A backend never seen queueing whose peers were: their capacity, or one more than its
+        own largest running count (it grows while the backend runs full without a queue)."""
+        self._seen: dict[str, float] = {}
         self._reserved: dict[str, int] = {}
         self._guarded: frozenset[str] = frozenset()
         self._share = math.inf
@@ -199,6 +206,8 @@ class FairQueue:
             known = self._capacity.get(backend.id)
             if (waiting or known is not None) and running > (known or 0.0):
                 self._capacity[backend.id] = running
+            self._seen[backend.id] = max(self._seen.get(backend.id, 0.0), running)
+        self._estimate_unconfirmed()
         models = {m for b in self._backends.backends for m in b.models}
         self._guarded = frozenset(m for m in models if self._guard(m))
         self._share = self._fair_share()
@@ -209,16 +218,36 @@ class FairQueue:
         for model in list(self._queues):
             self.release(model)
 
+    def _estimate_unconfirmed(self) -> None:
+        """An idle peer of a flooded backend had unlimited room: every node spilled the flood
+        into it until it queued too, and the small tenants waited behind that queue."""
+        for backend in self._backends.backends:
+            if backend.id in self._capacity:
+                self._estimated.pop(backend.id, None)
+                continue
+            peers = [
+                self._capacity[b.id]
+                for b in self._backends.backends
+                if b.id in self._capacity and b.models & backend.models
+            ]
+            if peers:
+                self._estimated[backend.id] = max(max(peers), self._seen.get(backend.id, 0) + 1)
+
+    def _cap(self, backend: Backend) -> float | None:
+        """The backend's capacity, confirmed or estimated; None: unlimited as far as known."""
+        cap = self._capacity.get(backend.id)
+        return self._estimated.get(backend.id) if cap is None else cap
+
     def _guard(self, model: str) -> bool:
-        """Guarded from when the room of the backends with a known capacity falls under a
-        quarter of it (plus the reserve) until their load falls under half of it: between
-        polls, requests of a guarded model are admitted one by one against the room left. A
-        member never seen queueing does not count, and takes what the others cannot (its
-        room is unlimited): one backend flooded through a tenant's binding guards the model
-        while its peer is idle, and the queue spills the flood to the peer."""
+        """Guarded from when the room of the backends with a known or estimated capacity falls
+        under a quarter of it (plus the reserve) until their load falls under half of it:
+        between polls, requests of a guarded model are admitted one by one against the room
+        left. A member with no capacity at all does not count: one backend flooded through a
+        tenant's binding guards the model while its peer is idle, and the queue spills the
+        flood to the peer."""
         capacity = load = 0.0
         for backend in self._members(model):
-            cap = self._capacity.get(backend.id)
+            cap = self._cap(backend)
             if cap is not None:
                 capacity += cap
                 load += self._view.load(backend) + self._reserved.get(backend.id, 0)
@@ -277,7 +306,7 @@ class FairQueue:
         capacity less the reserve over the nodes' demands as published (every node computes
         the same split from the same rows; under a flood every node's demand exceeds its
         part and each gets an equal one)."""
-        caps = [self._capacity.get(b.id) for b in self._members(model)]
+        caps = [self._cap(b) for b in self._members(model)]
         if None in caps:
             return math.inf  # a member of unknown capacity: nothing to divide
         room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
@@ -296,29 +325,48 @@ class FairQueue:
         ]
 
     def _room(self, backend: Backend) -> float:
-        cap = self._capacity.get(backend.id)
+        cap = self._cap(backend)
         if cap is None:
             return math.inf
         return cap - self._view.load(backend) - self._reserved.get(backend.id, 0)
 
     def _free(self, model: str, heavy: bool = False) -> Backend | None:
         """The candidate with the most room, or None when none has room for this request (a
-        heavy tenant's request needs this node under its quota, and the model's reserve left
-        over after it)."""
+        heavy tenant's request needs this node under its quota, on the model and on the
+        backend, and the model's reserve left over after it)."""
         best: Backend | None = None
         best_room = total = 0.0
+        quota = self.quota(model) if heavy else math.inf
         for backend in self._members(model):
             room = self._room(backend)
             total += max(room, 0.0)
-            if room >= 1.0 and (best is None or room > best_room):
-                best, best_room = backend, room
-        over = heavy and (
-            total - 1.0 < self.rules.reserve or self._held(model) + 1 > self.quota(model)
-        )
+            if room < 1.0 or (best is not None and room <= best_room):
+                continue
+            if heavy and not self._under_quota(backend, model, quota):
+                continue
+            best, best_room = backend, room
+        over = heavy and (total - 1.0 < self.rules.reserve or self._held(model) + 1 > quota)
         return None if over else best
 
-    def has_room(self, backend: Backend) -> bool:
-        return self._room(backend) >= 1.0
+    def _under_quota(self, backend: Backend, model: str, quota: float) -> bool:
+        """This node's heavy requests fit on `backend`: its part of the node's quota, in
+        proportion to the backend's capacity (rounded to whole slots). The model's quota alone
+        let two nodes fill the same backend from one stale poll while its peer idled."""
+        cap = self._cap(backend)
+        if cap is None or math.isinf(quota):
+            return True
+        total = sum(self._cap(b) or 0.0 for b in self._members(model))
+        part = math.floor(quota * cap / total + 0.5) if total > 0 else 0
+        return backend.inflight + self._reserved.get(backend.id, 0) + 1 <= part
+
+    def has_room(self, backend: Backend, model: str, key_id: UUID | None = None) -> bool:
+        """Room on `backend` for one more request of `key_id`'s tenant on `model` (of any
+        light tenant, when None)."""
+        if self._room(backend) < 1.0:
+            return False
+        if key_id is None or not self.heavy(key_id):
+            return True
+        return self._under_quota(backend, model, self.quota(model))
 
     def _update_busy(self) -> None:
         self.busy = set(self._guarded) | {m for m, q in self._queues.items() if q.entries}

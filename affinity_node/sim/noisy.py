@@ -8,13 +8,13 @@ with the flood. Rows: each small tenant's TTFT p50/p99 against its solo baseline
 throughput against the capacity the small tenants leave, 429s by tenant, the affinity hit
 rate, and the nodes' fair-queue depth.
 
-The fleet: 2 backends of 16 slots, a request holds a slot 3.2 s (64 tokens at 20 tokens/s,
-no batch slowdown) after a 30 ms first step: about 10 requests a second, small enough that the
-load generator, the nodes and the backends share one event loop on a 2-core machine without it
-becoming the bottleneck, with batches wide enough that the fair queue's reserve (one slot)
-costs the flood a few percent, as on vLLM's batches of hundreds. Small tenants send 0.4 a
-second each (about 28% of it together); the flood offers 3x the capacity, open loop, at most
-FLOOD_MAX_OPEN outstanding (a client pool).
+The fleet: 2 backends of 16 slots; a request holds a slot 3.2 s on average (16 to 112 tokens,
+64 on average, at 20 tokens/s, no batch slowdown) after a 30 ms first step: about 10 requests a
+second, small enough that the load generator, the nodes and the backends share one event loop
+on a 2-core machine without it becoming the bottleneck, with batches wide enough that the fair
+queue's reserve (one slot) costs the flood a few percent, as on vLLM's batches of hundreds.
+Small tenants send 0.4 a second each (about 28% of it together); the flood offers 3x the
+capacity, open loop, at most FLOOD_MAX_OPEN outstanding (a client pool).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import statistics
 import time
 import uuid
@@ -58,18 +59,26 @@ BACKENDS = 2
 SLOTS = 16
 TOKENS_PER_S = 20.0
 OUTPUT_TOKENS = 64
+"""The mean answer: each request asks for 16 to 112 tokens (seeded by tenant and number). With
+one length for all, the requests that filled the fleet at once also ended at once, every 3.2 s,
+and a small tenant arriving between two such waves waited for the next one."""
+MAX_OUTPUT_TOKENS = 2 * OUTPUT_TOKENS - 16
 FIRST_STEP_S = 0.03
 """A vLLM step for an 8B model: what a short prompt's first token costs at the least."""
 SMALL_TENANTS = 7
 SMALL_RATE = 0.4
 """Requests a second of each small tenant."""
+RESERVE = 2
+"""fairness.reserve_slots: 2 of the 32 slots kept for the tenants under their fair share."""
 FLOOD_FACTOR = 3.0
 FLOOD_MAX_OPEN = 200
 SOLO_S = 10.0
 MIXED_S = 20.0
-SETTLE_S = 3.0
-"""The mixed phase's first seconds are not measured: what the flood sent before any node saw
-saturation sits in the vLLM queues (no node can recall it)."""
+SETTLE_S = 9.0
+"""The mixed phase's first seconds are not measured: the first saturation of a fleet that never
+queued goes into the vLLM queues (no node knows a capacity before a backend queues once, and no
+node can recall what it sent); that backlog takes up to one generation (5.6 s here) to run out.
+What is measured is the steady state after it."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ def _node_config(dsn: str, urls: list[str], node_id: str, fairness: bool) -> Nod
     cfg.load.poll_interval_seconds = 0.2
     cfg.fairness.enabled = fairness
     cfg.fairness.max_wait_seconds = 10.0
+    cfg.fairness.reserve_slots = RESERVE
     validate(cfg)
     return cfg
 
@@ -139,7 +149,7 @@ async def _one(
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"{tenant} asks {i}"}],
-        "max_tokens": OUTPUT_TOKENS,
+        "max_tokens": random.Random(f"{tenant}/{i}").randint(16, MAX_OUTPUT_TOKENS),
         "stream": True,
     }
     t0 = time.monotonic()
@@ -212,7 +222,7 @@ async def _column(
                     [MODEL],
                     max_running=SLOTS,
                     tokens_per_s=TOKENS_PER_S,
-                    output_tokens=OUTPUT_TOKENS,
+                    output_tokens=MAX_OUTPUT_TOKENS,
                     ttft_base_s=FIRST_STEP_S,
                     decode_slowdown=0.0,
                 )

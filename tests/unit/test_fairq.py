@@ -318,3 +318,36 @@ async def test_a_light_request_passes_a_heavy_head_that_cannot_go() -> None:
     await _done(small_task)
     assert not flood_task.done()
     flood_task.cancel()
+
+
+async def test_a_heavy_request_goes_to_the_backend_where_this_node_is_under_its_part() -> None:
+    """The model's quota alone let two nodes fill one backend from the same stale poll while
+    its peer idled: each node's part of each backend follows the backend's capacity."""
+    fq, backends = _setup(reserve=0)
+    _saturate(fq, backends)  # 2 slots each
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    fq.fleet_rows()
+    fq.fleet_update([(DEMAND_KEY, MODEL, "node-b", 50.0, 0.0)])
+    fq._published[MODEL] = 50.0  # as if published at the last exchange: equal demand
+    assert fq.quota(MODEL) == 2.0
+    backends[0].inflight = 1  # this node holds its part (1 of 2) of backend 0
+    _poll(fq, backends, [1, 1])  # each shows a free slot; backend 0's is the other node's part
+    assert await fq.wait(flood, MODEL, 0, 100) is backends[1]
+    assert not fq.has_room(backends[0], MODEL, flood)
+    assert fq.has_room(backends[0], MODEL, small), "a light tenant may take it"
+
+
+async def test_a_peer_never_seen_queueing_is_taken_for_as_large_as_the_others() -> None:
+    """Unlimited room on the idle peer of a flooded backend sent every node's spill there until
+    it queued too; it is estimated at its peers' capacity, and the estimate grows while it
+    runs full without a queue."""
+    fq, backends = _setup(reserve=0)
+    LoadView.record(backends[0], SLOTS, 3, 0.5)  # queued: 2 slots confirmed
+    LoadView.record(backends[1], 0, 0, 0.0)  # never queued
+    fq.learn()
+    assert fq._cap(backends[1]) == SLOTS
+    LoadView.record(backends[1], SLOTS, 0, 0.5)  # full at the estimate, no queue: a bigger one
+    fq.learn()
+    assert fq._cap(backends[1]) == SLOTS + 1
