@@ -71,6 +71,8 @@ class FairRules:
 
 SERVICE_SCOPE = "~fair-service"
 """The scope of a tenant's recent-service row in the nodes' exchange (not a model name)."""
+FLEET_STALE_S = 5.0
+"""Other nodes' demands older than this are not used: an equal split instead."""
 DEMAND_KEY = UUID(int=1)
 """The key of a node's demand rows in the exchange (one per model; UUID(int=0) is the
 limiter's heartbeat)."""
@@ -310,8 +312,8 @@ class FairQueue:
         if None in caps:
             return math.inf  # a member of unknown capacity: nothing to divide
         room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
-        if self._fleet_at is None:
-            return room / max(self._nodes(), 1)
+        if self._fleet_at is None or self._clock() - self._fleet_at > FLEET_STALE_S:
+            return room / max(self._nodes(), 1)  # no exchange lately (the database is away)
         mine = self._published.get(model, 0.0)
         return _water_fill(room, mine, self._fleet_demand.get(model, []))
 

@@ -351,3 +351,18 @@ async def test_a_peer_never_seen_queueing_is_taken_for_as_large_as_the_others() 
     LoadView.record(backends[1], SLOTS, 0, 0.5)  # full at the estimate, no queue: a bigger one
     fq.learn()
     assert fq._cap(backends[1]) == SLOTS + 1
+
+
+async def test_without_a_recent_exchange_the_split_is_equal() -> None:
+    now = [0.0]
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in URLS], [ModelSpec(MODEL)])
+    fq = FairQueue(
+        pool, LoadView(pool), FairRules(reserve=0), clock=lambda: now[0], nodes=lambda: 2
+    )
+    backends = [b for u in URLS if (b := pool.get(u)) is not None]
+    _saturate(fq, backends)
+    fq.fleet_rows()
+    fq.fleet_update([(DEMAND_KEY, MODEL, "node-b", 50.0, 0.0)])
+    assert fq.quota(MODEL) == 1.0  # this node published no demand: one slot
+    now[0] += 6.0  # the database went away: the exchange stopped
+    assert fq.quota(MODEL) == 2.0, "half of the 4 slots"
