@@ -344,6 +344,7 @@ def _fair_queue(app: web.Application, backends: BackendPool, load: LoadView) -> 
         on_depth=metrics.queue_changed,
         on_wait=metrics.queue_waited,
         nodes=lambda: app[LIMITER].alive,
+        node_id=app[CONFIG].node_id,
     )
 
 

@@ -23,22 +23,27 @@ Reserve: `reserve` slots of each guarded model are kept for tenants at or under 
 share of recent service (the mean over the tenants served lately); a tenant above it (the one
 flooding) only takes room beyond the reserve. A small tenant's request then starts at once
 instead of waiting for the next completion, which is what keeps its time to first token at its
-solo value; the price is `reserve` idle slots while a flood waits. With one tenant, or tenants
-sharing equally, nobody is above the mean and the queue is work-conserving.
+solo value; the price is `reserve` idle slots while a flood waits. With tenants sharing equally
+nobody is above the mean and the queue is work-conserving. A lone tenant is above the share a
+newcomer would leave it (the mean counts at least two tenants), so it leaves the reserve too: a
+node that has not yet heard of the newcomer (the exchange is once a second) would otherwise
+take the lone tenant for light and fill every slot the newcomer's node frees.
 
 Releases happen at each of this node's completions on the model and after each load poll.
 Room a poll shows is seen by every node at once: filled by all of them, it went into the vLLM
 queues (a small tenant then waited behind the surplus). So a heavy tenant's request is admitted
-only while this node holds fewer than its quota of the model's slots: the capacity less the
-reserve, times this node's share of the fleet's demand (queued and in flight, exchanged about
-once a second; 1/nodes alive before the first exchange). The node counts its own requests
-exactly, the quotas add up to the capacity less the reserve, and no poll's staleness can
-over-commit the model. Recent service is exchanged the same way: a tenant's service is its
-service on every node, so a node that sees only the flood still knows it is the heavy one.
+only while this node holds fewer than its quota of the model's slots: a max-min fair split of
+the capacity less the reserve over the nodes' demands (queued and in flight, exchanged about
+once a second; 1/nodes alive before the first exchange), in whole slots. The node counts its
+own requests exactly, the quotas add up to the capacity less the reserve, and no poll's
+staleness can over-commit the model. Recent service is exchanged the same way: a tenant's
+service is its service on every node, so a node that sees only the flood still knows it is the
+heavy one.
 
 A request that waits longer than `max_wait_s`, or is pushed out of a full queue, gets 429 when
-its tenant holds more than its share of the queue (it is the one flooding), else 503: the
-fleet itself is out of room.
+its tenant holds more than its share of the queue or is heavy among other tenants served lately
+(it is the one flooding, though alone in the queue while the others pass at once), else 503:
+the fleet itself is out of room.
 """
 
 from __future__ import annotations
@@ -122,9 +127,12 @@ class FairQueue:
         on_wait: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         nodes: Callable[[], int] = lambda: 1,
+        node_id: str = "",
     ) -> None:
-        """`nodes`: how many nodes are alive (the limits exchange's heartbeats)."""
+        """`nodes`: how many nodes are alive (the limits exchange's heartbeats); `node_id`:
+        this node's name in the exchange (it breaks ties when slots are split)."""
         self._backends = backends
+        self._node_id = node_id
         self._view = view
         self.rules = rules
         self._on_depth = on_depth
@@ -135,7 +143,7 @@ class FairQueue:
         self._service: dict[UUID, tuple[float, float]] = {}
         self._fleet_service: dict[UUID, float] = {}
         """Other nodes' recent service per tenant, as of `_fleet_at`."""
-        self._fleet_demand: dict[str, list[float]] = {}
+        self._fleet_demand: dict[str, dict[str, float]] = {}
         """Other nodes' demands (queued + in flight) per guarded model."""
         self._fleet_at: float | None = None
         self._published: dict[str, float] = {}
@@ -151,6 +159,8 @@ class FairQueue:
         self._reserved: dict[str, int] = {}
         self._guarded: frozenset[str] = frozenset()
         self._share = math.inf
+        self._tenants = 0
+        """How many tenants the fair share was taken over."""
         """The fair share of recent service (the mean over tenants served lately), as of the
         last poll: a tenant above it is heavy and does not take the reserve."""
         self._seq = itertools.count()
@@ -265,7 +275,8 @@ class FairQueue:
                 del self._service[key]  # forgotten: nothing recent
         values = [self.service(k) for k in self._service.keys() | self._fleet_service.keys()]
         values = [v for v in values if v >= 1.0]
-        return sum(values) / len(values) if values else math.inf
+        self._tenants = len(values)
+        return sum(values) / max(len(values), 2) if values else math.inf
 
     # -- the fleet (about once a second, through the database) --------------------------------
 
@@ -287,10 +298,10 @@ class FairQueue:
     def fleet_update(self, rows: list[tuple[UUID, str, str, float, float]]) -> None:
         """The other nodes' rows (key, scope, node, requests, tokens), fresh ones only."""
         service: dict[UUID, float] = {}
-        demand: dict[str, list[float]] = {}
-        for key, scope, _node, requests, tokens in rows:
+        demand: dict[str, dict[str, float]] = {}
+        for key, scope, node, requests, tokens in rows:
             if key == DEMAND_KEY:
-                demand.setdefault(scope, []).append(requests)
+                demand.setdefault(scope, {})[node] = requests
             elif scope == SERVICE_SCOPE:
                 service[key] = service.get(key, 0.0) + tokens
         self._fleet_service, self._fleet_demand = service, demand
@@ -305,17 +316,18 @@ class FairQueue:
 
     def quota(self, model: str) -> float:
         """Slots of the model this node's heavy requests may hold: a max-min fair split of the
-        capacity less the reserve over the nodes' demands as published (every node computes
-        the same split from the same rows; under a flood every node's demand exceeds its
-        part and each gets an equal one)."""
+        capacity less the reserve over the nodes' demands as published, in whole slots (every
+        node computes the same split from the same rows; under a flood every node's demand
+        exceeds its part and each gets an equal one, the odd slots to the first node ids)."""
         caps = [self._cap(b) for b in self._members(model)]
         if None in caps:
             return math.inf  # a member of unknown capacity: nothing to divide
         room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
         if self._fleet_at is None or self._clock() - self._fleet_at > FLEET_STALE_S:
             return room / max(self._nodes(), 1)  # no exchange lately (the database is away)
-        mine = self._published.get(model, 0.0)
-        return _water_fill(room, mine, self._fleet_demand.get(model, []))
+        demands = dict(self._fleet_demand.get(model, {}))
+        demands[self._node_id] = self._published.get(model, 0.0)
+        return _split(math.floor(room), demands)[self._node_id]
 
     def heavy(self, key_id: UUID) -> bool:
         """Above its fair share of recent service: the reserve is not for this tenant."""
@@ -468,7 +480,9 @@ class FairQueue:
                 counts[key] = counts.get(key, 0) + 1
         mine = counts.get(entry.key_id, 0)
         depth = sum(counts.values())
-        heavy = len(counts) > 1 and mine > depth / len(counts)
+        heavy = (len(counts) > 1 and mine > depth / len(counts)) or (
+            self._tenants > 1 and self.heavy(entry.key_id)
+        )
         elapsed = max(self._clock() - self._round_at, 1e-3)
         rate = q.released / elapsed
         wait = depth / rate if rate > 0 else self.rules.max_wait_s
@@ -539,18 +553,22 @@ def _result(future: asyncio.Future[Backend]) -> Backend | None:
     return None
 
 
-def _water_fill(room: float, mine: float, others: list[float]) -> float:
-    """This node's part of `room` in a max-min fair split over the demands: a node asking
-    less than an equal part gets what it asks, the rest is split among the others. A node
-    with no demand yet keeps one slot, so its first requests need not wait a round."""
-    demands = sorted([*others, mine])
-    left, n = room, len(demands)
-    for d in demands:
-        part = left / n
-        if d >= part:
-            return part if mine >= part else max(mine, 1.0)
-        if d == mine:
-            return max(mine, 1.0)
-        left -= d
+def _split(room: int, demands: dict[str, float]) -> dict[str, float]:
+    """Each node's part of `room` slots in a max-min fair split over the demands, in whole
+    slots that add up to the room (fractional parts idled a slot: two nodes holding 1.5 each
+    hold 1). A node asking less than an equal part gets what it asks, the rest is split among
+    the others; one with no demand yet keeps one slot, so its first request need not wait a
+    round. The odd slots go to the largest remainders, ties to the first node ids."""
+    asks = {node: max(d, 1.0) for node, d in demands.items()}
+    parts: dict[str, float] = {}
+    left, n = float(room), len(asks)
+    for node, d in sorted(asks.items(), key=lambda a: a[1]):
+        parts[node] = min(d, left / n)
+        left -= parts[node]
         n -= 1
-    return max(mine, 1.0)
+    whole = {node: float(math.floor(p)) for node, p in parts.items()}
+    odd = round(min(float(room), sum(parts.values())) - sum(whole.values()))
+    by_remainder = sorted(parts, key=lambda node: (whole[node] - parts[node], node))
+    for node in by_remainder[: max(odd, 0)]:
+        whole[node] += 1.0
+    return whole

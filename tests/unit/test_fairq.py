@@ -225,14 +225,32 @@ async def test_with_no_reserve_the_heavy_tenant_takes_the_last_slot() -> None:
     assert await fq.wait(flood, MODEL, 0, 100) is backends[1]
 
 
-async def test_a_lone_tenant_is_never_heavy() -> None:
+async def test_a_lone_tenant_leaves_the_reserve_to_a_newcomer() -> None:
+    """A node that has not yet heard of a newcomer (the exchange is once a second) took a lone
+    flood for light and filled every slot the newcomer's node freed (a small request waited
+    1.35 s behind 0.2 s requests)."""
     fq, backends = _setup(reserve=1)
     _saturate(fq, backends)
-    only = uuid4()
+    only, newcomer = uuid4(), uuid4()
     fq.charge(only, 1000)
     _poll(fq, backends, [2, 1])
-    assert not fq.heavy(only)
-    assert await fq.wait(only, MODEL, 0, 100) is backends[1], "work-conserving for one tenant"
+    assert fq.heavy(only)
+    lone = (await _queued(fq, only))[0]
+    assert not lone.done(), "the last slot is the reserve"
+    assert not fq.heavy(newcomer)
+    assert await fq.wait(newcomer, MODEL, 0, 100) is backends[1], "it starts at once"
+    lone.cancel()
+
+
+async def test_tenants_sharing_equally_are_served_work_conserving() -> None:
+    fq, backends = _setup(reserve=1)
+    _saturate(fq, backends)
+    a, b = uuid4(), uuid4()
+    fq.charge(a, 1000)
+    fq.charge(b, 1000)
+    _poll(fq, backends, [2, 1])
+    assert not fq.heavy(a) and not fq.heavy(b)
+    assert await fq.wait(a, MODEL, 0, 100) is backends[1], "nobody above the mean"
 
 
 async def test_a_guarded_model_admits_between_polls_only_the_room_it_has() -> None:
@@ -263,24 +281,32 @@ async def test_the_guard_lifts_when_a_poll_finds_the_model_half_empty() -> None:
     assert await fq.wait(uuid4(), MODEL, 0, 100) is None
 
 
-def test_quota_is_a_max_min_fair_split_of_the_nodes_demands() -> None:
-    from affinity_node.routing.fairq import _water_fill
+def test_quota_is_a_max_min_fair_split_of_the_nodes_demands_in_whole_slots() -> None:
+    from affinity_node.routing.fairq import _split
 
-    assert _water_fill(31, 100, [100]) == 15.5  # both flooded: equal parts
-    assert _water_fill(31, 100, [5]) == 26  # the other asks little: the rest is ours
-    assert _water_fill(31, 5, [100]) == 5
-    assert _water_fill(31, 0, [100]) == 1  # no demand yet: one slot, not none
+    # Both flooded: equal parts, the odd slot to the first node id (1.5 each held only 1).
+    assert _split(31, {"a": 100, "b": 100}) == {"a": 16, "b": 15}
+    assert _split(3, {"b": 20, "a": 20}) == {"a": 2, "b": 1}
+    assert _split(31, {"a": 100, "b": 5}) == {"a": 26, "b": 5}  # the other asks little
+    assert _split(31, {"a": 0, "b": 100}) == {"a": 1, "b": 30}  # no demand yet: one slot
+    assert _split(30, {"a": 100, "b": 100, "c": 2.5}) == {"a": 14, "b": 14, "c": 2}
+    for room in range(0, 12):
+        for demands in ({"a": 9, "b": 9, "c": 9}, {"a": 1, "b": 7, "c": 30}):
+            parts = _split(room, demands)
+            assert all(p == int(p) for p in parts.values())
+            assert sum(parts.values()) == min(room, sum(max(d, 1) for d in demands.values()))
 
 
 async def test_a_tenant_heavy_on_other_nodes_is_heavy_here() -> None:
-    """A node that sees only the flood would take it for a lone tenant: the others' rows say
-    the small tenants exist."""
+    """A node that sees the flood sharing equally with another tenant would take it for
+    light: the others' rows say where else it floods."""
     fq, backends = _setup(reserve=1)
     _saturate(fq, backends)
-    flood, small = uuid4(), uuid4()
+    flood, small, other = uuid4(), uuid4(), uuid4()
     fq.charge(flood, 1000)
+    fq.charge(other, 1000)
     _poll(fq, backends, [2, 1])
-    assert not fq.heavy(flood), "alone on this node"
+    assert not fq.heavy(flood), "an equal share on this node"
     fq.fleet_update(
         [(small, SERVICE_SCOPE, "node-b", 0.0, 50.0), (flood, SERVICE_SCOPE, "node-b", 0.0, 900.0)]
     )
@@ -366,3 +392,17 @@ async def test_without_a_recent_exchange_the_split_is_equal() -> None:
     assert fq.quota(MODEL) == 1.0  # this node published no demand: one slot
     now[0] += 6.0  # the database went away: the exchange stopped
     assert fq.quota(MODEL) == 2.0, "half of the 4 slots"
+
+
+async def test_a_flood_alone_in_the_queue_is_refused_429_when_others_are_served() -> None:
+    """Small tenants pass at once through the reserve, so the flood is alone in the queue: it
+    is still the one over its share (a 503 would blame the fleet)."""
+    fq, backends = _setup(max_wait_s=0.05, reserve=1)
+    _saturate(fq, backends)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    _poll(fq, backends, [2, 2])
+    with pytest.raises(QueueRefused) as refused:
+        await fq.wait(flood, MODEL, 0, 100)
+    assert refused.value.status == 429
