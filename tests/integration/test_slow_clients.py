@@ -97,10 +97,9 @@ BIG = 16 * 1024 * 1024
 buffer grows to 4 MB here; the client's receive buffer is made small)."""
 
 
-@pytest.fixture
-async def big_answers() -> AsyncIterator[str]:
-    """A real HTTP backend whose non-streamed answers are 16 MB."""
-    answer = json.dumps({"object": "chat.completion", "pad": "x" * BIG}).encode()
+async def _answering(size: int) -> AsyncIterator[str]:
+    """A real HTTP backend whose non-streamed answers are `size` bytes of padding."""
+    answer = json.dumps({"object": "chat.completion", "pad": "x" * size}).encode()
 
     async def complete(request: web.Request) -> web.Response:
         await request.read()
@@ -119,6 +118,20 @@ async def big_answers() -> AsyncIterator[str]:
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
+
+
+@pytest.fixture
+async def big_answers() -> AsyncIterator[str]:
+    """16 MB answers."""
+    async for url in _answering(BIG):
+        yield url
+
+
+@pytest.fixture
+async def small_answers() -> AsyncIterator[str]:
+    """40 KB answers: each fits the node's write buffer, which skips their write timer."""
+    async for url in _answering(40 * 1024):
+        yield url
 
 
 async def test_a_client_that_does_not_read_a_large_answer_is_dropped(dsn, big_answers):
@@ -147,3 +160,38 @@ async def test_a_client_that_does_not_read_a_large_answer_is_dropped(dsn, big_an
         finally:
             writer.close()
         assert served(c, "200") == 0
+
+
+async def test_a_client_that_pipelines_small_answers_and_reads_none_is_dropped(
+    dsn, small_answers
+):
+    """Answers that fit the write buffer are written without a timer; a client that sends
+    request after request on one connection and reads nothing fills it, and from then on its
+    answers are timed again: it is dropped, not held forever."""
+
+    def configure(cfg: NodeConfig) -> None:
+        cfg.limits.client_write_timeout_seconds = 0.5
+        cfg.backends = [BackendConfig(url=small_answers, models=[MODEL])]
+
+    async with cluster(dsn, nodes=1, backends=1, configure=configure) as c:
+        secret = await c.new_key("alice")
+        node = c.nodes[0]
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        one = head(secret, len(body)).replace(b"Connection: close\r\n", b"") + body.encode()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(one * 400)  # 16 MB of answers: past every buffer on the way
+            await writer.drain()
+            await wait_for(lambda: served(c, "499") == 1, timeout=10, what="the reader dropped")
+            server = node.runner.server
+            assert server is not None
+            await wait_for(
+                lambda: not server.connections, timeout=5, what="the connection to close"
+            )
+        finally:
+            writer.close()
+        assert 0 < served(c, "200") < 400, "the first answers went out before the buffers filled"
