@@ -120,6 +120,16 @@ async def _answering(size: int) -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+async def _non_reading_client(port: int) -> asyncio.StreamWriter:
+    """A connection whose receive buffer is small, from a client that will read nothing."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    return writer
+
+
 @pytest.fixture
 async def big_answers() -> AsyncIterator[str]:
     """16 MB answers."""
@@ -143,11 +153,7 @@ async def test_a_client_that_does_not_read_a_large_answer_is_dropped(dsn, big_an
         secret = await c.new_key("alice")
         node = c.nodes[0]
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
-        _, writer = await asyncio.open_connection(sock=sock)
+        writer = await _non_reading_client(node.port)
         try:
             writer.write(head(secret, len(body)) + body.encode())
             await writer.drain()
@@ -162,9 +168,7 @@ async def test_a_client_that_does_not_read_a_large_answer_is_dropped(dsn, big_an
         assert served(c, "200") == 0
 
 
-async def test_a_client_that_pipelines_small_answers_and_reads_none_is_dropped(
-    dsn, small_answers
-):
+async def test_a_client_that_pipelines_small_answers_and_reads_none_is_dropped(dsn, small_answers):
     """Answers that fit the write buffer are written without a timer; a client that sends
     request after request on one connection and reads nothing fills it, and from then on its
     answers are timed again: it is dropped, not held forever."""
@@ -178,11 +182,7 @@ async def test_a_client_that_pipelines_small_answers_and_reads_none_is_dropped(
         node = c.nodes[0]
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         one = head(secret, len(body)).replace(b"Connection: close\r\n", b"") + body.encode()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
-        _, writer = await asyncio.open_connection(sock=sock)
+        writer = await _non_reading_client(node.port)
         try:
             writer.write(one * 400)  # 16 MB of answers: past every buffer on the way
             await writer.drain()
