@@ -110,7 +110,12 @@ class PgPair:
         run_as([str(self._bin / "pg_ctl"), "-D", str(server.data), *args])
 
     def _start(self, server: Server) -> None:
-        options = f"-p {server.port} -c listen_addresses=127.0.0.1 -k {server.sockets}"
+        # Throwaway servers: no fsync (a crash here is a process's, not the machine's, and the
+        # page cache keeps what was written), so a busy disk cannot slow a checkpoint.
+        options = (
+            f"-p {server.port} -c listen_addresses=127.0.0.1 -k {server.sockets}"
+            " -c fsync=off -c full_page_writes=off"
+        )
         log = server.data.parent / f"{server.name}.log"
         self._ctl(server, "-w", "-t", "30", "-o", options, "-l", str(log), "start")
         self.started.append(server)
