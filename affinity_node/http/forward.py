@@ -281,13 +281,15 @@ class Forwarder:
             if span is not None:
                 span.end()
         response = web.Response(status=upstream.status, body=data, headers=headers)
-        return await self._send(response, len(data)), upstream.status < 400
+        size = len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        return await self._send(response, size), upstream.status < 400
 
     async def _send(self, response: web.Response, size: int) -> web.StreamResponse:
-        """Writes a whole answer here rather than after the handler returns, so a client that
-        does not read it is dropped after the write timeout, as a stream's is (aiohttp would
-        wait for it forever, holding the answer). One timer, unless the answer cannot wait on
-        the client at all; the backend is already free."""
+        """Writes a whole answer (`size`: its body and header lines, in bytes) here rather than
+        after the handler returns, so a client that does not read it is dropped after the write
+        timeout, as a stream's is (aiohttp would wait for it forever, holding the answer). One
+        timer, unless the answer cannot wait on the client at all; the backend is already
+        free."""
         deadline = None
         if not _fits(self.request, size):
             deadline = _WriteDeadline(self.limits.client_write_timeout_seconds)
@@ -401,8 +403,9 @@ class Forwarder:
         return response, ok
 
 
-HEAD_ROOM = 8192
-"""Bytes allowed for an answer's status line and headers."""
+HEAD_ROOM = 512
+"""Bytes allowed for what aiohttp adds to an answer's header lines (status, Date, Server,
+Content-Length); the lines passed from the backend are counted (they can be any size)."""
 
 
 def _fits(request: web.Request, size: int) -> bool:

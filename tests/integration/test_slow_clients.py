@@ -97,13 +97,15 @@ BIG = 16 * 1024 * 1024
 buffer grows to 4 MB here; the client's receive buffer is made small)."""
 
 
-async def _answering(size: int) -> AsyncIterator[str]:
-    """A real HTTP backend whose non-streamed answers are `size` bytes of padding."""
+async def _answering(size: int, header: int = 0) -> AsyncIterator[str]:
+    """A real HTTP backend whose non-streamed answers are `size` bytes of padding, with a
+    header of `header` bytes (the node passes it on)."""
     answer = json.dumps({"object": "chat.completion", "pad": "x" * size}).encode()
+    extra = {"x-padding": "y" * header} if header else {}
 
     async def complete(request: web.Request) -> web.Response:
         await request.read()
-        return web.Response(body=answer, content_type="application/json")
+        return web.Response(body=answer, content_type="application/json", headers=extra)
 
     async def health(_request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -137,10 +139,13 @@ async def big_answers() -> AsyncIterator[str]:
         yield url
 
 
-@pytest.fixture
-async def small_answers() -> AsyncIterator[str]:
-    """40 KB answers: each fits the node's write buffer, which skips their write timer."""
-    async for url in _answering(40 * 1024):
+@pytest.fixture(params=["body", "headers"])
+async def small_answers(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """Answers that fit the node's write buffer, which skips their write timer: 40 KB bodies,
+    or small bodies with 60 KB of header lines (counted too, or one answer overflows the
+    buffer with no timer armed)."""
+    body, header = (40 * 1024, 0) if request.param == "body" else (64, 60 * 1024)
+    async for url in _answering(body, header):
         yield url
 
 
