@@ -314,12 +314,12 @@ async def _queued(
 
 def _elsewhere(fairq: FairQueue, route: Route, released: Backend, key_id: Any) -> bool:
     """Whether a released request goes to the backend whose room released it: its own target
-    is another one, with no room for this tenant (never a request pinned to a stored
-    response)."""
+    is another one that does not keep it (FairQueue.keeps_target; never a request pinned to a
+    stored response)."""
     return (
         route.backend is not released
         and not route.pinned
-        and not fairq.has_room(route.backend, route.model, key_id)
+        and not fairq.keeps_target(route.backend, released, route.model, key_id)
         and route.model in released.models
     )
 

@@ -35,7 +35,7 @@ from typing import IO
 import aiohttp
 import asyncpg
 
-from affinity_node.app import RunningNode, run_node
+from affinity_node.app import RunningNode, run_node, settle_collector
 from affinity_node.auth.keycache import InvalidKey, KeysUnavailable
 from affinity_node.config import (
     BackendConfig,
@@ -71,7 +71,9 @@ SMALL_RATE = 0.4
 RESERVE = 3
 """fairness.reserve_slots: 3 of the 32 slots kept for the tenants under their fair share. The
 small tenants' arrivals within one load poll must fit in it, or the last one waits for a
-completion (with 2: requests of 300-450 ms against 35 ms solo, a few a run)."""
+completion. With 2 the flood gets 95-98% of what the others leave, but two nodes that each see
+one free slot on each backend may both send a small request to the same one (a 2.9x p99 in one
+of two runs)."""
 FLOOD_FACTOR = 3.0
 FLOOD_MAX_OPEN = 200
 SOLO_S = 10.0
@@ -251,6 +253,10 @@ async def _column(
         secrets = [s for _, s in made]
         for secret in secrets:
             await _until(lambda s=secret: _known(nodes, s), 10.0)  # type: ignore[misc]
+        # As every node does once it serves. Here the fleet and the load generator share one
+        # event loop, and each full collection at the defaults stalled all of them for 50-57 ms
+        # every 30-40 s: a small tenant's request caught in one read 1.6-2.3x its solo TTFT.
+        settle_collector()
         session = await stack.enter_async_context(
             aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=60),
