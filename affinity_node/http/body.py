@@ -27,6 +27,8 @@ async def read_body(request: web.Request) -> bytes:
     if (request.content_length or 0) > limit:
         raise _too_large()
     content = request.content
+    if content.is_eof() and content.total_bytes <= limit:
+        return content.read_nowait()  # all of it arrived with the head: no await, one join
     chunks: list[bytes] = []
     size = 0
     while True:
