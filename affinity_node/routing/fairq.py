@@ -397,15 +397,18 @@ class FairQueue:
 
     def keeps_target(self, target: Backend, released: Backend, model: str, key_id: UUID) -> bool:
         """Whether a request released on `released` goes to its own `target` (its cache)
-        instead. The target needs room with a slot to spare for each other node, unless it has
-        as much room as `released`: the other nodes' requests since the last poll are not in
-        this view, and a request sent to the last slot of a backend another node had just
-        filled waited a whole completion in the vLLM queue (0.7 s in the noisy demo, 20x its
-        solo time to first token) while `released` had room."""
-        heavy = self.heavy(key_id)
-        room = self._room(target, heavy)
+        instead. A light tenant's target needs room with a slot to spare for each other node,
+        unless it has as much room as `released`: the other nodes' requests since the last
+        poll are not in this view, and a light request sent to the last slot of a backend
+        another node had just filled waited a whole completion in the vLLM queue (0.7 s in the
+        noisy demo, 20x its solo time to first token) while `released` had room. A heavy
+        tenant's requests are placed by this node's exact count against its quota on each
+        backend; sending them elsewhere too cost the flood a third of its cache hits."""
+        if self.heavy(key_id):
+            return self.has_room(target, model, key_id)
+        room = self._room(target, False)
         spare = float(max(self._nodes() - 1, 0))
-        if room < 1.0 + spare and room < self._room(released, heavy):
+        if room < 1.0 + spare and room < self._room(released, False):
             return False
         return self.has_room(target, model, key_id)
 

@@ -454,3 +454,21 @@ def test_the_probe_slot_of_an_estimated_backend_is_for_heavy_requests_only() -> 
     assert fq._cap(backends[1]) == SLOTS + 1
     assert fq.has_room(backends[1], MODEL, flood), "the probe: a heavy request finds the size"
     assert not fq.has_room(backends[1], MODEL, small), "not a light one"
+
+
+def test_a_heavy_request_keeps_its_target_while_this_node_has_room_there() -> None:
+    """The spare slot is for light requests: a heavy tenant's are counted against this node's
+    quota on each backend, and sending them elsewhere only lost their cache."""
+    fq, backends = _setup(reserve=0)
+    fq._nodes = lambda: 2
+    target, released = backends
+    for b in backends:
+        LoadView.record(b, 4, 1, 0.5)  # 4 slots each, confirmed
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    fq.learn()
+    LoadView.record(target, 3, 0, 0.5)
+    LoadView.record(released, 2, 0, 0.5)
+    assert fq.keeps_target(target, released, MODEL, flood)
+    assert not fq.keeps_target(target, released, MODEL, small)
