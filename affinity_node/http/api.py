@@ -131,12 +131,13 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     try:
         if endpoint.stored == "names":
             route = _to_owner(request, router, key_id, out)
-        elif endpoint.body == "multipart":
-            route = await _multipart(request, key_id, out)
         else:
             try:
-                route = await _json(request, endpoint, key_id, out)
-            except NoBackend:
+                if endpoint.body == "multipart":
+                    route = await _multipart(request, key_id, out)
+                else:
+                    route = await _json(request, endpoint, key_id, out)
+            except NoBackend:  # request[MODEL] is set before any routing
                 raise _no_backend(request[MODEL]) from None
     except BaseException:
         if out.ticket is not None:  # admitted, then not routable: the slot and tokens back
@@ -232,8 +233,8 @@ def _json(
     request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing
 ) -> Coroutine[Any, Any, Route]:
     """Reads what routing needs from the body; returns the routing to await (NoBackend
-    escapes it). Not a coroutine itself: the request's hot path resumes one frame fewer at
-    every await."""
+    escapes it, as from `_multipart`). Not a coroutine itself: the request's hot path resumes
+    one frame fewer at every await."""
     app = request.app
     payload = Payload(out.body)
     model = app[BACKENDS].canonical(payload.model)
@@ -312,8 +313,6 @@ async def _queued(
             conversation=conversation,
             opens=partial(first_turn, payload),
         )
-    except NoBackend:
-        raise _no_backend(model) from None
     finally:
         if released is not None:
             fairq.sent(released)
@@ -382,10 +381,7 @@ async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:
         out.body = out.body[:start] + model.encode() + out.body[end:]
     out.content_type = content_type
     _admit(request, key_id, model, out, 0)
-    try:
-        return await app[ROUTER].route(key_id, model, affinity_path=False)
-    except NoBackend:
-        raise _no_backend(model) from None
+    return await app[ROUTER].route(key_id, model, affinity_path=False)
 
 
 def _to_owner(request: web.Request, router: Any, key_id: Any, out: Outgoing) -> Route:

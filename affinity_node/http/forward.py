@@ -281,8 +281,8 @@ class Forwarder:
             if span is not None:
                 span.end()
         response = web.Response(status=upstream.status, body=data, headers=headers)
-        size = len(data) + sum(map(len, headers)) + sum(map(len, headers.values()))
-        if _fits(self.request, size + 4 * len(headers)):
+        lines = sum(map(len, headers)) + sum(map(len, headers.values())) + 4 * len(headers)
+        if _fits(self.request, len(data) + lines):
             # aiohttp writes it as soon as the handler returns, without waiting on the client.
             return response, upstream.status < 400
         return await self._send(response), upstream.status < 400

@@ -366,8 +366,9 @@ class FairQueue:
         best_room = total = 0.0
         quota = self.quota(model) if heavy else math.inf
         for backend in self._members(model):
-            room = self._room(backend, heavy)
-            total += max(room if not heavy else self._room(backend, False), 0.0)  # the reserve
+            sure = self._room(backend, False)  # the reserve is kept out of the probe slot
+            room = self._room(backend) if heavy else sure
+            total += max(sure, 0.0)
             if room < 1.0 or (best is not None and room <= best_room):
                 continue
             if heavy and not self._under_quota(backend, model, quota):
@@ -408,9 +409,7 @@ class FairQueue:
             return self.has_room(target, model, key_id)
         room = self._room(target, False)
         spare = float(max(self._nodes() - 1, 0))
-        if room < 1.0 + spare and room < self._room(released, False):
-            return False
-        return self.has_room(target, model, key_id)
+        return room >= 1.0 and (room >= 1.0 + spare or room >= self._room(released, False))
 
     def _update_busy(self) -> None:
         self.busy = set(self._guarded) | {m for m, q in self._queues.items() if q.entries}
