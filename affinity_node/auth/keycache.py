@@ -225,12 +225,14 @@ class KeyCache:
         self._pending[key_id] = self._seq
         self._to_read[key_id] = self._seq
         self._unknown.clear()
-        if self._checker is None:
+        # A checker that has returned but whose done callback has not run yet reads no more.
+        if self._checker is None or self._checker.done():
             self._checker = asyncio.get_running_loop().create_task(self._check_loop())
             self._checker.add_done_callback(self._checker_ended)
 
     def _checker_ended(self, task: asyncio.Task[None]) -> None:
-        self._checker = None
+        if self._checker is task:
+            self._checker = None
         if not task.cancelled() and task.exception() is not None:
             log.error("API key checks failed", exc_info=task.exception())
 

@@ -170,7 +170,9 @@ class Coherence:
         self._bell_from = start if pending is None else min(pending, start)
         if len(self._bell_lags) < 10_000:
             self._bell_lags.append((event.pair, event.version, event.sent_at))
-        if self._bell_task is None:
+        # A reader that has returned but whose done callback has not run yet reads no more:
+        # waiting on it would leave this doorbell pending for good (and the watermark with it).
+        if self._bell_task is None or self._bell_task.done():
             self._bell_task = asyncio.create_task(
                 self._answer_doorbells(), name="affinity-doorbell"
             )

@@ -207,3 +207,24 @@ async def test_a_periodic_resync_finds_a_key_whose_notification_was_lost() -> No
         await cache.authenticate(secret)
     await wait_for(cache.maintain, timeout=5, what="a periodic resync")
     assert await cache.authenticate(secret) == new_id
+
+
+async def test_a_create_notified_as_the_checker_ends_is_read() -> None:
+    """The checker's last read returns and its task ends; its done callback runs a moment
+    later. A notification in between must start a checker of its own."""
+    cache, store, _, _ = setup()
+    await synced(cache)
+    late_id, secret = uuid.uuid4(), "sk-created-as-checker-ends-00000000"
+    store.rows[late_id] = (hash_secret(secret), False)
+    real = store.load_many
+
+    async def read_then_notify(key_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[bytes, bool]]:
+        # Queued now: it runs after the checker's task completes, before its done callback.
+        asyncio.get_running_loop().call_soon(cache.on_event, "create", late_id)
+        store.load_many = real  # type: ignore[method-assign]
+        return await real(key_ids)
+
+    store.load_many = read_then_notify  # type: ignore[method-assign]
+    cache.on_event("create", uuid.uuid4())  # a key nobody holds: one read
+    await wait_for(lambda: not getattr(cache, "_pending", None), timeout=5, what="the checks")
+    assert await cache.authenticate(secret) == late_id

@@ -3,6 +3,7 @@ payload at all: a notification is a doorbell, and only the rows read after it ch
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -150,6 +151,28 @@ async def test_a_doorbell_whose_read_fails_is_read_again() -> None:
     await answered(engine)
     assert engine.cache.get(PAIR).backend == B2
     assert sample(reg, "affinity_db_errors_total", operation="catchup") == 1
+
+
+async def test_a_doorbell_rung_as_the_reader_ends_starts_a_read() -> None:
+    """The reader's last read returns and the task ends; its done callback runs a moment later.
+    A doorbell rung in between must start a read of its own, not wait for a reader that is
+    gone (it then stayed pending for good, and held the watermark back with it)."""
+    engine, store, _, _ = await bound_to_b1()
+    moved = await store.rebind(PAIR, B1, B2, 60.0)
+    assert moved is not None
+    real = store.changes_since
+
+    async def read_then_ring(version: int, limit: int) -> Changes | None:
+        # Queued now: it runs after the reader's task completes, before its done callback.
+        asyncio.get_running_loop().call_soon(engine.doorbell, event(version=moved.version))
+        store.changes_since = real  # type: ignore[method-assign]
+        return await real(version, limit)
+
+    store.changes_since = read_then_ring  # type: ignore[method-assign]
+    engine.doorbell(event(version=moved.version - 1))
+    await answered(engine)
+    assert store.catchups == 2  # the late doorbell was read, too
+    assert engine.cache.get(PAIR).backend == B2
 
 
 async def test_a_malformed_payload_is_counted_and_reads_nothing() -> None:
