@@ -36,9 +36,13 @@ only while this node holds fewer than its quota of the model's slots: a max-min 
 the capacity less the reserve over the nodes' demands (queued and in flight, exchanged about
 once a second; 1/nodes alive before the first exchange), in whole slots. The node counts its
 own requests exactly, the quotas add up to the capacity less the reserve, and no poll's
-staleness can over-commit the model. Recent service is exchanged the same way: a tenant's
-service is its service on every node, so a node that sees only the flood still knows it is the
-heavy one.
+staleness can over-commit the model. The room a poll shows above the reserve is split the same
+way: between polls a node's heavy requests take only its part of it, so the nodes together
+never take the reserve's slots that the small tenants' requests are then sent to. Light
+requests, which may take any room, go to the backends in a different order on each node
+(by node id), so two nodes that each see one free slot on each backend use different ones.
+Recent service is exchanged as the demands are: a tenant's service is its service on every
+node, so a node that sees only the flood still knows it is the heavy one.
 
 A request that waits longer than `max_wait_s`, or is pushed out of a full queue, gets 429 when
 its tenant holds more than its share of the queue or is heavy among other tenants served lately
@@ -334,6 +338,10 @@ class FairQueue:
         if None in caps:
             return math.inf  # a member of unknown capacity: nothing to divide
         room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
+        return self._part(model, room)
+
+    def _part(self, model: str, room: float) -> float:
+        """This node's part of `room` slots of the model, split as `quota` says."""
         if self._fleet_at is None or self._clock() - self._fleet_at > FLEET_STALE_S:
             return room / max(self._nodes(), 1)  # no exchange lately (the database is away)
         demands = dict(self._fleet_demand.get(model, {}))
@@ -358,14 +366,29 @@ class FairQueue:
             cap -= 1.0
         return cap - self._view.load(backend) - self._reserved.get(backend.id, 0)
 
+    def _turn(self, model: str, members: list[Backend]) -> list[Backend]:
+        """The members in this node's order: the nodes (by id, among those that published a
+        demand for the model) start at different members. Two nodes that each see one free
+        slot on each backend then send their light requests to different ones; in the same
+        order they both took the first, and one of them waited a whole completion in its vLLM
+        queue (a 2.9x p99 in the noisy demo with two reserve slots)."""
+        if len(members) < 2:
+            return members
+        nodes = sorted(self._fleet_demand.get(model, {}).keys() | {self._node_id})
+        ordered = sorted(members, key=lambda b: b.id)
+        start = nodes.index(self._node_id) % len(ordered)
+        return ordered[start:] + ordered[:start]
+
     def _free(self, model: str, heavy: bool = False) -> Backend | None:
-        """The candidate with the most room, or None when none has room for this request (a
-        heavy tenant's request needs this node under its quota, on the model and on the
-        backend, and the model's reserve left over after it)."""
+        """The candidate with the most room (ties to the first in this node's order), or
+        None when none has room for this request (a heavy tenant's request needs this node
+        under its quota, on the model and on the backend, and the model's reserve left over
+        after it)."""
         best: Backend | None = None
         best_room = total = 0.0
         quota = self.quota(model) if heavy else math.inf
-        for backend in self._members(model):
+        members = self._members(model)
+        for backend in members if heavy else self._turn(model, members):
             sure = self._room(backend, False)  # the reserve is kept out of the probe slot
             room = self._room(backend) if heavy else sure
             total += max(sure, 0.0)
@@ -374,8 +397,29 @@ class FairQueue:
             if heavy and not self._under_quota(backend, model, quota):
                 continue
             best, best_room = backend, room
-        over = heavy and (total - 1.0 < self.rules.reserve or self._held(model) + 1 > quota)
-        return None if over else best
+        if not heavy:
+            return best
+        kept = self.rules.reserve + self._others_part(model, members)
+        return None if total - 1.0 < kept or self._held(model) + 1 > quota else best
+
+    def _others_part(self, model: str, members: list[Backend]) -> float:
+        """The other nodes' part of the room above the reserve that the last poll showed:
+        their heavy requests since then are not in this view. Each node takes only its own
+        part (split as the quotas are, in whole slots), so together they never eat into the
+        reserve between polls. With the whole room open to every node, two nodes that each
+        saw one slot above the reserve both took it, and a small tenant's request sent to
+        what this view still showed as free waited a completion in the vLLM queue (0.2 s
+        in the noisy demo with two reserve slots, 6x its solo time to first token)."""
+        polled = 0.0
+        for backend in members:
+            cap = self._cap(backend)
+            if cap is None or backend.running is None:
+                return 0.0  # room unknown: the quota alone bounds this node
+            if backend.id in self._probing:
+                cap -= 1.0  # counted as `_free` counts the room: without the probe slot
+            polled += max(cap - backend.running - (backend.waiting or 0.0), 0.0)
+        above = max(polled - self.rules.reserve, 0.0)
+        return above - self._part(model, above)
 
     def _under_quota(self, backend: Backend, model: str, quota: float) -> bool:
         """This node's heavy requests fit on `backend`: its part of the node's quota, in
@@ -399,17 +443,19 @@ class FairQueue:
     def keeps_target(self, target: Backend, released: Backend, model: str, key_id: UUID) -> bool:
         """Whether a request released on `released` goes to its own `target` (its cache)
         instead. A light tenant's target needs room with a slot to spare for each other node,
-        unless it has as much room as `released`: the other nodes' requests since the last
+        unless it has more room than `released`: the other nodes' requests since the last
         poll are not in this view, and a light request sent to the last slot of a backend
         another node had just filled waited a whole completion in the vLLM queue (0.7 s in the
-        noisy demo, 20x its solo time to first token) while `released` had room. A heavy
+        noisy demo, 20x its solo time to first token) while `released` had room. On a tie
+        `released` wins: it is this node's turn among the backends with the most room
+        (`_turn`), where another node's light request is least likely to go. A heavy
         tenant's requests are placed by this node's exact count against its quota on each
         backend; sending them elsewhere too cost the flood a third of its cache hits."""
         if self.heavy(key_id):
             return self.has_room(target, model, key_id)
         room = self._room(target, False)
         spare = float(max(self._nodes() - 1, 0))
-        return room >= 1.0 and (room >= 1.0 + spare or room >= self._room(released, False))
+        return room >= 1.0 and (room >= 1.0 + spare or room > self._room(released, False))
 
     def _update_busy(self) -> None:
         self.busy = set(self._guarded) | {m for m, q in self._queues.items() if q.entries}

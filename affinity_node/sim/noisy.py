@@ -11,9 +11,9 @@ rate, and the nodes' fair-queue depth.
 The fleet: 2 backends of 16 slots; a request holds a slot 3.2 s on average (16 to 112 tokens,
 64 on average, at 20 tokens/s, no batch slowdown) after a 30 ms first step: about 10 requests a
 second, small enough that the load generator, the nodes and the backends share one event loop
-on a 2-core machine without it becoming the bottleneck. The fair queue's reserve (three slots)
-is 9% of this fleet, and what the flood gives up of the capacity the small tenants leave (it
-got 87-95% over six runs); on vLLM's batches of hundreds the same reserve costs a few percent.
+on a 2-core machine without it becoming the bottleneck. The fair queue's reserve (two slots)
+is 9% of what the small tenants leave, and what the flood gives up of it (it got 87-92% over
+four runs); on vLLM's batches of hundreds the same reserve costs about a percent.
 Small tenants send 0.4 a second each (about 28% of it together); the flood offers 3x the
 capacity, open loop, at most FLOOD_MAX_OPEN outstanding (a client pool).
 """
@@ -69,12 +69,13 @@ FIRST_STEP_S = 0.03
 SMALL_TENANTS = 7
 SMALL_RATE = 0.4
 """Requests a second of each small tenant."""
-RESERVE = 3
-"""fairness.reserve_slots: 3 of the 32 slots kept for the tenants under their fair share. The
-small tenants' arrivals within one load poll must fit in it, or the last one waits for a
-completion. With 2 the flood gets 95-98% of what the others leave, but two nodes that each see
-one free slot on each backend may both send a small request to the same one (a 2.9x p99 in one
-of two runs)."""
+RESERVE = 2
+"""fairness.reserve_slots: 2 of the 32 slots kept for the tenants under their fair share. The
+small tenants' arrivals before the next completion must fit in it, or the last one waits for
+that completion. It holds between polls now that each node takes only its part of the room
+above it (routing/fairq.py); before that, two nodes that each saw one slot above it both took
+it, and with 2 slots a small tenant's p99 reached 2.9-14x its solo value. What the reserve
+costs the flood is the cap on its share: 2 of the about 23 slots the small tenants leave."""
 FLOOD_FACTOR = 3.0
 FLOOD_MAX_OPEN = 200
 SOLO_S = 10.0
@@ -367,7 +368,7 @@ def render(results: list[ColumnResult], out: IO[str]) -> None:
     cells = []
     for r in results:
         flood, left = flood_throughput(r)
-        cells.append(f"{flood:.1f}/s of {left:.1f} ({100 * flood / max(left, 1e-9):.0f}%)")
+        cells.append(f"{flood:.1f}/s of {left:.1f} ({100 * flood / max(left, 1e-9):.1f}%)")
     out.write(f"{'flood throughput':<24}" + "".join(f"{c:>{w}}" for c in cells) + "\n")
     for who in ("flood", "small"):
         cells = []

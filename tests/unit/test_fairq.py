@@ -186,6 +186,13 @@ async def test_work_conserving_every_free_slot_takes_a_waiter() -> None:
     assert fq.busy == set(), "nothing saturated, nothing queued: the hot path is free again"
 
 
+def _poll_queued(fq: FairQueue, backends: list[Backend], slots: int = 4) -> None:
+    """A poll round reading every backend full at `slots` with a queue of its own."""
+    for b in backends:
+        LoadView.record(b, slots, 1, 0.5)
+    fq.learn()
+
+
 def _poll(fq: FairQueue, backends: list[Backend], running: list[int]) -> None:
     """A poll round reading `running` on each backend and no queue."""
     for b, r in zip(backends, running, strict=True):
@@ -332,6 +339,50 @@ async def test_a_node_holding_its_quota_admits_no_heavy_request() -> None:
     flood_task.cancel()
 
 
+async def test_a_node_takes_only_its_part_of_the_room_a_poll_shows_above_the_reserve() -> None:
+    """The other node's heavy requests since the poll are not in this view: each node takes
+    its part of the room above the reserve (split as the quotas are), so the two together
+    leave the reserve to the small tenants. With the whole room open to each, both took it."""
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in URLS], [ModelSpec(MODEL)])
+    backends = [b for u in URLS if (b := pool.get(u)) is not None]
+    fq = FairQueue(pool, LoadView(pool), FairRules(reserve=2), nodes=lambda: 2, node_id="node-a")
+    _poll_queued(fq, backends)  # 4 slots each, confirmed by a queue: 8, guarded
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    waiting = await _queued(fq, flood, 6)
+    fq.fleet_rows()  # publishes this node's demand (6 queued)
+    fq.fleet_update([(DEMAND_KEY, MODEL, "node-b", 6.0, 0.0)])
+    _poll(fq, backends, [1, 1])  # 6 free: the reserve's 2, and 4 above it for both nodes
+    assert fq.quota(MODEL) == 3.0  # of the 6 slots beyond the reserve
+    await wait_for(lambda: sum(t.done() for t in waiting) >= 2, what="this node's part")
+    assert sum(t.done() for t in waiting) == 2, "its part of the 4 above the reserve, not 3"
+    assert await fq.wait(small, MODEL, 0, 100) is not None, "the reserve is still there"
+    for t in waiting:
+        t.cancel()
+
+
+async def test_the_split_of_the_room_above_the_reserve_leaves_out_the_probe_slot() -> None:
+    """The room above the reserve is counted as the room is (without an estimated backend's
+    probe slot): counted with it, each node kept a slot for the other that neither could
+    take, and a 2-node fleet of 2 x 2 slots ran 2 of its 3 unreserved slots."""
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in URLS], [ModelSpec(MODEL)])
+    confirmed, estimated = [b for u in URLS if (b := pool.get(u)) is not None]
+    fq = FairQueue(pool, LoadView(pool), FairRules(reserve=1), nodes=lambda: 2, node_id="node-a")
+    LoadView.record(confirmed, 2, 5, 0.5)  # 2 slots, confirmed by its queue
+    LoadView.record(estimated, 2, 0, 0.5)  # never queued: taken for 3 (one probe slot)
+    fq.learn()
+    flood = uuid4()
+    fq.charge(flood, 1000)
+    waiting = await _queued(fq, flood, 4)
+    fq.fleet_rows()
+    fq.fleet_update([(DEMAND_KEY, MODEL, "node-b", 20.0, 0.0)])
+    _poll(fq, [confirmed, estimated], [1, 1])  # one slot above the reserve: node-a's
+    await wait_for(lambda: any(t.done() for t in waiting), what="node-a's slot")
+    for t in waiting:
+        t.cancel()
+
+
 async def test_a_light_request_passes_a_heavy_head_that_cannot_go() -> None:
     fq, backends = _setup(reserve=1)
     _saturate(fq, backends)
@@ -430,13 +481,41 @@ def test_a_released_request_leaves_its_target_when_another_node_may_hold_the_las
     assert fq.keeps_target(target, released, MODEL, tenant), "a slot to spare for the other node"
     LoadView.record(target, 3, 0, 0.5)
     LoadView.record(released, 3, 0, 0.5)
-    assert fq.keeps_target(target, released, MODEL, tenant), "no more room elsewhere: its cache"
+    assert not fq.keeps_target(target, released, MODEL, tenant), "a tie: this node's turn"
+    three = queue(nodes=3)
+    LoadView.record(target, 2, 0, 0.5)
+    assert three.keeps_target(target, released, MODEL, tenant), "more room than released"
     LoadView.record(target, 4, 0, 0.5)
     assert not fq.keeps_target(target, released, MODEL, tenant), "no room at all"
     alone = queue(nodes=1)
     LoadView.record(target, 3, 0, 0.5)
     LoadView.record(released, 0, 0, 0.5)
     assert alone.keeps_target(target, released, MODEL, tenant), "a lone node sees every request"
+
+
+async def test_two_nodes_that_each_see_one_slot_per_backend_send_light_requests_apart() -> None:
+    """Each node takes the backends in its own turn (by node id): two light requests that
+    arrive on two nodes within one poll, each seeing one free slot on each backend, go to
+    different backends. In one order both went to the first, and one waited a whole
+    completion in its vLLM queue."""
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in URLS], [ModelSpec(MODEL)])
+    members = [b for u in URLS if (b := pool.get(u)) is not None]
+    for b in members:
+        LoadView.record(b, 4, 1, 0.5)  # 4 slots, confirmed by a queue
+    nodes = {
+        name: FairQueue(pool, LoadView(pool), FairRules(reserve=1), nodes=lambda: 2, node_id=name)
+        for name in ("node-a", "node-b")
+    }
+    for name, fq in nodes.items():
+        fq.learn()
+        other = next(n for n in nodes if n != name)
+        fq.fleet_update([(DEMAND_KEY, MODEL, other, 8.0, 0.0)])
+    for b in members:
+        LoadView.record(b, 3, 0, 0.5)  # one free slot on each, as both nodes' last poll read
+    for fq in nodes.values():
+        fq.learn()
+    sent = [await fq.wait(uuid4(), MODEL, 0, 100) for fq in nodes.values()]
+    assert None not in sent and sent[0] is not sent[1]
 
 
 def test_the_probe_slot_of_an_estimated_backend_is_for_heavy_requests_only() -> None:
