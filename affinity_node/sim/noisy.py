@@ -12,8 +12,8 @@ The fleet: 2 backends of 16 slots; a request holds a slot 3.2 s on average (16 t
 64 on average, at 20 tokens/s, no batch slowdown) after a 30 ms first step: about 10 requests a
 second, small enough that the load generator, the nodes and the backends share one event loop
 on a 2-core machine without it becoming the bottleneck. The fair queue's reserve (two slots)
-is 9% of what the small tenants leave, and what the flood gives up of it (it got 87-92% over
-four runs); on vLLM's batches of hundreds the same reserve costs about a percent.
+is 9% of what the small tenants leave, and what the flood gives up of it (it got 87-93% in
+six of seven runs); on vLLM's batches of hundreds the same reserve costs about a percent.
 Small tenants send 0.4 a second each (about 28% of it together); the flood offers 3x the
 capacity, open loop, at most FLOOD_MAX_OPEN outstanding (a client pool).
 """
@@ -74,8 +74,9 @@ RESERVE = 2
 small tenants' arrivals before the next completion must fit in it, or the last one waits for
 that completion. It holds between polls now that each node takes only its part of the room
 above it (routing/fairq.py); before that, two nodes that each saw one slot above it both took
-it, and with 2 slots a small tenant's p99 reached 2.9-14x its solo value. What the reserve
-costs the flood is the cap on its share: 2 of the about 23 slots the small tenants leave."""
+it, and with 2 slots a small tenant's p99 reached 2.9-14x its solo value (one run of seven
+still did, untraced). What the reserve costs the flood is the cap on its share: 2 of the about
+23 slots the small tenants leave."""
 FLOOD_FACTOR = 3.0
 FLOOD_MAX_OPEN = 200
 SOLO_S = 10.0
