@@ -359,12 +359,16 @@ class FairQueue:
 
     def _room(self, backend: Backend, heavy: bool = True) -> float:
         """Free slots as this node sees them; without the probe slot for a light request."""
-        cap = self._cap(backend)
+        cap = self._cap(backend) if heavy else self._sure_cap(backend)
         if cap is None:
             return math.inf
-        if not heavy and backend.id in self._probing:
-            cap -= 1.0
         return cap - self._view.load(backend) - self._reserved.get(backend.id, 0)
+
+    def _sure_cap(self, backend: Backend) -> float | None:
+        """The capacity without an estimated backend's probe slot (room for heavy requests
+        only): what the reserve and light requests count on."""
+        cap = self._cap(backend)
+        return cap - 1.0 if cap is not None and backend.id in self._probing else cap
 
     def _turn(self, model: str, members: list[Backend]) -> list[Backend]:
         """The members in this node's order: the nodes (by id, among those that published a
@@ -412,11 +416,9 @@ class FairQueue:
         in the noisy demo with two reserve slots, 6x its solo time to first token)."""
         polled = 0.0
         for backend in members:
-            cap = self._cap(backend)
+            cap = self._sure_cap(backend)  # as `_free` counts the room
             if cap is None or backend.running is None:
                 return 0.0  # room unknown: the quota alone bounds this node
-            if backend.id in self._probing:
-                cap -= 1.0  # counted as `_free` counts the room: without the probe slot
             polled += max(cap - backend.running - (backend.waiting or 0.0), 0.0)
         above = max(polled - self.rules.reserve, 0.0)
         return above - self._part(model, above)

@@ -180,17 +180,14 @@ class ConnectionPool:
             reply = self._send(conn, head, parts, length, read_timeout_s)
             try:
                 await reply.head()
-            except Unanswered:
+            except BaseException as exc:
                 reply.close()
-                if not retry:
+                if not (retry and isinstance(exc, Unanswered)):
                     raise
                 retry = False
                 conn = await self._connect(base_url, origin)
                 self._busy.add(conn)
                 continue
-            except BaseException:
-                reply.close()
-                raise
             return reply
 
     def _send(
