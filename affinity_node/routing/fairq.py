@@ -334,10 +334,9 @@ class FairQueue:
         capacity less the reserve over the nodes' demands as published, in whole slots (every
         node computes the same split from the same rows; under a flood every node's demand
         exceeds its part and each gets an equal one, the odd slots to the first node ids)."""
-        caps = [self._cap(b) for b in self._members(model)]
-        if None in caps:
+        room = self._quota_room(model)
+        if room is None:
             return math.inf  # a member of unknown capacity: nothing to divide
-        room = max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
         return self._part(model, room)
 
     def _part(self, model: str, room: float) -> float:
@@ -347,6 +346,14 @@ class FairQueue:
         demands = dict(self._fleet_demand.get(model, {}))
         demands[self._node_id] = self._published.get(model, 0.0)
         return _split(math.floor(room), demands)[self._node_id]
+
+    def _quota_room(self, model: str) -> float | None:
+        """The slots the quotas split: the members' capacity less the reserve (None: a
+        member of unknown capacity)."""
+        caps = [self._cap(b) for b in self._members(model)]
+        if None in caps:
+            return None
+        return max(sum(c for c in caps if c is not None) - self.rules.reserve, 0.0)
 
     def heavy(self, key_id: UUID) -> bool:
         """Above its fair share of recent service: the reserve is not for this tenant."""
@@ -413,15 +420,30 @@ class FairQueue:
         reserve between polls. With the whole room open to every node, two nodes that each
         saw one slot above the reserve both took it, and a small tenant's request sent to
         what this view still showed as free waited a completion in the vLLM queue (0.2 s
-        in the noisy demo with two reserve slots, 6x its solo time to first token)."""
-        polled = 0.0
+        in the noisy demo with two reserve slots, 6x its solo time to first token).
+
+        The others' part is no more than their quotas leave them: what the poll showed
+        them holding (all it read less this node's own at the poll) counts against it.
+        Kept for another node already at its quota, the slot idled while this node's
+        queue waited for it (a 2-node fleet of 2 x 2 slots ran 2 of its 3 unreserved
+        slots for good)."""
+        polled = load = mine = 0.0
         for backend in members:
             cap = self._sure_cap(backend)  # as `_free` counts the room
             if cap is None or backend.running is None:
                 return 0.0  # room unknown: the quota alone bounds this node
-            polled += max(cap - backend.running - (backend.waiting or 0.0), 0.0)
+            used = backend.running + (backend.waiting or 0.0)
+            polled += max(cap - used, 0.0)
+            load += used
+            mine += backend.inflight_at_poll
         above = max(polled - self.rules.reserve, 0.0)
-        return above - self._part(model, above)
+        theirs = above - self._part(model, above)
+        room = self._quota_room(model)
+        if room is None:
+            return theirs
+        their_quota = room - self._part(model, room)
+        their_load = max(load - mine, 0.0)
+        return min(theirs, max(their_quota - their_load, 0.0))
 
     def _under_quota(self, backend: Backend, model: str, quota: float) -> bool:
         """This node's heavy requests fit on `backend`: its part of the node's quota, in

@@ -25,6 +25,9 @@ SERVICE_S = 0.2  # 16 output tokens at 80 tokens/s
 FLOOD_INFLIGHT = 48
 SMALL_REQUESTS = 4
 RESERVE = NodeConfig().fairness.reserve_slots
+# Without fairness, the flood's queue on each backend before the small tenant starts: its
+# requests then wait at least 8 x 0.2 s / 2 slots behind it, over the bound asserted below.
+BACKLOG_PER_BACKEND = 8
 
 BACKEND = {"max_running": SLOTS, "tokens_per_s": 80.0, "output_tokens": 16}
 
@@ -61,16 +64,19 @@ async def _small_latencies(c: Cluster, enabled: bool) -> tuple[list[float], floa
     flood_done: list[float] = []
     flood = asyncio.create_task(_flood(flood_clients, stop, flood_done))
     try:
-        # The flood runs in every slot but the reserve's (fairness on keeps that one free,
-        # between polls too) and its excess queues in vLLM or the nodes.
-        await wait_for(
-            lambda: (
-                sum(b.backend.engine.running for b in c.backends) >= 2 * SLOTS - RESERVE
-                and len(flood_done) >= 8
-            ),
-            timeout=15.0,
-            what="the flood saturating the fleet",
-        )
+        # With fairness on the flood runs in every slot but the reserve's (kept free between
+        # polls too) and its excess queues in vLLM or the nodes. With it off the flood takes
+        # every slot, and only once fan-out has spread it over both backends does a backlog
+        # wait in each vLLM queue: before that the small tenant's backend may still be idle.
+        def saturated() -> bool:
+            engines = [b.backend.engine for b in c.backends]
+            if len(flood_done) < 8:
+                return False
+            if enabled:
+                return sum(e.running for e in engines) >= 2 * SLOTS - RESERVE
+            return all(e.running == SLOTS and e.waiting >= BACKLOG_PER_BACKEND for e in engines)
+
+        await wait_for(saturated, timeout=15.0, what="the flood saturating the fleet")
         if enabled:
             await wait_for(
                 lambda: all(MODEL in n.app[FAIRQ].busy for n in c.nodes),
