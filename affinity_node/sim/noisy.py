@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import random
 import statistics
 import time
@@ -102,16 +103,34 @@ class Tally:
     codes: dict[str, Counter[int]] = field(default_factory=dict)
     ok_at: dict[str, list[float]] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
-    measuring: bool = False
+    opened: float = math.inf
+    closed: float = math.inf
+    """The measured window. A request's TTFT and hit count when it started in it (counted at
+    completion, a request started in the unmeasured settle period, such as the first second
+    of a limited flood, was taken for the measured state); a completion counts towards
+    throughput when it falls in it."""
 
-    def add(self, tenant: str, status: int, ttft: float | None, affinity: str | None) -> None:
+    @property
+    def measuring(self) -> bool:
+        return self.opened <= time.monotonic() < self.closed
+
+    def open(self) -> None:
+        self.opened = time.monotonic()
+
+    def close(self) -> None:
+        self.closed = time.monotonic()
+
+    def add(
+        self, tenant: str, status: int, ttft: float | None, affinity: str | None, started: float
+    ) -> None:
         self.codes.setdefault(tenant, Counter())[status] += 1
         if status != 200 or ttft is None:
             return
-        if self.measuring:
+        if self.opened <= started < self.closed:
             self.ttft.setdefault(tenant, []).append(ttft)
-            self.ok_at.setdefault(tenant, []).append(time.monotonic())
             self.hits["hit" if affinity == "hit" else "other"] += 1
+        if self.measuring:
+            self.ok_at.setdefault(tenant, []).append(time.monotonic())
 
 
 @dataclass
@@ -168,9 +187,9 @@ async def _one(
             async for line in r.content:
                 if ttft is None and line.startswith(b"data: {"):
                     ttft = time.monotonic() - t0
-            tally.add(tenant, r.status, ttft, r.headers.get("x-affinity"))
+            tally.add(tenant, r.status, ttft, r.headers.get("x-affinity"), t0)
     except (TimeoutError, aiohttp.ClientError):
-        tally.add(tenant, 0, None, None)
+        tally.add(tenant, 0, None, None, t0)
 
 
 async def _open_loop(
@@ -290,11 +309,11 @@ async def _column(
                 loops.append(_open_loop(FLOOD_FACTOR * capacity, stop, send_flood, FLOOD_MAX_OPEN))
             running = asyncio.gather(*loops)
             await asyncio.sleep(settle)  # traffic, not synchronisation: the unmeasured start
-            tally.measuring = True
+            tally.open()
             started = time.monotonic()
             await asyncio.sleep(seconds)  # the measured window
             measured = time.monotonic() - started
-            tally.measuring = False
+            tally.close()
             stop.set()
             await running
             return measured
