@@ -408,13 +408,27 @@ async def test_the_split_of_the_room_above_the_reserve_leaves_out_the_probe_slot
         t.cancel()
 
 
+async def test_the_quotas_add_up_to_the_room_above_the_reserve_without_the_probe_slot() -> None:
+    """A backend never seen queueing is taken for one slot larger (its probe slot), and under
+    a flood held off vLLM's queue it is never confirmed. Counted in the quotas, that slot
+    came out of the reserve whenever every node held its quota (the flood took 97% of what
+    the small tenants left in the noisy demo, where the reserve leaves it 92%)."""
+    quotas = []
+    for node, other in (("node-a", "node-b"), ("node-b", "node-a")):
+        fq, _, waiting = await _flooded_2x2(node, other)
+        quotas.append(fq.quota(MODEL))
+        for t in waiting:
+            t.cancel()
+    assert sum(quotas) == 2 + 2 - 1, quotas
+
+
 async def test_room_above_the_reserve_kept_for_a_node_at_its_quota_goes_to_this_one() -> None:
     """The odd slot above the reserve is the other node's by the split, but the poll shows
     it holding its whole quota already: it cannot take that slot, so this node does. Kept
     for it, the slot idled for good while this node's queue waited (a CI failure: the flood
     ran 2 of the fleet's 3 unreserved slots)."""
     fq, backends, waiting = await _flooded_2x2("node-b", "node-a")
-    assert fq.quota(MODEL) == 2.0, "node-a's quota is 2 as well (2 + 3 - 1 = 4 split)"
+    assert fq.quota(MODEL) == 1.0, "node-a's is 2: 2 + 2 - 1 = 3 split, the odd slot to it"
     # node-a holds its 2 (one on each), this node none: 2 free, 1 above the reserve, and
     # the split of that one slot gives it to node-a, which is at its quota.
     _poll(fq, backends, [1, 1])
