@@ -471,6 +471,30 @@ async def test_a_heavy_request_goes_to_the_backend_where_this_node_is_under_its_
     assert fq.has_room(backends[0], MODEL, small), "a light tenant may take it"
 
 
+async def test_each_backend_keeps_its_share_of_the_reserve_from_every_nodes_parts() -> None:
+    """Two nodes, each with a quota of 7 of two 8-slot backends less 2 reserved: each node's
+    odd slot lands on a different backend, so the flood fills neither to its last slot.
+    Rounded one by one, both nodes put 4 on the same backend (8 of 8) while the reserve's
+    2 free slots sat on its peer, and a light request sent there by a view one poll old
+    waited in the vLLM queue."""
+    per_backend = {u: 0.0 for u in URLS}
+    for node, other in (("node-a", "node-b"), ("node-b", "node-a")):
+        fq, backends = _node(node)  # 2 x 4 slots, 2 reserved
+        for b in backends:
+            LoadView.record(b, 8, 1, 0.5)  # confirmed at 8 slots each
+        fq.learn()
+        fq.charge(uuid4(), 1000)
+        fq.fleet_rows()
+        fq.fleet_update([(DEMAND_KEY, MODEL, other, 50.0, 0.0)])
+        fq._published[MODEL] = 50.0  # as if published at the last exchange: equal demand
+        assert fq.quota(MODEL) == 7.0
+        parts = fq._parts(MODEL, fq.quota(MODEL))
+        assert sum(parts.values()) == 7.0 and sorted(parts.values()) == [3.0, 4.0]
+        for url, part in parts.items():
+            per_backend[url] += part
+    assert per_backend == {URLS[0]: 7.0, URLS[1]: 7.0}, "one reserve slot left on each"
+
+
 async def test_a_peer_never_seen_queueing_is_taken_for_as_large_as_the_others() -> None:
     """Unlimited room on the idle peer of a flooded backend sent every node's spill there until
     it queued too; it is estimated at its peers' capacity, and the estimate grows while it
