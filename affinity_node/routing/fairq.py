@@ -410,13 +410,30 @@ class FairQueue:
             total += max(sure, 0.0)
             if room < 1.0 or (best is not None and room <= best_room):
                 continue
-            if heavy and not self._under_quota(backend, model, quota):
+            if heavy and not (
+                self._under_quota(backend, model, quota) and self._keeps_share(backend, model, sure)
+            ):
                 continue
             best, best_room = backend, room
         if not heavy:
             return best
         kept = self.rules.reserve + self._others_part(model, members)
         return None if total - 1.0 < kept or self._held(model) + 1 > quota else best
+
+    def _keeps_share(self, backend: Backend, model: str, sure_room: float) -> bool:
+        """A heavy request on `backend` leaves the backend its share of the reserve (whole
+        slots, in proportion to its capacity), as this node sees it. The nodes' parts of the
+        backend alone did not: one node held more than its part there (light requests count),
+        another took the last slot below its own part, through the probe slot its view
+        showed, and a light request sent by a third view to what it saw as the reserve
+        waited a completion in the vLLM queue (110 ms, 2.9x its solo TTFT) while the peer
+        backend had 3 free."""
+        cap = self._sure_cap(backend)
+        if cap is None:
+            return True
+        total = sum(self._sure_cap(b) or 0.0 for b in self._members(model))
+        share = math.floor(self.rules.reserve * cap / total) if total > 0 else 0
+        return share == 0 or sure_room - 1.0 >= share  # with no share, the probe slot may go
 
     def _others_part(self, model: str, members: list[Backend]) -> float:
         """The other nodes' part of the room above the reserve that the last poll showed:
@@ -486,7 +503,10 @@ class FairQueue:
         heavy = key_id is not None and self.heavy(key_id)
         if self._room(backend, heavy) < 1.0:
             return False
-        return not heavy or self._under_quota(backend, model, self.quota(model))
+        return not heavy or (
+            self._under_quota(backend, model, self.quota(model))
+            and self._keeps_share(backend, model, self._room(backend, False))
+        )
 
     def keeps_target(self, target: Backend, released: Backend, model: str, key_id: UUID) -> bool:
         """Whether a request released on `released` goes to its own `target` (its cache)

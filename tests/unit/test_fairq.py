@@ -495,6 +495,26 @@ async def test_each_backend_keeps_its_share_of_the_reserve_from_every_nodes_part
     assert per_backend == {URLS[0]: 7.0, URLS[1]: 7.0}, "one reserve slot left on each"
 
 
+async def test_a_heavy_request_leaves_each_backend_its_share_of_the_reserve() -> None:
+    """2 reserved of two 16-slot backends: one each. A heavy request does not take a
+    backend's last slot while its peer has room: a light request that another node's view
+    sent to that slot as the reserve waited a completion in the vLLM queue (2.9x its solo
+    TTFT) while the peer had 3 free."""
+    fq, backends = _setup(reserve=2)
+    _poll_queued(fq, backends, slots=16)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    _poll(fq, backends, [15, 13])
+    assert not fq.has_room(backends[0], MODEL, flood), "its last slot is its share"
+    assert fq.has_room(backends[0], MODEL, small)
+    assert await fq.wait(flood, MODEL, 0, 100) is backends[1]
+    assert await fq.wait(flood, MODEL, 0, 100) is backends[1], "down to its own share"
+    third = (await _queued(fq, flood))[0]
+    assert not third.done(), "one free slot left on each: the reserve"
+    third.cancel()
+
+
 async def test_a_peer_never_seen_queueing_is_taken_for_as_large_as_the_others() -> None:
     """Unlimited room on the idle peer of a flooded backend sent every node's spill there until
     it queued too; it is estimated at its peers' capacity, and the estimate grows while it
