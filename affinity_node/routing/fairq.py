@@ -403,6 +403,7 @@ class FairQueue:
         best: Backend | None = None
         best_room = total = 0.0
         quota = self.quota(model) if heavy else math.inf
+        parts = self._parts(model, quota) if heavy else {}
         members = self._members(model)
         for backend in members if heavy else self._turn(model, members):
             sure = self._room(backend, False)  # the reserve is kept out of the probe slot
@@ -411,7 +412,7 @@ class FairQueue:
             if room < 1.0 or (best is not None and room <= best_room):
                 continue
             if heavy and not (
-                self._under_quota(backend, model, quota) and self._keeps_share(backend, model, sure)
+                self._under_quota(backend, quota, parts) and self._keeps_share(backend, model, sure)
             ):
                 continue
             best, best_room = backend, room
@@ -467,13 +468,13 @@ class FairQueue:
         their_load = max(load - mine, 0.0)
         return min(theirs, max(their_quota - their_load, 0.0))
 
-    def _under_quota(self, backend: Backend, model: str, quota: float) -> bool:
+    def _under_quota(self, backend: Backend, quota: float, parts: dict[str, float]) -> bool:
         """This node's heavy requests fit on `backend`: its part of the node's quota
-        (`_parts`). The model's quota alone
-        let two nodes fill the same backend from one stale poll while its peer idled."""
+        (`parts`, from `_parts`). The model's quota alone let two nodes fill the same backend
+        from one stale poll while its peer idled."""
         if self._cap(backend) is None or math.isinf(quota):
             return True
-        part = self._parts(model, quota).get(backend.id, 0.0)
+        part = parts.get(backend.id, 0.0)
         return backend.inflight + self._reserved.get(backend.id, 0) + 1 <= part
 
     def _parts(self, model: str, quota: float) -> dict[str, float]:
@@ -487,14 +488,9 @@ class FairQueue:
         members = self._turn(model, self._members(model))
         caps = [self._sure_cap(b) or 0.0 for b in members]
         total = sum(caps)
-        if total <= 0:
-            return {}
-        shares = [quota * c / total for c in caps]
-        parts = [float(math.floor(x)) for x in shares]
-        odd = int(math.floor(quota) - sum(parts))
-        by_remainder = sorted(range(len(members)), key=lambda i: parts[i] - shares[i])
-        for i in by_remainder[: max(odd, 0)]:
-            parts[i] += 1.0
+        if total <= 0 or math.isinf(quota):
+            return {}  # nothing to spread (no limit on any backend: `_under_quota`)
+        parts = _whole_slots([quota * c / total for c in caps], math.floor(quota))
         return {b.id: p for b, p in zip(members, parts, strict=True)}
 
     def has_room(self, backend: Backend, model: str, key_id: UUID | None = None) -> bool:
@@ -503,9 +499,11 @@ class FairQueue:
         heavy = key_id is not None and self.heavy(key_id)
         if self._room(backend, heavy) < 1.0:
             return False
-        return not heavy or (
-            self._under_quota(backend, model, self.quota(model))
-            and self._keeps_share(backend, model, self._room(backend, False))
+        if not heavy:
+            return True
+        quota = self.quota(model)
+        return self._under_quota(backend, quota, self._parts(model, quota)) and self._keeps_share(
+            backend, model, self._room(backend, False)
         )
 
     def keeps_target(self, target: Backend, released: Backend, model: str, key_id: UUID) -> bool:
@@ -709,9 +707,18 @@ def _split(room: int, demands: dict[str, float]) -> dict[str, float]:
         parts[node] = min(d, left / n)
         left -= parts[node]
         n -= 1
-    whole = {node: float(math.floor(p)) for node, p in parts.items()}
-    odd = round(min(float(room), sum(parts.values())) - sum(whole.values()))
-    by_remainder = sorted(parts, key=lambda node: (whole[node] - parts[node], node))
-    for node in by_remainder[: max(odd, 0)]:
-        whole[node] += 1.0
+    nodes = sorted(parts)
+    shares = [parts[node] for node in nodes]
+    slots = round(min(float(room), sum(shares)))
+    return dict(zip(nodes, _whole_slots(shares, slots), strict=True))
+
+
+def _whole_slots(shares: list[float], slots: int) -> list[float]:
+    """`shares` rounded to whole slots that add up to `slots`: each its floor, the odd slots
+    to the largest remainders, ties to the first in the list."""
+    whole = [float(math.floor(x)) for x in shares]
+    odd = slots - int(sum(whole))
+    by_remainder = sorted(range(len(shares)), key=lambda i: whole[i] - shares[i])
+    for i in by_remainder[: max(odd, 0)]:
+        whole[i] += 1.0
     return whole
