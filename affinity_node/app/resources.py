@@ -23,6 +23,7 @@ from affinity_node.config import DatabaseConfig, LimitsConfig, NodeConfig
 from affinity_node.http.state import (
     ACCESS_LOG,
     AFFINITY_METRICS,
+    API,
     BACKENDS,
     CONFIG,
     ENGINE,
@@ -33,10 +34,11 @@ from affinity_node.http.state import (
     LEDGER,
     LIMITER,
     METRICS_REGISTRY,
-    RELAY,
     ROUTER,
     STATUS,
+    TRACING,
     UPSTREAM,
+    ApiState,
     Relay,
 )
 from affinity_node.ledger.ledger import Ledger, NullLedger
@@ -105,9 +107,17 @@ async def node_resources(app: web.Application, resolver: Resolver) -> AsyncItera
         )
         engine = app[ENGINE] = stacked.engine
         router = app[ROUTER] = await enter(_router(app, db, parts, engine, client))
-        app[RELAY] = Relay(
-            backends, router, client, app[HTTP_METRICS], cfg.limits, ledger, cfg.logging.access
+        relay = Relay(
+            backends,
+            router,
+            client,
+            app[HTTP_METRICS],
+            cfg.limits,
+            ledger,
+            app[ACCESS_LOG],
+            app[TRACING],
         )
+        app[API] = ApiState(relay, app[STATUS], cfg.node_id, app[LIMITER], app[FAIRQ])
         await enter(_fleet(app, db, backend_registry, follower, parts, engine))
         yield
 

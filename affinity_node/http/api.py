@@ -22,17 +22,7 @@ from affinity_node.http.forward import Forwarder, Outgoing
 from affinity_node.http.multipart import form_model
 from affinity_node.http.payload import Payload
 from affinity_node.http.response_ids import StoredId, read_id, untag
-from affinity_node.http.state import (
-    API_KEY_ID,
-    BACKENDS,
-    FAIRQ,
-    LEDGER,
-    LIMITER,
-    MODEL,
-    RELAY,
-    ROUTER,
-    STATUS,
-)
+from affinity_node.http.state import API, API_KEY_ID, MODEL, REQUEST_ID, ApiState, Relay
 from affinity_node.http.usage_wire import usage_request, with_usage_parts
 from affinity_node.http.wrapper import Handler, base_headers
 from affinity_node.ledger.usage import decode_usage
@@ -106,17 +96,18 @@ def _not_stored(client_id: str, param: str | None, gone: bool = False) -> ApiErr
 
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    app = request.app
+    api = request.app[API]
+    relay = api.relay
     started = time.perf_counter()
-    headers = base_headers(request)
-    if app[STATUS].draining:
+    headers = base_headers(request[REQUEST_ID], api.node_id)
+    status = api.status
+    if status.draining:
         raise _draining()
-    if app[STATUS].schema_behind:
+    if status.schema_behind:
         raise _schema_behind()
     check_forwarded_headers(request)
     key_id = request[API_KEY_ID]
-    body = await read_body(request)
-    router = app[ROUTER]
+    body = await read_body(request, relay.limits)
     out = Outgoing(
         body,
         False,
@@ -130,26 +121,26 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     )
     try:
         if endpoint.stored == "names":
-            route = _to_owner(request, router, key_id, out)
+            route = _to_owner(request, api, key_id, out)
         else:
             try:
                 if endpoint.body == "multipart":
-                    route = await _multipart(request, key_id, out)
+                    route = await _multipart(request, api, key_id, out)
                 else:
-                    route = await _json(request, endpoint, key_id, out)
-            except NoBackend:  # request[MODEL] is set before any routing
-                raise _no_backend(request[MODEL]) from None
+                    route = await _json(request, api, endpoint, key_id, out)
+            except NoBackend:  # out.model is set before any routing
+                raise _no_backend(out.model) from None
     except BaseException:
         if out.ticket is not None:  # admitted, then not routable: the slot and tokens back
-            app[LIMITER].finish(out.ticket, 0)
+            api.limiter.finish(out.ticket, 0)
         raise
-    forwarder = Forwarder(request, headers, started)
+    forwarder = Forwarder(relay, request, headers, started)
     try:
         if out.ticket is None:
             return await forwarder.run(route, key_id, out)
-        return await _limited(request, headers, forwarder, route, key_id, out, out.ticket)
+        return await _limited(api, headers, forwarder, route, key_id, out, out.ticket)
     finally:
-        fairq = app[FAIRQ]
+        fairq = api.fairq
         if fairq.busy:  # something saturates: this request's end may release a queued one
             _fair_done(fairq, route.model, key_id, out, forwarder)
 
@@ -168,7 +159,7 @@ def _fair_done(
 
 
 async def _limited(
-    request: web.Request,
+    api: ApiState,
     headers: dict[str, str],
     forwarder: Forwarder,
     route: Route,
@@ -184,16 +175,16 @@ async def _limited(
     finally:
         used = None if forwarder.usage is None else decode_usage(forwarder.usage)
         tokens = None if used is None else used.prompt + used.completion
-        request.app[LIMITER].finish(ticket, tokens)
+        api.limiter.finish(ticket, tokens)
 
 
 DEFAULT_MAX_TOKENS = 256
 """The answer's size charged up front when the request bounds none (usage corrects it)."""
 
 
-def _admit(request: web.Request, key_id: Any, model: str, out: Outgoing, estimate: int) -> None:
+def _admit(api: ApiState, key_id: Any, model: str, out: Outgoing, estimate: int) -> None:
     """Before routing: a limited key's request is charged or refused (429) from memory."""
-    limiter = request.app[LIMITER]
+    limiter = api.limiter
     scopes = limiter.of(key_id)
     if scopes is None:
         return
@@ -230,22 +221,22 @@ def _estimate(payload: Payload, body: bytes) -> int:
 
 
 def _json(
-    request: web.Request, endpoint: Endpoint, key_id: Any, out: Outgoing
+    request: web.Request, api: ApiState, endpoint: Endpoint, key_id: Any, out: Outgoing
 ) -> Coroutine[Any, Any, Route]:
     """Reads what routing needs from the body; returns the routing to await (NoBackend
     escapes it, as from `_multipart`). Not a coroutine itself: the request's hot path resumes
     one frame fewer at every await."""
-    app = request.app
+    relay = api.relay
     payload = Payload(out.body)
-    model = app[BACKENDS].canonical(payload.model)
+    model = relay.backends.canonical(payload.model)
     if model is None:
         raise _unknown_model(payload.model)
-    request[MODEL] = model
+    _set_model(request, relay, out, model)
     out.stream = payload.stream
     # Backends serve the canonical name: an alias in the request is rewritten, nothing else.
     out.body = payload.with_model(model)
-    if app[LIMITER].of(key_id) is not None:
-        _admit(request, key_id, model, out, _estimate(payload, out.body))
+    if api.limiter.of(key_id) is not None:
+        _admit(api, key_id, model, out, _estimate(payload, out.body))
     if endpoint.stored == "creates":
         previous = payload.get("previous_response_id")
         if isinstance(previous, str) and previous:
@@ -254,31 +245,36 @@ def _json(
                 raise _not_stored(previous, "previous_response_id")
             out.body = untag(out.body, previous, stored)
             return _ready(
-                _owner_route(request, stored, previous, model, "previous_response_id", key_id)
+                _owner_route(relay, stored, previous, model, "previous_response_id", key_id)
             )
     if (
         endpoint.injects_usage
         and payload.stream
-        and (app[LEDGER].enabled or out.ticket or app[RELAY].access_log)
+        and (relay.ledger.enabled or out.ticket or relay.access.enabled)
     ):
         asks = usage_request(payload)
         out.client_asked_usage = asks.client_asked
         if asks.inject:
             out.usage_body = with_usage_parts(out.body, payload)
-    fairq = app[FAIRQ]
+    fairq = api.fairq
     if fairq.busy and model in fairq.busy:
-        return _queued(request, endpoint, key_id, model, out, payload)
+        return _queued(request, api, endpoint, key_id, model, out, payload)
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
-    return traced(
-        "route",
-        app[ROUTER].route(
-            key_id,
-            model,
-            affinity_path=endpoint.affinity,
-            conversation=conversation,
-            opens=partial(first_turn, payload),
-        ),
+    route = relay.router.route(
+        key_id,
+        model,
+        affinity_path=endpoint.affinity,
+        conversation=conversation,
+        opens=partial(first_turn, payload),
     )
+    return traced("route", route) if relay.tracing.enabled else route
+
+
+def _set_model(request: web.Request, relay: Relay, out: Outgoing, model: str) -> None:
+    """The request's canonical model, for its errors and (when on) its access line and span."""
+    out.model = model
+    if relay.access.enabled or relay.tracing.enabled:
+        request[MODEL] = model
 
 
 async def _ready(route: Route) -> Route:
@@ -287,6 +283,7 @@ async def _ready(route: Route) -> Route:
 
 async def _queued(
     request: web.Request,
+    api: ApiState,
     endpoint: Endpoint,
     key_id: Any,
     model: str,
@@ -296,9 +293,8 @@ async def _queued(
     """Every backend of the model is saturated: wait in the fair queue, then route. The
     released request goes to its own target when that has room, else to the backend whose
     room released it (a spill: the binding stays)."""
-    app = request.app
-    fairq = app[FAIRQ]
-    priority = app[LIMITER].priority(key_id)
+    fairq = api.fairq
+    priority = api.limiter.priority(key_id)
     try:
         released = await fairq.wait(key_id, model, priority, _estimate(payload, out.body))
     except QueueRefused as refused:
@@ -306,7 +302,7 @@ async def _queued(
     out.queued = released is not None
     conversation = partial(conversation_key, payload, request.headers.get("x-session-id"))
     try:
-        route = await app[ROUTER].route(
+        route = await api.relay.router.route(
             key_id,
             model,
             affinity_path=endpoint.affinity,
@@ -358,10 +354,10 @@ def _queue_refused(refused: QueueRefused, model: str) -> ApiError:
     )
 
 
-async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:
+async def _multipart(request: web.Request, api: ApiState, key_id: Any, out: Outgoing) -> Route:
     """Audio: the model is a form field; the form goes upstream as received (model rewritten
     to its canonical name), with the client's boundary."""
-    app = request.app
+    relay = api.relay
     content_type = request.headers.get("Content-Type", "")
     found = form_model(out.body, content_type)
     if found is None:
@@ -373,18 +369,18 @@ async def _multipart(request: web.Request, key_id: Any, out: Outgoing) -> Route:
             "missing_required_parameter",
         )
     given, (start, end) = found
-    model = app[BACKENDS].canonical(given)
+    model = relay.backends.canonical(given)
     if model is None:
         raise _unknown_model(given)
-    request[MODEL] = model
+    _set_model(request, relay, out, model)
     if model != given:
         out.body = out.body[:start] + model.encode() + out.body[end:]
     out.content_type = content_type
-    _admit(request, key_id, model, out, 0)
-    return await app[ROUTER].route(key_id, model, affinity_path=False)
+    _admit(api, key_id, model, out, 0)
+    return await relay.router.route(key_id, model, affinity_path=False)
 
 
-def _to_owner(request: web.Request, router: Any, key_id: Any, out: Outgoing) -> Route:
+def _to_owner(request: web.Request, api: ApiState, key_id: Any, out: Outgoing) -> Route:
     """GET /v1/responses/{id} and its cancel: the path's id goes to its owner, untagged."""
     client_id = request.match_info["response_id"]
     stored = read_id(client_id, key_id)
@@ -392,11 +388,11 @@ def _to_owner(request: web.Request, router: Any, key_id: Any, out: Outgoing) -> 
         raise _not_stored(client_id, None)
     out.path = request.path.replace(client_id, stored.backend_id, 1)
     out.content_type = request.headers.get("Content-Type") if out.body else None
-    return _owner_route(request, stored, client_id, "", None)
+    return _owner_route(api.relay, stored, client_id, "", None)
 
 
 def _owner_route(
-    request: web.Request,
+    relay: Relay,
     stored: StoredId,
     client_id: str,
     model: str,
@@ -404,6 +400,6 @@ def _owner_route(
     key_id: Any = None,
 ) -> Route:
     try:
-        return request.app[ROUTER].to_owner(stored.owner, model, key_id)
+        return relay.router.to_owner(stored.owner, model, key_id)
     except OwnerGone:
         raise _not_stored(client_id, param, gone=True) from None

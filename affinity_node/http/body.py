@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import StreamReader, web
 
+from affinity_node.config import LimitsConfig
 from affinity_node.http.errors import ApiError
-from affinity_node.http.state import CONFIG
 
 
 def _too_large() -> ApiError:
@@ -16,13 +16,12 @@ def _too_large() -> ApiError:
     )
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
     """The body, within limits.max_body_bytes. aiohttp's request.read() copies a body twice
     (into a bytearray, then to bytes); this joins the received chunks once, which is a few
     percent of the node's CPU at 200 KB. A declared length over the limit is refused unread.
     A read that has to wait for the client is bounded by limits.client_body_read_timeout_seconds
     (408); reads of bytes already received arm no timer."""
-    limits = request.app[CONFIG].limits
     limit = limits.max_body_bytes
     if (request.content_length or 0) > limit:
         raise _too_large()

@@ -32,11 +32,11 @@ from affinity_node.http.errors import ApiError, sse_error_event
 from affinity_node.http.response_ids import IdTagger
 from affinity_node.http.state import (
     CLIENT_GONE,
-    RELAY,
     STREAM,
     UPSTREAM_BACKEND,
     UPSTREAM_TTFT,
     UPSTREAM_USAGE,
+    Relay,
 )
 from affinity_node.http.usage_wire import StreamUsage, usage_span
 from affinity_node.ledger.usage import merged_usage
@@ -57,16 +57,22 @@ _SET_HERE = frozenset({"content-type", "content-length", "date", "server"})
 """Response headers this proxy writes itself."""
 
 
+_NOT_PASSED = HOP_BY_HOP | _SET_HERE
+_NAMES_NOTHING = frozenset({"keep-alive", "close"})
+"""Connection header values that name no other header (keep-alive is hop-by-hop itself)."""
+
+
 def passed_headers(upstream: CIMultiDictProxy[str], base: dict[str, str]) -> dict[str, str]:
-    """The backend's response headers a client may see, on top of `base` (which wins)."""
+    """The backend's response headers a client may see, on top of `base` (which wins; its
+    names are lower case)."""
     headers = dict(base)
     named = upstream.get("Connection")
-    dropped = HOP_BY_HOP
-    if named:
-        dropped = HOP_BY_HOP | {t.strip().lower() for t in named.split(",")}
+    dropped = _NOT_PASSED
+    if named and named.lower() not in _NAMES_NOTHING:
+        dropped = _NOT_PASSED | {t.strip().lower() for t in named.split(",")}
     for name, value in upstream.items():
         low = name.lower()
-        if low not in dropped and low not in _SET_HERE and low not in base:
+        if low not in dropped and low not in base:
             headers[name] = value
     return headers
 
@@ -90,6 +96,8 @@ class Outgoing:
     path: str
     """Upstream path (the client's, or with a stored response's id untagged)."""
     method: str = "POST"
+    model: str = ""
+    """The canonical model, once the body named one."""
     content_type: str | None = "application/json"
     usage_body: BodyParts | None = None
     """The body that also asks for a stream's usage, for vllm and llamacpp backends."""
@@ -110,8 +118,9 @@ class Outgoing:
 
 
 class Forwarder:
-    def __init__(self, request: web.Request, headers: dict[str, str], started: float) -> None:
-        relay = request.app[RELAY]
+    def __init__(
+        self, relay: Relay, request: web.Request, headers: dict[str, str], started: float
+    ) -> None:
         self.request = request
         self.headers = headers
         self.started = started
@@ -123,8 +132,10 @@ class Forwarder:
         self.limits = relay.limits
         self.exemplar = self.metrics.ttft_exemplar(headers["x-request-id"])
         self.ledger = relay.ledger
-        self.access_log = relay.access_log
-        self.trace = current_trace()
+        self.access_log = relay.access.enabled
+        self.trace = current_trace() if relay.tracing.enabled else None
+        self.observed = self.access_log or relay.tracing.enabled
+        """The access line or the span reads the request's backend (and the line its TTFT)."""
         """The request's span (tracing on): each attempt is its child, and says so upstream."""
         self.trace_headers: dict[str, str] | None = None
         """The client's valid traceparent/tracestate, passed upstream as received."""
@@ -235,7 +246,8 @@ class Forwarder:
             up_headers.update(self.trace_headers)
         span = None if self.trace is None else self.trace.upstream(backend.id, up_headers)
         sent = time.perf_counter()
-        self.request[UPSTREAM_BACKEND] = backend.id
+        if self.observed:
+            self.request[UPSTREAM_BACKEND] = backend.id
         self.backends.acquire(backend)
         try:
             try:
@@ -269,7 +281,8 @@ class Forwarder:
                     raise _Retryable(f"backend broke the response ({exc})") from None
                 now = time.perf_counter()
                 m.observe_ttft(backend.id, now - sent, self.exemplar)
-                self.request[UPSTREAM_TTFT] = now - sent
+                if self.access_log:
+                    self.request[UPSTREAM_TTFT] = now - sent
                 self.upstream_time += now - sent
                 headers["Content-Type"] = ctype
                 if self.wants_usage and upstream.status == 200 and plain and out.record:
@@ -336,7 +349,8 @@ class Forwarder:
             raise _Retryable(f"backend broke the stream ({exc})") from None
         got_first = time.perf_counter()
         m.observe_ttft(backend.id, got_first - sent, self.exemplar)
-        self.request[UPSTREAM_TTFT] = got_first - sent
+        if self.access_log:
+            self.request[UPSTREAM_TTFT] = got_first - sent
         self.upstream_time += got_first - sent
         headers.update(
             {

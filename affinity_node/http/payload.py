@@ -198,12 +198,13 @@ def _decode_top(body: bytes) -> dict[str, msgspec.Raw]:
 
 
 def _compact_size(fields: dict[str, msgspec.Raw]) -> int:
-    """The length of these members written without whitespace: a body of exactly this length
-    holds no key twice (a repeated member would add at least 5 bytes: `,"":0`), so the walk
-    is skipped for compact bodies, as most SDKs send them."""
+    """The length of these members written without whitespace, ASCII keys: a body of exactly
+    this length holds no key twice (a repeated member would add at least 5 bytes: `,"":0`), so
+    the walk is skipped for compact bodies, as most SDKs send them. A key that is not ASCII or
+    was escaped is longer in the body than counted here: that body is walked."""
     if not fields:
         return 2
-    return 1 + sum(len(key.encode()) + len(raw) + 4 for key, raw in fields.items())
+    return 1 + sum(map(len, fields)) + sum(map(len, fields.values())) + 4 * len(fields)
 
 
 def _check_unique_keys(body: bytes, fields: dict[str, msgspec.Raw]) -> int:

@@ -39,7 +39,13 @@ from affinity_node.ledger.usage import decode_usage
 from affinity_node.observability.logs import REQUEST_ID as LOG_REQUEST_ID
 from affinity_node.observability.logs import AccessLog, client_address
 from affinity_node.observability.metrics import add_trace_id
-from affinity_node.observability.tracing import RequestTrace, Tracing, trace_context, trace_id_of
+from affinity_node.observability.tracing import (
+    NullTracing,
+    RequestTrace,
+    Tracing,
+    trace_context,
+    trace_id_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,53 +86,63 @@ def _assign_request_id(request: web.Request) -> str:
     return rid
 
 
-def base_headers(request: web.Request) -> dict[str, str]:
+def base_headers(request_id: str, node_id: str) -> dict[str, str]:
     """Headers every answer carries, errors included."""
-    return {"x-request-id": request[REQUEST_ID], "x-affinity-node": request.app[CONFIG].node_id}
+    return {"x-request-id": request_id, "x-affinity-node": node_id}
 
 
 def answered(
+    app: web.Application,
     handler: Handler,
     route: str = OTHER,
     authenticated: bool = False,
     tracked: bool = False,
     errors: ErrorShape = "openai",
 ) -> Handler:
-    """`handler` as every request is served: an id, its API's error body when it fails,
-    counted under `route`, logged; with `authenticated`, a valid key first (its id in
+    """`handler` as every request to `app` is served: an id, its API's error body when it
+    fails, counted under `route`, logged; with `authenticated`, a valid key first (its id in
     request[API_KEY_ID]); `tracked` requests are work a drain waits for.
 
     A wrapper per route, not aiohttp middlewares: a middleware chain costs every request
     three more coroutine frames (aiohttp adds one of its own per app), each resumed at every
-    await of the request (bench-overhead: ~4% of the node's throughput)."""
+    await of the request (bench-overhead: ~4% of the node's throughput). What `app` is built
+    with (its config, status, metrics, access log and tracing; never replaced, a reload
+    changes them in place) is read here once, not per request."""
 
     traced = route not in OPS_ROUTES  # probes and scrapes make no spans
+    node_id = app[CONFIG].node_id
+    status = app[STATUS]
+    m = app[HTTP_METRICS]
+    access = app[ACCESS_LOG]
+    tracing = app[TRACING] if traced else None
 
     async def answer(request: web.Request) -> web.StreamResponse:
-        app = request.app
         started = time.perf_counter()
         rid = _assign_request_id(request)
         context = LOG_REQUEST_ID.set(rid)  # every log line while handling it names the request
         code = "500"
         error: str | None = None
         response: web.StreamResponse | None = None
-        status = app[STATUS]
         if tracked:
             status.begin()
-        trace = _begin_trace(request, route) if traced and app[TRACING].enabled else None
+        trace = (
+            _begin_trace(request, route, tracing)
+            if tracing is not None and tracing.enabled
+            else None
+        )
         try:
             if authenticated:
                 if trace is None:
-                    request[API_KEY_ID] = await _authenticate(request)
+                    request[API_KEY_ID] = await _authenticate(app, request)
                 else:
                     with trace.child("authenticate"):
-                        request[API_KEY_ID] = await _authenticate(request)
+                        request[API_KEY_ID] = await _authenticate(app, request)
             response = await handler(request)
-            code = "499" if request.get(CLIENT_GONE) else str(response.status)
+            code = "499" if CLIENT_GONE in request else str(response.status)
             return response
         except ApiError as err:
             code, error = str(err.status), err.code
-            return error_response(err, base_headers(request), errors)
+            return error_response(err, base_headers(rid, node_id), errors)
         except web.HTTPException as exc:
             code = str(exc.status)
             if exc.status < 400:
@@ -137,7 +153,7 @@ def answered(
             error = err_code
             return error_response(
                 ApiError(exc.status, message, type_, None, err_code),
-                base_headers(request),
+                base_headers(rid, node_id),
                 errors,
             )
         except asyncio.CancelledError:
@@ -150,12 +166,11 @@ def answered(
                 ApiError(
                     500, "Internal error in the proxy.", "server_error", None, "internal_error"
                 ),
-                base_headers(request),
+                base_headers(rid, node_id),
                 errors,
             )
         finally:
             elapsed = time.perf_counter() - started
-            m = app[HTTP_METRICS]
             m.count_request(route, code)
             exemplar = m.duration_exemplar(route, rid)
             if exemplar is not None:
@@ -165,7 +180,6 @@ def answered(
                 status.end()
             if trace is not None:
                 _end_trace(request, trace, int(code), _affinity(response))
-            access = app[ACCESS_LOG]
             if access.enabled and route not in OPS_ROUTES:
                 line = (route, int(code), elapsed, _affinity(response), error)
                 _log_access(request, cast(AccessLog, access), *line, trace)
@@ -178,10 +192,10 @@ def _affinity(response: web.StreamResponse | None) -> str | None:
     return response.headers.get("x-affinity") if response is not None else None
 
 
-def _begin_trace(request: web.Request, route: str) -> RequestTrace:
+def _begin_trace(request: web.Request, route: str, tracing: Tracing | NullTracing) -> RequestTrace:
     headers = request.headers
     incoming = trace_context(headers.getall("traceparent", ()), headers.getall("tracestate", ()))
-    tracing = cast(Tracing, request.app[TRACING])  # the caller checked `enabled`
+    tracing = cast(Tracing, tracing)  # the caller checked `enabled`
     trace = request[TRACE] = tracing.begin(request.method, route, incoming)
     return trace
 
@@ -250,7 +264,7 @@ def _log_access(
     )
 
 
-async def _authenticate(request: web.Request) -> uuid.UUID:
+async def _authenticate(app: web.Application, request: web.Request) -> uuid.UUID:
     try:
         authorization = request.headers.get("Authorization")
         api_key = request.headers.get("x-api-key")
@@ -261,7 +275,7 @@ async def _authenticate(request: web.Request) -> uuid.UUID:
     except ValueError as exc:
         raise unauthorized(str(exc)) from None
     try:
-        return await request.app[KEYS].authenticate(secret)
+        return await app[KEYS].authenticate(secret)
     except InvalidKey:
         raise unauthorized("Invalid or revoked API key.") from None
     except KeysUnavailable:
@@ -289,7 +303,9 @@ def add_routes(app: web.Application, routes: Iterable[RouteSpec]) -> None:
     shape."""
     specs = list(routes)
     for spec in specs:
-        wrapped = answered(spec.handler, spec.path, spec.authenticated, spec.tracked, spec.errors)
+        wrapped = answered(
+            app, spec.handler, spec.path, spec.authenticated, spec.tracked, spec.errors
+        )
         if spec.method == "GET":
             app.router.add_get(spec.path, wrapped)
         else:
@@ -301,6 +317,8 @@ def add_routes(app: web.Application, routes: Iterable[RouteSpec]) -> None:
             app.router.add_route(
                 "*",
                 spec.path,
-                answered(_method_not_allowed, spec.path, spec.authenticated, errors=spec.errors),
+                answered(
+                    app, _method_not_allowed, spec.path, spec.authenticated, errors=spec.errors
+                ),
             )
-    app.router.add_route("*", "/{tail:.*}", answered(_not_found))
+    app.router.add_route("*", "/{tail:.*}", answered(app, _not_found))

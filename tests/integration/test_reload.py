@@ -116,7 +116,12 @@ async def test_sighup_applies_the_safe_subset_and_refuses_the_rest(dsn, tmp_path
                 return len(access()) == 3
 
             await wait_for(three_access_lines, timeout=5, what="access lines")
-            assert all(line["status"] == 200 and line["backend"] for line in access())
+            # Switched on by the reload, the log gets every field: the node reads the
+            # answers' usage for it, as for a log on from the start.
+            for line in access():
+                assert line["status"] == 200 and line["backend"] and line["model"] == MODEL
+                assert line["stream"] is False and line["ttft_ms"] is not None
+                assert line["prompt_tokens"] and line["completion_tokens"], line
             assert dsn not in log.read_text()
 
             # Refused: a file that does not parse, then a change that needs a rollout.

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from affinity_node.config import NodeConfig
 from affinity_node.http.errors import ApiError
 from affinity_node.http.forward import Forwarder, Outgoing
-from affinity_node.http.state import RELAY, Relay
+from affinity_node.http.state import Relay
 from affinity_node.ledger.ledger import NullLedger
 from affinity_node.observability.metrics import AffinityMetrics, HttpMetrics
 from affinity_node.routing.backends import BackendPool, BackendSpec, ModelSpec
@@ -147,6 +147,7 @@ class Wire(AbstractStreamWriter):
 @dataclass
 class Node:
     app: web.Application
+    relay: Relay
     router: Router
     backends: BackendPool
     transport: ScriptedTransport
@@ -157,7 +158,7 @@ class Node:
             "POST", "/v1/chat/completions", app=self.app, writer=self.wire
         )
         route = await self.router.route(KEY, MODEL, affinity_path=True)
-        forwarder = Forwarder(request, {"x-request-id": "r1"}, 0.0)
+        forwarder = Forwarder(self.relay, request, {"x-request-id": "r1"}, 0.0)
         out = Outgoing(b"{}", stream, "/v1/chat/completions")
         return await forwarder.run(route, KEY, out), route
 
@@ -178,8 +179,8 @@ def node(*script: Scripted | Exception) -> Node:
     app = web.Application()
     transport = ScriptedTransport(list(script))
     metrics = HttpMetrics(CollectorRegistry(), "test")
-    app[RELAY] = Relay(pool, router, transport, metrics, NodeConfig().limits, NullLedger())
-    return Node(app, router, pool, transport, Wire())
+    relay = Relay(pool, router, transport, metrics, NodeConfig().limits, NullLedger())
+    return Node(app, relay, router, pool, transport, Wire())
 
 
 async def test_a_refused_bound_backend_is_retried_once_on_the_pairs_successor() -> None:

@@ -74,11 +74,19 @@ def test_reads_what_a_full_parse_reads(
         b'{ "model" : "m" ,\n "stream" : false , "stream" : true }',
         b'{"model": "m", "n": 12, "n": 1}',  # the earlier value starts like the last one
         b'{"model": "m", "n": 1.5, "n": 1}',
+        b'{"model":"m","model":"m"}',  # compact: the walk is skipped only at the exact size
+        '{"é":1,"é":2,"model":"m"}'.encode(),  # a key of 2 bytes and 1 character, compact
     ],
 )
 def test_a_top_level_key_given_twice_is_refused(body: bytes) -> None:
     err = error(body)
     assert err.status == 400 and err.code == "invalid_json" and "repeats a key" in err.message
+
+
+def test_a_compact_body_with_a_key_that_is_not_ascii_is_read() -> None:
+    p = Payload('{"model":"m","é":[1]}'.encode())
+    got = p.get("é")
+    assert p.model == "m" and isinstance(got, LazyList) and list(got) == [1]
 
 
 def test_inside_values_the_backend_judges() -> None:
