@@ -428,8 +428,9 @@ def _fits(request: web.Request, size: int) -> bool:
     writes them once the handler returns (a timer armed and cancelled per request cost ~2 us,
     writing them in the handler ~2 us more); a client that pipelines requests and reads none
     fills the buffer, and its answers are written under the timer again."""
-    transport = request.transport
-    if transport is None or request.protocol.writing_paused:
+    protocol = request.protocol
+    transport = protocol.transport
+    if transport is None or protocol.writing_paused:
         return False
     high = transport.get_write_buffer_limits()[1]
     return transport.get_write_buffer_size() + size + HEAD_ROOM <= high

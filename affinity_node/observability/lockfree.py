@@ -110,8 +110,9 @@ class FastHistogram(Collector):
         self._labelnames = tuple(labelnames)
         self._bounds = tuple(bounds)
         self._children: dict[tuple[str, ...], FastHistogramChild] = {}
+        self._unlabelled: FastHistogramChild | None = None
         if not self._labelnames:
-            self._children[()] = FastHistogramChild(self._bounds)
+            self._unlabelled = self._children[()] = FastHistogramChild(self._bounds)
         registry.register(self)
 
     def labels(self, *values: str) -> FastHistogramChild:
@@ -123,7 +124,10 @@ class FastHistogram(Collector):
         return child
 
     def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
-        self.labels().observe(value, exemplar)
+        child = self._unlabelled
+        if child is None:
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got ()")
+        child.observe(value, exemplar)
 
     def label_sets(self) -> list[tuple[str, ...]]:
         return list(self._children)

@@ -73,6 +73,8 @@ class Resolution:
     """The set's other members; a request may go to any healthy one."""
     version: int = 0
     """The binding's version (what a set change must find to succeed)."""
+    deadline: float = 0.0
+    """A hit's cached deadline (0: not read), so the request's success need not read it."""
 
 
 class NoCandidates(LookupError):
@@ -202,7 +204,7 @@ class AffinityEngine:
                 and checked > self._sync.stale_before
                 and backend in candidates
             ):
-                return self._hit(model, backend, fanout, version)
+                return self._hit(model, backend, fanout, version, deadline)
         if not candidates:
             raise NoCandidates(model)
         task = self._inflight.get(pair)
@@ -227,12 +229,14 @@ class AffinityEngine:
         backend, version, deadline, _checked, fanout = hit
         return Resolution(backend, "hit", fanout, version) if deadline > self._clock() else None
 
-    def _hit(self, model: str, backend: str, fanout: Members, version: int) -> Resolution:
+    def _hit(
+        self, model: str, backend: str, fanout: Members, version: int, deadline: float
+    ) -> Resolution:
         counter = self._hit_counters.get(model)
         if counter is None:
             counter = self._hit_counters[model] = self._m.cache_hits.labels(model).inc
         counter()
-        return Resolution(backend, "hit", fanout, version)
+        return Resolution(backend, "hit", fanout, version, deadline)
 
     def _as_follower(
         self, pair: Pair, result: Resolution, candidates: Sequence[str], choose: Chooser
@@ -265,7 +269,7 @@ class AffinityEngine:
             if backend in candidates:
                 if checked > self._sync.stale_before:
                     # A notification landed since the caller looked: it is a hit now.
-                    return self._hit(pair[1], backend, fanout, version)
+                    return self._hit(pair[1], backend, fanout, version, deadline)
                 # suspect: read it again
                 return await self._miss(pair, candidates, choose, successor)
             # Cached but the bound backend is not a candidate (unhealthy or removed): move it,
@@ -449,9 +453,10 @@ class AffinityEngine:
 
     # -- after the response (routing/upkeep.py batches the refreshes) ------------------------
 
-    def served(self, api_key_id: UUID, model: str, backend: str) -> None:
-        """A request bound to `backend` (any member of the pair's set) succeeded there."""
-        self._upkeep.served((api_key_id, model), backend)
+    def served(self, api_key_id: UUID, model: str, backend: str, deadline: float = 0.0) -> None:
+        """A request bound to `backend` (any member of the pair's set) succeeded there;
+        `deadline`: the binding's, as its resolution read it (0: not known)."""
+        self._upkeep.served((api_key_id, model), backend, deadline)
 
     def idle_for(self, pair: Pair) -> float:
         """Seconds since this node last served the pair (a load balancer spreads every busy

@@ -56,6 +56,8 @@ class Route:
     pinned: bool = False
     """Only this backend can serve the request (it holds a stored response the request
     names): never retried elsewhere."""
+    deadline: float = 0.0
+    """The binding's cached deadline when the route was a hit (0: not read)."""
 
 
 class NoBackend(LookupError):
@@ -207,7 +209,7 @@ class Router:
             else:
                 self._m.spills.labels(model, "failover").inc()
         elif served_by is bound and route.affinity != "spill":
-            engine.served(api_key_id, model, served_by.id)
+            engine.served(api_key_id, model, served_by.id, route.deadline)
 
     def _member(
         self,
@@ -325,6 +327,7 @@ class Router:
                             pair=pair,
                             members=members,
                             conversation=conversation,
+                            deadline=res.deadline,
                         )
         chosen = self.fallback(model)
         if chosen is None:

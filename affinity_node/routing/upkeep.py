@@ -44,22 +44,28 @@ class Upkeep:
         self._refresh_queue: dict[Pair, str] = {}
         self._served_at: dict[Pair, float] = {}
 
-    def served(self, pair: Pair, backend: str) -> None:
+    def served(self, pair: Pair, backend: str, deadline: float = 0.0) -> None:
         """A request bound to `backend` (any member of the pair's set) succeeded there:
-        extend the binding if half-spent."""
-        hit = self._cache.lookup(pair)
-        if hit is None:
-            return
-        bound, _version, deadline, _checked, fanout = hit
-        if bound != backend and backend not in fanout:
-            return
+        extend the binding if half-spent. `deadline`: the binding's as the request's routing
+        read it; the cache is read again only when that one says half-spent (a refresh since
+        only makes it later), not on every success."""
         now = self._clock()
+        half = self._s.ttl_seconds / 2
+        due = deadline - now < half
+        if due:
+            hit = self._cache.lookup(pair)
+            if hit is None:
+                return
+            bound, _version, deadline, _checked, fanout = hit
+            if bound != backend and backend not in fanout:
+                return
+            due = deadline - now < half
         served = self._served_at
         served.pop(pair, None)
         served[pair] = now
         if len(served) > SERVED_KEPT:
             del served[next(iter(served))]
-        if deadline - now < self._s.ttl_seconds / 2:
+        if due:
             self._refresh_queue[pair] = bound
 
     def idle_for(self, pair: Pair) -> float:

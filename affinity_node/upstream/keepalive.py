@@ -226,7 +226,7 @@ class ConnectionPool:
 def header_lines(headers: dict[str, str]) -> bytes:
     """Header lines for `ConnectionPool.post`; ValueError when a name or value holds CR, LF or
     NUL (it could split the request)."""
-    text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    text = "".join(map("%s: %s\r\n".__mod__, headers.items()))  # no Python frame per call
     n = len(headers)
     if text.count("\r") != n or text.count("\n") != n or "\0" in text:
         raise ValueError("a header holds a control character")

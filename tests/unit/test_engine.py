@@ -197,6 +197,27 @@ async def test_refresh_is_queued_only_when_half_the_ttl_is_spent() -> None:
     assert res.outcome == "hit"
 
 
+async def test_a_hits_deadline_decides_the_refresh_and_a_refresh_since_is_seen() -> None:
+    """The success of a hit passes the deadline its resolution read: fresh, nothing queued;
+    half-spent, the cache is read again, so a refresh that landed meanwhile (a request of
+    the same pair that finished first) is not written twice."""
+    clock = Clock()
+    store = FlakyStore(clock)
+    engine, _ = make_engine(store, clock, ttl_seconds=100.0)
+    await engine.resolve(KEY, MODEL, ALL, lambda c: B1)
+    hit = await engine.resolve(KEY, MODEL, ALL, Chooser())
+    assert hit.outcome == "hit" and hit.deadline == clock() + 100.0
+    engine.served(KEY, MODEL, B1, hit.deadline)
+    assert await engine.flush_refreshes() == 0
+    clock.advance(60.0)
+    early = await engine.resolve(KEY, MODEL, ALL, Chooser())
+    late = await engine.resolve(KEY, MODEL, ALL, Chooser())
+    engine.served(KEY, MODEL, B1, early.deadline)
+    assert await engine.flush_refreshes() == 1
+    engine.served(KEY, MODEL, B1, late.deadline)  # read before that refresh: half-spent
+    assert await engine.flush_refreshes() == 0
+
+
 async def test_failover_moves_the_binding_to_the_backend_that_served() -> None:
     clock = Clock()
     store = MemoryBindingStore(clock)

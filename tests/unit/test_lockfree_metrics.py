@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import (
@@ -66,3 +67,13 @@ def test_the_counter_exposes_what_prometheus_client_does(updates: list[tuple[str
         fast.labels(kind).inc(amount)
         slow.labels(kind).inc(amount)
     assert exposition(ours) == exposition(theirs)
+
+
+def test_a_labelled_histogram_observed_without_labels_is_refused_as_prometheus_client_does() -> (
+    None
+):
+    fast = FastHistogram("lat_seconds", "Latency.", ["route"], BUCKETS, CollectorRegistry())
+    slow = Histogram("lat_seconds", "Latency.", ["route"], buckets=BUCKETS, registry=None)
+    for histogram in (fast, slow):
+        with pytest.raises(ValueError):
+            histogram.observe(1.0)
