@@ -115,6 +115,8 @@ class Coherence:
         the watermark is enough after a reconnect."""
         self._server_started: float | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._reload_again = False
+        """A doorbell too large to read came while a load ran: load once more after it."""
         self._status = SyncStatus()
         self._warn = RateLimitedLog(log)
         self._notified = {op: metrics.notifications.labels(op).inc for op in NOTIFY_OPS}
@@ -222,8 +224,11 @@ class Coherence:
 
     def _doorbell_overflow(self, start: int) -> None:
         """More changed after `start` than a catch-up should read (or the deletion log no
-        longer reaches back): reload in pages, unless a reload runs already."""
+        longer reaches back): reload in pages. A reload running already has read some pairs
+        before these changes: it is followed by one more (without it, the changes to those
+        pairs would be lost once the listener's proof moved the watermark past them)."""
         if self._loader is not None and not self._loader.done():
+            self._reload_again = True
             return
         self._warn.warning(
             "doorbell-overflow", "too much changed after version %d: full snapshot", start
@@ -309,6 +314,7 @@ class Coherence:
     def _start_reload(self, started: float) -> None:
         """Every live binding, in pages, in the background: requests are served meanwhile."""
         self._complete = False
+        self._reload_again = False
         # Entries from before a reload may be stale (what was missed is unknown): re-read each
         # before use until the reload has confirmed it.
         self._stale_floor = math.nextafter(started, -math.inf) if len(self._cache) else -math.inf
@@ -382,3 +388,9 @@ class Coherence:
             status.rows_read,
             status.seconds,
         )
+        if self._reload_again:
+            self._warn.warning(
+                "doorbell-overflow", "a doorbell overflowed during the snapshot: loading again"
+            )
+            self._cache.begin_resync()
+            self._start_reload(self._clock())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID
 
-from affinity_node.routing.ports import Pair, RowTuple
+from affinity_node.routing.ports import BindingEvent, Pair, RowTuple
 from affinity_node.store.memory import MemoryBindingStore
 from tests.support.waiting import wait_for
 from tests.unit.fakes import B1, B2, B3, MODEL, Chooser, Clock, make_engine, sample
@@ -144,3 +144,32 @@ async def test_a_database_that_restarted_or_went_back_in_time_is_reloaded_in_ful
     engine.advance_watermark(10**9)  # more than the table ever handed out: restored from backup
     await engine.resync()
     assert (engine.sync_status.mode, engine.watermark) == ("full", 0)
+
+
+async def test_a_doorbell_too_large_to_read_while_the_snapshot_loads_is_not_lost() -> None:
+    """Changes to pairs a loading snapshot has already read reach the cache only through
+    doorbells. One whose read is over `doorbell_max_rows` cannot be read then: the node loads
+    the snapshot once more when this one ends, rather than dropping the doorbell."""
+    clock = Clock()
+    store = PagedStore(clock)
+    await bind(store, *range(1, 11))
+    engine, _ = make_engine(store, clock, snapshot_page_rows=4, doorbell_max_rows=1)
+    await engine.resync()
+    await wait_for(lambda: engine.sync_status.loaded == 4, what="the first page")
+    for i in (2, 3):  # both already read, as on B2
+        moved = await store.rebind((key(i), MODEL), B2, B3, 600.0)
+        assert moved is not None
+        engine.doorbell(BindingEvent("update", (key(i), MODEL), B3, moved.version, 600.0, clock()))
+    await wait_for(lambda: not engine.doorbells_pending, what="the doorbells' read")
+    store.gate.set()
+
+    def moved_in_the_cache() -> bool:
+        entries = [engine.cache.get((key(i), MODEL)) for i in (2, 3)]
+        return engine.sync_status.state == "done" and all(
+            e is not None and e.backend == B3 for e in entries
+        )
+
+    await wait_for(moved_in_the_cache, what="the moved bindings, once the snapshots end")
+    for i in (2, 3):
+        res = await engine.resolve(key(i), MODEL, ALL, Chooser())
+        assert (res.backend, res.outcome) == (B3, "hit")
