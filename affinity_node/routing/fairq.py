@@ -404,6 +404,7 @@ class FairQueue:
         best_room = total = 0.0
         quota = self.quota(model) if heavy else math.inf
         parts = self._parts(model, quota) if heavy else {}
+        shares = self._reserve_shares(model) if heavy else {}
         members = self._members(model)
         for backend in members if heavy else self._turn(model, members):
             sure = self._room(backend, False)  # the reserve is kept out of the probe slot
@@ -412,7 +413,7 @@ class FairQueue:
             if room < 1.0 or (best is not None and room <= best_room):
                 continue
             if heavy and not (
-                self._under_quota(backend, quota, parts) and self._keeps_share(backend, model, sure)
+                self._under_quota(backend, quota, parts) and _keeps_share(backend, shares, sure)
             ):
                 continue
             best, best_room = backend, room
@@ -421,20 +422,19 @@ class FairQueue:
         kept = self.rules.reserve + self._others_part(model, members)
         return None if total - 1.0 < kept or self._held(model) + 1 > quota else best
 
-    def _keeps_share(self, backend: Backend, model: str, sure_room: float) -> bool:
-        """A heavy request on `backend` leaves the backend its share of the reserve (whole
-        slots, in proportion to its capacity), as this node sees it. The nodes' parts of the
-        backend alone did not: one node held more than its part there (light requests count),
-        another took the last slot below its own part, through the probe slot its view
-        showed, and a light request sent by a third view to what it saw as the reserve
-        waited a completion in the vLLM queue (110 ms, 2.9x its solo TTFT) while the peer
-        backend had 3 free."""
-        cap = self._sure_cap(backend)
-        if cap is None:
-            return True
-        total = sum(self._sure_cap(b) or 0.0 for b in self._members(model))
-        share = math.floor(self.rules.reserve * cap / total) if total > 0 else 0
-        return share == 0 or sure_room - 1.0 >= share  # with no share, the probe slot may go
+    def _reserve_shares(self, model: str) -> dict[str, float]:
+        """Each backend's share of the model's reserve: whole slots, in proportion to its
+        capacity, that add up to the reserve; the odd slots to the backends first by id, so
+        every node counts the same. Rounded down per backend, a model with more backends than
+        reserved slots kept no reserve anywhere (3 backends, 2 slots: 0 each)."""
+        members = sorted(self._members(model), key=lambda b: b.id)
+        caps = [self._sure_cap(b) or 0.0 for b in members]
+        total = sum(caps)
+        if total <= 0:
+            return {}
+        reserve = self.rules.reserve
+        whole = _whole_slots([reserve * cap / total for cap in caps], reserve)
+        return {b.id: share for b, share in zip(members, whole, strict=True)}
 
     def _others_part(self, model: str, members: list[Backend]) -> float:
         """The other nodes' part of the room above the reserve that the last poll showed:
@@ -502,8 +502,8 @@ class FairQueue:
         if not heavy:
             return True
         quota = self.quota(model)
-        return self._under_quota(backend, quota, self._parts(model, quota)) and self._keeps_share(
-            backend, model, self._room(backend, False)
+        return self._under_quota(backend, quota, self._parts(model, quota)) and _keeps_share(
+            backend, self._reserve_shares(model), self._room(backend, False)
         )
 
     def keeps_target(self, target: Backend, released: Backend, model: str, key_id: UUID) -> bool:
@@ -711,6 +711,17 @@ def _split(room: int, demands: dict[str, float]) -> dict[str, float]:
     shares = [parts[node] for node in nodes]
     slots = round(min(float(room), sum(shares)))
     return dict(zip(nodes, _whole_slots(shares, slots), strict=True))
+
+
+def _keeps_share(backend: Backend, shares: dict[str, float], sure_room: float) -> bool:
+    """A heavy request on `backend` leaves the backend its share of the reserve
+    (`_reserve_shares`), as this node sees it. The nodes' parts of the backend alone did not:
+    one node held more than its part there (light requests count), another took the last
+    slot below its own part, through the probe slot its view showed, and a light request sent
+    by a third view to what it saw as the reserve waited a completion in the vLLM queue
+    (110 ms, 2.9x its solo TTFT) while the peer backend had 3 free."""
+    share = shares.get(backend.id, 0.0)
+    return share == 0 or sure_room - 1.0 >= share  # with no share, the probe slot may go
 
 
 def _whole_slots(shares: list[float], slots: int) -> list[float]:

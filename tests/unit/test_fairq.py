@@ -515,6 +515,27 @@ async def test_a_heavy_request_leaves_each_backend_its_share_of_the_reserve() ->
     third.cancel()
 
 
+async def test_with_more_backends_than_reserved_slots_the_reserve_stays_whole() -> None:
+    """2 reserved of three 16-slot backends: a share of 2/3 each, which rounded down was 0
+    everywhere, so a heavy request could take the last slot of any of them. The shares are
+    whole slots that add up to the reserve (the odd ones to the first by id): 1, 1, 0."""
+    urls = ("http://a:1", "http://b:1", "http://c:1")
+    pool = BackendPool([BackendSpec(u, models=[MODEL]) for u in urls], [ModelSpec(MODEL)])
+    fq = FairQueue(pool, LoadView(pool), FairRules(reserve=2))
+    backends = [b for u in urls if (b := pool.get(u)) is not None]
+    _poll_queued(fq, backends, slots=16)
+    flood, small = uuid4(), uuid4()
+    fq.charge(flood, 1000)
+    fq.charge(small, 10)
+    _poll(fq, backends, [15, 15, 15])  # one free on each: 3, of which 2 reserved
+    assert [fq.has_room(b, MODEL, flood) for b in backends] == [False, False, True]
+    assert await fq.wait(flood, MODEL, 0, 100) is backends[2]
+    assert fq.has_room(backends[0], MODEL, small) and fq.has_room(backends[1], MODEL, small)
+    second = (await _queued(fq, flood))[0]
+    assert not second.done(), "one free slot left on a and b: the reserve"
+    second.cancel()
+
+
 async def test_a_peer_never_seen_queueing_is_taken_for_as_large_as_the_others() -> None:
     """Unlimited room on the idle peer of a flooded backend sent every node's spill there until
     it queued too; it is estimated at its peers' capacity, and the estimate grows while it
