@@ -134,9 +134,9 @@ class Forwarder:
         self.ledger = relay.ledger
         self.access_log = relay.access.enabled
         self.trace = current_trace() if relay.tracing.enabled else None
+        """The request's span (tracing on): each attempt is its child, and says so upstream."""
         self.observed = self.access_log or relay.tracing.enabled
         """The access line or the span reads the request's backend (and the line its TTFT)."""
-        """The request's span (tracing on): each attempt is its child, and says so upstream."""
         self.trace_headers: dict[str, str] | None = None
         """The client's valid traceparent/tracestate, passed upstream as received."""
         if self.trace is None and "traceparent" in request.headers:

@@ -428,12 +428,16 @@ class FairQueue:
         every node counts the same. Rounded down per backend, a model with more backends than
         reserved slots kept no reserve anywhere (3 backends, 2 slots: 0 each)."""
         members = sorted(self._members(model), key=lambda b: b.id)
+        return self._by_capacity(members, self.rules.reserve, self.rules.reserve)
+
+    def _by_capacity(self, members: list[Backend], amount: float, slots: int) -> dict[str, float]:
+        """`amount` over `members` in proportion to their capacity (without probe slots), in
+        whole slots that add up to `slots`, ties in the members' order (none: no capacity)."""
         caps = [self._sure_cap(b) or 0.0 for b in members]
         total = sum(caps)
         if total <= 0:
             return {}
-        reserve = self.rules.reserve
-        whole = _whole_slots([reserve * cap / total for cap in caps], reserve)
+        whole = _whole_slots([amount * cap / total for cap in caps], slots)
         return {b.id: share for b, share in zip(members, whole, strict=True)}
 
     def _others_part(self, model: str, members: list[Backend]) -> float:
@@ -485,13 +489,10 @@ class FairQueue:
         went to the same backend: two nodes filled it to its last slot while the reserve's
         free slots sat on its peer, and a light request that a view one poll old sent to the
         full one waited 118 ms in its vLLM queue (3.5x its solo time to first token)."""
-        members = self._turn(model, self._members(model))
-        caps = [self._sure_cap(b) or 0.0 for b in members]
-        total = sum(caps)
-        if total <= 0 or math.isinf(quota):
+        if math.isinf(quota):
             return {}  # nothing to spread (no limit on any backend: `_under_quota`)
-        parts = _whole_slots([quota * c / total for c in caps], math.floor(quota))
-        return {b.id: p for b, p in zip(members, parts, strict=True)}
+        members = self._turn(model, self._members(model))
+        return self._by_capacity(members, quota, math.floor(quota))
 
     def has_room(self, backend: Backend, model: str, key_id: UUID | None = None) -> bool:
         """Room on `backend` for one more request of `key_id`'s tenant on `model` (of any
